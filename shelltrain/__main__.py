@@ -1,0 +1,3 @@
+from shelltrain.cli import main
+
+main()

@@ -1,0 +1,404 @@
+"""Datasets and loaders for every `data` option.
+
+Each source becomes uint8 C x H x W images of one square size with integer labels, split into train/val/test
+with `data.split_seed` (so splits stay fixed across trainer seed sweeps). Per sample, the train split runs the
+`augmentation.train` transforms on the uint8 image, then every split scales to float and normalizes.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate, to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset, default_collate
+from torchvision import datasets
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from shelltrain.errors import UserError
+
+SOURCES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
+
+# data.name -> (torchvision class, name in messages, what the class expects under data.root)
+_TORCHVISION = {
+    "cifar10": (datasets.CIFAR10, "CIFAR-10", "cifar-10-batches-py/"),
+    "cifar100": (datasets.CIFAR100, "CIFAR-100", "cifar-100-python/"),
+    "mnist": (datasets.MNIST, "MNIST", "MNIST/raw/"),
+    "fashion_mnist": (datasets.FashionMNIST, "Fashion-MNIST", "FashionMNIST/raw/"),
+}
+
+# Images drawn (seeded) from the train split to estimate mean/std when the config leaves them null.
+_STATS_SAMPLES = 1000
+
+
+@dataclass
+class DataBundle:
+    """Loaders plus the facts the model (classes, channels, size) and reports (names, normalization) need."""
+
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader
+    num_classes: int
+    classes: list[str]
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class TensorImages(Dataset):
+    """uint8 N x C x S x S images held in memory, already at their final size, so a sample costs only its transform."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: v2.Transform | None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.images[index]), self.labels[index]
+
+
+class FileImages(Dataset):
+    """Image files decoded on access (folders may not fit in memory), converted to `mode` and made S x S."""
+
+    def __init__(
+        self, paths: list[str], labels: torch.Tensor, mode: str, size: int, transform: v2.Transform | None
+    ) -> None:
+        self.paths, self.labels, self.mode, self.size, self.transform = paths, labels, mode, size, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> torch.Tensor:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                pixels = F.pil_to_tensor(image.convert(self.mode))
+        except OSError as e:  # verify() at build time cannot see every broken file (e.g. a truncated JPEG)
+            raise UserError(f"data.root: '{path}' cannot be decoded ({_one_line(e)}); delete or replace it") from e
+        return _square(pixels, self.size)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.load(index)), self.labels[index]
+
+
+class MixCollate:
+    """Collate, then MixUp/CutMix the batch into soft labels; it runs in the loader's (seeded) worker."""
+
+    def __init__(self, mix: v2.Transform) -> None:
+        self.mix = mix
+
+    def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mix(*default_collate(batch))
+
+
+def build_data(data: DictConfig, augmentation: DictConfig, seed: int, pin_memory: bool = False) -> DataBundle:
+    """Load `data.name`, split it, and wrap the splits in loaders.
+
+    The train loader shuffles with its own generator seeded by `seed`; reseeding it each epoch makes the order and
+    the worker seeds (hence augmentation and MixUp/CutMix) a function of (seed, epoch). Two exceptions: with
+    num_workers=0 the transforms draw from torch's global RNG, and persistent workers keep their first seeds."""
+    _check_config(data, augmentation)
+    size = data.image_size
+    if data.name == "imagefolder":
+        sources, classes = _imagefolder(data)
+        channels = data.channels or 3
+    else:
+        sources, classes = _in_memory(data)
+        channels = data.channels or sources["train"][0].shape[1]
+    labels = {split: y for split, (_, y) in sources.items()}
+    splits = {}
+    for split, (source, index) in _split_indices(labels, data).items():
+        items, y = sources[source][0], labels[source][index]
+        if data.name == "imagefolder":
+            paths = [items[i] for i in index.tolist()]
+            splits[split] = FileImages(paths, y, "RGB" if channels == 3 else "L", size, None)
+        else:
+            splits[split] = TensorImages(_convert_channels(_square(items[index], size), channels).contiguous(), y, None)
+
+    mean, std = _stats(data, channels, splits["train"])  # measured on raw images, so transforms come after
+    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    splits["train"].transform = v2.Compose(_augmentations(augmentation) + to_float)
+    splits["val"].transform = splits["test"].transform = v2.Compose(to_float)
+    _dry_run(splits["train"])
+
+    workers = data.num_workers
+    persistent = data.persistent_workers and workers > 0  # DataLoader rejects persistent_workers without workers
+    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=persistent)
+    eval_batch_size = data.eval_batch_size or 2 * data.batch_size
+    return DataBundle(
+        train=DataLoader(
+            splits["train"],
+            batch_size=data.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            drop_last=data.drop_last,
+            collate_fn=_mix_collate(augmentation, len(classes)),
+            **common,
+        ),
+        val=DataLoader(splits["val"], batch_size=eval_batch_size, **common),
+        test=DataLoader(splits["test"], batch_size=eval_batch_size, **common),
+        num_classes=len(classes),
+        classes=classes,
+        in_channels=channels,
+        image_size=size,
+        mean=mean,
+        std=std,
+    )
+
+
+def _check_config(data: DictConfig, augmentation: DictConfig) -> None:
+    """Reject values that would otherwise surface as a torch/torchvision traceback."""
+    if data.name not in SOURCES:
+        raise UserError(f"data.name: unknown dataset {data.name!r}; pick one of {', '.join(SOURCES)}")
+    for key, minimum in (("image_size", 1), ("batch_size", 1), ("num_workers", 0)):
+        _check_int(data, key, minimum)
+    for key in ("eval_batch_size", "limit_samples"):
+        if data[key] is not None:
+            _check_int(data, key, 1)
+    if data.channels not in (None, 1, 3):
+        raise UserError(f"data.channels: got {data.channels!r}; use 1 (grey), 3 (RGB) or null for the dataset's own")
+    for key in ("mixup_alpha", "cutmix_alpha"):
+        if not isinstance(augmentation[key], (int, float)) or augmentation[key] < 0:
+            raise UserError(f"augmentation.{key}: got {augmentation[key]!r}; use 0 (off) or a positive alpha like 0.2")
+
+
+def _check_int(data: DictConfig, key: str, minimum: int) -> None:
+    value = data[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise UserError(f"data.{key}: got {value!r}; use an integer >= {minimum}")
+
+
+def _in_memory(data: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
+    """Native-size uint8 N x C x H x W images and labels per source split, and the class names."""
+    if data.name == "digits":
+        digits = load_digits()  # 8x8 grey images with values 0..16
+        images = torch.from_numpy(digits.images * (255 / 16)).round().to(torch.uint8).unsqueeze(1)
+        return {"train": (images, torch.from_numpy(digits.target).long())}, [str(c) for c in digits.target_names]
+    if data.name == "synthetic":
+        _check_int(data, "num_samples", 2)
+        _check_int(data, "num_classes", 2)
+        generator = torch.Generator().manual_seed(data.split_seed)
+        n, size = data.num_samples, data.image_size
+        images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+        labels = torch.randperm(n, generator=generator) % data.num_classes  # random order, balanced classes
+        return {"train": (images, labels)}, [str(c) for c in range(data.num_classes)]
+    return _torchvision(data)
+
+
+def _torchvision(data: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
+    """Load the official train and test splits through the torchvision class, keeping its arrays as uint8 tensors."""
+    cls, title, expected = _TORCHVISION[data.name]
+    root = _root(data, f"{title} (it should contain {expected})")
+    if not data.download and not root.is_dir():
+        raise UserError(
+            f"data.root: '{root}' does not exist; point data.root at a folder holding {title} or set data.download=true"
+        )
+    sources = {}
+    for split in ("train", "test"):
+        try:
+            dataset = cls(str(root), train=split == "train", download=data.download)
+        except Exception as e:  # missing/corrupt files and failed downloads raise many types; the user fixes all
+            if data.download:
+                raise UserError(
+                    f"data.download: could not download {title} into '{root}' ({_one_line(e)}); "
+                    f"check the network or place {expected} under data.root by hand"
+                ) from e
+            raise UserError(
+                f"data.root: no readable {title} in '{root}' ({_one_line(e)}); "
+                f"point data.root at the folder that holds {expected} or set data.download=true"
+            ) from e
+        images = torch.as_tensor(dataset.data)
+        images = images.permute(0, 3, 1, 2) if images.ndim == 4 else images.unsqueeze(1)  # NHWC (CIFAR) or NHW
+        sources[split] = (images, torch.as_tensor(dataset.targets, dtype=torch.long))
+    return sources, list(dataset.classes)
+
+
+def _imagefolder(data: DictConfig) -> tuple[dict[str, tuple[list[str], torch.Tensor]], list[str]]:
+    """File paths and labels for train/ and the optional val/ and test/ class-per-folder trees, all checked to open."""
+    layout = "train/<class>/<image> (val/ and test/ optional)"
+    root = _root(data, f"an image folder laid out as {layout}")
+    if not root.is_dir():
+        raise UserError(f"data.root: '{root}' does not exist; point data.root at a folder laid out as {layout}")
+    if not (root / "train").is_dir():
+        raise UserError(f"data.root: '{root}' has no train/ folder; lay the images out as {root}/{layout}")
+    sources, classes = {}, None
+    for split in ("train", "val", "test"):
+        folder = root / split
+        if not folder.is_dir():
+            continue
+        try:
+            found = datasets.ImageFolder(str(folder))
+        except FileNotFoundError as e:  # no class folders, or a class folder without image files
+            message = f"data.root: no images in '{folder}' ({_one_line(e)}); put them in {folder}/<class>/"
+            raise UserError(message) from e
+        if classes is None:
+            classes = found.classes
+            if len(classes) < 2:
+                raise UserError(
+                    f"data.root: '{folder}' holds one class folder {classes}; a classifier needs at least two classes"
+                )
+        elif found.classes != classes:
+            raise UserError(
+                f"data.root: classes in {split}/ {found.classes} differ from train/ {classes}; "
+                "give every split the same class folders"
+            )
+        sources[split] = ([path for path, _ in found.samples], torch.tensor(found.targets, dtype=torch.long))
+    for paths, _ in sources.values():
+        _verify_images(paths)
+    return sources, classes
+
+
+def _root(data: DictConfig, holding: str) -> Path:
+    """data.root as an absolute path (relative ones are taken from where the user launched the run)."""
+    if OmegaConf.is_missing(data, "root") or data.root is None:
+        raise UserError(f"data.root: not set; set data.root to a folder holding {holding}")
+    return Path(to_absolute_path(os.path.expanduser(str(data.root))))
+
+
+def _verify_images(paths: list[str]) -> None:
+    """Open every file once so that a broken one is named now, not mid-epoch inside a worker."""
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as e:  # PIL raises OSError, SyntaxError, struct.error... depending on the damage
+            message = f"data.root: '{path}' is not a readable image ({_one_line(e)}); delete or replace it"
+            raise UserError(message) from e
+
+
+def _split_indices(labels: dict[str, torch.Tensor], data: DictConfig) -> dict[str, tuple[str, torch.Tensor]]:
+    """Map train/val/test to (source split, indices into it): carve what the source lacks out of train (test
+    first, then val from the rest), then cap each split at data.limit_samples."""
+    seed = data.split_seed
+    train = torch.arange(len(labels["train"]))
+    splits = {}
+    for split in ("test", "val"):
+        if split in labels:
+            splits[split] = (split, torch.arange(len(labels[split])))
+        else:
+            fraction = data[f"{split}_fraction"]
+            # sklearn's rounding for a float test_size
+            carved = math.ceil(fraction * len(train)) if isinstance(fraction, (int, float)) else 0
+            if not 0 < carved < len(train):
+                folder = f" or add a {split}/ folder" if data.name == "imagefolder" else ""
+                raise UserError(
+                    f"data.{split}_fraction: {fraction!r} of {len(train)} train images leaves an empty split; "
+                    f"use a fraction that keeps images on both sides, e.g. 0.1{folder}"
+                )
+            train, index = _carve(labels["train"], train, carved, seed)
+            splits[split] = ("train", index)
+    splits["train"] = ("train", train)
+    if data.limit_samples is not None:
+        for split, (source, index) in splits.items():
+            if len(index) > data.limit_samples:
+                splits[split] = (source, _carve(labels[source], index, data.limit_samples, seed)[1])
+    return {split: splits[split] for split in ("train", "val", "test")}
+
+
+def _carve(labels: torch.Tensor, index: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split of `index` into (rest, `count` carved), stratified when every class fits on both sides."""
+    y = labels[index]
+    _, per_class = torch.unique(y, return_counts=True)
+    fits = int(per_class.min()) >= 2 and len(per_class) <= min(count, len(y) - count)
+    stratify = y.numpy() if fits else None
+    rest, carved = train_test_split(index.numpy(), test_size=count, random_state=seed, stratify=stratify)
+    return torch.from_numpy(rest), torch.from_numpy(carved)
+
+
+def _square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Scale the shorter side to `size` (antialiased) and center-crop: square images just scale, others keep aspect."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.center_crop(F.resize(images, [size], antialias=True), [size, size])
+
+
+def _convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    if images.shape[-3] == channels:
+        return images
+    return F.grayscale_to_rgb(images) if channels == 3 else F.rgb_to_grayscale(images)
+
+
+def _stats(data: DictConfig, channels: int, train: Dataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The configured mean/std (one value serves every channel), or per-channel ones measured on the train split."""
+    if data.mean is None or data.std is None:
+        return _measure_stats(train, data.split_seed)
+    stats = []
+    for key in ("mean", "std"):
+        values = [float(v) for v in data[key]]
+        if len(values) not in (1, channels):
+            raise UserError(
+                f"data.{key}: {len(values)} values for {channels}-channel images; "
+                f"give {channels} (or 1) or set data.{key}=null to measure it on the train split"
+            )
+        stats.append(tuple(values * channels if len(values) == 1 else values))
+    if min(stats[1]) <= 0:
+        raise UserError(f"data.std: got {list(stats[1])}; every value must be > 0")
+    return stats[0], stats[1]
+
+
+def _measure_stats(train: Dataset, seed: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of un-augmented train images in [0, 1], from a seeded sample (own generator)."""
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:_STATS_SAMPLES]
+    total = total_sq = 0
+    for index in pick.tolist():
+        pixels = train.load(index).flatten(1).double() / 255
+        total = total + pixels.mean(1)
+        total_sq = total_sq + pixels.pow(2).mean(1)
+    mean = total / len(pick)
+    # A channel that never varies would divide by zero; one intensity step keeps it finite.
+    std = (total_sq / len(pick) - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1 / 255)
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _augmentations(augmentation: DictConfig) -> list[v2.Transform]:
+    transforms = []
+    for i, node in enumerate(augmentation.train):
+        try:
+            transforms.append(instantiate(node, _convert_="all"))
+        except Exception as e:  # hydra wraps import and argument errors; the cause says what is wrong
+            raise UserError(
+                f"augmentation.train[{i}]: cannot build {node.get('_target_')!r} ({_one_line(e.__cause__ or e)}); "
+                "fix its _target_ or arguments"
+            ) from e
+    return transforms
+
+
+def _dry_run(train: Dataset) -> None:
+    """Run the train pipeline on one image now, so a transform that cannot handle these images fails here with
+    a clear message; the global RNG is forked so that this leaves no trace."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            train[0]
+        except UserError:
+            raise
+        except Exception as e:  # any transform error is a config problem the user fixes in augmentation.train
+            shape = tuple(train.load(0).shape)
+            raise UserError(
+                f"augmentation.train: fails on a {shape} uint8 image ({_one_line(e)}); fix or remove that transform"
+            ) from e
+
+
+def _mix_collate(augmentation: DictConfig, num_classes: int) -> MixCollate | None:
+    mixes = []
+    if augmentation.mixup_alpha > 0:
+        mixes.append(v2.MixUp(alpha=float(augmentation.mixup_alpha), num_classes=num_classes))
+    if augmentation.cutmix_alpha > 0:
+        mixes.append(v2.CutMix(alpha=float(augmentation.cutmix_alpha), num_classes=num_classes))
+    if not mixes:
+        return None
+    return MixCollate(mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes))
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__

@@ -1,0 +1,291 @@
+"""The training loop. It knows nothing of Hydra: it takes a model, loaders, an optimizer, a schedule
+and plain settings, so fine-tuning after pruning and training ensemble members reuse it as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from shelltrain.optim import Schedule
+
+SYNC_EVERY = 20  # batches between host syncs for the progress display (each sync stalls a GPU)
+
+
+@dataclass
+class TrainSettings:
+    epochs: int
+    device: torch.device
+    precision: str = "32"
+    channels_last: bool = False
+    grad_clip: float = 0.0
+    accumulate: int = 1
+    seed: int = 0
+    loss: str = "cross_entropy"
+    label_smoothing: float = 0.0
+    l1: float = 0.0
+    monitor: str = "val_acc"
+    patience: int | None = None
+    limit_train_batches: int | None = None
+    limit_val_batches: int | None = None
+    overfit_batches: int = 0
+
+
+@dataclass
+class TrainState:
+    """Everything that changes while training; checkpoints store it so a run can continue."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps taken
+    best_metric: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class Callback:
+    """Hooks for display and persistence; the engine calls them, they never steer training."""
+
+    def on_epoch_start(self, epoch: int, num_batches: int) -> None: ...
+
+    def on_batch_end(self, batch: int, loss: float, acc: float, images_per_second: float) -> None: ...
+
+    def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None: ...
+
+
+class Callbacks(Callback):
+    """Several callbacks called in order, as one."""
+
+    def __init__(self, callbacks: list[Callback]):
+        self.callbacks = callbacks
+
+    def on_epoch_start(self, epoch: int, num_batches: int) -> None:
+        for cb in self.callbacks:
+            cb.on_epoch_start(epoch, num_batches)
+
+    def on_batch_end(self, batch: int, loss: float, acc: float, images_per_second: float) -> None:
+        for cb in self.callbacks:
+            cb.on_batch_end(batch, loss, acc, images_per_second)
+
+    def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None:
+        for cb in self.callbacks:
+            cb.on_epoch_end(state, row, improved)
+
+
+def monitor_mode(monitor: str) -> str:
+    return "min" if monitor.endswith("loss") else "max"
+
+
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule | None,
+    settings: TrainSettings,
+    state: TrainState | None = None,
+    callbacks: list[Callback] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> TrainState:
+    """Train for `settings.epochs` epochs from `state`, validating after each epoch."""
+    state = state or TrainState()
+    callback = Callbacks(callbacks or [])
+    scaler = scaler or make_scaler(settings)
+    model.to(settings.device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+    while state.epoch < settings.epochs and not state.stopped_early:
+        epoch = state.epoch + 1
+        train_metrics = train_one_epoch(
+            model, train_loader, optimizer, schedule, settings, state, epoch, callback, scaler
+        )
+        val = evaluate(model, val_loader, settings, limit=settings.limit_val_batches)
+        row = {
+            "epoch": epoch,
+            **train_metrics,
+            "val_loss": val["loss"],
+            "val_acc": val["acc"],
+        }
+        if schedule is not None and schedule.interval == "epoch":
+            if schedule.on_metric:
+                schedule.scheduler.step(row[settings.monitor])
+            else:
+                schedule.scheduler.step()
+        improved = _update_best(state, row[settings.monitor], epoch, settings)
+        state.epoch = epoch
+        state.history.append(row)
+        callback.on_epoch_end(state, row, improved)
+    return state
+
+
+def make_scaler(settings: TrainSettings) -> torch.amp.GradScaler:
+    """fp16 needs loss scaling; bf16 and fp32 do not (a disabled scaler is a no-op)."""
+    return torch.amp.GradScaler(settings.device.type, enabled=settings.precision == "16-mixed")
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule | None,
+    settings: TrainSettings,
+    state: TrainState,
+    epoch: int,
+    callback: Callback,
+    scaler: torch.amp.GradScaler,
+) -> dict[str, float]:
+    model.train()
+    overfit = settings.overfit_batches > 0
+    # The data order, augmentation and dropout of an epoch are a pure function of (seed, epoch):
+    # a run resumed at an epoch boundary replays exactly what an uninterrupted run would.
+    epoch_seed = settings.seed if overfit else settings.seed * 100_003 + epoch
+    torch.manual_seed(epoch_seed)
+    if isinstance(getattr(loader, "generator", None), torch.Generator):
+        loader.generator.manual_seed(epoch_seed)
+    limit = settings.overfit_batches if overfit else settings.limit_train_batches
+    num_batches = _num_batches(loader, limit)
+    callback.on_epoch_start(epoch, num_batches)
+
+    loss_sum = torch.zeros((), device=settings.device)
+    correct = torch.zeros((), device=settings.device)
+    seen = 0
+    start = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for i, (images, targets) in enumerate(_limited(loader, num_batches)):
+        images, targets = _to_device(images, targets, settings)
+        with autocast(settings):
+            logits = model(images)
+            loss = criterion(logits, targets, settings)
+        if settings.l1 > 0:
+            loss = loss + settings.l1 * sum(p.abs().sum() for p in model.parameters() if p.ndim > 1)
+        scaler.scale(loss / settings.accumulate).backward()
+        if (i + 1) % settings.accumulate == 0 or i + 1 == num_batches:
+            _optimizer_step(model, optimizer, scaler, settings)
+            state.step += 1
+            if schedule is not None and schedule.interval == "step":
+                schedule.scheduler.step()
+        batch = images.shape[0]
+        seen += batch
+        loss_sum += loss.detach().float() * batch
+        correct += (logits.argmax(1) == _hard(targets)).sum()
+        if (i + 1) % SYNC_EVERY == 0 or i + 1 == num_batches:
+            elapsed = time.perf_counter() - start
+            callback.on_batch_end(i + 1, loss_sum.item() / seen, correct.item() / seen, seen / elapsed)
+    seconds = time.perf_counter() - start
+    return {
+        "train_loss": loss_sum.item() / max(seen, 1),
+        "train_acc": correct.item() / max(seen, 1),
+        "lr": optimizer.param_groups[0]["lr"],
+        "seconds": seconds,
+        "images_per_second": seen / seconds if seconds > 0 else 0.0,
+    }
+
+
+def _optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, settings: TrainSettings
+) -> None:
+    if settings.grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, loader: DataLoader, settings: TrainSettings, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and hard targets over a loader, on the CPU in float32."""
+    model.eval()
+    model.to(settings.device)
+    all_logits, all_targets = [], []
+    for images, targets in _limited(loader, _num_batches(loader, limit)):
+        images, targets = _to_device(images, targets, settings)
+        with autocast(settings):
+            logits = model(images)
+        all_logits.append(logits.float().cpu())
+        all_targets.append(_hard(targets).cpu())
+    if not all_logits:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat(all_logits), torch.cat(all_targets)
+
+
+def evaluate(
+    model: nn.Module, loader: DataLoader, settings: TrainSettings, limit: int | None = None
+) -> dict[str, float]:
+    logits, targets = predict(model, loader, settings, limit)
+    return metrics_from_logits(logits, targets, settings)
+
+
+def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor, settings: TrainSettings) -> dict[str, float]:
+    if targets.numel() == 0:
+        return {"loss": math.nan, "acc": math.nan}
+    plain = TrainSettings(epochs=0, device=logits.device, loss=settings.loss)  # no smoothing when measuring
+    return {
+        "loss": criterion(logits, targets, plain).item(),
+        "acc": (logits.argmax(1) == targets).float().mean().item(),
+    }
+
+
+def criterion(logits: torch.Tensor, targets: torch.Tensor, settings: TrainSettings) -> torch.Tensor:
+    """Cross-entropy (hard or soft targets, optional smoothing) or MSE on one-hot targets."""
+    if settings.loss == "mse":
+        if targets.ndim == 1:
+            targets = F.one_hot(targets, logits.shape[1])
+        return F.mse_loss(logits.float(), targets.float())
+    return F.cross_entropy(logits.float(), targets, label_smoothing=settings.label_smoothing)
+
+
+def autocast(settings: TrainSettings) -> contextlib.AbstractContextManager:
+    if settings.precision == "32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float16
+    return torch.autocast(device_type=settings.device.type, dtype=dtype)
+
+
+def _hard(targets: torch.Tensor) -> torch.Tensor:
+    return targets.argmax(1) if targets.ndim == 2 else targets  # mixup/cutmix give soft targets
+
+
+def _to_device(
+    images: torch.Tensor, targets: torch.Tensor, settings: TrainSettings
+) -> tuple[torch.Tensor, torch.Tensor]:
+    images = images.to(settings.device, non_blocking=True)
+    if settings.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(settings.device, non_blocking=True)
+
+
+def _num_batches(loader: DataLoader, limit: int | None) -> int:
+    return len(loader) if limit is None else min(limit, len(loader))
+
+
+def _limited(loader: DataLoader, num_batches: int) -> Iterator[Any]:
+    for i, batch in enumerate(loader):
+        if i >= num_batches:
+            break
+        yield batch
+
+
+def _update_best(state: TrainState, value: float, epoch: int, settings: TrainSettings) -> bool:
+    better = (
+        state.best_metric is None
+        or (value > state.best_metric if monitor_mode(settings.monitor) == "max" else value < state.best_metric)
+    )
+    if better:
+        state.best_metric, state.best_epoch, state.bad_epochs = value, epoch, 0
+    else:
+        state.bad_epochs += 1
+        if settings.patience is not None and state.bad_epochs >= settings.patience:
+            state.stopped_early = True
+    return better

@@ -1,0 +1,128 @@
+"""Model construction: torchvision models by name, a small CNN, or any `_target_` the user names.
+
+The architecture adapts to the data (classes, input channels, small inputs) with generic
+surgery on the first convolution and the classifier, not with per-model code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from shelltrain.errors import UserError
+
+
+class SmallCNN(nn.Module):
+    """Three conv-BN-ReLU blocks and a linear head: trains in seconds on CPU."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 32, dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for i in range(3):
+            out = width * 2**i
+            layers += [
+                nn.Conv2d(channels, out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2) if i < 2 else nn.AdaptiveAvgPool2d(1),
+            ]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(channels, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def build_model(cfg: DictConfig, num_classes: int, in_channels: int) -> nn.Module:
+    """Build the configured model for `num_classes` outputs and `in_channels` input planes."""
+    if cfg.get("_target_"):
+        return instantiate(cfg, num_classes=num_classes)
+    if cfg.name == "cnn":
+        return SmallCNN(num_classes, in_channels, width=cfg.get("width") or 32, dropout=cfg.dropout)
+    model = _torchvision_model(cfg.name, num_classes)
+    if cfg.small_input:
+        _small_input_stem(model)
+    if in_channels != 3:
+        _adapt_input_channels(model, in_channels)
+    if cfg.dropout > 0:
+        name, head = find_classifier(model)
+        set_submodule(model, name, nn.Sequential(nn.Dropout(cfg.dropout), head))
+    return model
+
+
+def _torchvision_model(name: str, num_classes: int) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        import difflib
+
+        close = difflib.get_close_matches(name, available, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UserError(
+            f"model.name={name!r} is not a torchvision classification model{hint} "
+            "(or set model._target_ to your own class)"
+        )
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+
+def find_classifier(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The last Linear layer (fc, classifier[-1], heads.head, ...): the head that maps to classes."""
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserError(f"{type(model).__name__} has no Linear classifier to adapt")
+    return linears[-1]
+
+
+def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            return name, module
+    raise UserError(f"{type(model).__name__} has no Conv2d stem to adapt")
+
+
+def _small_input_stem(model: nn.Module) -> None:
+    """Stride-1 3x3 first convolution and no stem max-pool: keeps resolution for 32x32 inputs."""
+    name, conv = _first_conv(model)
+    set_submodule(model, name, _conv_like(conv, in_channels=conv.in_channels, kernel_size=3, stride=1, padding=1))
+    for child_name, child in model.named_children():
+        if isinstance(child, nn.MaxPool2d):
+            set_submodule(model, child_name, nn.Identity())
+            break
+
+
+def _adapt_input_channels(model: nn.Module, in_channels: int) -> None:
+    name, conv = _first_conv(model)
+    set_submodule(model, name, _conv_like(conv, in_channels=in_channels))
+
+
+def _conv_like(conv: nn.Conv2d, **changes: Any) -> nn.Conv2d:
+    args = dict(
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+    )
+    args.update(changes)
+    return nn.Conv2d(**args)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+

@@ -1,0 +1,129 @@
+"""What a run shows and leaves behind: the progress display, metrics.csv, summary.json and the table.
+
+A terminal gets a rich progress bar per epoch; a pipe (CI logs) gets one plain line per epoch.
+Every line shown is also written to the run's log.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from shelltrain.engine import Callback, TrainState
+
+log = logging.getLogger("shelltrain")
+
+METRIC_COLUMNS = [
+    "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_second",
+]  # fmt: skip
+
+
+def make_console() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def say(console: Console, message: str) -> None:
+    """Print to the console and log the same line."""
+    console.print(message)
+    log.info(_plain(message))
+
+
+def _plain(message: str) -> str:
+    from rich.text import Text
+
+    return Text.from_markup(message).plain
+
+
+class MetricsCSV:
+    """metrics.csv, one row per epoch; appending keeps earlier rows and writes the header once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, row: dict[str, float]) -> None:
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
+
+
+class ConsoleProgress(Callback):
+    """Per-epoch progress: a rich bar on a terminal, one plain line per epoch elsewhere."""
+
+    def __init__(self, console: Console, epochs: int, label: str = ""):
+        self.console = console
+        self.epochs = epochs
+        self.label = f"{label} " if label else ""
+        self.live = console.is_terminal
+        self.progress: Progress | None = None
+        self.task: Any = None
+
+    def on_epoch_start(self, epoch: int, num_batches: int) -> None:
+        if not self.live:
+            return
+        self.progress = Progress(
+            TextColumn(f"{self.label}epoch {epoch}/{self.epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=num_batches, stats="")
+
+    def on_batch_end(self, batch: int, loss: float, acc: float, images_per_second: float) -> None:
+        if self.progress is not None:
+            stats = f"loss {loss:.4f} acc {acc:.4f} {images_per_second:,.0f} img/s"
+            self.progress.update(self.task, completed=batch, stats=stats)
+
+    def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        mark = " *" if improved else ""
+        say(
+            self.console,
+            f"{self.label}epoch {int(row['epoch'])}/{self.epochs}  train_loss {row['train_loss']:.4f}  "
+            f"train_acc {row['train_acc']:.4f}  val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}  "
+            f"lr {row['lr']:.3g}  {row['images_per_second']:,.0f} img/s  {row['seconds']:.1f}s{mark}",
+        )
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title="shelltrain summary", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        if not isinstance(value, (dict, list)):
+            table.add_row(key, _fmt(value))
+    return table
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6g}"
+    return "" if value is None else str(value)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)

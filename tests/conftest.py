@@ -1,0 +1,48 @@
+"""Shared test helpers: compose configs with Hydra's compose API and run the runner in-process,
+or run the real `shelltrain` command as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+# In-process runs stay on the CPU with no loader worker processes.
+FAST = ["trainer.device=cpu", "data.num_workers=0"]
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    with initialize_config_module(config_module="shelltrain.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=[*FAST, *overrides], return_hydra_config=True)
+
+
+def run_in_process(run_dir: Path, *overrides: str) -> dict:
+    """Validate and run one job like the CLI does; returns its summary.json."""
+    from shelltrain.runner import run
+    from shelltrain.schema import validate
+
+    cfg = compose_config(*overrides)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    validate(cfg)
+    run(cfg, run_dir)
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def shelltrain(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The real command line, as a user types it."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "shelltrain", *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
