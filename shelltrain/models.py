@@ -126,3 +126,10 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
+
+
+def materialize_lazy(model: nn.Module, example: torch.Tensor) -> None:
+    """Run one batch through a model with Lazy* layers so its parameters exist before the optimizer sees them."""
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+        with torch.no_grad():
+            model.eval()(example)

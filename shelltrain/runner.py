@@ -21,7 +21,7 @@ from shelltrain.checkpoint import Checkpointer, load_checkpoint
 from shelltrain.data import build_data
 from shelltrain.engine import Callback, TrainSettings, evaluate, fit, make_scaler, monitor_mode
 from shelltrain.errors import UserError
-from shelltrain.models import build_model, count_parameters
+from shelltrain.models import build_model, count_parameters, materialize_lazy
 from shelltrain.optim import build_optimizer, build_scheduler
 from shelltrain.report import ConsoleProgress, MetricsCSV, make_console, say, summary_table, write_json
 
@@ -37,6 +37,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
     data = build_data(cfg.data, cfg.augmentation, seed=cfg.trainer.seed, pin_memory=device.type == "cuda")
     model = build_model(cfg.model, data.num_classes, data.in_channels)
+    materialize_lazy(model, next(iter(data.val))[0][:2])
     settings = train_settings(cfg.trainer, device)
     optimizer = build_optimizer(cfg.optimizer, model)
     steps_per_epoch = _steps_per_epoch(len(data.train), settings)

@@ -1,0 +1,107 @@
+"""The real `shelltrain` command: start-up, help, sweeps and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import shelltrain
+
+RUN_FILES = [".hydra/config.yaml", "checkpoints/last.pt", "checkpoints/best.pt", "metrics.csv", "summary.json", "train.log"]
+
+
+def test_help_lists_every_group_without_importing_torch(tmp_path):
+    code = (
+        "import sys; sys.argv = ['shelltrain', '--help']\n"
+        "from shelltrain.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('TORCH_IMPORTED', 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True).stdout
+    assert "TORCH_IMPORTED False" in out
+    for line in [
+        "model: cnn, efficientnet_b0, mobilenet_v3_small, resnet18, resnet34, resnet50, torchvision",
+        "optimizer: adam, adamw, momentum, nesterov, rmsprop, sgd",
+        "scheduler: cosine, exponential, none, onecycle, plateau, step, warmup_cosine",
+        "augmentation: autoaugment, basic, none, randaugment, seed, trivialaugment",
+        "data: cifar10, cifar100, digits, fashion_mnist, imagefolder, mnist, synthetic",
+        "debug: overfit, smoke",
+    ]:
+        assert line in out
+
+
+def test_cfg_job_prints_composed_config_without_torch(tmp_path):
+    code = (
+        "import sys; sys.argv = ['shelltrain', '--cfg', 'job', 'model=cnn', 'optimizer=adamw']\n"
+        "from shelltrain.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('TORCH_IMPORTED', 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True).stdout
+    assert "TORCH_IMPORTED False" in out
+    assert "name: cnn" in out and "_target_: torch.optim.AdamW" in out
+    assert not (tmp_path / "outputs").exists()  # printing the config writes nothing
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["optimizer.lrr=0.1"], "unknown key 'optimizer.lrr' (did you mean 'optimizer.lr'?)"),
+        (["model=resnet1800"], "model=resnet1800: no such option (did you mean 'resnet18'?). Available model options: cnn,"),
+        (["optimzer=adam"], "'optimzer' is not a config group (did you mean 'optimizer'?)"),
+        (["optimizer.lr=-1"], "optimizer.lr=-1 is invalid; the learning rate must be a number > 0"),
+        (["trainer.epochs=abc"], "trainer.epochs='abc' has the wrong type"),
+        (["data=cifar10", "data.root=/nonexistent"], "data.root: '/nonexistent' does not exist"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, args, expected):
+    result = shelltrain(*args, "trainer.device=cpu", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("shelltrain: error: ") and expected in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    outputs = tmp_path / "outputs"
+    assert not outputs.exists() or not any(outputs.rglob("*.yaml"))  # no half-made run dir left
+
+
+def test_full_error_env_keeps_the_traceback(tmp_path):
+    env = {"HYDRA_FULL_ERROR": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "shelltrain", "optimizer.lr=-1", "trainer.device=cpu"],
+        cwd=tmp_path, capture_output=True, text=True, env={**__import__("os").environ, **env},
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "UserError" in result.stderr
+
+
+def test_multirun_sweep_makes_complete_run_dirs(tmp_path):
+    result = shelltrain(
+        "-m", "optimizer=sgd,adam", "debug=smoke", "model=cnn", "trainer.device=cpu",
+        "hydra.sweep.dir=sweep", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for job in ("0", "1"):
+        run_dir = tmp_path / "sweep" / job
+        for name in RUN_FILES:
+            assert (run_dir / name).is_file(), f"{job}/{name} missing"
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "completed"
+    assert "torch.optim.SGD" in (tmp_path / "sweep/0/.hydra/config.yaml").read_text()
+    assert "torch.optim.Adam" in (tmp_path / "sweep/1/.hydra/config.yaml").read_text()
+
+
+def test_two_runs_in_the_same_second_get_separate_dirs(tmp_path):
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "shelltrain", "debug=smoke", "model=cnn", "trainer.device=cpu"],
+            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    summaries = list((tmp_path / "outputs").rglob("summary.json"))
+    assert len(summaries) == 2
