@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,51 +21,174 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from shelltrain import sweep
 from shelltrain.errors import UserError
 
+# Exit codes (README "Using shelltrain in CI"): 0 success; 1 an unexpected error (traceback);
+# 2 a config or input mistake; 3 a quality gate missed; 4 one or more jobs of a multirun failed.
 EXIT_USER_ERROR = 2
+EXIT_GATE_FAILED = sweep.EXIT_GATE_FAILED
+EXIT_JOBS_FAILED = sweep.EXIT_JOBS_FAILED
+
+# Sweeper/launcher options that come from the optional `[sweep]` extra, and the plugin providing each.
+PLUGIN_OPTIONS = {
+    "optuna": "hydra-optuna-sweeper",
+    "joblib": "hydra-joblib-launcher",
+    "submitit_local": "hydra-submitit-launcher",
+    "submitit_slurm": "hydra-submitit-launcher",
+    "slurm": "hydra-submitit-launcher",
+}
 
 
 @hydra.main(version_base="1.3", config_path="pkg://shelltrain.configs", config_name="train")
 def _task(cfg: DictConfig) -> Any:
     from shelltrain.schema import validate
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    started = time.perf_counter()
     try:
         validate(cfg)
+        _check_sweeper(hydra_cfg, cfg)
         from shelltrain.runner import run  # imports torch: only once a job really runs
 
-        return run(cfg, run_dir)
+        result = run(cfg, run_dir)
     except UserError as exc:
-        if HydraConfig.get().mode == RunMode.MULTIRUN or _full_error():
-            raise  # a sweep records the failed job and goes on with the others
+        if multirun:
+            _record_failure(run_dir, exc, started)
+            raise  # Hydra records the failed job and goes on with the others; main() prints the sweep table
+        if _full_error():
+            raise
         _remove_if_unused(run_dir)
         _print_error(str(exc))
         sys.exit(EXIT_USER_ERROR)
+    except Exception as exc:
+        if multirun:
+            _record_failure(run_dir, exc, started)
+        raise
+    missed = _apply_gates(cfg, run_dir)
+    if missed and not multirun:  # in a sweep the job's summary.json records it and main() exits 3 at the end
+        for line in missed:
+            sys.stderr.write(f"shelltrain: gate missed: {line}\n")
+        sys.exit(EXIT_GATE_FAILED)
+    return result
 
 
 def main() -> None:
     """Console entry point."""
+    if sys.argv[1:2] == ["summarize"]:  # `shelltrain summarize DIR`, the same as `shelltrain-summary DIR`
+        from shelltrain.sweep import main as summary_main
+
+        sys.exit(summary_main(sys.argv[2:]))
     hydra_internal.run_and_report = _report_user_errors(hydra_internal.run_and_report)
     _task()
 
 
 def _report_user_errors(hydra_report: Callable[[Callable[[], Any]], Any]) -> Callable:
-    """Wrap Hydra's error reporter: mistakes in the command line become one line naming the fix."""
+    """Wrap Hydra's error reporter: mistakes in the command line become one line naming the fix, and a
+    multirun always ends with its summary table (Hydra skips `on_multirun_end` when a job failed)."""
 
     def report(func: Callable[[], Any]) -> Any:
-        if _full_error():
-            return hydra_report(func)
         try:
-            return func()
+            result = hydra_report(func) if _full_error() else func()
         except Exception as exc:
+            outcome = sweep.finish()  # a multirun prints its table now, failed jobs included
+            if outcome is not None and outcome.exit_code:
+                _print_error(sweep.failure_line(outcome))
+                if _full_error():
+                    raise
+                sys.exit(outcome.exit_code)
+            if _full_error():
+                raise
             message = explain(exc)
             if message is None:
                 return hydra_report(lambda: _reraise(exc))  # a bug: keep Hydra's traceback
             _print_error(message)
             sys.exit(EXIT_USER_ERROR)
+        outcome = sweep.finish()
+        if outcome is not None and outcome.exit_code:
+            _print_error(sweep.failure_line(outcome))
+            sys.exit(outcome.exit_code)
+        return result
 
     return report
+
+
+def _record_failure(run_dir: Path, exc: BaseException, started: float) -> None:
+    """A failed sweep job still leaves a summary.json: status "failed" and its one-line error."""
+    import json
+
+    path = run_dir / "summary.json"
+    summary: dict[str, Any] = {}
+    try:
+        if path.is_file():
+            summary = json.loads(path.read_text())  # a run that got as far as its report keeps its figures
+    except (OSError, ValueError):
+        summary = {}
+    error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+    cause = exc.__cause__
+    if cause is not None and not isinstance(exc, UserError) and str(cause) not in error:
+        error += f" ({type(cause).__name__}: {cause})"  # e.g. what Hydra's InstantiationException wraps
+    error = " ".join(error.split()) or type(exc).__name__
+    summary.update(
+        status="failed",
+        error=error if len(error) <= 400 else error[:397] + "...",
+        error_type=type(exc).__name__,
+        wall_seconds=summary.get("wall_seconds", round(time.perf_counter() - started, 3)),
+        run_dir=str(run_dir),
+    )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not isinstance(exc, UserError):  # a bug: keep the traceback next to the job for the report
+            import traceback
+
+            (run_dir / "error.log").write_text("".join(traceback.format_exception(exc)))
+            summary["traceback"] = "error.log"
+        tmp = path.with_name(".summary.json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        tmp.replace(path)
+    except OSError:
+        pass  # the launcher still reports the failure; only the table loses this row's message
+
+
+def _apply_gates(cfg: DictConfig, run_dir: Path) -> list[str]:
+    """Check cfg.gate against the run's summary.json, record the verdict there, return the misses."""
+    import json
+
+    from shelltrain.gates import active, check
+
+    gate = cfg.get("gate")
+    path = run_dir / "summary.json"
+    if not active(gate) or not path.is_file():
+        return []
+    summary = json.loads(path.read_text())
+    verdict = check(gate, summary)
+    summary["gates"] = verdict
+    tmp = path.with_name(".summary.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    if verdict["passed"]:
+        checked = [
+            f"{key[:-4]}={c['value']:.6g} {'>=' if key.endswith('_min') else '<='} {c['limit']:g}"
+            for key, c in verdict["checked"].items()
+        ]
+        sys.stdout.write(f"quality gates passed: {'; '.join(checked)}\n")
+    return list(verdict["failures"])
+
+
+def _check_sweeper(hydra_cfg: DictConfig, cfg: DictConfig) -> None:
+    """An Optuna search must optimize in the direction of trainer.monitor (the value each job returns)."""
+    sweeper = hydra_cfg.get("sweeper")
+    if sweeper is None or "optuna" not in str(sweeper.get("_target_", "")).lower():
+        return
+    direction = str(sweeper.get("direction", "")).rsplit(".", 1)[-1].lower()
+    expected = "minimize" if str(cfg.trainer.monitor).endswith("loss") else "maximize"
+    if direction in ("minimize", "maximize") and direction != expected:
+        raise UserError(
+            f"hydra.sweeper.direction={direction} but each job returns trainer.monitor={cfg.trainer.monitor}; "
+            f"set hydra.sweeper.direction={expected}"
+        )
 
 
 def explain(exc: BaseException) -> str | None:
@@ -87,6 +211,11 @@ def _explain_missing_option(exc: MissingConfigException) -> str:
         return _first_line(str(exc))
     options = ", ".join(sorted(exc.options))
     hint = _did_you_mean(option, exc.options)
+    if group in ("hydra/sweeper", "hydra/launcher") and option in PLUGIN_OPTIONS:
+        return (
+            f"{group}={option} needs the {PLUGIN_OPTIONS[option]} plugin, which is not installed; "
+            'install the sweep extra: pip install "shelltrain[sweep]"'
+        )
     return (
         f"{group}={option}: no such option{hint}. Available {group} options: {options} "
         f"(add your own as DIR/{group}/{option}.yaml with --config-dir DIR)"

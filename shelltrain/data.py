@@ -5,9 +5,10 @@ with `data.split_seed` (so splits stay fixed across trainer seed sweeps). Per sa
 `augmentation.train` transforms on the uint8 image, then every split scales to float and normalizes.
 """
 
+import copy
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
@@ -402,3 +403,37 @@ def _mix_collate(augmentation: DictConfig, num_classes: int) -> MixCollate | Non
 
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
+
+
+def cv_fold(bundle: DataBundle, folds: int, fold: int, seed: int) -> DataBundle:
+    """Fold `fold` of a stratified `folds`-fold split of the train split (scikit-learn's StratifiedKFold, shuffled
+    with `seed`): train on the other folds (augmented, as before) and validate on this one (un-augmented, like val).
+    The test split is unchanged."""
+    from sklearn.model_selection import StratifiedKFold
+
+    train_set = bundle.train.dataset
+    labels = train_set.labels.numpy()
+    try:
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        train_index, val_index = list(splitter.split(labels.reshape(-1, 1), labels))[fold]
+    except ValueError as e:  # more folds than images of some class / than images
+        raise UserError(f"cv.folds={folds}: {_one_line(e)}; use fewer folds or more data") from e
+    held_out = copy.copy(train_set)
+    held_out.transform = bundle.val.dataset.transform
+    loader, val_loader = bundle.train, bundle.val
+    common = dict(
+        num_workers=loader.num_workers, pin_memory=loader.pin_memory, persistent_workers=loader.persistent_workers
+    )
+    return replace(
+        bundle,
+        train=DataLoader(
+            Subset(train_set, train_index.tolist()),
+            batch_size=loader.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(loader.generator.initial_seed()),
+            drop_last=loader.drop_last,
+            collate_fn=loader.collate_fn,
+            **common,
+        ),
+        val=DataLoader(Subset(held_out, val_index.tolist()), batch_size=val_loader.batch_size, **common),
+    )

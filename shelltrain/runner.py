@@ -5,6 +5,7 @@ This is the only module that knows the order; each stage is a plain function fro
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -18,7 +19,7 @@ import torchvision
 from omegaconf import DictConfig, OmegaConf
 
 from shelltrain.checkpoint import Checkpointer, load_checkpoint
-from shelltrain.data import build_data
+from shelltrain.data import build_data, cv_fold
 from shelltrain.engine import Callback, TrainSettings, evaluate, fit, make_scaler, monitor_mode
 from shelltrain.errors import UserError
 from shelltrain.models import build_model, count_parameters, materialize_lazy
@@ -29,13 +30,25 @@ log = logging.getLogger("shelltrain")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float:
-    """Run one job in `run_dir`; returns the best monitored validation metric (for sweepers)."""
+    """Run one job in `run_dir`; returns the value sweeps select by: the best monitored validation metric,
+    or its cross-validated mean when `cv.folds` is set."""
+    cv = cfg.get("cv")
+    if cv is not None and cv.folds:
+        return cross_validate(cfg, run_dir)
+    return train_and_test(cfg, run_dir)
+
+
+def train_and_test(cfg: DictConfig, run_dir: Path, fold: tuple[int, int] | None = None) -> float:
+    """The pipeline once, in `run_dir`; `fold=(k, K)` trains on the other folds of the train split and
+    validates on fold k (a cross-validation sub-run)."""
     started = time.perf_counter()
     console = make_console()
     device = resolve_device(cfg.trainer.device)
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
 
     data = build_data(cfg.data, cfg.augmentation, seed=cfg.trainer.seed, pin_memory=device.type == "cuda")
+    if fold is not None:
+        data = cv_fold(data, folds=fold[1], fold=fold[0], seed=cfg.data.split_seed)
     model = build_model(cfg.model, data.num_classes, data.in_channels)
     materialize_lazy(model, next(iter(data.val))[0][:2])
     settings = train_settings(cfg.trainer, device)
@@ -91,6 +104,73 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     console.print(summary_table(summary))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
     return state.best_metric if state.best_metric is not None else test["acc"]
+
+
+def cross_validate(cfg: DictConfig, run_dir: Path) -> float:
+    """Stratified K-fold on the train split: one sub-run per fold in run_dir/cv/fold_<k>, scored on its held-out
+    fold; then (cv.refit) the final model on the whole train split in run_dir. Returns the mean fold score."""
+    started = time.perf_counter()
+    console = make_console()
+    folds, monitor = int(cfg.cv.folds), str(cfg.trainer.monitor)
+    fold_summaries = []
+    for k in range(folds):
+        say(console, f"[bold]cross-validation: fold {k + 1}/{folds}[/bold]")
+        fold_dir = run_dir / "cv" / f"fold_{k}"
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        train_and_test(cfg, fold_dir, fold=(k, folds))
+        fold_summaries.append(json.loads((fold_dir / "summary.json").read_text()))
+    scores = [float(s[f"best_{monitor}"]) for s in fold_summaries]
+    tests = [float(s["test_acc"]) for s in fold_summaries]
+    section: dict[str, Any] = {
+        "folds": folds,
+        "metric": f"best_{monitor}",  # each fold's best epoch, measured on its held-out fold
+        "scores": scores,
+        "mean": float(np.mean(scores)),
+        "std": float(np.std(scores)),  # population std (numpy's default), as in scikit-learn's examples
+        "test_acc": tests,
+        "test_acc_mean": float(np.mean(tests)),
+        "test_acc_std": float(np.std(tests)),
+        "splitter": f"StratifiedKFold(n_splits={folds}, shuffle=True, random_state=data.split_seed)",
+        "fold_dirs": [f"cv/fold_{k}" for k in range(folds)],
+        "refit": bool(cfg.cv.refit),
+    }
+    console.print(cv_table(section, monitor))
+    say(console, f"cv {monitor}: {section['mean']:.4f} ± {section['std']:.4f} over {folds} folds")
+
+    if cfg.cv.refit:
+        say(console, "[bold]cross-validation: final model on the whole train split[/bold]")
+        train_and_test(cfg, run_dir)
+        summary = json.loads((run_dir / "summary.json").read_text())
+    else:
+        summary = {
+            "status": "completed",
+            "test_acc": section["test_acc_mean"],  # no final model: the fold models' mean on the test split
+            "test_loss": float(np.mean([s["test_loss"] for s in fold_summaries])),
+            "params": fold_summaries[0]["params"],
+            "device": fold_summaries[0]["device"],
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "run_dir": str(run_dir),
+        }
+    summary["cv"] = section
+    summary["wall_seconds"] = round(time.perf_counter() - started, 3)
+    write_json(summary, run_dir / "summary.json")
+    say(console, f"cv {monitor}: {section['mean']:.4f} ± {section['std']:.4f} over {folds} folds (summary.json cv)")
+    return section["mean"]
+
+
+def cv_table(section: dict[str, Any], monitor: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title="cross-validation", show_header=True)
+    table.add_column("fold", justify="right")
+    table.add_column(f"best {monitor} (held-out fold)", justify="right")
+    table.add_column("test_acc", justify="right")
+    for k, (score, test) in enumerate(zip(section["scores"], section["test_acc"])):
+        table.add_row(str(k), f"{score:.4f}", f"{test:.4f}")
+    table.add_row("mean ± std", f"{section['mean']:.4f} ± {section['std']:.4f}",
+                  f"{section['test_acc_mean']:.4f} ± {section['test_acc_std']:.4f}", style="bold")  # fmt: skip
+    return table
 
 
 class _MetricsWriter(Callback):

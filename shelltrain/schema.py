@@ -8,6 +8,7 @@ only the keys shelltrain itself reads are checked.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -77,9 +78,17 @@ class AugmentationSchema:
     cutmix_alpha: float = 0.0
 
 
+@dataclass
+class CVSchema:
+    folds: int = 0
+    refit: bool = True
+
+
 PRECISIONS = ("32", "bf16", "16-mixed")
 LOSSES = ("cross_entropy", "mse")
 MONITORS = ("val_acc", "val_loss")
+# Model families whose structured (channel) pruning torch-pruning 1.6 cannot do.
+STRUCTURED_UNSUPPORTED = ("swin", "shufflenet")
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
 
 
@@ -141,8 +150,19 @@ def validate(cfg: DictConfig) -> None:
     if (augmentation.mixup_alpha or augmentation.cutmix_alpha) and trainer.loss != "cross_entropy":
         raise UserError("augmentation mixup/cutmix needs trainer.loss=cross_entropy (soft targets)")
 
+    if trainer.label_smoothing and trainer.loss != "cross_entropy":
+        raise UserError(
+            f"trainer.label_smoothing={trainer.label_smoothing} applies to trainer.loss=cross_entropy only "
+            f"(loss is {trainer.loss}); set trainer.label_smoothing=0"
+        )
+
     _check_optimizer(cfg.optimizer)
     _check_scheduler(cfg.scheduler, trainer.epochs)
+    _check_prune(cfg)
+    if "cv" in cfg:
+        _check_cv(_typed(cfg.cv, CVSchema, "cv"), trainer)
+    if "gate" in cfg:
+        _check_gates(cfg.gate)
 
 
 def _check_optimizer(optimizer: DictConfig) -> None:
@@ -159,10 +179,59 @@ def _check_optimizer(optimizer: DictConfig) -> None:
 def _check_scheduler(scheduler: DictConfig, epochs: int) -> None:
     interval = scheduler.get("interval", "epoch")
     _one_of("scheduler.interval", interval, ("epoch", "step"))
+    if "ReduceLROnPlateau" in str(scheduler.get("_target_")) and interval != "epoch":
+        raise UserError(
+            "scheduler=plateau steps on the validation metric, once per epoch; set scheduler.interval=epoch"
+        )
     if scheduler.get("_target_") and "total_steps" in scheduler and epochs == 0:
         raise UserError(
             "scheduler needs trainer.epochs > 0 to size its schedule; use scheduler=none with trainer.epochs=0"
         )
+
+
+def _check_prune(cfg: DictConfig) -> None:
+    """Architectures torch-pruning's dependency graph cannot prune structurally fail here, not after training."""
+    prune = cfg.get("prune")
+    if prune is None or prune.get("name") != "structured":
+        return
+    model = str(cfg.model.get("name") or cfg.model.get("_target_") or "")
+    unsupported = [family for family in STRUCTURED_UNSUPPORTED if model.lower().startswith(family)]
+    if unsupported:
+        raise UserError(
+            f"prune=structured cannot prune model {model!r}: torch-pruning does not handle {unsupported[0]} "
+            "models (channel shuffles / shifted windows); use prune=magnitude or a resnet, mobilenet or efficientnet"
+        )
+
+
+def _check_cv(cv: CVSchema, trainer: TrainerSchema) -> None:
+    if cv.folds < 0 or cv.folds == 1:
+        raise UserError(f"cv.folds={cv.folds} is invalid; use 0 (off) or a number of folds >= 2, e.g. cv.folds=5")
+    if cv.folds and trainer.epochs == 0:
+        raise UserError(
+            "cv.folds needs trainer.epochs > 0 (every fold trains a model); set trainer.epochs or cv.folds=0"
+        )
+
+
+def _check_gates(gate: DictConfig) -> None:
+    from shelltrain.gates import parse_key
+
+    limits: dict[tuple[str, str], float] = {}
+    for key, value in gate.items():
+        parsed = parse_key(str(key))
+        if parsed is None:
+            raise UserError(
+                f"gate.{key}: a gate key is <metric>_min or <metric>_max, e.g. gate.test_acc_min=0.9 "
+                "or gate.wall_seconds_max=600"
+            )
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+            raise UserError(f"gate.{key}={value!r} is invalid; a gate limit is a number, e.g. gate.{key}=0.9")
+        limits[parsed] = float(value)
+    for (metric, bound), low in limits.items():
+        high = limits.get((metric, "max"))
+        if bound == "min" and high is not None and low > high:
+            raise UserError(f"gate.{metric}_min={low:g} > gate.{metric}_max={high:g}: no run can pass both")
 
 
 def _typed(node: DictConfig, schema: type, key: str) -> Any:
