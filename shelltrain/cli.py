@@ -207,10 +207,12 @@ def explain(exc: BaseException) -> str | None:
 def _explain_missing_option(exc: MissingConfigException) -> str:
     missing = exc.missing_cfg_file or ""
     group, _, option = missing.rpartition("/")
-    if not group or exc.options is None:
+    # Hydra lists the options for GROUP=OPTION but not for an option inside a list (logger=[csv,foo])
+    available = exc.options if exc.options is not None else _group_options(group)
+    if not group or not available:
         return _first_line(str(exc))
-    options = ", ".join(sorted(exc.options))
-    hint = _did_you_mean(option, exc.options)
+    options = ", ".join(sorted(available))
+    hint = _did_you_mean(option, available)
     if group in ("hydra/sweeper", "hydra/launcher") and option in PLUGIN_OPTIONS:
         return (
             f"{group}={option} needs the {PLUGIN_OPTIONS[option]} plugin, which is not installed; "
@@ -257,6 +259,14 @@ def _known_groups() -> list[str]:
 
     loader = GlobalHydra.instance().config_loader()
     return [g for g in loader.list_groups("") if g != "hydra"]
+
+
+def _group_options(group: str) -> list[str]:
+    from hydra.core.global_hydra import GlobalHydra
+
+    if not group or not GlobalHydra.instance().is_initialized():
+        return []
+    return GlobalHydra.instance().config_loader().get_group_options(group)
 
 
 def _did_you_mean(word: str, candidates: Any, prefix: str = "") -> str:

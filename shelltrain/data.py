@@ -128,7 +128,7 @@ def build_data(data: DictConfig, augmentation: DictConfig, seed: int, pin_memory
             splits[split] = TensorImages(_convert_channels(_square(items[index], size), channels).contiguous(), y, None)
 
     mean, std = _stats(data, channels, splits["train"])  # measured on raw images, so transforms come after
-    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    to_float = to_float_transforms(mean, std)
     splits["train"].transform = v2.Compose(_augmentations(augmentation) + to_float)
     splits["val"].transform = splits["test"].transform = v2.Compose(to_float)
     _dry_run(splits["train"])
@@ -156,6 +156,11 @@ def build_data(data: DictConfig, augmentation: DictConfig, seed: int, pin_memory
         mean=mean,
         std=std,
     )
+
+
+def to_float_transforms(mean: tuple[float, ...], std: tuple[float, ...]) -> list[v2.Transform]:
+    """uint8 image -> normalized float: what every split ends with (and what prediction feeds a model)."""
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
 
 
 def _check_config(data: DictConfig, augmentation: DictConfig) -> None:

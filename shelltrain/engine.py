@@ -208,6 +208,8 @@ def predict(
     """Logits and hard targets over a loader, on the CPU in float32."""
     model.eval()
     model.to(settings.device)
+    if settings.channels_last:  # as in fit: inputs and weights in one memory format
+        model.to(memory_format=torch.channels_last)
     all_logits, all_targets = [], []
     for images, targets in _limited(loader, _num_batches(loader, limit)):
         images, targets = _to_device(images, targets, settings)

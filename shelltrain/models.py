@@ -42,7 +42,8 @@ class SmallCNN(nn.Module):
 def build_model(cfg: DictConfig, num_classes: int, in_channels: int) -> nn.Module:
     """Build the configured model for `num_classes` outputs and `in_channels` input planes."""
     if cfg.get("_target_"):
-        return instantiate(cfg, num_classes=num_classes)
+        own = {k: v for k, v in cfg.items() if k != "weights"}  # model.weights is shelltrain's, not the class's
+        return instantiate(own, num_classes=num_classes)
     if cfg.name == "cnn":
         return SmallCNN(num_classes, in_channels, width=cfg.get("width") or 32, dropout=cfg.dropout)
     model = _torchvision_model(cfg.name, num_classes)

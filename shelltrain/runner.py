@@ -20,18 +20,27 @@ from omegaconf import DictConfig, OmegaConf
 
 from shelltrain.checkpoint import Checkpointer, load_checkpoint
 from shelltrain.data import build_data, cv_fold
-from shelltrain.engine import Callback, TrainSettings, evaluate, fit, make_scaler, monitor_mode
+from shelltrain.engine import TrainSettings, fit, make_scaler, monitor_mode, predict
 from shelltrain.errors import UserError
+from shelltrain.loggers import build_loggers
+from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
 from shelltrain.models import build_model, count_parameters, materialize_lazy
 from shelltrain.optim import build_optimizer, build_scheduler
-from shelltrain.report import ConsoleProgress, MetricsCSV, make_console, say, summary_table, write_json
+from shelltrain.plots import write_run_plots
+from shelltrain.report import ConsoleProgress, make_console, say, summary_table, write_json
 
 log = logging.getLogger("shelltrain")
 
 
-def run(cfg: DictConfig, run_dir: Path) -> float:
+def run(cfg: DictConfig, run_dir: Path) -> float | None:
     """Run one job in `run_dir`; returns the value sweeps select by: the best monitored validation metric,
     or its cross-validated mean when `cv.folds` is set."""
+    if cfg.task != "train":  # evaluate, predict or export a trained model
+        from shelltrain.tasks import run_task
+
+        device = resolve_device(cfg.trainer.device)
+        seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
+        return run_task(cfg, run_dir, train_settings(cfg.trainer, device), make_console())
     cv = cfg.get("cv")
     if cv is not None and cv.folds:
         return cross_validate(cfg, run_dir)
@@ -68,26 +77,31 @@ def train_and_test(cfg: DictConfig, run_dir: Path, fold: tuple[int, int] | None 
     )
 
     checkpoints = run_dir / "checkpoints"
+    config = OmegaConf.to_container(cfg, resolve=True)
+    preprocessing = {
+        "mean": list(data.mean), "std": list(data.std), "image_size": data.image_size, "channels": data.in_channels,
+    }  # fmt: skip
     checkpointer = Checkpointer(
         checkpoints, model, optimizer, schedule, scaler,
-        extra={"config": OmegaConf.to_container(cfg, resolve=True), "classes": data.classes},
+        extra={"config": config, "classes": data.classes, "preprocessing": preprocessing},
     )  # fmt: skip
-    metrics = MetricsCSV(run_dir / "metrics.csv")
+    loggers = build_loggers(cfg.get("logger"), run_dir)
+    loggers.start(config)
     state = fit(
         model, data.train, data.val, optimizer, schedule, settings,
-        callbacks=[ConsoleProgress(console, settings.epochs), checkpointer, _MetricsWriter(metrics)],
+        callbacks=[ConsoleProgress(console, settings.epochs), checkpointer, loggers],
         scaler=scaler,
     )  # fmt: skip
 
     if state.epoch > 0:
         model.load_state_dict(load_checkpoint(checkpoints / "best.pt")["model"])
-    test = evaluate(model, data.test, settings, limit=cfg.trainer.limit_test_batches)
+    logits, targets = predict(model, data.test, settings, limit=cfg.trainer.limit_test_batches)
+    confusion = confusion_matrix(logits, targets, data.num_classes)
 
     best_row = state.history[state.best_epoch - 1] if state.best_epoch else {}
     summary: dict[str, Any] = {
         "status": "completed",
-        "test_acc": test["acc"],
-        "test_loss": test["loss"],
+        **split_metrics(logits, targets, settings, "test"),
         "best_val_acc": best_row.get("val_acc"),
         "best_val_loss": best_row.get("val_loss"),
         "best_epoch": state.best_epoch,
@@ -99,11 +113,14 @@ def train_and_test(cfg: DictConfig, run_dir: Path, fold: tuple[int, int] | None 
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "run_dir": str(run_dir),
+        "per_class": per_class_metrics(confusion, data.classes),
     }
     write_json(summary, run_dir / "summary.json")
+    loggers.finish(summary)
+    write_run_plots(run_dir, state.history, confusion, data.classes, state.best_epoch)
     console.print(summary_table(summary))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
-    return state.best_metric if state.best_metric is not None else test["acc"]
+    return state.best_metric if state.best_metric is not None else summary["test_acc"]
 
 
 def cross_validate(cfg: DictConfig, run_dir: Path) -> float:
@@ -171,14 +188,6 @@ def cv_table(section: dict[str, Any], monitor: str) -> Any:
     table.add_row("mean ± std", f"{section['mean']:.4f} ± {section['std']:.4f}",
                   f"{section['test_acc_mean']:.4f} ± {section['test_acc_std']:.4f}", style="bold")  # fmt: skip
     return table
-
-
-class _MetricsWriter(Callback):
-    def __init__(self, metrics: MetricsCSV):
-        self.metrics = metrics
-
-    def on_epoch_end(self, state: Any, row: dict[str, float], improved: bool) -> None:
-        self.metrics.append(row)
 
 
 def train_settings(trainer: DictConfig, device: torch.device) -> TrainSettings:

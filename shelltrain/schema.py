@@ -68,6 +68,24 @@ class ModelSchema:
     small_input: bool = False
     dropout: float = 0.0
     width: Optional[int] = None
+    weights: Optional[str] = None
+
+
+@dataclass
+class EvaluateSchema:
+    split: str = "test"
+
+
+@dataclass
+class PredictSchema:
+    input: Optional[str] = None
+    batch_size: int = 64
+
+
+@dataclass
+class ExportSchema:
+    format: str = "onnx"
+    tolerance: float = 1e-4
 
 
 @dataclass
@@ -90,6 +108,10 @@ MONITORS = ("val_acc", "val_loss")
 # Model families whose structured (channel) pruning torch-pruning 1.6 cannot do.
 STRUCTURED_UNSUPPORTED = ("swin", "shufflenet")
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
+TASKS = ("train", "evaluate", "predict", "export")
+SPLITS = ("test", "val", "train")
+EXPORT_FORMATS = ("onnx", "torchscript")
+LOGGERS = ("csv", "tensorboard", "jsonl")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -163,6 +185,37 @@ def validate(cfg: DictConfig) -> None:
         _check_cv(_typed(cfg.cv, CVSchema, "cv"), trainer)
     if "gate" in cfg:
         _check_gates(cfg.gate)
+    _check_task(cfg)
+    _check_loggers(cfg.get("logger"))
+
+
+def _check_task(cfg: DictConfig) -> None:
+    _one_of("task", cfg.task, TASKS)
+    _one_of("evaluate.split", _typed(cfg.evaluate, EvaluateSchema, "evaluate").split, SPLITS)
+    _at_least("predict.batch_size", _typed(cfg.predict, PredictSchema, "predict").batch_size, 1)
+    export = _typed(cfg.export, ExportSchema, "export")
+    _one_of("export.format", export.format, EXPORT_FORMATS)
+    if export.tolerance <= 0:
+        raise UserError(f"export.tolerance={export.tolerance} must be > 0, e.g. 1e-4")
+    weights = cfg.model.get("weights")
+    if cfg.task == "train" and weights:
+        raise UserError(
+            "model.weights is read by task=evaluate, predict and export; training starts from random weights"
+        )
+    if cfg.task != "train" and not weights:
+        raise UserError(f"task={cfg.task} needs the trained model: add model.weights=<run directory or checkpoint>")
+    if cfg.task == "predict" and not cfg.predict.input:
+        raise UserError("task=predict needs images: add predict.input=<folder of images>")
+
+
+def _check_loggers(loggers: DictConfig | None) -> None:
+    """Each entry of `logger` is a packaged logger or one of the user's with a `_target_`."""
+    for name, options in (loggers or {}).items():
+        if name not in LOGGERS and not (isinstance(options, DictConfig) and options.get("_target_")):
+            raise UserError(
+                f"logger.{name} is not a logger; choose from {', '.join(LOGGERS)} "
+                "(several at once: logger=[csv,tensorboard]) or give it a _target_"
+            )
 
 
 def _check_optimizer(optimizer: DictConfig) -> None:

@@ -1,0 +1,121 @@
+"""Export a model to ONNX or TorchScript and check that the file reproduces PyTorch's logits.
+
+Plain functions on any `nn.Module` (a trained, pruned, quantized or ensembled model): pruning masks
+(`torch.nn.utils.prune`) are made permanent in a copy first; int8 modules of `torch.ao` have no ONNX
+export here, so ONNX refuses them with a one-line error and TorchScript takes them.
+The class names and preprocessing travel inside the file (`export_metadata` reads them back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from shelltrain.errors import UserError
+
+FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}  # format -> file name in the run dir
+METADATA_KEY = "shelltrain"  # ONNX metadata_props key / TorchScript extra file holding the metadata JSON
+EXTRA_FILE = f"{METADATA_KEY}.json"
+INSTALL_HINT = 'pip install "shelltrain[export]"'
+
+
+def export_model(
+    model: nn.Module, fmt: str, path: Path, example: torch.Tensor, metadata: dict[str, Any]
+) -> nn.Module:
+    """Write `model` in format `fmt` to `path`, traced on `example` (its batch size stays free);
+    returns the exported copy of the model (CPU, eval mode, masks made permanent) it was made from."""
+    if fmt not in FORMATS:
+        raise UserError(f"export.format={fmt!r} is invalid; choose one of {', '.join(FORMATS)}")
+    model = frozen_copy(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "onnx":
+        _export_onnx(model, path, example, metadata)
+    else:
+        with _quiet_torchscript():
+            traced = torch.jit.trace(model, example)
+            torch.jit.save(traced, str(path), _extra_files={EXTRA_FILE: json.dumps(metadata)})
+    return model
+
+
+def run_exported(fmt: str, path: Path, images: torch.Tensor) -> torch.Tensor | None:
+    """Logits of the exported file on `images` (CPU, float32); None when ONNX Runtime is missing."""
+    if fmt == "onnx":
+        try:
+            import onnxruntime
+        except ImportError:
+            return None
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return torch.from_numpy(session.run(None, {name: images.numpy()})[0])
+    with _quiet_torchscript(), torch.no_grad():
+        return torch.jit.load(str(path), map_location="cpu")(images).float()
+
+
+def export_metadata(fmt: str, path: Path) -> dict[str, Any]:
+    """The metadata written into an exported file (classes, preprocessing, source)."""
+    if fmt == "onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        return json.loads(props[METADATA_KEY])
+    extra = {EXTRA_FILE: ""}
+    with _quiet_torchscript():
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    return json.loads(extra[EXTRA_FILE])
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A CPU eval-mode copy with `torch.nn.utils.prune` masks folded into the weights."""
+    from torch.nn.utils import prune
+
+    model = copy.deepcopy(model).cpu().eval()
+    for module in model.modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(module, hook._tensor_name)
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether the model holds int8 modules of torch.ao (static or dynamic quantization)."""
+    return any(".quantized" in type(module).__module__ for module in model.modules())
+
+
+def _export_onnx(model: nn.Module, path: Path, example: torch.Tensor, metadata: dict[str, Any]) -> None:
+    if is_quantized(model):
+        raise UserError(
+            "export.format=onnx cannot take this quantized model (torch.ao int8 modules have no ONNX export); "
+            "use export.format=torchscript"
+        )
+    try:
+        import onnx  # noqa: F401  (the exporter needs onnx and onnxscript; name the extra before it fails inside)
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"export.format=onnx needs the {exc.name} package: {INSTALL_HINT}") from None
+    try:
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, verbose=False, external_data=False,
+            input_names=["images"], output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+        )  # fmt: skip
+    except Exception as exc:  # torch.export rejects some Python constructs; the model, not shelltrain, must change
+        reason = " ".join(str(exc).split())[:300]
+        raise UserError(
+            f"export.format=onnx: torch.onnx.export failed for this model ({reason}); try export.format=torchscript"
+        ) from exc
+    program.model.metadata_props[METADATA_KEY] = json.dumps(metadata)
+    program.save(str(path), external_data=False)
+
+
+@contextlib.contextmanager
+def _quiet_torchscript() -> Iterator[None]:
+    """torch.jit warns on every call that it is deprecated (README says so once)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        yield

@@ -1,0 +1,151 @@
+"""Where a run's metrics go: the `logger` config group, one entry per logger, any number at once.
+
+Each logger is an engine Callback (`on_epoch_end` gets every epoch's metrics) with two more hooks the
+runner calls: `start(config)` before training and `finish(summary)` with summary.json at the end.
+Packaged: csv (metrics.csv), jsonl (metrics.jsonl) and tensorboard. A user's own logger is a config
+entry with a `_target_` naming a class that takes `run_dir` and the entry's other keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from shelltrain.engine import Callback, Callbacks, TrainState
+from shelltrain.errors import UserError
+from shelltrain.report import MetricsCSV
+
+# Per-epoch TensorBoard tags: train/val pairs share a chart section ("loss", "acc").
+TENSORBOARD_TAGS = {
+    "train_loss": "loss/train",
+    "val_loss": "loss/val",
+    "train_acc": "acc/train",
+    "val_acc": "acc/val",
+    "lr": "lr",
+    "images_per_second": "speed/images_per_second",
+    "seconds": "speed/epoch_seconds",
+}
+
+
+class RunLogger(Callback):
+    """A Callback that also sees the run's config at the start and its summary at the end."""
+
+    def start(self, config: dict[str, Any]) -> None: ...
+
+    def finish(self, summary: dict[str, Any]) -> None: ...
+
+
+class Loggers(Callbacks):
+    """All configured loggers as one callback."""
+
+    def start(self, config: dict[str, Any]) -> None:
+        for logger in self.callbacks:
+            logger.start(config)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        for logger in self.callbacks:
+            logger.finish(summary)
+
+
+def build_loggers(loggers: DictConfig | None, run_dir: Path) -> Loggers:
+    """One logger per entry of the `logger` config (none for `logger=[]`)."""
+    from hydra.utils import get_class
+
+    built = []
+    for name, options in (loggers or {}).items():  # names were checked by schema.validate
+        options = dict(OmegaConf.to_container(options, resolve=True) or {})
+        target = options.pop("_target_", None)
+        cls = get_class(target) if target else PACKAGED[name]
+        built.append(cls(run_dir, **options))
+    return Loggers(built)
+
+
+class CSVLogger(RunLogger):
+    """metrics.csv: one row per epoch with a fixed set of columns."""
+
+    def __init__(self, run_dir: Path, filename: str = "metrics.csv"):
+        self.metrics = MetricsCSV(run_dir / filename)
+
+    def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None:
+        self.metrics.append(row)
+
+
+class JSONLLogger(RunLogger):
+    """One JSON object per epoch, every metric the epoch produced, appended to a file."""
+
+    def __init__(self, run_dir: Path, filename: str = "metrics.jsonl"):
+        self.path = run_dir / filename
+
+    def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({k: _finite(v) for k, v in row.items()}) + "\n")
+
+
+class TensorBoardLogger(RunLogger):
+    """Event files: per-epoch scalars, the config as text, and hyperparameters with the final metrics."""
+
+    def __init__(self, run_dir: Path, dir: str = "tensorboard"):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError(
+                'logger=tensorboard needs the tensorboard package: pip install "shelltrain[tensorboard]"'
+            ) from None
+        self.writer = SummaryWriter(log_dir=str(run_dir / dir))
+        self.config: dict[str, Any] = {}
+
+    def start(self, config: dict[str, Any]) -> None:
+        self.config = {k: v for k, v in config.items() if k != "hydra"}
+        text = OmegaConf.to_yaml(OmegaConf.create(self.config))
+        # TensorBoard renders text as Markdown: an indented block keeps the YAML as it is.
+        self.writer.add_text("config", "\n".join("    " + line for line in text.splitlines()))
+        self.writer.flush()
+
+    def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None:
+        epoch = int(row["epoch"])
+        for key, tag in TENSORBOARD_TAGS.items():
+            if key in row:
+                self.writer.add_scalar(tag, row[key], epoch)
+        self.writer.flush()
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        metrics = {
+            f"summary/{k}": float(v)
+            for k, v in summary.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        }
+        experiment, session_start, session_end = hparams(flatten(self.config), metrics)
+        for event in (experiment, session_start, session_end):
+            self.writer.file_writer.add_summary(event)
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, summary.get("epochs_completed") or 0)
+        self.writer.close()
+
+
+PACKAGED: dict[str, type[RunLogger]] = {"csv": CSVLogger, "jsonl": JSONLLogger, "tensorboard": TensorBoardLogger}
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys to TensorBoard hparam values: numbers, strings and booleans as they are, anything else
+    (None, lists) as text."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: a NaN metric (e.g. an empty split) becomes null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value

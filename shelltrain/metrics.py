@@ -1,0 +1,57 @@
+"""Classification metrics from logits: the split's headline figures, the confusion matrix, per-class scores.
+
+One function serves the training run's test split and `task=evaluate` on any split, so both report
+the same keys computed the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from shelltrain.engine import TrainSettings, metrics_from_logits
+
+TOP_K = 5  # top-5 accuracy is reported when there are more classes than this
+
+
+def split_metrics(logits: torch.Tensor, targets: torch.Tensor, settings: TrainSettings, split: str) -> dict[str, float]:
+    """`{split}_acc`, `{split}_loss` and, with more than five classes, `{split}_top5`."""
+    measured = metrics_from_logits(logits, targets, settings)
+    result = {f"{split}_acc": measured["acc"], f"{split}_loss": measured["loss"]}
+    if logits.ndim == 2 and logits.shape[1] > TOP_K:
+        result[f"{split}_top{TOP_K}"] = top_k_accuracy(logits, targets, TOP_K)
+    return result
+
+
+def top_k_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int) -> float:
+    if targets.numel() == 0:
+        return float("nan")
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return (top == targets.unsqueeze(1)).any(dim=1).float().mean().item()
+
+
+def confusion_matrix(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """num_classes x num_classes counts: row = true class, column = predicted class."""
+    predicted = logits.argmax(1) if logits.numel() else torch.empty(0, dtype=torch.long)
+    pairs = targets.long() * num_classes + predicted.long()
+    return torch.bincount(pairs, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_metrics(confusion: torch.Tensor, classes: list[str]) -> dict[str, dict[str, Any]]:
+    """Precision, recall, F1 and support per class name; a ratio with nothing to divide by is 0."""
+    matrix = confusion.double()
+    hits = matrix.diag()
+    predicted, support = matrix.sum(0), matrix.sum(1)
+    precision = hits / predicted.clamp_min(1)
+    recall = hits / support.clamp_min(1)
+    f1 = 2 * precision * recall / (precision + recall).clamp_min(1e-12)
+    return {
+        str(name): {
+            "precision": precision[i].item(),
+            "recall": recall[i].item(),
+            "f1": f1[i].item(),
+            "support": int(support[i].item()),
+        }
+        for i, name in enumerate(classes)
+    }

@@ -1,0 +1,216 @@
+"""PNG pictures of a run: training curves, the confusion matrix, and plain functions for the pruning,
+ensembling and sweep stages.
+
+matplotlib is imported only when a picture is drawn, and only its object-oriented API is used
+(`Figure` rendered by the Agg canvas): no display is needed, and pyplot's global state and backend
+are never touched, so shelltrain used as a library leaves a notebook's plotting alone.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+if TYPE_CHECKING:  # torch is not imported here: a sweep summary can draw without it
+    import torch
+
+MARKER_LIMIT = 30  # up to this many points per line get a marker (a single epoch still shows)
+ANNOTATE_LIMIT = 20  # confusion matrices up to this many classes print the count in each cell
+TICK_LIMIT = 40  # ... and up to this many name every class on the axes
+
+
+def write_run_plots(
+    run_dir: Path,
+    history: Sequence[dict[str, float]],
+    confusion: torch.Tensor,
+    classes: Sequence[str],
+    best_epoch: int | None = None,
+) -> list[Path]:
+    """plots/curves.png (when any epoch ran) and plots/confusion_matrix.png; returns the files written."""
+    written = []
+    if history:
+        written.append(plot_curves(history, run_dir / "plots" / "curves.png", best_epoch))
+    written.append(plot_confusion_matrix(confusion, classes, run_dir / "plots" / "confusion_matrix.png"))
+    return written
+
+
+def plot_curves(history: Sequence[dict[str, float]], path: Path, best_epoch: int | None = None) -> Path:
+    """Loss and accuracy for train and val, and the learning rate, per epoch (rows as in metrics.csv);
+    a dotted line marks `best_epoch`."""
+    fig, axes = _figure(1, 3, width=13.5, height=3.8)
+    epochs = [int(row["epoch"]) for row in history]
+    marker = "o" if len(epochs) <= MARKER_LIMIT else None
+    for ax, metric, title in ((axes[0], "loss", "Loss"), (axes[1], "acc", "Accuracy")):
+        for split, style in (("train", "-"), ("val", "--")):
+            values = [_number(row.get(f"{split}_{metric}")) for row in history]
+            ax.plot(epochs, values, style, marker=marker, markersize=3, label=split)
+        ax.set_title(title)
+        ax.legend()
+    if best_epoch:
+        for ax in axes[:2]:
+            ax.axvline(best_epoch, color="grey", linestyle=":", linewidth=1)
+        axes[1].annotate(
+            f"best epoch {best_epoch}", (best_epoch, 0.03), xycoords=("data", "axes fraction"), fontsize=8, color="grey"
+        )
+    axes[2].plot(epochs, [_number(row.get("lr")) for row in history], marker=marker, markersize=3, color="tab:green")
+    axes[2].set_title("Learning rate")
+    axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(confusion: torch.Tensor, classes: Sequence[str], path: Path, title: str = "test") -> Path:
+    """Counts per (true, predicted) class; the colour is the row's share, so rare classes read as clearly."""
+    matrix = confusion.double()
+    n = matrix.shape[0]
+    share = matrix / matrix.sum(1, keepdim=True).clamp_min(1)
+    total = matrix.sum().item()
+    accuracy = matrix.diag().sum().item() / total if total else float("nan")
+    side = min(max(4.5, 0.45 * n + 2.5), 12.0)
+    fig, (ax,) = _figure(1, 1, width=side + 1.2, height=side)
+    image = ax.imshow(share.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class")
+    if n <= ANNOTATE_LIMIT:
+        for i in range(n):
+            for j in range(n):
+                count = int(matrix[i, j].item())
+                if count:
+                    color = "white" if share[i, j] > 0.5 else "black"
+                    ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color=color)
+    if n <= TICK_LIMIT:
+        ax.set_xticks(range(n), [str(c) for c in classes], rotation=90 if n > 10 else 0)
+        ax.set_yticks(range(n), [str(c) for c in classes])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Confusion matrix ({title}: {int(total)} images, accuracy {accuracy:.4f})")
+    return _save(fig, path)
+
+
+def plot_tradeoff(
+    rows: Sequence[dict[str, Any]], path: Path, x: str = "sparsity", y: str = "test_acc", latency: str = "latency_ms"
+) -> Path:
+    """Pruning or quantization trade-off: `y` against `x` (sparsity, MACs, params...) and, when rows have
+    `latency`, `y` against latency. Each row is one model (the baseline and each pruned step); an optional
+    "label" key names its point."""
+    with_latency = [row for row in rows if _number(row.get(latency)) is not None]
+    fig, axes = _figure(1, 2 if with_latency else 1, width=11 if with_latency else 5.8, height=4.2)
+    panels = [(axes[0], rows, x)] + ([(axes[1], with_latency, latency)] if with_latency else [])
+    for ax, points, key in panels:
+        xs = [_number(row.get(key)) for row in points]
+        ys = [_number(row.get(y)) for row in points]
+        ax.plot(xs, ys, "-o", markersize=5)
+        for row, px, py in zip(points, xs, ys):
+            if row.get("label") is not None and px is not None and py is not None:
+                ax.annotate(str(row["label"]), (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(key)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+    axes[0].set_title(f"{y} vs {x}")
+    if with_latency:
+        axes[1].set_title(f"{y} vs {latency}")
+    return _save(fig, path)
+
+
+def plot_members(rows: Sequence[dict[str, Any]], path: Path, metric: str = "test_acc") -> Path:
+    """One bar per ensemble member and one for the ensemble: rows of {"name": ..., metric: ...}; rows
+    whose name starts with "ensemble" are drawn in another colour, with a line at the best member."""
+    names = [str(row["name"]) for row in rows]
+    values = [_number(row.get(metric)) for row in rows]
+    is_ensemble = [name.lower().startswith("ensemble") for name in names]
+    fig, (ax,) = _figure(1, 1, width=6.5, height=max(2.5, 0.4 * len(rows) + 1.5))
+    colors = ["tab:orange" if e else "tab:blue" for e in is_ensemble]
+    ax.barh(range(len(rows)), [v if v is not None else 0.0 for v in values], color=colors)
+    ax.set_yticks(range(len(rows)), names)
+    ax.invert_yaxis()
+    members = [v for v, e in zip(values, is_ensemble) if not e and v is not None]
+    if members:
+        ax.axvline(max(members), color="grey", linestyle=":", linewidth=1, label="best member")
+        ax.legend(loc="upper right")
+    known = [v for v in values if v is not None]
+    if known:  # zoom on the differences: they are usually a fraction of a percent
+        low, high = min(known), max(known)
+        margin = max((high - low) * 0.5, 0.005)
+        left = low - margin
+        ax.set_xlim(max(0.0, left) if low >= 0 else left, high + margin)
+    for i, v in enumerate(values):
+        if v is not None:
+            ax.annotate(f"{v:.4f}", (v, i), textcoords="offset points", xytext=(3, -3), fontsize=8)
+    ax.set_xlabel(metric)
+    ax.set_title(f"Members vs ensemble ({metric})")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], path: Path, params: Sequence[str], metric: str = "test_acc") -> Path:
+    """`metric` against each swept parameter, one panel per parameter: every run is a dot, the mean per
+    value a line. Rows are summary.csv rows (values may be strings); runs without the metric are skipped."""
+    runs = [row for row in rows if _number(row.get(metric)) is not None]
+    params = list(params) or ["job"]
+    columns = min(len(params), 3)
+    lines = math.ceil(len(params) / columns)
+    fig, axes = _figure(lines, columns, width=4.8 * columns, height=3.8 * lines)
+    for ax, param in zip(axes, params):
+        values = [row.get(param) for row in runs]
+        scores = [_number(row.get(metric)) for row in runs]
+        numeric = all(_number(v) is not None for v in values) and bool(values)
+        if numeric:
+            xs = [_number(v) for v in values]
+            order = sorted(set(xs))
+            positive = min(order) > 0 if order else False
+            if positive and len(order) > 1 and max(order) / min(order) >= 100:
+                ax.set_xscale("log")
+        else:
+            labels = list(dict.fromkeys(str(v) for v in values))
+            position = {label: i for i, label in enumerate(labels)}
+            xs = [position[str(v)] for v in values]
+            order = list(range(len(labels)))
+            ax.set_xticks(order, labels, rotation=30 if len(labels) > 4 else 0)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
+        ax.plot(xs, scores, "o", alpha=0.6, label="run")
+        means = [_mean(s for px, s in zip(xs, scores) if px == value) for value in order]
+        # a line between numeric values; a bar-like tick per category (their order means nothing)
+        ax.plot(order, means, "-" if numeric else "_", color="tab:red", markersize=24, label="mean")
+        ax.set_xlabel(param)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    for ax in axes[len(params) :]:
+        ax.set_visible(False)
+    fig.suptitle(f"{metric} per swept parameter ({len(runs)} runs)")
+    return _save(fig, path)
+
+
+def _figure(rows: int, columns: int, width: float, height: float) -> tuple[Any, list[Any]]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False)
+    return fig, [ax for line in axes for ax in line]
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    tmp.replace(path)
+    return path
+
+
+def _number(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")

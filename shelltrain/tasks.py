@@ -1,0 +1,178 @@
+"""The tasks that use a trained model and train nothing: `task=evaluate`, `task=predict`, `task=export`.
+
+Each loads the model named by `model.weights` (a run directory or checkpoint), does its work and
+writes summary.json (and its own files) in the task's own run directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig
+from rich.console import Console
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import v2
+
+from shelltrain.data import DataBundle, FileImages, build_data, to_float_transforms
+from shelltrain.engine import TrainSettings, predict
+from shelltrain.errors import UserError
+from shelltrain.export import FORMATS, INSTALL_HINT, export_model, run_exported
+from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
+from shelltrain.plots import plot_confusion_matrix
+from shelltrain.report import say, summary_table, write_json
+from shelltrain.trained import load_trained_model
+
+EXPORT_CHECK_BATCH = 8  # images of the export check; the example the exporter traces has another size
+
+
+def run_task(cfg: DictConfig, run_dir: Path, settings: TrainSettings, console: Console) -> float | None:
+    """Run `cfg.task` (evaluate, predict or export); returns evaluate's accuracy for sweepers."""
+    started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model, checkpoint, source = load_trained_model(str(cfg.model.weights))
+    say(console, f"{cfg.task}: model from [bold]{source}[/bold] ({len(checkpoint['classes'])} classes)")
+    task = {"evaluate": evaluate_task, "predict": predict_task, "export": export_task}[cfg.task]
+    found, result = task(cfg, run_dir, settings, console, model, checkpoint)
+    summary = {
+        "status": "completed", "task": cfg.task, **{k: v for k, v in found.items() if not isinstance(v, dict)},
+        "weights": str(source), "wall_seconds": round(time.perf_counter() - started, 3), "run_dir": str(run_dir),
+        **{k: v for k, v in found.items() if isinstance(v, dict)},  # sections (per_class, ...) after the figures
+    }  # fmt: skip
+    write_json(summary, run_dir / "summary.json")
+    console.print(summary_table(summary))
+    say(console, f"run directory: [bold]{run_dir}[/bold]")
+    return result
+
+
+def evaluate_task(
+    cfg: DictConfig, run_dir: Path, settings: TrainSettings, console: Console, model: nn.Module, checkpoint: dict
+) -> tuple[dict[str, Any], float]:
+    """Accuracy, loss, top-5 and per-class scores on `evaluate.split` of the configured data."""
+    split = cfg.evaluate.split
+    data = build_data(cfg.data, cfg.augmentation, seed=cfg.trainer.seed, pin_memory=settings.device.type == "cuda")
+    _check_fits(data, checkpoint, console)
+    loader = _unaugmented(data, split)
+    logits, targets = predict(model, loader, settings, limit=cfg.trainer.get(f"limit_{split}_batches"))
+    confusion = confusion_matrix(logits, targets, data.num_classes)
+    plot_confusion_matrix(confusion, data.classes, run_dir / "plots" / "confusion_matrix.png", title=split)
+    metrics = split_metrics(logits, targets, settings, split)
+    say(console, f"{cfg.data.name} {split}: {len(targets)} images, accuracy {metrics[f'{split}_acc']:.4f}")
+    per_class = per_class_metrics(confusion, data.classes)
+    summary = {"split": split, "data": cfg.data.name, **metrics, "device": str(settings.device), "per_class": per_class}
+    return summary, metrics[f"{split}_acc"]
+
+
+def predict_task(
+    cfg: DictConfig, run_dir: Path, settings: TrainSettings, console: Console, model: nn.Module, checkpoint: dict
+) -> tuple[dict[str, Any], None]:
+    """predictions.csv: file (relative to predict.input), class, probability, for every image under the folder."""
+    folder = Path(to_absolute_path(os.path.expanduser(str(cfg.predict.input))))
+    if not folder.is_dir():
+        raise UserError(f"predict.input: '{folder}' is not a folder; point it at a folder of images")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    if not files:
+        raise UserError(f"predict.input: no images ({', '.join(IMG_EXTENSIONS)}) under '{folder}'")
+    pre = preprocessing(checkpoint)
+    mode = "RGB" if pre["channels"] == 3 else "L"
+    labels = torch.zeros(len(files), dtype=torch.long)  # unknown; the loader needs some
+    transform = v2.Compose(to_float_transforms(pre["mean"], pre["std"]))
+    images = FileImages([str(p) for p in files], labels, mode, pre["image_size"], transform)
+    loader = DataLoader(images, batch_size=cfg.predict.batch_size, num_workers=cfg.data.num_workers)
+    logits, _ = predict(model, loader, settings)
+    probability, index = logits.softmax(1).max(1)
+    classes = checkpoint["classes"]
+    output = run_dir / "predictions.csv"
+    with open(output, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "class", "probability"])
+        for path, k, p in zip(files, index.tolist(), probability.tolist()):
+            writer.writerow([path.relative_to(folder).as_posix(), classes[k], f"{p:.6f}"])
+    counts = {str(name): 0 for name in classes}
+    for k in index.tolist():
+        counts[str(classes[k])] += 1
+    say(console, f"{len(files)} images from {folder}: predictions in [bold]{output}[/bold]")
+    summary = {"images": len(files), "input": str(folder), "predictions": str(output), "device": str(settings.device)}
+    return {**summary, "predicted_counts": counts}, None
+
+
+def export_task(
+    cfg: DictConfig, run_dir: Path, settings: TrainSettings, console: Console, model: nn.Module, checkpoint: dict
+) -> tuple[dict[str, Any], None]:
+    """The model as ONNX or TorchScript, checked against PyTorch's logits on a seeded random batch."""
+    fmt, tolerance = cfg.export.format, float(cfg.export.tolerance)
+    pre = preprocessing(checkpoint)
+    shape = (pre["channels"], pre["image_size"], pre["image_size"])
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randn(2, *shape, generator=generator)
+    check = torch.randn(EXPORT_CHECK_BATCH, *shape, generator=generator)
+    path = run_dir / FORMATS[fmt]
+    metadata = {"classes": list(checkpoint["classes"]), "preprocessing": pre, "source": str(cfg.model.weights)}
+    exported = export_model(model, fmt, path, example, metadata)
+    with torch.no_grad():
+        reference = exported(check).float()
+    outputs = run_exported(fmt, path, check)
+    summary: dict[str, Any] = {"format": fmt, "path": str(path), "tolerance": tolerance}
+    if outputs is None:
+        summary["max_abs_diff"] = None
+        say(console, f"exported [bold]{path}[/bold]; not checked: onnxruntime is missing ({INSTALL_HINT})")
+        return summary, None
+    diff = (outputs - reference).abs().max().item()
+    summary["max_abs_diff"] = diff
+    say(console, f"exported [bold]{path}[/bold]: max |logit difference| from PyTorch {diff:.3g} on {len(check)} images")
+    if not diff <= tolerance:
+        raise UserError(
+            f"export: the {fmt} model's logits differ from PyTorch's by {diff:.3g} > export.tolerance={tolerance:g}"
+        )
+    return summary, None
+
+
+def preprocessing(checkpoint: dict) -> dict[str, Any]:
+    """Image size, channels and normalization (mean, std per channel) the model was trained with."""
+    pre = checkpoint.get("preprocessing")
+    if not pre:
+        raise UserError(
+            "model.weights: this checkpoint does not record its preprocessing (an older shelltrain); retrain it"
+        )
+    return dict(pre)
+
+
+def _check_fits(data: DataBundle, checkpoint: dict, console: Console) -> None:
+    """The data must have the model's classes and channels; other preprocessing differences are pointed out."""
+    classes = [str(c) for c in checkpoint["classes"]]
+    if [str(c) for c in data.classes] != classes:
+        raise UserError(
+            f"the model's {len(classes)} classes ({_listed(classes)}) differ from the data's {len(data.classes)} "
+            f"({_listed(data.classes)}); evaluate on data with the classes the model was trained on"
+        )
+    pre = checkpoint.get("preprocessing") or {}
+    if pre.get("channels") and pre["channels"] != data.in_channels:
+        raise UserError(
+            f"the model takes {pre['channels']}-channel images and the data gives {data.in_channels}; "
+            f"set data.channels={pre['channels']}"
+        )
+    if pre.get("image_size") and pre["image_size"] != data.image_size:
+        say(console, f"note: the model was trained on {pre['image_size']}px images, these are {data.image_size}px "
+            f"(data.image_size={pre['image_size']} matches the training run)")  # fmt: skip
+
+
+def _unaugmented(data: DataBundle, split: str) -> DataLoader:
+    """The split's loader; for train, its images through the test transforms (no augmentation, no shuffle)."""
+    if split != "train":
+        return getattr(data, split)
+    images = copy.copy(data.train.dataset)
+    images.transform = data.test.dataset.transform
+    return DataLoader(images, batch_size=data.test.batch_size, num_workers=data.test.num_workers)
+
+
+def _listed(names: list[str], limit: int = 5) -> str:
+    names = [str(n) for n in names]
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
