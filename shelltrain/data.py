@@ -103,8 +103,17 @@ class MixCollate:
         return self.mix(*default_collate(batch))
 
 
-def build_data(data: DictConfig, augmentation: DictConfig, seed: int, pin_memory: bool = False) -> DataBundle:
+def build_data(
+    data: DictConfig,
+    augmentation: DictConfig,
+    seed: int,
+    pin_memory: bool = False,
+    stats: tuple[list[float], list[float]] | None = None,
+) -> DataBundle:
     """Load `data.name`, split it, and wrap the splits in loaders.
+
+    `stats` (mean, std), e.g. pretrained weights' normalization, is used where data.mean/data.std are null, instead
+    of measuring them; 3-channel values for grey images are averaged.
 
     The train loader shuffles with its own generator seeded by `seed`; reseeding it each epoch makes the order and
     the worker seeds (hence augmentation and MixUp/CutMix) a function of (seed, epoch). Two exceptions: with
@@ -117,9 +126,12 @@ def build_data(data: DictConfig, augmentation: DictConfig, seed: int, pin_memory
     else:
         sources, classes = _in_memory(data)
         channels = data.channels or sources["train"][0].shape[1]
+    sources, classes = _select_classes(sources, classes, data)
     labels = {split: y for split, (_, y) in sources.items()}
     splits = {}
     for split, (source, index) in _split_indices(labels, data).items():
+        if split == "train" and data.get("samples_per_class") is not None:
+            index = _budget(labels[source], index, data.samples_per_class, data.split_seed)
         items, y = sources[source][0], labels[source][index]
         if data.name == "imagefolder":
             paths = [items[i] for i in index.tolist()]
@@ -127,7 +139,7 @@ def build_data(data: DictConfig, augmentation: DictConfig, seed: int, pin_memory
         else:
             splits[split] = TensorImages(_convert_channels(_square(items[index], size), channels).contiguous(), y, None)
 
-    mean, std = _stats(data, channels, splits["train"])  # measured on raw images, so transforms come after
+    mean, std = _stats(data, channels, splits["train"], stats)  # measured on raw images, so transforms come after
     to_float = to_float_transforms(mean, std)
     splits["train"].transform = v2.Compose(_augmentations(augmentation) + to_float)
     splits["val"].transform = splits["test"].transform = v2.Compose(to_float)
@@ -169,8 +181,8 @@ def _check_config(data: DictConfig, augmentation: DictConfig) -> None:
         raise UserError(f"data.name: unknown dataset {data.name!r}; pick one of {', '.join(SOURCES)}")
     for key, minimum in (("image_size", 1), ("batch_size", 1), ("num_workers", 0)):
         _check_int(data, key, minimum)
-    for key in ("eval_batch_size", "limit_samples"):
-        if data[key] is not None:
+    for key in ("eval_batch_size", "limit_samples", "samples_per_class"):
+        if data.get(key) is not None:
             _check_int(data, key, 1)
     if data.channels not in (None, 1, 3):
         raise UserError(f"data.channels: got {data.channels!r}; use 1 (grey), 3 (RGB) or null for the dataset's own")
@@ -335,8 +347,13 @@ def _convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     return F.grayscale_to_rgb(images) if channels == 3 else F.rgb_to_grayscale(images)
 
 
-def _stats(data: DictConfig, channels: int, train: Dataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The configured mean/std (one value serves every channel), or per-channel ones measured on the train split."""
+def _stats(
+    data: DictConfig, channels: int, train: Dataset, given: tuple[list[float], list[float]] | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The configured mean/std (one value serves every channel), else `given` ones (fitted to the channels), else
+    per-channel ones measured on the train split."""
+    if (data.mean is None or data.std is None) and given is not None:
+        return _fit_channels(given[0], channels), _fit_channels(given[1], channels)
     if data.mean is None or data.std is None:
         return _measure_stats(train, data.split_seed)
     stats = []
@@ -351,6 +368,59 @@ def _stats(data: DictConfig, channels: int, train: Dataset) -> tuple[tuple[float
     if min(stats[1]) <= 0:
         raise UserError(f"data.std: got {list(stats[1])}; every value must be > 0")
     return stats[0], stats[1]
+
+
+def _fit_channels(values: list[float], channels: int) -> tuple[float, ...]:
+    values = [float(v) for v in values]
+    if len(values) == channels:
+        return tuple(values)
+    if len(values) == 1:
+        return tuple(values * channels)
+    return (sum(values) / len(values),) * channels  # RGB statistics for grey images: their average
+
+
+def _select_classes(
+    sources: dict[str, tuple], classes: list[str], data: DictConfig
+) -> tuple[dict[str, tuple], list[str]]:
+    """Keep the images of data.classes (names, or indices into the dataset's classes), relabelled 0..k-1 in the
+    order given."""
+    wanted = data.get("classes")
+    if wanted is None:
+        return sources, classes
+    picked = []
+    for item in wanted:
+        if str(item) in classes:
+            picked.append(classes.index(str(item)))
+        elif isinstance(item, int) and not isinstance(item, bool) and 0 <= item < len(classes):
+            picked.append(item)
+        else:
+            shown = ", ".join(classes[:12]) + (", ..." if len(classes) > 12 else "")
+            raise UserError(
+                f"data.classes: {item!r} is not a class of {data.name}; "
+                f"use names ({shown}) or indices 0..{len(classes) - 1}"
+            )
+    if len(set(picked)) != len(picked) or len(picked) < 2:
+        raise UserError(f"data.classes={list(wanted)} must name at least two different classes")
+    relabel = torch.full((len(classes),), -1, dtype=torch.long)
+    relabel[picked] = torch.arange(len(picked))
+    selected = {}
+    for split, (items, y) in sources.items():
+        keep = (relabel[y] >= 0).nonzero().flatten()
+        kept = items[keep] if isinstance(items, torch.Tensor) else [items[i] for i in keep.tolist()]
+        selected[split] = (kept, relabel[y[keep]])
+    return selected, [classes[i] for i in picked]
+
+
+def _budget(labels: torch.Tensor, index: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """At most `per_class` train images of each class, drawn with `seed` (the same budget for every trainer seed)."""
+    order = index[torch.randperm(len(index), generator=torch.Generator().manual_seed(seed))]
+    counts: dict[int, int] = {}
+    keep = []
+    for i, label in zip(order.tolist(), labels[order].tolist()):
+        if counts.get(label, 0) < per_class:
+            counts[label] = counts.get(label, 0) + 1
+            keep.append(i)
+    return torch.tensor(sorted(keep), dtype=torch.long)
 
 
 def _measure_stats(train: Dataset, seed: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

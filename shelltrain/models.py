@@ -10,10 +10,14 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from shelltrain.errors import UserError
+
+
+# Keys of the model group that shelltrain reads itself (transfer learning) and never passes to a `_target_`.
+SHELLTRAIN_KEYS = ("weights", "strict")
 
 
 class SmallCNN(nn.Module):
@@ -42,8 +46,10 @@ class SmallCNN(nn.Module):
 def build_model(cfg: DictConfig, num_classes: int, in_channels: int) -> nn.Module:
     """Build the configured model for `num_classes` outputs and `in_channels` input planes."""
     if cfg.get("_target_"):
-        own = {k: v for k, v in cfg.items() if k != "weights"}  # model.weights is shelltrain's, not the class's
-        return instantiate(own, num_classes=num_classes)
+        node = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(node, dict)
+        target_args = {k: v for k, v in node.items() if k not in SHELLTRAIN_KEYS}
+        return instantiate(target_args, num_classes=num_classes)
     if cfg.name == "cnn":
         return SmallCNN(num_classes, in_channels, width=cfg.get("width") or 32, dropout=cfg.dropout)
     model = _torchvision_model(cfg.name, num_classes)

@@ -16,19 +16,33 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 
-def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Instantiate the optimizer; optionally exempt norm weights and biases from weight decay."""
+def build_optimizer(
+    cfg: DictConfig, model: nn.Module, groups: list[dict[str, Any]] | None = None
+) -> torch.optim.Optimizer:
+    """Instantiate the optimizer; optionally exempt norm weights and biases from weight decay.
+
+    `groups` (from a fine-tuning policy) are {"name", "params", "lr_mult"} dicts: each gets lr x lr_mult and keeps
+    its `lr_mult` so schedules that set the rate themselves (one-cycle's max_lr) can scale it too."""
     kwargs = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(kwargs, dict)
     no_decay_norm_bias = kwargs.pop("no_decay_norm_bias", False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if no_decay_norm_bias and kwargs.get("weight_decay", 0.0) > 0:
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]  # biases and norm scales/shifts
-        groups: Any = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    else:
-        groups = params
-    return instantiate(kwargs, params=groups, _convert_="all")
+    if groups is None:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    split_decay = no_decay_norm_bias and kwargs.get("weight_decay", 0.0) > 0
+    param_groups: list[dict[str, Any]] = []
+    for group in groups:
+        options = {k: v for k, v in group.items() if k != "params"}
+        if "lr_mult" in options:
+            options["lr"] = kwargs["lr"] * options["lr_mult"]
+        if split_decay:
+            param_groups.append({**options, "params": [p for p in group["params"] if p.ndim > 1]})
+            # biases and norm scales/shifts
+            param_groups.append({**options, "params": [p for p in group["params"] if p.ndim <= 1], "weight_decay": 0.0})
+        else:
+            param_groups.append({**options, "params": list(group["params"])})
+    param_groups = [g for g in param_groups if g["params"]]
+    plain = len(param_groups) == 1 and set(param_groups[0]) == {"params"}
+    return instantiate(kwargs, params=param_groups[0]["params"] if plain else param_groups, _convert_="all")
 
 
 @dataclass
@@ -53,6 +67,9 @@ def build_scheduler(
         kwargs["total_steps"] = max(1, epochs * (steps_per_epoch if interval == "step" else 1))
     if "mode" in kwargs and kwargs["mode"] is None:
         kwargs["mode"] = monitor_mode
+    mults = [group.get("lr_mult", 1.0) for group in optimizer.param_groups]
+    if isinstance(kwargs.get("max_lr"), (int, float)) and any(m != 1.0 for m in mults):
+        kwargs["max_lr"] = [kwargs["max_lr"] * m for m in mults]  # one-cycle sets every group's rate itself
     scheduler = instantiate(kwargs, optimizer=optimizer, _convert_="all")
     on_metric = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     return Schedule(scheduler, interval, on_metric)

@@ -28,6 +28,7 @@ from shelltrain.models import build_model, count_parameters, materialize_lazy
 from shelltrain.optim import build_optimizer, build_scheduler
 from shelltrain.plots import write_run_plots
 from shelltrain.report import ConsoleProgress, make_console, say, summary_table, write_json
+from shelltrain.transfer import follow_weights, load_weights, make_policy, open_weights, transfer_log, transfer_summary
 
 log = logging.getLogger("shelltrain")
 
@@ -55,13 +56,19 @@ def train_and_test(cfg: DictConfig, run_dir: Path, fold: tuple[int, int] | None 
     device = resolve_device(cfg.trainer.device)
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
 
-    data = build_data(cfg.data, cfg.augmentation, seed=cfg.trainer.seed, pin_memory=device.type == "cuda")
+    weights = open_weights(cfg.model)  # None for a random start
+    data_cfg, stats, stats_from = follow_weights(cfg.data, weights)
+    data = build_data(data_cfg, cfg.augmentation, cfg.trainer.seed, device.type == "cuda", stats)
     if fold is not None:
         data = cv_fold(data, folds=fold[1], fold=fold[0], seed=cfg.data.split_seed)
     model = build_model(cfg.model, data.num_classes, data.in_channels)
-    materialize_lazy(model, next(iter(data.val))[0][:2])
+    example = next(iter(data.val))[0][:2]
+    materialize_lazy(model, example)
+    strict = cfg.model.get("strict", False)
+    model, loaded = load_weights(model, weights, strict=strict, classes=data.classes, example_inputs=example)
+    policy = make_policy(model, cfg.get("finetune"), notify=lambda line: say(console, line))
     settings = train_settings(cfg.trainer, device)
-    optimizer = build_optimizer(cfg.optimizer, model)
+    optimizer = build_optimizer(cfg.optimizer, model, policy.param_groups() if policy else None)
     steps_per_epoch = _steps_per_epoch(len(data.train), settings)
     schedule = build_scheduler(
         cfg.scheduler, optimizer, settings.epochs, steps_per_epoch, monitor_mode(settings.monitor)
@@ -75,6 +82,8 @@ def train_and_test(cfg: DictConfig, run_dir: Path, fold: tuple[int, int] | None 
         f"{len(data.test.dataset)} test images, {data.num_classes} classes; "
         f"model {cfg.model.get('name', cfg.model.get('_target_'))} ({params:,} parameters) on {device}",
     )
+    for line in transfer_log(weights, loaded, data_cfg, stats_from, policy):
+        say(console, line)
 
     checkpoints = run_dir / "checkpoints"
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -89,7 +98,10 @@ def train_and_test(cfg: DictConfig, run_dir: Path, fold: tuple[int, int] | None 
     loggers.start(config)
     state = fit(
         model, data.train, data.val, optimizer, schedule, settings,
-        callbacks=[ConsoleProgress(console, settings.epochs), checkpointer, loggers],
+        callbacks=[
+            *([policy] if policy else []),  # freezes and unfreezes at epoch starts
+            ConsoleProgress(console, settings.epochs), checkpointer, loggers,
+        ],
         scaler=scaler,
     )  # fmt: skip
 
@@ -115,6 +127,8 @@ def train_and_test(cfg: DictConfig, run_dir: Path, fold: tuple[int, int] | None 
         "run_dir": str(run_dir),
         "per_class": per_class_metrics(confusion, data.classes),
     }
+    if weights is not None or policy is not None:
+        summary["transfer"] = transfer_summary(model, loaded, data, stats_from, policy, cfg.optimizer.lr)
     write_json(summary, run_dir / "summary.json")
     loggers.finish(summary)
     write_run_plots(run_dir, state.history, confusion, data.classes, state.best_epoch)

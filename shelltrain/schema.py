@@ -45,7 +45,7 @@ class DataSchema:
     name: str = "digits"
     root: Optional[str] = None
     download: bool = False
-    image_size: int = 32
+    image_size: Optional[int] = 32  # null: the input size of model.weights
     channels: Optional[int] = None
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
@@ -60,6 +60,8 @@ class DataSchema:
     limit_samples: Optional[int] = None
     num_samples: Optional[int] = None
     num_classes: Optional[int] = None
+    classes: Optional[list[Any]] = None
+    samples_per_class: Optional[int] = None
 
 
 @dataclass
@@ -69,6 +71,17 @@ class ModelSchema:
     dropout: float = 0.0
     width: Optional[int] = None
     weights: Optional[str] = None
+    strict: bool = False
+
+
+@dataclass
+class FinetuneSchema:
+    policy: str = "full"
+    unfreeze_at: int = 0
+    unfreeze_every: int = 1
+    backbone_lr_mult: float = 1.0
+    layer_decay: float = 1.0
+    freeze_bn: bool = True
 
 
 @dataclass
@@ -107,6 +120,7 @@ LOSSES = ("cross_entropy", "mse")
 MONITORS = ("val_acc", "val_loss")
 # Model families whose structured (channel) pruning torch-pruning 1.6 cannot do.
 STRUCTURED_UNSUPPORTED = ("swin", "shufflenet")
+POLICIES = ("full", "linear_probe", "freeze_backbone", "gradual")
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
 TASKS = ("train", "evaluate", "predict", "export")
 SPLITS = ("test", "val", "train")
@@ -142,7 +156,8 @@ def validate(cfg: DictConfig) -> None:
             _at_least(f"trainer.{key}", value, 0 if key == "patience" else 1)
 
     _one_of("data.name", data.name, DATASETS)
-    _at_least("data.image_size", data.image_size, 1)
+    if data.image_size is not None:
+        _at_least("data.image_size", data.image_size, 1)
     _at_least("data.batch_size", data.batch_size, 1)
     _at_least("data.num_workers", data.num_workers, 0)
     if data.eval_batch_size is not None:
@@ -166,6 +181,15 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"data.std={list(data.std)} must be positive")
     if data.limit_samples is not None:
         _at_least("data.limit_samples", data.limit_samples, 1)
+    if data.samples_per_class is not None:
+        _at_least("data.samples_per_class", data.samples_per_class, 1)
+    if data.classes is not None and len(data.classes) < 2:
+        raise UserError(f"data.classes={list(data.classes)} picks fewer than 2 classes; a classifier needs at least two")
+    if data.classes is not None and len(set(map(str, data.classes))) != len(data.classes):
+        raise UserError(f"data.classes={list(data.classes)} names a class twice; list each class once")
+
+    if "finetune" in cfg:
+        _check_finetune(_typed(cfg.finetune, FinetuneSchema, "finetune"))
 
     for key in ("mixup_alpha", "cutmix_alpha"):
         _at_least(f"augmentation.{key}", getattr(augmentation, key), 0.0)
@@ -198,10 +222,6 @@ def _check_task(cfg: DictConfig) -> None:
     if export.tolerance <= 0:
         raise UserError(f"export.tolerance={export.tolerance} must be > 0, e.g. 1e-4")
     weights = cfg.model.get("weights")
-    if cfg.task == "train" and weights:
-        raise UserError(
-            "model.weights is read by task=evaluate, predict and export; training starts from random weights"
-        )
     if cfg.task != "train" and not weights:
         raise UserError(f"task={cfg.task} needs the trained model: add model.weights=<run directory or checkpoint>")
     if cfg.task == "predict" and not cfg.predict.input:
@@ -216,6 +236,17 @@ def _check_loggers(loggers: DictConfig | None) -> None:
                 f"logger.{name} is not a logger; choose from {', '.join(LOGGERS)} "
                 "(several at once: logger=[csv,tensorboard]) or give it a _target_"
             )
+
+
+def _check_finetune(finetune: FinetuneSchema) -> None:
+    _one_of("finetune.policy", finetune.policy, POLICIES)
+    _at_least("finetune.unfreeze_at", finetune.unfreeze_at, 0)
+    _at_least("finetune.unfreeze_every", finetune.unfreeze_every, 1)
+    _at_least("finetune.backbone_lr_mult", finetune.backbone_lr_mult, 0.0)
+    if not 0.0 < finetune.layer_decay <= 1.0:
+        raise UserError(
+            f"finetune.layer_decay={finetune.layer_decay} is out of range; use a value in (0, 1], e.g. 0.75 (1 disables it)"
+        )
 
 
 def _check_optimizer(optimizer: DictConfig) -> None:

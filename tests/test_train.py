@@ -36,7 +36,7 @@ def test_same_seed_same_result(tmp_path):
     args = [*CNN, "trainer.epochs=1", "trainer.limit_train_batches=5", "augmentation=seed"]
     a = run_in_process(tmp_path / "a", *args)
     b = run_in_process(tmp_path / "b", *args)
-    c = run_in_process(tmp_path / "c", *args, "trainer.seed=1")
+    run_in_process(tmp_path / "c", *args, "trainer.seed=1")
     wa = torch.load(tmp_path / "a/checkpoints/last.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "b/checkpoints/last.pt", weights_only=True)["model"]
     wc = torch.load(tmp_path / "c/checkpoints/last.pt", weights_only=True)["model"]
