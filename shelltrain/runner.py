@@ -5,10 +5,12 @@ This is the only module that knows the order; each stage is a plain function fro
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import random
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +19,9 @@ import torch
 import torchvision
 from omegaconf import DictConfig, OmegaConf
 
-from shelltrain.checkpoint import Checkpointer, load_checkpoint
-from shelltrain.data import build_data
-from shelltrain.engine import Callback, TrainSettings, evaluate, fit, make_scaler, monitor_mode
+from shelltrain.checkpoint import Checkpointer, load_checkpoint, rng_state, save_checkpoint
+from shelltrain.data import DataBundle, build_data
+from shelltrain.engine import Callback, TrainSettings, TrainState, evaluate, fit, make_scaler, monitor_mode
 from shelltrain.errors import UserError
 from shelltrain.models import build_model, count_parameters, materialize_lazy
 from shelltrain.optim import build_optimizer, build_scheduler
@@ -55,10 +57,8 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     )
 
     checkpoints = run_dir / "checkpoints"
-    checkpointer = Checkpointer(
-        checkpoints, model, optimizer, schedule, scaler,
-        extra={"config": OmegaConf.to_container(cfg, resolve=True), "classes": data.classes},
-    )  # fmt: skip
+    extra = {"config": OmegaConf.to_container(cfg, resolve=True), "classes": data.classes}
+    checkpointer = Checkpointer(checkpoints, model, optimizer, schedule, scaler, extra=extra)
     metrics = MetricsCSV(run_dir / "metrics.csv")
     state = fit(
         model, data.train, data.val, optimizer, schedule, settings,
@@ -68,7 +68,13 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
     if state.epoch > 0:
         model.load_state_dict(load_checkpoint(checkpoints / "best.pt")["model"])
-    test = evaluate(model, data.test, settings, limit=cfg.trainer.limit_test_batches)
+    pruned = None
+    if cfg.prune.name != "none":
+        pruned = prune_stage(cfg, model, data, settings, state, checkpoints, extra, console)
+        model = pruned.model
+        write_json(pruned.report, run_dir / "prune.json")
+    eval_settings = replace(settings, device=torch.device("cpu"), precision="32") if pruned and pruned.cpu_only else settings
+    test = evaluate(model, data.test, eval_settings, limit=cfg.trainer.limit_test_batches)
 
     best_row = state.history[state.best_epoch - 1] if state.best_epoch else {}
     summary: dict[str, Any] = {
@@ -87,10 +93,77 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         "torchvision": torchvision.__version__,
         "run_dir": str(run_dir),
     }
+    if pruned is not None:
+        from shelltrain.prune import summary_keys
+
+        summary.update(summary_keys(pruned.report))
+        summary["prune"] = pruned.report
     write_json(summary, run_dir / "summary.json")
     console.print(summary_table(summary))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
     return state.best_metric if state.best_metric is not None else test["acc"]
+
+
+def prune_stage(
+    cfg: DictConfig,
+    model: torch.nn.Module,
+    data: DataBundle,
+    settings: TrainSettings,
+    state: TrainState,
+    checkpoints: Path,
+    extra: dict[str, Any],
+    console: Any,
+) -> Any:
+    """Prune and fine-tune the trained model; best.pt and last.pt then hold the pruned model.
+
+    The trained model's checkpoint stays as checkpoints/unpruned.pt. Pruned checkpoints carry no optimizer
+    state (the pruned model has other parameters); their "pruning" entry rebuilds the architecture.
+    """
+    from shelltrain.prune import prune_model
+    from shelltrain.quantize import quiet
+
+    result = prune_model(
+        cfg.prune, model, data, settings, finetuner(cfg, data, settings, console),
+        arch=cfg.model.get("name"), test_limit=cfg.trainer.limit_test_batches, say=lambda m: say(console, m),
+    )  # fmt: skip
+    if (checkpoints / "best.pt").exists():
+        os.replace(checkpoints / "best.pt", checkpoints / "unpruned.pt")
+    payload = {
+        "model": result.model.state_dict(),
+        "optimizer": None,
+        "scheduler": None,
+        "scaler": None,
+        "epoch": state.epoch,
+        "step": state.step,
+        "train_state": asdict(state),
+        "metrics": state.history[-1] if state.history else {},
+        "rng": rng_state(),
+        **extra,
+        "pruning": result.checkpoint,
+    }
+    with quiet():  # quantized tensors warn when serialized
+        for name in ("best.pt", "last.pt"):
+            save_checkpoint(payload, checkpoints / name)
+    result.report["after"]["checkpoint_bytes"] = (checkpoints / "best.pt").stat().st_size
+    return result
+
+
+def finetuner(cfg: DictConfig, data: DataBundle, settings: TrainSettings, console: Any) -> Any:
+    """The fine-tune function pruning calls: the engine's fit with a fresh optimizer and schedule built from
+    cfg.optimizer and cfg.scheduler, the learning rate scaled by prune.finetune_lr_mult."""
+
+    def finetune(model: torch.nn.Module, epochs: int, callbacks: list[Callback], label: str) -> TrainState:
+        scaled = copy.deepcopy(cfg)  # the scheduler's ${optimizer.lr} follows the scaled rate
+        scaled.optimizer.lr = cfg.optimizer.lr * cfg.prune.get("finetune_lr_mult", 1.0)
+        optimizer = build_optimizer(scaled.optimizer, model)
+        run = replace(settings, epochs=epochs)
+        schedule = build_scheduler(
+            scaled.scheduler, optimizer, epochs, _steps_per_epoch(len(data.train), run), monitor_mode(run.monitor)
+        )
+        progress = ConsoleProgress(console, epochs, label=label)
+        return fit(model, data.train, data.val, optimizer, schedule, run, callbacks=[progress, *callbacks])
+
+    return finetune
 
 
 class _MetricsWriter(Callback):

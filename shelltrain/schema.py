@@ -82,6 +82,20 @@ LOSSES = ("cross_entropy", "mse")
 MONITORS = ("val_acc", "val_loss")
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
 
+# prune.name -> the schedules it supports (the first is its default)
+PRUNE_SCHEDULES = {
+    "threshold": ("oneshot", "iterative", "hierarchical"),
+    "magnitude": ("oneshot", "iterative", "hierarchical", "adaptive"),
+    "random": ("oneshot", "iterative", "hierarchical", "adaptive"),
+    "structured": ("oneshot", "iterative", "hierarchical", "adaptive"),
+    "layer": ("oneshot", "iterative", "adaptive"),
+    "quantize": ("oneshot",),
+}
+PRUNE_IMPORTANCES = ("l1", "l2", "taylor", "bn_scale", "fpgm", "random")
+PRUNE_RAMPS = ("linear", "cubic")
+QUANTIZE_MODES = ("auto", "static", "dynamic", "fake")
+QUANTIZE_BACKENDS = ("x86", "fbgemm", "qnnpack")
+
 
 def validate(cfg: DictConfig) -> None:
     """Raise UserError with one line for the first bad value in the composed config."""
@@ -142,7 +156,10 @@ def validate(cfg: DictConfig) -> None:
         raise UserError("augmentation mixup/cutmix needs trainer.loss=cross_entropy (soft targets)")
 
     _check_optimizer(cfg.optimizer)
-    _check_scheduler(cfg.scheduler, trainer.epochs)
+    prune = cfg.get("prune") or {}
+    _check_prune(prune)
+    # With pruning, the scheduler also sizes the fine-tuning: trainer.epochs=0 prunes a loaded model.
+    _check_scheduler(cfg.scheduler, trainer.epochs if prune.get("name", "none") == "none" else 1)
 
 
 def _check_optimizer(optimizer: DictConfig) -> None:
@@ -163,6 +180,54 @@ def _check_scheduler(scheduler: DictConfig, epochs: int) -> None:
         raise UserError(
             "scheduler needs trainer.epochs > 0 to size its schedule; use scheduler=none with trainer.epochs=0"
         )
+
+
+def _check_prune(prune: Any) -> None:
+    """Values of the `prune` group; which keys exist is up to each option's YAML (Hydra rejects others)."""
+    name = prune.get("name", "none")
+    if name == "none":
+        return
+    _one_of("prune.name", name, tuple(PRUNE_SCHEDULES))
+    if "schedule" in prune:
+        schedules = PRUNE_SCHEDULES[name]
+        if prune.schedule not in schedules:
+            raise UserError(
+                f"prune.schedule={prune.schedule!r} is not available for prune={name}; choose one of {', '.join(schedules)}"
+            )
+    fractions = {"amount": "sparsity", "ratio": "channel ratio"}
+    for key, what in fractions.items():
+        if key in prune and not (isinstance(prune[key], (int, float)) and 0.0 <= prune[key] < 1.0):
+            raise UserError(f"prune.{key}={prune[key]!r} is out of range; the {what} must be in [0, 1), e.g. 0.5")
+    minimums = {
+        "threshold": 0.0, "steps": 1, "finetune_epochs": 0, "max_acc_drop": 0.0, "blocks": 1,
+        "calibration_batches": 1, "latency_batch": 1, "latency_threads": 1, "latency_repeats": 1,
+    }  # fmt: skip
+    for key, minimum in minimums.items():
+        if key in prune:
+            _number(f"prune.{key}", prune[key], integer=isinstance(minimum, int))
+            _at_least(f"prune.{key}", prune[key], minimum)
+    if "finetune_lr_mult" in prune:
+        _number("prune.finetune_lr_mult", prune.finetune_lr_mult)
+        if prune.finetune_lr_mult <= 0:
+            raise UserError(f"prune.finetune_lr_mult={prune.finetune_lr_mult} must be > 0, e.g. 0.1")
+    if "bits" in prune:
+        _number("prune.bits", prune.bits, integer=True)
+        if not 2 <= prune.bits <= 8:
+            raise UserError(f"prune.bits={prune.bits} is out of range; use 2 to 8 (8: int8 kernels, fewer: fake)")
+    choices = {
+        "importance": PRUNE_IMPORTANCES, "ramp": PRUNE_RAMPS, "mode": QUANTIZE_MODES, "backend": QUANTIZE_BACKENDS,
+    }  # fmt: skip
+    for key, allowed in choices.items():
+        if key in prune:
+            _one_of(f"prune.{key}", prune[key], allowed)
+    if "global" in prune and not isinstance(prune["global"], bool):
+        raise UserError(f"prune.global={prune['global']!r} must be true or false")
+
+
+def _number(key: str, value: Any, integer: bool = False) -> None:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool):
+        raise UserError(f"{key}={value!r} has the wrong type; it must be {'an integer' if integer else 'a number'}")
 
 
 def _typed(node: DictConfig, schema: type, key: str) -> Any:
