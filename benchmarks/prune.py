@@ -5,7 +5,8 @@ then, for each option, prunes a deep copy through the same stage the CLI runs (f
 report), reloads the saved checkpoint with weights_only=True and checks that it reproduces the test
 accuracy. Prints a table (markdown) and writes it as CSV.
 
-    python benchmarks/prune.py [--model resnet18] [--options structured,quantize] [--csv FILE] [KEY=VALUE ...]
+    python benchmarks/prune.py [--model resnet18] [--options "structured 0.5 l1,quantize int8 (static)"]
+                               [--csv FILE] [--workdir DIR] [--trained DIR/trained/checkpoints/best.pt] [KEY=VALUE ...]
 
 Extra KEY=VALUE arguments are Hydra overrides applied to every run (e.g. trainer.epochs=4).
 CPU latency: batch 32, 1 thread, median of 10 forward passes (each option's prune.latency_* keys).
@@ -123,7 +124,8 @@ def main() -> None:
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--options", default=",".join(OPTIONS), help="comma-separated labels of OPTIONS")
     parser.add_argument("--csv", default="prune_benchmark.csv")
-    parser.add_argument("--trained", help="reuse this best.pt instead of training (same config!)")
+    parser.add_argument("--trained", help="reuse this best.pt instead of training (same model and overrides!)")
+    parser.add_argument("--workdir", help="keep the trained run and pruned checkpoints here (default: a temp dir)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     base = [f"model={args.model}", "trainer.device=cpu", *args.overrides]
@@ -133,7 +135,7 @@ def main() -> None:
         sys.exit(f"unknown options {unknown}; known: {list(OPTIONS)}")
 
     with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
+        workdir = Path(args.workdir or tmp)
         trained = Path(args.trained) if args.trained else train_once(base, workdir)[1]
         rows = []
         for label in labels:

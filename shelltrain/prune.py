@@ -70,7 +70,6 @@ class PruneResult:
     model: nn.Module  # the final model: masks permanent, on the training device (CPU when quantized)
     report: dict[str, Any]
     checkpoint: dict[str, Any]  # the checkpoint's "pruning" entry, read back by `rebuild`
-    cpu_only: bool  # quantized kernels run on the CPU only: evaluate there
 
 
 @dataclass
@@ -139,7 +138,14 @@ def prune_model(
     say(describe(report))
     for note in outcome.notes:
         say(f"prune: {note}")
-    return PruneResult(final, report, {"method": cfg.name, "ops": ops}, quantize.is_quantized(final))
+    return PruneResult(final, report, {"method": cfg.name, "ops": ops})
+
+
+def eval_settings(model: nn.Module, settings: TrainSettings) -> TrainSettings:
+    """Where `model` can be evaluated: quantized kernels run on the CPU only, in float32 around them."""
+    if quantize.is_quantized(model):
+        return replace(settings, device=torch.device("cpu"), precision="32")
+    return settings
 
 
 def rebuild(model: nn.Module, checkpoint: dict[str, Any], example_inputs: torch.Tensor | None = None) -> nn.Module:
@@ -367,13 +373,8 @@ class _Context:
         self.acc_before: dict[str, float] = {}
         self.acc_pruned: dict[str, float] | None = None
 
-    def settings_for(self, model: nn.Module) -> TrainSettings:
-        if quantize.is_quantized(model):
-            return replace(self.settings, device=torch.device("cpu"), precision="32")
-        return self.settings
-
     def evaluate(self, model: nn.Module, split: str = "val") -> dict[str, float]:
-        settings = self.settings_for(model)
+        settings = eval_settings(model, self.settings)
         loader = self.data.val if split == "val" else self.data.test
         limit = settings.limit_val_batches if split == "val" else self.test_limit
         with quantize.quiet():
@@ -826,7 +827,7 @@ def _layer(ctx: _Context, model: nn.Module) -> _Outcome:
             choose()
             ctx.round(model, f"round {k}/{blocks}", final=k == blocks, removed=list(removed))
     else:  # adaptive: as many blocks as the validation budget allows
-        while len(removed) < len(candidates) - 1:
+        while len(removed) < len(candidates):
             choice = choose()
             if choice["val_drop"] > cfg.max_acc_drop:
                 set_submodule(model, choice["block"], modules[choice["block"]])
@@ -852,8 +853,9 @@ def _quantize(ctx: _Context, model: nn.Module) -> _Outcome:
     mode = quantize.resolve_mode(cfg.mode, cfg.bits, ctx.arch)
     if mode == "static" and not quantize.static_available(ctx.arch):
         raise UserError(
-            f"prune.mode=static needs a model torchvision ships a quantizable version of (resnet18, resnet50, "
-            f"mobilenet_v2, mobilenet_v3_large, ...), not {ctx.arch or 'a custom model'}; use prune.mode=dynamic or fake"
+            "prune.mode=static needs a model torchvision ships a quantizable version of (resnet18, resnet50, "
+            f"mobilenet_v2, mobilenet_v3_large, ...), not {ctx.arch or 'a custom model'}; "
+            "use prune.mode=dynamic or fake"
         )
     if mode in ("static", "dynamic") and cfg.bits != 8:
         raise UserError(f"prune.mode={mode} is int8 only; for prune.bits={cfg.bits} use prune.mode=fake")

@@ -115,7 +115,7 @@ def fake_quantize_(model: nn.Module, bits: int) -> None:
 
 
 def rebuild(model: nn.Module, op: dict[str, Any]) -> nn.Module:
-    """The quantized architecture of a saved `op` (from `describe`), ready for `load_state_dict`."""
+    """The quantized architecture a saved `op` describes (mode, arch, backend), ready for `load_state_dict`."""
     if op["mode"] == "static":
         return static_int8(model, op["arch"], None, op["backend"])
     if op["mode"] == "dynamic":

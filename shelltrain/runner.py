@@ -25,6 +25,8 @@ from shelltrain.engine import Callback, TrainSettings, TrainState, evaluate, fit
 from shelltrain.errors import UserError
 from shelltrain.models import build_model, count_parameters, materialize_lazy
 from shelltrain.optim import build_optimizer, build_scheduler
+from shelltrain.prune import PruneResult, eval_settings, prune_model, summary_keys
+from shelltrain.quantize import quiet
 from shelltrain.report import ConsoleProgress, MetricsCSV, make_console, say, summary_table, write_json
 
 log = logging.getLogger("shelltrain")
@@ -72,9 +74,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     if cfg.prune.name != "none":
         pruned = prune_stage(cfg, model, data, settings, state, checkpoints, extra, console)
         model = pruned.model
+        settings = eval_settings(model, settings)  # int8 models run on the CPU
         write_json(pruned.report, run_dir / "prune.json")
-    eval_settings = replace(settings, device=torch.device("cpu"), precision="32") if pruned and pruned.cpu_only else settings
-    test = evaluate(model, data.test, eval_settings, limit=cfg.trainer.limit_test_batches)
+    test = evaluate(model, data.test, settings, limit=cfg.trainer.limit_test_batches)
 
     best_row = state.history[state.best_epoch - 1] if state.best_epoch else {}
     summary: dict[str, Any] = {
@@ -94,8 +96,6 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
         "run_dir": str(run_dir),
     }
     if pruned is not None:
-        from shelltrain.prune import summary_keys
-
         summary.update(summary_keys(pruned.report))
         summary["prune"] = pruned.report
     write_json(summary, run_dir / "summary.json")
@@ -113,15 +113,12 @@ def prune_stage(
     checkpoints: Path,
     extra: dict[str, Any],
     console: Any,
-) -> Any:
+) -> PruneResult:
     """Prune and fine-tune the trained model; best.pt and last.pt then hold the pruned model.
 
     The trained model's checkpoint stays as checkpoints/unpruned.pt. Pruned checkpoints carry no optimizer
     state (the pruned model has other parameters); their "pruning" entry rebuilds the architecture.
     """
-    from shelltrain.prune import prune_model
-    from shelltrain.quantize import quiet
-
     result = prune_model(
         cfg.prune, model, data, settings, finetuner(cfg, data, settings, console),
         arch=cfg.model.get("name"), test_limit=cfg.trainer.limit_test_batches, say=lambda m: say(console, m),

@@ -192,7 +192,8 @@ def _check_prune(prune: Any) -> None:
         schedules = PRUNE_SCHEDULES[name]
         if prune.schedule not in schedules:
             raise UserError(
-                f"prune.schedule={prune.schedule!r} is not available for prune={name}; choose one of {', '.join(schedules)}"
+                f"prune.schedule={prune.schedule!r} is not available for prune={name}; "
+                f"choose one of {', '.join(schedules)}"
             )
     fractions = {"amount": "sparsity", "ratio": "channel ratio"}
     for key, what in fractions.items():
