@@ -5,11 +5,13 @@ This is the only module that knows the order; each stage is a plain function fro
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import random
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +20,17 @@ import torch
 import torchvision
 from omegaconf import DictConfig, OmegaConf
 
-from shelltrain.checkpoint import Checkpointer, load_checkpoint
-from shelltrain.data import build_data, cv_fold
-from shelltrain.engine import TrainSettings, fit, make_scaler, monitor_mode, predict
+from shelltrain.checkpoint import Checkpointer, load_checkpoint, rng_state, save_checkpoint
+from shelltrain.data import DataBundle, build_data, cv_fold
+from shelltrain.engine import Callback, TrainSettings, TrainState, fit, make_scaler, monitor_mode, predict
 from shelltrain.errors import UserError
 from shelltrain.loggers import build_loggers
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
 from shelltrain.models import build_model, count_parameters, materialize_lazy
 from shelltrain.optim import build_optimizer, build_scheduler
 from shelltrain.plots import write_run_plots
+from shelltrain.prune import PruneResult, eval_settings, prune_model, summary_keys
+from shelltrain.quantize import quiet
 from shelltrain.report import ConsoleProgress, make_console, say, summary_table, write_json
 from shelltrain.transfer import follow_weights, load_weights, make_policy, open_weights, transfer_log, transfer_summary
 
@@ -90,10 +94,8 @@ def train_and_test(cfg: DictConfig, run_dir: Path, fold: tuple[int, int] | None 
     preprocessing = {
         "mean": list(data.mean), "std": list(data.std), "image_size": data.image_size, "channels": data.in_channels,
     }  # fmt: skip
-    checkpointer = Checkpointer(
-        checkpoints, model, optimizer, schedule, scaler,
-        extra={"config": config, "classes": data.classes, "preprocessing": preprocessing},
-    )  # fmt: skip
+    extra = {"config": config, "classes": data.classes, "preprocessing": preprocessing}
+    checkpointer = Checkpointer(checkpoints, model, optimizer, schedule, scaler, extra=extra)
     loggers = build_loggers(cfg.get("logger"), run_dir)
     loggers.start(config)
     state = fit(
@@ -107,6 +109,12 @@ def train_and_test(cfg: DictConfig, run_dir: Path, fold: tuple[int, int] | None 
 
     if state.epoch > 0:
         model.load_state_dict(load_checkpoint(checkpoints / "best.pt")["model"])
+    pruned = None
+    if cfg.prune.name != "none":
+        pruned = prune_stage(cfg, model, data, settings, state, checkpoints, extra, console)
+        model = pruned.model
+        settings = eval_settings(model, settings)  # int8 models run on the CPU
+        write_json(pruned.report, run_dir / "prune.json")
     logits, targets = predict(model, data.test, settings, limit=cfg.trainer.limit_test_batches)
     confusion = confusion_matrix(logits, targets, data.num_classes)
 
@@ -129,12 +137,74 @@ def train_and_test(cfg: DictConfig, run_dir: Path, fold: tuple[int, int] | None 
     }
     if weights is not None or policy is not None:
         summary["transfer"] = transfer_summary(model, loaded, data, stats_from, policy, cfg.optimizer.lr)
+    if pruned is not None:
+        summary.update(summary_keys(pruned.report))
+        summary["prune"] = pruned.report
     write_json(summary, run_dir / "summary.json")
     loggers.finish(summary)
     write_run_plots(run_dir, state.history, confusion, data.classes, state.best_epoch)
     console.print(summary_table(summary))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
     return state.best_metric if state.best_metric is not None else summary["test_acc"]
+
+
+def prune_stage(
+    cfg: DictConfig,
+    model: torch.nn.Module,
+    data: DataBundle,
+    settings: TrainSettings,
+    state: TrainState,
+    checkpoints: Path,
+    extra: dict[str, Any],
+    console: Any,
+) -> PruneResult:
+    """Prune and fine-tune the trained model; best.pt and last.pt then hold the pruned model.
+
+    The trained model's checkpoint stays as checkpoints/unpruned.pt. Pruned checkpoints carry no optimizer
+    state (the pruned model has other parameters); their "pruning" entry rebuilds the architecture.
+    """
+    result = prune_model(
+        cfg.prune, model, data, settings, finetuner(cfg, data, settings, console),
+        arch=cfg.model.get("name"), test_limit=cfg.trainer.limit_test_batches, say=lambda m: say(console, m),
+    )  # fmt: skip
+    if (checkpoints / "best.pt").exists():
+        os.replace(checkpoints / "best.pt", checkpoints / "unpruned.pt")
+    payload = {
+        "model": result.model.state_dict(),
+        "optimizer": None,
+        "scheduler": None,
+        "scaler": None,
+        "epoch": state.epoch,
+        "step": state.step,
+        "train_state": asdict(state),
+        "metrics": state.history[-1] if state.history else {},
+        "rng": rng_state(),
+        **extra,
+        "pruning": result.checkpoint,
+    }
+    with quiet():  # quantized tensors warn when serialized
+        for name in ("best.pt", "last.pt"):
+            save_checkpoint(payload, checkpoints / name)
+    result.report["after"]["checkpoint_bytes"] = (checkpoints / "best.pt").stat().st_size
+    return result
+
+
+def finetuner(cfg: DictConfig, data: DataBundle, settings: TrainSettings, console: Any) -> Any:
+    """The fine-tune function pruning calls: the engine's fit with a fresh optimizer and schedule built from
+    cfg.optimizer and cfg.scheduler, the learning rate scaled by prune.finetune_lr_mult."""
+
+    def finetune(model: torch.nn.Module, epochs: int, callbacks: list[Callback], label: str) -> TrainState:
+        scaled = copy.deepcopy(cfg)  # the scheduler's ${optimizer.lr} follows the scaled rate
+        scaled.optimizer.lr = cfg.optimizer.lr * cfg.prune.get("finetune_lr_mult", 1.0)
+        optimizer = build_optimizer(scaled.optimizer, model)
+        run = replace(settings, epochs=epochs)
+        schedule = build_scheduler(
+            scaled.scheduler, optimizer, epochs, _steps_per_epoch(len(data.train), run), monitor_mode(run.monitor)
+        )
+        progress = ConsoleProgress(console, epochs, label=label)
+        return fit(model, data.train, data.val, optimizer, schedule, run, callbacks=[progress, *callbacks])
+
+    return finetune
 
 
 def cross_validate(cfg: DictConfig, run_dir: Path) -> float:

@@ -127,6 +127,20 @@ SPLITS = ("test", "val", "train")
 EXPORT_FORMATS = ("onnx", "torchscript")
 LOGGERS = ("csv", "tensorboard", "jsonl")
 
+# prune.name -> the schedules it supports (the first is its default)
+PRUNE_SCHEDULES = {
+    "threshold": ("oneshot", "iterative", "hierarchical"),
+    "magnitude": ("oneshot", "iterative", "hierarchical", "adaptive"),
+    "random": ("oneshot", "iterative", "hierarchical", "adaptive"),
+    "structured": ("oneshot", "iterative", "hierarchical", "adaptive"),
+    "layer": ("oneshot", "iterative", "adaptive"),
+    "quantize": ("oneshot",),
+}
+PRUNE_IMPORTANCES = ("l1", "l2", "taylor", "bn_scale", "fpgm", "random")
+PRUNE_RAMPS = ("linear", "cubic")
+QUANTIZE_MODES = ("auto", "static", "dynamic", "fake")
+QUANTIZE_BACKENDS = ("x86", "fbgemm", "qnnpack")
+
 
 def validate(cfg: DictConfig) -> None:
     """Raise UserError with one line for the first bad value in the composed config."""
@@ -203,8 +217,11 @@ def validate(cfg: DictConfig) -> None:
         )
 
     _check_optimizer(cfg.optimizer)
-    _check_scheduler(cfg.scheduler, trainer.epochs)
-    _check_prune(cfg)
+    prune = cfg.get("prune") or {}
+    _check_prune(prune)
+    # With pruning, the scheduler also sizes the fine-tuning: trainer.epochs=0 prunes a loaded model.
+    _check_scheduler(cfg.scheduler, trainer.epochs if prune.get("name", "none") == "none" else 1)
+    _check_structured_support(cfg)
     if "cv" in cfg:
         _check_cv(_typed(cfg.cv, CVSchema, "cv"), trainer)
     if "gate" in cfg:
@@ -273,7 +290,7 @@ def _check_scheduler(scheduler: DictConfig, epochs: int) -> None:
         )
 
 
-def _check_prune(cfg: DictConfig) -> None:
+def _check_structured_support(cfg: DictConfig) -> None:
     """Architectures torch-pruning's dependency graph cannot prune structurally fail here, not after training."""
     prune = cfg.get("prune")
     if prune is None or prune.get("name") != "structured":
@@ -316,6 +333,55 @@ def _check_gates(gate: DictConfig) -> None:
         high = limits.get((metric, "max"))
         if bound == "min" and high is not None and low > high:
             raise UserError(f"gate.{metric}_min={low:g} > gate.{metric}_max={high:g}: no run can pass both")
+
+
+def _check_prune(prune: Any) -> None:
+    """Values of the `prune` group; which keys exist is up to each option's YAML (Hydra rejects others)."""
+    name = prune.get("name", "none")
+    if name == "none":
+        return
+    _one_of("prune.name", name, tuple(PRUNE_SCHEDULES))
+    if "schedule" in prune:
+        schedules = PRUNE_SCHEDULES[name]
+        if prune.schedule not in schedules:
+            raise UserError(
+                f"prune.schedule={prune.schedule!r} is not available for prune={name}; "
+                f"choose one of {', '.join(schedules)}"
+            )
+    fractions = {"amount": "sparsity", "ratio": "channel ratio"}
+    for key, what in fractions.items():
+        if key in prune and not (isinstance(prune[key], (int, float)) and 0.0 <= prune[key] < 1.0):
+            raise UserError(f"prune.{key}={prune[key]!r} is out of range; the {what} must be in [0, 1), e.g. 0.5")
+    minimums = {
+        "threshold": 0.0, "steps": 1, "finetune_epochs": 0, "max_acc_drop": 0.0, "blocks": 1,
+        "calibration_batches": 1, "latency_batch": 1, "latency_threads": 1, "latency_repeats": 1,
+    }  # fmt: skip
+    for key, minimum in minimums.items():
+        if key in prune:
+            _number(f"prune.{key}", prune[key], integer=isinstance(minimum, int))
+            _at_least(f"prune.{key}", prune[key], minimum)
+    if "finetune_lr_mult" in prune:
+        _number("prune.finetune_lr_mult", prune.finetune_lr_mult)
+        if prune.finetune_lr_mult <= 0:
+            raise UserError(f"prune.finetune_lr_mult={prune.finetune_lr_mult} must be > 0, e.g. 0.1")
+    if "bits" in prune:
+        _number("prune.bits", prune.bits, integer=True)
+        if not 2 <= prune.bits <= 8:
+            raise UserError(f"prune.bits={prune.bits} is out of range; use 2 to 8 (8: int8 kernels, fewer: fake)")
+    choices = {
+        "importance": PRUNE_IMPORTANCES, "ramp": PRUNE_RAMPS, "mode": QUANTIZE_MODES, "backend": QUANTIZE_BACKENDS,
+    }  # fmt: skip
+    for key, allowed in choices.items():
+        if key in prune:
+            _one_of(f"prune.{key}", prune[key], allowed)
+    if "global" in prune and not isinstance(prune["global"], bool):
+        raise UserError(f"prune.global={prune['global']!r} must be true or false")
+
+
+def _number(key: str, value: Any, integer: bool = False) -> None:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool):
+        raise UserError(f"{key}={value!r} has the wrong type; it must be {'an integer' if integer else 'a number'}")
 
 
 def _typed(node: DictConfig, schema: type, key: str) -> Any:
