@@ -5,6 +5,7 @@ This is the only module that knows the order; each stage is a plain function fro
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -16,10 +17,13 @@ import numpy as np
 import torch
 import torchvision
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from torch import nn
 
 from shelltrain.checkpoint import Checkpointer, load_checkpoint
-from shelltrain.data import build_data
-from shelltrain.engine import Callback, TrainSettings, evaluate, fit, make_scaler, monitor_mode
+from shelltrain.data import DataBundle, build_data
+from shelltrain.engine import Callback, TrainSettings, TrainState, evaluate, fit, make_scaler, monitor_mode
+from shelltrain.ensemble import load_model, run_ensemble, uses_ensemble
 from shelltrain.errors import UserError
 from shelltrain.models import build_model, count_parameters, materialize_lazy
 from shelltrain.optim import build_optimizer, build_scheduler
@@ -36,51 +40,38 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
 
     data = build_data(cfg.data, cfg.augmentation, seed=cfg.trainer.seed, pin_memory=device.type == "cuda")
-    model = build_model(cfg.model, data.num_classes, data.in_channels)
-    materialize_lazy(model, next(iter(data.val))[0][:2])
     settings = train_settings(cfg.trainer, device)
-    optimizer = build_optimizer(cfg.optimizer, model)
-    steps_per_epoch = _steps_per_epoch(len(data.train), settings)
-    schedule = build_scheduler(
-        cfg.scheduler, optimizer, settings.epochs, steps_per_epoch, monitor_mode(settings.monitor)
-    )
-    scaler = make_scaler(settings)
-    params = count_parameters(model)
     say(console, f"run directory: [bold]{run_dir}[/bold]")
     say(
         console,
         f"{cfg.data.name}: {len(data.train.dataset)} train / {len(data.val.dataset)} val / "
-        f"{len(data.test.dataset)} test images, {data.num_classes} classes; "
-        f"model {cfg.model.get('name', cfg.model.get('_target_'))} ({params:,} parameters) on {device}",
+        f"{len(data.test.dataset)} test images, {data.num_classes} classes",
     )
 
-    checkpoints = run_dir / "checkpoints"
-    checkpointer = Checkpointer(
-        checkpoints, model, optimizer, schedule, scaler,
-        extra={"config": OmegaConf.to_container(cfg, resolve=True), "classes": data.classes},
-    )  # fmt: skip
-    metrics = MetricsCSV(run_dir / "metrics.csv")
-    state = fit(
-        model, data.train, data.val, optimizer, schedule, settings,
-        callbacks=[ConsoleProgress(console, settings.epochs), checkpointer, _MetricsWriter(metrics)],
-        scaler=scaler,
-    )  # fmt: skip
+    if uses_ensemble(cfg):  # members trained here (through train_model), loaded, or from a sweep, then fused
+        train_member = functools.partial(train_model, data=data, device=device, console=console)
+        fused = run_ensemble(cfg, data, settings, train_member, run_dir, console)
+        test, figures = fused.test, fused.figures()
+        best_metric: float | None = fused.val[settings.monitor.removeprefix("val_")]
+    else:
+        model, state = train_model(cfg, run_dir, data=data, device=device, console=console)
+        test = evaluate(model, data.test, settings, limit=cfg.trainer.limit_test_batches)
+        best_row = state.history[state.best_epoch - 1] if state.best_epoch else {}
+        figures = {
+            "best_val_acc": best_row.get("val_acc"),
+            "best_val_loss": best_row.get("val_loss"),
+            "best_epoch": state.best_epoch,
+            "epochs_completed": state.epoch,
+            "stopped_early": state.stopped_early,
+            "params": count_parameters(model),
+        }
+        best_metric = state.best_metric
 
-    if state.epoch > 0:
-        model.load_state_dict(load_checkpoint(checkpoints / "best.pt")["model"])
-    test = evaluate(model, data.test, settings, limit=cfg.trainer.limit_test_batches)
-
-    best_row = state.history[state.best_epoch - 1] if state.best_epoch else {}
     summary: dict[str, Any] = {
         "status": "completed",
         "test_acc": test["acc"],
         "test_loss": test["loss"],
-        "best_val_acc": best_row.get("val_acc"),
-        "best_val_loss": best_row.get("val_loss"),
-        "best_epoch": state.best_epoch,
-        "epochs_completed": state.epoch,
-        "stopped_early": state.stopped_early,
-        "params": params,
+        **figures,
         "wall_seconds": round(time.perf_counter() - started, 3),
         "device": str(device),
         "torch": torch.__version__,
@@ -90,7 +81,51 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     write_json(summary, run_dir / "summary.json")
     console.print(summary_table(summary))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
-    return state.best_metric if state.best_metric is not None else test["acc"]
+    return best_metric if best_metric is not None else test["acc"]
+
+
+def train_model(
+    cfg: DictConfig,
+    out_dir: Path,
+    *,
+    data: DataBundle,
+    device: torch.device,
+    console: Console,
+    label: str = "",
+    model: nn.Module | None = None,
+) -> tuple[nn.Module, TrainState]:
+    """The pipeline for one model (the run's own, or an ensemble member): build it (or start from
+    `model`), train it with checkpoints/ and metrics.csv in `out_dir`, and reload its best.pt."""
+    seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
+    if model is None and cfg.model.get("weights"):
+        model = load_model(cfg.model.weights, data.in_channels, data.classes)[0]
+    if model is None:
+        model = build_model(cfg.model, data.num_classes, data.in_channels)
+        materialize_lazy(model, next(iter(data.val))[0][:2])
+    settings = train_settings(cfg.trainer, device)
+    optimizer = build_optimizer(cfg.optimizer, model)
+    steps_per_epoch = _steps_per_epoch(len(data.train), settings)
+    schedule = build_scheduler(
+        cfg.scheduler, optimizer, settings.epochs, steps_per_epoch, monitor_mode(settings.monitor)
+    )
+    scaler = make_scaler(settings)
+    name = cfg.model.get("name", cfg.model.get("_target_"))
+    say(console, f"{label + ': ' if label else ''}model {name} ({count_parameters(model):,} parameters) on {device}")
+
+    checkpoints = out_dir / "checkpoints"
+    checkpointer = Checkpointer(
+        checkpoints, model, optimizer, schedule, scaler,
+        extra={"config": OmegaConf.to_container(cfg, resolve=True), "classes": data.classes},
+    )  # fmt: skip
+    metrics = MetricsCSV(out_dir / "metrics.csv")
+    state = fit(
+        model, data.train, data.val, optimizer, schedule, settings,
+        callbacks=[ConsoleProgress(console, settings.epochs, label), checkpointer, _MetricsWriter(metrics)],
+        scaler=scaler,
+    )  # fmt: skip
+    if state.epoch > 0:
+        model.load_state_dict(load_checkpoint(checkpoints / "best.pt")["model"])
+    return model, state
 
 
 class _MetricsWriter(Callback):
