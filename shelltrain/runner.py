@@ -25,7 +25,7 @@ from shelltrain.engine import Callback, TrainSettings, TrainState, evaluate, fit
 from shelltrain.errors import UserError
 from shelltrain.models import build_model, count_parameters, materialize_lazy
 from shelltrain.optim import build_optimizer, build_scheduler
-from shelltrain.prune import PruneResult, eval_settings, prune_model, summary_keys
+from shelltrain.prune import PruneResult, eval_settings, preflight, prune_model, summary_keys
 from shelltrain.quantize import quiet
 from shelltrain.report import ConsoleProgress, MetricsCSV, make_console, say, summary_table, write_json
 
@@ -41,7 +41,10 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
 
     data = build_data(cfg.data, cfg.augmentation, seed=cfg.trainer.seed, pin_memory=device.type == "cuda")
     model = build_model(cfg.model, data.num_classes, data.in_channels)
-    materialize_lazy(model, next(iter(data.val))[0][:2])
+    example = next(iter(data.val))[0][:2]
+    materialize_lazy(model, example)
+    if cfg.prune.name != "none":
+        preflight(cfg.prune, model, example, arch=cfg.model.get("name"))
     settings = train_settings(cfg.trainer, device)
     optimizer = build_optimizer(cfg.optimizer, model)
     steps_per_epoch = _steps_per_epoch(len(data.train), settings)
