@@ -30,6 +30,7 @@ from shelltrain.data import build_data
 from shelltrain.engine import TrainState, evaluate
 from shelltrain.models import build_model, materialize_lazy
 from shelltrain.prune import rebuild
+from shelltrain.quantize import quiet
 from shelltrain.report import make_console
 from shelltrain.runner import prune_stage, run, seed_everything, train_settings
 
@@ -85,7 +86,8 @@ def one_option(label: str, overrides: list[str], base: list[str], trained: Path,
     report = result.report
 
     # what a user gets back: the checkpoint alone, loaded safely and rebuilt
-    ckpt = torch.load(checkpoints / "best.pt", weights_only=True)
+    with quiet():  # quantized tensors warn when loaded
+        ckpt = torch.load(checkpoints / "best.pt", weights_only=True)
     fresh = rebuild(build_model(cfg.model, data.num_classes, data.in_channels), ckpt, next(iter(data.val))[0][:1])
     fresh.load_state_dict(ckpt["model"])
     reloaded = evaluate(fresh, data.test, settings, limit=cfg.trainer.limit_test_batches)["acc"]

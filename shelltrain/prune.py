@@ -97,10 +97,11 @@ def prune_model(
         raise UserError("the model is already quantized; prune or quantize the float model instead")
     torch.manual_seed(settings.seed)  # random pruning and calibration order are reproducible
     ctx = _Context(cfg, data, settings, finetune, arch, test_limit, say)
-    latency = LatencySpec(cfg.get("latency_batch", 32), cfg.get("latency_threads", 1), cfg.get("latency_repeats", 10))
+    latency = LatencySpec(**{k: cfg[f"latency_{k}"] for k in ("batch", "threads", "repeats") if f"latency_{k}" in cfg})
     shape = tuple(ctx.example.shape[1:])
     model.eval()
-    before = measure(model, shape, latency, settings.channels_last)
+    original = cpu_copy(model)  # kept for timing it side by side with the result
+    before = measure(original, shape)
     ctx.acc_before = ctx.accuracy(model, test=True)
     schedule = cfg.get("schedule", "oneshot")
     say(
@@ -111,7 +112,10 @@ def prune_model(
     method = _METHODS[cfg.name]
     outcome = method(ctx, model)
     final = outcome.model.eval()
-    after = measure(final, shape, latency, settings.channels_last, macs_model=outcome.macs_model)
+    result = cpu_copy(final)
+    after = measure(result, shape, macs_model=outcome.macs_model)
+    latencies = measure_latency([original, result], shape, latency, settings.channels_last)
+    before["latency_ms"], after["latency_ms"] = latencies
     acc_after = ctx.accuracy(final, test=True)
     ops = [*getattr(model, PRIOR_OPS, []), *outcome.ops]
     setattr(final, PRIOR_OPS, ops)
@@ -139,6 +143,14 @@ def prune_model(
     for note in outcome.notes:
         say(f"prune: {note}")
     return PruneResult(final, report, {"method": cfg.name, "ops": ops})
+
+
+def preflight(cfg: DictConfig, model: nn.Module, example: torch.Tensor, arch: str | None = None) -> None:
+    """Fail before training, not after it, when `cfg` cannot apply to `model`."""
+    if cfg.name == "layer":
+        _removable_or_error(model, example)
+    elif cfg.name == "quantize":
+        _quantize_mode(cfg, arch)
 
 
 def eval_settings(model: nn.Module, settings: TrainSettings) -> TrainSettings:
@@ -181,25 +193,25 @@ def rebuild(model: nn.Module, checkpoint: dict[str, Any], example_inputs: torch.
 # Measuring
 
 
+def cpu_copy(model: nn.Module) -> nn.Module:
+    with quantize.quiet():
+        return copy.deepcopy(model).cpu().eval()
+
+
 def measure(
-    model: nn.Module,
-    input_shape: tuple[int, ...],
-    latency: LatencySpec,
-    channels_last: bool = False,
-    macs_model: nn.Module | None = None,
+    model: nn.Module, input_shape: tuple[int, ...], macs_model: nn.Module | None = None
 ) -> dict[str, Any]:
-    """Size, sparsity, MACs and CPU latency of `model` (measured on a CPU copy; `model` is untouched).
+    """Parameters, sparsity (global and per layer), MACs and serialized size of a CPU `model`.
 
     `macs_model` counts MACs instead of `model` (a quantized model's float original: same operations).
+    Latency is measured separately (`measure_latency`), for several models at once.
     """
-    with quantize.quiet():
-        cpu = copy.deepcopy(model).cpu().eval()
     params = nonzero = 0
-    for tensor in _parameter_tensors(cpu):
+    for tensor in _parameter_tensors(model):
         params += tensor.numel()
         nonzero += int(torch.count_nonzero(tensor))
     layers, zeros, total = {}, 0, 0
-    for name, weight in layer_weights(cpu):
+    for name, weight in layer_weights(model):
         n_zero = weight.numel() - int(torch.count_nonzero(weight))
         layers[name] = {"shape": list(weight.shape), "sparsity": n_zero / weight.numel()}
         zeros, total = zeros + n_zero, total + weight.numel()
@@ -207,44 +219,46 @@ def measure(
         "params": params,
         "nonzero_params": nonzero,
         "sparsity": zeros / total if total else 0.0,
-        "macs": count_macs(macs_model if macs_model is not None else cpu, input_shape),
-        "size_bytes": serialized_size(cpu),
-        "latency_ms": measure_latency(cpu, input_shape, latency, channels_last),
+        "macs": count_macs(macs_model if macs_model is not None else model, input_shape),
+        "size_bytes": serialized_size(model),
         "layers": layers,
     }
 
 
 def measure_latency(
-    model: nn.Module, input_shape: tuple[int, ...], spec: LatencySpec, channels_last: bool = False
-) -> float:
-    """Median CPU forward time in ms of a fixed random batch, with `spec.threads` threads."""
-    model = model.cpu().eval()
+    models: list[nn.Module], input_shape: tuple[int, ...], spec: LatencySpec, channels_last: bool = False
+) -> list[float]:
+    """Median CPU forward time in ms of each model on one fixed random batch, with `spec.threads` threads.
+
+    The models take turns within every repeat, so a busy machine slows them alike and the ratio holds.
+    """
+    models = [m.cpu().eval() for m in models]
     x = torch.randn((spec.batch, *input_shape), generator=torch.Generator().manual_seed(0))
     if channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-        if not quantize.is_quantized(model):
-            model = model.to(memory_format=torch.channels_last)
+        models = [m if quantize.is_quantized(m) else m.to(memory_format=torch.channels_last) for m in models]
     threads = torch.get_num_threads()
     torch.set_num_threads(spec.threads)
+    times: list[list[float]] = [[] for _ in models]
     try:
-        times = []
         with torch.inference_mode(), quantize.quiet():
             for i in range(spec.warmup + spec.repeats):
-                start = time.perf_counter()
-                model(x)
-                if i >= spec.warmup:
-                    times.append(time.perf_counter() - start)
+                for model, record in zip(models, times):
+                    start = time.perf_counter()
+                    model(x)
+                    if i >= spec.warmup:
+                        record.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
-    return statistics.median(times) * 1000
+    return [statistics.median(t) * 1000 for t in times]
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """Multiply-accumulates of one image (Torch-Pruning's counter); 0 where it cannot count (quantized)."""
     tp = _torch_pruning()
-    cpu = model.cpu().eval() if _device_of(model).type == "cpu" else copy.deepcopy(model).cpu().eval()
+    example = torch.zeros((1, *input_shape), device=_device_of(model))
     with torch.no_grad(), quantize.quiet():
-        macs, _ = tp.utils.count_ops_and_params(cpu, torch.zeros((1, *input_shape)))
+        macs, _ = tp.utils.count_ops_and_params(model.eval(), example)
     return int(macs)
 
 
@@ -788,14 +802,19 @@ def removable_blocks(model: nn.Module, example: torch.Tensor) -> list[str]:
     return [name for name, (i, o) in shapes.items() if i == o]
 
 
-def _layer(ctx: _Context, model: nn.Module) -> _Outcome:
-    cfg, schedule = ctx.cfg, ctx.cfg.get("schedule", "oneshot")
-    candidates = removable_blocks(model, ctx.example)
+def _removable_or_error(model: nn.Module, example: torch.Tensor) -> list[str]:
+    candidates = removable_blocks(model, example)
     if not candidates:
         raise UserError(
             f"prune=layer found no removable block in {type(model).__name__}: it needs blocks whose output has "
             "the input's shape (e.g. residual blocks of model=resnet18); try prune=structured"
         )
+    return candidates
+
+
+def _layer(ctx: _Context, model: nn.Module) -> _Outcome:
+    cfg, schedule = ctx.cfg, ctx.cfg.get("schedule", "oneshot")
+    candidates = _removable_or_error(model, ctx.example)
     modules = dict(model.named_modules())
     removed: list[str] = []
     choices: list[dict[str, Any]] = []
@@ -848,17 +867,22 @@ def _layer(ctx: _Context, model: nn.Module) -> _Outcome:
 # Quantization
 
 
-def _quantize(ctx: _Context, model: nn.Module) -> _Outcome:
-    cfg = ctx.cfg
-    mode = quantize.resolve_mode(cfg.mode, cfg.bits, ctx.arch)
-    if mode == "static" and not quantize.static_available(ctx.arch):
+def _quantize_mode(cfg: DictConfig, arch: str | None) -> str:
+    mode = quantize.resolve_mode(cfg.mode, cfg.bits, arch)
+    if mode == "static" and not quantize.static_available(arch):
         raise UserError(
             "prune.mode=static needs a model torchvision ships a quantizable version of (resnet18, resnet50, "
-            f"mobilenet_v2, mobilenet_v3_large, ...), not {ctx.arch or 'a custom model'}; "
+            f"mobilenet_v2, mobilenet_v3_large, ...), not {arch or 'a custom model'}; "
             "use prune.mode=dynamic or fake"
         )
     if mode in ("static", "dynamic") and cfg.bits != 8:
         raise UserError(f"prune.mode={mode} is int8 only; for prune.bits={cfg.bits} use prune.mode=fake")
+    return mode
+
+
+def _quantize(ctx: _Context, model: nn.Module) -> _Outcome:
+    cfg = ctx.cfg
+    mode = _quantize_mode(cfg, ctx.arch)
     op = {"op": "quantize", "mode": mode, "bits": cfg.bits, "arch": ctx.arch, "backend": cfg.backend}
     if mode == "fake":
         quantized = model

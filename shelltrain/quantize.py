@@ -148,7 +148,9 @@ def quantized_bias(module: nn.Module) -> torch.Tensor | None:
 
 
 def _is_quantized_module(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("torch.ao.nn.quantized")
+    """torch.ao.nn.quantized(.dynamic) and torch.ao.nn.intrinsic.quantized (fused conv-relu, ...) modules."""
+    path = type(module).__module__
+    return path.startswith("torch.ao.nn.") and ".quantized" in path
 
 
 def _set_engine(backend: str) -> None:

@@ -33,7 +33,7 @@ from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metric
 from shelltrain.models import build_model, count_parameters, materialize_lazy
 from shelltrain.optim import build_optimizer, build_scheduler
 from shelltrain.plots import write_run_plots
-from shelltrain.prune import PruneResult, eval_settings, prune_model, summary_keys
+from shelltrain.prune import PruneResult, eval_settings, preflight, prune_model, summary_keys
 from shelltrain.quantize import quiet
 from shelltrain.report import ConsoleProgress, MetricsCSV, make_console, say, summary_table, write_json
 from shelltrain.transfer import follow_weights, load_weights, make_policy, open_weights, transfer_log, transfer_summary
@@ -76,6 +76,8 @@ def train_and_test(cfg: DictConfig, run_dir: Path, fold: tuple[int, int] | None 
     materialize_lazy(model, example)
     strict = cfg.model.get("strict", False)
     model, loaded = load_weights(model, weights, strict=strict, classes=data.classes, example_inputs=example)
+    if cfg.prune.name != "none":
+        preflight(cfg.prune, model, example, arch=cfg.model.get("name"))
     policy = make_policy(model, cfg.get("finetune"), notify=lambda line: say(console, line))
     settings = train_settings(cfg.trainer, device)
     optimizer = build_optimizer(cfg.optimizer, model, policy.param_groups() if policy else None)

@@ -252,9 +252,10 @@ def test_bad_prune_settings_are_one_line_errors(overrides, message):
         (["model=cnn", "prune=quantize", "prune.mode=dynamic", "prune.bits=4"], "is int8 only"),
     ],
 )
-def test_impossible_requests_fail_with_a_clear_message(tmp_path, overrides, message):
+def test_impossible_requests_fail_before_training(tmp_path, overrides, message):
     with pytest.raises(UserError, match=message):
         run_in_process(tmp_path, *[o for o in CNN if not o.startswith("model=")], *overrides)
+    assert not (tmp_path / "metrics.csv").exists()  # no epoch was spent
 
 
 def test_epochs_zero_prunes_without_training(tmp_path):
@@ -272,8 +273,11 @@ def test_rebuild_replays_every_op_and_latency_is_a_median():
     model = rebuild(model, layer)
     assert isinstance(model.layer3[1], nn.Identity)
     spec = LatencySpec(batch=2, threads=1, repeats=3, warmup=1)
-    assert measure_latency(model, (1, 32, 32), spec) > 0
-    assert torch.get_num_threads() >= 1
+    threads = torch.get_num_threads()
+    small = build_model(compose_config("model=cnn", "model.width=4").model, 10, 1)
+    big, tiny = measure_latency([model, small], (1, 32, 32), spec)
+    assert big > tiny > 0
+    assert torch.get_num_threads() == threads  # restored
     weights = dict(layer_weights(model))
     assert "layer3.1.conv1" not in weights and "fc" in weights
     assert sparsity(model) < 0.01
