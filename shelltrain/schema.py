@@ -82,7 +82,7 @@ class AugmentationSchema:
 class EnsembleSchema:
     name: str = "none"
     members: Any = None
-    checkpoints: list[str] = field(default_factory=list)
+    checkpoints: Any = field(default_factory=list)  # a list, or one path
     sweep: Optional[str] = None
     top_k: Optional[int] = None
     weights: Optional[list[float]] = None
@@ -94,7 +94,7 @@ PRECISIONS = ("32", "bf16", "16-mixed")
 LOSSES = ("cross_entropy", "mse")
 MONITORS = ("val_acc", "val_loss")
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
-ENSEMBLE_RULES = ("none", "average", "weighted", "vote")
+ENSEMBLE_RULES = ("none", "average", "weighted", "vote")  # none first: the rest fuse members
 
 
 def validate(cfg: DictConfig) -> None:
@@ -188,6 +188,12 @@ def _check_ensemble(ensemble: EnsembleSchema, model_weights: str | None) -> None
         raise UserError(
             f"ensemble.members={members!r} is invalid; use a count >= 1 (e.g. ensemble.members=3) or a list of "
             "override sets, one per member, e.g. \"ensemble.members=['model=cnn','model=resnet18']\""
+        )
+    checkpoints = ensemble.checkpoints if isinstance(ensemble.checkpoints, list) else [ensemble.checkpoints]
+    if not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in checkpoints):  # a dir may be named 1
+        raise UserError(
+            f"ensemble.checkpoints={checkpoints!r} is invalid; give run directories or checkpoint files, "
+            "e.g. ensemble.checkpoints=[outputs/A,outputs/B/checkpoints/best.pt]"
         )
     sources = [
         key for key, value in (("members", members), ("checkpoints", ensemble.checkpoints), ("sweep", ensemble.sweep))
