@@ -239,11 +239,18 @@ def test_head_under_another_name_is_found(tmp_path):
     assert torch.equal(model.fc[1].weight, source_model.fc.weight) and report["unexpected"] == []
 
 
-def test_a_pruned_checkpoint_needs_pruning_support(tmp_path):
-    torch.save({"model": cnn_state(), "pruning": {"history": []}}, tmp_path / "pruned.pt")
+def test_a_pruned_checkpoint_goes_through_the_pruning_rebuild(tmp_path, monkeypatch):
+    import shelltrain.prune
+
+    calls = []
+    real = shelltrain.prune.rebuild
+    monkeypatch.setattr(shelltrain.prune, "rebuild", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    state = cnn_state()
+    torch.save({"model": state, "pruning": {"ops": []}}, tmp_path / "pruned.pt")
     _, model, source = model_and_source(*CNN, f"model.weights={tmp_path / 'pruned.pt'}", in_channels=1)
-    with pytest.raises(UserError, match="with 'pruning' and needs shelltrain's pruning support"):
-        load_weights(model, source)
+    model, _ = load_weights(model, source)
+    assert calls == [1]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
 def test_unsafe_or_corrupt_files_are_refused(tmp_path):
