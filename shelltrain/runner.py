@@ -6,7 +6,6 @@ This is the only module that knows the order; each stage is a plain function fro
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import logging
 import os
@@ -20,13 +19,10 @@ import numpy as np
 import torch
 import torchvision
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
-from torch import nn
 
 from shelltrain.checkpoint import Checkpointer, load_checkpoint, rng_state, save_checkpoint
 from shelltrain.data import DataBundle, build_data, cv_fold
 from shelltrain.engine import Callback, TrainSettings, TrainState, fit, make_scaler, monitor_mode, predict
-from shelltrain.ensemble import load_model, run_ensemble, uses_ensemble
 from shelltrain.errors import UserError
 from shelltrain.loggers import build_loggers
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
@@ -35,7 +31,7 @@ from shelltrain.optim import build_optimizer, build_scheduler
 from shelltrain.plots import write_run_plots
 from shelltrain.prune import PruneResult, eval_settings, preflight, prune_model, summary_keys
 from shelltrain.quantize import quiet
-from shelltrain.report import ConsoleProgress, MetricsCSV, make_console, say, summary_table, write_json
+from shelltrain.report import ConsoleProgress, make_console, say, summary_table, write_json
 from shelltrain.transfer import follow_weights, load_weights, make_policy, open_weights, transfer_log, transfer_summary
 
 log = logging.getLogger("shelltrain")
@@ -69,8 +65,6 @@ def train_and_test(cfg: DictConfig, run_dir: Path, fold: tuple[int, int] | None 
     data = build_data(data_cfg, cfg.augmentation, cfg.trainer.seed, device.type == "cuda", stats)
     if fold is not None:
         data = cv_fold(data, folds=fold[1], fold=fold[0], seed=cfg.data.split_seed)
-    if uses_ensemble(cfg):
-        return ensemble_and_test(cfg, run_dir, data, device, console, started)
     model = build_model(cfg.model, data.num_classes, data.in_channels)
     example = next(iter(data.val))[0][:2]
     materialize_lazy(model, example)
@@ -91,7 +85,8 @@ def train_and_test(cfg: DictConfig, run_dir: Path, fold: tuple[int, int] | None 
     say(
         console,
         f"{cfg.data.name}: {len(data.train.dataset)} train / {len(data.val.dataset)} val / "
-        f"{len(data.test.dataset)} test images, {data.num_classes} classes",
+        f"{len(data.test.dataset)} test images, {data.num_classes} classes; "
+        f"model {cfg.model.get('name', cfg.model.get('_target_'))} ({params:,} parameters) on {device}",
     )
     for line in transfer_log(weights, loaded, data_cfg, stats_from, policy):
         say(console, line)
@@ -153,86 +148,6 @@ def train_and_test(cfg: DictConfig, run_dir: Path, fold: tuple[int, int] | None 
     console.print(summary_table(summary))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
     return state.best_metric if state.best_metric is not None else summary["test_acc"]
-
-
-def ensemble_and_test(
-    cfg: DictConfig, run_dir: Path, data: DataBundle, device: torch.device, console: Console, started: float
-) -> float:
-    """Members trained here (through train_model), loaded, or from a sweep, then fused and tested."""
-    settings = train_settings(cfg.trainer, device)
-    say(console, f"run directory: [bold]{run_dir}[/bold]")
-    train_member = functools.partial(train_model, data=data, device=device, console=console)
-    fused = run_ensemble(cfg, data, settings, train_member, run_dir, console)
-    summary: dict[str, Any] = {
-        "status": "completed",
-        "test_acc": fused.test["acc"],
-        "test_loss": fused.test["loss"],
-        **fused.figures(),
-        "wall_seconds": round(time.perf_counter() - started, 3),
-        "device": str(device),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "run_dir": str(run_dir),
-    }
-    write_json(summary, run_dir / "summary.json")
-    console.print(summary_table(summary))
-    say(console, f"run directory: [bold]{run_dir}[/bold]")
-    best_metric = fused.val[settings.monitor.removeprefix("val_")]
-    return best_metric if best_metric is not None else fused.test["acc"]
-
-
-def train_model(
-    cfg: DictConfig,
-    out_dir: Path,
-    *,
-    data: DataBundle,
-    device: torch.device,
-    console: Console,
-    label: str = "",
-    model: nn.Module | None = None,
-) -> tuple[nn.Module, TrainState]:
-    """The pipeline for one model (the run's own, or an ensemble member): build it (or start from
-    `model`), train it with checkpoints/ and metrics.csv in `out_dir`, and reload its best.pt."""
-    seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
-    if model is None and cfg.model.get("weights"):
-        model = load_model(cfg.model.weights, data.in_channels, data.classes)[0]
-    if model is None:
-        model = build_model(cfg.model, data.num_classes, data.in_channels)
-        materialize_lazy(model, next(iter(data.val))[0][:2])
-    settings = train_settings(cfg.trainer, device)
-    optimizer = build_optimizer(cfg.optimizer, model)
-    steps_per_epoch = _steps_per_epoch(len(data.train), settings)
-    schedule = build_scheduler(
-        cfg.scheduler, optimizer, settings.epochs, steps_per_epoch, monitor_mode(settings.monitor)
-    )
-    scaler = make_scaler(settings)
-    name = cfg.model.get("name", cfg.model.get("_target_"))
-    say(console, f"{label + ': ' if label else ''}model {name} ({count_parameters(model):,} parameters) on {device}")
-
-    checkpoints = out_dir / "checkpoints"
-    checkpointer = Checkpointer(
-        checkpoints, model, optimizer, schedule, scaler,
-        extra={"config": OmegaConf.to_container(cfg, resolve=True), "classes": data.classes},
-    )  # fmt: skip
-    metrics = MetricsCSV(out_dir / "metrics.csv")
-    state = fit(
-        model, data.train, data.val, optimizer, schedule, settings,
-        callbacks=[ConsoleProgress(console, settings.epochs, label), checkpointer, _MetricsWriter(metrics)],
-        scaler=scaler,
-    )  # fmt: skip
-    if state.epoch > 0:
-        model.load_state_dict(load_checkpoint(checkpoints / "best.pt")["model"])
-    return model, state
-
-
-class _MetricsWriter(Callback):
-    def __init__(self, metrics: MetricsCSV):
-        self.metrics = metrics
-
-    def on_epoch_end(self, state: Any, row: dict[str, float], improved: bool) -> None:
-        self.metrics.append(row)
-
-
 
 
 def prune_stage(
