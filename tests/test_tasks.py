@@ -147,7 +147,6 @@ def test_quantized_models_go_to_torchscript_and_not_onnx(tmp_path):
     [
         (["task=evaluate"], "task=evaluate needs the trained model: add model.weights="),
         (["task=predict", "model.weights=x"], "task=predict needs images: add predict.input="),
-        (["model.weights=x"], "model.weights is read by task=evaluate, predict and export"),
         (["task=export", "model.weights=x", "export.format=tflite"], "export.format='tflite' is invalid"),
         (["task=evaluate", "model.weights=x", "evaluate.split=holdout"], "evaluate.split='holdout' is invalid"),
         (["task=fit"], "task='fit' is invalid; choose one of train, evaluate, predict, export"),
