@@ -3,13 +3,15 @@
 Trains the model once exactly as `shelltrain` does (default: resnet18 on digits, the default config),
 then, for each option, prunes a deep copy through the same stage the CLI runs (fine-tuning, checkpoint,
 report), reloads the saved checkpoint with weights_only=True and checks that it reproduces the test
-accuracy. Prints a table (markdown) and writes it as CSV.
+accuracy and the reported sparsity exactly (the "reload" column). Prints a table (markdown) and writes
+it as CSV.
 
     python benchmarks/prune.py [--model resnet18] [--options "structured 0.5 l1,quantize int8 (static)"]
                                [--csv FILE] [--workdir DIR] [--trained DIR/trained/checkpoints/best.pt] [KEY=VALUE ...]
 
 Extra KEY=VALUE arguments are Hydra overrides applied to every run (e.g. trainer.epochs=4).
-CPU latency: batch 32, 1 thread, median of 10 forward passes (each option's prune.latency_* keys).
+CPU latency: batch 32, 1 thread, median of 10 forward passes (each option's prune.latency_* keys), the
+trained and the pruned model taking turns, so a busy machine slows both alike.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from shelltrain.checkpoint import load_checkpoint
 from shelltrain.data import build_data
 from shelltrain.engine import TrainState, evaluate
 from shelltrain.models import build_model, materialize_lazy
-from shelltrain.prune import rebuild
+from shelltrain.prune import rebuild, sparsity
 from shelltrain.quantize import quiet
 from shelltrain.report import make_console
 from shelltrain.runner import prune_stage, run, seed_everything, train_settings
@@ -107,7 +109,8 @@ def one_option(label: str, overrides: list[str], base: list[str], trained: Path,
         "pruned": acc["pruned"]["test"],
         "fine-tuned": acc["finetuned"]["test"],
         "drop (pts)": 100 * (acc["before"]["test"] - acc["finetuned"]["test"]),
-        "reload": "exact" if reloaded == acc["finetuned"]["test"] else f"DIFFERS ({reloaded:.4f})",
+        "reload": "exact" if (reloaded, sparsity(fresh)) == (acc["finetuned"]["test"], a["sparsity"]) else
+                  f"DIFFERS (acc {reloaded:.4f}, sparsity {sparsity(fresh):.4f})",
         "seconds": seconds,
         "_baseline": b,
     }
@@ -139,29 +142,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
         trained = Path(args.trained) if args.trained else train_once(base, workdir)[1]
-        rows = []
+        rows: list[dict] = []
         for label in labels:
             print(f"\n=== {label} ===", flush=True)
             rows.append(one_option(label, OPTIONS[label], base, trained, workdir))
+            table = [baseline_row(rows[0], args.model), *rows]
+            write_csv(table, args.csv)  # after every option: an interrupted run keeps what it measured
 
-    b = rows[0]["_baseline"]
-    baseline = {
-        "option": f"trained {args.model} (no pruning)", "params": b["params"], "nonzero": b["nonzero_params"],
-        "sparsity": b["sparsity"], "MACs": b["macs"], "size MB": b["size_bytes"] / 1e6, "ckpt MB": "",
-        "latency ms": b["latency_ms"], "speed-up": 1.0, "test acc": rows[0]["test acc"], "pruned": "",
-        "fine-tuned": "", "drop (pts)": "", "reload": "", "seconds": "",
-    }  # fmt: skip
-    table = [baseline, *rows]
     print(f"\nmodel={args.model} overrides={args.overrides} latency: CPU, batch 32, 1 thread, median of 10")
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))
     for row in table:
         print("| " + " | ".join(fmt(row[c]) for c in COLUMNS) + " |")
-    with open(args.csv, "w", newline="") as f:
+    print(f"\nwritten: {args.csv}")
+
+
+def baseline_row(first: dict, model: str) -> dict:
+    b = first["_baseline"]
+    return {
+        "option": f"trained {model} (no pruning)", "params": b["params"], "nonzero": b["nonzero_params"],
+        "sparsity": b["sparsity"], "MACs": b["macs"], "size MB": b["size_bytes"] / 1e6, "ckpt MB": "",
+        "latency ms": b["latency_ms"], "speed-up": 1.0, "test acc": first["test acc"], "pruned": "",
+        "fine-tuned": "", "drop (pts)": "", "reload": "", "seconds": "",
+    }  # fmt: skip
+
+
+def write_csv(table: list[dict], path: str) -> None:
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(table)
-    print(f"\nwritten: {args.csv}")
 
 
 if __name__ == "__main__":

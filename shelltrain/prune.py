@@ -41,7 +41,7 @@ from torch.nn.utils import prune as torch_prune
 from shelltrain import quantize
 from shelltrain.engine import Callback, TrainSettings, TrainState, criterion, evaluate, monitor_mode
 from shelltrain.errors import UserError
-from shelltrain.models import find_classifier, set_submodule
+from shelltrain.models import count_parameters, find_classifier, set_submodule
 from shelltrain.schema import PRUNE_SCHEDULES
 
 # finetune(model, epochs, callbacks, label) trains `model` in place with a fresh optimizer and schedule.
@@ -49,7 +49,7 @@ Finetune = Callable[[nn.Module, int, list[Callback], str], TrainState]
 
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 ADAPTIVE_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-GLOBAL_MAX_RATIO = 0.9  # global structured pruning never removes more than this share of a layer's channels
+GLOBAL_MAX_RATIO = 0.9  # structured pruning never removes more than this share of a layer's channels
 PRIOR_OPS = "_shelltrain_pruning_ops"  # set by `rebuild`: what a loaded model already went through
 
 NOTES = {
@@ -667,7 +667,7 @@ def _structured(ctx: _Context, model: nn.Module) -> _Outcome:
         for k in range(1, steps + 1):
             step(p)
             label = "oneshot" if steps == 1 else f"round {k}/{steps}"
-            ctx.round(model, label, final=k == steps, params=_count(model))
+            ctx.round(model, label, final=k == steps, params=count_parameters(model))
         segments.append(p.pruning_history())
     elif schedule == "hierarchical":
         order = [(g, names) for g, names in reversed(_layer_groups(model))]
@@ -681,12 +681,13 @@ def _structured(ctx: _Context, model: nn.Module) -> _Outcome:
             p = pruner(ignored)
             step(p)
             segments.append(p.pruning_history())
-            ctx.round(model, f"group {group} ({k}/{len(order)})", final=k == len(order), params=_count(model))
+            label = f"group {group} ({k}/{len(order)})"
+            ctx.round(model, label, final=k == len(order), params=count_parameters(model))
     else:  # adaptive
         segment, adaptive = _structured_adaptive(ctx, model, classifier)
         segments.append(segment)
         details.update(adaptive)
-        ctx.round(model, "adaptive", final=True, params=_count(model))
+        ctx.round(model, "adaptive", final=True, params=count_parameters(model))
 
     widths = _widths(model)
     details["widths"] = {name: [widths_before[name], widths.get(name)] for name in widths_before}
@@ -765,10 +766,6 @@ def _widths(model: nn.Module) -> dict[str, int]:
         name: m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
         for name, m in _prunable_layers(model)
     }
-
-
-def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from shelltrain.engine import evaluate
 from shelltrain.errors import UserError
 from shelltrain.models import build_model
 from shelltrain.prune import LatencySpec, layer_weights, measure_latency, rebuild, removable_blocks, sparsity
+from shelltrain.quantize import quiet
 from shelltrain.runner import train_settings
 from shelltrain.schema import validate
 
@@ -30,7 +31,8 @@ RESNET = ["model=resnet18", "data.image_size=16", "scheduler=none", *QUICK]
 
 
 def load_best(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoints/best.pt", weights_only=True)
+    with quiet():  # torch.load warns about quantized tensors' storage
+        return torch.load(run_dir / "checkpoints/best.pt", weights_only=True)
 
 
 def reload(run_dir: Path) -> tuple[nn.Module, dict]:
