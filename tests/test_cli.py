@@ -12,14 +12,19 @@ from conftest import shelltrain
 RUN_FILES = [".hydra/config.yaml", "checkpoints/last.pt", "checkpoints/best.pt", "metrics.csv", "summary.json", "train.log"]
 
 
-def test_help_lists_every_group_without_importing_torch(tmp_path):
+def run_cli_reporting_torch(args: list[str], cwd) -> str:
+    """Run the CLI in a fresh interpreter and report whether it imported torch (start-up must not)."""
     code = (
-        "import sys; sys.argv = ['shelltrain', '--help']\n"
+        f"import sys; sys.argv = ['shelltrain', *{args!r}]\n"
         "from shelltrain.cli import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "print('TORCH_IMPORTED', 'torch' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True).stdout
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True).stdout
+
+
+def test_help_lists_every_group_without_importing_torch(tmp_path):
+    out = run_cli_reporting_torch(["--help"], tmp_path)
     assert "TORCH_IMPORTED False" in out
     for line in [
         "model: cnn, efficientnet_b0, mobilenet_v3_small, resnet18, resnet34, resnet50, torchvision",
@@ -33,13 +38,7 @@ def test_help_lists_every_group_without_importing_torch(tmp_path):
 
 
 def test_cfg_job_prints_composed_config_without_torch(tmp_path):
-    code = (
-        "import sys; sys.argv = ['shelltrain', '--cfg', 'job', 'model=cnn', 'optimizer=adamw']\n"
-        "from shelltrain.cli import main\n"
-        "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "print('TORCH_IMPORTED', 'torch' in sys.modules)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True).stdout
+    out = run_cli_reporting_torch(["--cfg", "job", "model=cnn", "optimizer=adamw"], tmp_path)
     assert "TORCH_IMPORTED False" in out
     assert "name: cnn" in out and "_target_: torch.optim.AdamW" in out
     assert not (tmp_path / "outputs").exists()  # printing the config writes nothing
