@@ -51,9 +51,7 @@ CASES = [
     ("output-dir-not-a-dir", ["hydra.run.dir={root}/a-file/run"], "cannot create or write '{root}/a-file/run': Not a directory; choose a writable place for the run directory with hydra.run.dir=DIR"),
     # data
     ("no-data-root", ["data=imagefolder", *CPU], "data.root: not set; set data.root to a folder holding an image folder"),
-    ("cifar-root-missing", ["data=cifar10", "data.root={root}/nowhere", *CPU], "data.root: '{root}/nowhere' does not exist; point data.root at a folder holding CIFAR-10 or set data.download=true"),
     ("folder-missing", [*FOLDER, "data.root={root}/nowhere"], "data.root: '{root}/nowhere' does not exist; point data.root at a folder laid out as train/<class>/<image>"),
-    ("folder-without-train", [*FOLDER, "data.root={root}/no-train"], "data.root: '{root}/no-train' has no train/ folder"),
     ("folder-empty-classes", [*FOLDER, "data.root={root}/empty"], "data.root: no images in '{root}/empty/train'"),
     ("truncated-png", [*FOLDER, "data.root={root}/truncated"], "data.root: '{root}/truncated/train/cat/0.png' is not a readable image"),
     ("not-an-image", [*FOLDER, "data.root={root}/text"], "data.root: '{root}/text/train/dog/notes.png' is not a readable image"),
@@ -63,8 +61,6 @@ CASES = [
     ("resume-not-a-run", ["trainer.resume={root}/empty", *CPU], "trainer.resume: '{root}/empty' holds no checkpoints/last.pt, so it is not a shelltrain run directory"),
     ("other-architecture", ["model=cnn", "model.width=8", "trainer.resume={root}/width4.pt", *CPU],
      "checkpoint '{root}/width4.pt' does not match the configured model (it was trained with model=cnn model.width=4): shapes differ: features.0.weight (4, 1, 3, 3) in the checkpoint vs (8, 1, 3, 3) in the model, features.1.weight (4,) in the checkpoint vs (8,) in the model, features.1.bias (4,) in the checkpoint vs (8,) in the model and 13 more. Resume with the model settings it was trained with"),
-    ("other-model", ["model=resnet18", "trainer.resume={root}/width4.pt", *CPU],
-     "does not match the configured model (it was trained with model=cnn model.width=4): missing keys: conv1.weight, bn1.weight, bn1.bias and 119 more; unexpected keys: features.0.weight,"),
     ("corrupt-checkpoint", ["trainer.resume={root}/random.pt", *CPU], "checkpoint '{root}/random.pt' cannot be loaded safely (corrupt, truncated or not a shelltrain checkpoint): it is not a complete PyTorch archive (16384 bytes; truncated, or not written by torch.save)"),
     ("truncated-checkpoint", ["trainer.resume={root}/truncated.pt", *CPU], "checkpoint '{root}/truncated.pt' cannot be loaded safely (corrupt, truncated or not a shelltrain checkpoint): it is not a complete PyTorch archive"),
     ("bare-state-dict", ["trainer.resume={root}/state_dict.pt", *CPU], "checkpoint '{root}/state_dict.pt' is not a shelltrain checkpoint: it holds a dict with keys features.0.weight, features.1.weight, features.1.bias and 17 more, not a 'model' state dict"),
@@ -78,7 +74,6 @@ class Unsafe:
 
 def make_inputs(root: Path) -> None:
     (root / "a-file").write_text("not a directory\n")
-    make_imagefolder(root / "no-train" / "val", per_class=2)
     (root / "empty" / "train" / "cat").mkdir(parents=True)
     (root / "empty" / "train" / "dog").mkdir(parents=True)
     make_imagefolder(root / "truncated", classes=("cat", "dog"), per_class=3, size=(8, 8))
@@ -108,7 +103,7 @@ def results(tmp_path_factory) -> dict[str, tuple[object, Path, Path]]:
         cwd = tmp_path_factory.mktemp(name)
         return name, (shelltrain(*[a.format(root=root) for a in args], cwd=cwd, timeout=600), cwd, root)
 
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=3) as pool:
         return dict(pool.map(run, CASES))
 
 

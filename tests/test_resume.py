@@ -224,6 +224,7 @@ KILL_DRIVER = textwrap.dedent(
     import json, os, random, signal, sys, time
     import torch
     import shelltrain.runner, shelltrain.schema  # imported once: every child is a fork and starts at once
+    import sklearn.datasets, sklearn.model_selection  # (shelltrain.data imports these lazily)
     from shelltrain.cli import main
 
     run_dir, kills, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -279,13 +280,13 @@ KILL_DRIVER = textwrap.dedent(
 
 def test_sigkill_at_random_moments_never_breaks_last_pt(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-c", KILL_DRIVER, str(tmp_path / "run"), "15", "0"],
+        [sys.executable, "-c", KILL_DRIVER, str(tmp_path / "run"), "12", "0"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     results = json.loads(result.stdout.strip().splitlines()[-1])
     assert [r for r in results if "error" in r] == []
-    assert len(results) == 15, results  # many kills, each at a random moment of a run writing every step
+    assert len(results) == 12, results  # many kills, each at a random moment of a run writing every step
     steps = [r["step"] for r in results]
     assert steps == sorted(steps) and steps[-1] > steps[0]  # every restart resumed where the last one died
     assert all(r["killed"] for r in results)
@@ -382,6 +383,20 @@ def test_a_finished_run_dir_is_not_overwritten_by_a_new_run(tmp_path):
     run_in_process(tmp_path, "model=cnn", "model.width=8", "debug=smoke")
     with pytest.raises(UserError, match="already holds a run"):
         run_in_process(tmp_path, "model=cnn", "model.width=8", "debug=smoke")
+
+
+def test_another_model_is_named_by_its_missing_and_unexpected_keys(tmp_path):
+    from omegaconf import OmegaConf
+
+    from shelltrain.models import SmallCNN, build_model
+
+    resnet = build_model(OmegaConf.create({"name": "resnet18", "small_input": False, "dropout": 0.0}), 10, 1)
+    payload = {"model": SmallCNN(10, 1, width=4).state_dict(), "config": {"model": {"name": "cnn", "width": 4}}}
+    with pytest.raises(UserError) as caught:
+        checkpoint_module._load_model(payload["model"], tmp_path / "c.pt", resnet, payload["config"])
+    message = str(caught.value)
+    assert "(it was trained with model=cnn model.width=4): missing keys: conv1.weight, bn1.weight, bn1.bias and 119 more; " in message
+    assert "unexpected keys: features.0.weight, features.1.weight, features.1.bias and 17 more" in message
 
 
 def test_metrics_sync_restores_a_row_lost_in_a_crash(tmp_path):
