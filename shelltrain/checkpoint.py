@@ -1,38 +1,100 @@
 """Checkpoints: plain dicts of tensors, numbers, strings, lists and dicts, written atomically.
 
 Everything loads with `torch.load(weights_only=True)`; nothing is a pickled module or object.
+A write goes to a temporary file in the same directory, is fsynced and renamed over the old file, so a
+process killed at any moment (SIGKILL, power loss, a full disk) leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
+import math
 import os
-import random
-from dataclasses import asdict
+import re
+import zipfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from shelltrain.engine import Callback, TrainState
+from shelltrain.engine import Callback, TrainState, monitor_mode, restore_rng, rng_state
 from shelltrain.errors import UserError
 from shelltrain.optim import Schedule
 
+__all__ = [
+    "Checkpointer", "load_checkpoint", "restore_rng", "rng_state", "save_checkpoint", "restore_training",
+    "resolve_resume", "find_resumable", "checkpoint_position", "write_atomic", "Resume",
+]  # fmt: skip
 
-def save_checkpoint(payload: dict[str, Any], path: Path) -> None:
+LAST, BEST = "last.pt", "best.pt"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+@dataclass
+class Resume:
+    """Where a run resumes from: a checkpoint (already loaded: a bad file fails before any data loads), and
+    whether the run continues in that checkpoint's own run directory (False: a new run directory starts
+    from it, e.g. from an older checkpoint of a run)."""
+
+    checkpoint: Path
+    in_place: bool
+    payload: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def save_checkpoint(payload: dict[str, Any] | bytes, path: Path) -> None:
+    """Serialize (unless given bytes) and write atomically; a failed write raises UserError and leaves
+    the previous file at `path` as it was."""
+    write_atomic(payload if isinstance(payload, bytes) else serialize(payload), path)
+
+
+def serialize(payload: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def write_atomic(data: bytes, path: Path) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_durably(tmp, data)
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UserError(f"cannot write '{path}': {disk_error(exc, path.parent)}") from exc
+
+
+def _write_durably(tmp: Path, data: bytes) -> None:
+    """The one place bytes hit the disk (tests replace it to simulate a full disk)."""
     with open(tmp, "wb") as f:
-        torch.save(payload, f)
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+
+
+def disk_error(exc: OSError, where: Path) -> str:
+    """What went wrong writing under `where` and what to do about it, for one line."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in DISK_FULL:
+        return (
+            f"{reason} (the disk holding '{where}' is full); free some space or write elsewhere with "
+            "hydra.run.dir=DIR; earlier checkpoints are untouched"
+        )
+    if exc.errno in NOT_WRITABLE:
+        return f"{reason}; make '{where}' writable or write elsewhere with hydra.run.dir=DIR"
+    return f"{reason}; earlier checkpoints are untouched"
 
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
@@ -43,40 +105,129 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated, corrupt or unsafe files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"checkpoint '{path}' cannot be loaded safely (corrupt, truncated or not a shelltrain checkpoint): {reason[:200]}"
+            f"checkpoint '{path}' cannot be loaded safely (corrupt, truncated or not a shelltrain checkpoint): "
+            f"{_why_unloadable(path, exc)}"
         ) from None
-    if not isinstance(payload, dict) or "model" not in payload:
-        raise UserError(f"checkpoint '{path}' is not a shelltrain checkpoint (no 'model' state dict)")
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
+        what = f"a dict with keys {_preview(list(payload))}" if isinstance(payload, dict) else type(payload).__name__
+        raise UserError(
+            f"checkpoint '{path}' is not a shelltrain checkpoint: it holds {what}, not a 'model' state dict"
+        )
     return payload
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG a run draws from, as weights_only-loadable values."""
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": list(random.getstate()[1]),
-        "python_pos": random.getstate()[2],
-        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _why_unloadable(path: Path, exc: Exception) -> str:
+    """torch's reason, made short (and never the advice to load with weights_only=False)."""
+    if not zipfile.is_zipfile(path):
+        return f"it is not a complete PyTorch archive ({path.stat().st_size} bytes; truncated, or not written by torch.save)"
+    text = str(exc)
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsafe:
+        return f"it holds a pickled Python object ({unsafe.group(1)}), which a weights-only load refuses to run"
+    detail = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    return (detail.group(1) if detail else _first_line(exc))[:200]
 
 
-def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def checkpoint_position(path: Path) -> tuple[int, int]:
+    """(epoch, step) of a checkpoint, read without materializing its tensors; (-1, -1) if unreadable."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(payload.get("epoch", 0)), int(payload.get("step", 0))
+    except Exception:
+        return -1, -1
+
+
+def stored_overrides(path: Path) -> list[str] | None:
+    """The command-line overrides a checkpoint's run was configured with (None: not recorded, or unreadable:
+    loading it properly reports that)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    overrides = payload.get("overrides") if isinstance(payload, dict) else None
+    return [str(o) for o in overrides] if isinstance(overrides, list) else None
+
+
+def restore_training(
+    payload: dict[str, Any],
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule | None,
+    scaler: torch.amp.GradScaler,
+) -> TrainState:
+    """Load model, optimizer, schedule and scaler state from a checkpoint; every mismatch is one line."""
+    _load_model(payload["model"], path, model, payload.get("config"))
+    saved_config = payload.get("config") or {}
+    try:
+        optimizer.load_state_dict(payload["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as exc:
+        was = (saved_config.get("optimizer") or {}).get("_target_", "?")
+        raise UserError(
+            f"checkpoint '{path}': its optimizer state ({was}) does not fit the configured optimizer "
+            f"({_first_line(exc)}); resume with the optimizer settings it was trained with"
+        ) from None
+    saved_scheduler = payload.get("scheduler")
+    if schedule is not None and saved_scheduler:
+        fresh_total = getattr(schedule.scheduler, "total_steps", None)
+        if fresh_total is not None and saved_scheduler.get("total_steps") not in (None, fresh_total):
+            raise UserError(
+                f"checkpoint '{path}': its schedule was sized for {saved_scheduler['total_steps']} steps, this "
+                f"config sizes it for {fresh_total}; resume with the original trainer.epochs (and batch "
+                "settings), or use a scheduler without a fixed length (e.g. scheduler=step)"
+            )
+        schedule.scheduler.load_state_dict(saved_scheduler)
+    if payload.get("scaler"):
+        scaler.load_state_dict(payload["scaler"])  # a no-op for a disabled scaler (bf16/fp32)
+    values = payload.get("train_state") or {"epoch": payload.get("epoch", 0), "step": payload.get("step", 0)}
+    return TrainState.from_dict(values)
+
+
+def _load_model(saved: dict[str, Any], path: Path, model: torch.nn.Module, config: Any) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    shapes = [
+        f"{k} {tuple(saved[k].shape)} in the checkpoint vs {tuple(expected[k].shape)} in the model"
+        for k in expected
+        if k in saved and hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"shapes differ: {_preview(shapes)}")
+        if missing:
+            parts.append(f"missing keys: {_preview(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_preview(unexpected)}")
+        trained = ""
+        if isinstance(config, dict) and isinstance(config.get("model"), dict):
+            model_cfg = config["model"]
+            name = model_cfg.get("name") or model_cfg.get("_target_")
+            trained = f" (it was trained with model={name}" + (
+                f" model.width={model_cfg['width']})" if model_cfg.get("width") else ")"
+            )
+        raise UserError(
+            f"checkpoint '{path}' does not match the configured model{trained}: {'; '.join(parts)}. "
+            "Resume with the model settings it was trained with"
+        )
+    model.load_state_dict(saved)
+
+
+def _preview(items: list[Any], n: int = 3) -> str:
+    shown = ", ".join(str(i) for i in items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class Checkpointer(Callback):
-    """Writes checkpoints/last.pt after every epoch and best.pt when the monitored metric improves."""
+    """Writes checkpoints/last.pt after every epoch (and every N steps mid-epoch), best.pt when the
+    monitored metric improves, and keeps `keep` epoch_NNN.pt files: the best epochs by that metric."""
 
     def __init__(
         self,
@@ -86,6 +237,8 @@ class Checkpointer(Callback):
         schedule: Schedule | None,
         scaler: torch.amp.GradScaler,
         extra: dict[str, Any],
+        monitor: str = "val_acc",
+        keep: int = 0,
     ):
         self.directory = directory
         self.model = model
@@ -93,12 +246,37 @@ class Checkpointer(Callback):
         self.schedule = schedule
         self.scaler = scaler
         self.extra = extra  # config, classes, ...: whatever rebuilds the model and explains the run
+        self.monitor = monitor
+        self.keep = keep
 
     def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None:
-        payload = self.payload(state)
-        save_checkpoint(payload, self.directory / "last.pt")
+        data = serialize(self.payload(state))
+        write_atomic(data, self.directory / LAST)
         if improved:
-            save_checkpoint(payload, self.directory / "best.pt")
+            write_atomic(data, self.directory / BEST)
+        if self.keep > 0:
+            self._retain(state, data)
+
+    def on_checkpoint(self, state: TrainState) -> None:
+        write_atomic(serialize(self.payload(state)), self.directory / LAST)
+
+    def _retain(self, state: TrainState, data: bytes) -> None:
+        """Keep the `keep` best epoch checkpoints (ties: the earlier epoch), deleting the rest."""
+        existing = {int(p.stem.split("_")[1]): p for p in self.directory.glob("epoch_*.pt") if _is_epoch_file(p)}
+        candidates = sorted({*existing, state.epoch}, key=lambda e: self._rank(state, e))
+        kept = set(candidates[: self.keep])
+        if state.epoch in kept:
+            write_atomic(data, self.directory / f"epoch_{state.epoch:03d}.pt")
+        for epoch, path in existing.items():
+            if epoch not in kept:
+                path.unlink(missing_ok=True)
+
+    def _rank(self, state: TrainState, epoch: int) -> tuple[float, int]:
+        rows = [r for r in state.history if int(r["epoch"]) == epoch]
+        value = float(rows[-1].get(self.monitor, math.nan)) if rows else math.nan
+        if math.isnan(value):
+            return (math.inf, epoch)
+        return (-value if monitor_mode(self.monitor) == "max" else value, epoch)
 
     def payload(self, state: TrainState) -> dict[str, Any]:
         return {
@@ -113,3 +291,65 @@ class Checkpointer(Callback):
             "rng": rng_state(),
             **self.extra,
         }
+
+
+def _is_epoch_file(path: Path) -> bool:
+    parts = path.stem.split("_")
+    return len(parts) == 2 and parts[1].isdigit()
+
+
+# -- finding what to resume -------------------------------------------------------------------------------
+
+
+def resolve_resume(value: str | Path) -> tuple[Path, Path | None]:
+    """`trainer.resume` as (checkpoint file, the run directory it belongs to or None).
+
+    Accepts a checkpoint file, a run directory (its checkpoints/last.pt) or a run's checkpoints/ folder;
+    a checkpoint belongs to a run directory when it lies in that directory's checkpoints/ folder."""
+    path = Path(os.path.expanduser(str(value))).absolute()
+    if path.is_file():
+        return path, path.parent.parent if path.parent.name == "checkpoints" else None
+    if not path.exists():
+        raise UserError(f"trainer.resume: '{path}' does not exist; give a checkpoint file, a run directory or auto")
+    if (path / "checkpoints" / LAST).is_file():
+        return path / "checkpoints" / LAST, path
+    if path.name == "checkpoints" and (path / LAST).is_file():
+        return path / LAST, path.parent
+    if any(path.glob(f"*/checkpoints/{LAST}")):
+        raise UserError(
+            f"trainer.resume: '{path}' is a multirun sweep directory; resume the sweep with "
+            f"shelltrain -m <the same overrides> hydra.sweep.dir={path} trainer.resume=auto"
+        )
+    raise UserError(
+        f"trainer.resume: '{path}' holds no checkpoints/{LAST}, so it is not a shelltrain run directory that got "
+        "as far as a checkpoint; give a checkpoint file, a run directory or auto"
+    )
+
+
+def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A composed config minus what may differ between a run and its resumption."""
+    config = {k: v for k, v in config.items() if k != "hydra"}
+    trainer = dict(config.get("trainer") or {})
+    trainer.pop("resume", None)
+    config["trainer"] = trainer
+    return config
+
+
+def find_resumable(root: Path, config: dict[str, Any]) -> Path | None:
+    """The run directory under `root` whose checkpoints/last.pt is the newest among those trained with
+    `config` (resolved; trainer.resume aside); None when there is none. The config stored in the checkpoint
+    is what counts: .hydra/config.yaml is rewritten when a fixed hydra.run.dir is used again."""
+    if not root.is_dir():
+        return None
+    wanted = comparable_config(config)
+    found = []
+    for last in root.rglob(LAST):
+        if last.parent.name != "checkpoints" or not last.is_file():
+            continue
+        try:
+            recorded = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("config")
+        except Exception:  # unreadable or foreign: not a match
+            continue
+        if isinstance(recorded, dict) and comparable_config(recorded) == wanted:
+            found.append((last.stat().st_mtime, str(last.parent.parent)))
+    return Path(max(found)[1]) if found else None

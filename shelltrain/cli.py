@@ -6,10 +6,15 @@ Kept free of torch imports so that `--help` and `--cfg job` answer in a fraction
 from __future__ import annotations
 
 import difflib
+import errno
+import logging
 import os
 import re
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,10 +24,10 @@ from hydra._internal import utils as hydra_internal
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from shelltrain import sweep
-from shelltrain.errors import UserError
+from shelltrain.errors import Interrupted, UserError
 
 # Exit codes (README "Using shelltrain in CI"): 0 success; 1 an unexpected error (traceback);
 # 2 a config or input mistake; 3 a quality gate missed; 4 one or more jobs of a multirun failed.
@@ -38,41 +43,67 @@ PLUGIN_OPTIONS = {
     "submitit_slurm": "hydra-submitit-launcher",
     "slurm": "hydra-submitit-launcher",
 }
+log = logging.getLogger("shelltrain")
 
 
 @hydra.main(version_base="1.3", config_path="pkg://shelltrain.configs", config_name="train")
 def _task(cfg: DictConfig) -> Any:
-    from shelltrain.schema import validate
-
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
+    fresh_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     started = time.perf_counter()
+    previous = _exit_on_sigterm()
     try:
-        validate(cfg)
-        _check_sweeper(hydra_cfg, cfg)
-        from shelltrain.runner import run  # imports torch: only once a job really runs
-
-        result = run(cfg, run_dir)
+        result, missed = run_job(cfg, fresh_dir)
+    except Interrupted as exc:
+        _report_interrupt(exc.signum, exc.run_dir, exc.saved, fresh_dir)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _report_interrupt(signal.SIGINT, None, False, fresh_dir)
+        sys.exit(128 + signal.SIGINT)
     except UserError as exc:
         if multirun:
-            _record_failure(run_dir, exc, started)
+            _record_failure(_job_dir(), exc, started)
             raise  # Hydra records the failed job and goes on with the others; main() prints the sweep table
         if _full_error():
             raise
-        _remove_if_unused(run_dir)
+        _remove_if_unused(fresh_dir)
         _print_error(str(exc))
         sys.exit(EXIT_USER_ERROR)
     except Exception as exc:
         if multirun:
-            _record_failure(run_dir, exc, started)
+            _record_failure(_job_dir(), exc, started)
         raise
-    missed = _apply_gates(cfg, run_dir)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if missed and not multirun:  # in a sweep the job's summary.json records it and main() exits 3 at the end
         for line in missed:
             sys.stderr.write(f"shelltrain: gate missed: {line}\n")
         sys.exit(EXIT_GATE_FAILED)
     return result
+
+
+def run_job(cfg: DictConfig, run_dir: Path) -> tuple[Any, list[str]]:
+    """Validate, settle what to resume (which may move the job into an earlier run's directory), run, and
+    check the quality gates. Returns the runner's result (a sweeper's objective) and the gates missed."""
+    from shelltrain.schema import validate
+
+    validate(cfg)
+    _check_sweeper(HydraConfig.get(), cfg)
+    resume = None
+    overrides = [str(o) for o in HydraConfig.get().overrides.task]
+    if cfg.trainer.resume is not None:
+        cfg, run_dir, resume, overrides = plan_resume(cfg, run_dir, overrides)
+    from shelltrain.runner import run  # imports torch: only once a job really runs
+
+    result = run(cfg, run_dir, resume=resume, overrides=overrides)
+    return result, _apply_gates(cfg, run_dir)
+
+
+def _job_dir() -> Path:
+    """This job's run directory now: a resumed job has moved into the run it continues."""
+    return Path(HydraConfig.get().runtime.output_dir)
 
 
 def main() -> None:
@@ -83,6 +114,178 @@ def main() -> None:
         sys.exit(summary_main(sys.argv[2:]))
     hydra_internal.run_and_report = _report_user_errors(hydra_internal.run_and_report)
     _task()
+
+
+# -- resuming ---------------------------------------------------------------------------------------------
+
+
+def plan_resume(
+    cfg: DictConfig, fresh_dir: Path, overrides: list[str]
+) -> tuple[DictConfig, Path, Any, list[str]]:
+    """Resolve trainer.resume to (config, run directory, runner.Resume or None, effective overrides).
+
+    A run directory (or its last.pt) continues in place: this job's fresh Hydra directory is removed and
+    its log goes on in the original train.log. The checkpoint's own overrides (stored in it) are applied
+    under the new ones, so `shelltrain trainer.resume=DIR` alone continues DIR as it was configured. An
+    older checkpoint of a run (best.pt while last.pt is further on), or one outside any run directory,
+    starts a new run directory from it and leaves the original untouched."""
+    from shelltrain.checkpoint import LAST, Resume, checkpoint_position, find_resumable, load_checkpoint, resolve_resume
+    from shelltrain.schema import validate
+
+    hydra_cfg = HydraConfig.get()
+    value = str(cfg.trainer.resume)
+    if value == "auto":
+        root = _output_root(hydra_cfg, fresh_dir)
+        found = find_resumable(root, OmegaConf.to_container(cfg, resolve=True))
+        if found is None:
+            _note(f"trainer.resume=auto: no checkpoint of this config under {root}; starting a new run")
+            return cfg, fresh_dir, None, overrides
+        checkpoint, owner = found / "checkpoints" / LAST, found
+    else:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise UserError(
+                f"trainer.resume={value} in a multirun sweep would start every job from the same checkpoint; "
+                "resume a sweep with the same overrides plus hydra.sweep.dir=<its dir> trainer.resume=auto"
+            )
+        checkpoint, owner = resolve_resume(_launch_dir(hydra_cfg) / os.path.expanduser(value))
+        cfg, overrides = _recompose(cfg, checkpoint, owner, overrides, hydra_cfg)
+        validate(cfg)
+    payload = load_checkpoint(checkpoint)  # a corrupt, truncated or foreign file fails here, before any data
+    in_place = owner is not None and (
+        checkpoint == owner / "checkpoints" / LAST
+        or not (owner / "checkpoints" / LAST).is_file()
+        or checkpoint_position(checkpoint) >= checkpoint_position(owner / "checkpoints" / LAST)
+    )
+    if not in_place:
+        return cfg, fresh_dir, Resume(checkpoint, in_place=False, payload=payload), overrides
+    assert owner is not None
+    if owner.resolve() != fresh_dir.resolve():
+        _move_into(owner, fresh_dir)
+    return cfg, owner, Resume(checkpoint, in_place=True, payload=payload), overrides
+
+
+def _output_root(hydra_cfg: Any, fresh_dir: Path) -> Path:
+    """Where `auto` looks: the fixed leading part of hydra.run.dir (hydra.sweep.dir in a sweep), e.g. outputs/."""
+    node = hydra_cfg.sweep if hydra_cfg.mode == RunMode.MULTIRUN else hydra_cfg.run
+    pattern = str(OmegaConf.to_container(node, resolve=False)["dir"])
+    fixed = []
+    for part in Path(pattern).parts:
+        if "${" in part:
+            break
+        fixed.append(part)
+    if not fixed:
+        return fresh_dir.parent
+    return _launch_dir(hydra_cfg) / Path(*fixed)
+
+
+def _launch_dir(hydra_cfg: Any) -> Path:
+    """Where the command was started: relative paths on the command line are relative to it."""
+    cwd = OmegaConf.select(hydra_cfg, "runtime.cwd", default=None)
+    return Path(cwd) if cwd else Path.cwd()
+
+
+def _recompose(
+    cfg: DictConfig, checkpoint: Path, owner: Path | None, current: list[str], hydra_cfg: Any
+) -> tuple[DictConfig, list[str]]:
+    """The config the checkpoint was trained with (its stored overrides, else its run's .hydra record),
+    with this command's overrides on top (same key: the new one wins); and that list of overrides."""
+    from hydra import compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from shelltrain.checkpoint import stored_overrides
+
+    original = stored_overrides(checkpoint)
+    source = f"checkpoint '{checkpoint}'"
+    if original is None and owner is not None and (owner / ".hydra" / "overrides.yaml").is_file():
+        source = str(owner / ".hydra" / "overrides.yaml")
+        original = [str(o) for o in OmegaConf.load(owner / ".hydra" / "overrides.yaml")]
+    if not original:
+        return cfg, current
+    parser = OverridesParser.create()
+
+    def key(override: Any) -> tuple[str, str | None]:
+        return override.key_or_group, override.package
+
+    try:
+        given = {key(o) for o in parser.parse_overrides(current)}
+        kept = [text for text, o in zip(original, parser.parse_overrides(original)) if key(o) not in given]
+    except OverrideParseException as exc:
+        raise UserError(f"trainer.resume: cannot read the overrides of {source}: {_first_line(str(exc))}") from None
+    if not kept:
+        return cfg, current
+    merged = [*kept, *current]
+    try:
+        return compose(config_name=hydra_cfg.job.config_name, overrides=merged), merged
+    except Exception as exc:  # the original options may be gone (e.g. a --config-dir not given this time)
+        reason = explain(exc) or _first_line(str(exc))
+        raise UserError(f"trainer.resume: cannot rebuild the config of {source} from {kept}: {reason}") from None
+
+
+def _move_into(owner: Path, fresh_dir: Path) -> None:
+    """Continue in `owner`: the log goes on in its train.log and this job's fresh directory goes away.
+    `owner`/.hydra stays the record of how the run started; what changed on resuming is logged, and every
+    checkpoint stores the config and overrides it was trained with."""
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in list(getattr(logger, "handlers", [])):
+            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == fresh_dir:
+                moved = logging.FileHandler(owner / Path(handler.baseFilename).name, mode="a")
+                moved.setFormatter(handler.formatter)
+                moved.setLevel(handler.level)
+                logger.removeHandler(handler)
+                handler.close()
+                logger.addHandler(moved)
+    _remove_dir(fresh_dir)
+    hydra_cfg = HydraConfig.get()
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.runtime.output_dir = str(owner)
+
+
+def _report_interrupt(signum: int, run_dir: Any, saved: bool, fresh_dir: Path) -> None:
+    """Say how the run stopped and, when a checkpoint exists, the exact command that continues it."""
+    name = signal.Signals(signum).name
+    run_dir = Path(run_dir) if run_dir is not None else Path(HydraConfig.get().runtime.output_dir)
+    _remove_if_unused(fresh_dir)
+    if not (run_dir / "checkpoints" / "last.pt").is_file():
+        _print_error(f"interrupted by {name} before the first checkpoint; nothing to resume")
+        return
+    how = "a checkpoint was saved" if saved else "stopped at once; the last checkpoint is kept"
+    command = resume_command(run_dir)
+    message = f"interrupted by {name}: {how} in {run_dir}. Resume with:\n  {command}"
+    log.info(message.replace("\n ", ""))
+    sys.stderr.write(f"shelltrain: {message}\n")
+    sys.stderr.flush()
+
+
+def resume_command(run_dir: Path) -> str:
+    """This command line again, continuing `run_dir` (a sweep: every job of the same sweep dir)."""
+    def is_override_of(arg: str, key: str) -> bool:
+        return arg.lstrip("+~").split("=", 1)[0] == key
+
+    args = [a for a in sys.argv[1:] if not is_override_of(a, "trainer.resume")]
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sweep_dir = Path(hydra_cfg.sweep.dir).absolute()
+        args = [a for a in args if not is_override_of(a, "hydra.sweep.dir")]
+        args += [f"hydra.sweep.dir={sweep_dir}", "trainer.resume=auto"]
+    else:
+        args.append(f"trainer.resume={Path(run_dir).absolute()}")
+    return shlex.join(["shelltrain", *args])
+
+
+def _exit_on_sigterm() -> Any:
+    """Outside training (which stops gracefully), SIGTERM ends the job like Ctrl-C: cleanly, exit 143."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Interrupted(signum, None, saved=False)
+
+    return signal.signal(signal.SIGTERM, terminate)
+
+
+def _note(message: str) -> None:
+    print(message)
+    log.info(message)
 
 
 def _report_user_errors(hydra_report: Callable[[Callable[[], Any]], Any]) -> Callable:
@@ -201,7 +404,19 @@ def explain(exc: BaseException) -> str | None:
         return f"could not parse the override: {_first_line(str(exc))}"
     if isinstance(exc, ConfigCompositionException):
         return _explain_composition(exc)
+    if isinstance(exc, OSError) and exc.errno in _PLACE_ERRNOS:
+        where = f"'{exc.filename}'" if exc.filename else "the run directory"
+        return (
+            f"cannot create or write {where}: {exc.strerror or exc}; choose a writable place for the run "
+            "directory with hydra.run.dir=DIR (hydra.sweep.dir=DIR for -m)"
+        )
     return None
+
+
+# Failures to create or write the run directory: where the output goes, not a bug.
+_PLACE_ERRNOS = {
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR,
+}
 
 
 def _explain_missing_option(exc: MissingConfigException) -> str:
@@ -281,11 +496,25 @@ def _remove_if_unused(run_dir: Path) -> None:
     """
     if not run_dir.is_dir():
         return
-    produced = {p.name for p in run_dir.iterdir()} - {".hydra", "train.log"}
+    produced = [
+        p for p in run_dir.iterdir() if p.name not in (".hydra", "train.log") and not (p.is_dir() and not any(p.iterdir()))
+    ]  # an empty checkpoints/ (the first write failed) holds nothing either
     if not produced:
-        shutil.rmtree(run_dir)
-        if not any(run_dir.parent.iterdir()):
-            run_dir.parent.rmdir()  # the empty date folder of the default outputs/DATE/TIME layout
+        _remove_dir(run_dir)
+
+
+def _remove_dir(run_dir: Path) -> None:
+    """Remove a run dir, then the folders above it that it leaves empty (outputs/DATE/ of the default
+    layout), going no higher than the directory the command was started in."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    top = Path.cwd().absolute()
+    parent = run_dir.absolute().parent
+    while parent != top and parent.is_relative_to(top):
+        try:
+            parent.rmdir()  # only succeeds when empty
+        except OSError:
+            break
+        parent = parent.parent
 
 
 def _print_error(message: str) -> None:

@@ -15,8 +15,6 @@ import torch
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
@@ -200,6 +198,8 @@ def _check_int(data: DictConfig, key: str, minimum: int) -> None:
 def _in_memory(data: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
     """Native-size uint8 N x C x H x W images and labels per source split, and the class names."""
     if data.name == "digits":
+        from sklearn.datasets import load_digits  # imported here: a failing start need not pay for sklearn
+
         digits = load_digits()  # 8x8 grey images with values 0..16
         images = torch.from_numpy(digits.images * (255 / 16)).round().to(torch.uint8).unsqueeze(1)
         return {"train": (images, torch.from_numpy(digits.target).long())}, [str(c) for c in digits.target_names]
@@ -330,6 +330,8 @@ def _carve(labels: torch.Tensor, index: torch.Tensor, count: int, seed: int) -> 
     _, per_class = torch.unique(y, return_counts=True)
     fits = int(per_class.min()) >= 2 and len(per_class) <= min(count, len(y) - count)
     stratify = y.numpy() if fits else None
+    from sklearn.model_selection import train_test_split
+
     rest, carved = train_test_split(index.numpy(), test_size=count, random_state=seed, stratify=stratify)
     return torch.from_numpy(rest), torch.from_numpy(carved)
 

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from shelltrain.errors import UserError
 from shelltrain.optim import Schedule
 
 SYNC_EVERY = 20  # batches between host syncs for the progress display (each sync stalls a GPU)
@@ -37,6 +40,7 @@ class TrainSettings:
     limit_train_batches: int | None = None
     limit_val_batches: int | None = None
     overfit_batches: int = 0
+    checkpoint_every_n_steps: int = 0  # >0: Callback.on_checkpoint every N optimizer steps (mid-epoch)
 
 
 @dataclass
@@ -50,6 +54,25 @@ class TrainState:
     bad_epochs: int = 0
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
+    # A mid-epoch state: batches of epoch `epoch + 1` already trained (0 at an epoch boundary) and the
+    # running sums of that partial epoch (loss_sum, correct, seen, seconds), so its metrics row comes out
+    # as if the epoch had never been interrupted.
+    batch: int = 0
+    partial: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainState":
+        """Rebuild from `dataclasses.asdict(state)`, ignoring keys this version does not know."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+class NonFiniteLoss(UserError):
+    """The training loss became NaN or infinite; nothing after the last good checkpoint was saved."""
+
+    def __init__(self, value: float, epoch: int, step: int):
+        self.value, self.epoch, self.step = value, epoch, step
+        super().__init__(f"the training loss became {value} at epoch {epoch}, step {step}")
 
 
 class Callback:
@@ -60,6 +83,10 @@ class Callback:
     def on_batch_end(self, batch: int, loss: float, acc: float, images_per_second: float) -> None: ...
 
     def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None: ...
+
+    def on_checkpoint(self, state: TrainState) -> None:
+        """A mid-epoch point (every `checkpoint_every_n_steps` steps, or a requested stop) where `state`,
+        the model, optimizer, schedule and RNGs are consistent: a checkpoint taken now resumes exactly."""
 
 
 class Callbacks(Callback):
@@ -80,6 +107,10 @@ class Callbacks(Callback):
         for cb in self.callbacks:
             cb.on_epoch_end(state, row, improved)
 
+    def on_checkpoint(self, state: TrainState) -> None:
+        for cb in self.callbacks:
+            cb.on_checkpoint(state)
+
 
 def monitor_mode(monitor: str) -> str:
     return "min" if monitor.endswith("loss") else "max"
@@ -95,19 +126,32 @@ def fit(
     state: TrainState | None = None,
     callbacks: list[Callback] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    stop: Callable[[], bool] | None = None,
+    rng: dict[str, Any] | None = None,
 ) -> TrainState:
-    """Train for `settings.epochs` epochs from `state`, validating after each epoch."""
+    """Train for `settings.epochs` epochs from `state`, validating after each epoch.
+
+    `stop` is polled after every optimizer step and every epoch: when it returns True, a mid-epoch state
+    goes to `Callback.on_checkpoint` and fit returns early (the caller knows why it asked). `rng` is the
+    RNG snapshot taken with `state` (see `rng_state`); resuming restores it, so a run continued from a
+    checkpoint draws exactly what the uninterrupted run would have drawn.
+    """
     state = state or TrainState()
     callback = Callbacks(callbacks or [])
     scaler = scaler or make_scaler(settings)
     model.to(settings.device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
+    if rng is not None:
+        restore_rng(rng)
     while state.epoch < settings.epochs and not state.stopped_early:
         epoch = state.epoch + 1
         train_metrics = train_one_epoch(
-            model, train_loader, optimizer, schedule, settings, state, epoch, callback, scaler
-        )
+            model, train_loader, optimizer, schedule, settings, state, epoch, callback, scaler,
+            stop=stop, rng=rng if state.batch else None,
+        )  # fmt: skip
+        if train_metrics is None:
+            return state  # stopped mid-epoch; on_checkpoint has seen the state
         val = evaluate(model, val_loader, settings, limit=settings.limit_val_batches)
         row = {
             "epoch": epoch,
@@ -124,6 +168,8 @@ def fit(
         state.epoch = epoch
         state.history.append(row)
         callback.on_epoch_end(state, row, improved)
+        if stop is not None and stop():
+            break
     return state
 
 
@@ -142,7 +188,15 @@ def train_one_epoch(
     epoch: int,
     callback: Callback,
     scaler: torch.amp.GradScaler,
-) -> dict[str, float]:
+    stop: Callable[[], bool] | None = None,
+    rng: dict[str, Any] | None = None,
+) -> dict[str, float] | None:
+    """One epoch of training; None when `stop` ended it early (after an optimizer step).
+
+    With `state.batch` = k > 0 (a mid-epoch checkpoint) the first k batches are drawn but not trained on:
+    the order is a function of the reseeded loader generator, so the rest come out as before; then `rng`
+    (taken at the checkpoint) is restored, so augmentation and dropout continue exactly.
+    """
     model.train()
     overfit = settings.overfit_batches > 0
     # The data order, augmentation and dropout of an epoch are a pure function of (seed, epoch):
@@ -153,22 +207,33 @@ def train_one_epoch(
         loader.generator.manual_seed(epoch_seed)
     limit = settings.overfit_batches if overfit else settings.limit_train_batches
     num_batches = _num_batches(loader, limit)
+    skip = min(state.batch, num_batches)
     callback.on_epoch_start(epoch, num_batches)
 
-    loss_sum = torch.zeros((), device=settings.device)
-    correct = torch.zeros((), device=settings.device)
-    seen = 0
-    start = time.perf_counter()
+    partial = state.partial if skip else {}
+    loss_sum = torch.tensor(float(partial.get("loss_sum", 0.0)), device=settings.device)
+    correct = torch.tensor(float(partial.get("correct", 0.0)), device=settings.device)
+    seen = int(partial.get("seen", 0))
+    bad_step = torch.full((), -1, dtype=torch.long, device=settings.device)  # first step with a non-finite loss
+    every = settings.checkpoint_every_n_steps
+    start = time.perf_counter() - float(partial.get("seconds", 0.0))
     optimizer.zero_grad(set_to_none=True)
     for i, (images, targets) in enumerate(_limited(loader, num_batches)):
+        if i < skip:
+            if i + 1 == skip and rng is not None:
+                restore_rng(rng)  # where the checkpoint was taken: before batch `skip` was drawn
+            continue
         images, targets = _to_device(images, targets, settings)
         with autocast(settings):
             logits = model(images)
             loss = criterion(logits, targets, settings)
         if settings.l1 > 0:
             loss = loss + settings.l1 * sum(p.abs().sum() for p in model.parameters() if p.ndim > 1)
+        # Recorded on the device (no host sync); checked at the next sync point, always before a checkpoint.
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), state.step + 1, bad_step)
         scaler.scale(loss / settings.accumulate).backward()
-        if (i + 1) % settings.accumulate == 0 or i + 1 == num_batches:
+        stepped = (i + 1) % settings.accumulate == 0 or i + 1 == num_batches
+        if stepped:
             _optimizer_step(model, optimizer, scaler, settings)
             state.step += 1
             if schedule is not None and schedule.interval == "step":
@@ -178,8 +243,25 @@ def train_one_epoch(
         loss_sum += loss.detach().float() * batch
         correct += (logits.argmax(1) == _hard(targets)).sum()
         if (i + 1) % SYNC_EVERY == 0 or i + 1 == num_batches:
+            _check_finite(bad_step, loss_sum, epoch)
             elapsed = time.perf_counter() - start
             callback.on_batch_end(i + 1, loss_sum.item() / seen, correct.item() / seen, seen / elapsed)
+        if stepped and i + 1 < num_batches:  # at the last batch the epoch-end checkpoint follows anyway
+            stopping = stop is not None and stop()
+            if stopping or (every > 0 and state.step % every == 0):
+                _check_finite(bad_step, loss_sum, epoch)
+                state.batch = i + 1
+                state.partial = {
+                    "loss_sum": loss_sum.item(),
+                    "correct": correct.item(),
+                    "seen": seen,
+                    "seconds": time.perf_counter() - start,
+                }
+                callback.on_checkpoint(state)
+                if stopping:
+                    return None
+    _check_finite(bad_step, loss_sum, epoch)
+    state.batch, state.partial = 0, {}
     seconds = time.perf_counter() - start
     return {
         "train_loss": loss_sum.item() / max(seen, 1),
@@ -188,6 +270,13 @@ def train_one_epoch(
         "seconds": seconds,
         "images_per_second": seen / seconds if seconds > 0 else 0.0,
     }
+
+
+def _check_finite(bad_step: torch.Tensor, loss_sum: torch.Tensor, epoch: int) -> None:
+    """Raise NonFiniteLoss if any loss since the epoch started was NaN or infinite (one host sync)."""
+    step = int(bad_step.item())
+    if step >= 0:
+        raise NonFiniteLoss(loss_sum.item(), epoch, step)
 
 
 def _optimizer_step(
@@ -277,6 +366,29 @@ def _limited(loader: DataLoader, num_batches: int) -> Iterator[Any]:
         if i >= num_batches:
             break
         yield batch
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a run draws from, as weights_only-loadable values."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _update_best(state: TrainState, value: float, epoch: int, settings: TrainSettings) -> bool:

@@ -3,3 +3,18 @@
 
 class UserError(Exception):
     """A problem the user can fix (bad config value, missing data); carries a one-line message."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped a run. A KeyboardInterrupt, so that a multirun sweep stops too instead of
+    going on with its next job; the CLI prints how to resume and exits 128 + the signal number."""
+
+    def __init__(self, signum: int, run_dir: object = None, saved: bool = True):
+        super().__init__(signum)
+        self.signum = signum
+        self.run_dir = run_dir  # the run directory holding the checkpoint to resume from, if known
+        self.saved = saved  # False: a second signal cut the run short without a fresh checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

@@ -36,6 +36,9 @@ class RunLogger(Callback):
 
     def start(self, config: dict[str, Any]) -> None: ...
 
+    def resume(self, history: list[dict[str, float]]) -> None:
+        """A resumed run: make what was logged agree with the checkpoint's `history` (one row per epoch)."""
+
     def finish(self, summary: dict[str, Any]) -> None: ...
 
 
@@ -45,6 +48,10 @@ class Loggers(Callbacks):
     def start(self, config: dict[str, Any]) -> None:
         for logger in self.callbacks:
             logger.start(config)
+
+    def resume(self, history: list[dict[str, float]]) -> None:
+        for logger in self.callbacks:
+            logger.resume(history)
 
     def finish(self, summary: dict[str, Any]) -> None:
         for logger in self.callbacks:
@@ -70,6 +77,9 @@ class CSVLogger(RunLogger):
     def __init__(self, run_dir: Path, filename: str = "metrics.csv"):
         self.metrics = MetricsCSV(run_dir / filename)
 
+    def resume(self, history: list[dict[str, float]]) -> None:
+        self.metrics.sync(history)
+
     def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None:
         self.metrics.append(row)
 
@@ -79,6 +89,12 @@ class JSONLLogger(RunLogger):
 
     def __init__(self, run_dir: Path, filename: str = "metrics.jsonl"):
         self.path = run_dir / filename
+
+    def resume(self, history: list[dict[str, float]]) -> None:
+        """Rows written after the checkpoint are dropped (they will be logged again)."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps({k: _finite(v) for k, v in row.items()}) + "\n" for row in history))
+        tmp.replace(self.path)
 
     def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None:
         with open(self.path, "a") as f:
@@ -97,6 +113,14 @@ class TensorBoardLogger(RunLogger):
             ) from None
         self.writer = SummaryWriter(log_dir=str(run_dir / dir))
         self.config: dict[str, Any] = {}
+
+    def resume(self, history: list[dict[str, float]]) -> None:
+        """Events logged after the checkpoint's last epoch are purged, so no epoch shows twice."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        log_dir = self.writer.log_dir
+        self.writer.close()
+        self.writer = SummaryWriter(log_dir=log_dir, purge_step=len(history) + 1)
 
     def start(self, config: dict[str, Any]) -> None:
         self.config = {k: v for k, v in config.items() if k != "hydra"}

@@ -56,6 +56,25 @@ class MetricsCSV:
                 writer.writeheader()
             writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
 
+    def sync(self, rows: list[dict[str, float]]) -> None:
+        """Make the file hold exactly `rows` (a resumed checkpoint's history): a row written after that
+        checkpoint is dropped (it will be recomputed), one missing from a crash is restored. A file that
+        already matches is left as it is; otherwise it is replaced atomically."""
+        try:
+            with open(self.path, newline="") as f:
+                present = [r.get("epoch") for r in csv.DictReader(f)]
+        except FileNotFoundError:
+            present = []
+        if present == [_fmt(row.get("epoch")) for row in rows]:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
+        tmp.replace(self.path)
+
 
 class ConsoleProgress(Callback):
     """Per-epoch progress: a rich bar on a terminal, one plain line per epoch elsewhere."""

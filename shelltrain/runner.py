@@ -6,10 +6,15 @@ This is the only module that knows the order; each stage is a plain function fro
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
+import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -20,10 +25,15 @@ import torch
 import torchvision
 from omegaconf import DictConfig, OmegaConf
 
-from shelltrain.checkpoint import Checkpointer, load_checkpoint, rng_state, save_checkpoint
+from shelltrain.checkpoint import (
+    BEST, DISK_FULL, LAST, NOT_WRITABLE, Checkpointer, Resume, disk_error, load_checkpoint, restore_training,
+    rng_state, save_checkpoint, write_atomic,
+)  # fmt: skip
 from shelltrain.data import DataBundle, build_data, cv_fold
-from shelltrain.engine import Callback, TrainSettings, TrainState, fit, make_scaler, monitor_mode, predict
-from shelltrain.errors import UserError
+from shelltrain.engine import (
+    Callback, NonFiniteLoss, TrainSettings, TrainState, fit, make_scaler, monitor_mode, predict,
+)  # fmt: skip
+from shelltrain.errors import Interrupted, UserError
 from shelltrain.loggers import build_loggers
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
 from shelltrain.models import build_model, count_parameters, materialize_lazy
@@ -37,26 +47,58 @@ from shelltrain.transfer import follow_weights, load_weights, make_policy, open_
 log = logging.getLogger("shelltrain")
 
 
-def run(cfg: DictConfig, run_dir: Path) -> float | None:
+def run(
+    cfg: DictConfig, run_dir: Path, resume: Resume | None = None, overrides: list[str] | None = None
+) -> float | None:
     """Run one job in `run_dir`; returns the value sweeps select by: the best monitored validation metric,
-    or its cross-validated mean when `cv.folds` is set."""
+    or its cross-validated mean when `cv.folds` is set.
+
+    `overrides` (the command line's, stored in every checkpoint) let `trainer.resume` rebuild the config."""
     if cfg.task != "train":  # evaluate, predict or export a trained model
         from shelltrain.tasks import run_task
 
         device = resolve_device(cfg.trainer.device)
         seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
         return run_task(cfg, run_dir, train_settings(cfg.trainer, device), make_console())
-    cv = cfg.get("cv")
-    if cv is not None and cv.folds:
-        return cross_validate(cfg, run_dir)
-    return train_and_test(cfg, run_dir)
+    try:
+        cv = cfg.get("cv")
+        if cv is not None and cv.folds:
+            if resume is not None:
+                raise UserError("trainer.resume does not apply to cross-validation (cv.folds): run it again anew")
+            return cross_validate(cfg, run_dir)
+        return train_and_test(cfg, run_dir, resume=resume, overrides=overrides or [])
+    except OSError as exc:  # writing the run's files: a full disk or a read-only place is the user's to fix
+        inside = exc.filename is not None and Path(str(exc.filename)).absolute().is_relative_to(run_dir.absolute())
+        if exc.errno in DISK_FULL or (exc.errno in NOT_WRITABLE and inside):
+            raise UserError(f"cannot write '{exc.filename or run_dir}': {disk_error(exc, run_dir)}") from exc
+        raise
 
 
-def train_and_test(cfg: DictConfig, run_dir: Path, fold: tuple[int, int] | None = None) -> float:
+def train_and_test(
+    cfg: DictConfig,
+    run_dir: Path,
+    fold: tuple[int, int] | None = None,
+    resume: Resume | None = None,
+    overrides: list[str] | None = None,
+) -> float:
     """The pipeline once, in `run_dir`; `fold=(k, K)` trains on the other folds of the train split and
-    validates on fold k (a cross-validation sub-run)."""
+    validates on fold k (a cross-validation sub-run); `resume` continues from a checkpoint."""
     started = time.perf_counter()
     console = make_console()
+    checkpoints = run_dir / "checkpoints"
+    payload = (resume.payload or load_checkpoint(resume.checkpoint)) if resume else None
+    if payload is None and (checkpoints / LAST).exists():
+        raise UserError(
+            f"run directory '{run_dir}' already holds a run (checkpoints/{LAST}); continue it with "
+            f"trainer.resume={run_dir} (or trainer.resume=auto), or choose a new hydra.run.dir"
+        )
+    if payload is not None and resume is not None and resume.in_place:
+        finished = _finished_result(payload, cfg, run_dir)
+        if finished is not None:
+            say(console, f"run directory [bold]{run_dir}[/bold] already finished its {cfg.trainer.epochs} epochs; "
+                         "nothing to resume (its summary.json is unchanged)")  # fmt: skip
+            return finished
+
     device = resolve_device(cfg.trainer.device)
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
 
@@ -65,6 +107,8 @@ def train_and_test(cfg: DictConfig, run_dir: Path, fold: tuple[int, int] | None 
     data = build_data(data_cfg, cfg.augmentation, cfg.trainer.seed, device.type == "cuda", stats)
     if fold is not None:
         data = cv_fold(data, folds=fold[1], fold=fold[0], seed=cfg.data.split_seed)
+    for loader in (data.train, data.val, data.test):
+        loader.worker_init_fn = functools.partial(_leave_stop_signals_to_main, loader.worker_init_fn)
     model = build_model(cfg.model, data.num_classes, data.in_channels)
     example = next(iter(data.val))[0][:2]
     materialize_lazy(model, example)
@@ -81,6 +125,9 @@ def train_and_test(cfg: DictConfig, run_dir: Path, fold: tuple[int, int] | None 
     )
     scaler = make_scaler(settings)
     params = count_parameters(model)
+    state = TrainState()
+    if payload is not None and resume is not None:
+        state = restore_training(payload, resume.checkpoint, model, optimizer, schedule, scaler)
     say(console, f"run directory: [bold]{run_dir}[/bold]")
     say(
         console,
@@ -91,26 +138,47 @@ def train_and_test(cfg: DictConfig, run_dir: Path, fold: tuple[int, int] | None 
     for line in transfer_log(weights, loaded, data_cfg, stats_from, policy):
         say(console, line)
 
-    checkpoints = run_dir / "checkpoints"
     config = OmegaConf.to_container(cfg, resolve=True)
     preprocessing = {
         "mean": list(data.mean), "std": list(data.std), "image_size": data.image_size, "channels": data.in_channels,
     }  # fmt: skip
-    extra = {"config": config, "classes": data.classes, "preprocessing": preprocessing}
-    checkpointer = Checkpointer(checkpoints, model, optimizer, schedule, scaler, extra=extra)
+    extra = {"config": config, "classes": data.classes, "preprocessing": preprocessing, "overrides": overrides or []}
     loggers = build_loggers(cfg.get("logger"), run_dir)
+    if payload is not None and resume is not None:
+        _announce_resume(console, cfg, payload, resume, state, run_dir)
+        loggers.resume(state.history)  # exactly the checkpoint's rows: none missing, none repeated
+        if not resume.in_place:
+            _seed_new_run_dir(resume.checkpoint, payload, state, checkpoints)
     loggers.start(config)
-    state = fit(
-        model, data.train, data.val, optimizer, schedule, settings,
-        callbacks=[
-            *([policy] if policy else []),  # freezes and unfreezes at epoch starts
-            ConsoleProgress(console, settings.epochs), checkpointer, loggers,
-        ],
-        scaler=scaler,
+    checkpointer = Checkpointer(
+        checkpoints, model, optimizer, schedule, scaler, extra=extra,
+        monitor=settings.monitor, keep=cfg.trainer.keep_checkpoints,
     )  # fmt: skip
+    stop = GracefulStop(run_dir)
+    try:
+        with stop:
+            state = fit(
+                model, data.train, data.val, optimizer, schedule, settings, state=state,
+                callbacks=[
+                    *([policy] if policy else []),  # freezes and unfreezes at epoch starts
+                    ConsoleProgress(console, settings.epochs), checkpointer, loggers,
+                ],
+                scaler=scaler, stop=stop, rng=payload["rng"] if payload is not None else None,
+            )  # fmt: skip
+    except NonFiniteLoss as exc:
+        message = _non_finite_message(exc, cfg, checkpoints)
+        if (checkpoints / LAST).exists():
+            _write_summary(run_dir, {"status": "failed", "error": message, "epochs_completed": exc.epoch - 1})
+        raise UserError(message) from None
+    if stop.signum is not None:
+        _write_summary(run_dir, {
+            "status": "interrupted", "signal": signal.Signals(stop.signum).name, "epochs_completed": state.epoch,
+            "step": state.step, "batches_into_next_epoch": state.batch, "run_dir": str(run_dir),
+        })  # fmt: skip
+        raise Interrupted(stop.signum, run_dir)
 
-    if state.epoch > 0:
-        model.load_state_dict(load_checkpoint(checkpoints / "best.pt")["model"])
+    if state.epoch > 0 and (checkpoints / BEST).exists():
+        model.load_state_dict(load_checkpoint(checkpoints / BEST)["model"])
     pruned = None
     if cfg.prune.name != "none":
         pruned = prune_stage(cfg, model, data, settings, state, checkpoints, extra, console)
@@ -142,12 +210,151 @@ def train_and_test(cfg: DictConfig, run_dir: Path, fold: tuple[int, int] | None 
     if pruned is not None:
         summary.update(summary_keys(pruned.report))
         summary["prune"] = pruned.report
+    if resume is not None:
+        summary["resumed_from"] = str(resume.checkpoint)
     write_json(summary, run_dir / "summary.json")
     loggers.finish(summary)
     write_run_plots(run_dir, state.history, confusion, data.classes, state.best_epoch)
     console.print(summary_table(summary))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
     return state.best_metric if state.best_metric is not None else summary["test_acc"]
+
+
+class GracefulStop:
+    """While training, the first SIGINT or SIGTERM asks the engine to stop after the current step (it
+    then writes a resumable checkpoint); a second one interrupts at once. Called, it says whether a
+    stop was asked for; `signum` is the signal."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, run_dir: Path | None = None):
+        self.run_dir = run_dir
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+    def handle(self, signum: int, frame: Any = None) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked data-loader worker inherited this handler: the main process decides
+        if self.signum is not None:
+            raise Interrupted(signum, self.run_dir, saved=False)
+        self.signum = signum
+        name = signal.Signals(signum).name
+        again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
+        sys.stderr.write(
+            f"\nshelltrain: {name} received: finishing this step and saving a checkpoint "
+            f"({again} again quits at once)\n"
+        )
+        sys.stderr.flush()
+        log.info("%s received: stopping after this step", name)
+
+
+def _leave_stop_signals_to_main(init: Any, worker_id: int) -> None:
+    """In a data-loader worker: ignore SIGINT and SIGTERM. A terminal's Ctrl-C and a cluster's SIGTERM
+    reach every process of the job; the main process stops gracefully and shuts its workers down, which a
+    worker dying of the signal first would turn into a crash."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if init is not None:
+        init(worker_id)
+
+
+def _finished_result(payload: dict[str, Any], cfg: DictConfig, run_dir: Path) -> float | None:
+    """The stored result of a run that already finished training and wrote its summary, else None."""
+    state = TrainState.from_dict(payload.get("train_state") or {})
+    done = state.batch == 0 and (state.epoch >= cfg.trainer.epochs or state.stopped_early)
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not done or summary.get("status") != "completed":
+        return None
+    value = summary.get(f"best_{cfg.trainer.monitor}", summary.get("test_acc"))
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def _announce_resume(
+    console: Any, cfg: DictConfig, payload: dict[str, Any], resume: Resume, state: TrainState, run_dir: Path
+) -> None:
+    where = f"epoch {state.epoch} done, step {state.step}"
+    if state.batch:
+        where += f", {state.batch} batches into epoch {state.epoch + 1}"
+    say(console, f"resuming from [bold]{resume.checkpoint}[/bold] ({where})")
+    if not resume.in_place:
+        say(console, "the checkpoint is not the newest of its run (or lies outside a run directory): "
+                     "training continues in this new run directory, the original stays as it was")  # fmt: skip
+    changes = _config_changes(payload.get("config"), OmegaConf.to_container(cfg, resolve=True))
+    if changes:
+        shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+        say(console, f"changed since the checkpoint: {shown}")
+    if any(change.startswith(("optimizer.", "scheduler.")) for change in changes):
+        say(console, "note: the optimizer and schedule continue from their saved state (learning rate included), "
+                     "so changed optimizer.* or scheduler.* values do not apply to a resumed run")  # fmt: skip
+
+
+def _config_changes(before: Any, after: Any, prefix: str = "") -> list[str]:
+    if isinstance(before, dict) and isinstance(after, dict):
+        changes = []
+        for key in sorted(set(before) | set(after), key=str):
+            if f"{prefix}{key}" == "trainer.resume":
+                continue
+            changes += _config_changes(before.get(key), after.get(key), f"{prefix}{key}.")
+        return changes
+    return [] if before == after else [f"{prefix.rstrip('.')}: {before!r} -> {after!r}"]
+
+
+def _seed_new_run_dir(source: Path, payload: dict[str, Any], state: TrainState, checkpoints: Path) -> None:
+    """A run continued in a new directory starts with the checkpoint it came from as its last.pt, and the
+    best checkpoint so far as best.pt when it is at hand, so the new directory is complete by itself."""
+    write_atomic(source.read_bytes(), checkpoints / LAST)
+    if state.best_epoch and state.batch == 0 and state.best_epoch == state.epoch:
+        write_atomic(source.read_bytes(), checkpoints / BEST)
+        return
+    source_best = source.parent / BEST
+    if state.best_epoch and source_best.is_file() and source_best != source:
+        try:
+            best = load_checkpoint(source_best)
+        except UserError:
+            return
+        if int(best.get("epoch", -1)) == state.best_epoch:
+            write_atomic(source_best.read_bytes(), checkpoints / BEST)
+
+
+def _non_finite_message(exc: NonFiniteLoss, cfg: DictConfig, checkpoints: Path) -> str:
+    last = checkpoints / LAST
+    if last.exists():
+        kept = load_checkpoint(last)
+        where = f"epoch {kept.get('epoch')}, step {kept.get('step')}"
+        saved = f"the last good checkpoint is kept: {last} ({where})"
+    else:
+        saved = "no checkpoint was written before it"
+    hints = [f"a lower optimizer.lr (now {cfg.optimizer.get('lr')})"]
+    if str(cfg.trainer.precision) == "16-mixed":
+        hints.append("trainer.precision=bf16 instead of 16-mixed (fp16 overflows)")
+    if not cfg.trainer.grad_clip:
+        hints.append("gradient clipping (trainer.grad_clip=1.0)")
+    return f"{exc}; {saved}. Try {', '.join(hints)}"
+
+
+def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    try:
+        write_json(summary, run_dir / "summary.json")
+    except OSError as exc:  # already failing: the checkpoint matters, the note does not
+        log.warning("could not write %s: %s", run_dir / "summary.json", exc)
 
 
 def prune_stage(
@@ -293,6 +500,7 @@ def train_settings(trainer: DictConfig, device: torch.device) -> TrainSettings:
         limit_train_batches=trainer.limit_train_batches,
         limit_val_batches=trainer.limit_val_batches,
         overfit_batches=trainer.overfit_batches,
+        checkpoint_every_n_steps=trainer.get("checkpoint_every_n_steps") or 0,
     )
 
 

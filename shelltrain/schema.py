@@ -9,7 +9,9 @@ only the keys shelltrain itself reads are checked.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -38,6 +40,9 @@ class TrainerSchema:
     limit_test_batches: Optional[int] = None
     overfit_batches: int = 0
     threads: Optional[int] = None
+    resume: Optional[str] = None
+    checkpoint_every_n_steps: int = 0
+    keep_checkpoints: int = 0
 
 
 @dataclass
@@ -160,6 +165,14 @@ def validate(cfg: DictConfig) -> None:
     _at_least("trainer.accumulate", trainer.accumulate, 1)
     _at_least("trainer.l1", trainer.l1, 0.0)
     _at_least("trainer.overfit_batches", trainer.overfit_batches, 0)
+    _at_least("trainer.checkpoint_every_n_steps", trainer.checkpoint_every_n_steps, 0)
+    _at_least("trainer.keep_checkpoints", trainer.keep_checkpoints, 0)
+    if trainer.resume is not None and trainer.resume != "auto":
+        path = Path(os.path.expanduser(trainer.resume))
+        if not path.exists():
+            raise UserError(
+                f"trainer.resume: '{trainer.resume}' does not exist; give a checkpoint file, a run directory or auto"
+            )
     if not 0.0 <= trainer.label_smoothing < 1.0:
         raise UserError(
             f"trainer.label_smoothing={trainer.label_smoothing} is out of range; use a value in [0, 1), e.g. 0.1"

@@ -23,18 +23,23 @@ def compose_config(*overrides: str) -> DictConfig:
 
 
 def run_in_process(run_dir: Path, *overrides: str) -> dict:
-    """Validate and run one job like the CLI does; returns its summary.json."""
-    from shelltrain.runner import run
-    from shelltrain.schema import validate
+    """Validate, plan a resume and run one job like the CLI does (`cli.run_job`); returns its summary.json.
 
-    cfg = compose_config(*overrides)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    validate(cfg)
-    run(cfg, run_dir)
-    return json.loads((run_dir / "summary.json").read_text())
+    The config module stays initialized while the job runs, since resuming may recompose a config."""
+    from shelltrain.cli import run_job
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with initialize_config_module(config_module="shelltrain.configs", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*FAST, *overrides], return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(run_dir)
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]  # the job sees what @hydra.main gives it: the config without the hydra node
+        run_job(cfg, run_dir)
+    final_dir = Path(HydraConfig.get().runtime.output_dir)  # a resumed job moves into the original run dir
+    return json.loads((final_dir / "summary.json").read_text())
 
 
 def shelltrain(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
