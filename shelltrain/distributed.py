@@ -116,3 +116,20 @@ def shard(count: int) -> range:
     """This rank's share of `count` evaluation samples, none repeated (rank r takes r, r + N, ...), so sums over
     ranks are exactly the single-process sums."""
     return range(rank(), count, world_size())
+
+
+def launch(processes: int, args: list[str]) -> int:
+    """`torchrun --standalone --nproc-per-node=N -m shelltrain ARGS` from inside this process: the exit code
+    of the run (rank 0's when it failed, else the first failed rank's; 128 + N for a signal N)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={processes}", "-m", "shelltrain", *args]))
+    except ChildFailedError as exc:
+        failure = exc.failures.get(0) or exc.failures[min(exc.failures)]
+        return failure.exitcode if failure.exitcode >= 0 else 128 - failure.exitcode
+    except SignalException as exc:
+        return 128 + int(exc.sigval)
+    return 0
