@@ -99,6 +99,15 @@ def gather(obj: Any) -> list[Any] | None:
     return boxes
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics). DDP sends them at the start of each
+    training forward, so after it every rank has updated its own copy; evaluating with rank 0's (those that
+    checkpoints hold) makes the global figures what one process computes from a checkpoint."""
+    if active():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def wrap(model: nn.Module, device: torch.device, sync_batchnorm: bool = False) -> nn.Module:
     """The module that trains: `model` itself in one process, else DDP around it (after converting BatchNorm to
     SyncBatchNorm if asked: statistics over the global batch). DDP broadcasts rank 0's parameters and buffers

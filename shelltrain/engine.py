@@ -154,6 +154,7 @@ def fit(
         )  # fmt: skip
         if train_metrics is None:
             return state  # stopped mid-epoch; on_checkpoint has seen the state
+        distributed.broadcast_buffers(model)
         val = evaluate(model, val_loader, settings, limit=settings.limit_val_batches)
         row = {
             "epoch": epoch,

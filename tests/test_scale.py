@@ -22,10 +22,10 @@ from shelltrain.engine import TrainSettings, evaluate
 from shelltrain.errors import UserError
 from shelltrain.models import build_model
 
-# Tiny and quick: 120 images per split, 8 batches of 16 per epoch, split over two ranks.
+# Tiny and quick: 240 train images, 15 batches of 8 per rank and epoch.
 DDP = [
-    "model=cnn", "model.width=8", "data.limit_samples=120", "data.batch_size=8", "scheduler=none",
-    "trainer.device=cpu", "trainer.threads=1", "logger=[csv,jsonl]",
+    "model=cnn", "model.width=8", "data.limit_samples=240", "data.batch_size=8", "scheduler=none", "optimizer=adam",
+    "optimizer.lr=0.003", "trainer.device=cpu", "trainer.threads=1", "logger=[csv,jsonl]",
 ]  # fmt: skip
 
 
@@ -79,14 +79,15 @@ def test_torchrun_two_ranks_write_one_run_dir_with_global_metrics(ddp_run):
     model.load_state_dict(checkpoint["model"])
     settings = TrainSettings(epochs=0, device=torch.device("cpu"))
     val = evaluate(model, data.val, settings)
-    assert len(data.val.dataset) == 120
+    assert len(data.val.dataset) == 144
     assert float(table[-1]["val_acc"]) == pytest.approx(val["acc"], abs=1e-6)
-    assert float(table[-1]["val_loss"]) == pytest.approx(val["loss"], rel=1e-4)
+    assert float(table[-1]["val_loss"]) == pytest.approx(val["loss"], rel=1e-5)
+    assert val["acc"] > 0.2  # learning: a match at chance level would prove little
     best = torch.load(ddp_run / "checkpoints/best.pt", weights_only=True)
     model.load_state_dict(best["model"])
     assert summary["test_acc"] == pytest.approx(evaluate(model, data.test, settings)["acc"], abs=1e-9)
-    # 120 train images, 60 per rank in 8 batches of 8 (the last one short): 8 optimizer steps per epoch
-    assert checkpoint["step"] == 16 and len(checkpoint["rng_ranks"]) == 2
+    # 240 train images, 120 per rank in batches of 8: 15 optimizer steps per epoch
+    assert checkpoint["step"] == 30 and len(checkpoint["rng_ranks"]) == 2
 
 
 def test_torchrun_resumes_a_ddp_run(ddp_run):
@@ -95,7 +96,7 @@ def test_torchrun_resumes_a_ddp_run(ddp_run):
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["epoch"] for r in rows(ddp_run)] == ["1", "2", "3"]
     checkpoint = torch.load(ddp_run / "checkpoints/last.pt", weights_only=True)
-    assert (checkpoint["epoch"], checkpoint["step"]) == (3, 24)
+    assert (checkpoint["epoch"], checkpoint["step"]) == (3, 45)
     assert run_dirs(root) == [ddp_run]  # continued in place, nothing new
     assert "resuming from" in (ddp_run / "train.log").read_text()
 
@@ -126,7 +127,9 @@ def test_trainer_devices_launches_the_processes_itself(tmp_path):
     assert [r["epoch"] for r in rows(tmp_path / "run")] == ["1"]
 
 
+@pytest.mark.slow
 def test_torchrun_refuses_one_process_stages_with_one_line(tmp_path):
+    """Rank 0 fails before it settles the run directory: the other rank is released and stays silent."""
     result = torchrun(*DDP, "cv.folds=2", cwd=tmp_path)
     assert result.returncode != 0
     assert result.stderr.count("shelltrain: error: cv.folds is not supported with several processes") == 1
