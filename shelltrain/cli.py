@@ -235,7 +235,9 @@ def _config_flags(args: list[str]) -> list[str]:
 
 
 def _quoted(value: str) -> str:
-    """A value for a Hydra override, quoted so that paths with spaces, commas or '=' pass as they are."""
+    """A value for a Hydra override, quoted where needed so that paths with spaces, commas or '=' pass as they are."""
+    if re.fullmatch(r"[\w./@+-]+", value):
+        return value
     return "'" + value.replace("'", "\\'") + "'"
 
 

@@ -284,11 +284,11 @@ class GracefulStop:
             raise Interrupted(signum, self.run_dir, saved=False)
         self.signum = signum
         name = signal.Signals(signum).name
+        if not distributed.is_main():
+            return  # rank 0 speaks for all
         again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
-        sys.stderr.write(
-            f"\nshelltrain: {name} received: finishing this step and saving a checkpoint "
-            f"({again} again quits at once)\n"
-        )
+        how = "the launcher ends every process after its timeout" if distributed.active() else f"{again} again quits at once"
+        sys.stderr.write(f"\nshelltrain: {name} received: finishing this step and saving a checkpoint ({how})\n")
         sys.stderr.flush()
         log.info("%s received: stopping after this step", name)
 
