@@ -206,7 +206,7 @@ def _launch_processes(
     from shelltrain import distributed
 
     processes = int(cfg.trainer.devices)
-    args = _into_run(_config_flags(sys.argv[1:]) + overrides, str(run_dir), checkpoint)
+    args = _into_run(_config_flags(HydraConfig.get()) + overrides, str(run_dir), checkpoint)
     _note(f"trainer.devices={processes}: training in {processes} processes (DDP) into {run_dir}")
     code = distributed.launch(processes, args)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
@@ -222,16 +222,15 @@ def _launch_processes(
     return summary.get(f"best_{cfg.trainer.monitor}", summary.get("test_acc")), []
 
 
-def _config_flags(args: list[str]) -> list[str]:
-    """Hydra's --config-dir/--config-name/--config-path flags (with their values) of a command line."""
-    names = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp")
-    flags = []
-    for i, arg in enumerate(args):
-        if arg in names and i + 1 < len(args):
-            flags += [arg, args[i + 1]]
-        elif arg.split("=", 1)[0] in names and "=" in arg:
-            flags.append(arg)
-    return flags
+def _config_flags(hydra_cfg: Any) -> list[str]:
+    """The --config-dir and --config-name this job was composed with (read from Hydra, not from sys.argv, which
+    under a launcher such as submitit is not the shelltrain command line)."""
+    flags = [
+        f"--config-dir={source.path}"
+        for source in hydra_cfg.runtime.config_sources
+        if source.provider == "command-line" and source.schema == "file"
+    ]
+    return [*flags, f"--config-name={hydra_cfg.job.config_name}"]
 
 
 def _quoted(value: str) -> str:

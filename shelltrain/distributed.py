@@ -108,15 +108,11 @@ def broadcast_buffers(model: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def wrap(model: nn.Module, device: torch.device, sync_batchnorm: bool = False) -> nn.Module:
-    """The module that trains: `model` itself in one process, else DDP around it (after converting BatchNorm to
-    SyncBatchNorm if asked: statistics over the global batch). DDP broadcasts rank 0's parameters and buffers
-    now, so every rank starts from the same weights; parameters stay shared with `model`, which is what
-    checkpoints and evaluation use."""
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` itself in one process, else DDP around it. DDP broadcasts rank 0's parameters and buffers now,
+    so every rank starts from the same weights."""
     if not active():
         return model
-    if sync_batchnorm:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 

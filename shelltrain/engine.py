@@ -177,17 +177,17 @@ def fit(
 
 
 def trainable(model: nn.Module, settings: TrainSettings) -> nn.Module:
-    """`model` on its device and memory format, compiled if asked, and wrapped in DDP under several processes.
-
-    Compiling happens in place (`nn.Module.compile`, as PyTorch recommends with DDP: the compiled module goes
-    inside the wrapper), so the state dict keeps its plain keys and evaluation and checkpoints use `model`
-    itself, whose parameters the returned module shares."""
+    """The module that trains: `model` on its device and memory format, compiled if asked, then wrapped in DDP
+    under several processes (compiled inside the wrapper, as PyTorch recommends). It shares its parameters with
+    `model`, which stays eager: evaluation (other batch sizes, eval mode) causes no recompiles, and checkpoints
+    keep plain state-dict keys."""
+    if settings.sync_batchnorm and distributed.active():  # statistics over the global batch; converts in place
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(settings.device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
-    if settings.compile:
-        model.compile()
-    return distributed.wrap(model, settings.device, settings.sync_batchnorm)
+    net = torch.compile(model) if settings.compile else model
+    return distributed.wrap(net, settings.device)
 
 
 def make_scaler(settings: TrainSettings) -> torch.amp.GradScaler:

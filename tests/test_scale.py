@@ -244,3 +244,15 @@ def test_on_device_training_and_cross_validation(tmp_path):
 def test_on_device_refuses_unbatched_augmentation(tmp_path):
     with pytest.raises(UserError, match="TrivialAugmentWide, which has no batched"):
         run_in_process(tmp_path, "model=cnn", "data.on_device=true", "augmentation=trivialaugment", "debug=smoke")
+
+
+@pytest.mark.slow
+def test_compiled_training_keeps_plain_checkpoints(tmp_path):
+    """trainer.compile trains a compiled module (its first epoch includes compiling: minutes on a small CPU);
+    checkpoints hold the eager model's plain keys, which load anywhere."""
+    summary = run_in_process(tmp_path, "model=cnn", "model.width=8", "data.limit_samples=128", "trainer.epochs=2",
+                             "trainer.compile=true", "scheduler=none")  # fmt: skip
+    assert summary["status"] == "completed"
+    keys = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)["model"]
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
+    assert torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)["step"] == 2 * (128 // 32)  # drop_last
