@@ -105,7 +105,7 @@ def test_torchrun_resumes_a_ddp_run(ddp_run):
 def test_resumed_ddp_run_matches_an_uninterrupted_one(tmp_path):
     """Resuming under DDP is exact: two epochs, then a third from the checkpoint, give the same weights as
     three epochs in one go (every rank's data order, augmentation and dropout replay)."""
-    args = [*DDP, "augmentation=basic", "model.dropout=0.2"]
+    args = [*DDP, "augmentation=basic", "model.dropout=0.2", "data.on_device=true"]
     for run in (["trainer.epochs=2", "hydra.run.dir=resumed"], ["trainer.epochs=3", "trainer.resume=resumed"],
                 ["trainer.epochs=3", "hydra.run.dir=straight"]):  # fmt: skip
         result = torchrun(*args, *run, cwd=tmp_path)
