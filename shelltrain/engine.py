@@ -43,7 +43,7 @@ class TrainSettings:
     limit_val_batches: int | None = None
     overfit_batches: int = 0
     checkpoint_every_n_steps: int = 0  # >0: Callback.on_checkpoint every N optimizer steps (mid-epoch)
-    compile: bool = False  # torch.compile the model (in place, before any DDP wrap)
+    compile: bool = False  # train a torch.compile'd module (inside any DDP wrapper)
     sync_batchnorm: bool = False  # under DDP: BatchNorm statistics over the global batch
 
 
@@ -379,7 +379,8 @@ def evaluate(
     count = targets.numel()
     loss = metrics_from_logits(logits, targets, settings)["loss"] * count if count else 0.0
     correct = (logits.argmax(1) == targets).sum().item() if count else 0
-    loss_sum, correct, count = distributed.all_reduce_sum(torch.tensor([loss, correct, count], dtype=torch.float64)).tolist()
+    totals = distributed.all_reduce_sum(torch.tensor([loss, correct, count], dtype=torch.float64))
+    loss_sum, correct, count = totals.tolist()
     if not count:
         return {"loss": math.nan, "acc": math.nan}
     return {"loss": loss_sum / count, "acc": correct / count}

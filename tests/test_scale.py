@@ -29,8 +29,8 @@ DDP = [
 ]  # fmt: skip
 
 
-def torchrun(*args: str, cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+def torchrun(*args: str, cwd: Path, processes: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
     env.pop("HYDRA_FULL_ERROR", None)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
@@ -114,6 +114,16 @@ def test_resumed_ddp_run_matches_an_uninterrupted_one(tmp_path):
     b = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert rows(tmp_path / "resumed")[-1]["val_acc"] == rows(tmp_path / "straight")[-1]["val_acc"]
+
+
+@pytest.mark.slow
+def test_a_crash_on_one_rank_ends_every_rank(tmp_path):
+    """Rank 1 raises a few steps in; torchrun ends rank 0 too (its collective fails, or torchrun stops it)."""
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    result = torchrun(*DDP, "+model._target_=crashing_model.CrashOnRankOne", "hydra.run.dir=run", cwd=tmp_path, env=env)
+    assert result.returncode != 0
+    assert "planted crash on rank 1" in result.stderr
+    assert not (tmp_path / "run/summary.json").exists() or "completed" not in (tmp_path / "run/summary.json").read_text()
 
 
 @pytest.mark.slow
