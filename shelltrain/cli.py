@@ -394,7 +394,13 @@ def resume_command(run_dir: Path) -> str:
         args += [f"hydra.sweep.dir={sweep_dir}", "trainer.resume=auto"]
     else:
         args.append(f"trainer.resume={Path(run_dir).absolute()}")
-    return shlex.join(["shelltrain", *args])
+    program = ["shelltrain"]
+    if _under_torchrun() and not any(_is_override_of(a, "trainer.devices") for a in args):
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        nodes = int(os.environ["WORLD_SIZE"]) // per_node
+        program = ["torchrun", *([f"--nnodes={nodes}"] if nodes > 1 else []), f"--nproc-per-node={per_node}", "-m",
+                   "shelltrain"]  # fmt: skip
+    return shlex.join([*program, *args])
 
 
 def _exit_on_sigterm() -> Any:
