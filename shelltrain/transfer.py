@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from shelltrain.checkpoint import safe_load
 from shelltrain.engine import Callback
 from shelltrain.errors import UserError
 from shelltrain.models import find_classifier
@@ -107,14 +108,7 @@ def _open_path(spec: str, path: Path) -> WeightsSource:
 
 
 def _torch_load(path: Path) -> dict[str, Any]:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt, truncated, or pickles objects that a safe load refuses
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise UserError(
-            f"model.weights: '{path}' cannot be loaded safely (corrupt, truncated, or it pickles Python objects "
-            f"rather than tensors): {reason}"
-        ) from None
+    payload = safe_load(path, f"model.weights: '{path}'")
     if not isinstance(payload, dict):
         raise UserError(f"model.weights: '{path}' holds a {type(payload).__name__}, not a state dict or checkpoint")
     return payload
