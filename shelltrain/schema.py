@@ -120,6 +120,18 @@ class CVSchema:
     refit: bool = True
 
 
+@dataclass
+class EnsembleSchema:
+    name: str = "none"
+    members: Any = None
+    checkpoints: list[str] = field(default_factory=list)
+    sweep: Optional[str] = None
+    top_k: Optional[int] = None
+    weights: Optional[list[float]] = None
+    temperature: float = 1.0
+    vmap: Any = "auto"
+
+
 PRECISIONS = ("32", "bf16", "16-mixed")
 LOSSES = ("cross_entropy", "mse")
 MONITORS = ("val_acc", "val_loss")
@@ -145,6 +157,7 @@ PRUNE_IMPORTANCES = ("l1", "l2", "taylor", "bn_scale", "fpgm", "random")
 PRUNE_RAMPS = ("linear", "cubic")
 QUANTIZE_MODES = ("auto", "static", "dynamic", "fake")
 QUANTIZE_BACKENDS = ("x86", "fbgemm", "qnnpack")
+ENSEMBLE_RULES = ("none", "average", "weighted", "vote")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -230,15 +243,14 @@ def validate(cfg: DictConfig) -> None:
         )
 
     _check_optimizer(cfg.optimizer)
-    prune = cfg.get("prune") or {}
-    _check_prune(prune)
-    # With pruning, the scheduler also sizes the fine-tuning: trainer.epochs=0 prunes a loaded model.
-    _check_scheduler(cfg.scheduler, trainer.epochs if prune.get("name", "none") == "none" else 1)
+    _check_prune(cfg.get("prune") or {})
+    _check_scheduler(cfg.scheduler)
     _check_structured_support(cfg)
     if "cv" in cfg:
         _check_cv(_typed(cfg.cv, CVSchema, "cv"), trainer)
     if "gate" in cfg:
         _check_gates(cfg.gate)
+    _check_ensemble(_typed(cfg.ensemble, EnsembleSchema, "ensemble"), cfg.model.get("weights"))
     _check_task(cfg)
     _check_loggers(cfg.get("logger"))
 
@@ -290,17 +302,54 @@ def _check_optimizer(optimizer: DictConfig) -> None:
         raise UserError(f"optimizer.weight_decay={decay!r} is invalid; use a number >= 0, e.g. 5e-4")
 
 
-def _check_scheduler(scheduler: DictConfig, epochs: int) -> None:
+def _check_scheduler(scheduler: DictConfig) -> None:
     interval = scheduler.get("interval", "epoch")
     _one_of("scheduler.interval", interval, ("epoch", "step"))
     if "ReduceLROnPlateau" in str(scheduler.get("_target_")) and interval != "epoch":
         raise UserError(
             "scheduler=plateau steps on the validation metric, once per epoch; set scheduler.interval=epoch"
         )
-    if scheduler.get("_target_") and "total_steps" in scheduler and epochs == 0:
+
+
+def _check_ensemble(ensemble: EnsembleSchema, model_weights: str | None) -> None:
+    """Values only; member counts (ensemble.weights) and paths are checked when members are gathered."""
+    _one_of("ensemble.name", ensemble.name, ENSEMBLE_RULES)
+    members = ensemble.members
+    if isinstance(members, bool) or not (
+        members is None
+        or isinstance(members, int) and members >= 1
+        or isinstance(members, list) and members and all(isinstance(m, (str, list, dict)) for m in members)
+    ):
         raise UserError(
-            "scheduler needs trainer.epochs > 0 to size its schedule; use scheduler=none with trainer.epochs=0"
+            f"ensemble.members={members!r} is invalid; use a count >= 1 (e.g. ensemble.members=3) or a list of "
+            "override sets, one per member, e.g. \"ensemble.members=['model=cnn','model=resnet18']\""
         )
+    sources = [
+        key for key, value in (("members", members), ("checkpoints", ensemble.checkpoints), ("sweep", ensemble.sweep))
+        if value
+    ]  # fmt: skip
+    if ensemble.name == "none" and sources:
+        raise UserError(
+            f"ensemble.{sources[0]} is set but ensemble=none; pick a rule to fuse the members: "
+            "ensemble=average, ensemble=weighted or ensemble=vote"
+        )
+    if ensemble.name != "none" and not sources and not model_weights:
+        raise UserError(
+            f"ensemble={ensemble.name} has no members; set ensemble.members=K (train K here), "
+            "ensemble.checkpoints=[run dirs or .pt files] or ensemble.sweep=<multirun dir>"
+        )
+    if ensemble.top_k is not None:
+        _at_least("ensemble.top_k", ensemble.top_k, 1)
+        if not ensemble.sweep:
+            raise UserError("ensemble.top_k picks jobs of a sweep; set ensemble.sweep=<multirun dir> too")
+    if ensemble.weights is not None:
+        if ensemble.name != "weighted":
+            raise UserError(f"ensemble.weights is used by ensemble=weighted, not ensemble={ensemble.name}")
+        if any(w < 0 for w in ensemble.weights) or sum(ensemble.weights) <= 0:
+            raise UserError(f"ensemble.weights={list(ensemble.weights)} must be >= 0 with a positive sum")
+    if ensemble.temperature <= 0:
+        raise UserError(f"ensemble.temperature={ensemble.temperature} is out of range; it must be > 0, e.g. 0.5")
+    _one_of("ensemble.vmap", ensemble.vmap, ("auto", True, False))
 
 
 def _check_structured_support(cfg: DictConfig) -> None:

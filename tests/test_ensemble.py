@@ -1,0 +1,250 @@
+"""Ensembles: the combination rules on hand-made probabilities, vmap against the loop, and the
+three member sources (trained here, checkpoints, a sweep) end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_in_process, shelltrain
+
+from shelltrain.engine import TrainSettings
+from shelltrain.ensemble import (
+    _override_set,
+    accuracy_weights,
+    average,
+    fuse,
+    member_logits,
+    same_architecture,
+    vote,
+    weighted,
+)
+from shelltrain.errors import UserError
+from shelltrain.models import SmallCNN
+
+# Small and quick, but members good enough (~0.9) that fusing them means something.
+MEMBER = [
+    "model=cnn", "model.width=8", "data.image_size=16", "scheduler=none", "optimizer=adam", "optimizer.lr=0.01",
+    "trainer.epochs=2", "trainer.limit_train_batches=25",
+]  # fmt: skip
+
+
+def probs(*rows: list[list[float]]) -> torch.Tensor:
+    """M x N x C from one N x C list per member."""
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+# ---- rules --------------------------------------------------------------------------------------
+
+
+def test_average_and_weighted_fuse_probabilities():
+    p = probs([[0.9, 0.1]], [[0.2, 0.8]], [[0.3, 0.7]])
+    assert average(p)[0].tolist() == pytest.approx([1.4 / 3, 1.6 / 3])
+    assert fuse("average", p, [1 / 3] * 3)[1].tolist() == [1]
+    # the first member outweighs the two others together: the weighted ensemble follows it
+    assert weighted(p, [0.6, 0.2, 0.2])[0].tolist() == pytest.approx([0.64, 0.36])
+    assert weighted(p, [3, 1, 1])[0].tolist() == pytest.approx([0.64, 0.36])  # normalized
+    assert fuse("weighted", p, [0.6, 0.2, 0.2])[1].tolist() == [0]
+
+
+def test_accuracy_weights_normalize_and_sharpen_with_temperature():
+    assert accuracy_weights([0.9, 0.6, 0.3]) == pytest.approx([0.5, 1 / 3, 1 / 6])
+    squares = [0.81, 0.36, 0.09]
+    assert accuracy_weights([0.9, 0.6, 0.3], temperature=0.5) == pytest.approx([s / 1.26 for s in squares])
+    assert accuracy_weights([0.9, 0.6], temperature=2.0) == pytest.approx(
+        [0.9**0.5 / (0.9**0.5 + 0.6**0.5), 0.6**0.5 / (0.9**0.5 + 0.6**0.5)]
+    )
+    assert accuracy_weights([0.9, 0.89], temperature=1e-4) == pytest.approx([1.0, 0.0], abs=1e-6)  # no 0/0
+    assert accuracy_weights([0.0, 0.0]) == [0.5, 0.5]
+    assert accuracy_weights([0.5, float("nan")]) == [1.0, 0.0]
+
+
+def test_vote_is_a_majority_and_ties_go_to_the_summed_probability():
+    # sample 0: 3 votes for class 0 beat the higher summed probability of class 1
+    # sample 1: a 2-2 tie of classes 1 and 2; class 2 has the higher summed probability
+    # sample 2: a 2-2 tie of classes 0 and 1; class 2 has the highest sum but no vote, so 1 wins
+    p = probs(
+        [[0.50, 0.49, 0.01], [0.10, 0.60, 0.30], [0.40, 0.25, 0.35]],
+        [[0.40, 0.35, 0.25], [0.10, 0.50, 0.40], [0.10, 0.46, 0.44]],
+        [[0.40, 0.30, 0.30], [0.00, 0.30, 0.70], [0.40, 0.25, 0.35]],
+        [[0.00, 0.99, 0.01], [0.00, 0.45, 0.55], [0.10, 0.46, 0.44]],
+    )
+    assert vote(p).tolist() == [0, 2, 1]
+    assert average(p).argmax(1).tolist()[0] == 1  # averaging would have picked class 1 for sample 0
+    fused, preds = fuse("vote", p, [0.25] * 4)
+    assert preds.tolist() == [0, 2, 1] and torch.allclose(fused, average(p))  # its loss uses the mean
+
+
+def test_member_override_sets_in_every_spelling():
+    assert _override_set("model=cnn model.width=8") == ["model=cnn", "model.width=8"]
+    assert _override_set(["model=resnet18", "model.small_input=true"]) == ["model=resnet18", "model.small_input=true"]
+    assert _override_set({"model": "resnet18", "model.small_input": True}) == ["model=resnet18", "model.small_input=true"]
+
+
+# ---- vmap -----------------------------------------------------------------------------------------
+
+
+def _members(count: int, width: int = 8) -> list[torch.nn.Module]:
+    torch.manual_seed(0)
+    models = [SmallCNN(10, 1, width=width).eval() for _ in range(count)]
+    for model in models:  # distinct running statistics, so buffers really are stacked per member
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return models
+
+
+def test_vmap_evaluation_equals_the_loop_on_cpu():
+    x, y = torch.randn(21, 1, 16, 16), torch.randint(0, 10, (21,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    settings = TrainSettings(epochs=0, device=torch.device("cpu"), channels_last=True)
+    models = _members(3)
+    assert same_architecture(models) and not same_architecture([*models, _members(1, width=16)[0]])
+    loop, targets = member_logits(models, loader, settings, limit=None, stacked=False)
+    stacked, stacked_targets = member_logits(models, loader, settings, limit=None, stacked=True)
+    assert loop.shape == (3, 21, 10) and torch.equal(targets, y) and torch.equal(stacked_targets, y)
+    torch.testing.assert_close(stacked, loop)
+    limited, _ = member_logits(models, loader, settings, limit=2, stacked=True)
+    torch.testing.assert_close(limited, loop[:, :16])
+
+
+# ---- end to end ---------------------------------------------------------------------------------
+
+
+def test_members_trained_in_one_run_then_reused_weighted_and_voted(tmp_path):
+    run = tmp_path / "ensemble"
+    summary = run_in_process(run, *MEMBER, "ensemble=average", "ensemble.members=3", "trainer.seed=5")
+    report = json.loads((run / "ensemble.json").read_text())
+    members = report["members"]
+    assert [m["origin"] for m in members] == [{"kind": "trained", "seed": s} for s in (5, 6, 7)]
+    assert [m["weight"] for m in members] == pytest.approx([1 / 3] * 3)
+    assert all(m["epochs_trained"] == 2 and m["test_acc"] > 0.6 for m in members)
+    # the acceptance criterion: the ensemble is at least as good as its average member
+    mean = sum(m["test_acc"] for m in members) / 3
+    assert report["test_acc"] >= mean and report["members_mean_test_acc"] == pytest.approx(mean)
+    assert summary["test_acc"] == report["test_acc"] and summary["best_val_acc"] == report["val_acc"]
+    assert summary["ensemble"]["rule"] == "average" and len(summary["ensemble"]["members"]) == 3
+    assert summary["params"] == sum(m["params"] for m in members)
+    for i, m in enumerate(members):
+        assert m["checkpoint"] == f"members/{i}/checkpoints/best.pt"
+        ckpt = torch.load(run / m["checkpoint"], weights_only=True)
+        assert ckpt["config"]["trainer"]["seed"] == 5 + i and ckpt["config"]["model"]["name"] == "cnn"
+        assert (run / f"members/{i}/metrics.csv").is_file()
+
+    # the run directory is an ensemble: evaluated again as it was saved, nothing trains
+    again = run_in_process(tmp_path / "again", "data.image_size=16", "trainer.epochs=0", f"model.weights={run}")
+    assert again["test_acc"] == summary["test_acc"] and again["ensemble"]["rule"] == "average"
+    assert all(m["epochs_trained"] == 0 for m in again["ensemble"]["members"])
+    assert not (tmp_path / "again" / "checkpoints").exists()
+
+    # ... and an ensemble.checkpoints entry, fused by the other rules
+    fused = run_in_process(
+        tmp_path / "weighted", "data.image_size=16", "trainer.epochs=0", "ensemble=weighted",
+        "ensemble.temperature=0.5", f"ensemble.checkpoints=[{run}]",
+    )["ensemble"]  # fmt: skip
+    val_accs = [m["val_acc"] for m in fused["members"]]
+    assert val_accs == [m["val_acc"] for m in members]
+    assert fused["weights"] == pytest.approx(accuracy_weights(val_accs, 0.5)) and fused["temperature"] == 0.5
+    assert fused["members"][1]["origin"] == {"kind": "ensemble", "source": str(run), "member": 1, "was": members[1]["origin"]}
+    explicit = run_in_process(
+        tmp_path / "explicit", "data.image_size=16", "trainer.epochs=0", "ensemble=weighted",
+        "ensemble.weights=[2,1,1]", f"ensemble.checkpoints=[{run}]",
+    )["ensemble"]  # fmt: skip
+    assert explicit["weights"] == [0.5, 0.25, 0.25]
+    voted = run_in_process(
+        tmp_path / "vote", "data.image_size=16", "trainer.epochs=0", "ensemble=vote", f"ensemble.checkpoints=[{run}]"
+    )["ensemble"]  # fmt: skip
+    assert voted["rule"] == "vote" and voted["test_acc"] >= min(m["test_acc"] for m in members)
+    # loaded members (a checkpoint file, a run directory) fine-tuned when trainer.epochs > 0
+    tuned = run_in_process(
+        tmp_path / "tuned", "data.image_size=16", "debug=smoke", "scheduler=none", "ensemble=average",
+        f"ensemble.checkpoints=[{run}/members/0/checkpoints/best.pt,{run}/members/1]",
+    )["ensemble"]  # fmt: skip
+    assert [m["origin"]["kind"] for m in tuned["members"]] == ["checkpoint", "checkpoint"]
+    assert [m["epochs_trained"] for m in tuned["members"]] == [1, 1]
+    config = torch.load(tmp_path / "tuned/members/1/checkpoints/last.pt", weights_only=True)["config"]
+    assert config["model"]["name"] == "cnn" and config["model"]["width"] == 8 and config["trainer"]["seed"] == 1
+    # a saved weighted ensemble keeps its weights when evaluated again
+    reused = run_in_process(tmp_path / "reused", "data.image_size=16", "trainer.epochs=0", f"model.weights={tmp_path / 'explicit'}")
+    assert reused["ensemble"]["weights"] == [0.5, 0.25, 0.25] and reused["test_acc"] == explicit["test_acc"]
+
+
+def test_heterogeneous_members(tmp_path):
+    summary = run_in_process(
+        tmp_path, *MEMBER, "trainer.epochs=1", "trainer.limit_train_batches=5", "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2", "ensemble=vote",
+        "ensemble.members=['model=cnn model.width=4',{model:mobilenet_v3_small,model.dropout:0.1}]",
+    )  # fmt: skip
+    report = summary["ensemble"]
+    assert [m["model"] for m in report["members"]] == ["cnn", "mobilenet_v3_small"]
+    assert report["members"][0]["origin"] == {"kind": "trained", "seed": 0, "overrides": ["model=cnn", "model.width=4"]}
+    assert report["members"][1]["origin"]["overrides"] == ["model=mobilenet_v3_small", "model.dropout=0.1"]
+    assert report["members"][0]["params"] < report["members"][1]["params"]
+    assert report["evaluation"] == "loop"  # different architectures are never stacked
+    second = torch.load(tmp_path / "members/1/checkpoints/best.pt", weights_only=True)["config"]
+    assert second["model"]["name"] == "mobilenet_v3_small" and second["model"]["dropout"] == 0.1
+    assert second["trainer"]["seed"] == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["ensemble.members=3"], "ensemble.members is set but ensemble=none; pick a rule"),
+        (["ensemble=average"], "ensemble=average has no members"),
+        (["ensemble=average", "ensemble.weights=[1,2]", "ensemble.members=2"], "ensemble.weights is used by ensemble=weighted"),
+        (["ensemble=weighted", "ensemble.weights=[1]", "ensemble.members=2"], "ensemble.weights has 1 entries for 2 members"),
+        (["ensemble=vote", "ensemble.members=2", "ensemble.top_k=2"], "ensemble.top_k picks jobs of a sweep"),
+        (["ensemble=vote", "ensemble.sweep=/nonexistent"], "ensemble.sweep='/nonexistent' is not a directory"),
+        (["ensemble=vote", "ensemble.checkpoints=[/nonexistent/best.pt]"], "'/nonexistent/best.pt' does not exist"),
+        (["ensemble=vote", "ensemble.members=['model=resnet1800']"], "ensemble.members[0] (model=resnet1800)"),
+        (["ensemble=vote", "ensemble.members=['data.image_size=8']"], "changes data; members share this run's data"),
+        (["ensemble=vote", "model.weights=/nonexistent"], "model.weights='/nonexistent' is not an ensemble run directory"),
+    ],
+)
+def test_ensemble_config_mistakes_are_user_errors(tmp_path, overrides, message):
+    with pytest.raises(UserError) as info:
+        run_in_process(tmp_path, "model=cnn", "debug=smoke", *overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "members").exists()  # nothing trained before the mistake was found
+
+
+def test_mismatched_class_sets_are_one_clear_line(tmp_path):
+    other = tmp_path / "three-classes"
+    run_in_process(other, "model=cnn", "debug=smoke", "data=synthetic", "data.num_classes=3", "data.num_samples=120")
+    result = shelltrain(
+        "ensemble=average", f"ensemble.checkpoints=[{other}]", "trainer.epochs=0", "trainer.device=cpu", cwd=tmp_path
+    )
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("shelltrain: error: ") and "ensemble members must share one class set" in lines[0]
+    assert "(3 classes)" in lines[0] and "(10 classes)" in lines[0]
+
+
+def test_a_sweeps_best_jobs_fused_without_training(tmp_path):
+    sweep = shelltrain(
+        "-m", "model=cnn", "trainer.seed=0,1,2,3", "debug=smoke", "trainer.device=cpu", "hydra.sweep.dir=sweep", cwd=tmp_path
+    )
+    assert sweep.returncode == 0, sweep.stderr
+    jobs = {
+        str(tmp_path / "sweep" / job): json.loads((tmp_path / "sweep" / job / "summary.json").read_text())["best_val_acc"]
+        for job in "0123"
+    }
+    expected = sorted(jobs, key=jobs.__getitem__, reverse=True)[:3]  # stable: ties keep job order
+
+    result = shelltrain(
+        "ensemble=weighted", "ensemble.sweep=sweep", "ensemble.top_k=3", "trainer.epochs=0", "trainer.device=cpu",
+        "hydra.run.dir=fused", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "fused/ensemble.json").read_text())
+    assert [m["origin"]["source"] for m in report["members"]] == expected
+    assert all(m["origin"]["kind"] == "sweep" and m["epochs_trained"] == 0 for m in report["members"])
+    assert report["weights"] == pytest.approx(accuracy_weights([m["val_acc"] for m in report["members"]]))
+    assert "ensemble (weighted) vs its members" in result.stdout
+    summary = json.loads((tmp_path / "fused/summary.json").read_text())
+    assert summary["test_acc"] == report["test_acc"] and summary["epochs_completed"] == 0
+    for i in range(3):  # self-contained: each member's weights copied, without optimizer state
+        ckpt = torch.load(tmp_path / f"fused/members/{i}/checkpoints/best.pt", weights_only=True)
+        assert "optimizer" not in ckpt and ckpt["classes"] == [str(c) for c in range(10)]
