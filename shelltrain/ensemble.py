@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import shlex
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ from shelltrain.engine import TrainSettings, TrainState, metrics_from_logits, mo
 from shelltrain.errors import UserError
 from shelltrain.models import build_model, count_parameters
 from shelltrain.report import say, write_json
+from shelltrain.schema import ENSEMBLE_RULES, validate
+
+log = logging.getLogger("shelltrain")
 
 ENSEMBLE_FILE = "ensemble.json"
 MEMBERS_DIR = "members"
@@ -119,7 +123,7 @@ class StackedMembers(nn.Module):
         params, buffers = stack_module_state([m.eval() for m in models])
         self.param_names, self.buffer_names = list(params), list(buffers)
         for i, tensor in enumerate([*params.values(), *buffers.values()]):
-            self.register_buffer(f"stacked_{i}", tensor.detach())
+            self.register_buffer(f"stacked_{i}", tensor.detach().contiguous())
         # In a list: not a submodule, so .to() and state_dict() leave the weightless template alone.
         self.template = [copy.deepcopy(models[0]).eval().to("meta")]
 
@@ -132,6 +136,8 @@ class StackedMembers(nn.Module):
 
         def call(p: dict, b: dict) -> torch.Tensor:
             return functional_call(self.template[0], (p, b), (x,))
+
+        x = x.contiguous()  # channels_last (here or in the weights) sends adaptive pooling to a slow vmap fallback
 
         return vmap(call)(params, buffers).transpose(0, 1)
 
@@ -204,11 +210,14 @@ def ensemble_dir(source: str | Path | None) -> Path | None:
 
 
 def read_ensemble(directory: Path) -> dict[str, Any]:
+    path = directory / ENSEMBLE_FILE
     try:
-        report = json.loads((directory / ENSEMBLE_FILE).read_text())
-        _ = [m["checkpoint"] for m in report["members"]], report["rule"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"'{directory / ENSEMBLE_FILE}' is not a valid ensemble description ({exc})") from None
+        report = json.loads(path.read_text())
+        valid = report["rule"] in ENSEMBLE_RULES[1:] and all("checkpoint" in m for m in report["members"])
+    except (ValueError, KeyError, TypeError):
+        valid = False
+    if not valid:
+        raise UserError(f"'{path}' is not an ensemble description written by shelltrain (rule, members' checkpoints)")
     return report
 
 
@@ -222,7 +231,10 @@ def sweep_jobs(sweep: str | Path, top_k: int | None, monitor: str) -> list[tuple
     key = f"best_{monitor}"
     jobs = []
     for path in sorted(root.glob("*/summary.json"), key=lambda p: _natural(p.parent.name)):
-        summary = json.loads(path.read_text())
+        try:
+            summary = json.loads(path.read_text())
+        except ValueError:  # a job killed while writing it: not finished
+            continue
         value = summary.get(key)
         if summary.get("status") == "completed" and isinstance(value, (int, float)) and not math.isnan(value):
             jobs.append((path.parent, float(value)))
@@ -353,7 +365,9 @@ def gather_members(cfg: DictConfig, data: DataBundle) -> tuple[list[Member], dic
     if reused_dir is not None:
         entries.append((reused_dir, {"kind": "ensemble"}))
     members += _trained_members(cfg, reused_dir is not None)
-    entries += [(entry, {"kind": "checkpoint"}) for entry in cfg.ensemble.checkpoints]
+    checkpoints = cfg.ensemble.checkpoints
+    checkpoints = checkpoints if OmegaConf.is_list(checkpoints) else [checkpoints]  # one path, or a list
+    entries += [(str(entry), {"kind": "checkpoint"}) for entry in checkpoints]
     if cfg.ensemble.sweep:
         jobs = sweep_jobs(cfg.ensemble.sweep, cfg.ensemble.top_k, cfg.trainer.monitor)
         entries += [(job, {"kind": "sweep", f"best_{cfg.trainer.monitor}": value}) for job, value in jobs]
@@ -385,8 +399,6 @@ def _trained_members(cfg: DictConfig, weights_are_an_ensemble: bool) -> list[Mem
 def _member_config(cfg: DictConfig, seed: int, overrides: list[str], index: int) -> DictConfig:
     """This run's config with seed `seed` and the member's overrides: a plain copy without overrides,
     else composed again by Hydra (group choices like model=resnet18 need composition)."""
-    from shelltrain.schema import validate
-
     if not overrides:
         member_cfg = copy.deepcopy(cfg)
         member_cfg.trainer.seed = seed
@@ -495,8 +507,6 @@ def _portable(member: Member, classes: list[str]) -> dict[str, Any]:
 
 def _warn_on_data_mismatch(cfg: DictConfig, path: Path, payload: dict[str, Any]) -> None:
     """Members trained on other inputs or other splits still load; say what differs."""
-    import logging
-
     theirs = payload.get("config", {}).get("data", {})
     ours = OmegaConf.to_container(cfg.data, resolve=True)
     keys = ("name", "image_size", "channels", "mean", "std", "split_seed", "val_fraction", "test_fraction")
@@ -504,7 +514,7 @@ def _warn_on_data_mismatch(cfg: DictConfig, path: Path, payload: dict[str, Any])
         f"data.{k}={theirs[k]!r} (this run: {ours.get(k)!r})" for k in keys if k in theirs and theirs[k] != ours.get(k)
     ]
     if differ:
-        logging.getLogger("shelltrain").warning("member '%s' was trained with %s", path, ", ".join(differ))
+        log.warning("member '%s' was trained with %s", path, ", ".join(differ))
 
 
 def _use_vmap(option: Any, models: list[nn.Module], settings: TrainSettings) -> bool:
@@ -564,7 +574,7 @@ def ensemble_table(report: dict[str, Any]) -> Table:
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for m in report["members"]:
         table.add_row(
-            str(m["index"]), m["model"], _describe(m["origin"]), f"{m['params']:,}",
+            str(m["index"]), m["model"], _describe(m["origin"], short=True), f"{m['params']:,}",
             f"{m['weight']:.3f}", _acc(m["val_acc"]), _acc(m["test_acc"]),
         )  # fmt: skip
     table.add_section()
@@ -576,17 +586,28 @@ def ensemble_table(report: dict[str, Any]) -> Table:
     return table
 
 
-def _describe(origin: dict[str, Any]) -> str:
+def _describe(origin: dict[str, Any], short: bool = False) -> str:
+    """Where a member came from, in words; `short` (for the table) cuts paths to what tells them apart."""
     kind = origin.get("kind")
     if kind == "trained":
         extra = f", {' '.join(origin['overrides'])}" if origin.get("overrides") else ""
         return f"trained here, seed {origin['seed']}{extra}"
+    source = _short_path(origin.get("source", "")) if short else origin.get("source")
     if kind == "sweep":
         metric = next((f" ({k} {v:.4f})" for k, v in origin.items() if k.startswith("best_")), "")
-        return f"sweep job {origin['source']}{metric}"
+        return f"sweep job {source}{metric}"
     if kind == "ensemble":
-        return f"ensemble {origin['source']} member {origin['member']}"
-    return f"checkpoint {origin.get('source')}"
+        return f"ensemble {source} member {origin['member']}"
+    return f"checkpoint {source}"
+
+
+def _short_path(path: str) -> str:
+    """Relative to the working directory when below it, else its last two parts."""
+    full = Path(path)
+    try:
+        return str(full.relative_to(Path.cwd()))
+    except ValueError:
+        return str(Path(*full.parts[-2:])) if len(full.parts) > 2 else path
 
 
 def _model_name(model_cfg: Any) -> str:

@@ -124,7 +124,7 @@ class CVSchema:
 class EnsembleSchema:
     name: str = "none"
     members: Any = None
-    checkpoints: list[str] = field(default_factory=list)
+    checkpoints: Any = field(default_factory=list)  # a list, or one path
     sweep: Optional[str] = None
     top_k: Optional[int] = None
     weights: Optional[list[float]] = None
@@ -323,6 +323,12 @@ def _check_ensemble(ensemble: EnsembleSchema, model_weights: str | None) -> None
         raise UserError(
             f"ensemble.members={members!r} is invalid; use a count >= 1 (e.g. ensemble.members=3) or a list of "
             "override sets, one per member, e.g. \"ensemble.members=['model=cnn','model=resnet18']\""
+        )
+    checkpoints = ensemble.checkpoints if isinstance(ensemble.checkpoints, list) else [ensemble.checkpoints]
+    if not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in checkpoints):  # a dir may be named 1
+        raise UserError(
+            f"ensemble.checkpoints={checkpoints!r} is invalid; give run directories or checkpoint files, "
+            "e.g. ensemble.checkpoints=[outputs/A,outputs/B/checkpoints/best.pt]"
         )
     sources = [
         key for key, value in (("members", members), ("checkpoints", ensemble.checkpoints), ("sweep", ensemble.sweep))

@@ -4,6 +4,7 @@ three member sources (trained here, checkpoints, a sweep) end to end."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -87,7 +88,8 @@ def test_member_override_sets_in_every_spelling():
 
 def _members(count: int, width: int = 8) -> list[torch.nn.Module]:
     torch.manual_seed(0)
-    models = [SmallCNN(10, 1, width=width).eval() for _ in range(count)]
+    # channels_last, like members fresh from training
+    models = [SmallCNN(10, 1, width=width).eval().to(memory_format=torch.channels_last) for _ in range(count)]
     for model in models:  # distinct running statistics, so buffers really are stacked per member
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -103,7 +105,9 @@ def test_vmap_evaluation_equals_the_loop_on_cpu():
     models = _members(3)
     assert same_architecture(models) and not same_architecture([*models, _members(1, width=16)[0]])
     loop, targets = member_logits(models, loader, settings, limit=None, stacked=False)
-    stacked, stacked_targets = member_logits(models, loader, settings, limit=None, stacked=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "performance drop": an op fell back to vmap's slow path
+        stacked, stacked_targets = member_logits(models, loader, settings, limit=None, stacked=True)
     assert loop.shape == (3, 21, 10) and torch.equal(targets, y) and torch.equal(stacked_targets, y)
     torch.testing.assert_close(stacked, loop)
     limited, _ = member_logits(models, loader, settings, limit=2, stacked=True)
@@ -142,10 +146,10 @@ def test_members_trained_in_one_run_then_reused_weighted_and_voted(tmp_path):
     # ... and an ensemble.checkpoints entry, fused by the other rules
     fused = run_in_process(
         tmp_path / "weighted", "data.image_size=16", "trainer.epochs=0", "ensemble=weighted",
-        "ensemble.temperature=0.5", f"ensemble.checkpoints=[{run}]",
+        "ensemble.temperature=0.5", f"ensemble.checkpoints=[{run}]", "ensemble.vmap=true",
     )["ensemble"]  # fmt: skip
     val_accs = [m["val_acc"] for m in fused["members"]]
-    assert val_accs == [m["val_acc"] for m in members]
+    assert fused["evaluation"] == "vmap" and val_accs == [m["val_acc"] for m in members]  # vmap agrees with the loop
     assert fused["weights"] == pytest.approx(accuracy_weights(val_accs, 0.5)) and fused["temperature"] == 0.5
     assert fused["members"][1]["origin"] == {"kind": "ensemble", "source": str(run), "member": 1, "was": members[1]["origin"]}
     explicit = run_in_process(
@@ -198,6 +202,8 @@ def test_heterogeneous_members(tmp_path):
         (["ensemble=vote", "ensemble.members=2", "ensemble.top_k=2"], "ensemble.top_k picks jobs of a sweep"),
         (["ensemble=vote", "ensemble.sweep=/nonexistent"], "ensemble.sweep='/nonexistent' is not a directory"),
         (["ensemble=vote", "ensemble.checkpoints=[/nonexistent/best.pt]"], "'/nonexistent/best.pt' does not exist"),
+        (["ensemble=vote", "ensemble.checkpoints=/nonexistent/best.pt"], "'/nonexistent/best.pt' does not exist"),
+        (["ensemble=vote", "ensemble.checkpoints=[[a]]"], "ensemble.checkpoints=[['a']] is invalid"),
         (["ensemble=vote", "ensemble.members=['model=resnet1800']"], "ensemble.members[0] (model=resnet1800)"),
         (["ensemble=vote", "ensemble.members=['data.image_size=8']"], "changes data; members share this run's data"),
         (["ensemble=vote", "model.weights=/nonexistent"], "model.weights='/nonexistent' is not an ensemble run directory"),
