@@ -158,6 +158,7 @@ PRUNE_RAMPS = ("linear", "cubic")
 QUANTIZE_MODES = ("auto", "static", "dynamic", "fake")
 QUANTIZE_BACKENDS = ("x86", "fbgemm", "qnnpack")
 ENSEMBLE_RULES = ("none", "average", "weighted", "vote")
+ENSEMBLE_FILE = "ensemble.json"  # what makes a run directory a reusable ensemble
 
 
 def validate(cfg: DictConfig) -> None:
@@ -243,14 +244,19 @@ def validate(cfg: DictConfig) -> None:
         )
 
     _check_optimizer(cfg.optimizer)
-    _check_prune(cfg.get("prune") or {})
-    _check_scheduler(cfg.scheduler)
+    prune = cfg.get("prune") or {}
+    _check_prune(prune)
+    ensemble = _typed(cfg.ensemble, EnsembleSchema, "ensemble")
+    fuses_loaded = is_ensemble(ensemble.name, cfg.model.get("weights")) and not ensemble.members
+    # With pruning, the scheduler also sizes the fine-tuning: trainer.epochs=0 prunes a loaded model.
+    # An ensemble of loaded members with trainer.epochs=0 trains nothing: no schedule to size.
+    _check_scheduler(cfg.scheduler, trainer.epochs if prune.get("name", "none") == "none" and not fuses_loaded else 1)
     _check_structured_support(cfg)
     if "cv" in cfg:
         _check_cv(_typed(cfg.cv, CVSchema, "cv"), trainer)
     if "gate" in cfg:
         _check_gates(cfg.gate)
-    _check_ensemble(_typed(cfg.ensemble, EnsembleSchema, "ensemble"), cfg.model.get("weights"))
+    _check_ensemble(ensemble, cfg.model.get("weights"), trainer, cfg.get("cv"))
     _check_task(cfg)
     _check_loggers(cfg.get("logger"))
 
@@ -302,18 +308,48 @@ def _check_optimizer(optimizer: DictConfig) -> None:
         raise UserError(f"optimizer.weight_decay={decay!r} is invalid; use a number >= 0, e.g. 5e-4")
 
 
-def _check_scheduler(scheduler: DictConfig) -> None:
+def _check_scheduler(scheduler: DictConfig, epochs: int) -> None:
     interval = scheduler.get("interval", "epoch")
     _one_of("scheduler.interval", interval, ("epoch", "step"))
     if "ReduceLROnPlateau" in str(scheduler.get("_target_")) and interval != "epoch":
         raise UserError(
             "scheduler=plateau steps on the validation metric, once per epoch; set scheduler.interval=epoch"
         )
+    if scheduler.get("_target_") and "total_steps" in scheduler and epochs == 0:
+        raise UserError(
+            "scheduler needs trainer.epochs > 0 to size its schedule; use scheduler=none with trainer.epochs=0"
+        )
 
 
-def _check_ensemble(ensemble: EnsembleSchema, model_weights: str | None) -> None:
-    """Values only; member counts (ensemble.weights) and paths are checked when members are gathered."""
+def ensemble_dir(source: Any) -> Path | None:
+    """The ensemble run directory `source` (model.weights, an ensemble.checkpoints entry) names: the directory
+    or its ensemble.json; else None."""
+    if source is None or str(source).strip() == "":
+        return None
+    path = Path(os.path.expanduser(str(source)))
+    if path.name == ENSEMBLE_FILE and path.is_file():
+        return path.parent
+    return path if (path / ENSEMBLE_FILE).is_file() else None
+
+
+def is_ensemble(rule: str, model_weights: Any) -> bool:
+    """Whether a run fuses members: a rule is chosen, or model.weights names an ensemble run directory."""
+    return rule != "none" or ensemble_dir(model_weights) is not None
+
+
+def _check_ensemble(
+    ensemble: EnsembleSchema, model_weights: str | None, trainer: TrainerSchema, cv: DictConfig | None
+) -> None:
+    """Values and combinations; member counts (ensemble.weights) and paths are checked when members are gathered."""
     _one_of("ensemble.name", ensemble.name, ENSEMBLE_RULES)
+    if is_ensemble(ensemble.name, model_weights):
+        if trainer.resume is not None:
+            raise UserError(
+                "trainer.resume does not apply to an ensemble run; run it again anew (members that finished can be "
+                "reused with ensemble.checkpoints=[<run dir>/members/<i>])"
+            )
+        if cv is not None and cv.get("folds"):
+            raise UserError("cv.folds does not apply to an ensemble run; set cv.folds=0 or ensemble=none")
     members = ensemble.members
     if isinstance(members, bool) or not (
         members is None
@@ -334,6 +370,11 @@ def _check_ensemble(ensemble: EnsembleSchema, model_weights: str | None) -> None
         key for key, value in (("members", members), ("checkpoints", ensemble.checkpoints), ("sweep", ensemble.sweep))
         if value
     ]  # fmt: skip
+    if ensemble.members and trainer.epochs == 0:
+        raise UserError(
+            "ensemble.members trains its members in this run and needs trainer.epochs > 0; "
+            "to fuse trained models set ensemble.checkpoints or ensemble.sweep instead"
+        )
     if ensemble.name == "none" and sources:
         raise UserError(
             f"ensemble.{sources[0]} is set but ensemble=none; pick a rule to fuse the members: "

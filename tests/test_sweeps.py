@@ -284,6 +284,7 @@ def test_gate_check_reads_headline_and_section_metrics():
         (["cv.folds=3", "trainer.epochs=0", "scheduler=none"], "cv.folds needs trainer.epochs > 0"),
         (["trainer.loss=mse", "trainer.label_smoothing=0.1"], "applies to trainer.loss=cross_entropy only"),
         (["trainer.loss=mse", "augmentation.mixup_alpha=0.2"], "mixup/cutmix needs trainer.loss=cross_entropy"),
+        (["scheduler=onecycle", "trainer.epochs=0"], "scheduler needs trainer.epochs > 0"),
         (["scheduler=plateau", "scheduler.interval=step"], "set scheduler.interval=epoch"),
         (["model=torchvision", "model.name=shufflenet_v2_x1_0", "prune.name=structured"], "prune=structured cannot"),
     ],
