@@ -2,10 +2,12 @@
 
 The combination rules are plain functions on member probabilities, M members x N samples x C
 classes: `average`, `weighted` (with `accuracy_weights`) and `vote`. `run_ensemble` is the stage:
-it gathers the members (trained in this run through the function the runner hands it, loaded from
-checkpoints or ensemble run directories, or the best jobs of a sweep), evaluates them, fuses them,
-and leaves `ensemble.json` and `members/<i>/checkpoints/best.pt` in the run directory, so that the
-directory is itself a reusable ensemble (`model.weights=<dir>` or an `ensemble.checkpoints` entry).
+it gathers the members (trained in this run, loaded from checkpoints or ensemble run directories, or
+the best jobs of a sweep). A member that trains is a complete sub-run in `members/<i>`, run by the
+function the runner hands over (the whole pipeline: fine-tuning, pruning, loggers, plots, summary);
+every member is then loaded from its checkpoint by `trained.load_trained_model`, evaluated and fused.
+The run directory keeps `ensemble.json` and `members/<i>/checkpoints/best.pt`, so it is itself a
+reusable ensemble (`model.weights=<dir>` or an `ensemble.checkpoints` entry).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import logging
 import math
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,24 +28,27 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from shelltrain.checkpoint import load_checkpoint, save_checkpoint
+from shelltrain.checkpoint import save_checkpoint
 from shelltrain.data import DataBundle
-from shelltrain.engine import TrainSettings, TrainState, metrics_from_logits, monitor_mode, predict
+from shelltrain.engine import TrainSettings, metrics_from_logits, monitor_mode, predict
 from shelltrain.errors import UserError
-from shelltrain.models import build_model, count_parameters
+from shelltrain.metrics import confusion_matrix
+from shelltrain.models import count_parameters
+from shelltrain.prune import eval_settings
+from shelltrain.quantize import is_quantized, quiet
 from shelltrain.report import say, write_json
-from shelltrain.schema import ENSEMBLE_RULES, validate
+from shelltrain.schema import ENSEMBLE_FILE, ENSEMBLE_RULES, ensemble_dir, validate
+from shelltrain.trained import load_trained_model
 
 log = logging.getLogger("shelltrain")
 
-ENSEMBLE_FILE = "ensemble.json"
 MEMBERS_DIR = "members"
 BEST = Path("checkpoints") / "best.pt"
 # Training state a fused member does not need: its saved copy keeps the weights and what rebuilds them.
 _TRAINING_ONLY = ("optimizer", "scheduler", "scaler", "rng", "train_state")
 
-# train_member(member_cfg, out_dir, label=..., model=None) -> (trained model with best.pt loaded, state)
-TrainMember = Callable[..., "tuple[nn.Module, TrainState]"]
+# train_member(member_cfg, out_dir, label): the whole pipeline for one model, a sub-run in out_dir
+TrainMember = Callable[[DictConfig, Path, str], Any]
 
 
 # ---- combination rules --------------------------------------------------------------------------
@@ -145,68 +150,17 @@ class StackedMembers(nn.Module):
 def member_logits(
     models: Sequence[nn.Module], loader: Any, settings: TrainSettings, limit: int | None, stacked: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """M x N x C logits of every member over a loader and the N targets: one model after another,
-    or (`stacked`, same architecture only) all at once with vmap."""
-    if stacked:
-        logits, targets = predict(StackedMembers([m.to(settings.device) for m in models]), loader, settings, limit)
+    """M x N x C logits of every member over a loader and the N targets: one model after another (an int8
+    member on the CPU), or (`stacked`, same architecture only) all at once with vmap."""
+    if stacked:  # contiguous: channels_last does not apply to stacked 5-d weights, and slows vmap's pooling
+        members = StackedMembers([m.to(settings.device) for m in models])
+        logits, targets = predict(members, loader, replace(settings, channels_last=False), limit)
         return logits.transpose(0, 1).contiguous(), targets
-    outputs = [predict(m, loader, settings, limit) for m in models]
+    outputs = [predict(m, loader, eval_settings(m, settings), limit) for m in models]
     return torch.stack([logits for logits, _ in outputs]), outputs[0][1]
 
 
-# ---- loading members ----------------------------------------------------------------------------
-
-
-def load_model(source: str | Path, in_channels: int, classes: Sequence[str]) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from a shelltrain checkpoint (or run directory) and load its weights.
-
-    The model comes from the checkpoint's own "config" and "classes"; a class set other than
-    `classes` is a one-line UserError. The transfer-learning loader (model.weights) supersedes this.
-    """
-    path = checkpoint_file(source)
-    payload = load_checkpoint(path)
-    config, own_classes = payload.get("config"), payload.get("classes")
-    if not isinstance(config, dict) or "model" not in config or own_classes is None:
-        raise UserError(f"checkpoint '{path}' lacks the 'config' and 'classes' needed to rebuild its model")
-    if list(own_classes) != list(classes):
-        raise UserError(
-            f"'{path}' was trained on the classes {_brief(own_classes)}, but this run's data has {_brief(classes)}; "
-            "ensemble members must share one class set"
-        )
-    model_cfg = OmegaConf.create(config["model"])
-    model = build_model(model_cfg, len(own_classes), in_channels)
-    try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as exc:
-        raise UserError(
-            f"'{path}' does not fit a {_model_name(model_cfg)} built for this run's data ({in_channels} input "
-            f"channels): {str(exc).strip().splitlines()[0]}"
-        ) from None
-    return model, payload
-
-
-def checkpoint_file(source: str | Path) -> Path:
-    """A run directory stands for its checkpoints/best.pt; a file for itself."""
-    path = Path(source).expanduser()
-    if not path.is_dir():
-        return path
-    if (path / BEST).is_file():
-        return path / BEST
-    hint = "; it holds sweep jobs: use ensemble.sweep=<dir>" if any(path.glob("*/summary.json")) else ""
-    raise UserError(
-        f"'{path}' is neither a shelltrain run directory (no {BEST}) nor an ensemble run directory "
-        f"(no {ENSEMBLE_FILE}){hint}"
-    )
-
-
-def ensemble_dir(source: str | Path | None) -> Path | None:
-    """The ensemble run directory `source` names (the directory or its ensemble.json), else None."""
-    if not source:
-        return None
-    path = Path(source).expanduser()
-    if path.name == ENSEMBLE_FILE and path.is_file():
-        return path.parent
-    return path if (path / ENSEMBLE_FILE).is_file() else None
+# ---- where members come from -------------------------------------------------------------------
 
 
 def read_ensemble(directory: Path) -> dict[str, Any]:
@@ -252,9 +206,10 @@ def sweep_jobs(sweep: str | Path, top_k: int | None, monitor: str) -> list[tuple
 @dataclass
 class Member:
     origin: dict[str, Any]  # how it got here: kind trained | checkpoint | sweep | ensemble, and from where
-    cfg: DictConfig | None = None  # members trained here: their full config
+    cfg: DictConfig | None = None  # trained (or fine-tuned) in this run: the config of its sub-run
+    source: Path | None = None  # loaded: its checkpoint file
     model: nn.Module | None = None
-    payload: dict[str, Any] | None = None  # members loaded from a checkpoint: what it held
+    payload: dict[str, Any] | None = None  # the checkpoint it was loaded from
     epochs: int = 0
     params: int = 0
     saved: str = ""  # its checkpoint, relative to the run directory
@@ -273,6 +228,7 @@ class EnsembleResult:
     val: dict[str, float]
     test: dict[str, float]
     members: list[Member]
+    confusion: torch.Tensor  # of the ensemble's test predictions
 
     def figures(self) -> dict[str, Any]:
         """summary.json's headline keys for the ensemble, and its section."""
@@ -287,11 +243,6 @@ class EnsembleResult:
         }
 
 
-def uses_ensemble(cfg: DictConfig) -> bool:
-    """Whether this run fuses members: a rule is chosen, or model.weights names an ensemble run directory."""
-    return cfg.ensemble.name != "none" or ensemble_dir(cfg.model.get("weights")) is not None
-
-
 def run_ensemble(
     cfg: DictConfig,
     data: DataBundle,
@@ -300,7 +251,8 @@ def run_ensemble(
     run_dir: Path,
     console: Console,
 ) -> EnsembleResult:
-    """Gather, train (one after another), evaluate and fuse the members; write ensemble.json."""
+    """Gather the members (every one checked before any trains), train or fine-tune those that need it one
+    after another as sub-runs in members/<i>, evaluate them all, fuse them and write ensemble.json."""
     rule, weights = cfg.ensemble.name, cfg.ensemble.weights
     members, reused = gather_members(cfg, data)
     if not members:
@@ -317,18 +269,22 @@ def run_ensemble(
         )
     say(console, f"ensemble: {rule} of {len(members)} members")
 
+    trains_loaded = settings.epochs > 0 or cfg.prune.name != "none"  # loaded members go through the pipeline too
     for i, member in enumerate(members):
         out_dir = run_dir / MEMBERS_DIR / str(i)
         label = f"member {i + 1}/{len(members)}"
-        if member.cfg is not None or settings.epochs > 0:
-            member_cfg = member.cfg if member.cfg is not None else _finetune_config(cfg, member, i)
-            say(console, f"{label}: training {_model_name(member_cfg.model)} ({_describe(member.origin)})")
-            member.model, state = train_member(member_cfg, out_dir, label=label, model=member.model)
-            member.epochs = state.epoch
+        if member.cfg is None and trains_loaded:
+            member.cfg = _finetune_config(cfg, member, i)
+        if member.cfg is not None:
+            say(console, f"[bold]ensemble {label}[/bold]: training {member.model_name} ({_describe(member.origin)})")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            train_member(member.cfg, out_dir, label)
+            member.model, member.payload, _ = load_trained_model(str(out_dir), f"ensemble {label}")
+            member.epochs = int(json.loads((out_dir / "summary.json").read_text())["epochs_completed"])
         else:
-            say(console, f"{label}: {member.model_name} from {_describe(member.origin)}")
-        if not (out_dir / BEST).is_file():  # nothing trained: keep a copy, so the run dir is self-contained
-            save_checkpoint(_portable(member, data.classes), out_dir / BEST)
+            say(console, f"ensemble {label}: {member.model_name} from {_describe(member.origin)}")
+            with quiet():  # quantized tensors warn when serialized
+                save_checkpoint(_portable(member), out_dir / BEST)  # a copy: the run dir is self-contained
         member.saved = str((Path(MEMBERS_DIR) / str(i) / BEST).as_posix())
         member.params = count_parameters(member.model)
 
@@ -347,35 +303,41 @@ def run_ensemble(
     else:
         weights = [1.0 / len(members)] * len(members)  # average: equal shares; vote: one vote each
     val = fused_metrics(*fuse(rule, val_logits.softmax(2), weights), val_targets)
-    test = fused_metrics(*fuse(rule, test_logits.softmax(2), weights), test_targets)
+    test_probs, test_preds = fuse(rule, test_logits.softmax(2), weights)
+    test = fused_metrics(test_probs, test_preds, test_targets)
+    confusion = confusion_matrix(F.one_hot(test_preds, data.num_classes), test_targets, data.num_classes)
 
     report = _report(rule, weights, cfg, members, val, test, stacked, data.classes)
     write_json(report, run_dir / ENSEMBLE_FILE)
     console.print(ensemble_table(report))
-    return EnsembleResult(report, val, test, members)
+    return EnsembleResult(report, val, test, members, confusion)
 
 
 def gather_members(cfg: DictConfig, data: DataBundle) -> tuple[list[Member], dict[str, Any] | None]:
     """Every member, checked before any trains: those trained here, then the loaded ones (the ensemble
     in model.weights, ensemble.checkpoints, sweep jobs). Returns them and that ensemble's description."""
-    members: list[Member] = []
-    entries: list[tuple[str | Path, dict[str, Any]]] = []
+    entries: list[tuple[str | Path, str, dict[str, Any]]] = []
     reused_dir = ensemble_dir(cfg.model.get("weights"))
     reused = read_ensemble(reused_dir) if reused_dir is not None else None
     if reused_dir is not None:
-        entries.append((reused_dir, {"kind": "ensemble"}))
-    members += _trained_members(cfg, reused_dir is not None)
+        entries.append((reused_dir, "model.weights", {"kind": "ensemble"}))
+    members = _trained_members(cfg, reused_dir is not None)
     checkpoints = cfg.ensemble.checkpoints
     checkpoints = checkpoints if OmegaConf.is_list(checkpoints) else [checkpoints]  # one path, or a list
-    entries += [(str(entry), {"kind": "checkpoint"}) for entry in checkpoints]
+    entries += [(str(entry), "ensemble.checkpoints", {"kind": "checkpoint"}) for entry in checkpoints]
     if cfg.ensemble.sweep:
         jobs = sweep_jobs(cfg.ensemble.sweep, cfg.ensemble.top_k, cfg.trainer.monitor)
-        entries += [(job, {"kind": "sweep", f"best_{cfg.trainer.monitor}": value}) for job, value in jobs]
-    for entry, origin in entries:
-        for path, full_origin in _expand(entry, origin):
-            model, payload = load_model(path, data.in_channels, data.classes)
-            members.append(Member(origin=full_origin, model=model, payload=payload))
+        entries += [(job, "ensemble.sweep", {"kind": "sweep", f"best_{cfg.trainer.monitor}": v}) for job, v in jobs]
+    for entry, key, origin in entries:
+        for path, full_origin in _expand(entry, key, origin):
+            model, payload, path = load_trained_model(str(path), key)
+            if [str(c) for c in payload["classes"]] != [str(c) for c in data.classes]:
+                raise UserError(
+                    f"{key}: '{path}' was trained on the classes {_brief(payload['classes'])}, but this run's data "
+                    f"has {_brief(data.classes)}; ensemble members must share one class set"
+                )
             _warn_on_data_mismatch(cfg, path, payload)
+            members.append(Member(origin=full_origin, source=path, model=model, payload=payload))
     return members, reused
 
 
@@ -387,7 +349,7 @@ def _trained_members(cfg: DictConfig, weights_are_an_ensemble: bool) -> list[Mem
     members = []
     for i, overrides in enumerate(override_sets):
         member_cfg = _member_config(cfg, cfg.trainer.seed + i, overrides, i)
-        if weights_are_an_ensemble and "weights" in member_cfg.model:  # that ensemble is a source, not their start
+        if weights_are_an_ensemble:  # that ensemble is a source of members, not this member's start
             member_cfg.model.weights = None
         origin: dict[str, Any] = {"kind": "trained", "seed": member_cfg.trainer.seed}
         if overrides:
@@ -397,15 +359,15 @@ def _trained_members(cfg: DictConfig, weights_are_an_ensemble: bool) -> list[Mem
 
 
 def _member_config(cfg: DictConfig, seed: int, overrides: list[str], index: int) -> DictConfig:
-    """This run's config with seed `seed` and the member's overrides: a plain copy without overrides,
-    else composed again by Hydra (group choices like model=resnet18 need composition)."""
+    """This run's config for one model, with seed `seed` and the member's overrides: a plain copy without
+    overrides, else composed again by Hydra (group choices like model=resnet18 need composition)."""
     if not overrides:
-        member_cfg = copy.deepcopy(cfg)
+        member_cfg = _single(cfg)
         member_cfg.trainer.seed = seed
         return member_cfg
     where = f"ensemble.members[{index}] ({' '.join(overrides)})"
     try:
-        member_cfg = _compose([*_run_overrides(overrides), f"trainer.seed={seed}", *overrides])
+        member_cfg = _single(_compose([*_run_overrides(overrides), f"trainer.seed={seed}", *overrides]))
     except Exception as exc:  # Hydra's composition errors: a bad group option or key in the member's set
         raise UserError(f"{where}: {str(exc).strip().splitlines()[0]}") from None
     try:
@@ -421,6 +383,13 @@ def _member_config(cfg: DictConfig, seed: int, overrides: list[str], index: int)
     return member_cfg
 
 
+def _single(cfg: DictConfig) -> DictConfig:
+    """A copy of `cfg` for one model: the ensemble options off, so a member is a plain run."""
+    single = copy.deepcopy(cfg)
+    single.ensemble.merge_with(
+        {"name": "none", "members": None, "checkpoints": [], "sweep": None, "top_k": None, "weights": None}
+    )
+    return single
 def _run_overrides(member_overrides: list[str]) -> list[str]:
     """The run's command-line overrides, less those of groups the member chooses for itself:
     with model=mobilenet_v3_small, the run's model=cnn and model.width=8 do not apply."""
@@ -468,11 +437,16 @@ def _override_value(value: Any) -> str:
     return str(value)
 
 
-def _expand(entry: str | Path, origin: dict[str, Any]) -> list[tuple[Path, dict[str, Any]]]:
+def _expand(entry: str | Path, key: str, origin: dict[str, Any]) -> list[tuple[Path, dict[str, Any]]]:
     """An ensemble run directory is its members; a run directory or file is one member."""
     directory = ensemble_dir(entry)
     if directory is None:
-        return [(checkpoint_file(entry), {**origin, "source": str(Path(entry).expanduser().absolute())})]
+        path = Path(entry).expanduser().absolute()
+        if not path.exists():
+            raise UserError(f"{key}: '{entry}' does not exist; give run directories, checkpoint files or ensemble runs")
+        if path.is_dir() and not (path / "checkpoints").is_dir() and any(path.glob("*/summary.json")):
+            raise UserError(f"{key}: '{entry}' holds the jobs of a sweep; use ensemble.sweep={entry} (ensemble.top_k)")
+        return [(path, {**origin, "source": str(path)})]
     directory = directory.absolute()
     members = read_ensemble(directory)["members"]
     return [
@@ -485,24 +459,20 @@ def _expand(entry: str | Path, origin: dict[str, Any]) -> list[tuple[Path, dict[
 
 
 def _finetune_config(cfg: DictConfig, member: Member, index: int) -> DictConfig:
-    """A loaded member trained further (trainer.epochs > 0): this run's settings, the member's architecture."""
-    member_cfg = copy.deepcopy(cfg)
+    """A loaded member trained further (trainer.epochs > 0, or pruned): a sub-run with this run's settings and
+    the member's own model options, starting from its checkpoint (model.weights)."""
+    member_cfg = _single(cfg)
     model = dict(member.payload["config"]["model"])  # type: ignore[index]
-    model["weights"] = None  # it starts from the loaded weights, handed over as the model itself
+    model["weights"] = str(member.source)  # a pruned checkpoint keeps its architecture (transfer's rebuild)
     member_cfg.model = OmegaConf.create(model)
     member_cfg.trainer.seed = cfg.trainer.seed + index
-    member.cfg = member_cfg
     return member_cfg
 
 
-def _portable(member: Member, classes: list[str]) -> dict[str, Any]:
-    """What a fused member's saved copy holds: its weights and whatever rebuilds it, no optimizer state."""
-    base = member.payload or {"config": OmegaConf.to_container(member.cfg, resolve=True), "classes": classes}
-    return {
-        **{k: v for k, v in base.items() if k not in _TRAINING_ONLY},
-        "model": member.model.state_dict(),  # type: ignore[union-attr]
-        "origin": member.origin,
-    }
+def _portable(member: Member) -> dict[str, Any]:
+    """What a loaded member's saved copy holds: its weights and whatever rebuilds it, no optimizer state."""
+    assert member.payload is not None
+    return {**{k: v for k, v in member.payload.items() if k not in _TRAINING_ONLY}, "origin": member.origin}
 
 
 def _warn_on_data_mismatch(cfg: DictConfig, path: Path, payload: dict[str, Any]) -> None:
@@ -518,7 +488,7 @@ def _warn_on_data_mismatch(cfg: DictConfig, path: Path, payload: dict[str, Any])
 
 
 def _use_vmap(option: Any, models: list[nn.Module], settings: TrainSettings) -> bool:
-    if option is False or len(models) < 2 or not same_architecture(models):
+    if option is False or len(models) < 2 or any(map(is_quantized, models)) or not same_architecture(models):
         return False
     return option is True or settings.device.type == "cuda"  # auto: on a CPU a plain loop is faster
 

@@ -247,16 +247,17 @@ def validate(cfg: DictConfig) -> None:
     prune = cfg.get("prune") or {}
     _check_prune(prune)
     ensemble = _typed(cfg.ensemble, EnsembleSchema, "ensemble")
-    fuses_loaded = is_ensemble(ensemble.name, cfg.model.get("weights")) and not ensemble.members
+    fuses = uses_ensemble(cfg)
+    _check_ensemble(ensemble, fuses, bool(cfg.model.get("weights")), trainer, cfg.get("cv"))
     # With pruning, the scheduler also sizes the fine-tuning: trainer.epochs=0 prunes a loaded model.
-    # An ensemble of loaded members with trainer.epochs=0 trains nothing: no schedule to size.
-    _check_scheduler(cfg.scheduler, trainer.epochs if prune.get("name", "none") == "none" and not fuses_loaded else 1)
+    # An ensemble of loaded members (no ensemble.members) trains nothing with trainer.epochs=0.
+    sized = prune.get("name", "none") == "none" and not (fuses and not ensemble.members)
+    _check_scheduler(cfg.scheduler, trainer.epochs if sized else 1)
     _check_structured_support(cfg)
     if "cv" in cfg:
         _check_cv(_typed(cfg.cv, CVSchema, "cv"), trainer)
     if "gate" in cfg:
         _check_gates(cfg.gate)
-    _check_ensemble(ensemble, cfg.model.get("weights"), trainer, cfg.get("cv"))
     _check_task(cfg)
     _check_loggers(cfg.get("logger"))
 
@@ -332,17 +333,17 @@ def ensemble_dir(source: Any) -> Path | None:
     return path if (path / ENSEMBLE_FILE).is_file() else None
 
 
-def is_ensemble(rule: str, model_weights: Any) -> bool:
+def uses_ensemble(cfg: DictConfig) -> bool:
     """Whether a run fuses members: a rule is chosen, or model.weights names an ensemble run directory."""
-    return rule != "none" or ensemble_dir(model_weights) is not None
+    return cfg.ensemble.name != "none" or ensemble_dir(cfg.model.get("weights")) is not None
 
 
 def _check_ensemble(
-    ensemble: EnsembleSchema, model_weights: str | None, trainer: TrainerSchema, cv: DictConfig | None
+    ensemble: EnsembleSchema, fuses: bool, model_weights: bool, trainer: TrainerSchema, cv: DictConfig | None
 ) -> None:
     """Values and combinations; member counts (ensemble.weights) and paths are checked when members are gathered."""
     _one_of("ensemble.name", ensemble.name, ENSEMBLE_RULES)
-    if is_ensemble(ensemble.name, model_weights):
+    if fuses:
         if trainer.resume is not None:
             raise UserError(
                 "trainer.resume does not apply to an ensemble run; run it again anew (members that finished can be "

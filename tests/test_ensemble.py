@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import torchvision
 from conftest import run_in_process, shelltrain
 
 from shelltrain.engine import TrainSettings
@@ -22,13 +23,17 @@ from shelltrain.ensemble import (
     weighted,
 )
 from shelltrain.errors import UserError
-from shelltrain.models import SmallCNN
+from shelltrain.models import SmallCNN, count_parameters
+from shelltrain.trained import load_trained_model
 
-# Small and quick, but members good enough (~0.9) that fusing them means something.
+# Small and quick, but members good enough (~0.8) that fusing them means something. One thread: on a
+# busy machine with few cores, more threads make these tiny models many times slower.
 MEMBER = [
     "model=cnn", "model.width=8", "data.image_size=16", "scheduler=none", "optimizer=adam", "optimizer.lr=0.01",
-    "trainer.epochs=2", "trainer.limit_train_batches=25",
+    "trainer.epochs=2", "trainer.limit_train_batches=25", "trainer.threads=1",
 ]  # fmt: skip
+EVAL = ["data.image_size=16", "trainer.epochs=0", "trainer.threads=1"]  # fuse what exists, train nothing
+SMOKE = ["debug=smoke", "data.image_size=16", "trainer.threads=1"]
 
 
 def probs(*rows: list[list[float]]) -> torch.Tensor:
@@ -124,60 +129,52 @@ def test_members_trained_in_one_run_then_reused_weighted_and_voted(tmp_path):
     members = report["members"]
     assert [m["origin"] for m in members] == [{"kind": "trained", "seed": s} for s in (5, 6, 7)]
     assert [m["weight"] for m in members] == pytest.approx([1 / 3] * 3)
-    assert all(m["epochs_trained"] == 2 and m["test_acc"] > 0.6 for m in members)
+    assert all(m["epochs_trained"] == 2 and m["test_acc"] > 0.5 for m in members)
     # the acceptance criterion: the ensemble is at least as good as its average member
     mean = sum(m["test_acc"] for m in members) / 3
     assert report["test_acc"] >= mean and report["members_mean_test_acc"] == pytest.approx(mean)
     assert summary["test_acc"] == report["test_acc"] and summary["best_val_acc"] == report["val_acc"]
     assert summary["ensemble"]["rule"] == "average" and len(summary["ensemble"]["members"]) == 3
-    assert summary["params"] == sum(m["params"] for m in members)
-    for i, m in enumerate(members):
+    assert summary["params"] == sum(m["params"] for m in members) and set(summary["per_class"]) == set("0123456789")
+    assert (run / "plots/members.png").is_file() and (run / "plots/confusion_matrix.png").is_file()
+    for i, m in enumerate(members):  # each member is a complete sub-run of the same pipeline
         assert m["checkpoint"] == f"members/{i}/checkpoints/best.pt"
         ckpt = torch.load(run / m["checkpoint"], weights_only=True)
         assert ckpt["config"]["trainer"]["seed"] == 5 + i and ckpt["config"]["model"]["name"] == "cnn"
-        assert (run / f"members/{i}/metrics.csv").is_file()
+        assert ckpt["config"]["ensemble"]["name"] == "none"  # a member is a plain run
+        member = json.loads((run / f"members/{i}/summary.json").read_text())
+        assert member["status"] == "completed" and member["test_acc"] == pytest.approx(m["test_acc"])
+        assert (run / f"members/{i}/metrics.csv").is_file() and (run / f"members/{i}/plots/curves.png").is_file()
 
     # the run directory is an ensemble: evaluated again as it was saved, nothing trains
-    again = run_in_process(tmp_path / "again", "data.image_size=16", "trainer.epochs=0", f"model.weights={run}")
+    again = run_in_process(tmp_path / "again", *EVAL, f"model.weights={run}")
     assert again["test_acc"] == summary["test_acc"] and again["ensemble"]["rule"] == "average"
     assert all(m["epochs_trained"] == 0 for m in again["ensemble"]["members"])
     assert not (tmp_path / "again" / "checkpoints").exists()
 
     # ... and an ensemble.checkpoints entry, fused by the other rules
     fused = run_in_process(
-        tmp_path / "weighted", "data.image_size=16", "trainer.epochs=0", "ensemble=weighted",
-        "ensemble.temperature=0.5", f"ensemble.checkpoints=[{run}]", "ensemble.vmap=true",
+        tmp_path / "weighted", *EVAL, "ensemble=weighted", "ensemble.temperature=0.5", f"ensemble.checkpoints=[{run}]",
+        "ensemble.vmap=true",
     )["ensemble"]  # fmt: skip
     val_accs = [m["val_acc"] for m in fused["members"]]
     assert fused["evaluation"] == "vmap" and val_accs == [m["val_acc"] for m in members]  # vmap agrees with the loop
     assert fused["weights"] == pytest.approx(accuracy_weights(val_accs, 0.5)) and fused["temperature"] == 0.5
     assert fused["members"][1]["origin"] == {"kind": "ensemble", "source": str(run), "member": 1, "was": members[1]["origin"]}
     explicit = run_in_process(
-        tmp_path / "explicit", "data.image_size=16", "trainer.epochs=0", "ensemble=weighted",
-        "ensemble.weights=[2,1,1]", f"ensemble.checkpoints=[{run}]",
+        tmp_path / "explicit", *EVAL, "ensemble=weighted", "ensemble.weights=[2,1,1]", f"ensemble.checkpoints=[{run}]"
     )["ensemble"]  # fmt: skip
     assert explicit["weights"] == [0.5, 0.25, 0.25]
-    voted = run_in_process(
-        tmp_path / "vote", "data.image_size=16", "trainer.epochs=0", "ensemble=vote", f"ensemble.checkpoints=[{run}]"
-    )["ensemble"]  # fmt: skip
+    voted = run_in_process(tmp_path / "vote", *EVAL, "ensemble=vote", f"ensemble.checkpoints=[{run}]")["ensemble"]
     assert voted["rule"] == "vote" and voted["test_acc"] >= min(m["test_acc"] for m in members)
-    # loaded members (a checkpoint file, a run directory) fine-tuned when trainer.epochs > 0
-    tuned = run_in_process(
-        tmp_path / "tuned", "data.image_size=16", "debug=smoke", "scheduler=none", "ensemble=average",
-        f"ensemble.checkpoints=[{run}/members/0/checkpoints/best.pt,{run}/members/1]",
-    )["ensemble"]  # fmt: skip
-    assert [m["origin"]["kind"] for m in tuned["members"]] == ["checkpoint", "checkpoint"]
-    assert [m["epochs_trained"] for m in tuned["members"]] == [1, 1]
-    config = torch.load(tmp_path / "tuned/members/1/checkpoints/last.pt", weights_only=True)["config"]
-    assert config["model"]["name"] == "cnn" and config["model"]["width"] == 8 and config["trainer"]["seed"] == 1
     # a saved weighted ensemble keeps its weights when evaluated again
-    reused = run_in_process(tmp_path / "reused", "data.image_size=16", "trainer.epochs=0", f"model.weights={tmp_path / 'explicit'}")
+    reused = run_in_process(tmp_path / "reused", *EVAL, f"model.weights={tmp_path / 'explicit'}")
     assert reused["ensemble"]["weights"] == [0.5, 0.25, 0.25] and reused["test_acc"] == explicit["test_acc"]
 
 
-def test_heterogeneous_members(tmp_path):
+def test_heterogeneous_members_build_their_own_architectures(tmp_path):
     summary = run_in_process(
-        tmp_path, *MEMBER, "trainer.epochs=1", "trainer.limit_train_batches=5", "trainer.limit_val_batches=2",
+        tmp_path, *MEMBER, "trainer.epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
         "trainer.limit_test_batches=2", "ensemble=vote",
         "ensemble.members=['model=cnn model.width=4',{model:mobilenet_v3_small,model.dropout:0.1}]",
     )  # fmt: skip
@@ -187,9 +184,45 @@ def test_heterogeneous_members(tmp_path):
     assert report["members"][1]["origin"]["overrides"] == ["model=mobilenet_v3_small", "model.dropout=0.1"]
     assert report["members"][0]["params"] < report["members"][1]["params"]
     assert report["evaluation"] == "loop"  # different architectures are never stacked
+    models = [load_trained_model(str(tmp_path / f"members/{i}"))[0] for i in range(2)]
+    assert isinstance(models[0], SmallCNN) and models[0].features[0].out_channels == 4
+    assert isinstance(models[1], torchvision.models.MobileNetV3)
     second = torch.load(tmp_path / "members/1/checkpoints/best.pt", weights_only=True)["config"]
     assert second["model"]["name"] == "mobilenet_v3_small" and second["model"]["dropout"] == 0.1
-    assert second["trainer"]["seed"] == 1
+    assert second["trainer"]["seed"] == 1 and second["data"]["image_size"] == 16  # the run's own overrides apply
+
+
+def test_loaded_members_mix_architectures_and_pruned_ones_and_fine_tune(tmp_path):
+    small = [*SMOKE, "model=cnn", "model.width=4"]
+    run_in_process(tmp_path / "plain", *small)
+    run_in_process(tmp_path / "pruned", *small, "model.width=8", "prune=structured", "prune.finetune_epochs=0")
+    pruned_params = json.loads((tmp_path / "pruned/summary.json").read_text())["prune"]["after"]["params"]
+    entries = f"ensemble.checkpoints=[{tmp_path / 'plain'},{tmp_path / 'pruned/checkpoints/best.pt'}]"
+    fused = run_in_process(tmp_path / "fused", *EVAL, "trainer.limit_val_batches=2", "ensemble=average", entries)
+    members = fused["ensemble"]["members"]
+    assert [m["origin"]["kind"] for m in members] == ["checkpoint", "checkpoint"]
+    assert members[1]["params"] == pruned_params < count_parameters(SmallCNN(10, 1, width=8))
+    copy = torch.load(tmp_path / "fused/members/1/checkpoints/best.pt", weights_only=True)
+    assert "pruning" in copy and "optimizer" not in copy  # a self-contained copy that still rebuilds
+    # trainer.epochs > 0: each loaded member is fine-tuned by a sub-run from its checkpoint, architecture kept
+    tuned = run_in_process(tmp_path / "tuned", *SMOKE, "scheduler=none", "ensemble=average", entries)["ensemble"]
+    assert [m["epochs_trained"] for m in tuned["members"]] == [1, 1]
+    assert tuned["members"][1]["params"] == pruned_params
+    config = torch.load(tmp_path / "tuned/members/1/checkpoints/last.pt", weights_only=True)["config"]
+    assert config["model"]["weights"] == str(tmp_path / "pruned/checkpoints/best.pt")
+    assert config["model"]["width"] == 8 and config["trainer"]["seed"] == 1
+
+
+def test_mismatched_class_sets_are_one_clear_line(tmp_path):
+    other = tmp_path / "three-classes"
+    run_in_process(other, *SMOKE, "model=cnn", "model.width=4", "data=synthetic", "data.num_classes=3",
+                   "data.num_samples=120")  # fmt: skip
+    with pytest.raises(UserError) as info:
+        run_in_process(tmp_path / "fused", *EVAL, "ensemble=average", f"ensemble.checkpoints=[{other}]")
+    message = str(info.value)
+    assert message.startswith("ensemble.checkpoints: ") and "ensemble members must share one class set" in message
+    assert "(3 classes)" in message and "(10 classes)" in message and "\n" not in message
+    assert not (tmp_path / "fused" / "members").exists()
 
 
 @pytest.mark.parametrize(
@@ -200,8 +233,11 @@ def test_heterogeneous_members(tmp_path):
         (["ensemble=average", "ensemble.weights=[1,2]", "ensemble.members=2"], "ensemble.weights is used by ensemble=weighted"),
         (["ensemble=weighted", "ensemble.weights=[1]", "ensemble.members=2"], "ensemble.weights has 1 entries for 2 members"),
         (["ensemble=vote", "ensemble.members=2", "ensemble.top_k=2"], "ensemble.top_k picks jobs of a sweep"),
+        (["ensemble=vote", "ensemble.members=2", "trainer.epochs=0"], "ensemble.members trains its members in this run"),
+        (["ensemble=vote", "ensemble.members=2", "trainer.resume=auto"], "trainer.resume does not apply to an ensemble"),
+        (["ensemble=vote", "ensemble.members=2", "cv.folds=2"], "cv.folds does not apply to an ensemble run"),
         (["ensemble=vote", "ensemble.sweep=/nonexistent"], "ensemble.sweep='/nonexistent' is not a directory"),
-        (["ensemble=vote", "ensemble.checkpoints=[/nonexistent/best.pt]"], "'/nonexistent/best.pt' does not exist"),
+        (["ensemble=vote", "ensemble.checkpoints=[/nonexistent/best.pt]"], "ensemble.checkpoints: '/nonexistent/best.pt' does not exist"),
         (["ensemble=vote", "ensemble.checkpoints=/nonexistent/best.pt"], "'/nonexistent/best.pt' does not exist"),
         (["ensemble=vote", "ensemble.checkpoints=[[a]]"], "ensemble.checkpoints=[['a']] is invalid"),
         (["ensemble=vote", "ensemble.members=['model=resnet1800']"], "ensemble.members[0] (model=resnet1800)"),
@@ -216,22 +252,11 @@ def test_ensemble_config_mistakes_are_user_errors(tmp_path, overrides, message):
     assert not (tmp_path / "members").exists()  # nothing trained before the mistake was found
 
 
-def test_mismatched_class_sets_are_one_clear_line(tmp_path):
-    other = tmp_path / "three-classes"
-    run_in_process(other, "model=cnn", "debug=smoke", "data=synthetic", "data.num_classes=3", "data.num_samples=120")
-    result = shelltrain(
-        "ensemble=average", f"ensemble.checkpoints=[{other}]", "trainer.epochs=0", "trainer.device=cpu", cwd=tmp_path
-    )
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert lines[0].startswith("shelltrain: error: ") and "ensemble members must share one class set" in lines[0]
-    assert "(3 classes)" in lines[0] and "(10 classes)" in lines[0]
-
-
 def test_a_sweeps_best_jobs_fused_without_training(tmp_path):
     sweep = shelltrain(
-        "-m", "model=cnn", "trainer.seed=0,1,2,3", "debug=smoke", "trainer.device=cpu", "hydra.sweep.dir=sweep", cwd=tmp_path
-    )
+        "-m", "model=cnn", "model.width=4", "trainer.seed=0,1,2,3", "debug=smoke", "trainer.device=cpu",
+        "trainer.threads=1", "hydra.sweep.dir=sweep", cwd=tmp_path,
+    )  # fmt: skip
     assert sweep.returncode == 0, sweep.stderr
     jobs = {
         str(tmp_path / "sweep" / job): json.loads((tmp_path / "sweep" / job / "summary.json").read_text())["best_val_acc"]
@@ -241,7 +266,7 @@ def test_a_sweeps_best_jobs_fused_without_training(tmp_path):
 
     result = shelltrain(
         "ensemble=weighted", "ensemble.sweep=sweep", "ensemble.top_k=3", "trainer.epochs=0", "trainer.device=cpu",
-        "hydra.run.dir=fused", cwd=tmp_path,
+        "trainer.threads=1", "hydra.run.dir=fused", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "fused/ensemble.json").read_text())
