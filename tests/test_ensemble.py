@@ -122,7 +122,7 @@ def test_vmap_evaluation_equals_the_loop_on_cpu():
 # ---- end to end ---------------------------------------------------------------------------------
 
 
-def test_members_trained_in_one_run_then_reused_weighted_and_voted(tmp_path):
+def test_members_trained_in_one_run_then_reused_and_weighted(tmp_path):
     run = tmp_path / "ensemble"
     summary = run_in_process(run, *MEMBER, "ensemble=average", "ensemble.members=3", "trainer.seed=5")
     report = json.loads((run / "ensemble.json").read_text())
@@ -146,12 +146,6 @@ def test_members_trained_in_one_run_then_reused_weighted_and_voted(tmp_path):
         assert member["status"] == "completed" and member["test_acc"] == pytest.approx(m["test_acc"])
         assert (run / f"members/{i}/metrics.csv").is_file() and (run / f"members/{i}/plots/curves.png").is_file()
 
-    # the run directory is an ensemble: evaluated again as it was saved, nothing trains
-    again = run_in_process(tmp_path / "again", *EVAL, f"model.weights={run}")
-    assert again["test_acc"] == summary["test_acc"] and again["ensemble"]["rule"] == "average"
-    assert all(m["epochs_trained"] == 0 for m in again["ensemble"]["members"])
-    assert not (tmp_path / "again" / "checkpoints").exists()
-
     # ... and an ensemble.checkpoints entry, fused by the other rules
     fused = run_in_process(
         tmp_path / "weighted", *EVAL, "ensemble=weighted", "ensemble.temperature=0.5", f"ensemble.checkpoints=[{run}]",
@@ -163,54 +157,48 @@ def test_members_trained_in_one_run_then_reused_weighted_and_voted(tmp_path):
     assert fused["members"][1]["origin"] == {"kind": "ensemble", "source": str(run), "member": 1, "was": members[1]["origin"]}
     explicit = run_in_process(
         tmp_path / "explicit", *EVAL, "ensemble=weighted", "ensemble.weights=[2,1,1]", f"ensemble.checkpoints=[{run}]"
-    )["ensemble"]  # fmt: skip
-    assert explicit["weights"] == [0.5, 0.25, 0.25]
-    voted = run_in_process(tmp_path / "vote", *EVAL, "ensemble=vote", f"ensemble.checkpoints=[{run}]")["ensemble"]
-    assert voted["rule"] == "vote" and voted["test_acc"] >= min(m["test_acc"] for m in members)
-    # a saved weighted ensemble keeps its weights when evaluated again
-    reused = run_in_process(tmp_path / "reused", *EVAL, f"model.weights={tmp_path / 'explicit'}")
-    assert reused["ensemble"]["weights"] == [0.5, 0.25, 0.25] and reused["test_acc"] == explicit["test_acc"]
-
-
-def test_heterogeneous_members_build_their_own_architectures(tmp_path):
-    summary = run_in_process(
-        tmp_path, *MEMBER, "trainer.epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
-        "trainer.limit_test_batches=2", "ensemble=vote",
-        "ensemble.members=['model=cnn model.width=4',{model:mobilenet_v3_small,model.dropout:0.1}]",
     )  # fmt: skip
-    report = summary["ensemble"]
-    assert [m["model"] for m in report["members"]] == ["cnn", "mobilenet_v3_small"]
-    assert report["members"][0]["origin"] == {"kind": "trained", "seed": 0, "overrides": ["model=cnn", "model.width=4"]}
-    assert report["members"][1]["origin"]["overrides"] == ["model=mobilenet_v3_small", "model.dropout=0.1"]
-    assert report["members"][0]["params"] < report["members"][1]["params"]
-    assert report["evaluation"] == "loop"  # different architectures are never stacked
-    models = [load_trained_model(str(tmp_path / f"members/{i}"))[0] for i in range(2)]
+    assert explicit["ensemble"]["weights"] == [0.5, 0.25, 0.25]
+    # an ensemble run directory is evaluated again as it was saved (a weighted one keeps its weights); nothing trains
+    reused = run_in_process(tmp_path / "reused", *EVAL, f"model.weights={tmp_path / 'explicit'}")
+    assert reused["ensemble"]["rule"] == "weighted" and reused["ensemble"]["weights"] == [0.5, 0.25, 0.25]
+    assert reused["test_acc"] == explicit["test_acc"] and not (tmp_path / "reused/checkpoints").exists()
+    assert [m["epochs_trained"] for m in reused["ensemble"]["members"]] == [0, 0, 0]
+
+
+def test_heterogeneous_and_loaded_members_each_go_through_the_pipeline(tmp_path):
+    """Two members trained here with their own architectures and two loaded ones (one of them structurally
+    pruned) fine-tuned by sub-runs from their checkpoints; fused by a vote (the rule itself is tested above)."""
+    run_in_process(tmp_path / "plain", *SMOKE, "model=cnn", "model.width=4")
+    run_in_process(tmp_path / "pruned", *SMOKE, "model=cnn", "model.width=8", "prune=structured",
+                   "prune.finetune_epochs=0", "prune.latency_batch=2", "prune.latency_repeats=1")  # fmt: skip
+    pruned = tmp_path / "pruned/checkpoints/best.pt"
+    pruned_params = json.loads((tmp_path / "pruned/summary.json").read_text())["prune"]["after"]["params"]
+    run = tmp_path / "fused"
+    report = run_in_process(
+        run, *SMOKE, "scheduler=none", "ensemble=vote",
+        "ensemble.members=['model=cnn model.width=4',{model:mobilenet_v3_small,model.dropout:0.1}]",
+        f"ensemble.checkpoints=[{tmp_path / 'plain'},{pruned}]",
+    )["ensemble"]  # fmt: skip
+    members = report["members"]
+    assert [m["model"] for m in members] == ["cnn", "mobilenet_v3_small", "cnn", "cnn"]
+    assert members[0]["origin"] == {"kind": "trained", "seed": 0, "overrides": ["model=cnn", "model.width=4"]}
+    assert members[1]["origin"]["overrides"] == ["model=mobilenet_v3_small", "model.dropout=0.1"]
+    assert [m["origin"]["kind"] for m in members[2:]] == ["checkpoint", "checkpoint"]
+    assert [m["epochs_trained"] for m in members] == [1, 1, 1, 1]
+    assert report["rule"] == "vote" and report["evaluation"] == "loop"  # different architectures are never stacked
+    models = [load_trained_model(str(run / f"members/{i}"))[0] for i in range(4)]
     assert isinstance(models[0], SmallCNN) and models[0].features[0].out_channels == 4
     assert isinstance(models[1], torchvision.models.MobileNetV3)
-    second = torch.load(tmp_path / "members/1/checkpoints/best.pt", weights_only=True)["config"]
+    assert members[0]["params"] < members[1]["params"]
+    second = torch.load(run / "members/1/checkpoints/best.pt", weights_only=True)["config"]
     assert second["model"]["name"] == "mobilenet_v3_small" and second["model"]["dropout"] == 0.1
     assert second["trainer"]["seed"] == 1 and second["data"]["image_size"] == 16  # the run's own overrides apply
-
-
-def test_loaded_members_mix_architectures_and_pruned_ones_and_fine_tune(tmp_path):
-    small = [*SMOKE, "model=cnn", "model.width=4"]
-    run_in_process(tmp_path / "plain", *small)
-    run_in_process(tmp_path / "pruned", *small, "model.width=8", "prune=structured", "prune.finetune_epochs=0")
-    pruned_params = json.loads((tmp_path / "pruned/summary.json").read_text())["prune"]["after"]["params"]
-    entries = f"ensemble.checkpoints=[{tmp_path / 'plain'},{tmp_path / 'pruned/checkpoints/best.pt'}]"
-    fused = run_in_process(tmp_path / "fused", *EVAL, "trainer.limit_val_batches=2", "ensemble=average", entries)
-    members = fused["ensemble"]["members"]
-    assert [m["origin"]["kind"] for m in members] == ["checkpoint", "checkpoint"]
-    assert members[1]["params"] == pruned_params < count_parameters(SmallCNN(10, 1, width=8))
-    copy = torch.load(tmp_path / "fused/members/1/checkpoints/best.pt", weights_only=True)
-    assert "pruning" in copy and "optimizer" not in copy  # a self-contained copy that still rebuilds
-    # trainer.epochs > 0: each loaded member is fine-tuned by a sub-run from its checkpoint, architecture kept
-    tuned = run_in_process(tmp_path / "tuned", *SMOKE, "scheduler=none", "ensemble=average", entries)["ensemble"]
-    assert [m["epochs_trained"] for m in tuned["members"]] == [1, 1]
-    assert tuned["members"][1]["params"] == pruned_params
-    config = torch.load(tmp_path / "tuned/members/1/checkpoints/last.pt", weights_only=True)["config"]
-    assert config["model"]["weights"] == str(tmp_path / "pruned/checkpoints/best.pt")
-    assert config["model"]["width"] == 8 and config["trainer"]["seed"] == 1
+    # the pruned member is fine-tuned from its checkpoint and keeps its smaller architecture and its record
+    assert members[3]["params"] == pruned_params < count_parameters(SmallCNN(10, 1, width=8))
+    tuned = torch.load(run / "members/3/checkpoints/best.pt", weights_only=True)
+    assert "pruning" in tuned and tuned["config"]["model"]["weights"] == str(pruned)
+    assert tuned["config"]["model"]["width"] == 8 and tuned["config"]["trainer"]["seed"] == 3
 
 
 def test_mismatched_class_sets_are_one_clear_line(tmp_path):
@@ -252,6 +240,7 @@ def test_ensemble_config_mistakes_are_user_errors(tmp_path, overrides, message):
     assert not (tmp_path / "members").exists()  # nothing trained before the mistake was found
 
 
+@pytest.mark.slow  # the real command: five processes (~45 s on 2 busy cores)
 def test_a_sweeps_best_jobs_fused_without_training(tmp_path):
     sweep = shelltrain(
         "-m", "model=cnn", "model.width=4", "trainer.seed=0,1,2,3", "debug=smoke", "trainer.device=cpu",
