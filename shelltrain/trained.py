@@ -18,6 +18,7 @@ from torch import nn
 from shelltrain.checkpoint import load_checkpoint
 from shelltrain.errors import UserError
 from shelltrain.models import build_model
+from shelltrain.quantize import quiet
 from shelltrain.schema import ensemble_dir
 from shelltrain.transfer import checkpoint_source, rebuild_architecture
 
@@ -38,7 +39,8 @@ def load_trained_model(spec: str, key: str = "model.weights") -> tuple[nn.Module
             )
             raise UserError(f"{key}: '{path}' has no checkpoints/best.pt or last.pt; {hint}")
         path = found[0]
-    checkpoint = load_checkpoint(path)
+    with quiet():  # an int8 checkpoint's tensors warn when loaded
+        checkpoint = load_checkpoint(path)
     config, classes = checkpoint.get("config"), checkpoint.get("classes")
     if not isinstance(config, dict) or "model" not in config or not isinstance(classes, list):
         raise UserError(f"{key}: '{path}' has no model config and classes; it was not written by a shelltrain run")
