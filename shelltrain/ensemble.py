@@ -390,6 +390,8 @@ def _single(cfg: DictConfig) -> DictConfig:
         {"name": "none", "members": None, "checkpoints": [], "sweep": None, "top_k": None, "weights": None}
     )
     return single
+
+
 def _run_overrides(member_overrides: list[str]) -> list[str]:
     """The run's command-line overrides, less those of groups the member chooses for itself:
     with model=mobilenet_v3_small, the run's model=cnn and model.width=8 do not apply."""
