@@ -240,7 +240,7 @@ def test_ensemble_config_mistakes_are_user_errors(tmp_path, overrides, message):
     assert not (tmp_path / "members").exists()  # nothing trained before the mistake was found
 
 
-@pytest.mark.slow  # the real command: five processes (~45 s on 2 busy cores)
+@pytest.mark.slow  # the real command: five processes (45-70 s on 2 busy cores)
 def test_a_sweeps_best_jobs_fused_without_training(tmp_path):
     sweep = shelltrain(
         "-m", "model=cnn", "model.width=4", "trainer.seed=0,1,2,3", "debug=smoke", "trainer.device=cpu",
