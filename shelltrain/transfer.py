@@ -102,7 +102,7 @@ def _open_path(spec: str, path: Path) -> WeightsSource:
         return WeightsSource(spec, "safetensors", str(path), state_dict=_read_safetensors(path))
     payload = _torch_load(path)
     if isinstance(payload.get("model"), dict) or any(key in payload for key in REBUILDERS):
-        return WeightsSource(spec, "shelltrain", str(path), checkpoint=payload, **_from_checkpoint(payload, path))
+        return checkpoint_source(spec, path, payload)
     state = payload.get("state_dict") if isinstance(payload.get("state_dict"), dict) else payload
     return WeightsSource(spec, "state_dict", str(path), state_dict=_tensors_only(state, path))
 
@@ -132,6 +132,11 @@ def _tensors_only(state: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
             "or a dict of tensors)"
         )
     return tensors
+
+
+def checkpoint_source(spec: str, path: Path, payload: dict[str, Any]) -> WeightsSource:
+    """A shelltrain checkpoint already read from `path`, as weights to load."""
+    return WeightsSource(spec, "shelltrain", str(path), checkpoint=payload, **_from_checkpoint(payload, path))
 
 
 def _from_checkpoint(payload: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -267,7 +272,7 @@ def load_weights(
     if source is None:
         return model, None
     if source.checkpoint is not None:
-        model = _rebuild(model, source, example_inputs)
+        model = rebuild_architecture(model, source, example_inputs)
     if source.kind == "torchvision" and source.state_dict is None:
         source.state_dict = _torchvision_state_dict(source)
     assert source.state_dict is not None
@@ -289,7 +294,10 @@ def load_weights(
     return model, report
 
 
-def _rebuild(model: nn.Module, source: WeightsSource, example_inputs: torch.Tensor | None) -> nn.Module:
+def rebuild_architecture(
+    model: nn.Module, source: WeightsSource, example_inputs: torch.Tensor | None = None
+) -> nn.Module:
+    """`model` turned into the architecture a checkpoint records (pruned, quantized), by its REBUILDERS."""
     checkpoint = source.checkpoint or {}
     for key, (module_name, feature) in REBUILDERS.items():
         if key not in checkpoint:

@@ -61,6 +61,21 @@ def test_sweep_writes_summary_csv_and_prints_the_table(tmp_path):
     assert "optimizer.lr" in result.stdout  # the swept keys are the table's columns
 
 
+def test_a_sweep_over_ensemble_options_summarizes_every_job(tmp_path):
+    result = shelltrain(
+        "-m", "ensemble=average,vote", "ensemble.members=2", *TINY, "model.width=4", "trainer.threads=1",
+        "hydra.sweep.dir=sweep", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = _csv(tmp_path / "sweep/summary.csv")
+    assert [(r["ensemble"], r["status"]) for r in rows] == [("average", "completed"), ("vote", "completed")]
+    for row in rows:  # an ensemble job's summary.json: the ensemble's figures, its members in a section
+        summary = json.loads((tmp_path / "sweep" / row["run_dir"] / "summary.json").read_text())
+        assert summary["ensemble"]["rule"] == row["ensemble"] and len(summary["ensemble"]["members"]) == 2
+        assert float(row["test_acc"]) == pytest.approx(summary["test_acc"])
+        assert float(row["score"]) == pytest.approx(summary["best_val_acc"])
+
+
 def test_a_failed_job_is_recorded_the_others_finish_and_the_sweep_exits_4(tmp_path):
     result = shelltrain("-m", "optimizer.lr=-1,0.01", *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert result.returncode == sweep.EXIT_JOBS_FAILED == 4, result.stderr
@@ -242,7 +257,7 @@ def test_cifar10_resnet18_is_the_published_recipe():
 
 def test_ensemble_digits_preset_runs(tmp_path):
     _skip_unless_stage_present("ensemble_digits")
-    summary = run_in_process(tmp_path, "experiment=ensemble_digits", "debug=smoke", "model.width=8")
+    summary = run_in_process(tmp_path, "experiment=ensemble_digits", "debug=smoke", "model.width=8", "trainer.threads=1")
     assert summary["status"] == "completed" and "ensemble" in summary
 
 

@@ -61,7 +61,7 @@ def test_evaluate_refuses_data_the_model_cannot_read(trained, tmp_path):
             tmp_path / "other", "task=evaluate", f"model.weights={run_dir}",
             "data=synthetic", "data.num_samples=60", "data.num_classes=3", "data.image_size=32",
         )  # fmt: skip
-    with pytest.raises(UserError, match="is a directory without checkpoints/best.pt or checkpoints/last.pt"):
+    with pytest.raises(UserError, match="has no checkpoints/best.pt"):
         run_in_process(tmp_path / "empty", "task=evaluate", f"model.weights={tmp_path}")
 
 
