@@ -221,7 +221,8 @@ def train_and_test(
         summary["resumed_from"] = str(resume.checkpoint)
     write_json(summary, run_dir / "summary.json")
     loggers.finish(summary)
-    write_run_plots(run_dir, state.history, confusion, data.classes, state.best_epoch)
+    if cfg.get("plots", True):
+        write_run_plots(run_dir, state.history, confusion, data.classes, state.best_epoch)
     console.print(summary_table(summary))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
     return state.best_metric if state.best_metric is not None else summary["test_acc"]
@@ -263,10 +264,11 @@ def ensemble_and_test(cfg: DictConfig, run_dir: Path) -> float:
     }
     write_json(summary, run_dir / "summary.json")
     loggers.finish(summary)
-    write_run_plots(run_dir, [], fused.confusion, data.classes)
-    rows = [{"name": f"{m['index']}: {m['model']}", "test_acc": m["test_acc"]} for m in fused.report["members"]]
-    plot_members([*rows, {"name": f"ensemble ({fused.report['rule']})", "test_acc": fused.test["acc"]}],
-                 run_dir / "plots" / "members.png")  # fmt: skip
+    if cfg.get("plots", True):
+        write_run_plots(run_dir, [], fused.confusion, data.classes)
+        rows = [{"name": f"{m['index']}: {m['model']}", "test_acc": m["test_acc"]} for m in fused.report["members"]]
+        plot_members([*rows, {"name": f"ensemble ({fused.report['rule']})", "test_acc": fused.test["acc"]}],
+                     run_dir / "plots" / "members.png")  # fmt: skip
     console.print(summary_table(summary))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
     value = fused.val[settings.monitor.removeprefix("val_")]

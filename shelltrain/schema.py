@@ -259,6 +259,8 @@ def validate(cfg: DictConfig) -> None:
     if "gate" in cfg:
         _check_gates(cfg.gate)
     _check_task(cfg)
+    if not isinstance(cfg.get("plots", True), bool):
+        raise UserError(f"plots={cfg.plots!r} is invalid; use true or false")
     _check_loggers(cfg.get("logger"))
 
 

@@ -124,7 +124,7 @@ def test_vmap_evaluation_equals_the_loop_on_cpu():
 
 def test_members_trained_in_one_run_then_reused_and_weighted(tmp_path):
     run = tmp_path / "ensemble"
-    summary = run_in_process(run, *MEMBER, "ensemble=average", "ensemble.members=3", "trainer.seed=5")
+    summary = run_in_process(run, *MEMBER, "ensemble=average", "ensemble.members=3", "trainer.seed=5", "plots=true")
     report = json.loads((run / "ensemble.json").read_text())
     members = report["members"]
     assert [m["origin"] for m in members] == [{"kind": "trained", "seed": s} for s in (5, 6, 7)]

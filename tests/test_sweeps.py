@@ -22,7 +22,7 @@ from shelltrain.errors import UserError
 from shelltrain.schema import validate
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model=cnn", "model.width=8", "debug=smoke", "trainer.device=cpu"]
+TINY = ["model=cnn", "model.width=8", "debug=smoke", "trainer.device=cpu", "plots=false"]
 SWEEP_EXTRA = 'not installed; install the sweep extra: pip install -e ".[test,sweep]" (CI does)'
 
 
@@ -187,6 +187,7 @@ def test_missing_plugin_names_the_extra():
     )
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher(tmp_path):
     _plugin("hydra_submitit_launcher", "hydra-submitit-launcher")
     result = shelltrain(
