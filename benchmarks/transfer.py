@@ -6,7 +6,7 @@
    fine-tune from the pretrained run vs from scratch, and linear_probe from the pretrained run vs from random
    weights. Prints the mean test accuracy of each over the seeds.
 
-    python benchmarks/transfer.py [--budget 10] [--seeds 3] [--epochs 30] [--pretrain-epochs 8]
+    python benchmarks/transfer.py [--budget 3] [--seeds 4] [--epochs 30] [--pretrain-epochs 8]
 
 Each run is the real `shelltrain` pipeline in-process (Hydra's compose API), with run directories under --out.
 """
@@ -81,8 +81,8 @@ def _quietly(quiet: bool, func, *args):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=int, default=10, help="labelled train images per class of digits 5-9")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--budget", type=int, default=3, help="labelled train images per class of digits 5-9")
+    parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=30, help="epochs on the budget (each is a few batches)")
     parser.add_argument("--pretrain-epochs", type=int, default=8)
     parser.add_argument("--out", type=Path, default=None, help="where the run directories go (default: a temp dir)")

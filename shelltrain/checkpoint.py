@@ -26,7 +26,7 @@ from shelltrain.errors import UserError
 from shelltrain.optim import Schedule
 
 __all__ = [
-    "Checkpointer", "load_checkpoint", "restore_rng", "rng_state", "save_checkpoint", "restore_training",
+    "Checkpointer", "load_checkpoint", "safe_load", "restore_rng", "rng_state", "save_checkpoint", "restore_training",
     "resolve_resume", "find_resumable", "checkpoint_position", "write_atomic", "Resume",
 ]  # fmt: skip
 
@@ -103,19 +103,24 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for truncated, corrupt or unsafe files
-        raise UserError(
-            f"checkpoint '{path}' cannot be loaded safely (corrupt, truncated or not a shelltrain checkpoint): "
-            f"{_why_unloadable(path, exc)}"
-        ) from None
+    payload = safe_load(path, f"checkpoint '{path}'")
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
         what = f"a dict with keys {_preview(list(payload))}" if isinstance(payload, dict) else type(payload).__name__
         raise UserError(
             f"checkpoint '{path}' is not a shelltrain checkpoint: it holds {what}, not a 'model' state dict"
         )
     return payload
+
+
+def safe_load(path: Path, what: str) -> Any:
+    """torch.load(weights_only=True) on the CPU; a file it refuses is a UserError starting with `what`."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated, corrupt or unsafe files
+        raise UserError(
+            f"{what} cannot be loaded safely (corrupt, truncated or not a shelltrain checkpoint): "
+            f"{_why_unloadable(path, exc)}"
+        ) from None
 
 
 def _why_unloadable(path: Path, exc: Exception) -> str:

@@ -40,10 +40,11 @@ from shelltrain.loggers import build_loggers
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
 from shelltrain.models import build_model, count_parameters, materialize_lazy
 from shelltrain.optim import build_optimizer, build_scheduler
-from shelltrain.plots import write_run_plots
+from shelltrain.plots import plot_members, write_run_plots
 from shelltrain.prune import PruneResult, eval_settings, preflight, prune_model, summary_keys
 from shelltrain.quantize import quiet
 from shelltrain.report import ConsoleProgress, make_console, say, summary_table, write_json
+from shelltrain.schema import uses_ensemble
 from shelltrain.transfer import follow_weights, load_weights, make_policy, open_weights, transfer_log, transfer_summary
 
 log = logging.getLogger("shelltrain")
@@ -65,6 +66,8 @@ def run(
         seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
         return run_task(cfg, run_dir, train_settings(cfg.trainer, device), make_console())
     try:
+        if uses_ensemble(cfg):  # members (sub-runs or loaded models) fused into one prediction
+            return ensemble_and_test(cfg, run_dir)
         cv = cfg.get("cv")
         if cv is not None and cv.folds:
             if resume is not None:
@@ -84,9 +87,11 @@ def train_and_test(
     fold: tuple[int, int] | None = None,
     resume: Resume | None = None,
     overrides: list[str] | None = None,
+    label: str = "",
 ) -> float:
     """The pipeline once, in `run_dir`; `fold=(k, K)` trains on the other folds of the train split and
-    validates on fold k (a cross-validation sub-run); `resume` continues from a checkpoint."""
+    validates on fold k (a cross-validation sub-run); `resume` continues from a checkpoint; `label` names
+    a sub-run (an ensemble member) in the progress display."""
     started = time.perf_counter()
     console = make_console(quiet=not distributed.is_main())
     checkpoints = run_dir / "checkpoints"
@@ -152,6 +157,8 @@ def train_and_test(
         "mean": list(data.mean), "std": list(data.std), "image_size": data.image_size, "channels": data.in_channels,
     }  # fmt: skip
     extra = {"config": config, "classes": data.classes, "preprocessing": preprocessing, "overrides": overrides or []}
+    if weights is not None and "pruning" in (weights.checkpoint or {}):  # trained further, it still needs rebuilding
+        extra["pruning"] = weights.checkpoint["pruning"]
     main = distributed.is_main()  # under DDP only rank 0 writes files and prints
     loggers = build_loggers(cfg.get("logger") if main else None, run_dir)
     if payload is not None and resume is not None:
@@ -171,7 +178,7 @@ def train_and_test(
                 model, data.train, data.val, optimizer, schedule, settings, state=state,
                 callbacks=[
                     *([policy] if policy else []),  # freezes and unfreezes at epoch starts
-                    ConsoleProgress(console, settings.epochs), checkpointer, loggers,
+                    ConsoleProgress(console, settings.epochs, label), checkpointer, loggers,
                 ],
                 scaler=scaler, stop=stop, rng=_rng_of_this_rank(payload, state),
             )  # fmt: skip
@@ -229,10 +236,58 @@ def train_and_test(
         summary["resumed_from"] = str(resume.checkpoint)
     write_json(summary, run_dir / "summary.json")
     loggers.finish(summary)
-    write_run_plots(run_dir, state.history, confusion, data.classes, state.best_epoch)
+    if cfg.get("plots", True):
+        write_run_plots(run_dir, state.history, confusion, data.classes, state.best_epoch)
     console.print(summary_table(summary))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
     return state.best_metric if state.best_metric is not None else summary["test_acc"]
+
+
+def ensemble_and_test(cfg: DictConfig, run_dir: Path) -> float:
+    """An ensemble run: members trained here are complete sub-runs in run_dir/members/<i> (like cv folds),
+    loaded members come from checkpoints, ensemble runs or a sweep; all are fused and tested on this run's data.
+    Returns the ensemble's validation metric (what sweeps select by)."""
+    from shelltrain.ensemble import run_ensemble
+
+    started = time.perf_counter()
+    console = make_console()
+    device = resolve_device(cfg.trainer.device)
+    seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
+    data = build_data(cfg.data, cfg.augmentation, cfg.trainer.seed, device.type == "cuda")
+    settings = train_settings(cfg.trainer, device)
+    say(console, f"run directory: [bold]{run_dir}[/bold]")
+    say(console, f"{cfg.data.name}: {len(data.train.dataset)} train / {len(data.val.dataset)} val / "
+                 f"{len(data.test.dataset)} test images, {data.num_classes} classes")  # fmt: skip
+    loggers = build_loggers(cfg.get("logger"), run_dir)
+    loggers.start(OmegaConf.to_container(cfg, resolve=True))
+
+    def train_member(member_cfg: DictConfig, member_dir: Path, label: str) -> None:
+        train_and_test(member_cfg, member_dir, label=label)
+
+    fused = run_ensemble(cfg, data, settings, train_member, run_dir, console)
+    summary: dict[str, Any] = {
+        "status": "completed",
+        "test_acc": fused.test["acc"],
+        "test_loss": fused.test["loss"],
+        **fused.figures(),
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "device": str(device),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "run_dir": str(run_dir),
+        "per_class": per_class_metrics(fused.confusion, data.classes),
+    }
+    write_json(summary, run_dir / "summary.json")
+    loggers.finish(summary)
+    if cfg.get("plots", True):
+        write_run_plots(run_dir, [], fused.confusion, data.classes)
+        rows = [{"name": f"{m['index']}: {m['model']}", "test_acc": m["test_acc"]} for m in fused.report["members"]]
+        plot_members([*rows, {"name": f"ensemble ({fused.report['rule']})", "test_acc": fused.test["acc"]}],
+                     run_dir / "plots" / "members.png")  # fmt: skip
+    console.print(summary_table(summary))
+    say(console, f"run directory: [bold]{run_dir}[/bold]")
+    value = fused.val[settings.monitor.removeprefix("val_")]
+    return fused.test["acc"] if math.isnan(value) else value
 
 
 class GracefulStop:
@@ -551,7 +606,11 @@ def _check_distributable(cfg: DictConfig) -> None:
     """Stages that run in one process only refuse DDP with one line (they would repeat on every rank)."""
     if cfg.task != "train":
         raise UserError(f"task={cfg.task} runs in one process; start it without torchrun or trainer.devices")
-    for key, on in (("cv.folds", bool(cfg.get("cv") and cfg.cv.folds)), ("prune", cfg.prune.name != "none")):
+    one_process = (
+        ("cv.folds", bool(cfg.get("cv") and cfg.cv.folds)), ("prune", cfg.prune.name != "none"),
+        ("ensemble", uses_ensemble(cfg)),
+    )  # fmt: skip
+    for key, on in one_process:
         if on:
             raise UserError(f"{key} is not supported with several processes (torchrun or trainer.devices > 1); "
                             "run it in one process")  # fmt: skip

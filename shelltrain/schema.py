@@ -124,6 +124,18 @@ class CVSchema:
     refit: bool = True
 
 
+@dataclass
+class EnsembleSchema:
+    name: str = "none"
+    members: Any = None
+    checkpoints: Any = field(default_factory=list)  # a list, or one path
+    sweep: Optional[str] = None
+    top_k: Optional[int] = None
+    weights: Optional[list[float]] = None
+    temperature: float = 1.0
+    vmap: Any = "auto"
+
+
 PRECISIONS = ("32", "bf16", "16-mixed")
 LOSSES = ("cross_entropy", "mse")
 MONITORS = ("val_acc", "val_loss")
@@ -149,6 +161,8 @@ PRUNE_IMPORTANCES = ("l1", "l2", "taylor", "bn_scale", "fpgm", "random")
 PRUNE_RAMPS = ("linear", "cubic")
 QUANTIZE_MODES = ("auto", "static", "dynamic", "fake")
 QUANTIZE_BACKENDS = ("x86", "fbgemm", "qnnpack")
+ENSEMBLE_RULES = ("none", "average", "weighted", "vote")
+ENSEMBLE_FILE = "ensemble.json"  # what makes a run directory a reusable ensemble
 
 
 def validate(cfg: DictConfig) -> None:
@@ -237,14 +251,21 @@ def validate(cfg: DictConfig) -> None:
     _check_optimizer(cfg.optimizer)
     prune = cfg.get("prune") or {}
     _check_prune(prune)
+    ensemble = _typed(cfg.ensemble, EnsembleSchema, "ensemble")
+    fuses = uses_ensemble(cfg)
+    _check_ensemble(ensemble, fuses, bool(cfg.model.get("weights")), trainer, cfg.get("cv"))
     # With pruning, the scheduler also sizes the fine-tuning: trainer.epochs=0 prunes a loaded model.
-    _check_scheduler(cfg.scheduler, trainer.epochs if prune.get("name", "none") == "none" else 1)
+    # An ensemble of loaded members (no ensemble.members) trains nothing with trainer.epochs=0.
+    sized = prune.get("name", "none") == "none" and not (fuses and not ensemble.members)
+    _check_scheduler(cfg.scheduler, trainer.epochs if sized else 1)
     _check_structured_support(cfg)
     if "cv" in cfg:
         _check_cv(_typed(cfg.cv, CVSchema, "cv"), trainer)
     if "gate" in cfg:
         _check_gates(cfg.gate)
     _check_task(cfg)
+    if not isinstance(cfg.get("plots", True), bool):
+        raise UserError(f"plots={cfg.plots!r} is invalid; use true or false")
     _check_loggers(cfg.get("logger"))
 
 
@@ -306,6 +327,84 @@ def _check_scheduler(scheduler: DictConfig, epochs: int) -> None:
         raise UserError(
             "scheduler needs trainer.epochs > 0 to size its schedule; use scheduler=none with trainer.epochs=0"
         )
+
+
+def ensemble_dir(source: Any) -> Path | None:
+    """The ensemble run directory `source` (model.weights, an ensemble.checkpoints entry) names: the directory
+    or its ensemble.json; else None."""
+    if source is None or str(source).strip() == "":
+        return None
+    path = Path(os.path.expanduser(str(source)))
+    if path.name == ENSEMBLE_FILE and path.is_file():
+        return path.parent
+    return path if (path / ENSEMBLE_FILE).is_file() else None
+
+
+def uses_ensemble(cfg: DictConfig) -> bool:
+    """Whether a run fuses members: a rule is chosen, or model.weights names an ensemble run directory."""
+    return cfg.ensemble.name != "none" or ensemble_dir(cfg.model.get("weights")) is not None
+
+
+def _check_ensemble(
+    ensemble: EnsembleSchema, fuses: bool, model_weights: bool, trainer: TrainerSchema, cv: DictConfig | None
+) -> None:
+    """Values and combinations; member counts (ensemble.weights) and paths are checked when members are gathered."""
+    _one_of("ensemble.name", ensemble.name, ENSEMBLE_RULES)
+    if fuses:
+        if trainer.resume is not None:
+            raise UserError(
+                "trainer.resume does not apply to an ensemble run; run it again anew (members that finished can be "
+                "reused with ensemble.checkpoints=[<run dir>/members/<i>])"
+            )
+        if cv is not None and cv.get("folds"):
+            raise UserError("cv.folds does not apply to an ensemble run; set cv.folds=0 or ensemble=none")
+    members = ensemble.members
+    if isinstance(members, bool) or not (
+        members is None
+        or isinstance(members, int) and members >= 1
+        or isinstance(members, list) and members and all(isinstance(m, (str, list, dict)) for m in members)
+    ):
+        raise UserError(
+            f"ensemble.members={members!r} is invalid; use a count >= 1 (e.g. ensemble.members=3) or a list of "
+            "override sets, one per member, e.g. \"ensemble.members=['model=cnn','model=resnet18']\""
+        )
+    checkpoints = ensemble.checkpoints if isinstance(ensemble.checkpoints, list) else [ensemble.checkpoints]
+    if not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in checkpoints):  # a dir may be named 1
+        raise UserError(
+            f"ensemble.checkpoints={checkpoints!r} is invalid; give run directories or checkpoint files, "
+            "e.g. ensemble.checkpoints=[outputs/A,outputs/B/checkpoints/best.pt]"
+        )
+    sources = [
+        key for key, value in (("members", members), ("checkpoints", ensemble.checkpoints), ("sweep", ensemble.sweep))
+        if value
+    ]  # fmt: skip
+    if ensemble.members and trainer.epochs == 0:
+        raise UserError(
+            "ensemble.members trains its members in this run and needs trainer.epochs > 0; "
+            "to fuse trained models set ensemble.checkpoints or ensemble.sweep instead"
+        )
+    if ensemble.name == "none" and sources:
+        raise UserError(
+            f"ensemble.{sources[0]} is set but ensemble=none; pick a rule to fuse the members: "
+            "ensemble=average, ensemble=weighted or ensemble=vote"
+        )
+    if ensemble.name != "none" and not sources and not model_weights:
+        raise UserError(
+            f"ensemble={ensemble.name} has no members; set ensemble.members=K (train K here), "
+            "ensemble.checkpoints=[run dirs or .pt files] or ensemble.sweep=<multirun dir>"
+        )
+    if ensemble.top_k is not None:
+        _at_least("ensemble.top_k", ensemble.top_k, 1)
+        if not ensemble.sweep:
+            raise UserError("ensemble.top_k picks jobs of a sweep; set ensemble.sweep=<multirun dir> too")
+    if ensemble.weights is not None:
+        if ensemble.name != "weighted":
+            raise UserError(f"ensemble.weights is used by ensemble=weighted, not ensemble={ensemble.name}")
+        if any(w < 0 for w in ensemble.weights) or sum(ensemble.weights) <= 0:
+            raise UserError(f"ensemble.weights={list(ensemble.weights)} must be >= 0 with a positive sum")
+    if ensemble.temperature <= 0:
+        raise UserError(f"ensemble.temperature={ensemble.temperature} is out of range; it must be > 0, e.g. 0.5")
+    _one_of("ensemble.vmap", ensemble.vmap, ("auto", True, False))
 
 
 def _check_structured_support(cfg: DictConfig) -> None:

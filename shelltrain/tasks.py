@@ -63,7 +63,8 @@ def evaluate_task(
     loader = _unaugmented(data, split)
     logits, targets = predict(model, loader, settings, limit=cfg.trainer.get(f"limit_{split}_batches"))
     confusion = confusion_matrix(logits, targets, data.num_classes)
-    plot_confusion_matrix(confusion, data.classes, run_dir / "plots" / "confusion_matrix.png", title=split)
+    if cfg.get("plots", True):
+        plot_confusion_matrix(confusion, data.classes, run_dir / "plots" / "confusion_matrix.png", title=split)
     metrics = split_metrics(logits, targets, settings, split)
     say(console, f"{cfg.data.name} {split}: {len(targets)} images, accuracy {metrics[f'{split}_acc']:.4f}")
     per_class = per_class_metrics(confusion, data.classes)

@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from shelltrain.checkpoint import safe_load
 from shelltrain.engine import Callback
 from shelltrain.errors import UserError
 from shelltrain.models import find_classifier
@@ -101,20 +102,13 @@ def _open_path(spec: str, path: Path) -> WeightsSource:
         return WeightsSource(spec, "safetensors", str(path), state_dict=_read_safetensors(path))
     payload = _torch_load(path)
     if isinstance(payload.get("model"), dict) or any(key in payload for key in REBUILDERS):
-        return WeightsSource(spec, "shelltrain", str(path), checkpoint=payload, **_from_checkpoint(payload, path))
+        return checkpoint_source(spec, path, payload)
     state = payload.get("state_dict") if isinstance(payload.get("state_dict"), dict) else payload
     return WeightsSource(spec, "state_dict", str(path), state_dict=_tensors_only(state, path))
 
 
 def _torch_load(path: Path) -> dict[str, Any]:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt, truncated, or pickles objects that a safe load refuses
-        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise UserError(
-            f"model.weights: '{path}' cannot be loaded safely (corrupt, truncated, or it pickles Python objects "
-            f"rather than tensors): {reason}"
-        ) from None
+    payload = safe_load(path, f"model.weights: '{path}'")
     if not isinstance(payload, dict):
         raise UserError(f"model.weights: '{path}' holds a {type(payload).__name__}, not a state dict or checkpoint")
     return payload
@@ -138,6 +132,11 @@ def _tensors_only(state: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
             "or a dict of tensors)"
         )
     return tensors
+
+
+def checkpoint_source(spec: str, path: Path, payload: dict[str, Any]) -> WeightsSource:
+    """A shelltrain checkpoint already read from `path`, as weights to load."""
+    return WeightsSource(spec, "shelltrain", str(path), checkpoint=payload, **_from_checkpoint(payload, path))
 
 
 def _from_checkpoint(payload: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -273,7 +272,7 @@ def load_weights(
     if source is None:
         return model, None
     if source.checkpoint is not None:
-        model = _rebuild(model, source, example_inputs)
+        model = rebuild_architecture(model, source, example_inputs)
     if source.kind == "torchvision" and source.state_dict is None:
         source.state_dict = _torchvision_state_dict(source)
     assert source.state_dict is not None
@@ -295,7 +294,10 @@ def load_weights(
     return model, report
 
 
-def _rebuild(model: nn.Module, source: WeightsSource, example_inputs: torch.Tensor | None) -> nn.Module:
+def rebuild_architecture(
+    model: nn.Module, source: WeightsSource, example_inputs: torch.Tensor | None = None
+) -> nn.Module:
+    """`model` turned into the architecture a checkpoint records (pruned, quantized), by its REBUILDERS."""
     checkpoint = source.checkpoint or {}
     for key, (module_name, feature) in REBUILDERS.items():
         if key not in checkpoint:

@@ -13,8 +13,12 @@ from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-# In-process runs stay on the CPU with no loader worker processes.
-FAST = ["trainer.device=cpu", "data.num_workers=0"]
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one test process per core: one thread each, no oversubscription
+    os.environ["OMP_NUM_THREADS"] = "1"  # read by torch at import, here and in the CLI subprocesses
+
+# In-process runs stay on the CPU with no loader worker processes, and draw no pictures (tests about the
+# pictures say plots=true).
+FAST = ["trainer.device=cpu", "data.num_workers=0", "plots=false"]
 
 
 def compose_config(*overrides: str) -> DictConfig:

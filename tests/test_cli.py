@@ -92,6 +92,7 @@ def test_multirun_sweep_makes_complete_run_dirs(tmp_path):
     assert "torch.optim.Adam" in (tmp_path / "sweep/1/.hydra/config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_two_runs_in_the_same_second_get_separate_dirs(tmp_path):
     procs = [
         subprocess.Popen(

@@ -283,3 +283,12 @@ def test_rebuild_replays_every_op_and_latency_is_a_median():
     weights = dict(layer_weights(model))
     assert "layer3.1.conv1" not in weights and "fc" in weights
     assert sparsity(model) < 0.01
+
+
+def test_evaluate_rebuilds_a_structured_pruned_run(tmp_path):
+    """task=evaluate on a pruned run: the loader replays the pruning and reproduces the run's test figures."""
+    summary = run_in_process(tmp_path / "run", *CNN, "prune=structured", "prune.finetune_epochs=0")
+    evaluated = run_in_process(
+        tmp_path / "eval", "task=evaluate", f"model.weights={tmp_path / 'run'}", "trainer.limit_test_batches=2"
+    )
+    assert evaluated["test_acc"] == summary["test_acc"] and evaluated["test_loss"] == summary["test_loss"]

@@ -41,7 +41,7 @@ def assert_picture(path: Path, min_bytes: int = 8_000) -> None:
 
 
 def test_a_run_leaves_curves_confusion_matrix_and_per_class_metrics(tmp_path):
-    summary = run_in_process(tmp_path, *TINY)
+    summary = run_in_process(tmp_path, *TINY, "plots=true")
     assert_picture(tmp_path / "plots" / "curves.png", min_bytes=20_000)  # three panels of lines and text
     assert_picture(tmp_path / "plots" / "confusion_matrix.png")
     assert 0.0 <= summary["test_top5"] <= 1.0 and summary["test_top5"] >= summary["test_acc"]
@@ -83,6 +83,7 @@ def test_no_logger_and_a_single_other_logger(tmp_path):
     assert not (tmp_path / "none" / "metrics.csv").exists() and (tmp_path / "none" / "summary.json").exists()
     run_in_process(tmp_path / "jsonl", *TINY, "trainer.epochs=1", "logger=jsonl")
     assert not (tmp_path / "jsonl" / "metrics.csv").exists() and (tmp_path / "jsonl" / "metrics.jsonl").exists()
+    assert not (tmp_path / "jsonl" / "plots").exists()  # plots=false (the tests' default) draws nothing
 
 
 def test_a_users_logger_by_target(tmp_path):

@@ -22,7 +22,7 @@ from shelltrain.errors import UserError
 from shelltrain.schema import validate
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model=cnn", "model.width=8", "debug=smoke", "trainer.device=cpu"]
+TINY = ["model=cnn", "model.width=8", "debug=smoke", "trainer.device=cpu", "plots=false"]
 SWEEP_EXTRA = 'not installed; install the sweep extra: pip install -e ".[test,sweep]" (CI does)'
 
 
@@ -59,6 +59,21 @@ def test_sweep_writes_summary_csv_and_prints_the_table(tmp_path):
     assert scores == sorted(scores, reverse=True)  # rank 1 is the best val_acc
     assert "shelltrain sweep" in result.stdout and "4 runs: 4 completed" in result.stdout
     assert "optimizer.lr" in result.stdout  # the swept keys are the table's columns
+
+
+def test_a_sweep_over_ensemble_options_summarizes_every_job(tmp_path):
+    result = shelltrain(
+        "-m", "ensemble=average,vote", "ensemble.members=2", *TINY, "model.width=4", "trainer.threads=1",
+        "hydra.sweep.dir=sweep", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = _csv(tmp_path / "sweep/summary.csv")
+    assert [(r["ensemble"], r["status"]) for r in rows] == [("average", "completed"), ("vote", "completed")]
+    for row in rows:  # an ensemble job's summary.json: the ensemble's figures, its members in a section
+        summary = json.loads((tmp_path / "sweep" / row["run_dir"] / "summary.json").read_text())
+        assert summary["ensemble"]["rule"] == row["ensemble"] and len(summary["ensemble"]["members"]) == 2
+        assert float(row["test_acc"]) == pytest.approx(summary["test_acc"])
+        assert float(row["score"]) == pytest.approx(summary["best_val_acc"])
 
 
 def test_a_failed_job_is_recorded_the_others_finish_and_the_sweep_exits_4(tmp_path):
@@ -172,6 +187,7 @@ def test_missing_plugin_names_the_extra():
     )
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher(tmp_path):
     _plugin("hydra_submitit_launcher", "hydra-submitit-launcher")
     result = shelltrain(
@@ -242,7 +258,7 @@ def test_cifar10_resnet18_is_the_published_recipe():
 
 def test_ensemble_digits_preset_runs(tmp_path):
     _skip_unless_stage_present("ensemble_digits")
-    summary = run_in_process(tmp_path, "experiment=ensemble_digits", "debug=smoke", "model.width=8")
+    summary = run_in_process(tmp_path, "experiment=ensemble_digits", "debug=smoke", "model.width=8", "trainer.threads=1")
     assert summary["status"] == "completed" and "ensemble" in summary
 
 

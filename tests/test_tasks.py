@@ -38,7 +38,7 @@ def trained(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_evaluate_reproduces_the_runs_test_and_val_figures(trained, tmp_path):
     run_dir, trained_summary = trained
-    test = run_in_process(tmp_path / "test", "task=evaluate", f"model.weights={run_dir}")
+    test = run_in_process(tmp_path / "test", "task=evaluate", f"model.weights={run_dir}", "plots=true")
     assert test["task"] == "evaluate" and test["split"] == "test"
     for key in ("test_acc", "test_loss", "test_top5", "per_class"):
         assert test[key] == trained_summary[key], key  # exactly: same model, data, order and arithmetic

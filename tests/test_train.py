@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import compose_config, run_in_process
 
-CNN = ["model=cnn", "model.width=8", "scheduler=none"]
+CNN = ["model=cnn", "model.width=8", "scheduler=none", "data.image_size=16"]  # digits are 8x8: 16 loses nothing
 
 
 def test_cnn_learns_digits_and_writes_a_complete_run_dir(tmp_path):
@@ -33,7 +33,7 @@ def test_cnn_learns_digits_and_writes_a_complete_run_dir(tmp_path):
 
 
 def test_same_seed_same_result(tmp_path):
-    args = [*CNN, "trainer.epochs=1", "trainer.limit_train_batches=5", "augmentation=seed"]
+    args = [*CNN, "trainer.epochs=1", "trainer.limit_train_batches=5", "trainer.limit_val_batches=2", "augmentation=seed"]
     a = run_in_process(tmp_path / "a", *args)
     b = run_in_process(tmp_path / "b", *args)
     run_in_process(tmp_path / "c", *args, "trainer.seed=1")
