@@ -25,7 +25,7 @@ from shelltrain.models import build_model
 # Tiny and quick: 240 train images, 15 batches of 8 per rank and epoch.
 DDP = [
     "model=cnn", "model.width=8", "data.limit_samples=240", "data.batch_size=8", "scheduler=none", "optimizer=adam",
-    "optimizer.lr=0.003", "trainer.device=cpu", "trainer.threads=1", "logger=[csv,jsonl]",
+    "optimizer.lr=0.003", "trainer.device=cpu", "trainer.threads=1", "logger=[csv,jsonl]", "plots=false",
 ]  # fmt: skip
 
 
