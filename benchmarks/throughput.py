@@ -161,10 +161,12 @@ def main() -> None:
     for runner in runners:
         runner.epoch_images_per_second()  # warm-up (compiles); not counted
     warm_up = time.perf_counter() - started
+    print(f"warm-up (compiling, if asked) {warm_up:.1f}s; measuring {args.rounds} rounds", flush=True)
     results: dict[Variant, list[float]] = {v: [] for v in variants}
-    for _ in range(args.rounds):
+    for round_number in range(args.rounds):
         for runner in runners:
             results[runner.variant].append(runner.epoch_images_per_second())
+        print(f"round {round_number + 1}: " + ", ".join(f"{r[-1]:.0f}" for r in results.values()), flush=True)
     report(args, device, variants, results, len(bundles[args.data_paths[0]].train), warm_up)
 
 
