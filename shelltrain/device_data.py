@@ -18,7 +18,10 @@ from torchvision.transforms.v2 import functional as F
 from shelltrain import distributed
 from shelltrain.errors import UserError
 
-ON_DEVICE = "RandomCrop (output size = data.image_size), RandomAffine (translate only), RandomHorizontalFlip, RandomVerticalFlip"
+ON_DEVICE = (
+    "RandomCrop (output size = data.image_size), RandomAffine (translate only), RandomHorizontalFlip, "
+    "RandomVerticalFlip"
+)
 
 
 class Shift:

@@ -26,11 +26,11 @@ import torchvision
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from shelltrain import distributed
 from shelltrain.checkpoint import (
     BEST, DISK_FULL, LAST, NOT_WRITABLE, Checkpointer, Resume, disk_error, load_checkpoint, restore_training,
     rng_state, save_checkpoint, write_atomic,
 )  # fmt: skip
-from shelltrain import distributed
 from shelltrain.data import DataBundle, build_data, cv_fold
 from shelltrain.engine import (
     SYNC_EVERY, Callback, NonFiniteLoss, TrainSettings, TrainState, fit, make_scaler, monitor_mode, predict,
@@ -142,12 +142,12 @@ def train_and_test(
     if payload is not None and resume is not None:
         state = restore_training(payload, resume.checkpoint, model, optimizer, schedule, scaler)
     say(console, f"run directory: [bold]{run_dir}[/bold]")
+    processes = f" in {distributed.world_size()} processes (DDP)" if distributed.active() else ""
     say(
         console,
         f"{cfg.data.name}: {len(data.train.dataset)} train / {len(data.val.dataset)} val / "
         f"{len(data.test.dataset)} test images, {data.num_classes} classes; "
-        f"model {cfg.model.get('name', cfg.model.get('_target_'))} ({params:,} parameters) on {device}"
-        + (f" in {distributed.world_size()} processes (DDP; these counts are whole splits)" if distributed.active() else ""),
+        f"model {cfg.model.get('name', cfg.model.get('_target_'))} ({params:,} parameters) on {device}{processes}",
     )
     for line in transfer_log(weights, loaded, data_cfg, stats_from, policy):
         say(console, line)
@@ -342,7 +342,9 @@ class GracefulStop:
         if not distributed.is_main():
             return  # rank 0 speaks for all
         again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
-        how = "the launcher ends every process after its timeout" if distributed.active() else f"{again} again quits at once"
+        how = f"{again} again quits at once"
+        if distributed.active():
+            how = "the launcher ends every process after its timeout"
         sys.stderr.write(f"\nshelltrain: {name} received: finishing this step and saving a checkpoint ({how})\n")
         sys.stderr.flush()
         log.info("%s received: stopping after this step", name)

@@ -123,7 +123,8 @@ def test_a_crash_on_one_rank_ends_every_rank(tmp_path):
     result = torchrun(*DDP, "+model._target_=crashing_model.CrashOnRankOne", "hydra.run.dir=run", cwd=tmp_path, env=env)
     assert result.returncode != 0
     assert "planted crash on rank 1" in result.stderr
-    assert not (tmp_path / "run/summary.json").exists() or "completed" not in (tmp_path / "run/summary.json").read_text()
+    summary = tmp_path / "run/summary.json"
+    assert not summary.exists() or "completed" not in summary.read_text()
 
 
 @pytest.mark.slow
