@@ -17,11 +17,6 @@ import torch.distributed as dist
 from torch import nn
 
 
-def launched() -> bool:
-    """True in a process started by torchrun (or trainer.devices) as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def init() -> None:
     """Join the process group torchrun set up in the environment: gloo for CPU tensors, and NCCL for CUDA ones
     where CUDA exists (so trainer.device=cpu on a GPU node works too). Each process takes the GPU of its local
@@ -29,7 +24,7 @@ def init() -> None:
     if dist.is_initialized():
         return
     backend = "gloo"
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and local_rank() < torch.cuda.device_count():
         torch.cuda.set_device(local_rank())
         backend = "cpu:gloo,cuda:nccl"
     # A rank waiting for the others (rank 0 loading data, writing a checkpoint) must not time out early.
