@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from shelltrain import distributed
 from shelltrain.engine import Callback, TrainState, monitor_mode, restore_rng, rng_state
 from shelltrain.errors import UserError
 from shelltrain.optim import Schedule
@@ -232,7 +233,10 @@ def _first_line(exc: BaseException) -> str:
 
 class Checkpointer(Callback):
     """Writes checkpoints/last.pt after every epoch (and every N steps mid-epoch), best.pt when the
-    monitored metric improves, and keeps `keep` epoch_NNN.pt files: the best epochs by that metric."""
+    monitored metric improves, and keeps `keep` epoch_NNN.pt files: the best epochs by that metric.
+
+    Under DDP every rank has one (each hands in its RNG state, so a mid-epoch checkpoint resumes every rank
+    exactly) and only the one with `write` (rank 0) writes."""
 
     def __init__(
         self,
@@ -244,6 +248,7 @@ class Checkpointer(Callback):
         extra: dict[str, Any],
         monitor: str = "val_acc",
         keep: int = 0,
+        write: bool = True,
     ):
         self.directory = directory
         self.model = model
@@ -253,9 +258,13 @@ class Checkpointer(Callback):
         self.extra = extra  # config, classes, ...: whatever rebuilds the model and explains the run
         self.monitor = monitor
         self.keep = keep
+        self.write = write
 
     def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None:
-        data = serialize(self.payload(state))
+        payload = self.payload(state)
+        if not self.write:
+            return
+        data = serialize(payload)
         write_atomic(data, self.directory / LAST)
         if improved:
             write_atomic(data, self.directory / BEST)
@@ -263,7 +272,9 @@ class Checkpointer(Callback):
             self._retain(state, data)
 
     def on_checkpoint(self, state: TrainState) -> None:
-        write_atomic(serialize(self.payload(state)), self.directory / LAST)
+        payload = self.payload(state)
+        if self.write:
+            write_atomic(serialize(payload), self.directory / LAST)
 
     def _retain(self, state: TrainState, data: bytes) -> None:
         """Keep the `keep` best epoch checkpoints (ties: the earlier epoch), deleting the rest."""
@@ -284,6 +295,10 @@ class Checkpointer(Callback):
         return (-value if monitor_mode(self.monitor) == "max" else value, epoch)
 
     def payload(self, state: TrainState) -> dict[str, Any]:
+        """The checkpoint's contents; under DDP a collective (every rank's RNG state), empty off rank 0."""
+        rngs = distributed.gather(rng_state())
+        if not self.write:
+            return {}
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -293,7 +308,8 @@ class Checkpointer(Callback):
             "step": state.step,
             "train_state": asdict(state),
             "metrics": state.history[-1] if state.history else {},
-            "rng": rng_state(),
+            "rng": rngs[0],
+            **({"rng_ranks": rngs} if len(rngs) > 1 else {}),
             **self.extra,
         }
 

@@ -56,10 +56,12 @@ def _task(cfg: DictConfig) -> Any:
     try:
         result, missed = run_job(cfg, fresh_dir)
     except Interrupted as exc:
-        _report_interrupt(exc.signum, exc.run_dir, exc.saved, fresh_dir)
+        if not _follower():
+            _report_interrupt(exc.signum, exc.run_dir, exc.saved, fresh_dir)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        _report_interrupt(signal.SIGINT, None, False, fresh_dir)
+        if not _follower():
+            _report_interrupt(signal.SIGINT, None, False, fresh_dir)
         sys.exit(128 + signal.SIGINT)
     except UserError as exc:
         if multirun:
@@ -67,8 +69,9 @@ def _task(cfg: DictConfig) -> Any:
             raise  # Hydra records the failed job and goes on with the others; main() prints the sweep table
         if _full_error():
             raise
-        _remove_if_unused(fresh_dir)
-        _print_error(str(exc))
+        if not _follower():  # rank 0 speaks for every rank, and the run directory is its to remove
+            _remove_if_unused(fresh_dir)
+            _print_error(str(exc))
         sys.exit(EXIT_USER_ERROR)
     except Exception as exc:
         if multirun:
@@ -95,10 +98,15 @@ def run_job(cfg: DictConfig, run_dir: Path) -> tuple[Any, list[str]]:
     overrides = [str(o) for o in HydraConfig.get().overrides.task]
     if cfg.trainer.resume is not None:
         cfg, run_dir, resume, overrides = plan_resume(cfg, run_dir, overrides)
+    checkpoint = str(resume.checkpoint) if resume is not None else None
+    if _followers_waiting:
+        _tell_followers({"run_dir": str(run_dir), "resume": checkpoint})
+    if cfg.trainer.devices > 1 and not _under_torchrun():
+        return _launch_processes(cfg, run_dir, checkpoint, overrides)
     from shelltrain.runner import run  # imports torch: only once a job really runs
 
     result = run(cfg, run_dir, resume=resume, overrides=overrides)
-    return result, _apply_gates(cfg, run_dir)
+    return result, [] if _follower() else _apply_gates(cfg, run_dir)
 
 
 def _job_dir() -> Path:
@@ -113,7 +121,127 @@ def main() -> None:
 
         sys.exit(summary_main(sys.argv[2:]))
     hydra_internal.run_and_report = _report_user_errors(hydra_internal.run_and_report)
-    _task()
+    if _under_torchrun():
+        _run_as_rank()
+    else:
+        _task()
+
+
+# -- several processes (torchrun, trainer.devices) ----------------------------------------------------------
+
+_followers_waiting = False  # rank 0 under torchrun, until it has told the other ranks where the run goes
+
+
+def _under_torchrun() -> bool:
+    """One of several processes started by torchrun (or by trainer.devices), read without importing torch."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _follower() -> bool:
+    """A rank other than 0: it trains, but writes no files and prints nothing of its own."""
+    return _under_torchrun() and os.environ.get("RANK", "0") != "0"
+
+
+def _run_as_rank() -> None:
+    """Under torchrun, every rank runs this command. Hydra would give each its own `${now:...}` run directory,
+    so rank 0 composes the job as usual and, once it has settled the run directory (and the checkpoint a
+    resume starts from), broadcasts them; the other ranks then compose the same job into that directory with
+    Hydra's own files and logging turned off."""
+    from shelltrain import distributed
+
+    global _followers_waiting
+    if any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
+        if not _follower():
+            _print_error("a multirun sweep cannot run under torchrun; sweep with trainer.devices=N instead, "
+                         "which starts the processes of each job itself")  # fmt: skip
+        sys.exit(EXIT_USER_ERROR)
+    distributed.init()
+    try:
+        if _follower():
+            decision = distributed.broadcast(None)
+            if "exit" in decision:  # rank 0 ended before training (--help, --cfg, a config error): so do we
+                sys.exit(decision["exit"])
+            sys.argv[1:] = [
+                *_into_run(sys.argv[1:], decision["run_dir"], decision["resume"]),
+                "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none",
+            ]  # fmt: skip
+            _task()
+            return
+        _followers_waiting = True
+        code: Any = 1
+        try:
+            _task()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+            raise
+        finally:
+            if _followers_waiting:
+                _tell_followers({"exit": code if isinstance(code, int) else int(code is not None)})
+    finally:
+        distributed.shutdown()
+
+
+def _tell_followers(decision: dict[str, Any]) -> None:
+    from shelltrain import distributed
+
+    global _followers_waiting
+    _followers_waiting = False
+    distributed.broadcast(decision)
+
+
+def _into_run(args: list[str], run_dir: str, resume: str | None) -> list[str]:
+    """A command line made to continue in `run_dir` from the checkpoint `resume` (None: from scratch), where
+    a resume already settled on lands without moving or searching again."""
+    kept = [a for a in args if not _is_override_of(a, "trainer.resume") and not _is_override_of(a, "hydra.run.dir")]
+    return [*kept, f"trainer.resume={_quoted(resume) if resume else 'null'}", f"hydra.run.dir={_quoted(run_dir)}"]
+
+
+def _launch_processes(
+    cfg: DictConfig, run_dir: Path, checkpoint: str | None, overrides: list[str]
+) -> tuple[Any, list[str]]:
+    """trainer.devices=N: run this job in N processes on this machine (torchrun --standalone), into this job's run
+    directory. The processes print and record everything themselves (errors, gates, how to resume); this one
+    passes on their exit code, or in a sweep returns the score from the summary.json they wrote."""
+    from shelltrain import distributed
+
+    processes = int(cfg.trainer.devices)
+    args = _into_run(_config_flags(HydraConfig.get()) + overrides, str(run_dir), checkpoint)
+    _note(f"trainer.devices={processes}: training in {processes} processes (DDP) into {run_dir}")
+    code = distributed.launch(processes, args)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if code not in (0, EXIT_GATE_FAILED):
+        if multirun:
+            raise UserError(f"the {processes} training processes ended with exit code {code} (see their output)")
+        sys.exit(code)
+    if code == EXIT_GATE_FAILED and not multirun:
+        sys.exit(code)
+    import json
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return summary.get(f"best_{cfg.trainer.monitor}", summary.get("test_acc")), []
+
+
+def _config_flags(hydra_cfg: Any) -> list[str]:
+    """The --config-dir and --config-name this job was composed with (read from Hydra, not from sys.argv, which
+    under a launcher such as submitit is not the shelltrain command line)."""
+    flags = [
+        f"--config-dir={source.path}"
+        for source in hydra_cfg.runtime.config_sources
+        if source.provider == "command-line" and source.schema == "file"
+    ]
+    return [*flags, f"--config-name={hydra_cfg.job.config_name}"]
+
+
+def _quoted(value: str) -> str:
+    """A value for a Hydra override, quoted where needed so that paths with spaces, commas or '=' pass as they are."""
+    if re.fullmatch(r"[\w./@+-]+", value):
+        return value
+    return "'" + value.replace("'", "\\'") + "'"
+
+
+def _is_override_of(arg: str, key: str) -> bool:
+    return arg.lstrip("+~").split("=", 1)[0] == key
 
 
 # -- resuming ---------------------------------------------------------------------------------------------
@@ -258,18 +386,21 @@ def _report_interrupt(signum: int, run_dir: Any, saved: bool, fresh_dir: Path) -
 
 def resume_command(run_dir: Path) -> str:
     """This command line again, continuing `run_dir` (a sweep: every job of the same sweep dir)."""
-    def is_override_of(arg: str, key: str) -> bool:
-        return arg.lstrip("+~").split("=", 1)[0] == key
-
-    args = [a for a in sys.argv[1:] if not is_override_of(a, "trainer.resume")]
+    args = [a for a in sys.argv[1:] if not _is_override_of(a, "trainer.resume")]
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
         sweep_dir = Path(hydra_cfg.sweep.dir).absolute()
-        args = [a for a in args if not is_override_of(a, "hydra.sweep.dir")]
+        args = [a for a in args if not _is_override_of(a, "hydra.sweep.dir")]
         args += [f"hydra.sweep.dir={sweep_dir}", "trainer.resume=auto"]
     else:
         args.append(f"trainer.resume={Path(run_dir).absolute()}")
-    return shlex.join(["shelltrain", *args])
+    program = ["shelltrain"]
+    if _under_torchrun() and not any(_is_override_of(a, "trainer.devices") for a in args):
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        nodes = int(os.environ["WORLD_SIZE"]) // per_node
+        program = ["torchrun", *([f"--nnodes={nodes}"] if nodes > 1 else []), f"--nproc-per-node={per_node}", "-m",
+                   "shelltrain"]  # fmt: skip
+    return shlex.join([*program, *args])
 
 
 def _exit_on_sigterm() -> Any:

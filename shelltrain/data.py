@@ -15,11 +15,13 @@ import torch
 from hydra.utils import instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from shelltrain import distributed
+from shelltrain.device_data import DeviceBatches, batched_augmentations
 from shelltrain.errors import UserError
 
 SOURCES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
@@ -107,6 +109,7 @@ def build_data(
     seed: int,
     pin_memory: bool = False,
     stats: tuple[list[float], list[float]] | None = None,
+    device: torch.device | None = None,
 ) -> DataBundle:
     """Load `data.name`, split it, and wrap the splits in loaders.
 
@@ -115,7 +118,11 @@ def build_data(
 
     The train loader shuffles with its own generator seeded by `seed`; reseeding it each epoch makes the order and
     the worker seeds (hence augmentation and MixUp/CutMix) a function of (seed, epoch). Two exceptions: with
-    num_workers=0 the transforms draw from torch's global RNG, and persistent workers keep their first seeds."""
+    num_workers=0 the transforms draw from torch's global RNG, and persistent workers keep their first seeds.
+
+    Under DDP the train order comes from a DistributedSampler (seeded by `seed`, `set_epoch` every epoch) and the
+    validation split is sharded without repeats; the test split stays whole (rank 0 tests). With
+    `data.on_device=true` and a `device`, the splits become DeviceBatches on that device."""
     _check_config(data, augmentation)
     size = data.image_size
     if data.name == "imagefolder":
@@ -139,32 +146,55 @@ def build_data(
 
     mean, std = _stats(data, channels, splits["train"], stats)  # measured on raw images, so transforms come after
     to_float = to_float_transforms(mean, std)
-    splits["train"].transform = v2.Compose(_augmentations(augmentation) + to_float)
+    augmentations = _augmentations(augmentation)
+    splits["train"].transform = v2.Compose(augmentations + to_float)
     splits["val"].transform = splits["test"].transform = v2.Compose(to_float)
     _dry_run(splits["train"])
+
+    mix = _mix(augmentation, len(classes))
+    eval_batch_size = data.eval_batch_size or 2 * data.batch_size
+    facts = dict(num_classes=len(classes), classes=classes, in_channels=channels, image_size=size, mean=mean, std=std)
+    if data.get("on_device") and device is not None:
+        if data.name == "imagefolder":
+            raise UserError("data.on_device=true holds in-memory datasets on the device; imagefolder reads image "
+                            "files as it goes: use data.on_device=false (and data.num_workers) for it")  # fmt: skip
+        names = [str(node.get("_target_")).rsplit(".", 1)[-1] for node in augmentation.train]
+        batched = batched_augmentations(augmentations, size, names)
+        on = {split: (splits[split].images.to(device), splits[split].labels.to(device)) for split in splits}
+        return DataBundle(
+            train=DeviceBatches(
+                splits["train"], *on["train"], data.batch_size, mean, std, augment=batched, mix=mix,
+                shuffle=True, drop_last=data.drop_last, seed=seed,
+            ),
+            val=DeviceBatches(splits["val"], *on["val"], eval_batch_size, mean, std),
+            test=DeviceBatches(splits["test"], *on["test"], eval_batch_size, mean, std),
+            **facts,
+        )  # fmt: skip
 
     workers = data.num_workers
     persistent = data.persistent_workers and workers > 0  # DataLoader rejects persistent_workers without workers
     common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=persistent)
-    eval_batch_size = data.eval_batch_size or 2 * data.batch_size
+    sampler = val_sampler = None
+    if distributed.world_size() > 1:
+        sampler = DistributedSampler(
+            splits["train"], distributed.world_size(), distributed.rank(), shuffle=True, seed=seed,
+            drop_last=data.drop_last,
+        )  # fmt: skip
+        val_sampler = distributed.shard(len(splits["val"]))
     return DataBundle(
         train=DataLoader(
             splits["train"],
             batch_size=data.batch_size,
-            shuffle=True,
+            shuffle=sampler is None,
+            sampler=sampler,
             generator=torch.Generator().manual_seed(seed),
             drop_last=data.drop_last,
-            collate_fn=_mix_collate(augmentation, len(classes)),
+            collate_fn=MixCollate(mix) if mix is not None else None,
             **common,
         ),
-        val=DataLoader(splits["val"], batch_size=eval_batch_size, **common),
+        val=DataLoader(splits["val"], batch_size=eval_batch_size, sampler=val_sampler, **common),
         test=DataLoader(splits["test"], batch_size=eval_batch_size, **common),
-        num_classes=len(classes),
-        classes=classes,
-        in_channels=channels,
-        image_size=size,
-        mean=mean,
-        std=std,
+        **facts,
     )
 
 
@@ -467,7 +497,8 @@ def _dry_run(train: Dataset) -> None:
             ) from e
 
 
-def _mix_collate(augmentation: DictConfig, num_classes: int) -> MixCollate | None:
+def _mix(augmentation: DictConfig, num_classes: int) -> v2.Transform | None:
+    """MixUp and/or CutMix of a whole batch (one of them per batch when both are on)."""
     mixes = []
     if augmentation.mixup_alpha > 0:
         mixes.append(v2.MixUp(alpha=float(augmentation.mixup_alpha), num_classes=num_classes))
@@ -475,7 +506,7 @@ def _mix_collate(augmentation: DictConfig, num_classes: int) -> MixCollate | Non
         mixes.append(v2.CutMix(alpha=float(augmentation.cutmix_alpha), num_classes=num_classes))
     if not mixes:
         return None
-    return MixCollate(mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes))
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
 
 
 def _one_line(error: BaseException) -> str:
@@ -495,6 +526,13 @@ def cv_fold(bundle: DataBundle, folds: int, fold: int, seed: int) -> DataBundle:
         train_index, val_index = list(splitter.split(labels.reshape(-1, 1), labels))[fold]
     except ValueError as e:  # more folds than images of some class / than images
         raise UserError(f"cv.folds={folds}: {_one_line(e)}; use fewer folds or more data") from e
+    if isinstance(bundle.train, DeviceBatches):
+        train, held = torch.from_numpy(train_index), torch.from_numpy(val_index)
+        return replace(
+            bundle,
+            train=bundle.train.subset(train, augmented=True, shuffle=True, batch_size=bundle.train.batch_size),
+            val=bundle.train.subset(held, augmented=False, shuffle=False, batch_size=bundle.val.batch_size),
+        )
     held_out = copy.copy(train_set)
     held_out.transform = bundle.val.dataset.transform
     loader, val_loader = bundle.train, bundle.val

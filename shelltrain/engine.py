@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from shelltrain import distributed
 from shelltrain.errors import UserError
 from shelltrain.optim import Schedule
 
 SYNC_EVERY = 20  # batches between host syncs for the progress display (each sync stalls a GPU)
+RANK_SEED_STRIDE = 1_000_003  # rank r draws augmentation and dropout from seed + r * stride
 
 
 @dataclass
@@ -41,6 +43,8 @@ class TrainSettings:
     limit_val_batches: int | None = None
     overfit_batches: int = 0
     checkpoint_every_n_steps: int = 0  # >0: Callback.on_checkpoint every N optimizer steps (mid-epoch)
+    compile: bool = False  # train a torch.compile'd module (inside any DDP wrapper)
+    sync_batchnorm: bool = False  # under DDP: BatchNorm statistics over the global batch
 
 
 @dataclass
@@ -139,19 +143,18 @@ def fit(
     state = state or TrainState()
     callback = Callbacks(callbacks or [])
     scaler = scaler or make_scaler(settings)
-    model.to(settings.device)
-    if settings.channels_last:
-        model.to(memory_format=torch.channels_last)
+    net = trainable(model, settings)
     if rng is not None:
         restore_rng(rng)
     while state.epoch < settings.epochs and not state.stopped_early:
         epoch = state.epoch + 1
         train_metrics = train_one_epoch(
-            model, train_loader, optimizer, schedule, settings, state, epoch, callback, scaler,
+            net, train_loader, optimizer, schedule, settings, state, epoch, callback, scaler,
             stop=stop, rng=rng if state.batch else None,
         )  # fmt: skip
         if train_metrics is None:
             return state  # stopped mid-epoch; on_checkpoint has seen the state
+        distributed.broadcast_buffers(model)
         val = evaluate(model, val_loader, settings, limit=settings.limit_val_batches)
         row = {
             "epoch": epoch,
@@ -171,6 +174,20 @@ def fit(
         if stop is not None and stop():
             break
     return state
+
+
+def trainable(model: nn.Module, settings: TrainSettings) -> nn.Module:
+    """The module that trains: `model` on its device and memory format, compiled if asked, then wrapped in DDP
+    under several processes (compiled inside the wrapper, as PyTorch recommends). It shares its parameters with
+    `model`, which stays eager: evaluation (other batch sizes, eval mode) causes no recompiles, and checkpoints
+    keep plain state-dict keys."""
+    if settings.sync_batchnorm and distributed.active():  # statistics over the global batch; converts in place
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(settings.device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if settings.compile else model
+    return distributed.wrap(net, settings.device)
 
 
 def make_scaler(settings: TrainSettings) -> torch.amp.GradScaler:
@@ -199,24 +216,25 @@ def train_one_epoch(
     """
     model.train()
     overfit = settings.overfit_batches > 0
-    # The data order, augmentation and dropout of an epoch are a pure function of (seed, epoch):
-    # a run resumed at an epoch boundary replays exactly what an uninterrupted run would.
+    # The data order, augmentation and dropout of an epoch are a pure function of (seed, epoch, rank):
+    # a run resumed at an epoch boundary replays exactly what an uninterrupted run would. Under DDP the
+    # order is shared (the sampler's set_epoch) and each rank draws its own augmentation and dropout.
     epoch_seed = settings.seed if overfit else settings.seed * 100_003 + epoch
-    torch.manual_seed(epoch_seed)
+    rank_seed = epoch_seed + RANK_SEED_STRIDE * distributed.rank()
+    torch.manual_seed(rank_seed)
     if isinstance(getattr(loader, "generator", None), torch.Generator):
-        loader.generator.manual_seed(epoch_seed)
+        loader.generator.manual_seed(rank_seed)
+    for shuffler in (loader, getattr(loader, "sampler", None)):
+        if hasattr(shuffler, "set_epoch"):  # DistributedSampler, on-device batches
+            shuffler.set_epoch(0 if overfit else epoch)
     limit = settings.overfit_batches if overfit else settings.limit_train_batches
     num_batches = _num_batches(loader, limit)
     skip = min(state.batch, num_batches)
     callback.on_epoch_start(epoch, num_batches)
 
-    partial = state.partial if skip else {}
-    loss_sum = torch.tensor(float(partial.get("loss_sum", 0.0)), device=settings.device)
-    correct = torch.tensor(float(partial.get("correct", 0.0)), device=settings.device)
-    seen = int(partial.get("seen", 0))
-    bad_step = torch.full((), -1, dtype=torch.long, device=settings.device)  # first step with a non-finite loss
+    tally = _Tally(state.partial if skip else {})
     every = settings.checkpoint_every_n_steps
-    start = time.perf_counter() - float(partial.get("seconds", 0.0))
+    start = time.perf_counter() - tally.seconds
     optimizer.zero_grad(set_to_none=True)
     for i, (images, targets) in enumerate(_limited(loader, num_batches)):
         if i < skip:
@@ -229,54 +247,93 @@ def train_one_epoch(
             loss = criterion(logits, targets, settings)
         if settings.l1 > 0:
             loss = loss + settings.l1 * sum(p.abs().sum() for p in model.parameters() if p.ndim > 1)
-        # Recorded on the device (no host sync); checked at the next sync point, always before a checkpoint.
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), state.step + 1, bad_step)
-        scaler.scale(loss / settings.accumulate).backward()
+        tally.add(loss, logits, targets, state.step + 1)
+        scaler.scale(loss / settings.accumulate if settings.accumulate > 1 else loss).backward()
         stepped = (i + 1) % settings.accumulate == 0 or i + 1 == num_batches
         if stepped:
             _optimizer_step(model, optimizer, scaler, settings)
             state.step += 1
             if schedule is not None and schedule.interval == "step":
                 schedule.scheduler.step()
-        batch = images.shape[0]
-        seen += batch
-        loss_sum += loss.detach().float() * batch
-        correct += (logits.argmax(1) == _hard(targets)).sum()
         if (i + 1) % SYNC_EVERY == 0 or i + 1 == num_batches:
-            _check_finite(bad_step, loss_sum, epoch)
-            elapsed = time.perf_counter() - start
-            callback.on_batch_end(i + 1, loss_sum.item() / seen, correct.item() / seen, seen / elapsed)
+            tally.sync(epoch)
+            callback.on_batch_end(i + 1, tally.loss, tally.acc, tally.seen / (time.perf_counter() - start))
         if stepped and i + 1 < num_batches:  # at the last batch the epoch-end checkpoint follows anyway
             stopping = stop is not None and stop()
             if stopping or (every > 0 and state.step % every == 0):
-                _check_finite(bad_step, loss_sum, epoch)
+                tally.sync(epoch)
                 state.batch = i + 1
-                state.partial = {
-                    "loss_sum": loss_sum.item(),
-                    "correct": correct.item(),
-                    "seen": seen,
-                    "seconds": time.perf_counter() - start,
-                }
+                state.partial = tally.partial(time.perf_counter() - start)
                 callback.on_checkpoint(state)
                 if stopping:
                     return None
-    _check_finite(bad_step, loss_sum, epoch)
+    tally.sync(epoch)
     state.batch, state.partial = 0, {}
     seconds = time.perf_counter() - start
     return {
-        "train_loss": loss_sum.item() / max(seen, 1),
-        "train_acc": correct.item() / max(seen, 1),
+        "train_loss": tally.loss,
+        "train_acc": tally.acc,
         "lr": optimizer.param_groups[0]["lr"],
         "seconds": seconds,
-        "images_per_second": seen / seconds if seconds > 0 else 0.0,
+        "images_per_second": tally.seen / seconds if seconds > 0 else 0.0,
     }
 
 
-def _check_finite(bad_step: torch.Tensor, loss_sum: torch.Tensor, epoch: int) -> None:
-    """Raise NonFiniteLoss if any loss since the epoch started was NaN or infinite (one host sync)."""
-    step = int(bad_step.item())
-    if step >= 0:
-        raise NonFiniteLoss(loss_sum.item(), epoch, step)
+class _Tally:
+    """Loss and accuracy of the epoch so far, over all ranks.
+
+    A batch only leaves its detached loss and predicted classes on the device (one argmax, no host sync);
+    `sync`, at the progress points, folds the pending batches into the totals with a few batched ops and one
+    host sync, sums them over ranks, and raises NonFiniteLoss naming the first step whose loss was NaN or
+    infinite. The engine syncs before every checkpoint, so no checkpoint holds weights from after a bad loss.
+    """
+
+    def __init__(self, partial: dict[str, float]):
+        self.loss_sum = float(partial.get("loss_sum", 0.0))
+        self.correct = float(partial.get("correct", 0.0))
+        self.seen = int(partial.get("seen", 0))
+        self.seconds = float(partial.get("seconds", 0.0))
+        self.losses: list[torch.Tensor] = []
+        self.predicted: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        self.steps: list[int] = []  # the optimizer step each pending batch contributes to
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, step: int) -> None:
+        self.losses.append(loss.detach())
+        self.predicted.append(logits.detach().argmax(1))
+        self.targets.append(targets)
+        self.steps.append(step)
+
+    def sync(self, epoch: int) -> None:
+        losses = torch.zeros(0, dtype=torch.float64)
+        local = torch.zeros(4, dtype=torch.float64)
+        if self.losses:
+            hits = (torch.cat(self.predicted) == _hard(torch.cat(self.targets))).sum()
+            pending = torch.cat([torch.stack(self.losses).float(), hits.float()[None]]).cpu().double()  # host sync
+            losses, sizes = pending[:-1], torch.tensor([len(t) for t in self.targets], dtype=torch.float64)
+            local = torch.stack([losses @ sizes, pending[-1], sizes.sum(), (~torch.isfinite(losses)).sum().double()])
+        loss_sum, correct, seen, non_finite = distributed.all_reduce_sum(local).tolist()
+        self.loss_sum += loss_sum
+        self.correct += correct
+        self.seen += int(seen)
+        if non_finite:
+            bad = (~torch.isfinite(losses)).tolist()
+            mine = next((step for step, flag in zip(self.steps, bad) if flag), 2**62)
+            step = int(distributed.all_reduce_min(torch.tensor([mine])).item())
+            raise NonFiniteLoss(self.loss_sum, epoch, step)
+        self.losses, self.predicted, self.targets, self.steps = [], [], [], []
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.seen, 1)
+
+    @property
+    def acc(self) -> float:
+        return self.correct / max(self.seen, 1)
+
+    def partial(self, seconds: float) -> dict[str, float]:
+        """The running sums of a partial epoch, for a mid-epoch checkpoint."""
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen, "seconds": seconds}
 
 
 def _optimizer_step(
@@ -314,8 +371,19 @@ def predict(
 def evaluate(
     model: nn.Module, loader: DataLoader, settings: TrainSettings, limit: int | None = None
 ) -> dict[str, float]:
+    """Loss and accuracy over `loader`; under DDP each rank holds a shard and the sums are combined, so the
+    figures are those of the whole split."""
     logits, targets = predict(model, loader, settings, limit)
-    return metrics_from_logits(logits, targets, settings)
+    if not distributed.active():
+        return metrics_from_logits(logits, targets, settings)
+    count = targets.numel()
+    loss = metrics_from_logits(logits, targets, settings)["loss"] * count if count else 0.0
+    correct = (logits.argmax(1) == targets).sum().item() if count else 0
+    totals = distributed.all_reduce_sum(torch.tensor([loss, correct, count], dtype=torch.float64))
+    loss_sum, correct, count = totals.tolist()
+    if not count:
+        return {"loss": math.nan, "acc": math.nan}
+    return {"loss": loss_sum / count, "acc": correct / count}
 
 
 def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor, settings: TrainSettings) -> dict[str, float]:

@@ -885,7 +885,7 @@ def _quantize(ctx: _Context, model: nn.Module) -> _Outcome:
         quantized = model
         quantize.fake_quantize_(quantized, cfg.bits)
     elif mode == "static":
-        calibration = [images for images, _ in islice(ctx.data.train, cfg.calibration_batches)]
+        calibration = [images.cpu() for images, _ in islice(ctx.data.train, cfg.calibration_batches)]  # int8: CPU
         quantized = quantize.static_int8(model, ctx.arch, calibration, cfg.backend)
     else:
         quantized = quantize.dynamic_int8(model)

@@ -26,8 +26,9 @@ METRIC_COLUMNS = [
 ]  # fmt: skip
 
 
-def make_console() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+def make_console(quiet: bool = False) -> Console:
+    """The run's console; `quiet` (DDP ranks other than 0) prints nothing."""
+    return Console(highlight=False, soft_wrap=True, quiet=quiet)
 
 
 def say(console: Console, message: str) -> None:

@@ -24,14 +24,16 @@ import numpy as np
 import torch
 import torchvision
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
+from shelltrain import distributed
 from shelltrain.checkpoint import (
     BEST, DISK_FULL, LAST, NOT_WRITABLE, Checkpointer, Resume, disk_error, load_checkpoint, restore_training,
     rng_state, save_checkpoint, write_atomic,
 )  # fmt: skip
 from shelltrain.data import DataBundle, build_data, cv_fold
 from shelltrain.engine import (
-    Callback, NonFiniteLoss, TrainSettings, TrainState, fit, make_scaler, monitor_mode, predict,
+    SYNC_EVERY, Callback, NonFiniteLoss, TrainSettings, TrainState, fit, make_scaler, monitor_mode, predict,
 )  # fmt: skip
 from shelltrain.errors import Interrupted, UserError
 from shelltrain.loggers import build_loggers
@@ -55,6 +57,8 @@ def run(
     or its cross-validated mean when `cv.folds` is set.
 
     `overrides` (the command line's, stored in every checkpoint) let `trainer.resume` rebuild the config."""
+    if distributed.active():
+        _check_distributable(cfg)
     if cfg.task != "train":  # evaluate, predict or export a trained model
         from shelltrain.tasks import run_task
 
@@ -89,7 +93,7 @@ def train_and_test(
     validates on fold k (a cross-validation sub-run); `resume` continues from a checkpoint; `label` names
     a sub-run (an ensemble member) in the progress display."""
     started = time.perf_counter()
-    console = make_console()
+    console = make_console(quiet=not distributed.is_main())
     checkpoints = run_dir / "checkpoints"
     payload = (resume.payload or load_checkpoint(resume.checkpoint)) if resume else None
     if payload is None and (checkpoints / LAST).exists():
@@ -109,13 +113,17 @@ def train_and_test(
 
     weights = open_weights(cfg.model)  # None for a random start
     data_cfg, stats, stats_from = follow_weights(cfg.data, weights)
-    data = build_data(data_cfg, cfg.augmentation, cfg.trainer.seed, device.type == "cuda", stats)
+    if cfg.trainer.compile and not data_cfg.drop_last:
+        data_cfg = OmegaConf.merge(data_cfg, {"drop_last": True})  # a smaller last batch would recompile
+        say(console, "trainer.compile: the last incomplete train batch of each epoch is dropped (data.drop_last)")
+    data = build_data(data_cfg, cfg.augmentation, cfg.trainer.seed, device.type == "cuda", stats, device=device)
     if fold is not None:
         data = cv_fold(data, folds=fold[1], fold=fold[0], seed=cfg.data.split_seed)
     for loader in (data.train, data.val, data.test):
-        loader.worker_init_fn = functools.partial(_leave_stop_signals_to_main, loader.worker_init_fn)
+        if isinstance(loader, DataLoader):
+            loader.worker_init_fn = functools.partial(_leave_stop_signals_to_main, loader.worker_init_fn)
     model = build_model(cfg.model, data.num_classes, data.in_channels)
-    example = next(iter(data.val))[0][:2]
+    example = next(iter(data.test))[0][:2].cpu()
     materialize_lazy(model, example)
     strict = cfg.model.get("strict", False)
     model, loaded = load_weights(model, weights, strict=strict, classes=data.classes, example_inputs=example)
@@ -134,11 +142,12 @@ def train_and_test(
     if payload is not None and resume is not None:
         state = restore_training(payload, resume.checkpoint, model, optimizer, schedule, scaler)
     say(console, f"run directory: [bold]{run_dir}[/bold]")
+    processes = f" in {distributed.world_size()} processes (DDP)" if distributed.active() else ""
     say(
         console,
         f"{cfg.data.name}: {len(data.train.dataset)} train / {len(data.val.dataset)} val / "
         f"{len(data.test.dataset)} test images, {data.num_classes} classes; "
-        f"model {cfg.model.get('name', cfg.model.get('_target_'))} ({params:,} parameters) on {device}",
+        f"model {cfg.model.get('name', cfg.model.get('_target_'))} ({params:,} parameters) on {device}{processes}",
     )
     for line in transfer_log(weights, loaded, data_cfg, stats_from, policy):
         say(console, line)
@@ -150,16 +159,17 @@ def train_and_test(
     extra = {"config": config, "classes": data.classes, "preprocessing": preprocessing, "overrides": overrides or []}
     if weights is not None and "pruning" in (weights.checkpoint or {}):  # trained further, it still needs rebuilding
         extra["pruning"] = weights.checkpoint["pruning"]
-    loggers = build_loggers(cfg.get("logger"), run_dir)
+    main = distributed.is_main()  # under DDP only rank 0 writes files and prints
+    loggers = build_loggers(cfg.get("logger") if main else None, run_dir)
     if payload is not None and resume is not None:
         _announce_resume(console, cfg, payload, resume, state, run_dir)
         loggers.resume(state.history)  # exactly the checkpoint's rows: none missing, none repeated
-        if not resume.in_place:
+        if not resume.in_place and main:
             _seed_new_run_dir(resume.checkpoint, payload, state, checkpoints)
     loggers.start(config)
     checkpointer = Checkpointer(
         checkpoints, model, optimizer, schedule, scaler, extra=extra,
-        monitor=settings.monitor, keep=cfg.trainer.keep_checkpoints,
+        monitor=settings.monitor, keep=cfg.trainer.keep_checkpoints, write=main,
     )  # fmt: skip
     stop = GracefulStop(run_dir)
     try:
@@ -170,19 +180,23 @@ def train_and_test(
                     *([policy] if policy else []),  # freezes and unfreezes at epoch starts
                     ConsoleProgress(console, settings.epochs, label), checkpointer, loggers,
                 ],
-                scaler=scaler, stop=stop, rng=payload["rng"] if payload is not None else None,
+                scaler=scaler, stop=stop, rng=_rng_of_this_rank(payload, state),
             )  # fmt: skip
     except NonFiniteLoss as exc:
         message = _non_finite_message(exc, cfg, checkpoints)
-        if (checkpoints / LAST).exists():
+        if (checkpoints / LAST).exists() and main:
             _write_summary(run_dir, {"status": "failed", "error": message, "epochs_completed": exc.epoch - 1})
         raise UserError(message) from None
-    if stop.signum is not None:
-        _write_summary(run_dir, {
-            "status": "interrupted", "signal": signal.Signals(stop.signum).name, "epochs_completed": state.epoch,
-            "step": state.step, "batches_into_next_epoch": state.batch, "run_dir": str(run_dir),
-        })  # fmt: skip
-        raise Interrupted(stop.signum, run_dir)
+    if stop.requested or stop.signum is not None:
+        signum = stop.signum or signal.SIGTERM  # under DDP another rank may have received it
+        if main:
+            _write_summary(run_dir, {
+                "status": "interrupted", "signal": signal.Signals(signum).name, "epochs_completed": state.epoch,
+                "step": state.step, "batches_into_next_epoch": state.batch, "run_dir": str(run_dir),
+            })  # fmt: skip
+        raise Interrupted(signum, run_dir)
+    if not main:
+        return math.nan  # rank 0 tests the model and writes the report
 
     if state.epoch > 0 and (checkpoints / BEST).exists():
         model.load_state_dict(load_checkpoint(checkpoints / BEST)["model"])
@@ -207,6 +221,7 @@ def train_and_test(
         "params": params,
         "wall_seconds": round(time.perf_counter() - started, 3),
         "device": str(device),
+        "processes": distributed.world_size(),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "run_dir": str(run_dir),
@@ -278,18 +293,31 @@ def ensemble_and_test(cfg: DictConfig, run_dir: Path) -> float:
 class GracefulStop:
     """While training, the first SIGINT or SIGTERM asks the engine to stop after the current step (it
     then writes a resumable checkpoint); a second one interrupts at once. Called, it says whether a
-    stop was asked for; `signum` is the signal."""
+    stop was asked for; `signum` is the signal.
+
+    Under DDP every rank must stop after the same step, so the ranks agree every SYNC_EVERY polls (the
+    engine polls after every optimizer step, on every rank alike) whether any of them was asked to stop.
+    A second signal does not cut a rank short there: torchrun forwards a terminal's Ctrl-C as SIGTERM on
+    top of the SIGINT every rank already got, and kills the ranks itself after its own timeout."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, run_dir: Path | None = None):
         self.run_dir = run_dir
         self.signum: int | None = None
+        self.requested = False  # a stop was asked for (on any rank, under DDP) and the engine was told
+        self._polls = 0
         self._previous: dict[int, Any] = {}
         self._pid = os.getpid()
 
     def __call__(self) -> bool:
-        return self.signum is not None
+        if not distributed.active():
+            self.requested = self.signum is not None
+        else:
+            self._polls += 1
+            if self._polls % SYNC_EVERY == 0:
+                self.requested = distributed.any_rank(self.signum is not None)
+        return self.requested
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
@@ -306,14 +334,18 @@ class GracefulStop:
         if os.getpid() != self._pid:
             return  # a forked data-loader worker inherited this handler: the main process decides
         if self.signum is not None:
+            if distributed.active():
+                return
             raise Interrupted(signum, self.run_dir, saved=False)
         self.signum = signum
         name = signal.Signals(signum).name
+        if not distributed.is_main():
+            return  # rank 0 speaks for all
         again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
-        sys.stderr.write(
-            f"\nshelltrain: {name} received: finishing this step and saving a checkpoint "
-            f"({again} again quits at once)\n"
-        )
+        how = f"{again} again quits at once"
+        if distributed.active():
+            how = "the launcher ends every process after its timeout"
+        sys.stderr.write(f"\nshelltrain: {name} received: finishing this step and saving a checkpoint ({how})\n")
         sys.stderr.flush()
         log.info("%s received: stopping after this step", name)
 
@@ -556,15 +588,53 @@ def train_settings(trainer: DictConfig, device: torch.device) -> TrainSettings:
         limit_val_batches=trainer.limit_val_batches,
         overfit_batches=trainer.overfit_batches,
         checkpoint_every_n_steps=trainer.get("checkpoint_every_n_steps") or 0,
+        compile=trainer.get("compile", False),
+        sync_batchnorm=trainer.get("sync_batchnorm", False),
     )
 
 
 def resolve_device(name: str) -> torch.device:
+    """The configured device; under DDP a CUDA device is the GPU of this process's local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"trainer.device={name} but no CUDA device is available; use trainer.device=auto or cpu")
+    if name.startswith("cuda") and distributed.active():
+        return torch.device("cuda", distributed.local_rank())
     return torch.device(name)
+
+
+def _check_distributable(cfg: DictConfig) -> None:
+    """Stages that run in one process only refuse DDP with one line (they would repeat on every rank)."""
+    if cfg.task != "train":
+        raise UserError(f"task={cfg.task} runs in one process; start it without torchrun or trainer.devices")
+    one_process = (
+        ("cv.folds", bool(cfg.get("cv") and cfg.cv.folds)), ("prune", cfg.prune.name != "none"),
+        ("ensemble", uses_ensemble(cfg)),
+    )  # fmt: skip
+    for key, on in one_process:
+        if on:
+            raise UserError(f"{key} is not supported with several processes (torchrun or trainer.devices > 1); "
+                            "run it in one process")  # fmt: skip
+    if cfg.trainer.sync_batchnorm and resolve_device(cfg.trainer.device).type != "cuda":
+        raise UserError("trainer.sync_batchnorm=true needs CUDA devices (torch's SyncBatchNorm has no CPU "
+                        "implementation); drop it for CPU processes")  # fmt: skip
+
+
+def _rng_of_this_rank(payload: dict[str, Any] | None, state: TrainState) -> dict[str, Any] | None:
+    """The RNG snapshot this rank resumes with: its own one from the checkpoint (every rank's is stored under
+    DDP). A checkpoint taken mid-epoch by another number of processes cannot continue that epoch exactly."""
+    if payload is None:
+        return None
+    ranks = payload.get("rng_ranks") or [payload["rng"]]
+    if len(ranks) == distributed.world_size():
+        return ranks[distributed.rank()]
+    if state.batch:
+        raise UserError(
+            f"the checkpoint was taken mid-epoch by {len(ranks)} process(es) and this run has "
+            f"{distributed.world_size()}; resume it with the same number (or from an epoch-end checkpoint)"
+        )
+    return payload["rng"]
 
 
 def seed_everything(seed: int, deterministic: bool, threads: int | None) -> None:

@@ -43,6 +43,9 @@ class TrainerSchema:
     resume: Optional[str] = None
     checkpoint_every_n_steps: int = 0
     keep_checkpoints: int = 0
+    compile: bool = False
+    sync_batchnorm: bool = False
+    devices: int = 1
 
 
 @dataclass
@@ -67,6 +70,7 @@ class DataSchema:
     num_classes: Optional[int] = None
     classes: Optional[list[Any]] = None
     samples_per_class: Optional[int] = None
+    on_device: bool = False
 
 
 @dataclass
@@ -181,6 +185,7 @@ def validate(cfg: DictConfig) -> None:
     _at_least("trainer.overfit_batches", trainer.overfit_batches, 0)
     _at_least("trainer.checkpoint_every_n_steps", trainer.checkpoint_every_n_steps, 0)
     _at_least("trainer.keep_checkpoints", trainer.keep_checkpoints, 0)
+    _at_least("trainer.devices", trainer.devices, 1)
     if trainer.resume is not None and trainer.resume != "auto":
         path = Path(os.path.expanduser(trainer.resume))
         if not path.exists():
