@@ -248,8 +248,9 @@ def train_one_epoch(
         if settings.l1 > 0:
             loss = loss + settings.l1 * sum(p.abs().sum() for p in model.parameters() if p.ndim > 1)
         tally.add(loss, logits, targets, state.step + 1)
-        scaler.scale(loss / settings.accumulate if settings.accumulate > 1 else loss).backward()
         stepped = (i + 1) % settings.accumulate == 0 or i + 1 == num_batches
+        with _accumulating(model, stepped):
+            scaler.scale(loss / settings.accumulate if settings.accumulate > 1 else loss).backward()
         if stepped:
             _optimizer_step(model, optimizer, scaler, settings)
             state.step += 1
@@ -334,6 +335,14 @@ class _Tally:
     def partial(self, seconds: float) -> dict[str, float]:
         """The running sums of a partial epoch, for a mid-epoch checkpoint."""
         return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen, "seconds": seconds}
+
+
+def _accumulating(model: nn.Module, stepped: bool) -> contextlib.AbstractContextManager:
+    """DDP averages gradients over ranks in every backward; between optimizer steps (trainer.accumulate) that
+    is wasted, so it waits for the backward of the stepping batch."""
+    if stepped or not isinstance(model, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def _optimizer_step(
