@@ -58,6 +58,7 @@ def checkpoint_sparsity(state_dict: dict) -> float:
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
+@pytest.mark.slow
 def test_every_option_in_one_multirun(tmp_path):
     result = shelltrain(
         "-m", "prune=none,threshold,magnitude,structured,quantize", "debug=smoke", "model=cnn", "model.width=8",

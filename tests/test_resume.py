@@ -187,6 +187,7 @@ def test_sigint_saves_exits_130_and_the_printed_command_finishes_the_run(tmp_pat
     assert "resuming from" in (run_dir / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_whole_job_with_loader_workers_exits_143_with_a_resumable_checkpoint(tmp_path):
     """A cluster's SIGTERM reaches every process of the job, data-loader workers included."""
     args = [
@@ -323,6 +324,7 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 def test_a_really_full_disk_via_tmpfs(tmp_path):
     disk = tmp_path / "disk"
     if not _mount_tmpfs(disk, "520k"):  # room for epoch 1's last.pt and best.pt (~216 KB each), not epoch 2's

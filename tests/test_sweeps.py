@@ -61,6 +61,7 @@ def test_sweep_writes_summary_csv_and_prints_the_table(tmp_path):
     assert "optimizer.lr" in result.stdout  # the swept keys are the table's columns
 
 
+@pytest.mark.slow
 def test_a_sweep_over_ensemble_options_summarizes_every_job(tmp_path):
     result = shelltrain(
         "-m", "ensemble=average,vote", "ensemble.members=2", *TINY, "model.width=4", "trainer.threads=1",
