@@ -180,6 +180,7 @@ def test_unstructured_hierarchical_and_adaptive_report_their_choices(tmp_path):
             assert details["sensitivity"][layer][f"{amount:g}"] <= 0.02
 
 
+@pytest.mark.slow
 def test_layer_pruning_removes_residual_blocks_and_reloads(tmp_path):
     summary = run_in_process(tmp_path, *RESNET, "prune=layer", "prune.blocks=2", "prune.schedule=iterative",
                              "prune.finetune_epochs=1")  # fmt: skip
