@@ -122,6 +122,7 @@ def test_pretrained_linear_probe_end_to_end_follows_the_weights(tmp_path, monkey
     assert "preprocessing follows the weights" in log
 
 
+@pytest.mark.slow
 def test_data_config_values_win_and_the_log_says_how_to_follow_the_weights(tmp_path, monkeypatch, capsys):
     plant_torchvision_weights(tmp_path / "torch", monkeypatch, "mobilenet_v3_small")
     summary = run_in_process(
@@ -195,6 +196,7 @@ def test_every_file_form_loads(tmp_path, form):
     assert report["stripped_prefix"] == {"module_prefix": "module.", "lightning": "model."}.get(form)
 
 
+@pytest.mark.slow
 def test_partial_loads_are_listed_and_strict_refuses_them(tmp_path, capsys):
     state = cnn_state()
     state.pop("features.1.running_var")
