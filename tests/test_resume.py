@@ -151,7 +151,8 @@ def test_older_checkpoint_continues_in_a_new_dir_and_leaves_the_original_alone(t
 
 def test_sigint_saves_exits_130_and_the_printed_command_finishes_the_run(tmp_path):
     args = [
-        "model=cnn", "model.width=8", "trainer.device=cpu", "trainer.epochs=2", "trainer.limit_train_batches=40",
+        "model=cnn", "model.width=8", "data.image_size=16", "trainer.device=cpu", "trainer.epochs=2",
+        "trainer.limit_train_batches=20", "plots=false",
         "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.checkpoint_every_n_steps=1",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
