@@ -95,13 +95,13 @@ def train_and_test(
     started = time.perf_counter()
     console = make_console(quiet=not distributed.is_main())
     checkpoints = run_dir / "checkpoints"
-    payload = (resume.payload or load_checkpoint(resume.checkpoint)) if resume else None
-    if payload is None and (checkpoints / LAST).exists():
+    payload = (resume.payload or load_checkpoint(resume.checkpoint)) if resume else None  # None without resume
+    if resume is None and (checkpoints / LAST).exists():
         raise UserError(
             f"run directory '{run_dir}' already holds a run (checkpoints/{LAST}); continue it with "
             f"trainer.resume={run_dir} (or trainer.resume=auto), or choose a new hydra.run.dir"
         )
-    if payload is not None and resume is not None and resume.in_place:
+    if payload is not None and resume.in_place:
         finished = _finished_result(payload, cfg, run_dir)
         if finished is not None:
             say(console, f"run directory [bold]{run_dir}[/bold] already finished its {cfg.trainer.epochs} epochs; "
@@ -139,7 +139,7 @@ def train_and_test(
     scaler = make_scaler(settings)
     params = count_parameters(model)
     state = TrainState()
-    if payload is not None and resume is not None:
+    if payload is not None:
         state = restore_training(payload, resume.checkpoint, model, optimizer, schedule, scaler)
     say(console, f"run directory: [bold]{run_dir}[/bold]")
     processes = f" in {distributed.world_size()} processes (DDP)" if distributed.active() else ""
@@ -161,7 +161,7 @@ def train_and_test(
         extra["pruning"] = weights.checkpoint["pruning"]
     main = distributed.is_main()  # under DDP only rank 0 writes files and prints
     loggers = build_loggers(cfg.get("logger") if main else None, run_dir)
-    if payload is not None and resume is not None:
+    if payload is not None:
         _announce_resume(console, cfg, payload, resume, state, run_dir)
         loggers.resume(state.history)  # exactly the checkpoint's rows: none missing, none repeated
         if not resume.in_place and main:
@@ -220,11 +220,8 @@ def train_and_test(
         "stopped_early": state.stopped_early,
         "params": params,
         "wall_seconds": round(time.perf_counter() - started, 3),
-        "device": str(device),
         "processes": distributed.world_size(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "run_dir": str(run_dir),
+        **_provenance(device, run_dir),
         "per_class": per_class_metrics(confusion, data.classes),
     }
     if weights is not None or policy is not None:
@@ -271,10 +268,7 @@ def ensemble_and_test(cfg: DictConfig, run_dir: Path) -> float:
         "test_loss": fused.test["loss"],
         **fused.figures(),
         "wall_seconds": round(time.perf_counter() - started, 3),
-        "device": str(device),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "run_dir": str(run_dir),
+        **_provenance(device, run_dir),
         "per_class": per_class_metrics(fused.confusion, data.classes),
     }
     write_json(summary, run_dir / "summary.json")
@@ -544,10 +538,7 @@ def cross_validate(cfg: DictConfig, run_dir: Path) -> float:
             "test_acc": section["test_acc_mean"],  # no final model: the fold models' mean on the test split
             "test_loss": float(np.mean([s["test_loss"] for s in fold_summaries])),
             "params": fold_summaries[0]["params"],
-            "device": fold_summaries[0]["device"],
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-            "run_dir": str(run_dir),
+            **_provenance(fold_summaries[0]["device"], run_dir),
         }
     summary["cv"] = section
     summary["wall_seconds"] = round(time.perf_counter() - started, 3)
@@ -635,6 +626,14 @@ def _rng_of_this_rank(payload: dict[str, Any] | None, state: TrainState) -> dict
             f"{distributed.world_size()}; resume it with the same number (or from an epoch-end checkpoint)"
         )
     return payload["rng"]
+
+
+def _provenance(device: torch.device | str, run_dir: Path) -> dict[str, str]:
+    """What every summary.json records about where its figures were made."""
+    return {
+        "device": str(device), "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "run_dir": str(run_dir),
+    }  # fmt: skip
 
 
 def seed_everything(seed: int, deterministic: bool, threads: int | None) -> None:
