@@ -306,13 +306,12 @@ class _Tally:
         self.steps.append(step)
 
     def sync(self, epoch: int) -> None:
-        losses = torch.zeros(0, dtype=torch.float64)
-        local = torch.zeros(4, dtype=torch.float64)
-        if self.losses:
-            hits = (torch.cat(self.predicted) == _hard(torch.cat(self.targets))).sum()
-            pending = torch.cat([torch.stack(self.losses).float(), hits.float()[None]]).cpu().double()  # host sync
-            losses, sizes = pending[:-1], torch.tensor([len(t) for t in self.targets], dtype=torch.float64)
-            local = torch.stack([losses @ sizes, pending[-1], sizes.sum(), (~torch.isfinite(losses)).sum().double()])
+        if not self.losses:  # already folded in (every rank trains the same number of batches, so all skip alike)
+            return
+        hits = (torch.cat(self.predicted) == _hard(torch.cat(self.targets))).sum()
+        pending = torch.cat([torch.stack(self.losses).float(), hits.float()[None]]).cpu().double()  # host sync
+        losses, sizes = pending[:-1], torch.tensor([len(t) for t in self.targets], dtype=torch.float64)
+        local = torch.stack([losses @ sizes, pending[-1], sizes.sum(), (~torch.isfinite(losses)).sum().double()])
         loss_sum, correct, seen, non_finite = distributed.all_reduce_sum(local).tolist()
         self.loss_sum += loss_sum
         self.correct += correct
