@@ -44,6 +44,7 @@ PLUGIN_OPTIONS = {
     "slurm": "hydra-submitit-launcher",
 }
 log = logging.getLogger("shelltrain")
+_hydra_run_and_report = hydra_internal.run_and_report  # Hydra's own, which main() wraps (once, however often called)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://shelltrain.configs", config_name="train")
@@ -120,7 +121,7 @@ def main() -> None:
         from shelltrain.sweep import main as summary_main
 
         sys.exit(summary_main(sys.argv[2:]))
-    hydra_internal.run_and_report = _report_user_errors(hydra_internal.run_and_report)
+    hydra_internal.run_and_report = _report_user_errors(_hydra_run_and_report)
     if _under_torchrun():
         _run_as_rank()
     else:

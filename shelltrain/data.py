@@ -7,13 +7,11 @@ with `data.split_seed` (so splits stay fixed across trainer seed sweeps). Per sa
 
 import copy
 import math
-import os
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
-from hydra.utils import instantiate, to_absolute_path
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 from torchvision import datasets
@@ -23,15 +21,14 @@ from torchvision.transforms.v2 import functional as F
 from shelltrain import distributed
 from shelltrain.device_data import DeviceBatches, batched_augmentations
 from shelltrain.errors import UserError
+from shelltrain.schema import DATASET_FILES, check_data, data_root
 
-SOURCES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
-
-# data.name -> (torchvision class, name in messages, what the class expects under data.root)
+# data.name -> torchvision class (schema.DATASET_FILES: its name in messages and what it expects under data.root)
 _TORCHVISION = {
-    "cifar10": (datasets.CIFAR10, "CIFAR-10", "cifar-10-batches-py/"),
-    "cifar100": (datasets.CIFAR100, "CIFAR-100", "cifar-100-python/"),
-    "mnist": (datasets.MNIST, "MNIST", "MNIST/raw/"),
-    "fashion_mnist": (datasets.FashionMNIST, "Fashion-MNIST", "FashionMNIST/raw/"),
+    "cifar10": datasets.CIFAR10,
+    "cifar100": datasets.CIFAR100,
+    "mnist": datasets.MNIST,
+    "fashion_mnist": datasets.FashionMNIST,
 }
 
 # Images drawn (seeded) from the train split to estimate mean/std when the config leaves them null.
@@ -123,7 +120,7 @@ def build_data(
     Under DDP the train order comes from a DistributedSampler (seeded by `seed`, `set_epoch` every epoch) and the
     validation split is sharded without repeats; the test split stays whole (rank 0 tests). With
     `data.on_device=true` and a `device`, the splits become DeviceBatches on that device."""
-    _check_config(data, augmentation)
+    check_data(data)
     size = data.image_size
     if data.name == "imagefolder":
         sources, classes = _imagefolder(data)
@@ -203,28 +200,6 @@ def to_float_transforms(mean: tuple[float, ...], std: tuple[float, ...]) -> list
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
 
 
-def _check_config(data: DictConfig, augmentation: DictConfig) -> None:
-    """Reject values that would otherwise surface as a torch/torchvision traceback."""
-    if data.name not in SOURCES:
-        raise UserError(f"data.name: unknown dataset {data.name!r}; pick one of {', '.join(SOURCES)}")
-    for key, minimum in (("image_size", 1), ("batch_size", 1), ("num_workers", 0)):
-        _check_int(data, key, minimum)
-    for key in ("eval_batch_size", "limit_samples", "samples_per_class"):
-        if data.get(key) is not None:
-            _check_int(data, key, 1)
-    if data.channels not in (None, 1, 3):
-        raise UserError(f"data.channels: got {data.channels!r}; use 1 (grey), 3 (RGB) or null for the dataset's own")
-    for key in ("mixup_alpha", "cutmix_alpha"):
-        if not isinstance(augmentation[key], (int, float)) or augmentation[key] < 0:
-            raise UserError(f"augmentation.{key}: got {augmentation[key]!r}; use 0 (off) or a positive alpha like 0.2")
-
-
-def _check_int(data: DictConfig, key: str, minimum: int) -> None:
-    value = data[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise UserError(f"data.{key}: got {value!r}; use an integer >= {minimum}")
-
-
 def _in_memory(data: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
     """Native-size uint8 N x C x H x W images and labels per source split, and the class names."""
     if data.name == "digits":
@@ -234,8 +209,6 @@ def _in_memory(data: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, torch.Te
         images = torch.from_numpy(digits.images * (255 / 16)).round().to(torch.uint8).unsqueeze(1)
         return {"train": (images, torch.from_numpy(digits.target).long())}, [str(c) for c in digits.target_names]
     if data.name == "synthetic":
-        _check_int(data, "num_samples", 2)
-        _check_int(data, "num_classes", 2)
         generator = torch.Generator().manual_seed(data.split_seed)
         n, size = data.num_samples, data.image_size
         images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
@@ -246,12 +219,8 @@ def _in_memory(data: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, torch.Te
 
 def _torchvision(data: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
     """Load the official train and test splits through the torchvision class, keeping its arrays as uint8 tensors."""
-    cls, title, expected = _TORCHVISION[data.name]
-    root = _root(data, f"{title} (it should contain {expected})")
-    if not data.download and not root.is_dir():
-        raise UserError(
-            f"data.root: '{root}' does not exist; point data.root at a folder holding {title} or set data.download=true"
-        )
+    cls, (title, expected) = _TORCHVISION[data.name], DATASET_FILES[data.name]
+    root = data_root(data)
     sources = {}
     for split in ("train", "test"):
         try:
@@ -274,12 +243,7 @@ def _torchvision(data: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, torch.
 
 def _imagefolder(data: DictConfig) -> tuple[dict[str, tuple[list[str], torch.Tensor]], list[str]]:
     """File paths and labels for train/ and the optional val/ and test/ class-per-folder trees, all checked to open."""
-    layout = "train/<class>/<image> (val/ and test/ optional)"
-    root = _root(data, f"an image folder laid out as {layout}")
-    if not root.is_dir():
-        raise UserError(f"data.root: '{root}' does not exist; point data.root at a folder laid out as {layout}")
-    if not (root / "train").is_dir():
-        raise UserError(f"data.root: '{root}' has no train/ folder; lay the images out as {root}/{layout}")
+    root = data_root(data)
     sources, classes = {}, None
     for split in ("train", "val", "test"):
         folder = root / split
@@ -305,13 +269,6 @@ def _imagefolder(data: DictConfig) -> tuple[dict[str, tuple[list[str], torch.Ten
     for paths, _ in sources.values():
         _verify_images(paths)
     return sources, classes
-
-
-def _root(data: DictConfig, holding: str) -> Path:
-    """data.root as an absolute path (relative ones are taken from where the user launched the run)."""
-    if OmegaConf.is_missing(data, "root") or data.root is None:
-        raise UserError(f"data.root: not set; set data.root to a folder holding {holding}")
-    return Path(to_absolute_path(os.path.expanduser(str(data.root))))
 
 
 def _verify_images(paths: list[str]) -> None:

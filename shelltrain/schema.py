@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
@@ -143,6 +144,14 @@ MONITORS = ("val_acc", "val_loss")
 STRUCTURED_UNSUPPORTED = ("swin", "shufflenet")
 POLICIES = ("full", "linear_probe", "freeze_backbone", "gradual")
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
+# data.name -> (its name in messages, what torchvision expects under data.root)
+DATASET_FILES = {
+    "cifar10": ("CIFAR-10", "cifar-10-batches-py/"),
+    "cifar100": ("CIFAR-100", "cifar-100-python/"),
+    "mnist": ("MNIST", "MNIST/raw/"),
+    "fashion_mnist": ("Fashion-MNIST", "FashionMNIST/raw/"),
+}
+IMAGEFOLDER_LAYOUT = "train/<class>/<image> (val/ and test/ optional)"
 TASKS = ("train", "evaluate", "predict", "export")
 SPLITS = ("test", "val", "train")
 EXPORT_FORMATS = ("onnx", "torchscript")
@@ -168,7 +177,6 @@ ENSEMBLE_FILE = "ensemble.json"  # what makes a run directory a reusable ensembl
 def validate(cfg: DictConfig) -> None:
     """Raise UserError with one line for the first bad value in the composed config."""
     trainer = _typed(cfg.trainer, TrainerSchema, "trainer")
-    data = _typed(cfg.data, DataSchema, "data")
     if "_target_" not in cfg.model:
         _typed(cfg.model, ModelSchema, "model")
     augmentation = _typed(cfg.augmentation, AugmentationSchema, "augmentation")
@@ -201,38 +209,7 @@ def validate(cfg: DictConfig) -> None:
         if value is not None:
             _at_least(f"trainer.{key}", value, 0 if key == "patience" else 1)
 
-    _one_of("data.name", data.name, DATASETS)
-    if data.image_size is not None:
-        _at_least("data.image_size", data.image_size, 1)
-    _at_least("data.batch_size", data.batch_size, 1)
-    _at_least("data.num_workers", data.num_workers, 0)
-    if data.eval_batch_size is not None:
-        _at_least("data.eval_batch_size", data.eval_batch_size, 1)
-    if data.channels is not None:
-        _one_of("data.channels", data.channels, (1, 3))
-    for key in ("val_fraction", "test_fraction"):
-        value = getattr(data, key)
-        if not 0.0 <= value < 1.0:
-            raise UserError(f"data.{key}={value} is out of range; use a fraction in [0, 1), e.g. 0.1")
-    if data.val_fraction + data.test_fraction >= 1.0:
-        raise UserError(
-            f"data.val_fraction + data.test_fraction = {data.val_fraction + data.test_fraction:g} leaves "
-            "no training data; keep their sum below 1, e.g. data.val_fraction=0.1 data.test_fraction=0.2"
-        )
-    if (data.mean is None) != (data.std is None) or (
-        data.mean is not None and len(data.mean) != len(data.std or [])
-    ):
-        raise UserError("data.mean and data.std must both be null or lists of the same length")
-    if data.std is not None and any(s <= 0 for s in data.std):
-        raise UserError(f"data.std={list(data.std)} must be positive")
-    if data.limit_samples is not None:
-        _at_least("data.limit_samples", data.limit_samples, 1)
-    if data.samples_per_class is not None:
-        _at_least("data.samples_per_class", data.samples_per_class, 1)
-    if data.classes is not None and len(data.classes) < 2:
-        raise UserError(f"data.classes={list(data.classes)} picks fewer than 2 classes; a classifier needs at least two")
-    if data.classes is not None and len(set(map(str, data.classes))) != len(data.classes):
-        raise UserError(f"data.classes={list(data.classes)} names a class twice; list each class once")
+    check_data(cfg.data)
 
     if "finetune" in cfg:
         _check_finetune(_typed(cfg.finetune, FinetuneSchema, "finetune"))
@@ -267,6 +244,79 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(cfg.get("plots", True), bool):
         raise UserError(f"plots={cfg.plots!r} is invalid; use true or false")
     _check_loggers(cfg.get("logger"))
+
+
+def check_data(node: DictConfig) -> None:
+    """The data group's checks, data.root's folder included, so that a mistyped path is named before torch is
+    imported. build_data() runs them too, for callers that skip validate()."""
+    data = _typed(node, DataSchema, "data")
+    _one_of("data.name", data.name, DATASETS)
+    if data.image_size is not None:
+        _at_least("data.image_size", data.image_size, 1)
+    _at_least("data.batch_size", data.batch_size, 1)
+    _at_least("data.num_workers", data.num_workers, 0)
+    if data.eval_batch_size is not None:
+        _at_least("data.eval_batch_size", data.eval_batch_size, 1)
+    if data.channels is not None:
+        _one_of("data.channels", data.channels, (1, 3))
+    for key in ("val_fraction", "test_fraction"):
+        value = getattr(data, key)
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"data.{key}={value} is out of range; use a fraction in [0, 1), e.g. 0.1")
+    if data.val_fraction + data.test_fraction >= 1.0:
+        raise UserError(
+            f"data.val_fraction + data.test_fraction = {data.val_fraction + data.test_fraction:g} leaves "
+            "no training data; keep their sum below 1, e.g. data.val_fraction=0.1 data.test_fraction=0.2"
+        )
+    if (data.mean is None) != (data.std is None) or (
+        data.mean is not None and len(data.mean) != len(data.std or [])
+    ):
+        raise UserError("data.mean and data.std must both be null or lists of the same length")
+    if data.std is not None and any(s <= 0 for s in data.std):
+        raise UserError(f"data.std={list(data.std)} must be positive")
+    if data.limit_samples is not None:
+        _at_least("data.limit_samples", data.limit_samples, 1)
+    if data.samples_per_class is not None:
+        _at_least("data.samples_per_class", data.samples_per_class, 1)
+    if data.classes is not None and len(data.classes) < 2:
+        raise UserError(f"data.classes={list(data.classes)} picks fewer than 2 classes; a classifier needs at least two")
+    if data.classes is not None and len(set(map(str, data.classes))) != len(data.classes):
+        raise UserError(f"data.classes={list(data.classes)} names a class twice; list each class once")
+    if data.name == "synthetic":
+        for key in ("num_samples", "num_classes"):
+            value = getattr(data, key)
+            if value is None or value < 2:
+                raise UserError(f"data.{key}={value} is out of range; data=synthetic needs at least 2")
+    if data.name in DATASET_FILES or data.name == "imagefolder":
+        _check_data_root(node)
+
+
+def _check_data_root(data: DictConfig) -> None:
+    root = data_root(data)
+    if data.name == "imagefolder":
+        if not root.is_dir():
+            raise UserError(
+                f"data.root: '{root}' does not exist; point data.root at a folder laid out as {IMAGEFOLDER_LAYOUT}"
+            )
+        if not (root / "train").is_dir():
+            raise UserError(f"data.root: '{root}' has no train/ folder; lay the images out as {root}/{IMAGEFOLDER_LAYOUT}")
+    elif not data.download and not root.is_dir():
+        raise UserError(
+            f"data.root: '{root}' does not exist; point data.root at a folder holding {DATASET_FILES[data.name][0]} "
+            "or set data.download=true"
+        )
+
+
+def data_root(data: DictConfig) -> Path:
+    """data.root as an absolute path (relative ones are taken from where the user launched the run)."""
+    if OmegaConf.is_missing(data, "root") or data.root is None:
+        if data.name == "imagefolder":
+            holding = f"an image folder laid out as {IMAGEFOLDER_LAYOUT}"
+        else:
+            title, expected = DATASET_FILES[data.name]
+            holding = f"{title} (it should contain {expected})"
+        raise UserError(f"data.root: not set; set data.root to a folder holding {holding}")
+    return Path(to_absolute_path(os.path.expanduser(str(data.root))))
 
 
 def _check_task(cfg: DictConfig) -> None:

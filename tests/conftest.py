@@ -1,12 +1,15 @@
 """Shared test helpers: compose configs with Hydra's compose API and run the runner in-process,
-or run the real `shelltrain` command as a subprocess."""
+or run the real `shelltrain` command as a subprocess (a fresh interpreter, or a fork of this one)."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
+import tempfile
+import warnings
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
@@ -55,3 +58,34 @@ def shelltrain(*args: str, cwd: Path, env: dict | None = None, timeout: int = 30
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
+
+
+def shelltrain_forked(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The same command line in a fork of this test process: a process of its own (exit code, stdout, stderr,
+    nothing left behind in this one) that skips the seconds a fresh interpreter spends importing torch and
+    torchvision. Start-up itself (what is imported before the first error) is what `shelltrain` tests."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = multiprocessing.get_context("fork").Process(target=_cli_child, args=(args, cwd, out.fileno(), err.fileno()))
+        child.start()
+        child.join(timeout)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+            raise subprocess.TimeoutExpired(["shelltrain", *args], timeout)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(["shelltrain", *args], child.exitcode, out.read(), err.read())
+
+
+def _cli_child(args: tuple[str, ...], cwd: Path, out: int, err: int) -> None:
+    from shelltrain.cli import main
+
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 (pytest's capture objects are not these fds)
+    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+    os.environ.pop("HYDRA_FULL_ERROR", None)
+    warnings.simplefilter("ignore")  # as PYTHONWARNINGS=ignore does for `shelltrain`
+    os.chdir(cwd)
+    sys.argv = ["shelltrain", *args]
+    main()  # multiprocessing turns SystemExit(code) into this process's exit code

@@ -1,18 +1,17 @@
-"""Bad input through the real `shelltrain` command: every case exits non-zero with one clear line (asserted
+"""Bad input through the `shelltrain` command line: every case exits non-zero with one clear line (asserted
 word for word where it matters) and leaves no run directory behind.
 
-The commands run concurrently (a module fixture) and each case checks its own result, so the suite stays
-fast although every case is a real process. Config mistakes fail before torch is even imported; the data and
-checkpoint cases use tiny files made here."""
+Each case is a process of its own, forked from this one so that it does not spend seconds importing torch again
+(test_cli runs the acceptance cases through a fresh interpreter). The data and checkpoint cases use tiny files
+made here."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import shelltrain
+from conftest import shelltrain_forked
 from fixtures_data import make_imagefolder
 
 from shelltrain.models import SmallCNN
@@ -47,11 +46,15 @@ CASES = [
     ("channels", ["data.channels=2"], "data.channels=2 is invalid; choose one of 1, 3"),
     ("checkpoint-every", ["trainer.checkpoint_every_n_steps=-1"], "trainer.checkpoint_every_n_steps=-1 is out of range; it must be >= 0"),
     ("keep-checkpoints", ["trainer.keep_checkpoints=-2"], "trainer.keep_checkpoints=-2 is out of range; it must be >= 0"),
+    ("mixup-alpha", ["augmentation.mixup_alpha=-1"], "augmentation.mixup_alpha=-1.0 is out of range; it must be >= 0"),
+    ("synthetic-classes", ["data=synthetic", "data.num_classes=1"], "data.num_classes=1 is out of range; data=synthetic needs at least 2"),
     # where the output goes
     ("output-dir-not-a-dir", ["hydra.run.dir={root}/a-file/run"], "cannot create or write '{root}/a-file/run': Not a directory; choose a writable place for the run directory with hydra.run.dir=DIR"),
     # data
     ("no-data-root", ["data=imagefolder", *CPU], "data.root: not set; set data.root to a folder holding an image folder"),
     ("folder-missing", [*FOLDER, "data.root={root}/nowhere"], "data.root: '{root}/nowhere' does not exist; point data.root at a folder laid out as train/<class>/<image>"),
+    ("folder-without-train", [*FOLDER, "data.root={root}/empty/train"], "data.root: '{root}/empty/train' has no train/ folder; lay the images out as {root}/empty/train/train/<class>/<image>"),
+    ("cifar-missing", ["data=cifar10", "data.root=relative/nowhere"], "data.root: '{cwd}/relative/nowhere' does not exist; point data.root at a folder holding CIFAR-10 or set data.download=true"),
     ("folder-empty-classes", [*FOLDER, "data.root={root}/empty"], "data.root: no images in '{root}/empty/train'"),
     ("truncated-png", [*FOLDER, "data.root={root}/truncated"], "data.root: '{root}/truncated/train/cat/0.png' is not a readable image"),
     ("not-an-image", [*FOLDER, "data.root={root}/text"], "data.root: '{root}/text/train/dog/notes.png' is not a readable image"),
@@ -94,17 +97,10 @@ def make_inputs(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict[str, tuple[object, Path, Path]]:
+def root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("inputs")
     make_inputs(root)
-
-    def run(case: tuple) -> tuple[str, tuple[object, Path, Path]]:
-        name, args, _ = case
-        cwd = tmp_path_factory.mktemp(name)
-        return name, (shelltrain(*[a.format(root=root) for a in args], cwd=cwd, timeout=600), cwd, root)
-
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        return dict(pool.map(run, CASES))
+    return root
 
 
 def test_there_are_enough_cases():
@@ -112,13 +108,15 @@ def test_there_are_enough_cases():
 
 
 @pytest.mark.parametrize("name, args, expected", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_clear_line_and_leaves_nothing_behind(results, name, args, expected):
-    result, cwd, root = results[name]
+def test_bad_input_is_one_clear_line_and_leaves_nothing_behind(root, tmp_path, name, args, expected):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    result = shelltrain_forked(*[a.format(root=root) for a in args], cwd=cwd, timeout=120)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("shelltrain: error: "), lines[0]
-    assert expected.format(root=root) in lines[0], lines[0]
+    assert expected.format(root=root, cwd=cwd) in lines[0], lines[0]
     assert "Traceback" not in result.stdout + result.stderr
     assert list(cwd.iterdir()) == []  # no outputs/, no half-made run directory
     assert not (root / "a-file" / "run").exists()

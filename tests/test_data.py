@@ -311,7 +311,6 @@ def test_class_folder_without_images(tmp_path):
         ("data.batch_size=0", "data.batch_size"),
         ("data.limit_samples=0", "data.limit_samples"),
         ("data.std=[0.0]", "data.std"),
-        ("augmentation.mixup_alpha=-1", "augmentation.mixup_alpha"),
     ],
 )
 def test_bad_values(override, key):
