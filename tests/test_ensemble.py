@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torchvision
-from conftest import run_in_process, shelltrain
+from conftest import run_in_process, shelltrain_forked
 
 from shelltrain.engine import TrainSettings
 from shelltrain.ensemble import (
@@ -242,7 +242,7 @@ def test_ensemble_config_mistakes_are_user_errors(tmp_path, overrides, message):
 
 @pytest.mark.slow  # the real command: five processes (45-70 s on 2 busy cores)
 def test_a_sweeps_best_jobs_fused_without_training(tmp_path):
-    sweep = shelltrain(
+    sweep = shelltrain_forked(
         "-m", "model=cnn", "model.width=4", "trainer.seed=0,1,2,3", "debug=smoke", "trainer.device=cpu",
         "trainer.threads=1", "hydra.sweep.dir=sweep", cwd=tmp_path,
     )  # fmt: skip
@@ -253,7 +253,7 @@ def test_a_sweeps_best_jobs_fused_without_training(tmp_path):
     }
     expected = sorted(jobs, key=jobs.__getitem__, reverse=True)[:3]  # stable: ties keep job order
 
-    result = shelltrain(
+    result = shelltrain_forked(
         "ensemble=weighted", "ensemble.sweep=sweep", "ensemble.top_k=3", "trainer.epochs=0", "trainer.device=cpu",
         "trainer.threads=1", "hydra.run.dir=fused", cwd=tmp_path,
     )  # fmt: skip

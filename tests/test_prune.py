@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, run_in_process, shelltrain
+from conftest import compose_config, run_in_process, shelltrain_forked
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -60,7 +60,7 @@ def checkpoint_sparsity(state_dict: dict) -> float:
 
 @pytest.mark.slow
 def test_every_option_in_one_multirun(tmp_path):
-    result = shelltrain(
+    result = shelltrain_forked(
         "-m", "prune=none,threshold,magnitude,structured,quantize", "debug=smoke", "model=cnn", "model.width=8",
         "trainer.device=cpu", "hydra.sweep.dir=sweep", cwd=tmp_path, timeout=600,
     )  # fmt: skip

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import compose_config, run_in_process, shelltrain
+from conftest import compose_config, run_in_process, shelltrain, shelltrain_forked
 from omegaconf import open_dict
 
 from shelltrain import gates, sweep
@@ -39,7 +39,7 @@ def _plugin(module: str, package: str) -> None:
 
 
 def test_sweep_writes_summary_csv_and_prints_the_table(tmp_path):
-    result = shelltrain(
+    result = shelltrain_forked(
         "-m", "optimizer=sgd,adam", "optimizer.lr=0.01,0.1", *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -63,7 +63,7 @@ def test_sweep_writes_summary_csv_and_prints_the_table(tmp_path):
 
 @pytest.mark.slow
 def test_a_sweep_over_ensemble_options_summarizes_every_job(tmp_path):
-    result = shelltrain(
+    result = shelltrain_forked(
         "-m", "ensemble=average,vote", "ensemble.members=2", *TINY, "model.width=4", "trainer.threads=1",
         "hydra.sweep.dir=sweep", cwd=tmp_path,
     )  # fmt: skip
@@ -78,7 +78,7 @@ def test_a_sweep_over_ensemble_options_summarizes_every_job(tmp_path):
 
 
 def test_a_failed_job_is_recorded_the_others_finish_and_the_sweep_exits_4(tmp_path):
-    result = shelltrain("-m", "optimizer.lr=-1,0.01", *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    result = shelltrain_forked("-m", "optimizer.lr=-1,0.01", *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert result.returncode == sweep.EXIT_JOBS_FAILED == 4, result.stderr
     rows = {r["job"]: r for r in _csv(tmp_path / "sweep/summary.csv")}
     assert rows["0"]["status"] == "failed" and rows["1"]["status"] == "completed"  # the job after it still ran
@@ -128,10 +128,10 @@ def test_summarize_reads_finished_runs_from_disk(tmp_path, capsys):
 
 def test_shelltrain_summarize_command(tmp_path):
     _fake_run(tmp_path / "sweep", 0, ["x=1"], {"status": "completed", "best_val_acc": 0.5, "test_acc": 0.4})
-    result = shelltrain("summarize", "sweep", cwd=tmp_path)
+    result = shelltrain_forked("summarize", "sweep", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "sweep/summary.csv").is_file() and "1 run: 1 completed" in result.stdout
-    missing = shelltrain("summarize", "nowhere", cwd=tmp_path)
+    missing = shelltrain_forked("summarize", "nowhere", cwd=tmp_path)
     assert missing.returncode == 2 and "'nowhere' is not a directory" in missing.stderr
 
 
@@ -140,7 +140,7 @@ def test_shelltrain_summarize_command(tmp_path):
 
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     _plugin("hydra_joblib_launcher", "hydra-joblib-launcher")
-    result = shelltrain(
+    result = shelltrain(  # a fresh interpreter: loky's worker processes hang when started from a forked test process
         "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer.seed=0,1", *TINY,
         "hydra.sweep.dir=sweep", cwd=tmp_path,
     )  # fmt: skip
@@ -153,7 +153,7 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
 
 def test_optuna_search_runs_three_trials_in_memory(tmp_path):
     _plugin("hydra_optuna_sweeper", "hydra-optuna-sweeper")
-    result = shelltrain(
+    result = shelltrain_forked(
         "hparams_search=optuna", "hydra.sweeper.n_trials=3", *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -268,13 +268,13 @@ def test_ensemble_digits_preset_runs(tmp_path):
 
 
 def test_gate_miss_exits_3_and_a_met_gate_exits_0(tmp_path):
-    missed = shelltrain(*TINY, "gate.test_acc_min=0.99", "hydra.run.dir=missed", cwd=tmp_path)
+    missed = shelltrain_forked(*TINY, "gate.test_acc_min=0.99", "hydra.run.dir=missed", cwd=tmp_path)
     assert missed.returncode == 3, missed.stderr
     line = missed.stderr.strip().splitlines()[-1]
     assert line.startswith("shelltrain: gate missed: test_acc=") and "< gate.test_acc_min=0.99" in line
     record = json.loads((tmp_path / "missed/summary.json").read_text())
     assert record["gates"]["passed"] is False and record["status"] == "completed"
-    met = shelltrain(*TINY, "gate.test_acc_min=0.01", "gate.params_max=1e6", "hydra.run.dir=met", cwd=tmp_path)
+    met = shelltrain_forked(*TINY, "gate.test_acc_min=0.01", "gate.params_max=1e6", "hydra.run.dir=met", cwd=tmp_path)
     assert met.returncode == 0, met.stderr
     assert "quality gates passed: test_acc=" in met.stdout
     assert json.loads((tmp_path / "met/summary.json").read_text())["gates"]["passed"] is True
@@ -340,7 +340,7 @@ def test_cv_folds_partition_the_train_split_stratified():
 
 
 def test_cv_run_reports_fold_scores_mean_and_std(tmp_path):
-    result = shelltrain("model=cnn", "model.width=8", "cv.folds=3", "debug=smoke", "trainer.device=cpu",
+    result = shelltrain_forked("model=cnn", "model.width=8", "cv.folds=3", "debug=smoke", "trainer.device=cpu",
                         "hydra.run.dir=run", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     cv = json.loads((tmp_path / "run/summary.json").read_text())["cv"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, run_in_process, shelltrain
+from conftest import compose_config, run_in_process, shelltrain_forked
 from PIL import Image
 from torch import nn
 
@@ -155,6 +155,6 @@ def test_quantized_models_go_to_torchscript_and_not_onnx(tmp_path):
     ],
 )
 def test_task_and_logger_mistakes_are_one_line_errors(tmp_path, args, message):
-    result = shelltrain(*args, cwd=tmp_path, timeout=120)
+    result = shelltrain_forked(*args, cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
