@@ -209,7 +209,7 @@ def validate(cfg: DictConfig) -> None:
         if value is not None:
             _at_least(f"trainer.{key}", value, 0 if key == "patience" else 1)
 
-    check_data(cfg.data)
+    check_data(cfg.data, files=cfg.get("task", "train") in ("train", "evaluate"))  # predict/export read no dataset
 
     if "finetune" in cfg:
         _check_finetune(_typed(cfg.finetune, FinetuneSchema, "finetune"))
@@ -246,9 +246,9 @@ def validate(cfg: DictConfig) -> None:
     _check_loggers(cfg.get("logger"))
 
 
-def check_data(node: DictConfig) -> None:
-    """The data group's checks, data.root's folder included, so that a mistyped path is named before torch is
-    imported. build_data() runs them too, for callers that skip validate()."""
+def check_data(node: DictConfig, files: bool = True) -> None:
+    """The data group's checks, and with `files` that data.root is there, so that a mistyped path is named before
+    torch is imported. build_data() runs them too, for callers that skip validate()."""
     data = _typed(node, DataSchema, "data")
     _one_of("data.name", data.name, DATASETS)
     if data.image_size is not None:
@@ -287,7 +287,7 @@ def check_data(node: DictConfig) -> None:
             value = getattr(data, key)
             if value is None or value < 2:
                 raise UserError(f"data.{key}={value} is out of range; data=synthetic needs at least 2")
-    if data.name in DATASET_FILES or data.name == "imagefolder":
+    if files and (data.name in DATASET_FILES or data.name == "imagefolder"):
         _check_data_root(node)
 
 

@@ -78,8 +78,11 @@ def shelltrain_forked(*args: str, cwd: Path, timeout: int = 300) -> subprocess.C
 
 
 def _cli_child(args: tuple[str, ...], cwd: Path, out: int, err: int) -> None:
+    import torch
+
     from shelltrain.cli import main
 
+    torch.set_num_threads(1)  # as in DataLoader workers: the parent's OpenMP threads are not in this fork (libgomp hangs)
     os.dup2(out, 1)
     os.dup2(err, 2)
     sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 (pytest's capture objects are not these fds)
