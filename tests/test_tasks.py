@@ -15,6 +15,7 @@ from torch import nn
 from shelltrain.errors import UserError
 from shelltrain.export import export_metadata, export_model, run_exported
 from shelltrain.models import SmallCNN
+from shelltrain.schema import validate
 
 # A tiny CNN trained briefly on digits; the splits and preprocessing are the default digits ones.
 TRAIN = [
@@ -158,3 +159,10 @@ def test_task_and_logger_mistakes_are_one_line_errors(tmp_path, args, message):
     result = shelltrain_forked(*args, cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_only_tasks_that_read_the_dataset_need_its_root():
+    for task in ("predict", "export"):  # they take the preprocessing from the checkpoint
+        validate(compose_config("data=imagefolder", f"task={task}", "model.weights=run", "predict.input=images"))
+    with pytest.raises(UserError, match="data.root: not set"):
+        validate(compose_config("data=imagefolder", "task=evaluate", "model.weights=run"))
