@@ -59,34 +59,38 @@ def shelltrain(*args: str, cwd: Path, env: dict | None = None, timeout: int = 30
     )  # fmt: skip
 
 
+# A server process that imports shelltrain's stages once, then forks one child per command (multiprocessing's
+# forkserver). Forking the test process itself would not do: after a test has trained in it, a fork can neither
+# run backward (autograd's threads) nor use OpenMP (libgomp's threads), and the child hangs or fails.
+_FORKSERVER = multiprocessing.get_context("forkserver")
+_FORKSERVER.set_forkserver_preload(["shelltrain.cli", "shelltrain.runner", "sklearn.datasets"])
+
 
 def shelltrain_forked(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """The same command line in a fork of this test process: a process of its own (exit code, stdout, stderr,
-    nothing left behind in this one) that skips the seconds a fresh interpreter spends importing torch and
-    torchvision. Start-up itself (what is imported before the first error) is what `shelltrain` tests."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = multiprocessing.get_context("fork").Process(target=_cli_child, args=(args, cwd, out.fileno(), err.fileno()))
+    """The same command line in a process forked from a server that has imported torch and torchvision already:
+    a process of its own (exit code, stdout, stderr) without the ~8 s of CPU a fresh interpreter spends on those
+    imports. Start-up itself (what is imported before the first error) is what `shelltrain` tests."""
+    with tempfile.TemporaryDirectory() as streams:
+        out, err = Path(streams) / "stdout", Path(streams) / "stderr"
+        child = _FORKSERVER.Process(target=_cli_child, args=(args, cwd, out, err, dict(os.environ)))
         child.start()
         child.join(timeout)
         if child.exitcode is None:
             child.kill()
             child.join()
             raise subprocess.TimeoutExpired(["shelltrain", *args], timeout)
-        out.seek(0)
-        err.seek(0)
-        return subprocess.CompletedProcess(["shelltrain", *args], child.exitcode, out.read(), err.read())
+        return subprocess.CompletedProcess(["shelltrain", *args], child.exitcode, out.read_text(), err.read_text())
 
 
-def _cli_child(args: tuple[str, ...], cwd: Path, out: int, err: int) -> None:
-    import torch
-
+def _cli_child(args: tuple[str, ...], cwd: Path, out: Path, err: Path, env: dict[str, str]) -> None:
     from shelltrain.cli import main
 
-    torch.set_num_threads(1)  # as in DataLoader workers: the parent's OpenMP threads are not in this fork (libgomp hangs)
-    os.dup2(out, 1)
-    os.dup2(err, 2)
-    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 (pytest's capture objects are not these fds)
+    for path, fd in ((out, 1), (err, 2)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+    os.environ.clear()  # this test's environment, not the server's
+    os.environ.update(env)
     os.environ.pop("HYDRA_FULL_ERROR", None)
     warnings.simplefilter("ignore")  # as PYTHONWARNINGS=ignore does for `shelltrain`
     os.chdir(cwd)

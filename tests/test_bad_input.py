@@ -1,8 +1,8 @@
 """Bad input through the `shelltrain` command line: every case exits non-zero with one clear line (asserted
 word for word where it matters) and leaves no run directory behind.
 
-Each case is a process of its own, forked from this one so that it does not spend seconds importing torch again
-(test_cli runs the acceptance cases through a fresh interpreter). The data and checkpoint cases use tiny files
+Each case is a process of its own, forked from a server that has imported torch already (conftest's
+shelltrain_forked); test_cli runs the acceptance cases through a fresh interpreter. The data and checkpoint cases use tiny files
 made here."""
 
 from __future__ import annotations

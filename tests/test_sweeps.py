@@ -140,7 +140,7 @@ def test_shelltrain_summarize_command(tmp_path):
 
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     _plugin("hydra_joblib_launcher", "hydra-joblib-launcher")
-    result = shelltrain(  # a fresh interpreter: loky's worker processes hang when started from a forked test process
+    result = shelltrain(  # a fresh interpreter: loky's worker processes hang when started from a forked process
         "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer.seed=0,1", *TINY,
         "hydra.sweep.dir=sweep", cwd=tmp_path,
     )  # fmt: skip
