@@ -39,7 +39,8 @@ NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 class Resume:
     """Where a run resumes from: a checkpoint (already loaded: a bad file fails before any data loads), and
     whether the run continues in that checkpoint's own run directory (False: a new run directory starts
-    from it, e.g. from an older checkpoint of a run)."""
+    from it, e.g. from an older checkpoint of a run). An ensemble resumes from its run directory (`checkpoint`),
+    its members one by one."""
 
     checkpoint: Path
     in_place: bool

@@ -259,7 +259,7 @@ def plan_resume(
     older checkpoint of a run (best.pt while last.pt is further on), or one outside any run directory,
     starts a new run directory from it and leaves the original untouched."""
     from shelltrain.checkpoint import LAST, Resume, checkpoint_position, find_resumable, load_checkpoint, resolve_resume
-    from shelltrain.schema import validate
+    from shelltrain.schema import is_ensemble_run, uses_ensemble, validate
 
     hydra_cfg = HydraConfig.get()
     value = str(cfg.trainer.resume)
@@ -276,9 +276,26 @@ def plan_resume(
                 f"trainer.resume={value} in a multirun sweep would start every job from the same checkpoint; "
                 "resume a sweep with the same overrides plus hydra.sweep.dir=<its dir> trainer.resume=auto"
             )
-        checkpoint, owner = resolve_resume(_launch_dir(hydra_cfg) / os.path.expanduser(value))
+        target = (_launch_dir(hydra_cfg) / os.path.expanduser(value)).absolute()
+        if is_ensemble_run(target):  # members that finished are kept, the others continue or train
+            cfg, overrides = _recompose(cfg, None, target, overrides, hydra_cfg)
+            validate(cfg)
+            if not uses_ensemble(cfg):
+                raise UserError(
+                    f"trainer.resume: '{target}' is an ensemble run directory, but this config trains no ensemble; "
+                    "resume it with the overrides it was started with"
+                )
+            if target.resolve() != fresh_dir.resolve():
+                _move_into(target, fresh_dir)
+            return cfg, target, Resume(target, in_place=True), overrides
+        checkpoint, owner = resolve_resume(target)
         cfg, overrides = _recompose(cfg, checkpoint, owner, overrides, hydra_cfg)
         validate(cfg)
+        if uses_ensemble(cfg):
+            raise UserError(
+                f"trainer.resume: '{checkpoint}' is a single run's checkpoint; an ensemble resumes from its own run "
+                "directory (the one holding members/)"
+            )
     payload = load_checkpoint(checkpoint)  # a corrupt, truncated or foreign file fails here, before any data
     in_place = owner is not None and (
         checkpoint == owner / "checkpoints" / LAST
@@ -314,16 +331,17 @@ def _launch_dir(hydra_cfg: Any) -> Path:
 
 
 def _recompose(
-    cfg: DictConfig, checkpoint: Path, owner: Path | None, current: list[str], hydra_cfg: Any
+    cfg: DictConfig, checkpoint: Path | None, owner: Path | None, current: list[str], hydra_cfg: Any
 ) -> tuple[DictConfig, list[str]]:
-    """The config the checkpoint was trained with (its stored overrides, else its run's .hydra record),
-    with this command's overrides on top (same key: the new one wins); and that list of overrides."""
+    """The config the checkpoint was trained with (its stored overrides, else its run's .hydra record; an
+    ensemble's run has no checkpoint of its own), with this command's overrides on top (same key: the new one
+    wins); and that list of overrides."""
     from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from shelltrain.checkpoint import stored_overrides
 
-    original = stored_overrides(checkpoint)
+    original = stored_overrides(checkpoint) if checkpoint is not None else None
     source = f"checkpoint '{checkpoint}'"
     if original is None and owner is not None and (owner / ".hydra" / "overrides.yaml").is_file():
         source = str(owner / ".hydra" / "overrides.yaml")
@@ -374,7 +392,9 @@ def _report_interrupt(signum: int, run_dir: Any, saved: bool, fresh_dir: Path) -
     name = signal.Signals(signum).name
     run_dir = Path(run_dir) if run_dir is not None else Path(HydraConfig.get().runtime.output_dir)
     _remove_if_unused(fresh_dir)
-    if not (run_dir / "checkpoints" / "last.pt").is_file():
+    from shelltrain.schema import has_checkpoint
+
+    if not has_checkpoint(run_dir):
         _print_error(f"interrupted by {name} before the first checkpoint; nothing to resume")
         return
     how = "a checkpoint was saved" if saved else "stopped at once; the last checkpoint is kept"

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from shelltrain.checkpoint import save_checkpoint
+from shelltrain.checkpoint import LAST, Resume, save_checkpoint
 from shelltrain.data import DataBundle
 from shelltrain.engine import TrainSettings, metrics_from_logits, monitor_mode, predict
 from shelltrain.errors import UserError
@@ -37,18 +37,17 @@ from shelltrain.models import count_parameters
 from shelltrain.prune import eval_settings
 from shelltrain.quantize import is_quantized, quiet
 from shelltrain.report import say, write_json
-from shelltrain.schema import ENSEMBLE_FILE, ENSEMBLE_RULES, ensemble_dir, validate
+from shelltrain.schema import ENSEMBLE_FILE, ENSEMBLE_RULES, MEMBERS_DIR, ensemble_dir, validate
 from shelltrain.trained import load_trained_model
 
 log = logging.getLogger("shelltrain")
 
-MEMBERS_DIR = "members"
 BEST = Path("checkpoints") / "best.pt"
 # Training state a fused member does not need: its saved copy keeps the weights and what rebuilds them.
 _TRAINING_ONLY = ("optimizer", "scheduler", "scaler", "rng", "train_state")
 
-# train_member(member_cfg, out_dir, label): the whole pipeline for one model, a sub-run in out_dir
-TrainMember = Callable[[DictConfig, Path, str], Any]
+# train_member(member_cfg, out_dir, label, resume): the whole pipeline for one model, a sub-run in out_dir
+TrainMember = Callable[[DictConfig, Path, str, Resume | None], Any]
 
 
 # ---- combination rules --------------------------------------------------------------------------
@@ -250,9 +249,13 @@ def run_ensemble(
     train_member: TrainMember,
     run_dir: Path,
     console: Console,
+    resume: bool = False,
 ) -> EnsembleResult:
     """Gather the members (every one checked before any trains), train or fine-tune those that need it one
-    after another as sub-runs in members/<i>, evaluate them all, fuse them and write ensemble.json."""
+    after another as sub-runs in members/<i>, evaluate them all, fuse them and write ensemble.json.
+
+    `resume` continues an interrupted ensemble in run_dir: every member sub-run with a checkpoint resumes in
+    place (one that finished returns at once), the others train."""
     rule, weights = cfg.ensemble.name, cfg.ensemble.weights
     members, reused = gather_members(cfg, data)
     if not members:
@@ -276,9 +279,12 @@ def run_ensemble(
         if member.cfg is None and trains_loaded:
             member.cfg = _finetune_config(cfg, member, i)
         if member.cfg is not None:
-            say(console, f"[bold]ensemble {label}[/bold]: training {member.model_name} ({_describe(member.origin)})")
+            last = out_dir / "checkpoints" / LAST
+            continued = Resume(last, in_place=True) if resume and last.is_file() else None
+            doing = "continuing" if continued else "training"
+            say(console, f"[bold]ensemble {label}[/bold]: {doing} {member.model_name} ({_describe(member.origin)})")
             out_dir.mkdir(parents=True, exist_ok=True)
-            train_member(member.cfg, out_dir, label)
+            train_member(member.cfg, out_dir, label, continued)
             member.model, member.payload, _ = load_trained_model(str(out_dir), f"ensemble {label}")
             member.epochs = int(json.loads((out_dir / "summary.json").read_text())["epochs_completed"])
         else:
@@ -386,6 +392,7 @@ def _member_config(cfg: DictConfig, seed: int, overrides: list[str], index: int)
 def _single(cfg: DictConfig) -> DictConfig:
     """A copy of `cfg` for one model: the ensemble options off, so a member is a plain run."""
     single = copy.deepcopy(cfg)
+    single.trainer.resume = None  # an ensemble resumes member by member (run_ensemble)
     single.ensemble.merge_with(
         {"name": "none", "members": None, "checkpoints": [], "sweep": None, "top_k": None, "weights": None}
     )

@@ -67,7 +67,7 @@ def run(
         return run_task(cfg, run_dir, train_settings(cfg.trainer, device), make_console())
     try:
         if uses_ensemble(cfg):  # members (sub-runs or loaded models) fused into one prediction
-            return ensemble_and_test(cfg, run_dir)
+            return ensemble_and_test(cfg, run_dir, resume=resume is not None)
         cv = cfg.get("cv")
         if cv is not None and cv.folds:
             if resume is not None:
@@ -240,10 +240,10 @@ def train_and_test(
     return state.best_metric if state.best_metric is not None else summary["test_acc"]
 
 
-def ensemble_and_test(cfg: DictConfig, run_dir: Path) -> float:
+def ensemble_and_test(cfg: DictConfig, run_dir: Path, resume: bool = False) -> float:
     """An ensemble run: members trained here are complete sub-runs in run_dir/members/<i> (like cv folds),
     loaded members come from checkpoints, ensemble runs or a sweep; all are fused and tested on this run's data.
-    Returns the ensemble's validation metric (what sweeps select by)."""
+    `resume` continues one that was interrupted. Returns the ensemble's validation metric (what sweeps select by)."""
     from shelltrain.ensemble import run_ensemble
 
     started = time.perf_counter()
@@ -258,10 +258,13 @@ def ensemble_and_test(cfg: DictConfig, run_dir: Path) -> float:
     loggers = build_loggers(cfg.get("logger"), run_dir)
     loggers.start(OmegaConf.to_container(cfg, resolve=True))
 
-    def train_member(member_cfg: DictConfig, member_dir: Path, label: str) -> None:
-        train_and_test(member_cfg, member_dir, label=label)
+    def train_member(member_cfg: DictConfig, member_dir: Path, label: str, continued: Resume | None) -> None:
+        try:
+            train_and_test(member_cfg, member_dir, label=label, resume=continued)
+        except Interrupted as exc:  # the ensemble resumes as a whole, from its own run directory
+            raise Interrupted(exc.signum, run_dir, exc.saved) from exc
 
-    fused = run_ensemble(cfg, data, settings, train_member, run_dir, console)
+    fused = run_ensemble(cfg, data, settings, train_member, run_dir, console, resume)
     summary: dict[str, Any] = {
         "status": "completed",
         "test_acc": fused.test["acc"],

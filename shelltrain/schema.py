@@ -172,6 +172,8 @@ QUANTIZE_MODES = ("auto", "static", "dynamic", "fake")
 QUANTIZE_BACKENDS = ("x86", "fbgemm", "qnnpack")
 ENSEMBLE_RULES = ("none", "average", "weighted", "vote")
 ENSEMBLE_FILE = "ensemble.json"  # what makes a run directory a reusable ensemble
+MEMBERS_DIR = "members"  # an ensemble run's trained members, one sub-run each
+RUN_CHECKPOINT = Path("checkpoints") / "last.pt"  # what a run directory resumes from (checkpoint.LAST)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -390,6 +392,17 @@ def ensemble_dir(source: Any) -> Path | None:
     return path if (path / ENSEMBLE_FILE).is_file() else None
 
 
+def is_ensemble_run(path: Path) -> bool:
+    """An ensemble's run directory with a trained member to continue: its members/<i> sub-runs hold the
+    checkpoints, it has none of its own."""
+    return not (path / RUN_CHECKPOINT).exists() and any(path.glob(f"{MEMBERS_DIR}/*/{RUN_CHECKPOINT}"))
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether `trainer.resume=<run_dir>` has something to continue from."""
+    return (run_dir / RUN_CHECKPOINT).is_file() or is_ensemble_run(run_dir)
+
+
 def uses_ensemble(cfg: DictConfig) -> bool:
     """Whether a run fuses members: a rule is chosen, or model.weights names an ensemble run directory."""
     return cfg.ensemble.name != "none" or ensemble_dir(cfg.model.get("weights")) is not None
@@ -401,10 +414,12 @@ def _check_ensemble(
     """Values and combinations; member counts (ensemble.weights) and paths are checked when members are gathered."""
     _one_of("ensemble.name", ensemble.name, ENSEMBLE_RULES)
     if fuses:
-        if trainer.resume is not None:
+        if trainer.resume is not None and (
+            trainer.resume == "auto" or not Path(os.path.expanduser(trainer.resume)).is_dir()
+        ):
             raise UserError(
-                "trainer.resume does not apply to an ensemble run; run it again anew (members that finished can be "
-                "reused with ensemble.checkpoints=[<run dir>/members/<i>])"
+                f"trainer.resume={trainer.resume}: an ensemble run resumes from its run directory "
+                "(trainer.resume=<run dir>); auto and checkpoint files apply to single runs"
             )
         if cv is not None and cv.get("folds"):
             raise UserError("cv.folds does not apply to an ensemble run; set cv.folds=0 or ensemble=none")

@@ -23,6 +23,7 @@ from shelltrain import checkpoint as checkpoint_module
 from shelltrain import engine, report
 from shelltrain.errors import Interrupted, UserError
 from shelltrain.runner import GracefulStop
+from shelltrain.schema import has_checkpoint
 
 # Small, deterministic and still exercising every RNG: random augmentation (torch's global RNG, as
 # num_workers=0), dropout, a per-step one-cycle schedule and momentum.
@@ -147,6 +148,46 @@ def test_older_checkpoint_continues_in_a_new_dir_and_leaves_the_original_alone(t
     assert summary["run_dir"] == str(branch)
     assert_same_training(straight, branch)  # epochs 3 and 4 again, exactly, in the new directory
     assert {p: p.read_bytes() for p in straight.rglob("*") if p.is_file()} == original
+
+
+ENSEMBLE = [*EXACT, "ensemble=average", "ensemble.members=2"]
+
+
+def test_an_interrupted_ensemble_resumes_from_its_run_dir_and_equals_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    straight = tmp_path / "straight"
+    run_in_process(straight, *ENSEMBLE)
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        interrupt_at_step(patch, 4 * STEPS_PER_EPOCH + STEPS_PER_EPOCH + 3, "sigint")  # member 2, mid-epoch 2
+        with pytest.raises(Interrupted) as stopped:
+            run_in_process(run_dir, *ENSEMBLE)
+    assert stopped.value.run_dir == run_dir  # what the printed resume command names: the ensemble, not a member
+    assert has_checkpoint(run_dir) and not (run_dir / "summary.json").exists()
+    first = {p: p.read_bytes() for p in (run_dir / "members/0").rglob("*") if p.is_file()}
+    (run_dir / ".hydra").mkdir()  # as Hydra records it: `trainer.resume=DIR` alone rebuilds the ensemble's config
+    (run_dir / ".hydra/overrides.yaml").write_text("".join(f"- {o}\n" for o in ENSEMBLE))
+
+    capsys.readouterr()
+    summary = run_in_process(tmp_path / "fresh", f"trainer.resume={run_dir}")
+    assert summary["run_dir"] == str(run_dir) and not (tmp_path / "fresh").exists()
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"{run_dir}/members/0 already finished its 4 epochs; nothing to resume" in out, out
+    assert f"resuming from {run_dir}/members/1/checkpoints/last.pt (epoch 1 done, step 9, 3 batches into epoch 2)" in out
+    assert {p: p.read_bytes() for p in (run_dir / "members/0").rglob("*") if p.is_file()} == first  # kept as it was
+    for member in ("members/0", "members/1"):
+        assert_same_training(straight / member, run_dir / member)
+    a, b = (json.loads((d / "ensemble.json").read_text()) for d in (straight, run_dir))
+    assert (a["val_loss"], a["test_loss"]) == (b["val_loss"], b["test_loss"])
+    assert [m["test_loss"] for m in a["members"]] == [m["test_loss"] for m in b["members"]]
+    assert summary["test_acc"] == json.loads((straight / "summary.json").read_text())["test_acc"]
+
+
+def test_an_ensemble_resumes_only_from_its_run_dir(tmp_path, straight):
+    for resume in ("auto", straight / "checkpoints/last.pt"):
+        with pytest.raises(UserError, match="an ensemble run resumes from its run directory"):
+            run_in_process(tmp_path / "a", *ENSEMBLE, f"trainer.resume={resume}")
+    with pytest.raises(UserError, match="is a single run's checkpoint; an ensemble resumes from its own run directory"):
+        run_in_process(tmp_path / "b", *ENSEMBLE, f"trainer.resume={straight}")
 
 
 def test_sigint_saves_exits_130_and_the_printed_command_finishes_the_run(tmp_path):
