@@ -222,7 +222,7 @@ def test_mismatched_class_sets_are_one_clear_line(tmp_path):
         (["ensemble=weighted", "ensemble.weights=[1]", "ensemble.members=2"], "ensemble.weights has 1 entries for 2 members"),
         (["ensemble=vote", "ensemble.members=2", "ensemble.top_k=2"], "ensemble.top_k picks jobs of a sweep"),
         (["ensemble=vote", "ensemble.members=2", "trainer.epochs=0"], "ensemble.members trains its members in this run"),
-        (["ensemble=vote", "ensemble.members=2", "trainer.resume=auto"], "trainer.resume does not apply to an ensemble"),
+        (["ensemble=vote", "ensemble.members=2", "trainer.resume=auto"], "trainer.resume=auto: an ensemble run resumes from its run directory"),
         (["ensemble=vote", "ensemble.members=2", "cv.folds=2"], "cv.folds does not apply to an ensemble run"),
         (["ensemble=vote", "ensemble.sweep=/nonexistent"], "ensemble.sweep='/nonexistent' is not a directory"),
         (["ensemble=vote", "ensemble.checkpoints=[/nonexistent/best.pt]"], "ensemble.checkpoints: '/nonexistent/best.pt' does not exist"),
