@@ -8,22 +8,17 @@
 
     python benchmarks/transfer.py [--budget 3] [--seeds 4] [--epochs 30] [--pretrain-epochs 8]
 
-Each run is the real `shelltrain` pipeline in-process (Hydra's compose API), with run directories under --out.
+Each run is the real `shelltrain` pipeline in-process (`shelltrain.cli.run_in_dir`), with run directories under --out.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-from hydra import compose, initialize_config_module
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import open_dict
 
 COMMON = ["model=cnn", "model.width=16", "data.image_size=16", "trainer.device=cpu", "data.num_workers=0"]
 SOURCE = "data.classes=[0,1,2,3,4]"
@@ -31,18 +26,9 @@ TARGET = "data.classes=[5,6,7,8,9]"
 
 
 def run(run_dir: Path, *overrides: str) -> dict:
-    from shelltrain.runner import run as run_job
-    from shelltrain.schema import validate
+    from shelltrain.cli import run_in_dir
 
-    with initialize_config_module(config_module="shelltrain.configs", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*COMMON, *overrides], return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    validate(cfg)
-    run_job(cfg, run_dir)
-    return json.loads((run_dir / "summary.json").read_text())
+    return run_in_dir(run_dir, *COMMON, *overrides)
 
 
 def experiment(out: Path, budget: int, seeds: int, epochs: int, pretrain_epochs: int, quiet: bool = True) -> dict:

@@ -110,6 +110,30 @@ def run_job(cfg: DictConfig, run_dir: Path) -> tuple[Any, list[str]]:
     return result, [] if _follower() else _apply_gates(cfg, run_dir)
 
 
+def run_in_dir(run_dir: str | Path, *overrides: str) -> dict[str, Any]:
+    """One job from Python (a notebook, a benchmark, a test), as `shelltrain *overrides` would run it but in this
+    process and in `run_dir`, without Hydra's .hydra/ record and logging. Returns its summary.json; a mistake in
+    the config raises UserError."""
+    import json
+
+    from hydra import compose, initialize_config_module
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # The config module stays initialized while the job runs: resuming may compose the config again.
+    with initialize_config_module(config_module="shelltrain.configs", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(run_dir)
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]  # the job sees what @hydra.main gives it: the config without the hydra node
+        run_job(cfg, run_dir)
+    final_dir = _job_dir()  # a resumed job moves into the original run dir
+    return json.loads((final_dir / "summary.json").read_text())
+
+
 def _job_dir() -> Path:
     """This job's run directory now: a resumed job has moved into the run it continues."""
     return Path(HydraConfig.get().runtime.output_dir)

@@ -1,9 +1,8 @@
 """Shared test helpers: compose configs with Hydra's compose API and run the runner in-process,
-or run the real `shelltrain` command as a subprocess (a fresh interpreter, or a fork of this one)."""
+or run the real `shelltrain` command as a subprocess (a fresh interpreter, or a fork of a preloaded one)."""
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import subprocess
@@ -13,8 +12,7 @@ import warnings
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one test process per core: one thread each, no oversubscription
     os.environ["OMP_NUM_THREADS"] = "1"  # read by torch at import, here and in the CLI subprocesses
@@ -30,23 +28,10 @@ def compose_config(*overrides: str) -> DictConfig:
 
 
 def run_in_process(run_dir: Path, *overrides: str) -> dict:
-    """Validate, plan a resume and run one job like the CLI does (`cli.run_job`); returns its summary.json.
+    """One job in this process, as the CLI runs it (`cli.run_in_dir`), on the CPU; returns its summary.json."""
+    from shelltrain.cli import run_in_dir
 
-    The config module stays initialized while the job runs, since resuming may recompose a config."""
-    from shelltrain.cli import run_job
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with initialize_config_module(config_module="shelltrain.configs", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*FAST, *overrides], return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(run_dir)
-            cfg.hydra.job.num = 0
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]  # the job sees what @hydra.main gives it: the config without the hydra node
-        run_job(cfg, run_dir)
-    final_dir = Path(HydraConfig.get().runtime.output_dir)  # a resumed job moves into the original run dir
-    return json.loads((final_dir / "summary.json").read_text())
+    return run_in_dir(run_dir, *FAST, *overrides)
 
 
 def shelltrain(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
