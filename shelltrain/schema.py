@@ -301,7 +301,9 @@ def _check_data_root(data: DictConfig) -> None:
                 f"data.root: '{root}' does not exist; point data.root at a folder laid out as {IMAGEFOLDER_LAYOUT}"
             )
         if not (root / "train").is_dir():
-            raise UserError(f"data.root: '{root}' has no train/ folder; lay the images out as {root}/{IMAGEFOLDER_LAYOUT}")
+            raise UserError(
+                f"data.root: '{root}' has no train/ folder; lay the images out as {root}/{IMAGEFOLDER_LAYOUT}"
+            )
     elif not data.download and not root.is_dir():
         raise UserError(
             f"data.root: '{root}' does not exist; point data.root at a folder holding {DATASET_FILES[data.name][0]} "

@@ -2,8 +2,8 @@
 word for word where it matters) and leaves no run directory behind.
 
 Each case is a process of its own, forked from a server that has imported torch already (conftest's
-shelltrain_forked); test_cli runs the acceptance cases through a fresh interpreter. The data and checkpoint cases use tiny files
-made here."""
+shelltrain_forked); test_cli runs the acceptance cases through a fresh interpreter. The data and checkpoint
+cases use tiny files made here."""
 
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from shelltrain.ensemble import (
 )
 from shelltrain.errors import UserError
 from shelltrain.models import SmallCNN, count_parameters
+from shelltrain.quantize import is_quantized
 from shelltrain.trained import load_trained_model
 
 # Small and quick, but members good enough (~0.8) that fusing them means something. One thread: on a
@@ -199,6 +200,18 @@ def test_heterogeneous_and_loaded_members_each_go_through_the_pipeline(tmp_path)
     tuned = torch.load(run / "members/3/checkpoints/best.pt", weights_only=True)
     assert "pruning" in tuned and tuned["config"]["model"]["weights"] == str(pruned)
     assert tuned["config"]["model"]["width"] == 8 and tuned["config"]["trainer"]["seed"] == 3
+
+
+def test_int8_members_are_fused_and_keep_their_own_figures(tmp_path):
+    runs = [tmp_path / f"int8-{seed}" for seed in (0, 1)]
+    alone = [run_in_process(run, *MEMBER, f"trainer.seed={i}", "prune=quantize", "prune.mode=dynamic")
+             for i, run in enumerate(runs)]  # fmt: skip
+    assert all(is_quantized(load_trained_model(str(run), "test")[0]) for run in runs)
+    fuse = ["ensemble=average", f"ensemble.checkpoints=[{runs[0]},{runs[1]}]"]
+    summary = run_in_process(tmp_path / "ensemble", *EVAL, *fuse)
+    report = json.loads((tmp_path / "ensemble/ensemble.json").read_text())
+    assert [m["test_acc"] for m in report["members"]] == [s["test_acc"] for s in alone]  # the same int8 models
+    assert summary["test_acc"] > 0.5  # chance is 0.1
 
 
 def test_mismatched_class_sets_are_one_clear_line(tmp_path):

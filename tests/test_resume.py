@@ -153,7 +153,9 @@ def test_older_checkpoint_continues_in_a_new_dir_and_leaves_the_original_alone(t
 ENSEMBLE = [*EXACT, "ensemble=average", "ensemble.members=2"]
 
 
-def test_an_interrupted_ensemble_resumes_from_its_run_dir_and_equals_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+def test_an_interrupted_ensemble_resumes_from_its_run_dir_and_equals_an_uninterrupted_one(
+    tmp_path, monkeypatch, capsys
+):
     straight = tmp_path / "straight"
     run_in_process(straight, *ENSEMBLE)
     run_dir = tmp_path / "run"
@@ -172,7 +174,8 @@ def test_an_interrupted_ensemble_resumes_from_its_run_dir_and_equals_an_uninterr
     assert summary["run_dir"] == str(run_dir) and not (tmp_path / "fresh").exists()
     out = " ".join(capsys.readouterr().out.split())
     assert f"{run_dir}/members/0 already finished its 4 epochs; nothing to resume" in out, out
-    assert f"resuming from {run_dir}/members/1/checkpoints/last.pt (epoch 1 done, step 9, 3 batches into epoch 2)" in out
+    where = "epoch 1 done, step 9, 3 batches into epoch 2"
+    assert f"resuming from {run_dir}/members/1/checkpoints/last.pt ({where})" in out
     assert {p: p.read_bytes() for p in (run_dir / "members/0").rglob("*") if p.is_file()} == first  # kept as it was
     for member in ("members/0", "members/1"):
         assert_same_training(straight / member, run_dir / member)
