@@ -281,7 +281,8 @@ def plan_resume(
     its log goes on in the original train.log. The checkpoint's own overrides (stored in it) are applied
     under the new ones, so `shelltrain trainer.resume=DIR` alone continues DIR as it was configured. An
     older checkpoint of a run (best.pt while last.pt is further on), or one outside any run directory,
-    starts a new run directory from it and leaves the original untouched."""
+    starts a new run directory from it and leaves the original untouched. An ensemble's run directory continues
+    in place, member by member (the runner's Resume then names that directory)."""
     from shelltrain.checkpoint import LAST, Resume, checkpoint_position, find_resumable, load_checkpoint, resolve_resume
     from shelltrain.schema import is_ensemble_run, uses_ensemble, validate
 
