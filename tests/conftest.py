@@ -34,13 +34,19 @@ def run_in_process(run_dir: Path, *overrides: str) -> dict:
     return run_in_dir(run_dir, *FAST, *overrides)
 
 
+def cli_environment(extra: dict | None = None) -> dict[str, str]:
+    """The environment tests run the command in: this one plus `extra`, warnings off, and one-line errors (never
+    HYDRA_FULL_ERROR's tracebacks)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(extra or {})}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
 def shelltrain(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """The real command line, as a user types it."""
-    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
         [sys.executable, "-m", "shelltrain", *args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd, env=cli_environment(env), capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
 
@@ -57,7 +63,7 @@ def shelltrain_forked(*args: str, cwd: Path, timeout: int = 300) -> subprocess.C
     imports. Start-up itself (what is imported before the first error) is what `shelltrain` tests."""
     with tempfile.TemporaryDirectory() as streams:
         out, err = Path(streams) / "stdout", Path(streams) / "stderr"
-        child = _FORKSERVER.Process(target=_cli_child, args=(args, cwd, out, err, dict(os.environ)))
+        child = _FORKSERVER.Process(target=_cli_child, args=(args, cwd, out, err, cli_environment()))
         child.start()
         child.join(timeout)
         if child.exitcode is None:
@@ -76,8 +82,7 @@ def _cli_child(args: tuple[str, ...], cwd: Path, out: Path, err: Path, env: dict
     sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
     os.environ.clear()  # this test's environment, not the server's
     os.environ.update(env)
-    os.environ.pop("HYDRA_FULL_ERROR", None)
-    warnings.simplefilter("ignore")  # as PYTHONWARNINGS=ignore does for `shelltrain`
+    warnings.simplefilter("ignore")  # PYTHONWARNINGS=ignore is read only when an interpreter starts
     os.chdir(cwd)
     sys.argv = ["shelltrain", *args]
     main()  # multiprocessing turns SystemExit(code) into this process's exit code

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_in_process, shelltrain, shelltrain_forked
+from conftest import cli_environment, run_in_process, shelltrain, shelltrain_forked
 
 from shelltrain import checkpoint as checkpoint_module
 from shelltrain import engine, report
@@ -198,7 +198,7 @@ def test_sigint_saves_exits_130_and_the_printed_command_finishes_the_run(tmp_pat
         "trainer.limit_train_batches=20", "plots=false",
         "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.checkpoint_every_n_steps=1",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = cli_environment()
     proc = subprocess.Popen(
         [sys.executable, "-m", "shelltrain", *args], cwd=tmp_path, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -237,7 +237,7 @@ def test_sigterm_to_the_whole_job_with_loader_workers_exits_143_with_a_resumable
     ]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "shelltrain", *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, start_new_session=True,
+        text=True, env=cli_environment(), start_new_session=True,
     )  # fmt: skip
     deadline = time.time() + 120
     while not (tmp_path / "run/checkpoints/last.pt").exists() and time.time() < deadline and proc.poll() is None:
@@ -323,7 +323,7 @@ KILL_DRIVER = textwrap.dedent(
 def test_sigkill_at_random_moments_never_breaks_last_pt(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", KILL_DRIVER, str(tmp_path / "run"), "8", "0"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True, text=True, timeout=300, env=cli_environment(),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     results = json.loads(result.stdout.strip().splitlines()[-1])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, run_in_process
+from conftest import cli_environment, compose_config, run_in_process
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -30,13 +30,14 @@ DDP = [
 
 
 def torchrun(*args: str, cwd: Path, processes: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
-    env.pop("HYDRA_FULL_ERROR", None)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
         "-m", "shelltrain", *args,
     ]  # fmt: skip
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        command, cwd=cwd, env=cli_environment({"OMP_NUM_THREADS": "1", **(env or {})}), capture_output=True,
+        text=True, timeout=240,
+    )  # fmt: skip
 
 
 def rows(run_dir: Path) -> list[dict[str, str]]:
