@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from shelltrain.checkpoint import LAST, Resume, save_checkpoint
+from shelltrain.checkpoint import Resume, save_checkpoint
 from shelltrain.data import DataBundle
 from shelltrain.engine import TrainSettings, metrics_from_logits, monitor_mode, predict
 from shelltrain.errors import UserError
@@ -37,7 +37,7 @@ from shelltrain.models import count_parameters
 from shelltrain.prune import eval_settings
 from shelltrain.quantize import is_quantized, quiet
 from shelltrain.report import say, write_json
-from shelltrain.schema import ENSEMBLE_FILE, ENSEMBLE_RULES, MEMBERS_DIR, ensemble_dir, validate
+from shelltrain.schema import ENSEMBLE_FILE, ENSEMBLE_RULES, MEMBERS_DIR, RUN_CHECKPOINT, ensemble_dir, validate
 from shelltrain.trained import load_trained_model
 
 log = logging.getLogger("shelltrain")
@@ -279,7 +279,7 @@ def run_ensemble(
         if member.cfg is None and trains_loaded:
             member.cfg = _finetune_config(cfg, member, i)
         if member.cfg is not None:
-            last = out_dir / "checkpoints" / LAST
+            last = out_dir / RUN_CHECKPOINT
             continued = Resume(last, in_place=True) if resume and last.is_file() else None
             doing = "continuing" if continued else "training"
             say(console, f"[bold]ensemble {label}[/bold]: {doing} {member.model_name} ({_describe(member.origin)})")
