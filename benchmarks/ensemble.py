@@ -44,10 +44,13 @@ def main() -> None:
     settings = TrainSettings(epochs=0, device=device)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.samples, 3, args.image_size, args.image_size, generator=generator)
-    loader = DataLoader(TensorDataset(images, torch.randint(0, 10, (args.samples,), generator=generator)),
-                        batch_size=args.batch_size)  # fmt: skip
-    print(f"{args.members} members, {args.samples} images of {args.image_size}x{args.image_size}, batch "
-          f"{args.batch_size}, {device}, {torch.get_num_threads()} threads, best of {args.rounds} rounds")  # fmt: skip
+    loader = DataLoader(
+        TensorDataset(images, torch.randint(0, 10, (args.samples,), generator=generator)), batch_size=args.batch_size
+    )
+    print(
+        f"{args.members} members, {args.samples} images of {args.image_size}x{args.image_size}, batch "
+        f"{args.batch_size}, {device}, {torch.get_num_threads()} threads, best of {args.rounds} rounds"
+    )
     print(f"{'model':<20} {'loop img/s':>11} {'vmap img/s':>11} {'vmap/loop':>10} {'max |diff|':>11}")
     for name in args.models.split(","):
         torch.manual_seed(0)
@@ -61,8 +64,10 @@ def main() -> None:
                 speeds[mode].append(images_per_second(models, loader, settings, mode))
         best = {mode: max(values) for mode, values in speeds.items()}
         spread = statistics.pstdev(speeds[True]) / statistics.mean(speeds[True])
-        print(f"{name:<20} {best[False]:>11.0f} {best[True]:>11.0f} {best[True] / best[False]:>9.2f}x "
-              f"{(stacked - loop).abs().max().item():>11.2e}   (vmap spread {spread:.0%})")  # fmt: skip
+        print(
+            f"{name:<20} {best[False]:>11.0f} {best[True]:>11.0f} {best[True] / best[False]:>9.2f}x "
+            f"{(stacked - loop).abs().max().item():>11.2e}   (vmap spread {spread:.0%})"
+        )
 
 
 if __name__ == "__main__":

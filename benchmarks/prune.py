@@ -45,18 +45,35 @@ OPTIONS: dict[str, list[str]] = {
     "random 0.5": ["prune=random", "prune.amount=0.5"],
     "structured 0.5 l1": ["prune=structured", "prune.ratio=0.5"],
     "structured 0.5 l1 global": ["prune=structured", "prune.ratio=0.5", "prune.global=true"],
-    "structured 0.5 hierarchical": ["prune=structured", "prune.ratio=0.5", "prune.schedule=hierarchical",
-                                    "prune.finetune_epochs=1"],
+    "structured 0.5 hierarchical": [
+        "prune=structured",
+        "prune.ratio=0.5",
+        "prune.schedule=hierarchical",
+        "prune.finetune_epochs=1",
+    ],
     "structured adaptive": ["prune=structured", "prune.ratio=0.7", "prune.schedule=adaptive"],
     "layer 2 blocks": ["prune=layer", "prune.blocks=2"],
     "quantize int8 (static)": ["prune=quantize"],
     "quantize 4-bit (fake)": ["prune=quantize", "prune.bits=4"],
-}  # fmt: skip
+}
 
 COLUMNS = [
-    "option", "params", "nonzero", "sparsity", "MACs", "size MB", "ckpt MB", "latency ms", "speed-up",
-    "test acc", "pruned", "fine-tuned", "drop (pts)", "reload", "seconds",
-]  # fmt: skip
+    "option",
+    "params",
+    "nonzero",
+    "sparsity",
+    "MACs",
+    "size MB",
+    "ckpt MB",
+    "latency ms",
+    "speed-up",
+    "test acc",
+    "pruned",
+    "fine-tuned",
+    "drop (pts)",
+    "reload",
+    "seconds",
+]
 
 
 def config(overrides: list[str]) -> DictConfig:
@@ -109,8 +126,9 @@ def one_option(label: str, overrides: list[str], base: list[str], trained: Path,
         "pruned": acc["pruned"]["test"],
         "fine-tuned": acc["finetuned"]["test"],
         "drop (pts)": 100 * (acc["before"]["test"] - acc["finetuned"]["test"]),
-        "reload": "exact" if (reloaded, sparsity(fresh)) == (acc["finetuned"]["test"], a["sparsity"]) else
-                  f"DIFFERS (acc {reloaded:.4f}, sparsity {sparsity(fresh):.4f})",
+        "reload": "exact"
+        if (reloaded, sparsity(fresh)) == (acc["finetuned"]["test"], a["sparsity"])
+        else f"DIFFERS (acc {reloaded:.4f}, sparsity {sparsity(fresh):.4f})",
         "seconds": seconds,
         "_baseline": b,
     }
@@ -160,11 +178,22 @@ def main() -> None:
 def baseline_row(first: dict, model: str) -> dict:
     b = first["_baseline"]
     return {
-        "option": f"trained {model} (no pruning)", "params": b["params"], "nonzero": b["nonzero_params"],
-        "sparsity": b["sparsity"], "MACs": b["macs"], "size MB": b["size_bytes"] / 1e6, "ckpt MB": "",
-        "latency ms": b["latency_ms"], "speed-up": 1.0, "test acc": first["test acc"], "pruned": "",
-        "fine-tuned": "", "drop (pts)": "", "reload": "", "seconds": "",
-    }  # fmt: skip
+        "option": f"trained {model} (no pruning)",
+        "params": b["params"],
+        "nonzero": b["nonzero_params"],
+        "sparsity": b["sparsity"],
+        "MACs": b["macs"],
+        "size MB": b["size_bytes"] / 1e6,
+        "ckpt MB": "",
+        "latency ms": b["latency_ms"],
+        "speed-up": 1.0,
+        "test acc": first["test acc"],
+        "pruned": "",
+        "fine-tuned": "",
+        "drop (pts)": "",
+        "reload": "",
+        "seconds": "",
+    }
 
 
 def write_csv(table: list[dict], path: str) -> None:

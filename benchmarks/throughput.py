@@ -61,9 +61,13 @@ class Runner:
         model_cfg.small_input = args.small_input
         model = build_model(model_cfg, data.num_classes, data.in_channels)
         self.settings = TrainSettings(
-            epochs=1, device=device, precision=variant.precision, channels_last=variant.channels_last,
-            compile=variant.compile, limit_train_batches=args.batches,
-        )  # fmt: skip
+            epochs=1,
+            device=device,
+            precision=variant.precision,
+            channels_last=variant.channels_last,
+            compile=variant.compile,
+            limit_train_batches=args.batches,
+        )
         self.model = trainable(model, self.settings)  # to the device, memory format, compiled: the same for both
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         self.scaler = make_scaler(self.settings)
@@ -75,9 +79,16 @@ class Runner:
         start = time.perf_counter()
         if self.variant.loop == "shelltrain":
             row = train_one_epoch(
-                self.model, self.loader, self.optimizer, None, self.settings, TrainState(), self.epoch, Callback(),
+                self.model,
+                self.loader,
+                self.optimizer,
+                None,
+                self.settings,
+                TrainState(),
+                self.epoch,
+                Callback(),
                 self.scaler,
-            )  # fmt: skip
+            )
             seen = row["images_per_second"] * row["seconds"]
         else:
             seen = self._plain_epoch()
@@ -171,9 +182,13 @@ def main() -> None:
 
 
 def report(
-    args: argparse.Namespace, device: torch.device, variants: list[Variant], results: dict[Variant, list[float]],
-    batches: int, warm_up: float,
-) -> None:  # fmt: skip
+    args: argparse.Namespace,
+    device: torch.device,
+    variants: list[Variant],
+    results: dict[Variant, list[float]],
+    batches: int,
+    warm_up: float,
+) -> None:
     median = {v: statistics.median(values) for v, values in results.items()}
     batches = min(batches, args.batches or batches)
     print(

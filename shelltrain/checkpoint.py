@@ -7,8 +7,6 @@ process killed at any moment (SIGKILL, power loss, a full disk) leaves the previ
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import io
 import math
 import os
@@ -24,15 +22,21 @@ from shelltrain import distributed
 from shelltrain.engine import Callback, TrainState, monitor_mode, restore_rng, rng_state
 from shelltrain.errors import UserError
 from shelltrain.optim import Schedule
+from shelltrain.rundir import BEST, LAST, write_atomic
 
 __all__ = [
-    "Checkpointer", "load_checkpoint", "safe_load", "restore_rng", "rng_state", "save_checkpoint", "restore_training",
-    "resolve_resume", "find_resumable", "checkpoint_position", "write_atomic", "Resume",
-]  # fmt: skip
-
-LAST, BEST = "last.pt", "best.pt"
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+    "Checkpointer",
+    "load_checkpoint",
+    "safe_load",
+    "restore_rng",
+    "rng_state",
+    "save_checkpoint",
+    "restore_training",
+    "resolve_resume",
+    "find_resumable",
+    "checkpoint_position",
+    "Resume",
+]
 
 
 @dataclass
@@ -57,46 +61,6 @@ def serialize(payload: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     return buffer.getvalue()
-
-
-def write_atomic(data: bytes, path: Path) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_durably(tmp, data)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise UserError(f"cannot write '{path}': {disk_error(exc, path.parent)}") from exc
-
-
-def _write_durably(tmp: Path, data: bytes) -> None:
-    """The one place bytes hit the disk (tests replace it to simulate a full disk)."""
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def disk_error(exc: OSError, where: Path) -> str:
-    """What went wrong writing under `where` and what to do about it, for one line."""
-    reason = exc.strerror or str(exc)
-    if exc.errno in DISK_FULL:
-        return (
-            f"{reason} (the disk holding '{where}' is full); free some space or write elsewhere with "
-            "hydra.run.dir=DIR; earlier checkpoints are untouched"
-        )
-    if exc.errno in NOT_WRITABLE:
-        return f"{reason}; make '{where}' writable or write elsewhere with hydra.run.dir=DIR"
-    return f"{reason}; earlier checkpoints are untouched"
 
 
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
@@ -127,7 +91,8 @@ def safe_load(path: Path, what: str) -> Any:
 def _why_unloadable(path: Path, exc: Exception) -> str:
     """torch's reason, made short (and never the advice to load with weights_only=False)."""
     if not zipfile.is_zipfile(path):
-        return f"it is not a complete PyTorch archive ({path.stat().st_size} bytes; truncated, or not written by torch.save)"
+        size = path.stat().st_size
+        return f"it is not a complete PyTorch archive ({size} bytes; truncated, or not written by torch.save)"
     text = str(exc)
     unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if unsafe:

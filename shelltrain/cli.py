@@ -16,8 +16,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import hydra
 from hydra._internal import utils as hydra_internal
@@ -177,8 +178,10 @@ def _run_as_rank() -> None:
     global _followers_waiting
     if any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
         if not _follower():
-            _print_error("a multirun sweep cannot run under torchrun; sweep with trainer.devices=N instead, "
-                         "which starts the processes of each job itself")  # fmt: skip
+            _print_error(
+                "a multirun sweep cannot run under torchrun; sweep with trainer.devices=N instead, "
+                "which starts the processes of each job itself"
+            )
         sys.exit(EXIT_USER_ERROR)
     distributed.init()
     try:
@@ -188,8 +191,10 @@ def _run_as_rank() -> None:
                 sys.exit(decision["exit"])
             sys.argv[1:] = [
                 *_into_run(sys.argv[1:], decision["run_dir"], decision["resume"]),
-                "hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none",
-            ]  # fmt: skip
+                "hydra.output_subdir=null",
+                "hydra/job_logging=none",
+                "hydra/hydra_logging=none",
+            ]
             _task()
             return
         _followers_waiting = True
@@ -272,9 +277,7 @@ def _is_override_of(arg: str, key: str) -> bool:
 # -- resuming ---------------------------------------------------------------------------------------------
 
 
-def plan_resume(
-    cfg: DictConfig, fresh_dir: Path, overrides: list[str]
-) -> tuple[DictConfig, Path, Any, list[str]]:
+def plan_resume(cfg: DictConfig, fresh_dir: Path, overrides: list[str]) -> tuple[DictConfig, Path, Any, list[str]]:
     """Resolve trainer.resume to (config, run directory, runner.Resume or None, effective overrides).
 
     A run directory (or its last.pt) continues in place: this job's fresh Hydra directory is removed and
@@ -284,7 +287,8 @@ def plan_resume(
     starts a new run directory from it and leaves the original untouched. An ensemble's run directory continues
     in place, member by member (the runner's Resume then names that directory)."""
     from shelltrain.checkpoint import LAST, Resume, checkpoint_position, find_resumable, load_checkpoint, resolve_resume
-    from shelltrain.schema import is_ensemble_run, uses_ensemble, validate
+    from shelltrain.rundir import is_ensemble_run
+    from shelltrain.schema import uses_ensemble, validate
 
     hydra_cfg = HydraConfig.get()
     value = str(cfg.trainer.resume)
@@ -417,7 +421,7 @@ def _report_interrupt(signum: int, run_dir: Any, saved: bool, fresh_dir: Path) -
     name = signal.Signals(signum).name
     run_dir = Path(run_dir) if run_dir is not None else Path(HydraConfig.get().runtime.output_dir)
     _remove_if_unused(fresh_dir)
-    from shelltrain.schema import has_checkpoint
+    from shelltrain.rundir import has_checkpoint
 
     if not has_checkpoint(run_dir):
         _print_error(f"interrupted by {name} before the first checkpoint; nothing to resume")
@@ -444,8 +448,13 @@ def resume_command(run_dir: Path) -> str:
     if _under_torchrun() and not any(_is_override_of(a, "trainer.devices") for a in args):
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         nodes = int(os.environ["WORLD_SIZE"]) // per_node
-        program = ["torchrun", *([f"--nnodes={nodes}"] if nodes > 1 else []), f"--nproc-per-node={per_node}", "-m",
-                   "shelltrain"]  # fmt: skip
+        program = [
+            "torchrun",
+            *([f"--nnodes={nodes}"] if nodes > 1 else []),
+            f"--nproc-per-node={per_node}",
+            "-m",
+            "shelltrain",
+        ]
     return shlex.join([*program, *args])
 
 
@@ -483,7 +492,7 @@ def _report_user_errors(hydra_report: Callable[[Callable[[], Any]], Any]) -> Cal
                 raise
             message = explain(exc)
             if message is None:
-                return hydra_report(lambda: _reraise(exc))  # a bug: keep Hydra's traceback
+                return hydra_report(lambda error=exc: _reraise(error))  # a bug: keep Hydra's traceback
             _print_error(message)
             sys.exit(EXIT_USER_ERROR)
         outcome = sweep.finish()
@@ -592,7 +601,14 @@ def explain(exc: BaseException) -> str | None:
 
 # Failures to create or write the run directory: where the output goes, not a bug.
 _PLACE_ERRNOS = {
-    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EISDIR,
 }
 
 
@@ -674,7 +690,9 @@ def _remove_if_unused(run_dir: Path) -> None:
     if not run_dir.is_dir():
         return
     produced = [
-        p for p in run_dir.iterdir() if p.name not in (".hydra", "train.log") and not (p.is_dir() and not any(p.iterdir()))
+        p
+        for p in run_dir.iterdir()
+        if p.name not in (".hydra", "train.log") and not (p.is_dir() and not any(p.iterdir()))
     ]  # an empty checkpoints/ (the first write failed) holds nothing either
     if not produced:
         _remove_dir(run_dir)
@@ -708,4 +726,3 @@ def _full_error() -> bool:
 
 def _reraise(exc: BaseException) -> None:
     raise exc
-

@@ -153,20 +153,30 @@ def build_data(
     facts = dict(num_classes=len(classes), classes=classes, in_channels=channels, image_size=size, mean=mean, std=std)
     if data.get("on_device") and device is not None:
         if data.name == "imagefolder":
-            raise UserError("data.on_device=true holds in-memory datasets on the device; imagefolder reads image "
-                            "files as it goes: use data.on_device=false (and data.num_workers) for it")  # fmt: skip
+            raise UserError(
+                "data.on_device=true holds in-memory datasets on the device; imagefolder reads image "
+                "files as it goes: use data.on_device=false (and data.num_workers) for it"
+            )
         names = [str(node.get("_target_")).rsplit(".", 1)[-1] for node in augmentation.train]
         batched = batched_augmentations(augmentations, size, names)
         on = {split: (splits[split].images.to(device), splits[split].labels.to(device)) for split in splits}
         return DataBundle(
             train=DeviceBatches(
-                splits["train"], *on["train"], data.batch_size, mean, std, augment=batched, mix=mix,
-                shuffle=True, drop_last=data.drop_last, seed=seed,
+                splits["train"],
+                *on["train"],
+                data.batch_size,
+                mean,
+                std,
+                augment=batched,
+                mix=mix,
+                shuffle=True,
+                drop_last=data.drop_last,
+                seed=seed,
             ),
             val=DeviceBatches(splits["val"], *on["val"], eval_batch_size, mean, std),
             test=DeviceBatches(splits["test"], *on["test"], eval_batch_size, mean, std),
             **facts,
-        )  # fmt: skip
+        )
 
     workers = data.num_workers
     persistent = data.persistent_workers and workers > 0  # DataLoader rejects persistent_workers without workers
@@ -174,9 +184,13 @@ def build_data(
     sampler = val_sampler = None
     if distributed.world_size() > 1:
         sampler = DistributedSampler(
-            splits["train"], distributed.world_size(), distributed.rank(), shuffle=True, seed=seed,
+            splits["train"],
+            distributed.world_size(),
+            distributed.rank(),
+            shuffle=True,
+            seed=seed,
             drop_last=data.drop_last,
-        )  # fmt: skip
+        )
         val_sampler = distributed.shard(len(splits["val"]))
     return DataBundle(
         train=DataLoader(

@@ -8,7 +8,7 @@ The batched augmentations draw the same distributions as the per-image torchvisi
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -148,15 +148,24 @@ class DeviceBatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def subset(self, index: torch.Tensor, augmented: bool, shuffle: bool, batch_size: int) -> "DeviceBatches":
+    def subset(self, index: torch.Tensor, augmented: bool, shuffle: bool, batch_size: int) -> DeviceBatches:
         """The same device tensors, restricted to `index` (positions in this split): cross-validation folds."""
         if self.index is not None:
             index = self.index.cpu()[index]
         return DeviceBatches(
-            self.source, self.images, self.labels, batch_size, tuple(self.mean), tuple(self.std),
-            augment=self.augment if augmented else None, mix=self.mix if augmented else None,
-            shuffle=shuffle, drop_last=self.drop_last if shuffle else False, seed=self.seed, index=index,
-        )  # fmt: skip
+            self.source,
+            self.images,
+            self.labels,
+            batch_size,
+            tuple(self.mean),
+            tuple(self.std),
+            augment=self.augment if augmented else None,
+            mix=self.mix if augmented else None,
+            shuffle=shuffle,
+            drop_last=self.drop_last if shuffle else False,
+            seed=self.seed,
+            index=index,
+        )
 
     def _order(self) -> torch.Tensor:
         count = len(self.images) if self.index is None else len(self.index)

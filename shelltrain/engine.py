@@ -8,8 +8,9 @@ import contextlib
 import math
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,7 +66,7 @@ class TrainState:
     partial: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainState":
+    def from_dict(cls, values: dict[str, Any]) -> TrainState:
         """Rebuild from `dataclasses.asdict(state)`, ignoring keys this version does not know."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
@@ -149,9 +150,18 @@ def fit(
     while state.epoch < settings.epochs and not state.stopped_early:
         epoch = state.epoch + 1
         train_metrics = train_one_epoch(
-            net, train_loader, optimizer, schedule, settings, state, epoch, callback, scaler,
-            stop=stop, rng=rng if state.batch else None,
-        )  # fmt: skip
+            net,
+            train_loader,
+            optimizer,
+            schedule,
+            settings,
+            state,
+            epoch,
+            callback,
+            scaler,
+            stop=stop,
+            rng=rng if state.batch else None,
+        )
         if train_metrics is None:
             return state  # stopped mid-epoch; on_checkpoint has seen the state
         distributed.broadcast_buffers(model)
@@ -468,9 +478,8 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def _update_best(state: TrainState, value: float, epoch: int, settings: TrainSettings) -> bool:
-    better = (
-        state.best_metric is None
-        or (value > state.best_metric if monitor_mode(settings.monitor) == "max" else value < state.best_metric)
+    better = state.best_metric is None or (
+        value > state.best_metric if monitor_mode(settings.monitor) == "max" else value < state.best_metric
     )
     if better:
         state.best_metric, state.best_epoch, state.bad_epochs = value, epoch, 0

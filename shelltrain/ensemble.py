@@ -17,9 +17,10 @@ import json
 import logging
 import math
 import shlex
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +37,13 @@ from shelltrain.metrics import confusion_matrix
 from shelltrain.models import count_parameters
 from shelltrain.prune import eval_settings
 from shelltrain.quantize import is_quantized, quiet
-from shelltrain.report import say, write_json
-from shelltrain.schema import ENSEMBLE_FILE, ENSEMBLE_RULES, MEMBERS_DIR, RUN_CHECKPOINT, ensemble_dir, validate
+from shelltrain.report import say
+from shelltrain.rundir import ENSEMBLE_REPORT, MEMBERS, best_checkpoint, ensemble_dir, last_checkpoint, write_json
+from shelltrain.schema import ENSEMBLE_RULES, validate
 from shelltrain.trained import load_trained_model
 
 log = logging.getLogger("shelltrain")
 
-BEST = Path("checkpoints") / "best.pt"
 # Training state a fused member does not need: its saved copy keeps the weights and what rebuilds them.
 _TRAINING_ONLY = ("optimizer", "scheduler", "scaler", "rng", "train_state")
 
@@ -163,7 +164,7 @@ def member_logits(
 
 
 def read_ensemble(directory: Path) -> dict[str, Any]:
-    path = directory / ENSEMBLE_FILE
+    path = directory / ENSEMBLE_REPORT
     try:
         report = json.loads(path.read_text())
         valid = report["rule"] in ENSEMBLE_RULES[1:] and all("checkpoint" in m for m in report["members"])
@@ -274,12 +275,12 @@ def run_ensemble(
 
     trains_loaded = settings.epochs > 0 or cfg.prune.name != "none"  # loaded members go through the pipeline too
     for i, member in enumerate(members):
-        out_dir = run_dir / MEMBERS_DIR / str(i)
+        out_dir = run_dir / MEMBERS / str(i)
         label = f"member {i + 1}/{len(members)}"
         if member.cfg is None and trains_loaded:
             member.cfg = _finetune_config(cfg, member, i)
         if member.cfg is not None:
-            last = out_dir / RUN_CHECKPOINT
+            last = last_checkpoint(out_dir)
             continued = Resume(last, in_place=True) if resume and last.is_file() else None
             doing = "continuing" if continued else "training"
             say(console, f"[bold]ensemble {label}[/bold]: {doing} {member.model_name} ({_describe(member.origin)})")
@@ -290,8 +291,8 @@ def run_ensemble(
         else:
             say(console, f"ensemble {label}: {member.model_name} from {_describe(member.origin)}")
             with quiet():  # quantized tensors warn when serialized
-                save_checkpoint(_portable(member), out_dir / BEST)  # a copy: the run dir is self-contained
-        member.saved = str((Path(MEMBERS_DIR) / str(i) / BEST).as_posix())
+                save_checkpoint(_portable(member), best_checkpoint(out_dir))  # a copy: the run dir is self-contained
+        member.saved = best_checkpoint(Path(MEMBERS) / str(i)).as_posix()
         member.params = count_parameters(member.model)
 
     models = [m.model for m in members]
@@ -314,7 +315,7 @@ def run_ensemble(
     confusion = confusion_matrix(F.one_hot(test_preds, data.num_classes), test_targets, data.num_classes)
 
     report = _report(rule, weights, cfg, members, val, test, stacked, data.classes)
-    write_json(report, run_dir / ENSEMBLE_FILE)
+    write_json(report, run_dir / ENSEMBLE_REPORT)
     console.print(ensemble_table(report))
     return EnsembleResult(report, val, test, members, confusion)
 
@@ -408,9 +409,10 @@ def _run_overrides(member_overrides: list[str]) -> list[str]:
         return []
     groups = {_override_key(o) for o in member_overrides if "." not in _override_key(o)}
     return [
-        o for o in HydraConfig.get().overrides.task
+        o
+        for o in HydraConfig.get().overrides.task
         if _override_key(o) not in groups and _override_key(o).split(".")[0] not in groups
-    ]  # fmt: skip
+    ]
 
 
 def _override_key(override: str) -> str:
@@ -548,20 +550,36 @@ def _report(
 def ensemble_table(report: dict[str, Any]) -> Table:
     """The members against the ensemble: origin, size, weight, validation and test accuracy."""
     table = Table(title=f"ensemble ({report['rule']}) vs its members", show_header=True)
-    for column, justify in [("member", "left"), ("model", "left"), ("origin", "left"), ("params", "right"),
-                            ("weight", "right"), ("val_acc", "right"), ("test_acc", "right")]:  # fmt: skip
+    for column, justify in [
+        ("member", "left"),
+        ("model", "left"),
+        ("origin", "left"),
+        ("params", "right"),
+        ("weight", "right"),
+        ("val_acc", "right"),
+        ("test_acc", "right"),
+    ]:
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for m in report["members"]:
         table.add_row(
-            str(m["index"]), m["model"], _describe(m["origin"], short=True), f"{m['params']:,}",
-            f"{m['weight']:.3f}", _acc(m["val_acc"]), _acc(m["test_acc"]),
-        )  # fmt: skip
+            str(m["index"]),
+            m["model"],
+            _describe(m["origin"], short=True),
+            f"{m['params']:,}",
+            f"{m['weight']:.3f}",
+            _acc(m["val_acc"]),
+            _acc(m["test_acc"]),
+        )
     table.add_section()
     table.add_row(
-        "[bold]ensemble[/bold]", report["rule"], f"{len(report['members'])} members",
-        f"{sum(m['params'] for m in report['members']):,}", "1.000",
-        f"[bold]{_acc(report['val_acc'])}[/bold]", f"[bold]{_acc(report['test_acc'])}[/bold]",
-    )  # fmt: skip
+        "[bold]ensemble[/bold]",
+        report["rule"],
+        f"{len(report['members'])} members",
+        f"{sum(m['params'] for m in report['members']):,}",
+        "1.000",
+        f"[bold]{_acc(report['val_acc'])}[/bold]",
+        f"[bold]{_acc(report['test_acc'])}[/bold]",
+    )
     return table
 
 

@@ -12,8 +12,9 @@ import contextlib
 import copy
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,9 +27,7 @@ EXTRA_FILE = f"{METADATA_KEY}.json"
 INSTALL_HINT = 'pip install "shelltrain[export]"'
 
 
-def export_model(
-    model: nn.Module, fmt: str, path: Path, example: torch.Tensor, metadata: dict[str, Any]
-) -> nn.Module:
+def export_model(model: nn.Module, fmt: str, path: Path, example: torch.Tensor, metadata: dict[str, Any]) -> nn.Module:
     """Write `model` in format `fmt` to `path`, traced on `example` (its batch size stays free);
     returns the exported copy of the model (CPU, eval mode, masks made permanent) it was made from."""
     if fmt not in FORMATS:
@@ -101,9 +100,15 @@ def _export_onnx(model: nn.Module, path: Path, example: torch.Tensor, metadata: 
         raise UserError(f"export.format=onnx needs the {exc.name} package: {INSTALL_HINT}") from None
     try:
         program = torch.onnx.export(
-            model, (example,), dynamo=True, verbose=False, external_data=False,
-            input_names=["images"], output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
-        )  # fmt: skip
+            model,
+            (example,),
+            dynamo=True,
+            verbose=False,
+            external_data=False,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+        )
     except Exception as exc:  # torch.export rejects some Python constructs; the model, not shelltrain, must change
         reason = " ".join(str(exc).split())[:300]
         raise UserError(

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 GATE_KEY = re.compile(r"^(?P<metric>[A-Za-z0-9_]+?)_(?P<bound>min|max)$")
 
@@ -29,7 +30,7 @@ def metric_value(summary: Mapping[str, Any], metric: str) -> float | None:
     for section, content in summary.items():
         prefix = f"{section}_"
         if isinstance(content, Mapping) and metric.startswith(prefix):
-            value = content.get(metric[len(prefix):])
+            value = content.get(metric[len(prefix) :])
             if _is_number(value):
                 return float(value)
     return None

@@ -15,7 +15,6 @@ from torch import nn
 
 from shelltrain.errors import UserError
 
-
 # Keys of the model group that shelltrain reads itself (transfer learning) and never passes to a `_target_`.
 SHELLTRAIN_KEYS = ("weights", "strict")
 
@@ -132,7 +131,6 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
 
 
 def materialize_lazy(model: nn.Module, example: torch.Tensor) -> None:

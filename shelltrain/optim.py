@@ -93,6 +93,4 @@ def warmup_cosine(
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [lambda step, f=f: factor(step, f) for f in floor]
-    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [lambda step, f=f: factor(step, f) for f in floor])

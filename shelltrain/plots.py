@@ -9,8 +9,9 @@ are never touched, so shelltrain used as a library leaves a notebook's plotting 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is not imported here: a sweep summary can draw without it
     import torch

@@ -29,9 +29,10 @@ import io
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from itertools import islice
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -133,12 +134,16 @@ def prune_model(
         "details": outcome.details,
         "layers": layers,
         "notes": outcome.notes,
-        "latency_setup": {**vars(latency), "input": list(shape), "device": "cpu",
-                          "channels_last": settings.channels_last},
+        "latency_setup": {
+            **vars(latency),
+            "input": list(shape),
+            "device": "cpu",
+            "channels_last": settings.channels_last,
+        },
         "finetune_history": ctx.history,
         "ops": ops,
         "seconds": round(time.perf_counter() - started, 3),
-    }  # fmt: skip
+    }
     say(describe(report))
     for note in outcome.notes:
         say(f"prune: {note}")
@@ -198,9 +203,7 @@ def cpu_copy(model: nn.Module) -> nn.Module:
         return copy.deepcopy(model).cpu().eval()
 
 
-def measure(
-    model: nn.Module, input_shape: tuple[int, ...], macs_model: nn.Module | None = None
-) -> dict[str, Any]:
+def measure(model: nn.Module, input_shape: tuple[int, ...], macs_model: nn.Module | None = None) -> dict[str, Any]:
     """Parameters, sparsity (global and per layer), MACs and serialized size of a CPU `model`.
 
     `macs_model` counts MACs instead of `model` (a quantized model's float original: same operations).
@@ -348,12 +351,14 @@ def _layer_table(before: dict[str, dict], after: dict[str, dict]) -> list[dict[s
     rows = []
     for name, b in before.items():
         a = after.get(name)
-        rows.append({
-            "name": name,
-            "shape_before": b["shape"],
-            "shape_after": a["shape"] if a else None,  # None: the layer was removed
-            "sparsity": a["sparsity"] if a else 1.0,
-        })  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "shape_before": b["shape"],
+                "shape_after": a["shape"] if a else None,  # None: the layer was removed
+                "sparsity": a["sparsity"] if a else 1.0,
+            }
+        )
     return rows
 
 
@@ -527,9 +532,11 @@ def _mask(ctx: _Context, layers: list[tuple[str, nn.Module]], target: float, loc
     count = _at_least_share(target, total) - sum(_masked(m) for _, m in layers)
     if count > 0:
         torch_prune.global_unstructured(
-            [(m, "weight") for _, m in layers], pruning_method=pruning, amount=count,
+            [(m, "weight") for _, m in layers],
+            pruning_method=pruning,
+            amount=count,
             importance_scores={(m, "weight"): m.weight.detach().contiguous() for _, m in layers},
-        )  # fmt: skip
+        )
 
 
 def _at_least_share(share: float, total: int) -> int:
@@ -649,10 +656,16 @@ def _structured(ctx: _Context, model: nn.Module) -> _Outcome:
     def pruner(ignored: list[nn.Module], steps: int = 1, **kwargs: Any) -> Any:
         model.eval()  # tracing in train mode breaks BatchNorm on a one-image batch
         return tp.pruner.MetaPruner(
-            model, ctx.example, importance=_importance(cfg.importance), pruning_ratio=cfg.ratio,
-            global_pruning=cfg.get("global", False), max_pruning_ratio=GLOBAL_MAX_RATIO,
-            iterative_steps=steps, ignored_layers=ignored, **kwargs,
-        )  # fmt: skip
+            model,
+            ctx.example,
+            importance=_importance(cfg.importance),
+            pruning_ratio=cfg.ratio,
+            global_pruning=cfg.get("global", False),
+            max_pruning_ratio=GLOBAL_MAX_RATIO,
+            iterative_steps=steps,
+            ignored_layers=ignored,
+            **kwargs,
+        )
 
     def step(p: Any) -> None:
         if cfg.importance == "taylor":
@@ -691,10 +704,7 @@ def _structured(ctx: _Context, model: nn.Module) -> _Outcome:
 
     widths = _widths(model)
     details["widths"] = {name: [widths_before[name], widths.get(name)] for name in widths_before}
-    ctx.say(
-        "prune: widths (out channels): "
-        + ", ".join(f"{n} {b}->{a}" for n, (b, a) in details["widths"].items())
-    )
+    ctx.say("prune: widths (out channels): " + ", ".join(f"{n} {b}->{a}" for n, (b, a) in details["widths"].items()))
     op = {"op": "structured", "history": segments}
     return _Outcome(model, [op], details, [NOTES["structured"]])
 

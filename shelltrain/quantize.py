@@ -21,7 +21,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,9 +98,7 @@ def static_int8(
 def dynamic_int8(model: nn.Module) -> nn.Module:
     """int8 weights for every Linear layer (activations quantized per batch); returns a new CPU model."""
     with quiet():
-        return torch.ao.quantization.quantize_dynamic(
-            copy.deepcopy(model).cpu().eval(), {nn.Linear}, dtype=torch.qint8
-        )
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).cpu().eval(), {nn.Linear}, dtype=torch.qint8)
 
 
 @torch.no_grad()

@@ -7,7 +7,6 @@ Every line shown is also written to the run's log.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 from pathlib import Path
@@ -22,8 +21,15 @@ from shelltrain.engine import Callback, TrainState
 log = logging.getLogger("shelltrain")
 
 METRIC_COLUMNS = [
-    "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_second",
-]  # fmt: skip
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "seconds",
+    "images_per_second",
+]
 
 
 def make_console(quiet: bool = False) -> Console:
@@ -121,12 +127,6 @@ class ConsoleProgress(Callback):
         )
 
 
-def write_json(data: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    tmp.replace(path)
-
-
 def summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title="shelltrain summary", show_header=True)
     table.add_column("metric")
@@ -141,9 +141,3 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.6g}"
     return "" if value is None else str(value)
-
-
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)

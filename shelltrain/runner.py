@@ -28,13 +28,25 @@ from torch.utils.data import DataLoader
 
 from shelltrain import distributed
 from shelltrain.checkpoint import (
-    BEST, DISK_FULL, LAST, NOT_WRITABLE, Checkpointer, Resume, disk_error, load_checkpoint, restore_training,
-    rng_state, save_checkpoint, write_atomic,
-)  # fmt: skip
+    Checkpointer,
+    Resume,
+    load_checkpoint,
+    restore_training,
+    rng_state,
+    save_checkpoint,
+)
 from shelltrain.data import DataBundle, build_data, cv_fold
 from shelltrain.engine import (
-    SYNC_EVERY, Callback, NonFiniteLoss, TrainSettings, TrainState, fit, make_scaler, monitor_mode, predict,
-)  # fmt: skip
+    SYNC_EVERY,
+    Callback,
+    NonFiniteLoss,
+    TrainSettings,
+    TrainState,
+    fit,
+    make_scaler,
+    monitor_mode,
+    predict,
+)
 from shelltrain.errors import Interrupted, UserError
 from shelltrain.loggers import build_loggers
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
@@ -43,7 +55,8 @@ from shelltrain.optim import build_optimizer, build_scheduler
 from shelltrain.plots import plot_members, write_run_plots
 from shelltrain.prune import PruneResult, eval_settings, preflight, prune_model, summary_keys
 from shelltrain.quantize import quiet
-from shelltrain.report import ConsoleProgress, make_console, say, summary_table, write_json
+from shelltrain.report import ConsoleProgress, make_console, say, summary_table
+from shelltrain.rundir import BEST, DISK_FULL, LAST, NOT_WRITABLE, disk_error, write_atomic, write_json
 from shelltrain.schema import uses_ensemble
 from shelltrain.transfer import follow_weights, load_weights, make_policy, open_weights, transfer_log, transfer_summary
 
@@ -104,8 +117,11 @@ def train_and_test(
     if payload is not None and resume.in_place:
         finished = _finished_result(payload, cfg, run_dir)
         if finished is not None:
-            say(console, f"run directory [bold]{run_dir}[/bold] already finished its {cfg.trainer.epochs} epochs; "
-                         "nothing to resume (its summary.json is unchanged)")  # fmt: skip
+            say(
+                console,
+                f"run directory [bold]{run_dir}[/bold] already finished its {cfg.trainer.epochs} epochs; "
+                "nothing to resume (its summary.json is unchanged)",
+            )
             return finished
 
     device = resolve_device(cfg.trainer.device)
@@ -154,8 +170,11 @@ def train_and_test(
 
     config = OmegaConf.to_container(cfg, resolve=True)
     preprocessing = {
-        "mean": list(data.mean), "std": list(data.std), "image_size": data.image_size, "channels": data.in_channels,
-    }  # fmt: skip
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "image_size": data.image_size,
+        "channels": data.in_channels,
+    }
     extra = {"config": config, "classes": data.classes, "preprocessing": preprocessing, "overrides": overrides or []}
     if weights is not None and "pruning" in (weights.checkpoint or {}):  # trained further, it still needs rebuilding
         extra["pruning"] = weights.checkpoint["pruning"]
@@ -168,20 +187,37 @@ def train_and_test(
             _seed_new_run_dir(resume.checkpoint, payload, state, checkpoints)
     loggers.start(config)
     checkpointer = Checkpointer(
-        checkpoints, model, optimizer, schedule, scaler, extra=extra,
-        monitor=settings.monitor, keep=cfg.trainer.keep_checkpoints, write=main,
-    )  # fmt: skip
+        checkpoints,
+        model,
+        optimizer,
+        schedule,
+        scaler,
+        extra=extra,
+        monitor=settings.monitor,
+        keep=cfg.trainer.keep_checkpoints,
+        write=main,
+    )
     stop = GracefulStop(run_dir)
     try:
         with stop:
             state = fit(
-                model, data.train, data.val, optimizer, schedule, settings, state=state,
+                model,
+                data.train,
+                data.val,
+                optimizer,
+                schedule,
+                settings,
+                state=state,
                 callbacks=[
                     *([policy] if policy else []),  # freezes and unfreezes at epoch starts
-                    ConsoleProgress(console, settings.epochs, label), checkpointer, loggers,
+                    ConsoleProgress(console, settings.epochs, label),
+                    checkpointer,
+                    loggers,
                 ],
-                scaler=scaler, stop=stop, rng=_rng_of_this_rank(payload, state),
-            )  # fmt: skip
+                scaler=scaler,
+                stop=stop,
+                rng=_rng_of_this_rank(payload, state),
+            )
     except NonFiniteLoss as exc:
         message = _non_finite_message(exc, cfg, checkpoints)
         if (checkpoints / LAST).exists() and main:
@@ -190,10 +226,17 @@ def train_and_test(
     if stop.requested or stop.signum is not None:
         signum = stop.signum or signal.SIGTERM  # under DDP another rank may have received it
         if main:
-            _write_summary(run_dir, {
-                "status": "interrupted", "signal": signal.Signals(signum).name, "epochs_completed": state.epoch,
-                "step": state.step, "batches_into_next_epoch": state.batch, "run_dir": str(run_dir),
-            })  # fmt: skip
+            _write_summary(
+                run_dir,
+                {
+                    "status": "interrupted",
+                    "signal": signal.Signals(signum).name,
+                    "epochs_completed": state.epoch,
+                    "step": state.step,
+                    "batches_into_next_epoch": state.batch,
+                    "run_dir": str(run_dir),
+                },
+            )
         raise Interrupted(signum, run_dir)
     if not main:
         return math.nan  # rank 0 tests the model and writes the report
@@ -253,8 +296,11 @@ def ensemble_and_test(cfg: DictConfig, run_dir: Path, resume: bool = False) -> f
     data = build_data(cfg.data, cfg.augmentation, cfg.trainer.seed, device.type == "cuda")
     settings = train_settings(cfg.trainer, device)
     say(console, f"run directory: [bold]{run_dir}[/bold]")
-    say(console, f"{cfg.data.name}: {len(data.train.dataset)} train / {len(data.val.dataset)} val / "
-                 f"{len(data.test.dataset)} test images, {data.num_classes} classes")  # fmt: skip
+    say(
+        console,
+        f"{cfg.data.name}: {len(data.train.dataset)} train / {len(data.val.dataset)} val / "
+        f"{len(data.test.dataset)} test images, {data.num_classes} classes",
+    )
     loggers = build_loggers(cfg.get("logger"), run_dir)
     loggers.start(OmegaConf.to_container(cfg, resolve=True))
 
@@ -279,8 +325,10 @@ def ensemble_and_test(cfg: DictConfig, run_dir: Path, resume: bool = False) -> f
     if cfg.get("plots", True):
         write_run_plots(run_dir, [], fused.confusion, data.classes)
         rows = [{"name": f"{m['index']}: {m['model']}", "test_acc": m["test_acc"]} for m in fused.report["members"]]
-        plot_members([*rows, {"name": f"ensemble ({fused.report['rule']})", "test_acc": fused.test["acc"]}],
-                     run_dir / "plots" / "members.png")  # fmt: skip
+        plot_members(
+            [*rows, {"name": f"ensemble ({fused.report['rule']})", "test_acc": fused.test["acc"]}],
+            run_dir / "plots" / "members.png",
+        )
     console.print(summary_table(summary))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
     value = fused.val[settings.monitor.removeprefix("val_")]
@@ -316,7 +364,7 @@ class GracefulStop:
                 self.requested = distributed.any_rank(self.signum is not None)
         return self.requested
 
-    def __enter__(self) -> "GracefulStop":
+    def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self.handle)
@@ -379,15 +427,21 @@ def _announce_resume(
         where += f", {state.batch} batches into epoch {state.epoch + 1}"
     say(console, f"resuming from [bold]{resume.checkpoint}[/bold] ({where})")
     if not resume.in_place:
-        say(console, "the checkpoint is not the newest of its run (or lies outside a run directory): "
-                     "training continues in this new run directory, the original stays as it was")  # fmt: skip
+        say(
+            console,
+            "the checkpoint is not the newest of its run (or lies outside a run directory): "
+            "training continues in this new run directory, the original stays as it was",
+        )
     changes = _config_changes(payload.get("config"), OmegaConf.to_container(cfg, resolve=True))
     if changes:
         shown = "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
         say(console, f"changed since the checkpoint: {shown}")
     if any(change.startswith(("optimizer.", "scheduler.")) for change in changes):
-        say(console, "note: the optimizer and schedule continue from their saved state (learning rate included), "
-                     "so changed optimizer.* or scheduler.* values do not apply to a resumed run")  # fmt: skip
+        say(
+            console,
+            "note: the optimizer and schedule continue from their saved state (learning rate included), "
+            "so changed optimizer.* or scheduler.* values do not apply to a resumed run",
+        )
 
 
 def _config_changes(before: Any, after: Any, prefix: str = "") -> list[str]:
@@ -457,9 +511,15 @@ def prune_stage(
     state (the pruned model has other parameters); their "pruning" entry rebuilds the architecture.
     """
     result = prune_model(
-        cfg.prune, model, data, settings, finetuner(cfg, data, settings, console),
-        arch=cfg.model.get("name"), test_limit=cfg.trainer.limit_test_batches, say=lambda m: say(console, m),
-    )  # fmt: skip
+        cfg.prune,
+        model,
+        data,
+        settings,
+        finetuner(cfg, data, settings, console),
+        arch=cfg.model.get("name"),
+        test_limit=cfg.trainer.limit_test_batches,
+        say=lambda m: say(console, m),
+    )
     if (checkpoints / "best.pt").exists():
         os.replace(checkpoints / "best.pt", checkpoints / "unpruned.pt")
     payload = {
@@ -559,8 +619,12 @@ def cv_table(section: dict[str, Any], monitor: str) -> Any:
     table.add_column("test_acc", justify="right")
     for k, (score, test) in enumerate(zip(section["scores"], section["test_acc"])):
         table.add_row(str(k), f"{score:.4f}", f"{test:.4f}")
-    table.add_row("mean ± std", f"{section['mean']:.4f} ± {section['std']:.4f}",
-                  f"{section['test_acc_mean']:.4f} ± {section['test_acc_std']:.4f}", style="bold")  # fmt: skip
+    table.add_row(
+        "mean ± std",
+        f"{section['mean']:.4f} ± {section['std']:.4f}",
+        f"{section['test_acc_mean']:.4f} ± {section['test_acc_std']:.4f}",
+        style="bold",
+    )
     return table
 
 
@@ -603,16 +667,21 @@ def _check_distributable(cfg: DictConfig) -> None:
     if cfg.task != "train":
         raise UserError(f"task={cfg.task} runs in one process; start it without torchrun or trainer.devices")
     one_process = (
-        ("cv.folds", bool(cfg.get("cv") and cfg.cv.folds)), ("prune", cfg.prune.name != "none"),
+        ("cv.folds", bool(cfg.get("cv") and cfg.cv.folds)),
+        ("prune", cfg.prune.name != "none"),
         ("ensemble", uses_ensemble(cfg)),
-    )  # fmt: skip
+    )
     for key, on in one_process:
         if on:
-            raise UserError(f"{key} is not supported with several processes (torchrun or trainer.devices > 1); "
-                            "run it in one process")  # fmt: skip
+            raise UserError(
+                f"{key} is not supported with several processes (torchrun or trainer.devices > 1); "
+                "run it in one process"
+            )
     if cfg.trainer.sync_batchnorm and resolve_device(cfg.trainer.device).type != "cuda":
-        raise UserError("trainer.sync_batchnorm=true needs CUDA devices (torch's SyncBatchNorm has no CPU "
-                        "implementation); drop it for CPU processes")  # fmt: skip
+        raise UserError(
+            "trainer.sync_batchnorm=true needs CUDA devices (torch's SyncBatchNorm has no CPU "
+            "implementation); drop it for CPU processes"
+        )
 
 
 def _rng_of_this_rank(payload: dict[str, Any] | None, state: TrainState) -> dict[str, Any] | None:
@@ -634,9 +703,11 @@ def _rng_of_this_rank(payload: dict[str, Any] | None, state: TrainState) -> dict
 def _provenance(device: torch.device | str, run_dir: Path) -> dict[str, str]:
     """What every summary.json records about where its figures were made."""
     return {
-        "device": str(device), "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "device": str(device),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
         "run_dir": str(run_dir),
-    }  # fmt: skip
+    }
 
 
 def seed_everything(seed: int, deterministic: bool, threads: int | None) -> None:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from shelltrain.errors import UserError
+from shelltrain.rundir import ensemble_dir
 
 
 @dataclass
@@ -171,9 +172,6 @@ PRUNE_RAMPS = ("linear", "cubic")
 QUANTIZE_MODES = ("auto", "static", "dynamic", "fake")
 QUANTIZE_BACKENDS = ("x86", "fbgemm", "qnnpack")
 ENSEMBLE_RULES = ("none", "average", "weighted", "vote")
-ENSEMBLE_FILE = "ensemble.json"  # what makes a run directory a reusable ensemble
-MEMBERS_DIR = "members"  # an ensemble run's trained members, one sub-run each
-RUN_CHECKPOINT = Path("checkpoints") / "last.pt"  # what a run directory resumes from (checkpoint.LAST)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -270,9 +268,7 @@ def check_data(node: DictConfig, files: bool = True) -> None:
             f"data.val_fraction + data.test_fraction = {data.val_fraction + data.test_fraction:g} leaves "
             "no training data; keep their sum below 1, e.g. data.val_fraction=0.1 data.test_fraction=0.2"
         )
-    if (data.mean is None) != (data.std is None) or (
-        data.mean is not None and len(data.mean) != len(data.std or [])
-    ):
+    if (data.mean is None) != (data.std is None) or (data.mean is not None and len(data.mean) != len(data.std or [])):
         raise UserError("data.mean and data.std must both be null or lists of the same length")
     if data.std is not None and any(s <= 0 for s in data.std):
         raise UserError(f"data.std={list(data.std)} must be positive")
@@ -281,7 +277,9 @@ def check_data(node: DictConfig, files: bool = True) -> None:
     if data.samples_per_class is not None:
         _at_least("data.samples_per_class", data.samples_per_class, 1)
     if data.classes is not None and len(data.classes) < 2:
-        raise UserError(f"data.classes={list(data.classes)} picks fewer than 2 classes; a classifier needs at least two")
+        raise UserError(
+            f"data.classes={list(data.classes)} picks fewer than 2 classes; a classifier needs at least two"
+        )
     if data.classes is not None and len(set(map(str, data.classes))) != len(data.classes):
         raise UserError(f"data.classes={list(data.classes)} names a class twice; list each class once")
     if data.name == "synthetic":
@@ -355,7 +353,8 @@ def _check_finetune(finetune: FinetuneSchema) -> None:
     _at_least("finetune.backbone_lr_mult", finetune.backbone_lr_mult, 0.0)
     if not 0.0 < finetune.layer_decay <= 1.0:
         raise UserError(
-            f"finetune.layer_decay={finetune.layer_decay} is out of range; use a value in (0, 1], e.g. 0.75 (1 disables it)"
+            f"finetune.layer_decay={finetune.layer_decay} is out of range; "
+            "use a value in (0, 1], e.g. 0.75 (1 disables it)"
         )
 
 
@@ -364,7 +363,9 @@ def _check_optimizer(optimizer: DictConfig) -> None:
         raise UserError("optimizer._target_ is missing; pick an option, e.g. optimizer=adamw")
     lr = optimizer.get("lr")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
-        raise UserError(f"optimizer.lr={lr!r} is invalid; the learning rate must be a number > 0, e.g. optimizer.lr=0.01")
+        raise UserError(
+            f"optimizer.lr={lr!r} is invalid; the learning rate must be a number > 0, e.g. optimizer.lr=0.01"
+        )
     decay = optimizer.get("weight_decay", 0.0)
     if not isinstance(decay, (int, float)) or decay < 0:
         raise UserError(f"optimizer.weight_decay={decay!r} is invalid; use a number >= 0, e.g. 5e-4")
@@ -381,28 +382,6 @@ def _check_scheduler(scheduler: DictConfig, epochs: int) -> None:
         raise UserError(
             "scheduler needs trainer.epochs > 0 to size its schedule; use scheduler=none with trainer.epochs=0"
         )
-
-
-def ensemble_dir(source: Any) -> Path | None:
-    """The ensemble run directory `source` (model.weights, an ensemble.checkpoints entry) names: the directory
-    or its ensemble.json; else None."""
-    if source is None or str(source).strip() == "":
-        return None
-    path = Path(os.path.expanduser(str(source)))
-    if path.name == ENSEMBLE_FILE and path.is_file():
-        return path.parent
-    return path if (path / ENSEMBLE_FILE).is_file() else None
-
-
-def is_ensemble_run(path: Path) -> bool:
-    """An ensemble's run directory with a trained member to continue: its members/<i> sub-runs hold the
-    checkpoints, it has none of its own."""
-    return not (path / RUN_CHECKPOINT).exists() and any(path.glob(f"{MEMBERS_DIR}/*/{RUN_CHECKPOINT}"))
-
-
-def has_checkpoint(run_dir: Path) -> bool:
-    """Whether `trainer.resume=<run_dir>` has something to continue from."""
-    return (run_dir / RUN_CHECKPOINT).is_file() or is_ensemble_run(run_dir)
 
 
 def uses_ensemble(cfg: DictConfig) -> bool:
@@ -428,8 +407,11 @@ def _check_ensemble(
     members = ensemble.members
     if isinstance(members, bool) or not (
         members is None
-        or isinstance(members, int) and members >= 1
-        or isinstance(members, list) and members and all(isinstance(m, (str, list, dict)) for m in members)
+        or isinstance(members, int)
+        and members >= 1
+        or isinstance(members, list)
+        and members
+        and all(isinstance(m, (str, list, dict)) for m in members)
     ):
         raise UserError(
             f"ensemble.members={members!r} is invalid; use a count >= 1 (e.g. ensemble.members=3) or a list of "
@@ -442,9 +424,10 @@ def _check_ensemble(
             "e.g. ensemble.checkpoints=[outputs/A,outputs/B/checkpoints/best.pt]"
         )
     sources = [
-        key for key, value in (("members", members), ("checkpoints", ensemble.checkpoints), ("sweep", ensemble.sweep))
+        key
+        for key, value in (("members", members), ("checkpoints", ensemble.checkpoints), ("sweep", ensemble.sweep))
         if value
-    ]  # fmt: skip
+    ]
     if ensemble.members and trainer.epochs == 0:
         raise UserError(
             "ensemble.members trains its members in this run and needs trainer.epochs > 0; "
@@ -537,9 +520,16 @@ def _check_prune(prune: Any) -> None:
         if key in prune and not (isinstance(prune[key], (int, float)) and 0.0 <= prune[key] < 1.0):
             raise UserError(f"prune.{key}={prune[key]!r} is out of range; the {what} must be in [0, 1), e.g. 0.5")
     minimums = {
-        "threshold": 0.0, "steps": 1, "finetune_epochs": 0, "max_acc_drop": 0.0, "blocks": 1,
-        "calibration_batches": 1, "latency_batch": 1, "latency_threads": 1, "latency_repeats": 1,
-    }  # fmt: skip
+        "threshold": 0.0,
+        "steps": 1,
+        "finetune_epochs": 0,
+        "max_acc_drop": 0.0,
+        "blocks": 1,
+        "calibration_batches": 1,
+        "latency_batch": 1,
+        "latency_threads": 1,
+        "latency_repeats": 1,
+    }
     for key, minimum in minimums.items():
         if key in prune:
             _number(f"prune.{key}", prune[key], integer=isinstance(minimum, int))
@@ -553,8 +543,11 @@ def _check_prune(prune: Any) -> None:
         if not 2 <= prune.bits <= 8:
             raise UserError(f"prune.bits={prune.bits} is out of range; use 2 to 8 (8: int8 kernels, fewer: fake)")
     choices = {
-        "importance": PRUNE_IMPORTANCES, "ramp": PRUNE_RAMPS, "mode": QUANTIZE_MODES, "backend": QUANTIZE_BACKENDS,
-    }  # fmt: skip
+        "importance": PRUNE_IMPORTANCES,
+        "ramp": PRUNE_RAMPS,
+        "mode": QUANTIZE_MODES,
+        "backend": QUANTIZE_BACKENDS,
+    }
     for key, allowed in choices.items():
         if key in prune:
             _one_of(f"prune.{key}", prune[key], allowed)
@@ -574,9 +567,7 @@ def _typed(node: DictConfig, schema: type, key: str) -> Any:
         # Resolve first: a group's interpolations (e.g. ${data.image_size}) point outside the group.
         merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(node, resolve=True))
     except ValidationError as exc:
-        raise UserError(
-            f"{key}.{exc.full_key}={exc.value!r} has the wrong type; {exc.msg.splitlines()[0]}"
-        ) from None
+        raise UserError(f"{key}.{exc.full_key}={exc.value!r} has the wrong type; {exc.msg.splitlines()[0]}") from None
     except ConfigKeyError as exc:
         allowed = ", ".join(f.name for f in schema.__dataclass_fields__.values())
         raise UserError(f"unknown key '{key}.{exc.key}'; valid keys of {key}: {allowed}") from None

@@ -28,7 +28,8 @@ from shelltrain.errors import UserError
 from shelltrain.export import FORMATS, INSTALL_HINT, export_model, run_exported
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
 from shelltrain.plots import plot_confusion_matrix
-from shelltrain.report import say, summary_table, write_json
+from shelltrain.report import say, summary_table
+from shelltrain.rundir import write_json
 from shelltrain.trained import load_trained_model
 
 EXPORT_CHECK_BATCH = 8  # images of the export check; the example the exporter traces has another size
@@ -43,10 +44,14 @@ def run_task(cfg: DictConfig, run_dir: Path, settings: TrainSettings, console: C
     task = {"evaluate": evaluate_task, "predict": predict_task, "export": export_task}[cfg.task]
     found, result = task(cfg, run_dir, settings, console, model, checkpoint)
     summary = {
-        "status": "completed", "task": cfg.task, **{k: v for k, v in found.items() if not isinstance(v, dict)},
-        "weights": str(source), "wall_seconds": round(time.perf_counter() - started, 3), "run_dir": str(run_dir),
+        "status": "completed",
+        "task": cfg.task,
+        **{k: v for k, v in found.items() if not isinstance(v, dict)},
+        "weights": str(source),
+        "wall_seconds": round(time.perf_counter() - started, 3),
+        "run_dir": str(run_dir),
         **{k: v for k, v in found.items() if isinstance(v, dict)},  # sections (per_class, ...) after the figures
-    }  # fmt: skip
+    }
     write_json(summary, run_dir / "summary.json")
     console.print(summary_table(summary))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
@@ -161,8 +166,11 @@ def _check_fits(data: DataBundle, checkpoint: dict, console: Console) -> None:
             f"set data.channels={pre['channels']}"
         )
     if pre.get("image_size") and pre["image_size"] != data.image_size:
-        say(console, f"note: the model was trained on {pre['image_size']}px images, these are {data.image_size}px "
-            f"(data.image_size={pre['image_size']} matches the training run)")  # fmt: skip
+        say(
+            console,
+            f"note: the model was trained on {pre['image_size']}px images, these are {data.image_size}px "
+            f"(data.image_size={pre['image_size']} matches the training run)",
+        )
 
 
 def _unaugmented(data: DataBundle, split: str) -> DataLoader:

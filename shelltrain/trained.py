@@ -19,7 +19,7 @@ from shelltrain.checkpoint import load_checkpoint
 from shelltrain.errors import UserError
 from shelltrain.models import build_model
 from shelltrain.quantize import quiet
-from shelltrain.schema import ensemble_dir
+from shelltrain.rundir import ensemble_dir
 from shelltrain.transfer import checkpoint_source, rebuild_architecture
 
 
@@ -45,7 +45,8 @@ def load_trained_model(spec: str, key: str = "model.weights") -> tuple[nn.Module
     if not isinstance(config, dict) or "model" not in config or not isinstance(classes, list):
         raise UserError(f"{key}: '{path}' has no model config and classes; it was not written by a shelltrain run")
     channels = (checkpoint.get("preprocessing") or {}).get("channels") or next(
-        (t.shape[1] for t in checkpoint["model"].values() if t.ndim == 4), 3  # the first convolution's input planes
+        (t.shape[1] for t in checkpoint["model"].values() if t.ndim == 4),
+        3,  # the first convolution's input planes
     )
     model = build_model(OmegaConf.create({**config["model"], "weights": None}), len(classes), channels)
     model = rebuild_architecture(model, checkpoint_source(spec, path, checkpoint))

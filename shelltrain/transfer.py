@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -176,11 +177,15 @@ def _open_torchvision(spec: str, model_cfg: DictConfig) -> WeightsSource:
         available = ", ".join(enum_cls.__members__)
         raise UserError(f"model.weights={spec}: {name} has no such weights; choose one of {available}") from None
     transforms = enum.transforms()
-    preprocessing = {
-        "mean": [float(v) for v in transforms.mean],
-        "std": [float(v) for v in transforms.std],
-        "image_size": int(transforms.crop_size[0]),
-    } if hasattr(transforms, "mean") else None  # fmt: skip
+    preprocessing = (
+        {
+            "mean": [float(v) for v in transforms.mean],
+            "std": [float(v) for v in transforms.std],
+            "image_size": int(transforms.crop_size[0]),
+        }
+        if hasattr(transforms, "mean")
+        else None
+    )
     categories = list(enum.meta.get("categories") or []) or None
     origin = f"torchvision {enum_cls.__name__}.{enum.name}"
     return WeightsSource(spec, "torchvision", origin, None, categories, preprocessing, enum=enum, model_name=name)
@@ -303,7 +308,7 @@ def rebuild_architecture(
         if key not in checkpoint:
             continue
         try:
-            rebuild = getattr(importlib.import_module(module_name), "rebuild")
+            rebuild = importlib.import_module(module_name).rebuild
         except (ImportError, AttributeError):
             raise UserError(
                 f"model.weights: '{source.origin}' is a checkpoint with '{key}' and needs shelltrain's {feature} "
@@ -684,8 +689,11 @@ def transfer_summary(
     """summary.json["transfer"]: the weights' origin, what was loaded, the preprocessing, what was frozen when."""
     summary: dict[str, Any] = {"weights": None} if report is None else dict(report)
     summary["preprocessing"] = {
-        "mean": list(data.mean), "std": list(data.std), "image_size": data.image_size, "from": stats_from,
-    }  # fmt: skip
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "image_size": data.image_size,
+        "from": stats_from,
+    }
     summary["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     summary["finetune"] = policy.summary(lr) if policy else {"policy": "full"}
     return summary

@@ -46,8 +46,12 @@ def shelltrain(*args: str, cwd: Path, env: dict | None = None, timeout: int = 30
     """The real command line, as a user types it."""
     return subprocess.run(
         [sys.executable, "-m", "shelltrain", *args],
-        cwd=cwd, env=cli_environment(env), capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        cwd=cwd,
+        env=cli_environment(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # A server process that imports shelltrain's stages once, then forks one child per command (multiprocessing's

@@ -20,8 +20,15 @@ def test_cnn_learns_digits_and_writes_a_complete_run_dir(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert set(rows[0]) == {
-        "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_second",
-    }  # fmt: skip
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        "lr",
+        "seconds",
+        "images_per_second",
+    }
     assert float(rows[-1]["images_per_second"]) > 0
     best = max(rows, key=lambda r: float(r["val_acc"]))
     assert summary["best_val_acc"] == pytest.approx(float(best["val_acc"]))
@@ -33,7 +40,13 @@ def test_cnn_learns_digits_and_writes_a_complete_run_dir(tmp_path):
 
 
 def test_same_seed_same_result(tmp_path):
-    args = [*CNN, "trainer.epochs=1", "trainer.limit_train_batches=5", "trainer.limit_val_batches=2", "augmentation=seed"]
+    args = [
+        *CNN,
+        "trainer.epochs=1",
+        "trainer.limit_train_batches=5",
+        "trainer.limit_val_batches=2",
+        "augmentation=seed",
+    ]
     a = run_in_process(tmp_path / "a", *args)
     b = run_in_process(tmp_path / "b", *args)
     run_in_process(tmp_path / "c", *args, "trainer.seed=1")
@@ -66,9 +79,17 @@ def test_every_optimizer_trains(tmp_path, optimizer):
 def test_every_scheduler_moves_the_learning_rate_as_documented(tmp_path, scheduler):
     extra = ["scheduler.step_size=2"] if scheduler == "step" else []
     run_in_process(
-        tmp_path, "model=cnn", "model.width=8", f"scheduler={scheduler}", "trainer.epochs=3", *extra,
-        "trainer.limit_train_batches=4", "trainer.limit_val_batches=1", "optimizer=sgd", "optimizer.lr=0.1",
-    )  # fmt: skip
+        tmp_path,
+        "model=cnn",
+        "model.width=8",
+        f"scheduler={scheduler}",
+        "trainer.epochs=3",
+        *extra,
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=1",
+        "optimizer=sgd",
+        "optimizer.lr=0.1",
+    )
     with open(tmp_path / "metrics.csv") as f:
         lrs = [float(r["lr"]) for r in csv.DictReader(f)]
     if scheduler in ("none", "plateau"):  # plateau: patience 2 is not exhausted in 3 epochs
@@ -119,8 +140,14 @@ def test_precision_bf16_really_autocasts():
 def test_early_stopping_stops_when_the_monitor_stalls(tmp_path):
     # lr so small that nothing improves after the first epoch: patience 1 stops at epoch 2
     summary = run_in_process(
-        tmp_path, *CNN, "trainer.epochs=6", "trainer.patience=1", "optimizer=sgd", "optimizer.lr=1e-9",
-        "trainer.limit_train_batches=2", "trainer.monitor=val_acc",
-    )  # fmt: skip
+        tmp_path,
+        *CNN,
+        "trainer.epochs=6",
+        "trainer.patience=1",
+        "optimizer=sgd",
+        "optimizer.lr=1e-9",
+        "trainer.limit_train_batches=2",
+        "trainer.monitor=val_acc",
+    )
     assert summary["stopped_early"] is True
     assert summary["epochs_completed"] < 6

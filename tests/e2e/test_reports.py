@@ -18,9 +18,15 @@ from shelltrain.plots import plot_confusion_matrix, plot_curves, plot_members, p
 
 # Two short epochs of a tiny CNN: enough for curves with two points and a real confusion matrix.
 TINY = [
-    "model=cnn", "model.width=8", "scheduler=none", "optimizer=adam", "optimizer.lr=0.01",
-    "trainer.epochs=2", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
-]  # fmt: skip
+    "model=cnn",
+    "model.width=8",
+    "scheduler=none",
+    "optimizer=adam",
+    "optimizer.lr=0.01",
+    "trainer.epochs=2",
+    "trainer.limit_train_batches=6",
+    "trainer.limit_val_batches=2",
+]
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -138,8 +144,9 @@ def test_stage_plots_from_hand_made_rows(tmp_path):
     assert_picture(plot_members([*members, {"name": "ensemble (soft vote)", "test_acc": 0.972}], tmp_path / "m.png"))
     sweep_rows = [  # summary.csv rows: strings, and a failed job without a metric
         {"optimizer": opt, "optimizer.lr": lr, "test_acc": str(0.9 + float(lr)), "status": "completed"}
-        for opt in ("sgd", "adam") for lr in ("0.001", "0.01", "0.1")
-    ] + [{"optimizer": "adam", "optimizer.lr": "1.0", "test_acc": "", "status": "failed"}]  # fmt: skip
+        for opt in ("sgd", "adam")
+        for lr in ("0.001", "0.01", "0.1")
+    ] + [{"optimizer": "adam", "optimizer.lr": "1.0", "test_acc": "", "status": "failed"}]
     assert_picture(plot_sweep(sweep_rows, tmp_path / "sweep" / "plots" / "sweep.png", ["optimizer", "optimizer.lr"]))
 
 

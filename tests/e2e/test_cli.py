@@ -9,7 +9,14 @@ import sys
 import pytest
 from conftest import shelltrain
 
-RUN_FILES = [".hydra/config.yaml", "checkpoints/last.pt", "checkpoints/best.pt", "metrics.csv", "summary.json", "train.log"]
+RUN_FILES = [
+    ".hydra/config.yaml",
+    "checkpoints/last.pt",
+    "checkpoints/best.pt",
+    "metrics.csv",
+    "summary.json",
+    "train.log",
+]
 
 
 def run_cli_reporting_torch(args: list[str], cwd) -> str:
@@ -48,7 +55,10 @@ def test_cfg_job_prints_composed_config_without_torch(tmp_path):
     "args, expected",
     [
         (["optimizer.lrr=0.1"], "unknown key 'optimizer.lrr' (did you mean 'optimizer.lr'?)"),
-        (["model=resnet1800"], "model=resnet1800: no such option (did you mean 'resnet18'?). Available model options: cnn,"),
+        (
+            ["model=resnet1800"],
+            "model=resnet1800: no such option (did you mean 'resnet18'?). Available model options: cnn,",
+        ),
         (["optimzer=adam"], "'optimzer' is not a config group (did you mean 'optimizer'?)"),
         (["optimizer.lr=-1"], "optimizer.lr=-1 is invalid; the learning rate must be a number > 0"),
         (["trainer.epochs=abc"], "trainer.epochs='abc' has the wrong type"),
@@ -70,17 +80,25 @@ def test_full_error_env_keeps_the_traceback(tmp_path):
     env = {"HYDRA_FULL_ERROR": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "shelltrain", "optimizer.lr=-1", "trainer.device=cpu"],
-        cwd=tmp_path, capture_output=True, text=True, env={**__import__("os").environ, **env},
-    )  # fmt: skip
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, **env},
+    )
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "UserError" in result.stderr
 
 
 def test_multirun_sweep_makes_complete_run_dirs(tmp_path):
     result = shelltrain(
-        "-m", "optimizer=sgd,adam", "debug=smoke", "model=cnn", "trainer.device=cpu",
-        "hydra.sweep.dir=sweep", cwd=tmp_path,
-    )  # fmt: skip
+        "-m",
+        "optimizer=sgd,adam",
+        "debug=smoke",
+        "model=cnn",
+        "trainer.device=cpu",
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     for job in ("0", "1"):
         run_dir = tmp_path / "sweep" / job
@@ -97,8 +115,10 @@ def test_two_runs_in_the_same_second_get_separate_dirs(tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "shelltrain", "debug=smoke", "model=cnn", "trainer.device=cpu"],
-            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         for _ in range(2)
     ]
     for p in procs:

@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures_data import label_of, make_cifar10, make_cifar100, make_fashion_mnist, make_imagefolder, make_mnist
 from omegaconf import DictConfig, OmegaConf
 
-from fixtures_data import label_of, make_cifar10, make_cifar100, make_fashion_mnist, make_imagefolder, make_mnist
 from shelltrain.data import DataBundle, build_data
 from shelltrain.errors import UserError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 AUGMENTATIONS = sorted(path.stem for path in (CONFIGS / "augmentation").glob("*.yaml"))
 
 

@@ -21,7 +21,7 @@ from shelltrain import gates, sweep
 from shelltrain.errors import UserError
 from shelltrain.schema import validate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model=cnn", "model.width=8", "debug=smoke", "trainer.device=cpu", "plots=false"]
 SWEEP_EXTRA = 'not installed; install the sweep extra: pip install -e ".[test,sweep]" (CI does)'
 
@@ -41,13 +41,16 @@ def _plugin(module: str, package: str) -> None:
 def test_sweep_writes_summary_csv_and_prints_the_table(tmp_path):
     result = shelltrain_forked(
         "-m", "optimizer=sgd,adam", "optimizer.lr=0.01,0.1", *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     rows = _csv(tmp_path / "sweep/summary.csv")
     assert [r["job"] for r in rows] == ["0", "1", "2", "3"]
     assert [(r["optimizer"], r["optimizer.lr"]) for r in rows] == [
-        ("sgd", "0.01"), ("sgd", "0.1"), ("adam", "0.01"), ("adam", "0.1"),
-    ]  # fmt: skip
+        ("sgd", "0.01"),
+        ("sgd", "0.1"),
+        ("adam", "0.01"),
+        ("adam", "0.1"),
+    ]
     assert all(r["status"] == "completed" and r["monitor"] == "val_acc" for r in rows)
     for row in rows:  # the figures are the job's own summary.json
         summary = json.loads((tmp_path / "sweep" / row["run_dir"] / "summary.json").read_text())
@@ -64,9 +67,15 @@ def test_sweep_writes_summary_csv_and_prints_the_table(tmp_path):
 @pytest.mark.slow
 def test_a_sweep_over_ensemble_options_summarizes_every_job(tmp_path):
     result = shelltrain_forked(
-        "-m", "ensemble=average,vote", "ensemble.members=2", *TINY, "model.width=4", "trainer.threads=1",
-        "hydra.sweep.dir=sweep", cwd=tmp_path,
-    )  # fmt: skip
+        "-m",
+        "ensemble=average,vote",
+        "ensemble.members=2",
+        *TINY,
+        "model.width=4",
+        "trainer.threads=1",
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     rows = _csv(tmp_path / "sweep/summary.csv")
     assert [(r["ensemble"], r["status"]) for r in rows] == [("average", "completed"), ("vote", "completed")]
@@ -141,9 +150,14 @@ def test_shelltrain_summarize_command(tmp_path):
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     _plugin("hydra_joblib_launcher", "hydra-joblib-launcher")
     result = shelltrain(  # a fresh interpreter: loky's worker processes hang when started from a forked process
-        "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "trainer.seed=0,1", *TINY,
-        "hydra.sweep.dir=sweep", cwd=tmp_path,
-    )  # fmt: skip
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "trainer.seed=0,1",
+        *TINY,
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     rows = _csv(tmp_path / "sweep/summary.csv")
     assert [r["status"] for r in rows] == ["completed", "completed"]
@@ -155,7 +169,7 @@ def test_optuna_search_runs_three_trials_in_memory(tmp_path):
     _plugin("hydra_optuna_sweeper", "hydra-optuna-sweeper")
     result = shelltrain_forked(
         "hparams_search=optuna", "hydra.sweeper.n_trials=3", *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     rows = _csv(tmp_path / "sweep/summary.csv")
     assert len(rows) == 3 and all(r["status"] == "completed" for r in rows)
@@ -192,9 +206,14 @@ def test_missing_plugin_names_the_extra():
 def test_submitit_local_launcher(tmp_path):
     _plugin("hydra_submitit_launcher", "hydra-submitit-launcher")
     result = shelltrain(
-        "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "trainer.seed=0", *TINY,
-        "hydra.sweep.dir=sweep", cwd=tmp_path,
-    )  # fmt: skip
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        "trainer.seed=0",
+        *TINY,
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert [r["status"] for r in _csv(tmp_path / "sweep/summary.csv")] == ["completed"]
     assert (tmp_path / "sweep/.submitit").is_dir()  # it really went through submitit
@@ -260,7 +279,9 @@ def test_cifar10_resnet18_is_the_published_recipe():
 
 def test_ensemble_digits_preset_runs(tmp_path):
     _skip_unless_stage_present("ensemble_digits")
-    summary = run_in_process(tmp_path, "experiment=ensemble_digits", "debug=smoke", "model.width=8", "trainer.threads=1")
+    summary = run_in_process(
+        tmp_path, "experiment=ensemble_digits", "debug=smoke", "model.width=8", "trainer.threads=1"
+    )
     assert summary["status"] == "completed" and "ensemble" in summary
 
 
@@ -340,8 +361,15 @@ def test_cv_folds_partition_the_train_split_stratified():
 
 
 def test_cv_run_reports_fold_scores_mean_and_std(tmp_path):
-    result = shelltrain_forked("model=cnn", "model.width=8", "cv.folds=3", "debug=smoke", "trainer.device=cpu",
-                        "hydra.run.dir=run", cwd=tmp_path)  # fmt: skip
+    result = shelltrain_forked(
+        "model=cnn",
+        "model.width=8",
+        "cv.folds=3",
+        "debug=smoke",
+        "trainer.device=cpu",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     cv = json.loads((tmp_path / "run/summary.json").read_text())["cv"]
     assert cv["folds"] == 3 and len(cv["scores"]) == 3 and cv["metric"] == "best_val_acc"

@@ -19,16 +19,21 @@ from shelltrain.schema import validate
 
 # A tiny CNN trained briefly on digits; the splits and preprocessing are the default digits ones.
 TRAIN = [
-    "model=cnn", "model.width=8", "scheduler=none", "optimizer=adam", "optimizer.lr=0.01",
-    "trainer.epochs=2", "trainer.limit_train_batches=8",
-]  # fmt: skip
+    "model=cnn",
+    "model.width=8",
+    "scheduler=none",
+    "optimizer=adam",
+    "optimizer.lr=0.01",
+    "trainer.epochs=2",
+    "trainer.limit_train_batches=8",
+]
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
 def needs_onnx() -> None:
     missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
-        pytest.skip(f"{', '.join(missing)} not installed: pip install \"shelltrain[export]\"")
+        pytest.skip(f'{", ".join(missing)} not installed: pip install "shelltrain[export]"')
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +64,14 @@ def test_evaluate_refuses_data_the_model_cannot_read(trained, tmp_path):
         run_in_process(tmp_path / "rgb", "task=evaluate", f"model.weights={run_dir}", "data.channels=3")
     with pytest.raises(UserError, match="model's 10 classes .* differ from the data's 3"):
         run_in_process(
-            tmp_path / "other", "task=evaluate", f"model.weights={run_dir}",
-            "data=synthetic", "data.num_samples=60", "data.num_classes=3", "data.image_size=32",
-        )  # fmt: skip
+            tmp_path / "other",
+            "task=evaluate",
+            f"model.weights={run_dir}",
+            "data=synthetic",
+            "data.num_samples=60",
+            "data.num_classes=3",
+            "data.image_size=32",
+        )
     with pytest.raises(UserError, match="has no checkpoints/best.pt"):
         run_in_process(tmp_path / "empty", "task=evaluate", f"model.weights={tmp_path}")
 

@@ -30,9 +30,16 @@ from shelltrain.trained import load_trained_model
 # Small and quick, but members good enough (~0.8) that fusing them means something. One thread: on a
 # busy machine with few cores, more threads make these tiny models many times slower.
 MEMBER = [
-    "model=cnn", "model.width=8", "data.image_size=16", "scheduler=none", "optimizer=adam", "optimizer.lr=0.01",
-    "trainer.epochs=2", "trainer.limit_train_batches=25", "trainer.threads=1",
-]  # fmt: skip
+    "model=cnn",
+    "model.width=8",
+    "data.image_size=16",
+    "scheduler=none",
+    "optimizer=adam",
+    "optimizer.lr=0.01",
+    "trainer.epochs=2",
+    "trainer.limit_train_batches=25",
+    "trainer.threads=1",
+]
 EVAL = ["data.image_size=16", "trainer.epochs=0", "trainer.threads=1"]  # fuse what exists, train nothing
 SMOKE = ["debug=smoke", "data.image_size=16", "trainer.threads=1"]
 
@@ -86,7 +93,10 @@ def test_vote_is_a_majority_and_ties_go_to_the_summed_probability():
 def test_member_override_sets_in_every_spelling():
     assert _override_set("model=cnn model.width=8") == ["model=cnn", "model.width=8"]
     assert _override_set(["model=resnet18", "model.small_input=true"]) == ["model=resnet18", "model.small_input=true"]
-    assert _override_set({"model": "resnet18", "model.small_input": True}) == ["model=resnet18", "model.small_input=true"]
+    assert _override_set({"model": "resnet18", "model.small_input": True}) == [
+        "model=resnet18",
+        "model.small_input=true",
+    ]
 
 
 # ---- vmap -----------------------------------------------------------------------------------------
@@ -149,16 +159,25 @@ def test_members_trained_in_one_run_then_reused_and_weighted(tmp_path):
 
     # ... and an ensemble.checkpoints entry, fused by the other rules
     fused = run_in_process(
-        tmp_path / "weighted", *EVAL, "ensemble=weighted", "ensemble.temperature=0.5", f"ensemble.checkpoints=[{run}]",
+        tmp_path / "weighted",
+        *EVAL,
+        "ensemble=weighted",
+        "ensemble.temperature=0.5",
+        f"ensemble.checkpoints=[{run}]",
         "ensemble.vmap=true",
-    )["ensemble"]  # fmt: skip
+    )["ensemble"]
     val_accs = [m["val_acc"] for m in fused["members"]]
     assert fused["evaluation"] == "vmap" and val_accs == [m["val_acc"] for m in members]  # vmap agrees with the loop
     assert fused["weights"] == pytest.approx(accuracy_weights(val_accs, 0.5)) and fused["temperature"] == 0.5
-    assert fused["members"][1]["origin"] == {"kind": "ensemble", "source": str(run), "member": 1, "was": members[1]["origin"]}
+    assert fused["members"][1]["origin"] == {
+        "kind": "ensemble",
+        "source": str(run),
+        "member": 1,
+        "was": members[1]["origin"],
+    }
     explicit = run_in_process(
         tmp_path / "explicit", *EVAL, "ensemble=weighted", "ensemble.weights=[2,1,1]", f"ensemble.checkpoints=[{run}]"
-    )  # fmt: skip
+    )
     assert explicit["ensemble"]["weights"] == [0.5, 0.25, 0.25]
     # an ensemble run directory is evaluated again as it was saved (a weighted one keeps its weights); nothing trains
     reused = run_in_process(tmp_path / "reused", *EVAL, f"model.weights={tmp_path / 'explicit'}")
@@ -171,16 +190,27 @@ def test_heterogeneous_and_loaded_members_each_go_through_the_pipeline(tmp_path)
     """Two members trained here with their own architectures and two loaded ones (one of them structurally
     pruned) fine-tuned by sub-runs from their checkpoints; fused by a vote (the rule itself is tested above)."""
     run_in_process(tmp_path / "plain", *SMOKE, "model=cnn", "model.width=4")
-    run_in_process(tmp_path / "pruned", *SMOKE, "model=cnn", "model.width=8", "prune=structured",
-                   "prune.finetune_epochs=0", "prune.latency_batch=2", "prune.latency_repeats=1")  # fmt: skip
+    run_in_process(
+        tmp_path / "pruned",
+        *SMOKE,
+        "model=cnn",
+        "model.width=8",
+        "prune=structured",
+        "prune.finetune_epochs=0",
+        "prune.latency_batch=2",
+        "prune.latency_repeats=1",
+    )
     pruned = tmp_path / "pruned/checkpoints/best.pt"
     pruned_params = json.loads((tmp_path / "pruned/summary.json").read_text())["prune"]["after"]["params"]
     run = tmp_path / "fused"
     report = run_in_process(
-        run, *SMOKE, "scheduler=none", "ensemble=vote",
+        run,
+        *SMOKE,
+        "scheduler=none",
+        "ensemble=vote",
         "ensemble.members=['model=cnn model.width=4',{model:mobilenet_v3_small,model.dropout:0.1}]",
         f"ensemble.checkpoints=[{tmp_path / 'plain'},{pruned}]",
-    )["ensemble"]  # fmt: skip
+    )["ensemble"]
     members = report["members"]
     assert [m["model"] for m in members] == ["cnn", "mobilenet_v3_small", "cnn", "cnn"]
     assert members[0]["origin"] == {"kind": "trained", "seed": 0, "overrides": ["model=cnn", "model.width=4"]}
@@ -204,8 +234,10 @@ def test_heterogeneous_and_loaded_members_each_go_through_the_pipeline(tmp_path)
 
 def test_int8_members_are_fused_and_keep_their_own_figures(tmp_path):
     runs = [tmp_path / f"int8-{seed}" for seed in (0, 1)]
-    alone = [run_in_process(run, *MEMBER, f"trainer.seed={i}", "prune=quantize", "prune.mode=dynamic")
-             for i, run in enumerate(runs)]  # fmt: skip
+    alone = [
+        run_in_process(run, *MEMBER, f"trainer.seed={i}", "prune=quantize", "prune.mode=dynamic")
+        for i, run in enumerate(runs)
+    ]
     assert all(is_quantized(load_trained_model(str(run), "test")[0]) for run in runs)
     fuse = ["ensemble=average", f"ensemble.checkpoints=[{runs[0]},{runs[1]}]"]
     summary = run_in_process(tmp_path / "ensemble", *EVAL, *fuse)
@@ -216,8 +248,9 @@ def test_int8_members_are_fused_and_keep_their_own_figures(tmp_path):
 
 def test_mismatched_class_sets_are_one_clear_line(tmp_path):
     other = tmp_path / "three-classes"
-    run_in_process(other, *SMOKE, "model=cnn", "model.width=4", "data=synthetic", "data.num_classes=3",
-                   "data.num_samples=120")  # fmt: skip
+    run_in_process(
+        other, *SMOKE, "model=cnn", "model.width=4", "data=synthetic", "data.num_classes=3", "data.num_samples=120"
+    )
     with pytest.raises(UserError) as info:
         run_in_process(tmp_path / "fused", *EVAL, "ensemble=average", f"ensemble.checkpoints=[{other}]")
     message = str(info.value)
@@ -231,19 +264,37 @@ def test_mismatched_class_sets_are_one_clear_line(tmp_path):
     [
         (["ensemble.members=3"], "ensemble.members is set but ensemble=none; pick a rule"),
         (["ensemble=average"], "ensemble=average has no members"),
-        (["ensemble=average", "ensemble.weights=[1,2]", "ensemble.members=2"], "ensemble.weights is used by ensemble=weighted"),
-        (["ensemble=weighted", "ensemble.weights=[1]", "ensemble.members=2"], "ensemble.weights has 1 entries for 2 members"),
+        (
+            ["ensemble=average", "ensemble.weights=[1,2]", "ensemble.members=2"],
+            "ensemble.weights is used by ensemble=weighted",
+        ),
+        (
+            ["ensemble=weighted", "ensemble.weights=[1]", "ensemble.members=2"],
+            "ensemble.weights has 1 entries for 2 members",
+        ),
         (["ensemble=vote", "ensemble.members=2", "ensemble.top_k=2"], "ensemble.top_k picks jobs of a sweep"),
-        (["ensemble=vote", "ensemble.members=2", "trainer.epochs=0"], "ensemble.members trains its members in this run"),
-        (["ensemble=vote", "ensemble.members=2", "trainer.resume=auto"], "trainer.resume=auto: an ensemble run resumes from its run directory"),
+        (
+            ["ensemble=vote", "ensemble.members=2", "trainer.epochs=0"],
+            "ensemble.members trains its members in this run",
+        ),
+        (
+            ["ensemble=vote", "ensemble.members=2", "trainer.resume=auto"],
+            "trainer.resume=auto: an ensemble run resumes from its run directory",
+        ),
         (["ensemble=vote", "ensemble.members=2", "cv.folds=2"], "cv.folds does not apply to an ensemble run"),
         (["ensemble=vote", "ensemble.sweep=/nonexistent"], "ensemble.sweep='/nonexistent' is not a directory"),
-        (["ensemble=vote", "ensemble.checkpoints=[/nonexistent/best.pt]"], "ensemble.checkpoints: '/nonexistent/best.pt' does not exist"),
+        (
+            ["ensemble=vote", "ensemble.checkpoints=[/nonexistent/best.pt]"],
+            "ensemble.checkpoints: '/nonexistent/best.pt' does not exist",
+        ),
         (["ensemble=vote", "ensemble.checkpoints=/nonexistent/best.pt"], "'/nonexistent/best.pt' does not exist"),
         (["ensemble=vote", "ensemble.checkpoints=[[a]]"], "ensemble.checkpoints=[['a']] is invalid"),
         (["ensemble=vote", "ensemble.members=['model=resnet1800']"], "ensemble.members[0] (model=resnet1800)"),
         (["ensemble=vote", "ensemble.members=['data.image_size=8']"], "changes data; members share this run's data"),
-        (["ensemble=vote", "model.weights=/nonexistent"], "model.weights='/nonexistent' is not an ensemble run directory"),
+        (
+            ["ensemble=vote", "model.weights=/nonexistent"],
+            "model.weights='/nonexistent' is not an ensemble run directory",
+        ),
     ],
 )
 def test_ensemble_config_mistakes_are_user_errors(tmp_path, overrides, message):
@@ -256,20 +307,35 @@ def test_ensemble_config_mistakes_are_user_errors(tmp_path, overrides, message):
 @pytest.mark.slow  # the real command: five processes (45-70 s on 2 busy cores)
 def test_a_sweeps_best_jobs_fused_without_training(tmp_path):
     sweep = shelltrain_forked(
-        "-m", "model=cnn", "model.width=4", "trainer.seed=0,1,2,3", "debug=smoke", "trainer.device=cpu",
-        "trainer.threads=1", "hydra.sweep.dir=sweep", cwd=tmp_path,
-    )  # fmt: skip
+        "-m",
+        "model=cnn",
+        "model.width=4",
+        "trainer.seed=0,1,2,3",
+        "debug=smoke",
+        "trainer.device=cpu",
+        "trainer.threads=1",
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+    )
     assert sweep.returncode == 0, sweep.stderr
     jobs = {
-        str(tmp_path / "sweep" / job): json.loads((tmp_path / "sweep" / job / "summary.json").read_text())["best_val_acc"]
+        str(tmp_path / "sweep" / job): json.loads((tmp_path / "sweep" / job / "summary.json").read_text())[
+            "best_val_acc"
+        ]
         for job in "0123"
     }
     expected = sorted(jobs, key=jobs.__getitem__, reverse=True)[:3]  # stable: ties keep job order
 
     result = shelltrain_forked(
-        "ensemble=weighted", "ensemble.sweep=sweep", "ensemble.top_k=3", "trainer.epochs=0", "trainer.device=cpu",
-        "trainer.threads=1", "hydra.run.dir=fused", cwd=tmp_path,
-    )  # fmt: skip
+        "ensemble=weighted",
+        "ensemble.sweep=sweep",
+        "ensemble.top_k=3",
+        "trainer.epochs=0",
+        "trainer.device=cpu",
+        "trainer.threads=1",
+        "hydra.run.dir=fused",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "fused/ensemble.json").read_text())
     assert [m["origin"]["source"] for m in report["members"]] == expected

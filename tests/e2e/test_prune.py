@@ -23,9 +23,13 @@ from shelltrain.schema import validate
 
 # Tiny, quick runs: a narrow CNN or a ResNet-18 on 16x16 digits, two batches per split, cheap latency.
 QUICK = [
-    "trainer.epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2", "prune.latency_batch=4", "prune.latency_repeats=2",
-]  # fmt: skip
+    "trainer.epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "prune.latency_batch=4",
+    "prune.latency_repeats=2",
+]
 CNN = ["model=cnn", "model.width=8", "scheduler=none", "optimizer=adam", "optimizer.lr=0.01", *QUICK]
 RESNET = ["model=resnet18", "data.image_size=16", "scheduler=none", *QUICK]
 
@@ -61,9 +65,16 @@ def checkpoint_sparsity(state_dict: dict) -> float:
 @pytest.mark.slow
 def test_every_option_in_one_multirun(tmp_path):
     result = shelltrain_forked(
-        "-m", "prune=none,threshold,magnitude,structured,quantize", "debug=smoke", "model=cnn", "model.width=8",
-        "trainer.device=cpu", "hydra.sweep.dir=sweep", cwd=tmp_path, timeout=600,
-    )  # fmt: skip
+        "-m",
+        "prune=none,threshold,magnitude,structured,quantize",
+        "debug=smoke",
+        "model=cnn",
+        "model.width=8",
+        "trainer.device=cpu",
+        "hydra.sweep.dir=sweep",
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for job, name in enumerate(["none", "threshold", "magnitude", "structured", "quantize"]):
         run_dir = tmp_path / "sweep" / str(job)
@@ -95,9 +106,7 @@ def test_magnitude_checkpoint_holds_exactly_the_reported_sparsity(tmp_path):
 
 
 def test_iterative_magnitude_reaches_the_target_in_steps(tmp_path):
-    run_in_process(
-        tmp_path, *CNN, "prune=magnitude", "prune.amount=0.9", "prune.schedule=iterative", "prune.steps=3"
-    )
+    run_in_process(tmp_path, *CNN, "prune=magnitude", "prune.amount=0.9", "prune.schedule=iterative", "prune.steps=3")
     report = json.loads((tmp_path / "prune.json").read_text())
     assert [r["target"] for r in report["rounds"]] == pytest.approx([0.3, 0.6, 0.9])
     assert [round(r["sparsity"], 3) for r in report["rounds"]] == [0.3, 0.6, 0.9]
@@ -106,8 +115,9 @@ def test_iterative_magnitude_reaches_the_target_in_steps(tmp_path):
 
 
 def test_local_magnitude_prunes_every_layer_to_the_amount(tmp_path):
-    run_in_process(tmp_path, *CNN, "prune=magnitude", "prune.amount=0.5", "prune.global=false",
-                   "prune.finetune_epochs=0")  # fmt: skip
+    run_in_process(
+        tmp_path, *CNN, "prune=magnitude", "prune.amount=0.5", "prune.global=false", "prune.finetune_epochs=0"
+    )
     report = json.loads((tmp_path / "prune.json").read_text())
     for row in report["layers"]:
         assert row["sparsity"] == pytest.approx(0.5, abs=0.02)
@@ -145,12 +155,14 @@ def test_structured_removes_channels_and_reloads_exactly(tmp_path):
 
 
 def test_structured_schedules_and_importances(tmp_path):
-    for i, extra in enumerate([
-        ["prune.schedule=iterative", "prune.steps=2", "prune.importance=taylor"],
-        ["prune.schedule=hierarchical", "prune.importance=bn_scale"],
-        ["prune.schedule=adaptive", "prune.max_acc_drop=0.5", "prune.importance=fpgm"],
-        ["prune.global=true", "prune.importance=l2"],
-    ]):  # fmt: skip
+    for i, extra in enumerate(
+        [
+            ["prune.schedule=iterative", "prune.steps=2", "prune.importance=taylor"],
+            ["prune.schedule=hierarchical", "prune.importance=bn_scale"],
+            ["prune.schedule=adaptive", "prune.max_acc_drop=0.5", "prune.importance=fpgm"],
+            ["prune.global=true", "prune.importance=l2"],
+        ]
+    ):
         run_dir = tmp_path / str(i)
         summary = run_in_process(run_dir, *CNN, "prune=structured", "prune.finetune_epochs=0", *extra)
         report = json.loads((run_dir / "prune.json").read_text())
@@ -170,8 +182,14 @@ def test_unstructured_hierarchical_and_adaptive_report_their_choices(tmp_path):
     assert groups == ["classifier.2", "features.8", "features.4", "features.0"]  # output end first
     assert report["after"]["sparsity"] == pytest.approx(0.5, abs=0.01)
 
-    run_in_process(tmp_path / "a", *CNN, "prune=magnitude", "prune.schedule=adaptive", "prune.amount=0.9",
-                   "prune.max_acc_drop=0.02")  # fmt: skip
+    run_in_process(
+        tmp_path / "a",
+        *CNN,
+        "prune=magnitude",
+        "prune.schedule=adaptive",
+        "prune.amount=0.9",
+        "prune.max_acc_drop=0.02",
+    )
     details = json.loads((tmp_path / "a/prune.json").read_text())["details"]
     assert set(details["sensitivity"]) == {"features.0", "features.4", "features.8", "classifier.2"}
     assert details["joint_checks"][-1]["val_drop"] <= 0.02 or not any(details["amounts"].values())
@@ -182,8 +200,9 @@ def test_unstructured_hierarchical_and_adaptive_report_their_choices(tmp_path):
 
 @pytest.mark.slow
 def test_layer_pruning_removes_residual_blocks_and_reloads(tmp_path):
-    summary = run_in_process(tmp_path, *RESNET, "prune=layer", "prune.blocks=2", "prune.schedule=iterative",
-                             "prune.finetune_epochs=1")  # fmt: skip
+    summary = run_in_process(
+        tmp_path, *RESNET, "prune=layer", "prune.blocks=2", "prune.schedule=iterative", "prune.finetune_epochs=1"
+    )
     report = json.loads((tmp_path / "prune.json").read_text())
     removed = report["details"]["removed"]
     assert len(removed) == 2 and set(removed) <= {"layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"}
@@ -193,8 +212,14 @@ def test_layer_pruning_removes_residual_blocks_and_reloads(tmp_path):
     assert report["change"]["params"] < 1.0 and report["change"]["macs"] < 1.0
     assert reloaded_test_acc(tmp_path) == summary["test_acc"]
 
-    run_in_process(tmp_path / "a", *RESNET, "prune=layer", "prune.schedule=adaptive", "prune.max_acc_drop=0.0",
-                   "prune.finetune_epochs=0")  # fmt: skip
+    run_in_process(
+        tmp_path / "a",
+        *RESNET,
+        "prune=layer",
+        "prune.schedule=adaptive",
+        "prune.max_acc_drop=0.0",
+        "prune.finetune_epochs=0",
+    )
     details = json.loads((tmp_path / "a/prune.json").read_text())["details"]
     assert all(c["val_drop"] <= 0.0 for c in details["choices"] if "kept" not in c)
 
@@ -263,8 +288,9 @@ def test_impossible_requests_fail_before_training(tmp_path, overrides, message):
 
 
 def test_epochs_zero_prunes_without_training(tmp_path):
-    summary = run_in_process(tmp_path, *CNN, "trainer.epochs=0", "scheduler=onecycle", "prune=structured",
-                             "prune.finetune_epochs=1")  # fmt: skip
+    summary = run_in_process(
+        tmp_path, *CNN, "trainer.epochs=0", "scheduler=onecycle", "prune=structured", "prune.finetune_epochs=1"
+    )
     assert summary["epochs_completed"] == 0 and summary["prune_params"] < summary["params"]
     assert (tmp_path / "checkpoints/best.pt").is_file() and not (tmp_path / "checkpoints/unpruned.pt").exists()
 

@@ -61,8 +61,10 @@ def test_default_resolves_through_torch_home_and_the_head_is_replaced(tmp_path, 
     planted = plant_torchvision_weights(tmp_path / "torch", monkeypatch, "resnet18")
     cfg, model, source = model_and_source("model=resnet18", "model.weights=DEFAULT")
     assert source.kind == "torchvision" and source.preprocessing == {
-        "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "image_size": 224,
-    }  # fmt: skip
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "image_size": 224,
+    }
     model, report = load_weights(model, source, classes=[str(i) for i in range(10)])
     state = model.state_dict()
     for key, value in planted.items():
@@ -71,9 +73,13 @@ def test_default_resolves_through_torch_home_and_the_head_is_replaced(tmp_path, 
         assert torch.equal(state[key], value), key
     assert state["fc.weight"].shape == (10, 512) and model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     assert report["head"] == {
-        "module": "fc", "replaced": True, "reason": "another shape", "from_classes": 1000, "to_classes": 10,
+        "module": "fc",
+        "replaced": True,
+        "reason": "another shape",
+        "from_classes": 1000,
+        "to_classes": 10,
         "new": "Linear(512 -> 10)",
-    }  # fmt: skip
+    }
     assert report["missing"] == report["unexpected"] == report["mismatched"] == []
     assert "ResNet18_Weights.IMAGENET1K_V1" in report["origin"] and "resnet18-f37072fd.pth" in report["origin"]
 
@@ -96,15 +102,25 @@ def test_pretrained_linear_probe_end_to_end_follows_the_weights(tmp_path, monkey
     replaced for 10 classes, and under linear_probe every backbone tensor (BatchNorm statistics too) unchanged."""
     planted = plant_torchvision_weights(tmp_path / "torch", monkeypatch, "mobilenet_v3_small")
     summary = run_in_process(
-        tmp_path / "run", "model=mobilenet_v3_small", "model.weights=DEFAULT", "finetune=linear_probe",
-        "data.channels=3", "data.mean=null", "data.std=null", "data.image_size=null", "data.batch_size=4",
-        "debug=smoke", "scheduler=none",
-    )  # fmt: skip
+        tmp_path / "run",
+        "model=mobilenet_v3_small",
+        "model.weights=DEFAULT",
+        "finetune=linear_probe",
+        "data.channels=3",
+        "data.mean=null",
+        "data.std=null",
+        "data.image_size=null",
+        "data.batch_size=4",
+        "debug=smoke",
+        "scheduler=none",
+    )
     transfer = summary["transfer"]
     assert transfer["preprocessing"] == {
-        "mean": pytest.approx([0.485, 0.456, 0.406]), "std": pytest.approx([0.229, 0.224, 0.225]),
-        "image_size": 224, "from": "weights",
-    }  # fmt: skip
+        "mean": pytest.approx([0.485, 0.456, 0.406]),
+        "std": pytest.approx([0.229, 0.224, 0.225]),
+        "image_size": 224,
+        "from": "weights",
+    }
     assert transfer["head"]["replaced"] and transfer["head"]["to_classes"] == 10
     assert transfer["finetune"]["policy"] == "linear_probe"
     assert transfer["trainable_params"] == 1024 * 10 + 10
@@ -126,9 +142,13 @@ def test_pretrained_linear_probe_end_to_end_follows_the_weights(tmp_path, monkey
 def test_data_config_values_win_and_the_log_says_how_to_follow_the_weights(tmp_path, monkeypatch, capsys):
     plant_torchvision_weights(tmp_path / "torch", monkeypatch, "mobilenet_v3_small")
     summary = run_in_process(
-        tmp_path / "run", "model=mobilenet_v3_small", "model.weights=DEFAULT", "debug=smoke", "scheduler=none",
+        tmp_path / "run",
+        "model=mobilenet_v3_small",
+        "model.weights=DEFAULT",
+        "debug=smoke",
+        "scheduler=none",
         "data.batch_size=4",
-    )  # fmt: skip
+    )
     assert summary["transfer"]["preprocessing"]["from"] == "data config"
     assert summary["transfer"]["preprocessing"]["mean"] == pytest.approx([0.3055])  # the digits preset's
     log = capsys.readouterr().out
@@ -138,9 +158,15 @@ def test_data_config_values_win_and_the_log_says_how_to_follow_the_weights(tmp_p
 def test_grey_data_gets_the_weights_statistics_averaged(tmp_path, monkeypatch):
     plant_torchvision_weights(tmp_path / "torch", monkeypatch, "mobilenet_v3_small")
     summary = run_in_process(
-        tmp_path / "run", "model=mobilenet_v3_small", "model.weights=DEFAULT", "debug=smoke", "scheduler=none",
-        "data.mean=null", "data.std=null", "data.batch_size=4",
-    )  # fmt: skip
+        tmp_path / "run",
+        "model=mobilenet_v3_small",
+        "model.weights=DEFAULT",
+        "debug=smoke",
+        "scheduler=none",
+        "data.mean=null",
+        "data.std=null",
+        "data.batch_size=4",
+    )
     assert summary["transfer"]["preprocessing"]["mean"] == pytest.approx([(0.485 + 0.456 + 0.406) / 3])
     assert summary["transfer"]["adapted"] == ["features.0.0.weight: summed over 1 input channel(s) from 3"]
 
@@ -157,7 +183,10 @@ def test_offline_without_the_file_names_where_to_put_it(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["model=resnet18", "model.weights=IMAGENET1K_V7"], "resnet18 has no such weights; choose one of IMAGENET1K_V1"),
+        (
+            ["model=resnet18", "model.weights=IMAGENET1K_V7"],
+            "resnet18 has no such weights; choose one of IMAGENET1K_V1",
+        ),
         (["model=resnet18", "model.weights=ResNet50_Weights.DEFAULT"], "not weights of resnet18 (its weights are"),
         (["model=cnn", "model.weights=DEFAULT"], "is not a torchvision model; give a checkpoint path"),
         (["model=cnn", "model.weights=/nonexistent/run"], "'/nonexistent/run' does not exist"),
@@ -268,9 +297,15 @@ def test_user_target_models_do_not_receive_shelltrain_keys(tmp_path):
     state = {"net.1.weight": torch.ones(16, 64), "net.1.bias": torch.zeros(16)}
     torch.save(state, tmp_path / "tiny.pt")
     summary = run_in_process(
-        tmp_path / "run", "~model", "+model._target_=test_models.TinyNet", f"+model.weights={tmp_path / 'tiny.pt'}",
-        "debug=smoke", "scheduler=none", "data.image_size=8", "finetune=linear_probe",
-    )  # fmt: skip
+        tmp_path / "run",
+        "~model",
+        "+model._target_=test_models.TinyNet",
+        f"+model.weights={tmp_path / 'tiny.pt'}",
+        "debug=smoke",
+        "scheduler=none",
+        "data.image_size=8",
+        "finetune=linear_probe",
+    )
     assert summary["transfer"]["loaded"] == 2 and summary["transfer"]["missing"] == ["net.3.weight", "net.3.bias"]
     best = torch.load(tmp_path / "run/checkpoints/best.pt", weights_only=True)["model"]
     assert torch.equal(best["net.1.weight"], state["net.1.weight"])  # frozen by the linear probe
@@ -314,9 +349,15 @@ def test_bad_class_lists(tmp_path, classes, message):
 
 def test_linear_probe_from_a_run_keeps_the_backbone_bit_identical(tmp_path, digits_0_4):
     summary = run_in_process(
-        tmp_path, *CNN, f"model.weights={digits_0_4}", "finetune=linear_probe", "data.classes=[5,6,7,8,9]",
-        "data.samples_per_class=10", "trainer.epochs=3", "optimizer=adamw",
-    )  # fmt: skip
+        tmp_path,
+        *CNN,
+        f"model.weights={digits_0_4}",
+        "finetune=linear_probe",
+        "data.classes=[5,6,7,8,9]",
+        "data.samples_per_class=10",
+        "trainer.epochs=3",
+        "optimizer=adamw",
+    )
     transfer = summary["transfer"]
     assert transfer["kind"] == "shelltrain" and transfer["origin"] == str(digits_0_4 / "checkpoints/best.pt")
     assert transfer["head"]["reason"] == "other classes"  # 5 classes both, but 5-9 are not 0-4
@@ -353,8 +394,15 @@ def _train_with_policy(*finetune: str, epochs: int, lr_mult: bool = False):
     policy = FinetunePolicy(model, cfg.finetune)
     optimizer = build_optimizer(cfg.optimizer, model, policy.param_groups())
     snapshots = _Snapshots(model)
-    fit(model, data.train, data.val, optimizer, None, TrainSettings(epochs=epochs, device=torch.device("cpu")),
-        callbacks=[policy, snapshots])  # fmt: skip
+    fit(
+        model,
+        data.train,
+        data.val,
+        optimizer,
+        None,
+        TrainSettings(epochs=epochs, device=torch.device("cpu")),
+        callbacks=[policy, snapshots],
+    )
     return policy, snapshots.states
 
 
@@ -395,24 +443,38 @@ def test_parameter_groups_carry_the_multiplied_learning_rates():
     assert [g["max_lr"] for g in optimizer.param_groups] == [0.2, pytest.approx(0.02)]
     assert schedule is not None
 
-    cfg = compose_config(*CNN, "finetune.backbone_lr_mult=0.5", "finetune.layer_decay=0.5", "optimizer.lr=0.2",
-                         "optimizer.no_decay_norm_bias=true")  # fmt: skip
+    cfg = compose_config(
+        *CNN,
+        "finetune.backbone_lr_mult=0.5",
+        "finetune.layer_decay=0.5",
+        "optimizer.lr=0.2",
+        "optimizer.no_decay_norm_bias=true",
+    )
     model = build_model(cfg.model, 10, 1)
     optimizer = build_optimizer(cfg.optimizer, model, FinetunePolicy(model, cfg.finetune).param_groups())
     lrs = {(g["name"], g["weight_decay"]): g["lr"] for g in optimizer.param_groups}
     assert lrs == {
-        ("classifier.2", 5e-4): 0.2, ("classifier.2", 0.0): 0.2,
-        ("features.8+features.9", 5e-4): 0.1, ("features.8+features.9", 0.0): 0.1,
-        ("features.4+features.5", 5e-4): 0.05, ("features.4+features.5", 0.0): 0.05,
-        ("features.0+features.1", 5e-4): 0.025, ("features.0+features.1", 0.0): 0.025,
-    }  # fmt: skip
+        ("classifier.2", 5e-4): 0.2,
+        ("classifier.2", 0.0): 0.2,
+        ("features.8+features.9", 5e-4): 0.1,
+        ("features.8+features.9", 0.0): 0.1,
+        ("features.4+features.5", 5e-4): 0.05,
+        ("features.4+features.5", 0.0): 0.05,
+        ("features.0+features.1", 5e-4): 0.025,
+        ("features.0+features.1", 0.0): 0.025,
+    }
 
 
 def test_units_split_any_architecture_into_blocks():
     resnet = torchvision.models.resnet18()
     assert [u.name for u in backbone_units(resnet, "fc")] == [
-        "conv1+bn1", "layer1", "layer2", "layer3", "layer4.0", "layer4.1",
-    ]  # fmt: skip
+        "conv1+bn1",
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4.0",
+        "layer4.1",
+    ]
     mobilenet = torchvision.models.mobilenet_v3_small()
     names = [u.name for u in backbone_units(mobilenet, "classifier.3")]
     assert names == [f"features.{i}" for i in range(13)] + ["classifier"]
@@ -446,7 +508,7 @@ def test_pretraining_on_digits_0_4_helps_on_5_9(tmp_path):
     import statistics
     import sys
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
     from transfer import experiment
 
     results = experiment(tmp_path, budget=3, seeds=4, epochs=30, pretrain_epochs=8)

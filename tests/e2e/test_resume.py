@@ -20,19 +20,27 @@ import torch
 from conftest import cli_environment, run_in_process, shelltrain, shelltrain_forked
 
 from shelltrain import checkpoint as checkpoint_module
-from shelltrain import engine, report
+from shelltrain import engine, report, rundir
 from shelltrain.errors import Interrupted, UserError
+from shelltrain.rundir import has_checkpoint
 from shelltrain.runner import GracefulStop
-from shelltrain.schema import has_checkpoint
 
 # Small, deterministic and still exercising every RNG: random augmentation (torch's global RNG, as
 # num_workers=0), dropout, a per-step one-cycle schedule and momentum.
 EXACT = [
-    "model=cnn", "model.width=8", "model.dropout=0.2", "augmentation=seed", "trainer.deterministic=true",
-    "trainer.epochs=4", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2", "trainer.checkpoint_every_n_steps=4", "trainer.keep_checkpoints=4",
+    "model=cnn",
+    "model.width=8",
+    "model.dropout=0.2",
+    "augmentation=seed",
+    "trainer.deterministic=true",
+    "trainer.epochs=4",
+    "trainer.limit_train_batches=6",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.checkpoint_every_n_steps=4",
+    "trainer.keep_checkpoints=4",
     "trainer.threads=1",
-]  # fmt: skip
+]
 STEPS_PER_EPOCH = 6
 TIMINGS = {"seconds", "images_per_second"}
 
@@ -65,7 +73,11 @@ def assert_same_training(a: Path, b: Path) -> None:
     assert without_timings(rows(a)) == without_timings(rows(b))
     assert [r["epoch"] for r in rows(b)] == ["1", "2", "3", "4"]  # appended, never repeated
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
-    assert (sa["test_acc"], sa["best_epoch"], sa["best_val_acc"]) == (sb["test_acc"], sb["best_epoch"], sb["best_val_acc"])
+    assert (sa["test_acc"], sa["best_epoch"], sa["best_val_acc"]) == (
+        sb["test_acc"],
+        sb["best_epoch"],
+        sb["best_val_acc"],
+    )
     with open(b / "metrics.csv") as f:
         assert f.read().count("epoch,") == 1  # one header
 
@@ -194,15 +206,26 @@ def test_an_ensemble_resumes_only_from_its_run_dir(tmp_path, straight):
 
 def test_sigint_saves_exits_130_and_the_printed_command_finishes_the_run(tmp_path):
     args = [
-        "model=cnn", "model.width=8", "data.image_size=16", "trainer.device=cpu", "trainer.epochs=2",
-        "trainer.limit_train_batches=20", "plots=false",
-        "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.checkpoint_every_n_steps=1",
-    ]  # fmt: skip
+        "model=cnn",
+        "model.width=8",
+        "data.image_size=16",
+        "trainer.device=cpu",
+        "trainer.epochs=2",
+        "trainer.limit_train_batches=20",
+        "plots=false",
+        "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2",
+        "trainer.checkpoint_every_n_steps=1",
+    ]
     env = cli_environment()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shelltrain", *args], cwd=tmp_path, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [sys.executable, "-m", "shelltrain", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     last = None
     deadline = time.time() + 120
     while last is None and time.time() < deadline and proc.poll() is None:
@@ -232,13 +255,24 @@ def test_sigint_saves_exits_130_and_the_printed_command_finishes_the_run(tmp_pat
 def test_sigterm_to_the_whole_job_with_loader_workers_exits_143_with_a_resumable_checkpoint(tmp_path):
     """A cluster's SIGTERM reaches every process of the job, data-loader workers included."""
     args = [
-        "model=cnn", "model.width=8", "trainer.device=cpu", "data.num_workers=2", "trainer.epochs=3",
-        "trainer.limit_train_batches=40", "trainer.checkpoint_every_n_steps=1", "hydra.run.dir=run",
-    ]  # fmt: skip
+        "model=cnn",
+        "model.width=8",
+        "trainer.device=cpu",
+        "data.num_workers=2",
+        "trainer.epochs=3",
+        "trainer.limit_train_batches=40",
+        "trainer.checkpoint_every_n_steps=1",
+        "hydra.run.dir=run",
+    ]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shelltrain", *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env=cli_environment(), start_new_session=True,
-    )  # fmt: skip
+        [sys.executable, "-m", "shelltrain", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_environment(),
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while not (tmp_path / "run/checkpoints/last.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -323,8 +357,11 @@ KILL_DRIVER = textwrap.dedent(
 def test_sigkill_at_random_moments_never_breaks_last_pt(tmp_path):
     result = subprocess.run(
         [sys.executable, "-c", KILL_DRIVER, str(tmp_path / "run"), "8", "0"],
-        capture_output=True, text=True, timeout=300, env=cli_environment(),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cli_environment(),
+    )
     assert result.returncode == 0, result.stderr
     results = json.loads(result.stdout.strip().splitlines()[-1])
     assert [r for r in results if "error" in r] == []
@@ -337,7 +374,7 @@ def test_sigkill_at_random_moments_never_breaks_last_pt(tmp_path):
 
 def test_full_disk_is_one_clear_error_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    real = checkpoint_module._write_durably
+    real = rundir._write_durably
     calls = {"n": 0}
 
     def disk_fills_up(tmp: Path, data: bytes) -> None:
@@ -347,12 +384,20 @@ def test_full_disk_is_one_clear_error_and_keeps_earlier_checkpoints(tmp_path, mo
         tmp.write_bytes(data[: len(data) // 2])  # half written, then the disk is full
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
 
-    monkeypatch.setattr(checkpoint_module, "_write_durably", disk_fills_up)
+    monkeypatch.setattr(rundir, "_write_durably", disk_fills_up)
     with pytest.raises(UserError) as caught:
-        run_in_process(run_dir, "model=cnn", "model.width=8", "trainer.epochs=3", "trainer.limit_train_batches=2",
-                       "trainer.limit_val_batches=1")  # fmt: skip
+        run_in_process(
+            run_dir,
+            "model=cnn",
+            "model.width=8",
+            "trainer.epochs=3",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+        )
     message = str(caught.value)
-    assert "No space left on device" in message and "is full" in message and "earlier checkpoints are untouched" in message
+    assert (
+        "No space left on device" in message and "is full" in message and "earlier checkpoints are untouched" in message
+    )
     assert "\n" not in message
     assert torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["epoch"] == 1
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))
@@ -362,7 +407,12 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir()
     if os.geteuid() != 0:
         return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 @pytest.mark.slow
@@ -372,9 +422,16 @@ def test_a_really_full_disk_via_tmpfs(tmp_path):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         result = shelltrain(
-            "model=cnn", "model.width=16", "trainer.device=cpu", "trainer.epochs=3", "trainer.limit_train_batches=2",
-            "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", f"hydra.run.dir={disk}/run", cwd=tmp_path,
-        )  # fmt: skip
+            "model=cnn",
+            "model.width=16",
+            "trainer.device=cpu",
+            "trainer.epochs=3",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1",
+            f"hydra.run.dir={disk}/run",
+            cwd=tmp_path,
+        )
         assert result.returncode == 2, result.stderr
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "No space left on device" in lines[0] and "is full" in lines[0], result.stderr
@@ -400,8 +457,14 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_check
     monkeypatch.setattr(engine, "criterion", poisoned)
     run_dir = tmp_path / "run"
     with pytest.raises(UserError) as caught:
-        run_in_process(run_dir, "model=cnn", "model.width=8", "trainer.epochs=4", "trainer.limit_train_batches=2",
-                       "trainer.limit_val_batches=1")  # fmt: skip
+        run_in_process(
+            run_dir,
+            "model=cnn",
+            "model.width=8",
+            "trainer.epochs=4",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
+        )
     message = str(caught.value)
     assert "the training loss became nan at epoch 3, step 5" in message
     assert f"the last good checkpoint is kept: {run_dir / 'checkpoints/last.pt'} (epoch 2, step 4)" in message
@@ -412,8 +475,16 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_good_check
 
 
 def test_keep_checkpoints_keeps_the_best_epochs(tmp_path):
-    run_in_process(tmp_path, "model=cnn", "model.width=8", "trainer.epochs=5", "trainer.limit_train_batches=3",
-                   "trainer.limit_val_batches=2", "trainer.keep_checkpoints=2", "trainer.monitor=val_loss")  # fmt: skip
+    run_in_process(
+        tmp_path,
+        "model=cnn",
+        "model.width=8",
+        "trainer.epochs=5",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=2",
+        "trainer.keep_checkpoints=2",
+        "trainer.monitor=val_loss",
+    )
     losses = {int(r["epoch"]): float(r["val_loss"]) for r in rows(tmp_path)}
     best_two = sorted(losses, key=lambda e: (losses[e], e))[:2]
     kept = sorted(int(p.stem.split("_")[1]) for p in (tmp_path / "checkpoints").glob("epoch_*.pt"))
@@ -438,7 +509,10 @@ def test_another_model_is_named_by_its_missing_and_unexpected_keys(tmp_path):
     with pytest.raises(UserError) as caught:
         checkpoint_module._load_model(payload["model"], tmp_path / "c.pt", resnet, payload["config"])
     message = str(caught.value)
-    assert "(it was trained with model=cnn model.width=4): missing keys: conv1.weight, bn1.weight, bn1.bias and 119 more; " in message
+    assert (
+        "(it was trained with model=cnn model.width=4): missing keys: conv1.weight, bn1.weight, bn1.bias and 119 more; "
+        in message
+    )
     assert "unexpected keys: features.0.weight, features.1.weight, features.1.bias and 17 more" in message
 
 

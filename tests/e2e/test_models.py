@@ -57,8 +57,13 @@ class TinyNet(nn.Module):
 
 def test_user_model_from_target_trains(tmp_path):
     summary = run_in_process(
-        tmp_path, "~model", "+model._target_=test_models.TinyNet", "+model.hidden=32", "debug=smoke",
-        "scheduler=none", "data.image_size=8",
-    )  # fmt: skip
+        tmp_path,
+        "~model",
+        "+model._target_=test_models.TinyNet",
+        "+model.hidden=32",
+        "debug=smoke",
+        "scheduler=none",
+        "data.image_size=8",
+    )
     assert summary["status"] == "completed"
     assert summary["params"] == 64 * 32 + 32 + 32 * 10 + 10

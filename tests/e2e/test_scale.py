@@ -24,20 +24,39 @@ from shelltrain.models import build_model
 
 # Tiny and quick: 240 train images, 15 batches of 8 per rank and epoch.
 DDP = [
-    "model=cnn", "model.width=8", "data.limit_samples=240", "data.batch_size=8", "scheduler=none", "optimizer=adam",
-    "optimizer.lr=0.003", "trainer.device=cpu", "trainer.threads=1", "logger=[csv,jsonl]", "plots=false",
-]  # fmt: skip
+    "model=cnn",
+    "model.width=8",
+    "data.limit_samples=240",
+    "data.batch_size=8",
+    "scheduler=none",
+    "optimizer=adam",
+    "optimizer.lr=0.003",
+    "trainer.device=cpu",
+    "trainer.threads=1",
+    "logger=[csv,jsonl]",
+    "plots=false",
+]
 
 
 def torchrun(*args: str, cwd: Path, processes: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-        "-m", "shelltrain", *args,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "-m",
+        "shelltrain",
+        *args,
+    ]
     return subprocess.run(
-        command, cwd=cwd, env=cli_environment({"OMP_NUM_THREADS": "1", **(env or {})}), capture_output=True,
-        text=True, timeout=240,
-    )  # fmt: skip
+        command,
+        cwd=cwd,
+        env=cli_environment({"OMP_NUM_THREADS": "1", **(env or {})}),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 def rows(run_dir: Path) -> list[dict[str, str]]:
@@ -107,8 +126,11 @@ def test_resumed_ddp_run_matches_an_uninterrupted_one(tmp_path):
     """Resuming under DDP is exact: two epochs, then a third from the checkpoint, give the same weights as
     three epochs in one go (every rank's data order, augmentation and dropout replay)."""
     args = [*DDP, "augmentation=basic", "model.dropout=0.2", "data.on_device=true"]
-    for run in (["trainer.epochs=2", "hydra.run.dir=resumed"], ["trainer.epochs=3", "trainer.resume=resumed"],
-                ["trainer.epochs=3", "hydra.run.dir=straight"]):  # fmt: skip
+    for run in (
+        ["trainer.epochs=2", "hydra.run.dir=resumed"],
+        ["trainer.epochs=3", "trainer.resume=resumed"],
+        ["trainer.epochs=3", "hydra.run.dir=straight"],
+    ):
         result = torchrun(*args, *run, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
     a = torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=True)["model"]
@@ -120,7 +142,7 @@ def test_resumed_ddp_run_matches_an_uninterrupted_one(tmp_path):
 @pytest.mark.slow
 def test_a_crash_on_one_rank_ends_every_rank(tmp_path):
     """Rank 1 raises a few steps in; torchrun ends rank 0 too (its collective fails, or torchrun stops it)."""
-    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     result = torchrun(*DDP, "+model._target_=crashing_model.CrashOnRankOne", "hydra.run.dir=run", cwd=tmp_path, env=env)
     assert result.returncode != 0
     assert "planted crash on rank 1" in result.stderr
@@ -154,9 +176,17 @@ def test_torchrun_refuses_one_process_stages_with_one_line(tmp_path):
 @pytest.mark.parametrize("precision", ["bf16", "16-mixed"])
 def test_mixed_precision_trains_on_cpu_and_checkpoints_the_scaler(tmp_path, precision):
     summary = run_in_process(
-        tmp_path, "model=cnn", "model.width=8", "data.limit_samples=200", "trainer.epochs=2", "optimizer=adam",
-        "optimizer.lr=0.01", f"trainer.precision={precision}", "trainer.grad_clip=1.0", "scheduler=none",
-    )  # fmt: skip
+        tmp_path,
+        "model=cnn",
+        "model.width=8",
+        "data.limit_samples=200",
+        "trainer.epochs=2",
+        "optimizer=adam",
+        "optimizer.lr=0.01",
+        f"trainer.precision={precision}",
+        "trainer.grad_clip=1.0",
+        "scheduler=none",
+    )
     assert summary["status"] == "completed"
     losses = [float(r["train_loss"]) for r in rows(tmp_path)]
     assert losses[1] < losses[0] < 3  # finite and learning
@@ -196,7 +226,7 @@ def test_batched_crop_gives_exactly_torchvisions_crops(mode):
     crops = {(top, left) for top in range(5) for left in range(5)}
     seen = set()
     for image, result in zip(padded, out):
-        matches = [(t, l) for t, l in crops if torch.equal(image[:, t : t + 8, l : l + 8], result)]
+        matches = [(top, left) for top, left in crops if torch.equal(image[:, top : top + 8, left : left + 8], result)]
         assert matches, "not a crop torchvision could have made"
         seen.add(matches[0])
     assert len(seen) > 10  # offsets vary per image
@@ -210,9 +240,11 @@ def test_batched_translate_and_flips():
     shifts = set()
     for result in out:
         found = [
-            (dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+            (dy, dx)
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
             if torch.equal(result, F.affine(images[0], angle=0.0, translate=[dx, dy], scale=1.0, shear=[0.0, 0.0]))
-        ]  # fmt: skip
+        ]
         assert found
         shifts.add(found[0])
     assert len(shifts) == 9
@@ -244,12 +276,20 @@ def test_on_device_batches_match_the_loader_path():
 
 
 def test_on_device_training_and_cross_validation(tmp_path):
-    args = ["model=cnn", "model.width=8", "data.on_device=true", "augmentation=basic", "optimizer=adam",
-            "optimizer.lr=0.01", "scheduler=none"]  # fmt: skip
+    args = [
+        "model=cnn",
+        "model.width=8",
+        "data.on_device=true",
+        "augmentation=basic",
+        "optimizer=adam",
+        "optimizer.lr=0.01",
+        "scheduler=none",
+    ]
     summary = run_in_process(tmp_path / "train", *args, "trainer.epochs=3")
     assert summary["test_acc"] > 0.6
-    summary = run_in_process(tmp_path / "cv", *args, "trainer.epochs=1", "cv.folds=2", "cv.refit=false",
-                             "data.limit_samples=100")  # fmt: skip
+    summary = run_in_process(
+        tmp_path / "cv", *args, "trainer.epochs=1", "cv.folds=2", "cv.refit=false", "data.limit_samples=100"
+    )
     assert len(summary["cv"]["scores"]) == 2
 
 
@@ -262,8 +302,15 @@ def test_on_device_refuses_unbatched_augmentation(tmp_path):
 def test_compiled_training_keeps_plain_checkpoints(tmp_path):
     """trainer.compile trains a compiled module (its first epoch includes compiling: minutes on a small CPU);
     checkpoints hold the eager model's plain keys, which load anywhere."""
-    summary = run_in_process(tmp_path, "model=cnn", "model.width=8", "data.limit_samples=128", "trainer.epochs=2",
-                             "trainer.compile=true", "scheduler=none")  # fmt: skip
+    summary = run_in_process(
+        tmp_path,
+        "model=cnn",
+        "model.width=8",
+        "data.limit_samples=128",
+        "trainer.epochs=2",
+        "trainer.compile=true",
+        "scheduler=none",
+    )
     assert summary["status"] == "completed"
     keys = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)["model"]
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in keys)

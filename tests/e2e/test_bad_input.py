@@ -1,0 +1,217 @@
+"""Bad input through the `shelltrain` command line: every case exits non-zero with one clear line (asserted
+word for word where it matters) and leaves no run directory behind.
+
+Each case is a process of its own, forked from a server that has imported torch already (conftest's
+shelltrain_forked); test_cli runs the acceptance cases through a fresh interpreter. The data and checkpoint
+cases use tiny files made here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import shelltrain_forked
+from fixtures_data import make_imagefolder
+
+from shelltrain.models import SmallCNN
+
+CPU = ["trainer.device=cpu", "data.num_workers=0"]
+FOLDER = ["data=imagefolder", "data.image_size=8", *CPU]
+
+# (id, arguments ({root} is the fixture folder), what the one error line must contain)
+CASES = [
+    # typos, unknown options and groups
+    ("typo-key", ["trainer.epoch=3"], "unknown key 'trainer.epoch' (did you mean 'trainer.epochs'?)"),
+    ("typo-group", ["optimzer=adam"], "'optimzer' is not a config group (did you mean 'optimizer'?)"),
+    (
+        "unknown-model",
+        ["model=resnet1800"],
+        "model=resnet1800: no such option (did you mean 'resnet18'?). Available model options: cnn,",
+    ),
+    ("unknown-scheduler", ["scheduler=cosin"], "scheduler=cosin: no such option (did you mean 'cosine'?)"),
+    (
+        "unknown-dataset",
+        ["data=imagenet"],
+        "data=imagenet: no such option (did you mean 'imagefolder'?). Available data options: cifar10, cifar100, digits,",
+    ),
+    ("unparsable", ["trainer.epochs=[1,"], "could not parse the override: no viable alternative at input '[1,'"),
+    # wrong types
+    ("epochs-not-int", ["trainer.epochs=abc"], "trainer.epochs='abc' has the wrong type"),
+    (
+        "batch-size-float",
+        ["data.batch_size=1.5"],
+        "data.batch_size=1.5 has the wrong type; Value '1.5' of type 'float' could not be converted to Integer",
+    ),
+    (
+        "bool-not-bool",
+        ["trainer.deterministic=maybe"],
+        "trainer.deterministic='maybe' has the wrong type; Value 'maybe' is not a valid bool",
+    ),
+    # out of range
+    ("negative-epochs", ["trainer.epochs=-1"], "trainer.epochs=-1 is out of range; it must be >= 0"),
+    ("negative-lr", ["optimizer.lr=-0.1"], "optimizer.lr=-0.1 is invalid; the learning rate must be a number > 0"),
+    ("zero-lr", ["optimizer.lr=0"], "optimizer.lr=0 is invalid; the learning rate must be a number > 0"),
+    ("batch-size-0", ["data.batch_size=0"], "data.batch_size=0 is out of range; it must be >= 1"),
+    ("image-size-0", ["data.image_size=0"], "data.image_size=0 is out of range; it must be >= 1"),
+    (
+        "fractions-sum",
+        ["data.val_fraction=0.5", "data.test_fraction=0.5"],
+        "data.val_fraction + data.test_fraction = 1 leaves no training data",
+    ),
+    ("fraction-range", ["data.test_fraction=1.2"], "data.test_fraction=1.2 is out of range; use a fraction in [0, 1)"),
+    (
+        "label-smoothing",
+        ["trainer.label_smoothing=1.5"],
+        "trainer.label_smoothing=1.5 is out of range; use a value in [0, 1)",
+    ),
+    ("precision", ["trainer.precision=fp8"], "trainer.precision='fp8' is invalid; choose one of 32, bf16, 16-mixed"),
+    ("device", ["trainer.device=tpu"], "trainer.device='tpu' is invalid; use auto, cpu, cuda or cuda:N"),
+    ("channels", ["data.channels=2"], "data.channels=2 is invalid; choose one of 1, 3"),
+    (
+        "checkpoint-every",
+        ["trainer.checkpoint_every_n_steps=-1"],
+        "trainer.checkpoint_every_n_steps=-1 is out of range; it must be >= 0",
+    ),
+    (
+        "keep-checkpoints",
+        ["trainer.keep_checkpoints=-2"],
+        "trainer.keep_checkpoints=-2 is out of range; it must be >= 0",
+    ),
+    ("mixup-alpha", ["augmentation.mixup_alpha=-1"], "augmentation.mixup_alpha=-1.0 is out of range; it must be >= 0"),
+    (
+        "synthetic-classes",
+        ["data=synthetic", "data.num_classes=1"],
+        "data.num_classes=1 is out of range; data=synthetic needs at least 2",
+    ),
+    # where the output goes
+    (
+        "output-dir-not-a-dir",
+        ["hydra.run.dir={root}/a-file/run"],
+        "cannot create or write '{root}/a-file/run': Not a directory; choose a writable place for the run directory with hydra.run.dir=DIR",
+    ),
+    # data
+    (
+        "no-data-root",
+        ["data=imagefolder", *CPU],
+        "data.root: not set; set data.root to a folder holding an image folder",
+    ),
+    (
+        "folder-missing",
+        [*FOLDER, "data.root={root}/nowhere"],
+        "data.root: '{root}/nowhere' does not exist; point data.root at a folder laid out as train/<class>/<image>",
+    ),
+    (
+        "folder-without-train",
+        [*FOLDER, "data.root={root}/empty/train"],
+        "data.root: '{root}/empty/train' has no train/ folder; lay the images out as {root}/empty/train/train/<class>/<image>",
+    ),
+    (
+        "cifar-missing",
+        ["data=cifar10", "data.root=relative/nowhere"],
+        "data.root: '{cwd}/relative/nowhere' does not exist; point data.root at a folder holding CIFAR-10 or set data.download=true",
+    ),
+    ("folder-empty-classes", [*FOLDER, "data.root={root}/empty"], "data.root: no images in '{root}/empty/train'"),
+    (
+        "truncated-png",
+        [*FOLDER, "data.root={root}/truncated"],
+        "data.root: '{root}/truncated/train/cat/0.png' is not a readable image",
+    ),
+    (
+        "not-an-image",
+        [*FOLDER, "data.root={root}/text"],
+        "data.root: '{root}/text/train/dog/notes.png' is not a readable image",
+    ),
+    (
+        "one-class",
+        [*FOLDER, "data.root={root}/one-class"],
+        "data.root: '{root}/one-class/train' holds one class folder ['cat']; a classifier needs at least two classes",
+    ),
+    # checkpoints
+    (
+        "resume-missing",
+        ["trainer.resume={root}/nowhere.pt"],
+        "trainer.resume: '{root}/nowhere.pt' does not exist; give a checkpoint file, a run directory or auto",
+    ),
+    (
+        "resume-not-a-run",
+        ["trainer.resume={root}/empty", *CPU],
+        "trainer.resume: '{root}/empty' holds no checkpoints/last.pt, so it is not a shelltrain run directory",
+    ),
+    (
+        "other-architecture",
+        ["model=cnn", "model.width=8", "trainer.resume={root}/width4.pt", *CPU],
+        "checkpoint '{root}/width4.pt' does not match the configured model (it was trained with model=cnn model.width=4): shapes differ: features.0.weight (4, 1, 3, 3) in the checkpoint vs (8, 1, 3, 3) in the model, features.1.weight (4,) in the checkpoint vs (8,) in the model, features.1.bias (4,) in the checkpoint vs (8,) in the model and 13 more. Resume with the model settings it was trained with",
+    ),
+    (
+        "corrupt-checkpoint",
+        ["trainer.resume={root}/random.pt", *CPU],
+        "checkpoint '{root}/random.pt' cannot be loaded safely (corrupt, truncated or not a shelltrain checkpoint): it is not a complete PyTorch archive (16384 bytes; truncated, or not written by torch.save)",
+    ),
+    (
+        "truncated-checkpoint",
+        ["trainer.resume={root}/truncated.pt", *CPU],
+        "checkpoint '{root}/truncated.pt' cannot be loaded safely (corrupt, truncated or not a shelltrain checkpoint): it is not a complete PyTorch archive",
+    ),
+    (
+        "bare-state-dict",
+        ["trainer.resume={root}/state_dict.pt", *CPU],
+        "checkpoint '{root}/state_dict.pt' is not a shelltrain checkpoint: it holds a dict with keys features.0.weight, features.1.weight, features.1.bias and 17 more, not a 'model' state dict",
+    ),
+    (
+        "pickled-object",
+        ["trainer.resume={root}/pickled.pt", *CPU],
+        "checkpoint '{root}/pickled.pt' cannot be loaded safely (corrupt, truncated or not a shelltrain checkpoint): it holds a pickled Python object (test_bad_input.Unsafe), which a weights-only load refuses to run",
+    ),
+]
+
+
+class Unsafe:
+    """Not a tensor, number, string, list or dict: a weights_only load refuses to build it."""
+
+
+def make_inputs(root: Path) -> None:
+    (root / "a-file").write_text("not a directory\n")
+    (root / "empty" / "train" / "cat").mkdir(parents=True)
+    (root / "empty" / "train" / "dog").mkdir(parents=True)
+    make_imagefolder(root / "truncated", classes=("cat", "dog"), per_class=3, size=(8, 8))
+    png = root / "truncated" / "train" / "cat" / "0.png"
+    png.write_bytes(png.read_bytes()[:30])
+    make_imagefolder(root / "text", classes=("cat", "dog"), per_class=3, size=(8, 8))
+    (root / "text" / "train" / "dog" / "notes.png").write_text("this is not an image\n")
+    make_imagefolder(root / "one-class", classes=("cat",), per_class=3, size=(8, 8))
+
+    model = SmallCNN(10, 1, width=4).state_dict()
+    payload = {"model": model, "epoch": 1, "step": 10, "config": {"model": {"name": "cnn", "width": 4}}}
+    torch.save(payload, root / "width4.pt")
+    whole = (root / "width4.pt").read_bytes()
+    (root / "truncated.pt").write_bytes(whole[: len(whole) // 2])
+    (root / "random.pt").write_bytes(bytes(range(256)) * 64)
+    torch.save(model, root / "state_dict.pt")
+    torch.save({"model": Unsafe()}, root / "pickled.pt")  # a real torch.save archive holding an object
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("inputs")
+    make_inputs(root)
+    return root
+
+
+def test_there_are_enough_cases():
+    assert len(CASES) >= 25 and len({name for name, _, _ in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("name, args, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line_and_leaves_nothing_behind(root, tmp_path, name, args, expected):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    result = shelltrain_forked(*[a.format(root=root) for a in args], cwd=cwd, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("shelltrain: error: "), lines[0]
+    assert expected.format(root=root, cwd=cwd) in lines[0], lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert list(cwd.iterdir()) == []  # no outputs/, no half-made run directory
+    assert not (root / "a-file" / "run").exists()
