@@ -190,12 +190,18 @@ def test_unstructured_hierarchical_and_adaptive_report_their_choices(tmp_path):
         "prune.amount=0.9",
         "prune.max_acc_drop=0.02",
     )
-    details = json.loads((tmp_path / "a/prune.json").read_text())["details"]
+    adaptive = json.loads((tmp_path / "a/prune.json").read_text())
+    details = adaptive["details"]
     assert set(details["sensitivity"]) == {"features.0", "features.4", "features.8", "classifier.2"}
-    assert details["joint_checks"][-1]["val_drop"] <= 0.02 or not any(details["amounts"].values())
+    # the outcome: pruned to the chosen amounts, the validation accuracy right after pruning kept within budget
+    accuracy = adaptive["accuracy"]
+    assert accuracy["before"]["val"] - accuracy["pruned"]["val"] <= 0.02
+    state = load_best(tmp_path / "a")["model"]
     for layer, amount in details["amounts"].items():
-        if amount:  # chosen only where pruning that layer alone stayed within the budget
-            assert details["sensitivity"][layer][f"{amount:g}"] <= 0.02
+        weight = state[f"{layer}.weight"]
+        zeros = int((weight == 0).sum())
+        assert amount * weight.numel() - 1 <= zeros <= amount * weight.numel() + 1, (layer, amount)
+    assert any(details["amounts"].values())  # this CNN has room to prune within a 2-point budget
 
 
 @pytest.mark.slow
