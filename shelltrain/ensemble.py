@@ -35,8 +35,7 @@ from shelltrain.engine import TrainSettings, metrics_from_logits, monitor_mode, 
 from shelltrain.errors import UserError
 from shelltrain.metrics import confusion_matrix
 from shelltrain.models import count_parameters
-from shelltrain.prune import eval_settings
-from shelltrain.quantize import is_quantized, quiet
+from shelltrain.prune.quantize import eval_settings, is_quantized, quiet
 from shelltrain.report import say
 from shelltrain.rundir import ENSEMBLE_REPORT, MEMBERS, best_checkpoint, ensemble_dir, last_checkpoint, write_json
 from shelltrain.schema import ENSEMBLE_RULES, validate

@@ -18,7 +18,7 @@ from torch import nn
 from shelltrain.checkpoint import load_checkpoint
 from shelltrain.errors import UserError
 from shelltrain.models import build_model
-from shelltrain.quantize import quiet
+from shelltrain.prune.quantize import quiet
 from shelltrain.rundir import ensemble_dir
 from shelltrain.transfer import checkpoint_source, rebuild_architecture
 

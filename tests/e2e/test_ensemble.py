@@ -24,7 +24,7 @@ from shelltrain.ensemble import (
 )
 from shelltrain.errors import UserError
 from shelltrain.models import SmallCNN, count_parameters
-from shelltrain.quantize import is_quantized
+from shelltrain.prune.quantize import is_quantized
 from shelltrain.trained import load_trained_model
 
 # Small and quick, but members good enough (~0.8) that fusing them means something. One thread: on a

@@ -16,8 +16,10 @@ from shelltrain.data import build_data
 from shelltrain.engine import evaluate
 from shelltrain.errors import UserError
 from shelltrain.models import build_model
-from shelltrain.prune import LatencySpec, layer_weights, measure_latency, rebuild, removable_blocks, sparsity
-from shelltrain.quantize import quiet
+from shelltrain.prune import rebuild
+from shelltrain.prune.layer import removable_blocks
+from shelltrain.prune.measure import LatencySpec, layer_weights, measure_latency, sparsity
+from shelltrain.prune.quantize import quiet
 from shelltrain.runner import train_settings
 from shelltrain.schema import validate
 
