@@ -16,6 +16,7 @@ from shelltrain.prune.context import (
     Outcome,
     layer_groups,
     prunable_layers,
+    ramp,
     sensitivity_search,
 )
 from shelltrain.prune.measure import torch_pruning
