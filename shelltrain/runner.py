@@ -48,6 +48,7 @@ from shelltrain.engine import (
     predict,
 )
 from shelltrain.errors import Interrupted, UserError
+from shelltrain.finetune import make_policy, transfer_log, transfer_summary
 from shelltrain.loggers import build_loggers
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
 from shelltrain.models import build_model, count_parameters, materialize_lazy
@@ -59,7 +60,7 @@ from shelltrain.prune.report import summary_keys, write_report
 from shelltrain.report import ConsoleProgress, make_console, say, summary_table
 from shelltrain.rundir import BEST, DISK_FULL, LAST, NOT_WRITABLE, disk_error, write_atomic, write_json
 from shelltrain.schema import uses_ensemble
-from shelltrain.transfer import follow_weights, load_weights, make_policy, open_weights, transfer_log, transfer_summary
+from shelltrain.transfer import follow_weights, load_weights, open_weights
 
 log = logging.getLogger("shelltrain")
 

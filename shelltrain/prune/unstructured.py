@@ -83,7 +83,7 @@ def _mask(ctx: Context, layers: list[tuple[str, nn.Module]], target: float, loca
     total = sum(m.weight.numel() for _, m in layers)
     count = _at_least_share(target, total) - sum(_masked(m) for _, m in layers)
     if count > 0:
-        torch_prune.globalunstructured(
+        torch_prune.global_unstructured(
             [(m, "weight") for _, m in layers],
             pruning_method=pruning,
             amount=count,
