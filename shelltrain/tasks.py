@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from shelltrain.data import DataBundle, FileImages, build_data, to_float_transforms
+from shelltrain.data import DataBundle, FileImages, build_data
+from shelltrain.data.transforms import to_float_transforms
 from shelltrain.engine import TrainSettings, predict
 from shelltrain.errors import UserError
 from shelltrain.export import FORMATS, INSTALL_HINT, export_model, run_exported
