@@ -164,7 +164,7 @@ def write_csv(rows: Sequence[JobRow], root: Path, path: Path) -> list[str]:
 
 
 def plot(rows: Sequence[JobRow], path: Path) -> Path:
-    """sweep.png beside summary.csv: test accuracy against each swept parameter."""
+    """sweep.png beside summary.csv: test accuracy against each swept parameter (runs without one are left out)."""
     from shelltrain.plots import plot_sweep
 
     records = [{**_split_overrides(r.overrides), "test_acc": r.summary.get("test_acc")} for r in rows]
@@ -243,7 +243,7 @@ def summarize(root: Path, console: Any = None, write: bool = True) -> Outcome:
     csv_path = root / rundir.SWEEP_SUMMARY if write else None
     if csv_path is not None:
         write_csv(rows, root, csv_path)
-        if any(r.plots for r in rows):
+        if any(r.plots for r in rows) and any(_number(r.summary.get("test_acc")) is not None for r in rows):
             plot(rows, root / rundir.SWEEP_PLOT)
     console.print(table(rows, title=f"shelltrain sweep: {root}"))
     best = ranked(rows)[0]

@@ -108,8 +108,11 @@ def test_magnitude_checkpoint_holds_exactly_the_reported_sparsity(tmp_path):
 
 
 def test_iterative_magnitude_reaches_the_target_in_steps(tmp_path):
-    run_in_process(tmp_path, *CNN, "prune=magnitude", "prune.amount=0.9", "prune.schedule=iterative", "prune.steps=3")
+    run_in_process(
+        tmp_path, *CNN, "prune=magnitude", "prune.amount=0.9", "prune.schedule=iterative", "prune.steps=3", "plots=true"
+    )
     report = json.loads((tmp_path / "prune.json").read_text())
+    assert (tmp_path / "plots/prune_tradeoff.png").stat().st_size > 0  # accuracy vs size and latency, per step
     assert [r["target"] for r in report["rounds"]] == pytest.approx([0.3, 0.6, 0.9])
     assert [round(r["sparsity"], 3) for r in report["rounds"]] == [0.3, 0.6, 0.9]
     assert 0.9 <= checkpoint_sparsity(load_best(tmp_path)["model"]) < 0.9001
