@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from shelltrain.engine import TrainSettings
-from shelltrain.ensemble import member_logits
+from shelltrain.fusion import member_logits
 from shelltrain.models import build_model
 
 

@@ -31,8 +31,9 @@ from shelltrain.checkpoint import load_checkpoint
 from shelltrain.data import build_data
 from shelltrain.engine import TrainState, evaluate
 from shelltrain.models import build_model, materialize_lazy
-from shelltrain.prune import rebuild, sparsity
-from shelltrain.quantize import quiet
+from shelltrain.prune import rebuild
+from shelltrain.prune.measure import sparsity
+from shelltrain.prune.quantize import quiet
 from shelltrain.report import make_console
 from shelltrain.runner import prune_stage, run, seed_everything, train_settings
 

@@ -8,10 +8,13 @@ are never touched, so shelltrain used as a library leaves a notebook's plotting 
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from shelltrain import rundir
 
 if TYPE_CHECKING:  # torch is not imported here: a sweep summary can draw without it
     import torch
@@ -31,8 +34,8 @@ def write_run_plots(
     """plots/curves.png (when any epoch ran) and plots/confusion_matrix.png; returns the files written."""
     written = []
     if history:
-        written.append(plot_curves(history, run_dir / "plots" / "curves.png", best_epoch))
-    written.append(plot_confusion_matrix(confusion, classes, run_dir / "plots" / "confusion_matrix.png"))
+        written.append(plot_curves(history, Path(run_dir) / rundir.PLOTS / "curves.png", best_epoch))
+    written.append(plot_confusion_matrix(confusion, classes, Path(run_dir) / rundir.PLOTS / "confusion_matrix.png"))
     return written
 
 
@@ -194,12 +197,10 @@ def _figure(rows: int, columns: int, width: float, height: float) -> tuple[Any, 
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    tmp.replace(path)
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format="png")
+    rundir.write_atomic(buffer.getvalue(), Path(path))
+    return Path(path)
 
 
 def _number(value: Any) -> float | None:

@@ -14,7 +14,7 @@ A run directory::
     summary.json            headline figures and one section per stage
     prune.json, ensemble.json, plots/, members/<i>/, cv/fold_<k>/, error.log
 
-A sweep directory holds one run directory per job (0/, 1/, ...) and summary.csv.
+A sweep directory holds one run directory per job (0/, 1/, ...), summary.csv and sweep.png.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ MEMBERS = "members"  # an ensemble run's trained members, one sub-run each
 CV = "cv"  # cross-validation folds, one sub-run each
 ERROR_LOG = "error.log"  # a failed sweep job's traceback
 SWEEP_SUMMARY = "summary.csv"
+SWEEP_PLOT = "sweep.png"  # the score against each swept parameter
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)

@@ -48,17 +48,19 @@ from shelltrain.engine import (
     predict,
 )
 from shelltrain.errors import Interrupted, UserError
+from shelltrain.finetune import make_policy, transfer_log, transfer_summary
 from shelltrain.loggers import build_loggers
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
 from shelltrain.models import build_model, count_parameters, materialize_lazy
 from shelltrain.optim import build_optimizer, build_scheduler
 from shelltrain.plots import plot_members, write_run_plots
-from shelltrain.prune import PruneResult, eval_settings, preflight, prune_model, summary_keys
-from shelltrain.quantize import quiet
+from shelltrain.prune import PruneResult, preflight, prune_model
+from shelltrain.prune.quantize import eval_settings, quiet
+from shelltrain.prune.report import summary_keys, write_report
 from shelltrain.report import ConsoleProgress, make_console, say, summary_table
 from shelltrain.rundir import BEST, DISK_FULL, LAST, NOT_WRITABLE, disk_error, write_atomic, write_json
 from shelltrain.schema import uses_ensemble
-from shelltrain.transfer import follow_weights, load_weights, make_policy, open_weights, transfer_log, transfer_summary
+from shelltrain.transfer import follow_weights, load_weights, open_weights
 
 log = logging.getLogger("shelltrain")
 
@@ -248,7 +250,7 @@ def train_and_test(
         pruned = prune_stage(cfg, model, data, settings, state, checkpoints, extra, console)
         model = pruned.model
         settings = eval_settings(model, settings)  # int8 models run on the CPU
-        write_json(pruned.report, run_dir / "prune.json")
+        write_report(pruned.report, run_dir, cfg.get("plots", True))
     logits, targets = predict(model, data.test, settings, limit=cfg.trainer.limit_test_batches)
     confusion = confusion_matrix(logits, targets, data.num_classes)
 

@@ -73,6 +73,7 @@ class DataSchema:
     classes: Optional[list[Any]] = None
     samples_per_class: Optional[int] = None
     on_device: bool = False
+    source: Optional[Any] = None  # a _target_ returning (splits, classes): a user's dataset
 
 
 @dataclass
@@ -250,7 +251,8 @@ def check_data(node: DictConfig, files: bool = True) -> None:
     """The data group's checks, and with `files` that data.root is there, so that a mistyped path is named before
     torch is imported. build_data() runs them too, for callers that skip validate()."""
     data = _typed(node, DataSchema, "data")
-    _one_of("data.name", data.name, DATASETS)
+    if data.source is None:
+        _one_of("data.name", data.name, DATASETS)
     if data.image_size is not None:
         _at_least("data.image_size", data.image_size, 1)
     _at_least("data.batch_size", data.batch_size, 1)
@@ -287,7 +289,7 @@ def check_data(node: DictConfig, files: bool = True) -> None:
             value = getattr(data, key)
             if value is None or value < 2:
                 raise UserError(f"data.{key}={value} is out of range; data=synthetic needs at least 2")
-    if files and (data.name in DATASET_FILES or data.name == "imagefolder"):
+    if files and data.source is None and (data.name in DATASET_FILES or data.name == "imagefolder"):
         _check_data_root(node)
 
 

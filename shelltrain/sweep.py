@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
+import io
 import math
 import sys
 from collections.abc import Iterable, Sequence
@@ -25,11 +25,12 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from shelltrain import rundir
+
 # Exit codes shared with the CLI (documented in README "Using shelltrain in CI").
 EXIT_GATE_FAILED = 3
 EXIT_JOBS_FAILED = 4
 
-SUMMARY_CSV = "summary.csv"
 # Headline keys of summary.json copied into the table (when any run has them), in this order.
 METRICS = ["test_acc", "test_loss", "best_val_acc", "best_val_loss", "best_epoch", "epochs_completed", "params"]
 
@@ -45,6 +46,7 @@ class JobRow:
     monitor: str
     summary: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    plots: bool = True  # the job's `plots` option
 
     @property
     def score(self) -> float | None:
@@ -66,15 +68,15 @@ class JobRow:
 def find_runs(root: Path) -> list[Path]:
     """Run dirs under `root` (or `root` itself): every folder holding the `.hydra/` Hydra wrote for its job."""
     root = Path(root)
-    if (root / ".hydra").is_dir():
+    if (root / rundir.HYDRA).is_dir():
         return [root]
-    found = [p.parent for p in root.rglob(".hydra") if p.is_dir() and ".submitit" not in p.parts]
+    found = [p.parent for p in root.rglob(rundir.HYDRA) if p.is_dir() and ".submitit" not in p.parts]
     return sorted(found, key=lambda p: (str(p.parent), _job_sort_key(p.name)))
 
 
 def read_run(run_dir: Path) -> JobRow:
-    hydra_dir = run_dir / ".hydra"
-    overrides = _load_yaml_list(hydra_dir / "overrides.yaml")
+    hydra_dir = run_dir / rundir.HYDRA
+    overrides = _load_yaml_list(run_dir / rundir.OVERRIDES)
     job = None
     hydra_yaml = _load_yaml(hydra_dir / "hydra.yaml")
     if hydra_yaml is not None:
@@ -82,19 +84,20 @@ def read_run(run_dir: Path) -> JobRow:
     if not isinstance(job, int):
         job = int(run_dir.name) if run_dir.name.isdigit() else None
     config = _load_yaml(hydra_dir / "config.yaml")
-    monitor = "val_acc"
+    monitor, plots = "val_acc", True
     if config is not None:
         monitor = str(OmegaConf.select(config, "trainer.monitor", default="val_acc", throw_on_missing=False))
+        plots = OmegaConf.select(config, "plots", default=True, throw_on_missing=False) is not False
     summary: dict[str, Any] = {}
     status, error = "incomplete", "no summary.json: still running, or killed before it could record anything"
-    path = run_dir / "summary.json"
+    path = rundir.summary(run_dir)
     if path.is_file():
         try:
-            summary = json.loads(path.read_text())
+            summary = rundir.read_json(path)
             status, error = str(summary.get("status", "unknown")), str(summary.get("error") or "")
         except (OSError, ValueError) as exc:
             status, error = "unreadable", f"summary.json cannot be read ({exc})"
-    return JobRow(run_dir, job, overrides, status, monitor, summary, error)
+    return JobRow(run_dir, job, overrides, status, monitor, summary, error, plots)
 
 
 def collect(root: Path) -> list[JobRow]:
@@ -132,33 +135,40 @@ def write_csv(rows: Sequence[JobRow], root: Path, path: Path) -> list[str]:
     columns += ["gates"] if has_gates else []
     columns += ["wall_seconds", "error"]
     ordered = sorted(rows, key=lambda r: (r.job is None, r.job or 0, str(r.run_dir)))
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in ordered:
-            split = _split_overrides(row.overrides)
-            record: dict[str, Any] = {
-                "job": "" if row.job is None else row.job,
-                "run_dir": _relative(row.run_dir, root),
-                "overrides": " ".join(row.overrides),
-                **{k: split.get(k, "") for k in keys},
-                "status": row.status,
-                "rank": ranks.get(id(row), ""),
-                "monitor": row.monitor,
-                "score": _raw(row.score),
-                **{m: _raw(row.summary.get(m)) for m in METRICS},
-                "wall_seconds": _raw(row.summary.get("wall_seconds")),
-                "error": row.error,
-            }
-            if has_cv:
-                cv = row.summary.get("cv") if isinstance(row.summary.get("cv"), dict) else {}
-                record.update(cv_mean=_raw(cv.get("mean")), cv_std=_raw(cv.get("std")))
-            if has_gates:
-                record["gates"] = _gates_text(row)
-            writer.writerow(record)
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    for row in ordered:
+        split = _split_overrides(row.overrides)
+        record: dict[str, Any] = {
+            "job": "" if row.job is None else row.job,
+            "run_dir": _relative(row.run_dir, root),
+            "overrides": " ".join(row.overrides),
+            **{k: split.get(k, "") for k in keys},
+            "status": row.status,
+            "rank": ranks.get(id(row), ""),
+            "monitor": row.monitor,
+            "score": _raw(row.score),
+            **{m: _raw(row.summary.get(m)) for m in METRICS},
+            "wall_seconds": _raw(row.summary.get("wall_seconds")),
+            "error": row.error,
+        }
+        if has_cv:
+            cv = row.summary.get("cv") if isinstance(row.summary.get("cv"), dict) else {}
+            record.update(cv_mean=_raw(cv.get("mean")), cv_std=_raw(cv.get("std")))
+        if has_gates:
+            record["gates"] = _gates_text(row)
+        writer.writerow(record)
+    rundir.write_text(text.getvalue(), path)
     return columns
+
+
+def plot(rows: Sequence[JobRow], path: Path) -> Path:
+    """sweep.png beside summary.csv: test accuracy against each swept parameter (runs without one are left out)."""
+    from shelltrain.plots import plot_sweep
+
+    records = [{**_split_overrides(r.overrides), "test_acc": r.summary.get("test_acc")} for r in rows]
+    return plot_sweep(records, path, swept_keys(rows), metric="test_acc")
 
 
 def table(rows: Sequence[JobRow], title: str) -> Any:
@@ -230,9 +240,11 @@ def summarize(root: Path, console: Any = None, write: bool = True) -> Outcome:
     if not rows:
         console.print(f"no runs found under {root} (a run dir holds .hydra/ and summary.json)")
         return Outcome(rows, None)
-    csv_path = root / SUMMARY_CSV if write else None
+    csv_path = root / rundir.SWEEP_SUMMARY if write else None
     if csv_path is not None:
         write_csv(rows, root, csv_path)
+        if any(r.plots for r in rows) and any(_number(r.summary.get("test_acc")) is not None for r in rows):
+            plot(rows, root / rundir.SWEEP_PLOT)
     console.print(table(rows, title=f"shelltrain sweep: {root}"))
     best = ranked(rows)[0]
     done = len(rows) - len([r for r in rows if r.failed])

@@ -22,7 +22,9 @@ from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from shelltrain.data import DataBundle, FileImages, build_data, to_float_transforms
+from shelltrain import rundir
+from shelltrain.data import DataBundle, FileImages, build_data
+from shelltrain.data.transforms import to_float_transforms
 from shelltrain.engine import TrainSettings, predict
 from shelltrain.errors import UserError
 from shelltrain.export import FORMATS, INSTALL_HINT, export_model, run_exported
@@ -52,7 +54,7 @@ def run_task(cfg: DictConfig, run_dir: Path, settings: TrainSettings, console: C
         "run_dir": str(run_dir),
         **{k: v for k, v in found.items() if isinstance(v, dict)},  # sections (per_class, ...) after the figures
     }
-    write_json(summary, run_dir / "summary.json")
+    write_json(summary, rundir.summary(run_dir))
     console.print(summary_table(summary))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
     return result
@@ -69,7 +71,7 @@ def evaluate_task(
     logits, targets = predict(model, loader, settings, limit=cfg.trainer.get(f"limit_{split}_batches"))
     confusion = confusion_matrix(logits, targets, data.num_classes)
     if cfg.get("plots", True):
-        plot_confusion_matrix(confusion, data.classes, run_dir / "plots" / "confusion_matrix.png", title=split)
+        plot_confusion_matrix(confusion, data.classes, run_dir / rundir.PLOTS / "confusion_matrix.png", title=split)
     metrics = split_metrics(logits, targets, settings, split)
     say(console, f"{cfg.data.name} {split}: {len(targets)} images, accuracy {metrics[f'{split}_acc']:.4f}")
     per_class = per_class_metrics(confusion, data.classes)

@@ -15,11 +15,11 @@ from hydra.utils import to_absolute_path
 from omegaconf import OmegaConf
 from torch import nn
 
+from shelltrain import rundir
 from shelltrain.checkpoint import load_checkpoint
 from shelltrain.errors import UserError
 from shelltrain.models import build_model
-from shelltrain.quantize import quiet
-from shelltrain.rundir import ensemble_dir
+from shelltrain.prune.quantize import quiet
 from shelltrain.transfer import checkpoint_source, rebuild_architecture
 
 
@@ -29,15 +29,15 @@ def load_trained_model(spec: str, key: str = "model.weights") -> tuple[nn.Module
     `key` is the config key that named it, for error messages."""
     path = Path(to_absolute_path(os.path.expanduser(spec)))
     if path.is_dir():
-        found = [path / "checkpoints" / name for name in ("best.pt", "last.pt")]
-        found = [p for p in found if p.is_file()]
+        found = [p for p in (rundir.best_checkpoint(path), rundir.last_checkpoint(path)) if p.is_file()]
         if not found:
             hint = (
                 "it is an ensemble run directory: evaluate it with trainer.epochs=0 model.weights=<it>"
-                if ensemble_dir(path) is not None
+                if rundir.ensemble_dir(path) is not None
                 else "give a run directory or a .pt file"
             )
-            raise UserError(f"{key}: '{path}' has no checkpoints/best.pt or last.pt; {hint}")
+            best = rundir.best_checkpoint(Path()).as_posix()
+            raise UserError(f"{key}: '{path}' has no {best} or {rundir.LAST}; {hint}")
         path = found[0]
     with quiet():  # an int8 checkpoint's tensors warn when loaded
         checkpoint = load_checkpoint(path)

@@ -12,19 +12,11 @@ import torchvision
 from conftest import run_in_process, shelltrain_forked
 
 from shelltrain.engine import TrainSettings
-from shelltrain.ensemble import (
-    _override_set,
-    accuracy_weights,
-    average,
-    fuse,
-    member_logits,
-    same_architecture,
-    vote,
-    weighted,
-)
 from shelltrain.errors import UserError
+from shelltrain.fusion import accuracy_weights, average, fuse, member_logits, same_architecture, vote, weighted
+from shelltrain.members import _override_set
 from shelltrain.models import SmallCNN, count_parameters
-from shelltrain.quantize import is_quantized
+from shelltrain.prune.quantize import is_quantized
 from shelltrain.trained import load_trained_model
 
 # Small and quick, but members good enough (~0.8) that fusing them means something. One thread: on a

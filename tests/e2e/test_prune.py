@@ -16,8 +16,10 @@ from shelltrain.data import build_data
 from shelltrain.engine import evaluate
 from shelltrain.errors import UserError
 from shelltrain.models import build_model
-from shelltrain.prune import LatencySpec, layer_weights, measure_latency, rebuild, removable_blocks, sparsity
-from shelltrain.quantize import quiet
+from shelltrain.prune import rebuild
+from shelltrain.prune.layer import removable_blocks
+from shelltrain.prune.measure import LatencySpec, layer_weights, measure_latency, sparsity
+from shelltrain.prune.quantize import quiet
 from shelltrain.runner import train_settings
 from shelltrain.schema import validate
 
@@ -106,8 +108,11 @@ def test_magnitude_checkpoint_holds_exactly_the_reported_sparsity(tmp_path):
 
 
 def test_iterative_magnitude_reaches_the_target_in_steps(tmp_path):
-    run_in_process(tmp_path, *CNN, "prune=magnitude", "prune.amount=0.9", "prune.schedule=iterative", "prune.steps=3")
+    run_in_process(
+        tmp_path, *CNN, "prune=magnitude", "prune.amount=0.9", "prune.schedule=iterative", "prune.steps=3", "plots=true"
+    )
     report = json.loads((tmp_path / "prune.json").read_text())
+    assert (tmp_path / "plots/prune_tradeoff.png").stat().st_size > 0  # accuracy vs size and latency, per step
     assert [r["target"] for r in report["rounds"]] == pytest.approx([0.3, 0.6, 0.9])
     assert [round(r["sparsity"], 3) for r in report["rounds"]] == [0.3, 0.6, 0.9]
     assert 0.9 <= checkpoint_sparsity(load_best(tmp_path)["model"]) < 0.9001

@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from shelltrain.data import build_data
-from shelltrain.device_data import DeviceBatches, Flip, Shift, batched_augmentations
+from shelltrain.data.device import DeviceBatches, Flip, Shift, batched_augmentations
 from shelltrain.engine import TrainSettings, evaluate
 from shelltrain.errors import UserError
 from shelltrain.models import build_model

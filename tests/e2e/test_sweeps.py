@@ -61,6 +61,7 @@ def test_sweep_writes_summary_csv_and_prints_the_table(tmp_path):
     assert scores == sorted(scores, reverse=True)  # rank 1 is the best val_acc
     assert "shelltrain sweep" in result.stdout and "4 runs: 4 completed" in result.stdout
     assert "optimizer.lr" in result.stdout  # the swept keys are the table's columns
+    assert not (tmp_path / "sweep/sweep.png").exists()  # every job said plots=false
 
 
 @pytest.mark.slow
@@ -126,6 +127,7 @@ def test_summarize_reads_finished_runs_from_disk(tmp_path, capsys):
     assert rows[2]["error"] == "boom" and "no summary.json" in rows[3]["error"]
     out = capsys.readouterr().out
     assert "4 runs: 2 completed, 2 failed" in out and "best: job 1" in out
+    assert (tmp_path / "sweep.png").stat().st_size > 0  # the score against trainer.seed, beside summary.csv
     # a loss is minimized; all completed -> exit 0
     loss_dir = tmp_path / "loss"
     _fake_run(loss_dir, 0, ["a=1"], {"status": "completed", "best_val_loss": 0.5}, monitor="val_loss")

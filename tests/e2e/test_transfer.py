@@ -15,9 +15,10 @@ from conftest import compose_config, run_in_process
 from shelltrain.data import build_data
 from shelltrain.engine import Callback, TrainSettings, fit
 from shelltrain.errors import UserError
+from shelltrain.finetune import FinetunePolicy, backbone_units
 from shelltrain.models import build_model
 from shelltrain.optim import build_optimizer, build_scheduler
-from shelltrain.transfer import FinetunePolicy, backbone_units, load_weights, open_weights
+from shelltrain.transfer import load_weights, open_weights
 
 CNN = ["model=cnn", "model.width=8", "scheduler=none"]
 

@@ -22,15 +22,16 @@ import contextlib
 import copy
 import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
-MODES = ("auto", "static", "dynamic", "fake")
-BACKENDS = ("x86", "fbgemm", "qnnpack")
+from shelltrain.engine import TrainSettings
+from shelltrain.errors import UserError
 
-# What torch.ao and quantized tensors say on every call, and nothing else.
 _NOISE = (
     r"(?s).*torch\.ao\.quantization is deprecated",
     r"(?s).*Please use quant_min and quant_max to specify the range",
@@ -64,6 +65,19 @@ def resolve_mode(mode: str, bits: int, arch: str | None) -> str:
     if bits < 8:
         return "fake"
     return "static" if static_available(arch) else "dynamic"
+
+
+def quantize_mode(cfg: DictConfig, arch: str | None) -> str:
+    mode = resolve_mode(cfg.mode, cfg.bits, arch)
+    if mode == "static" and not static_available(arch):
+        raise UserError(
+            "prune.mode=static needs a model torchvision ships a quantizable version of (resnet18, resnet50, "
+            f"mobilenet_v2, mobilenet_v3_large, ...), not {arch or 'a custom model'}; "
+            "use prune.mode=dynamic or fake"
+        )
+    if mode in ("static", "dynamic") and cfg.bits != 8:
+        raise UserError(f"prune.mode={mode} is int8 only; for prune.bits={cfg.bits} use prune.mode=fake")
+    return mode
 
 
 def static_int8(
@@ -126,6 +140,13 @@ def is_quantized(model: nn.Module) -> bool:
     return any(_is_quantized_module(m) for m in model.modules())
 
 
+def eval_settings(model: nn.Module, settings: TrainSettings) -> TrainSettings:
+    """Where `model` can be evaluated: quantized kernels run on the CPU only, in float32 around them."""
+    if is_quantized(model):
+        return replace(settings, device=torch.device("cpu"), precision="32")
+    return settings
+
+
 def quantized_weight(module: nn.Module) -> torch.Tensor | None:
     """The dequantized weight of a quantized conv/linear module, or None for any other module."""
     if not _is_quantized_module(module):
@@ -155,8 +176,6 @@ def _is_quantized_module(module: nn.Module) -> bool:
 def _set_engine(backend: str) -> None:
     supported = torch.backends.quantized.supported_engines
     if backend not in supported:
-        from shelltrain.errors import UserError
-
         raise UserError(
             f"prune.backend={backend!r} is not supported by this torch build; supported: {', '.join(supported)}"
         )

@@ -1,0 +1,279 @@
+"""Datasets and loaders for every `data` option.
+
+Each source (`sources.py`, `data.source` for a user's own) becomes uint8 C x H x W images of one square size with
+integer labels, split into train/val/test with `data.split_seed` (`splits.py`). Per sample, the train split runs
+the `augmentation.train` transforms on the uint8 image, then every split scales to float and normalizes
+(`transforms.py`); with `data.on_device` the splits live on the device and augment there in batches (`device.py`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from shelltrain import distributed
+from shelltrain.data.device import DeviceBatches, batched_augmentations
+from shelltrain.data.sources import imagefolder, in_memory, one_line
+from shelltrain.data.splits import budget, select_classes, split_indices
+from shelltrain.data.transforms import (
+    augmentations,
+    convert_channels,
+    dry_run,
+    mix_transform,
+    normalization_stats,
+    square,
+    to_float_transforms,
+)
+from shelltrain.errors import UserError
+from shelltrain.schema import check_data
+
+
+@dataclass
+class DataBundle:
+    """Loaders plus the facts the model (classes, channels, size) and reports (names, normalization) need."""
+
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader
+    num_classes: int
+    classes: list[str]
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class TensorImages(Dataset):
+    """uint8 N x C x S x S images held in memory, already at their final size, so a sample costs only its transform."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: v2.Transform | None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.images[index]), self.labels[index]
+
+
+class FileImages(Dataset):
+    """Image files decoded on access (folders may not fit in memory), converted to `mode` and made S x S."""
+
+    def __init__(
+        self, paths: list[str], labels: torch.Tensor, mode: str, size: int, transform: v2.Transform | None
+    ) -> None:
+        self.paths, self.labels, self.mode, self.size, self.transform = paths, labels, mode, size, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> torch.Tensor:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as image:
+                pixels = F.pil_to_tensor(image.convert(self.mode))
+        except OSError as e:  # verify() at build time cannot see every broken file (e.g. a truncated JPEG)
+            raise UserError(f"data.root: '{path}' cannot be decoded ({one_line(e)}); delete or replace it") from e
+        return square(pixels, self.size)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.load(index)), self.labels[index]
+
+
+class MixCollate:
+    """Collate, then MixUp/CutMix the batch into soft labels; it runs in the loader's (seeded) worker."""
+
+    def __init__(self, mix: v2.Transform) -> None:
+        self.mix = mix
+
+    def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mix(*default_collate(batch))
+
+
+def build_data(
+    data: DictConfig,
+    augmentation: DictConfig,
+    seed: int,
+    pin_memory: bool = False,
+    stats: tuple[list[float], list[float]] | None = None,
+    device: torch.device | None = None,
+) -> DataBundle:
+    """Load `data.name` (or `data.source`), split it, and wrap the splits in loaders.
+
+    `stats` (mean, std), e.g. pretrained weights' normalization, is used where data.mean/data.std are null, instead
+    of measuring them; 3-channel values for grey images are averaged.
+
+    The train loader shuffles with its own generator seeded by `seed`; reseeding it each epoch makes the order and
+    the worker seeds (hence augmentation and MixUp/CutMix) a function of (seed, epoch). Two exceptions: with
+    num_workers=0 the transforms draw from torch's global RNG, and persistent workers keep their first seeds.
+
+    Under DDP the train order comes from a DistributedSampler (seeded by `seed`, `set_epoch` every epoch) and the
+    validation split is sharded without repeats; the test split stays whole (rank 0 tests). With
+    `data.on_device=true` and a `device`, the splits become DeviceBatches on that device."""
+    check_data(data)
+    splits, classes, channels = _datasets(data)
+    # measured on raw images, so the transforms come after
+    mean, std = normalization_stats(data, channels, splits["train"], stats)
+    to_float = to_float_transforms(mean, std)
+    train_transforms = augmentations(augmentation)
+    splits["train"].transform = v2.Compose(train_transforms + to_float)
+    splits["val"].transform = splits["test"].transform = v2.Compose(to_float)
+    dry_run(splits["train"])
+
+    mix = mix_transform(augmentation, len(classes))
+    facts = dict(
+        num_classes=len(classes), classes=classes, in_channels=channels, image_size=data.image_size, mean=mean, std=std
+    )
+    if data.get("on_device") and device is not None:
+        if data.name == "imagefolder":
+            raise UserError(
+                "data.on_device=true holds in-memory datasets on the device; imagefolder reads image "
+                "files as it goes: use data.on_device=false (and data.num_workers) for it"
+            )
+        names = [str(node.get("_target_")).rsplit(".", 1)[-1] for node in augmentation.train]
+        batched = batched_augmentations(train_transforms, data.image_size, names)
+        return DataBundle(**_device_batches(data, splits, device, mean, std, batched, mix, seed), **facts)
+    return DataBundle(**_loaders(data, splits, pin_memory, mix, seed), **facts)
+
+
+def _datasets(data: DictConfig) -> tuple[dict[str, Dataset], list[str], int]:
+    """The train/val/test datasets (transforms still unset), the class names and the channel count."""
+    size = data.image_size
+    if data.name == "imagefolder" and data.get("source") is None:
+        sources, classes = imagefolder(data)
+        channels = data.channels or 3
+    else:
+        sources, classes = in_memory(data)
+        channels = data.channels or sources["train"][0].shape[1]
+    sources, classes = select_classes(sources, classes, data)
+    labels = {split: y for split, (_, y) in sources.items()}
+    splits: dict[str, Dataset] = {}
+    for split, (source, index) in split_indices(labels, data).items():
+        if split == "train" and data.get("samples_per_class") is not None:
+            index = budget(labels[source], index, data.samples_per_class, data.split_seed)
+        items, y = sources[source][0], labels[source][index]
+        if isinstance(items, list):  # image files
+            paths = [items[i] for i in index.tolist()]
+            splits[split] = FileImages(paths, y, "RGB" if channels == 3 else "L", size, None)
+        else:
+            splits[split] = TensorImages(convert_channels(square(items[index], size), channels).contiguous(), y, None)
+    return splits, classes, channels
+
+
+def _device_batches(
+    data: DictConfig,
+    splits: dict[str, Dataset],
+    device: torch.device,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    augment: list,
+    mix: v2.Transform | None,
+    seed: int,
+) -> dict[str, DeviceBatches]:
+    """The splits held on `device`, batched there (train shuffled, augmented and mixed in batches)."""
+    eval_batch_size = data.eval_batch_size or 2 * data.batch_size
+    on = {split: (splits[split].images.to(device), splits[split].labels.to(device)) for split in splits}
+    train = DeviceBatches(
+        splits["train"],
+        *on["train"],
+        data.batch_size,
+        mean,
+        std,
+        augment=augment,
+        mix=mix,
+        shuffle=True,
+        drop_last=data.drop_last,
+        seed=seed,
+    )
+    return {
+        "train": train,
+        "val": DeviceBatches(splits["val"], *on["val"], eval_batch_size, mean, std),
+        "test": DeviceBatches(splits["test"], *on["test"], eval_batch_size, mean, std),
+    }
+
+
+def _loaders(
+    data: DictConfig, splits: dict[str, Dataset], pin_memory: bool, mix: v2.Transform | None, seed: int
+) -> dict[str, DataLoader]:
+    """DataLoaders of the splits (a DistributedSampler for train and a shard of val under DDP)."""
+    eval_batch_size = data.eval_batch_size or 2 * data.batch_size
+    workers = data.num_workers
+    persistent = data.persistent_workers and workers > 0  # DataLoader rejects persistent_workers without workers
+    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=persistent)
+    sampler = val_sampler = None
+    if distributed.world_size() > 1:
+        sampler = DistributedSampler(
+            splits["train"],
+            distributed.world_size(),
+            distributed.rank(),
+            shuffle=True,
+            seed=seed,
+            drop_last=data.drop_last,
+        )
+        val_sampler = distributed.shard(len(splits["val"]))
+    train = DataLoader(
+        splits["train"],
+        batch_size=data.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(seed),
+        drop_last=data.drop_last,
+        collate_fn=MixCollate(mix) if mix is not None else None,
+        **common,
+    )
+    return {
+        "train": train,
+        "val": DataLoader(splits["val"], batch_size=eval_batch_size, sampler=val_sampler, **common),
+        "test": DataLoader(splits["test"], batch_size=eval_batch_size, **common),
+    }
+
+
+def cv_fold(bundle: DataBundle, folds: int, fold: int, seed: int) -> DataBundle:
+    """Fold `fold` of a stratified `folds`-fold split of the train split (scikit-learn's StratifiedKFold, shuffled
+    with `seed`): train on the other folds (augmented, as before) and validate on this one (un-augmented, like val).
+    The test split is unchanged."""
+    from sklearn.model_selection import StratifiedKFold
+
+    train_set = bundle.train.dataset
+    labels = train_set.labels.numpy()
+    try:
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        train_index, val_index = list(splitter.split(labels.reshape(-1, 1), labels))[fold]
+    except ValueError as e:  # more folds than images of some class / than images
+        raise UserError(f"cv.folds={folds}: {one_line(e)}; use fewer folds or more data") from e
+    if isinstance(bundle.train, DeviceBatches):
+        train, held = torch.from_numpy(train_index), torch.from_numpy(val_index)
+        return replace(
+            bundle,
+            train=bundle.train.subset(train, augmented=True, shuffle=True, batch_size=bundle.train.batch_size),
+            val=bundle.train.subset(held, augmented=False, shuffle=False, batch_size=bundle.val.batch_size),
+        )
+    held_out = copy.copy(train_set)
+    held_out.transform = bundle.val.dataset.transform
+    loader, val_loader = bundle.train, bundle.val
+    common = dict(
+        num_workers=loader.num_workers, pin_memory=loader.pin_memory, persistent_workers=loader.persistent_workers
+    )
+    return replace(
+        bundle,
+        train=DataLoader(
+            Subset(train_set, train_index.tolist()),
+            batch_size=loader.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(loader.generator.initial_seed()),
+            drop_last=loader.drop_last,
+            collate_fn=loader.collate_fn,
+            **common,
+        ),
+        val=DataLoader(Subset(held_out, val_index.tolist()), batch_size=val_loader.batch_size, **common),
+    )

@@ -1,0 +1,121 @@
+"""Per-image transforms: the square resize every source gets, the normalization statistics (configured, given by
+pretrained weights, or measured), the `augmentation.train` transforms and MixUp/CutMix."""
+
+from __future__ import annotations
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from shelltrain.data.sources import one_line
+from shelltrain.errors import UserError
+
+# Images drawn (seeded) from the train split to estimate mean/std when the config leaves them null.
+_STATS_SAMPLES = 1000
+
+
+def to_float_transforms(mean: tuple[float, ...], std: tuple[float, ...]) -> list[v2.Transform]:
+    """uint8 image -> normalized float: what every split ends with (and what prediction feeds a model)."""
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
+def square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Scale the shorter side to `size` (antialiased) and center-crop: square images just scale, others keep aspect."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.center_crop(F.resize(images, [size], antialias=True), [size, size])
+
+
+def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    if images.shape[-3] == channels:
+        return images
+    return F.grayscale_to_rgb(images) if channels == 3 else F.rgb_to_grayscale(images)
+
+
+def normalization_stats(
+    data: DictConfig, channels: int, train: Dataset, given: tuple[list[float], list[float]] | None = None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The configured mean/std (one value serves every channel), else `given` ones (fitted to the channels), else
+    per-channel ones measured on the train split."""
+    if (data.mean is None or data.std is None) and given is not None:
+        return _fit_channels(given[0], channels), _fit_channels(given[1], channels)
+    if data.mean is None or data.std is None:
+        return _measurestats(train, data.split_seed)
+    stats = []
+    for key in ("mean", "std"):
+        values = [float(v) for v in data[key]]
+        if len(values) not in (1, channels):
+            raise UserError(
+                f"data.{key}: {len(values)} values for {channels}-channel images; "
+                f"give {channels} (or 1) or set data.{key}=null to measure it on the train split"
+            )
+        stats.append(tuple(values * channels if len(values) == 1 else values))
+    if min(stats[1]) <= 0:
+        raise UserError(f"data.std: got {list(stats[1])}; every value must be > 0")
+    return stats[0], stats[1]
+
+
+def _fit_channels(values: list[float], channels: int) -> tuple[float, ...]:
+    values = [float(v) for v in values]
+    if len(values) == channels:
+        return tuple(values)
+    if len(values) == 1:
+        return tuple(values * channels)
+    return (sum(values) / len(values),) * channels  # RGB statistics for grey images: their average
+
+
+def _measurestats(train: Dataset, seed: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of un-augmented train images in [0, 1], from a seeded sample (own generator)."""
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:_STATS_SAMPLES]
+    total = total_sq = 0
+    for index in pick.tolist():
+        pixels = train.load(index).flatten(1).double() / 255
+        total = total + pixels.mean(1)
+        total_sq = total_sq + pixels.pow(2).mean(1)
+    mean = total / len(pick)
+    # A channel that never varies would divide by zero; one intensity step keeps it finite.
+    std = (total_sq / len(pick) - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1 / 255)
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def augmentations(augmentation: DictConfig) -> list[v2.Transform]:
+    transforms = []
+    for i, node in enumerate(augmentation.train):
+        try:
+            transforms.append(instantiate(node, _convert_="all"))
+        except Exception as e:  # hydra wraps import and argument errors; the cause says what is wrong
+            raise UserError(
+                f"augmentation.train[{i}]: cannot build {node.get('_target_')!r} ({one_line(e.__cause__ or e)}); "
+                "fix its _target_ or arguments"
+            ) from e
+    return transforms
+
+
+def dry_run(train: Dataset) -> None:
+    """Run the train pipeline on one image now, so a transform that cannot handle these images fails here with
+    a clear message; the global RNG is forked so that this leaves no trace."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            train[0]
+        except UserError:
+            raise
+        except Exception as e:  # any transform error is a config problem the user fixes in augmentation.train
+            shape = tuple(train.load(0).shape)
+            raise UserError(
+                f"augmentation.train: fails on a {shape} uint8 image ({one_line(e)}); fix or remove that transform"
+            ) from e
+
+
+def mix_transform(augmentation: DictConfig, num_classes: int) -> v2.Transform | None:
+    """MixUp and/or CutMix of a whole batch (one of them per batch when both are on)."""
+    mixes = []
+    if augmentation.mixup_alpha > 0:
+        mixes.append(v2.MixUp(alpha=float(augmentation.mixup_alpha), num_classes=num_classes))
+    if augmentation.cutmix_alpha > 0:
+        mixes.append(v2.CutMix(alpha=float(augmentation.cutmix_alpha), num_classes=num_classes))
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)

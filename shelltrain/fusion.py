@@ -1,0 +1,130 @@
+"""How an ensemble's members are evaluated and fused.
+
+The combination rules are plain functions on member probabilities, M members x N samples x C classes:
+`average`, `weighted` (with `accuracy_weights`) and `vote`. `member_logits` evaluates the members one after
+another, or all at once with vmap (`StackedMembers`) when they share one architecture.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shelltrain.engine import TrainSettings, predict
+from shelltrain.prune.quantize import eval_settings, is_quantized
+
+
+def average(probs: torch.Tensor) -> torch.Tensor:
+    """The mean of M x N x C member probabilities: N x C."""
+    return probs.mean(0)
+
+
+def weighted(probs: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """The weighted mean of M x N x C member probabilities (weights normalized to sum 1): N x C."""
+    w = torch.as_tensor(list(weights), dtype=probs.dtype, device=probs.device)
+    return torch.einsum("m,mnc->nc", w / w.sum(), probs)
+
+
+def accuracy_weights(val_accs: Sequence[float], temperature: float = 1.0) -> list[float]:
+    """Weights proportional to val_acc ** (1 / temperature), summing to 1.
+
+    temperature 1 normalizes the accuracies; below 1 sharpens towards the best member, above 1
+    flattens towards uniform. All accuracies 0 (or NaN) gives uniform weights.
+    """
+    acc = torch.nan_to_num(torch.tensor(list(val_accs), dtype=torch.float64), nan=0.0).clamp_min(0)
+    if not bool((acc > 0).any()):
+        return [1.0 / len(acc)] * len(acc)
+    return torch.softmax(acc.log() / temperature, 0).tolist()  # log space: no underflow at small temperatures
+
+
+def vote(probs: torch.Tensor) -> torch.Tensor:
+    """Majority vote of the members' predicted classes (N); a tie goes to the tied class with the
+    highest probability summed over the members."""
+    votes = F.one_hot(probs.argmax(2), probs.shape[2]).sum(0)  # N x C
+    tied = votes == votes.amax(1, keepdim=True)
+    return probs.sum(0).masked_fill(~tied, float("-inf")).argmax(1)
+
+
+def fuse(rule: str, probs: torch.Tensor, weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ensemble's N x C probabilities and N predicted classes. A vote's predictions come from the
+    votes; its probabilities (used for its loss) are the members' mean."""
+    if rule == "vote":
+        return average(probs), vote(probs)
+    fused = weighted(probs, weights) if rule == "weighted" else average(probs)
+    return fused, fused.argmax(1)
+
+
+def fused_metrics(probs: torch.Tensor, preds: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Accuracy of the predictions and the negative log-likelihood of the fused probabilities."""
+    if targets.numel() == 0:
+        return {"loss": math.nan, "acc": math.nan}
+    return {
+        "loss": F.nll_loss(probs.clamp_min(1e-12).log(), targets).item(),
+        "acc": (preds == targets).float().mean().item(),
+    }
+
+
+def same_architecture(models: Sequence[nn.Module]) -> bool:
+    """Same module type and the same state-dict names, shapes and dtypes: stackable for vmap."""
+
+    def signature(model: nn.Module) -> tuple:
+        return type(model), [(k, tuple(v.shape), v.dtype) for k, v in model.state_dict().items()]
+
+    first = signature(models[0])
+    return all(signature(m) == first for m in models[1:])
+
+
+class StackedMembers(nn.Module):
+    """Same-architecture members as one module: their weights stacked with
+    `torch.func.stack_module_state`, one `vmap`ped `functional_call` per batch; forward gives N x M x C."""
+
+    def __init__(self, models: Sequence[nn.Module]):
+        super().__init__()
+        from torch.func import stack_module_state
+
+        params, buffers = stack_module_state([m.eval() for m in models])
+        self.param_names, self.buffer_names = list(params), list(buffers)
+        for i, tensor in enumerate([*params.values(), *buffers.values()]):
+            self.register_buffer(f"stacked_{i}", tensor.detach().contiguous())
+        # In a list: not a submodule, so .to() and state_dict() leave the weightless template alone.
+        self.template = [copy.deepcopy(models[0]).eval().to("meta")]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.func import functional_call, vmap
+
+        tensors = [getattr(self, f"stacked_{i}") for i in range(len(self.param_names) + len(self.buffer_names))]
+        params = dict(zip(self.param_names, tensors))
+        buffers = dict(zip(self.buffer_names, tensors[len(self.param_names) :]))
+
+        def call(p: dict, b: dict) -> torch.Tensor:
+            return functional_call(self.template[0], (p, b), (x,))
+
+        x = x.contiguous()  # channels_last (here or in the weights) sends adaptive pooling to a slow vmap fallback
+
+        return vmap(call)(params, buffers).transpose(0, 1)
+
+
+def member_logits(
+    models: Sequence[nn.Module], loader: Any, settings: TrainSettings, limit: int | None, stacked: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """M x N x C logits of every member over a loader and the N targets: one model after another (an int8
+    member on the CPU), or (`stacked`, same architecture only) all at once with vmap."""
+    if stacked:  # contiguous: channels_last does not apply to stacked 5-d weights, and slows vmap's pooling
+        members = StackedMembers([m.to(settings.device) for m in models])
+        logits, targets = predict(members, loader, replace(settings, channels_last=False), limit)
+        return logits.transpose(0, 1).contiguous(), targets
+    outputs = [predict(m, loader, eval_settings(m, settings), limit) for m in models]
+    return torch.stack([logits for logits, _ in outputs]), outputs[0][1]
+
+
+def use_vmap(option: Any, models: list[nn.Module], settings: TrainSettings) -> bool:
+    if option is False or len(models) < 2 or any(map(is_quantized, models)) or not same_architecture(models):
+        return False
+    return option is True or settings.device.type == "cuda"  # auto: on a CPU a plain loop is faster
