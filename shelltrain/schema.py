@@ -434,11 +434,7 @@ def validate(cfg: DictConfig) -> None:
     check_scheduler(cfg.scheduler, trainer.epochs if sized else 1)
     check_structured_support(cfg)
     if "cv" in cfg:
-        to_schema(cfg.cv, CVConfig, "cv").check()
-        if cfg.cv.folds and trainer.epochs == 0:
-            raise UserError(
-                "cv.folds needs trainer.epochs > 0 (every fold trains a model); set trainer.epochs or cv.folds=0"
-            )
+        to_schema(cfg.cv, CVConfig, "cv").check(trainer)
     if "gate" in cfg:
         check_gates(cfg.gate)
     for key, schema in (("evaluate", EvaluateConfig), ("predict", PredictConfig), ("export", ExportConfig)):
