@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from shelltrain.data import DataBundle, build_data
-from shelltrain.engine import Callback, TrainSettings, TrainState, autocast, make_scaler, train_one_epoch, trainable
+from shelltrain.engine import Callback, TrainState, autocast, make_scaler, train_one_epoch, trainable
 from shelltrain.models import build_model
+from shelltrain.schema import TrainerConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -60,7 +61,7 @@ class Runner:
         model_cfg = OmegaConf.load(CONFIGS / "model" / f"{args.model}.yaml")
         model_cfg.small_input = args.small_input
         model = build_model(model_cfg, data.num_classes, data.in_channels)
-        self.settings = TrainSettings(
+        self.settings = TrainerConfig(
             epochs=1,
             device=device,
             precision=variant.precision,

@@ -31,7 +31,7 @@ from torch import nn
 
 from shelltrain.checkpoint import Resume, save_checkpoint
 from shelltrain.data import DataBundle
-from shelltrain.engine import TrainSettings, metrics_from_logits, monitor_mode, predict
+from shelltrain.engine import metrics_from_logits, monitor_mode, predict
 from shelltrain.errors import UserError
 from shelltrain.metrics import confusion_matrix
 from shelltrain.models import count_parameters
@@ -39,7 +39,7 @@ from shelltrain.prune import eval_settings
 from shelltrain.quantize import is_quantized, quiet
 from shelltrain.report import say
 from shelltrain.rundir import ENSEMBLE_REPORT, MEMBERS, best_checkpoint, ensemble_dir, last_checkpoint, write_json
-from shelltrain.schema import ENSEMBLE_RULES, validate
+from shelltrain.schema import ENSEMBLE_RULES, TrainerConfig, validate
 from shelltrain.trained import load_trained_model
 
 log = logging.getLogger("shelltrain")
@@ -148,7 +148,7 @@ class StackedMembers(nn.Module):
 
 
 def member_logits(
-    models: Sequence[nn.Module], loader: Any, settings: TrainSettings, limit: int | None, stacked: bool = False
+    models: Sequence[nn.Module], loader: Any, settings: TrainerConfig, limit: int | None, stacked: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """M x N x C logits of every member over a loader and the N targets: one model after another (an int8
     member on the CPU), or (`stacked`, same architecture only) all at once with vmap."""
@@ -246,7 +246,7 @@ class EnsembleResult:
 def run_ensemble(
     cfg: DictConfig,
     data: DataBundle,
-    settings: TrainSettings,
+    settings: TrainerConfig,
     train_member: TrainMember,
     run_dir: Path,
     console: Console,
@@ -498,7 +498,7 @@ def _warn_on_data_mismatch(cfg: DictConfig, path: Path, payload: dict[str, Any])
         log.warning("member '%s' was trained with %s", path, ", ".join(differ))
 
 
-def _use_vmap(option: Any, models: list[nn.Module], settings: TrainSettings) -> bool:
+def _use_vmap(option: Any, models: list[nn.Module], settings: TrainerConfig) -> bool:
     if option is False or len(models) < 2 or any(map(is_quantized, models)) or not same_architecture(models):
         return False
     return option is True or settings.device.type == "cuda"  # auto: on a CPU a plain loop is faster

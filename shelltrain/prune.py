@@ -40,10 +40,10 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from shelltrain import quantize
-from shelltrain.engine import Callback, TrainSettings, TrainState, criterion, evaluate, monitor_mode
+from shelltrain.engine import Callback, TrainState, criterion, evaluate, monitor_mode
 from shelltrain.errors import UserError
 from shelltrain.models import count_parameters, find_classifier, set_submodule
-from shelltrain.schema import PRUNE_SCHEDULES
+from shelltrain.schema import PRUNE_SCHEDULES, TrainerConfig
 
 # finetune(model, epochs, callbacks, label) trains `model` in place with a fresh optimizer and schedule.
 Finetune = Callable[[nn.Module, int, list[Callback], str], TrainState]
@@ -85,7 +85,7 @@ def prune_model(
     cfg: DictConfig,
     model: nn.Module,
     data: Any,
-    settings: TrainSettings,
+    settings: TrainerConfig,
     finetune: Finetune,
     *,
     arch: str | None = None,
@@ -158,7 +158,7 @@ def preflight(cfg: DictConfig, model: nn.Module, example: torch.Tensor, arch: st
         _quantize_mode(cfg, arch)
 
 
-def eval_settings(model: nn.Module, settings: TrainSettings) -> TrainSettings:
+def eval_settings(model: nn.Module, settings: TrainerConfig) -> TrainerConfig:
     """Where `model` can be evaluated: quantized kernels run on the CPU only, in float32 around them."""
     if quantize.is_quantized(model):
         return replace(settings, device=torch.device("cpu"), precision="32")
