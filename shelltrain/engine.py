@@ -152,11 +152,7 @@ def fit(
             "val_loss": val["loss"],
             "val_acc": val["acc"],
         }
-        if schedule is not None and schedule.interval == "epoch":
-            if schedule.on_metric:
-                schedule.scheduler.step(row[settings.monitor])
-            else:
-                schedule.scheduler.step()
+        _epoch_schedule_step(schedule, row[settings.monitor])
         improved = _update_best(state, row[settings.monitor], epoch, settings)
         state.epoch = epoch
         state.history.append(row)
@@ -164,6 +160,16 @@ def fit(
         if stop is not None and stop():
             break
     return state
+
+
+def _epoch_schedule_step(schedule: Schedule | None, metric: float) -> None:
+    """An epoch-interval schedule steps after validation (a plateau schedule on the monitored metric)."""
+    if schedule is None or schedule.interval != "epoch":
+        return
+    if schedule.on_metric:
+        schedule.scheduler.step(metric)
+    else:
+        schedule.scheduler.step()
 
 
 def trainable(model: nn.Module, settings: TrainerConfig) -> nn.Module:
@@ -203,13 +209,11 @@ def train_one_epoch(
 
     With `state.batch` = k > 0 (a mid-epoch checkpoint) the first k batches are drawn but not trained on:
     the order is a function of the reseeded loader generator, so the rest come out as before; then `rng`
-    (taken at the checkpoint) is restored, so augmentation and dropout continue exactly.
-    """
+    (taken at the checkpoint) is restored, so augmentation and dropout continue exactly."""
     model.train()
     num_batches = _start_epoch(loader, settings, epoch)
     skip = min(state.batch, num_batches)
     callback.on_epoch_start(epoch, num_batches)
-
     tally = _Tally(state.partial if skip else {})
     every = settings.checkpoint_every_n_steps
     start = time.perf_counter() - tally.seconds
