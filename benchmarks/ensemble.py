@@ -16,12 +16,12 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from shelltrain.engine import TrainSettings
 from shelltrain.fusion import member_logits
 from shelltrain.models import build_model
+from shelltrain.schema import TrainerConfig
 
 
-def images_per_second(models: list, loader: DataLoader, settings: TrainSettings, stacked: bool) -> float:
+def images_per_second(models: list, loader: DataLoader, settings: TrainerConfig, stacked: bool) -> float:
     started = time.perf_counter()
     logits, _ = member_logits(models, loader, settings, limit=None, stacked=stacked)
     if settings.device.type == "cuda":
@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    settings = TrainSettings(epochs=0, device=device)
+    settings = TrainerConfig(epochs=0, device=device)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.samples, 3, args.image_size, args.image_size, generator=generator)
     loader = DataLoader(

@@ -18,17 +18,23 @@ import itertools
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig, OmegaConf
 
 from shelltrain.data import DataBundle, build_data
-from shelltrain.engine import Callback, TrainSettings, TrainState, autocast, make_scaler, train_one_epoch, trainable
+from shelltrain.engine import Callback, TrainState, autocast, make_scaler, train_one_epoch, trainable
 from shelltrain.models import build_model
+from shelltrain.schema import TrainerConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+def option(group: str, name: str) -> DictConfig:
+    """A packaged option as Hydra composes it (over its group's schema), detached from the rest of the config."""
+    with initialize_config_module(config_module="shelltrain.configs", version_base="1.3"):
+        cfg = compose("train", overrides=[f"{group}={name}"])
+    return OmegaConf.create(OmegaConf.to_container(cfg[group]))  # unresolved: ${data.image_size} stays
 
 
 @dataclass(frozen=True)
@@ -57,10 +63,10 @@ class Runner:
         self.loader = data.train
         self.limit = args.batches
         torch.manual_seed(0)
-        model_cfg = OmegaConf.load(CONFIGS / "model" / f"{args.model}.yaml")
+        model_cfg = option("model", args.model)
         model_cfg.small_input = args.small_input
         model = build_model(model_cfg, data.num_classes, data.in_channels)
-        self.settings = TrainSettings(
+        self.settings = TrainerConfig(
             epochs=1,
             device=device,
             precision=variant.precision,
@@ -123,14 +129,14 @@ def _synchronize(device: torch.device) -> None:
 
 
 def make_data(args: argparse.Namespace, device: torch.device | None) -> DataBundle:
-    data = OmegaConf.load(CONFIGS / "data" / f"{args.data}.yaml")
+    data = option("data", args.data)
     data.image_size, data.batch_size, data.num_workers = args.image_size, args.batch_size, args.workers
     data.drop_last = True  # every batch the same shape: no recompiles, and the same images/epoch on both paths
     data.persistent_workers = args.workers > 0
     data.on_device = device is not None
     if args.data == "synthetic":
         data.num_samples, data.mean, data.std = args.samples, [0.5], [0.29]
-    augmentation = OmegaConf.load(CONFIGS / "augmentation" / f"{args.augmentation}.yaml")
+    augmentation = option("augmentation", args.augmentation)
     cfg = OmegaConf.create({"data": data, "augmentation": augmentation})
     pin = args.device.startswith("cuda")
     return build_data(cfg.data, cfg.augmentation, seed=0, pin_memory=pin, device=device)

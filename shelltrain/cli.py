@@ -26,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import ValidationError
 
 from shelltrain import sweep
 from shelltrain.errors import Interrupted, UserError
@@ -637,6 +638,10 @@ def _explain_composition(exc: ConfigCompositionException) -> str:
     match = re.match(r"Could not override '([^']+)'", text)
     if match is None:
         cause = exc.__cause__
+        if isinstance(cause, ValidationError):  # a value of the wrong type for its group's schema
+            from shelltrain.checks import wrong_type
+
+            return wrong_type(cause)
         detail = _first_line(str(cause)) if cause is not None else _first_line(text)
         return f"invalid config: {detail}"
     key = match.group(1)

@@ -1,5 +1,6 @@
 """The training loop. It knows nothing of Hydra: it takes a model, loaders, an optimizer, a schedule
-and plain settings, so fine-tuning after pruning and training ensemble members reuse it as it is.
+and the trainer settings (schema.TrainerConfig, a plain dataclass, whose `device` holds the resolved device:
+"cpu", "cuda:0" or a torch.device), so fine-tuning after pruning and training ensemble members reuse it as it is.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -21,31 +22,10 @@ from torch.utils.data import DataLoader
 from shelltrain import distributed
 from shelltrain.errors import UserError
 from shelltrain.optim import Schedule
+from shelltrain.schema import TrainerConfig
 
 SYNC_EVERY = 20  # batches between host syncs for the progress display (each sync stalls a GPU)
 RANK_SEED_STRIDE = 1_000_003  # rank r draws augmentation and dropout from seed + r * stride
-
-
-@dataclass
-class TrainSettings:
-    epochs: int
-    device: torch.device
-    precision: str = "32"
-    channels_last: bool = False
-    grad_clip: float = 0.0
-    accumulate: int = 1
-    seed: int = 0
-    loss: str = "cross_entropy"
-    label_smoothing: float = 0.0
-    l1: float = 0.0
-    monitor: str = "val_acc"
-    patience: int | None = None
-    limit_train_batches: int | None = None
-    limit_val_batches: int | None = None
-    overfit_batches: int = 0
-    checkpoint_every_n_steps: int = 0  # >0: Callback.on_checkpoint every N optimizer steps (mid-epoch)
-    compile: bool = False  # train a torch.compile'd module (inside any DDP wrapper)
-    sync_batchnorm: bool = False  # under DDP: BatchNorm statistics over the global batch
 
 
 @dataclass
@@ -127,7 +107,7 @@ def fit(
     val_loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     schedule: Schedule | None,
-    settings: TrainSettings,
+    settings: TrainerConfig,
     state: TrainState | None = None,
     callbacks: list[Callback] | None = None,
     scaler: torch.amp.GradScaler | None = None,
@@ -172,11 +152,7 @@ def fit(
             "val_loss": val["loss"],
             "val_acc": val["acc"],
         }
-        if schedule is not None and schedule.interval == "epoch":
-            if schedule.on_metric:
-                schedule.scheduler.step(row[settings.monitor])
-            else:
-                schedule.scheduler.step()
+        _epoch_schedule_step(schedule, row[settings.monitor])
         improved = _update_best(state, row[settings.monitor], epoch, settings)
         state.epoch = epoch
         state.history.append(row)
@@ -186,23 +162,34 @@ def fit(
     return state
 
 
-def trainable(model: nn.Module, settings: TrainSettings) -> nn.Module:
+def _epoch_schedule_step(schedule: Schedule | None, metric: float) -> None:
+    """An epoch-interval schedule steps after validation (a plateau schedule on the monitored metric)."""
+    if schedule is None or schedule.interval != "epoch":
+        return
+    if schedule.on_metric:
+        schedule.scheduler.step(metric)
+    else:
+        schedule.scheduler.step()
+
+
+def trainable(model: nn.Module, settings: TrainerConfig) -> nn.Module:
     """The module that trains: `model` on its device and memory format, compiled if asked, then wrapped in DDP
     under several processes (compiled inside the wrapper, as PyTorch recommends). It shares its parameters with
     `model`, which stays eager: evaluation (other batch sizes, eval mode) causes no recompiles, and checkpoints
     keep plain state-dict keys."""
     if settings.sync_batchnorm and distributed.active():  # statistics over the global batch; converts in place
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(settings.device)
+    device = torch.device(settings.device)
+    model.to(device)
     if settings.channels_last:
         model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if settings.compile else model
-    return distributed.wrap(net, settings.device)
+    return distributed.wrap(net, device)
 
 
-def make_scaler(settings: TrainSettings) -> torch.amp.GradScaler:
+def make_scaler(settings: TrainerConfig) -> torch.amp.GradScaler:
     """fp16 needs loss scaling; bf16 and fp32 do not (a disabled scaler is a no-op)."""
-    return torch.amp.GradScaler(settings.device.type, enabled=settings.precision == "16-mixed")
+    return torch.amp.GradScaler(torch.device(settings.device).type, enabled=settings.precision == "16-mixed")
 
 
 def train_one_epoch(
@@ -210,7 +197,7 @@ def train_one_epoch(
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     schedule: Schedule | None,
-    settings: TrainSettings,
+    settings: TrainerConfig,
     state: TrainState,
     epoch: int,
     callback: Callback,
@@ -222,26 +209,11 @@ def train_one_epoch(
 
     With `state.batch` = k > 0 (a mid-epoch checkpoint) the first k batches are drawn but not trained on:
     the order is a function of the reseeded loader generator, so the rest come out as before; then `rng`
-    (taken at the checkpoint) is restored, so augmentation and dropout continue exactly.
-    """
+    (taken at the checkpoint) is restored, so augmentation and dropout continue exactly."""
     model.train()
-    overfit = settings.overfit_batches > 0
-    # The data order, augmentation and dropout of an epoch are a pure function of (seed, epoch, rank):
-    # a run resumed at an epoch boundary replays exactly what an uninterrupted run would. Under DDP the
-    # order is shared (the sampler's set_epoch) and each rank draws its own augmentation and dropout.
-    epoch_seed = settings.seed if overfit else settings.seed * 100_003 + epoch
-    rank_seed = epoch_seed + RANK_SEED_STRIDE * distributed.rank()
-    torch.manual_seed(rank_seed)
-    if isinstance(getattr(loader, "generator", None), torch.Generator):
-        loader.generator.manual_seed(rank_seed)
-    for shuffler in (loader, getattr(loader, "sampler", None)):
-        if hasattr(shuffler, "set_epoch"):  # DistributedSampler, on-device batches
-            shuffler.set_epoch(0 if overfit else epoch)
-    limit = settings.overfit_batches if overfit else settings.limit_train_batches
-    num_batches = _num_batches(loader, limit)
+    num_batches = _start_epoch(loader, settings, epoch)
     skip = min(state.batch, num_batches)
     callback.on_epoch_start(epoch, num_batches)
-
     tally = _Tally(state.partial if skip else {})
     every = settings.checkpoint_every_n_steps
     start = time.perf_counter() - tally.seconds
@@ -251,18 +223,9 @@ def train_one_epoch(
             if i + 1 == skip and rng is not None:
                 restore_rng(rng)  # where the checkpoint was taken: before batch `skip` was drawn
             continue
-        images, targets = _to_device(images, targets, settings)
-        with autocast(settings):
-            logits = model(images)
-            loss = criterion(logits, targets, settings)
-        if settings.l1 > 0:
-            loss = loss + settings.l1 * sum(p.abs().sum() for p in model.parameters() if p.ndim > 1)
-        tally.add(loss, logits, targets, state.step + 1)
         stepped = (i + 1) % settings.accumulate == 0 or i + 1 == num_batches
-        with _accumulating(model, stepped):
-            scaler.scale(loss / settings.accumulate if settings.accumulate > 1 else loss).backward()
+        _train_batch(model, images, targets, optimizer, scaler, settings, tally, state.step + 1, stepped)
         if stepped:
-            _optimizer_step(model, optimizer, scaler, settings)
             state.step += 1
             if schedule is not None and schedule.interval == "step":
                 schedule.scheduler.step()
@@ -288,6 +251,50 @@ def train_one_epoch(
         "seconds": seconds,
         "images_per_second": tally.seen / seconds if seconds > 0 else 0.0,
     }
+
+
+def _start_epoch(loader: DataLoader, settings: TrainerConfig, epoch: int) -> int:
+    """Seed the epoch and return how many batches it trains.
+
+    The data order, augmentation and dropout of an epoch are a pure function of (seed, epoch, rank): a run resumed
+    at an epoch boundary replays exactly what an uninterrupted run would. Under DDP the order is shared (the
+    sampler's set_epoch) and each rank draws its own augmentation and dropout."""
+    overfit = settings.overfit_batches > 0
+    epoch_seed = settings.seed if overfit else settings.seed * 100_003 + epoch
+    rank_seed = epoch_seed + RANK_SEED_STRIDE * distributed.rank()
+    torch.manual_seed(rank_seed)
+    if isinstance(getattr(loader, "generator", None), torch.Generator):
+        loader.generator.manual_seed(rank_seed)
+    for shuffler in (loader, getattr(loader, "sampler", None)):
+        if hasattr(shuffler, "set_epoch"):  # DistributedSampler, on-device batches
+            shuffler.set_epoch(0 if overfit else epoch)
+    return _num_batches(loader, settings.overfit_batches if overfit else settings.limit_train_batches)
+
+
+def _train_batch(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    settings: TrainerConfig,
+    tally: _Tally,
+    step: int,
+    stepped: bool,
+) -> None:
+    """Forward and backward one batch (its loss counts towards optimizer step `step`); with `stepped`, the
+    optimizer steps on the gradients accumulated since the last step."""
+    images, targets = _to_device(images, targets, settings)
+    with autocast(settings):
+        logits = model(images)
+        loss = criterion(logits, targets, settings)
+    if settings.l1 > 0:
+        loss = loss + settings.l1 * sum(p.abs().sum() for p in model.parameters() if p.ndim > 1)
+    tally.add(loss, logits, targets, step)
+    with _accumulating(model, stepped):
+        scaler.scale(loss / settings.accumulate if settings.accumulate > 1 else loss).backward()
+    if stepped:
+        _optimizer_step(model, optimizer, scaler, settings)
 
 
 class _Tally:
@@ -355,7 +362,7 @@ def _accumulating(model: nn.Module, stepped: bool) -> contextlib.AbstractContext
 
 
 def _optimizer_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, settings: TrainSettings
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, settings: TrainerConfig
 ) -> None:
     if settings.grad_clip > 0:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -367,11 +374,11 @@ def _optimizer_step(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader: DataLoader, settings: TrainSettings, limit: int | None = None
+    model: nn.Module, loader: DataLoader, settings: TrainerConfig, limit: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and hard targets over a loader, on the CPU in float32."""
     model.eval()
-    model.to(settings.device)
+    model.to(torch.device(settings.device))
     if settings.channels_last:  # as in fit: inputs and weights in one memory format
         model.to(memory_format=torch.channels_last)
     all_logits, all_targets = [], []
@@ -387,7 +394,7 @@ def predict(
 
 
 def evaluate(
-    model: nn.Module, loader: DataLoader, settings: TrainSettings, limit: int | None = None
+    model: nn.Module, loader: DataLoader, settings: TrainerConfig, limit: int | None = None
 ) -> dict[str, float]:
     """Loss and accuracy over `loader`; under DDP each rank holds a shard and the sums are combined, so the
     figures are those of the whole split."""
@@ -404,17 +411,17 @@ def evaluate(
     return {"loss": loss_sum / count, "acc": correct / count}
 
 
-def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor, settings: TrainSettings) -> dict[str, float]:
+def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor, settings: TrainerConfig) -> dict[str, float]:
     if targets.numel() == 0:
         return {"loss": math.nan, "acc": math.nan}
-    plain = TrainSettings(epochs=0, device=logits.device, loss=settings.loss)  # no smoothing when measuring
+    plain = replace(settings, label_smoothing=0.0)  # no smoothing when measuring
     return {
         "loss": criterion(logits, targets, plain).item(),
         "acc": (logits.argmax(1) == targets).float().mean().item(),
     }
 
 
-def criterion(logits: torch.Tensor, targets: torch.Tensor, settings: TrainSettings) -> torch.Tensor:
+def criterion(logits: torch.Tensor, targets: torch.Tensor, settings: TrainerConfig) -> torch.Tensor:
     """Cross-entropy (hard or soft targets, optional smoothing) or MSE on one-hot targets."""
     if settings.loss == "mse":
         if targets.ndim == 1:
@@ -423,11 +430,11 @@ def criterion(logits: torch.Tensor, targets: torch.Tensor, settings: TrainSettin
     return F.cross_entropy(logits.float(), targets, label_smoothing=settings.label_smoothing)
 
 
-def autocast(settings: TrainSettings) -> contextlib.AbstractContextManager:
+def autocast(settings: TrainerConfig) -> contextlib.AbstractContextManager:
     if settings.precision == "32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float16
-    return torch.autocast(device_type=settings.device.type, dtype=dtype)
+    return torch.autocast(device_type=torch.device(settings.device).type, dtype=dtype)
 
 
 def _hard(targets: torch.Tensor) -> torch.Tensor:
@@ -435,12 +442,13 @@ def _hard(targets: torch.Tensor) -> torch.Tensor:
 
 
 def _to_device(
-    images: torch.Tensor, targets: torch.Tensor, settings: TrainSettings
+    images: torch.Tensor, targets: torch.Tensor, settings: TrainerConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    images = images.to(settings.device, non_blocking=True)
+    device = torch.device(settings.device)
+    images = images.to(device, non_blocking=True)
     if settings.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    return images, targets.to(settings.device, non_blocking=True)
+    return images, targets.to(device, non_blocking=True)
 
 
 def _num_batches(loader: DataLoader, limit: int | None) -> int:
@@ -477,7 +485,7 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _update_best(state: TrainState, value: float, epoch: int, settings: TrainSettings) -> bool:
+def _update_best(state: TrainState, value: float, epoch: int, settings: TrainerConfig) -> bool:
     better = state.best_metric is None or (
         value > state.best_metric if monitor_mode(settings.monitor) == "max" else value < state.best_metric
     )

@@ -26,7 +26,7 @@ from rich.table import Table
 from shelltrain import rundir
 from shelltrain.checkpoint import Resume, save_checkpoint
 from shelltrain.data import DataBundle
-from shelltrain.engine import TrainSettings, metrics_from_logits
+from shelltrain.engine import metrics_from_logits
 from shelltrain.errors import UserError
 from shelltrain.fusion import accuracy_weights, fuse, fused_metrics, member_logits, use_vmap
 from shelltrain.members import Member, describe_origin, finetune_config, gather_members, portable
@@ -34,6 +34,7 @@ from shelltrain.metrics import confusion_matrix
 from shelltrain.models import count_parameters
 from shelltrain.prune.quantize import quiet
 from shelltrain.report import say
+from shelltrain.schema import TrainerConfig
 from shelltrain.trained import load_trained_model
 
 # train_member(member_cfg, out_dir, label, resume): the whole pipeline for one model, a sub-run in out_dir
@@ -64,7 +65,7 @@ class EnsembleResult:
 def run_ensemble(
     cfg: DictConfig,
     data: DataBundle,
-    settings: TrainSettings,
+    settings: TrainerConfig,
     train_member: TrainMember,
     run_dir: Path,
     console: Console,

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shelltrain.engine import TrainSettings, predict
+from shelltrain.engine import predict
 from shelltrain.prune.quantize import eval_settings, is_quantized
+from shelltrain.schema import TrainerConfig
 
 
 def average(probs: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,7 @@ class StackedMembers(nn.Module):
 
 
 def member_logits(
-    models: Sequence[nn.Module], loader: Any, settings: TrainSettings, limit: int | None, stacked: bool = False
+    models: Sequence[nn.Module], loader: Any, settings: TrainerConfig, limit: int | None, stacked: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """M x N x C logits of every member over a loader and the N targets: one model after another (an int8
     member on the CPU), or (`stacked`, same architecture only) all at once with vmap."""
@@ -124,7 +125,7 @@ def member_logits(
     return torch.stack([logits for logits, _ in outputs]), outputs[0][1]
 
 
-def use_vmap(option: Any, models: list[nn.Module], settings: TrainSettings) -> bool:
+def use_vmap(option: Any, models: list[nn.Module], settings: TrainerConfig) -> bool:
     if option is False or len(models) < 2 or any(map(is_quantized, models)) or not same_architecture(models):
         return False
     return option is True or settings.device.type == "cuda"  # auto: on a CPU a plain loop is faster

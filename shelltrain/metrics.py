@@ -10,12 +10,13 @@ from typing import Any
 
 import torch
 
-from shelltrain.engine import TrainSettings, metrics_from_logits
+from shelltrain.engine import metrics_from_logits
+from shelltrain.schema import TrainerConfig
 
 TOP_K = 5  # top-5 accuracy is reported when there are more classes than this
 
 
-def split_metrics(logits: torch.Tensor, targets: torch.Tensor, settings: TrainSettings, split: str) -> dict[str, float]:
+def split_metrics(logits: torch.Tensor, targets: torch.Tensor, settings: TrainerConfig, split: str) -> dict[str, float]:
     """`{split}_acc`, `{split}_loss` and, with more than five classes, `{split}_top5`."""
     measured = metrics_from_logits(logits, targets, settings)
     result = {f"{split}_acc": measured["acc"], f"{split}_loss": measured["loss"]}

@@ -40,7 +40,6 @@ from shelltrain.engine import (
     SYNC_EVERY,
     Callback,
     NonFiniteLoss,
-    TrainSettings,
     TrainState,
     fit,
     make_scaler,
@@ -59,7 +58,7 @@ from shelltrain.prune.quantize import eval_settings, quiet
 from shelltrain.prune.report import summary_keys, write_report
 from shelltrain.report import ConsoleProgress, make_console, say, summary_table
 from shelltrain.rundir import BEST, DISK_FULL, LAST, NOT_WRITABLE, disk_error, write_atomic, write_json
-from shelltrain.schema import uses_ensemble
+from shelltrain.schema import TrainerConfig, trainer_config, uses_ensemble
 from shelltrain.transfer import follow_weights, load_weights, open_weights
 
 log = logging.getLogger("shelltrain")
@@ -501,7 +500,7 @@ def prune_stage(
     cfg: DictConfig,
     model: torch.nn.Module,
     data: DataBundle,
-    settings: TrainSettings,
+    settings: TrainerConfig,
     state: TrainState,
     checkpoints: Path,
     extra: dict[str, Any],
@@ -544,7 +543,7 @@ def prune_stage(
     return result
 
 
-def finetuner(cfg: DictConfig, data: DataBundle, settings: TrainSettings, console: Any) -> Any:
+def finetuner(cfg: DictConfig, data: DataBundle, settings: TrainerConfig, console: Any) -> Any:
     """The fine-tune function pruning calls: the engine's fit with a fresh optimizer and schedule built from
     cfg.optimizer and cfg.scheduler, the learning rate scaled by prune.finetune_lr_mult."""
 
@@ -630,27 +629,8 @@ def cv_table(section: dict[str, Any], monitor: str) -> Any:
     return table
 
 
-def train_settings(trainer: DictConfig, device: torch.device) -> TrainSettings:
-    return TrainSettings(
-        epochs=trainer.epochs,
-        device=device,
-        precision=str(trainer.precision),
-        channels_last=trainer.channels_last,
-        grad_clip=trainer.grad_clip,
-        accumulate=trainer.accumulate,
-        seed=trainer.seed,
-        loss=trainer.loss,
-        label_smoothing=trainer.label_smoothing,
-        l1=trainer.l1,
-        monitor=trainer.monitor,
-        patience=trainer.patience,
-        limit_train_batches=trainer.limit_train_batches,
-        limit_val_batches=trainer.limit_val_batches,
-        overfit_batches=trainer.overfit_batches,
-        checkpoint_every_n_steps=trainer.get("checkpoint_every_n_steps") or 0,
-        compile=trainer.get("compile", False),
-        sync_batchnorm=trainer.get("sync_batchnorm", False),
-    )
+def train_settings(trainer: DictConfig, device: torch.device) -> TrainerConfig:
+    return replace(trainer_config(trainer), device=device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -726,7 +706,7 @@ def seed_everything(seed: int, deterministic: bool, threads: int | None) -> None
         torch.backends.cudnn.benchmark = True  # fastest kernels for fixed input shapes
 
 
-def _steps_per_epoch(num_batches: int, settings: TrainSettings) -> int:
+def _steps_per_epoch(num_batches: int, settings: TrainerConfig) -> int:
     limit = settings.overfit_batches or settings.limit_train_batches
     batches = min(num_batches, limit) if limit else num_batches
     return -(-batches // settings.accumulate)

@@ -1,33 +1,78 @@
-"""Structured-config schemas and value checks, run before any data is loaded.
+"""One dataclass per config group: its keys, types and defaults, with the checks of its own values beside them.
 
-Types come from the dataclasses (OmegaConf converts "5" to 5 and rejects "abc" for an int);
-ranges and cross-field rules are checked by hand so each failure names its key and the fix.
-Groups that are just a `_target_` (optimizer, scheduler, a user's own model) are free-form:
-only the keys shelltrain itself reads are checked.
-"""
+`register()` stores each in Hydra's ConfigStore as `<group>_schema`, which every packaged YAML option names first
+in its defaults list (`/trainer_schema@_here_`): Hydra types each key while composing. The YAML carries the values
+and the comments listing each key's choices; a dataclass default equals the group's default option's value.
+`validate(cfg)` runs every check before any data is loaded (a group from --config-dir need not name its schema, so
+each is merged into its dataclass again); shelltrain.checks holds those no dataclass owns. No torch, no Hydra at
+import: the engine takes TrainerConfig."""
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
 
+from shelltrain.checks import (
+    at_least,
+    check_ensemble_run,
+    check_gates,
+    check_loggers,
+    check_optimizer,
+    check_scheduler,
+    check_structured_support,
+    check_task,
+    one_of,
+    to_schema,
+)
 from shelltrain.errors import UserError
 from shelltrain.rundir import ensemble_dir
 
+PRECISIONS = ("32", "bf16", "16-mixed")
+LOSSES = ("cross_entropy", "mse")
+MONITORS = ("val_acc", "val_loss")
+POLICIES = ("full", "linear_probe", "freeze_backbone", "gradual")
+DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
+# data.name -> (its name in messages, what torchvision expects under data.root)
+DATASET_FILES = {
+    "cifar10": ("CIFAR-10", "cifar-10-batches-py/"),
+    "cifar100": ("CIFAR-100", "cifar-100-python/"),
+    "mnist": ("MNIST", "MNIST/raw/"),
+    "fashion_mnist": ("Fashion-MNIST", "FashionMNIST/raw/"),
+}
+IMAGEFOLDER_LAYOUT = "train/<class>/<image> (val/ and test/ optional)"
+SPLITS = ("test", "val", "train")
+EXPORT_FORMATS = ("onnx", "torchscript")
+
+
+# prune.name -> the schedules it supports (the first is its default)
+PRUNE_SCHEDULES = {
+    "threshold": ("oneshot", "iterative", "hierarchical"),
+    "magnitude": ("oneshot", "iterative", "hierarchical", "adaptive"),
+    "random": ("oneshot", "iterative", "hierarchical", "adaptive"),
+    "structured": ("oneshot", "iterative", "hierarchical", "adaptive"),
+    "layer": ("oneshot", "iterative", "adaptive"),
+    "quantize": ("oneshot",),
+}
+PRUNE_IMPORTANCES = ("l1", "l2", "taylor", "bn_scale", "fpgm", "random")
+PRUNE_RAMPS = ("linear", "cubic")
+QUANTIZE_MODES = ("auto", "static", "dynamic", "fake")
+QUANTIZE_BACKENDS = ("x86", "fbgemm", "qnnpack")
+ENSEMBLE_RULES = ("none", "average", "weighted", "vote")
+
 
 @dataclass
-class TrainerSchema:
-    epochs: int = 10
+class TrainerConfig:
+    """The `trainer` group, and the settings the engine trains with. In the config `device` is auto, cpu, cuda or
+    cuda:N; the runner replaces it with the resolved device (a string such as "cuda:0", or a torch.device)."""
+
+    epochs: int = 8
     device: str = "auto"
     precision: str = "32"
-    channels_last: bool = False
+    channels_last: bool = True
     grad_clip: float = 0.0
     accumulate: int = 1
     seed: int = 0
@@ -49,10 +94,43 @@ class TrainerSchema:
     sync_batchnorm: bool = False
     devices: int = 1
 
+    def check(self) -> None:
+        at_least("trainer.epochs", self.epochs, 0)
+        one_of("trainer.precision", self.precision, PRECISIONS)
+        one_of("trainer.loss", self.loss, LOSSES)
+        one_of("trainer.monitor", self.monitor, MONITORS)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise UserError(f"trainer.device={self.device!r} is invalid; use auto, cpu, cuda or cuda:N")
+        for key in ("grad_clip", "l1"):
+            at_least(f"trainer.{key}", getattr(self, key), 0.0)
+        at_least("trainer.accumulate", self.accumulate, 1)
+        for key in ("overfit_batches", "checkpoint_every_n_steps", "keep_checkpoints"):
+            at_least(f"trainer.{key}", getattr(self, key), 0)
+        at_least("trainer.devices", self.devices, 1)
+        if self.resume is not None and self.resume != "auto" and not Path(os.path.expanduser(self.resume)).exists():
+            raise UserError(
+                f"trainer.resume: '{self.resume}' does not exist; give a checkpoint file, a run directory or auto"
+            )
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(
+                f"trainer.label_smoothing={self.label_smoothing} is out of range; use a value in [0, 1), e.g. 0.1"
+            )
+        for key in ("patience", "limit_train_batches", "limit_val_batches", "limit_test_batches", "threads"):
+            at_least(f"trainer.{key}", getattr(self, key), 0 if key == "patience" else 1)
+        if self.label_smoothing and self.loss != "cross_entropy":
+            raise UserError(
+                f"trainer.label_smoothing={self.label_smoothing} applies to trainer.loss=cross_entropy only "
+                f"(loss is {self.loss}); set trainer.label_smoothing=0"
+            )
+
 
 @dataclass
-class DataSchema:
+class DataConfig:
+    """The `data` group. `source` (a `_target_` that builds the user's dataset) frees `name` from the packaged
+    datasets and skips their root/files checks. `mean`/`std` are facts of a dataset: null measures them."""
+
     name: str = "digits"
+    source: Optional[Any] = None
     root: Optional[str] = None
     download: bool = False
     image_size: Optional[int] = 32  # null: the input size of model.weights
@@ -73,21 +151,58 @@ class DataSchema:
     classes: Optional[list[Any]] = None
     samples_per_class: Optional[int] = None
     on_device: bool = False
-    source: Optional[Any] = None  # a _target_ returning (splits, classes): a user's dataset
+
+    def check(self) -> None:
+        if self.source is None:
+            one_of("data.name", self.name, DATASETS)
+        at_least("data.image_size", self.image_size, 1)
+        at_least("data.batch_size", self.batch_size, 1)
+        at_least("data.num_workers", self.num_workers, 0)
+        at_least("data.eval_batch_size", self.eval_batch_size, 1)
+        if self.channels is not None:
+            one_of("data.channels", self.channels, (1, 3))
+        for key in ("val_fraction", "test_fraction"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise UserError(f"data.{key}={value} is out of range; use a fraction in [0, 1), e.g. 0.1")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise UserError(
+                f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction:g} leaves "
+                "no training data; keep their sum below 1, e.g. data.val_fraction=0.1 data.test_fraction=0.2"
+            )
+        if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std)):
+            raise UserError("data.mean and data.std must both be null or lists of the same length")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise UserError(f"data.std={list(self.std)} must be positive")
+        at_least("data.limit_samples", self.limit_samples, 1)
+        at_least("data.samples_per_class", self.samples_per_class, 1)
+        if self.classes is not None and len(self.classes) < 2:
+            raise UserError(
+                f"data.classes={list(self.classes)} picks fewer than 2 classes; a classifier needs at least two"
+            )
+        if self.classes is not None and len(set(map(str, self.classes))) != len(self.classes):
+            raise UserError(f"data.classes={list(self.classes)} names a class twice; list each class once")
+        if self.name == "synthetic" and self.source is None:
+            for key in ("num_samples", "num_classes"):
+                value = getattr(self, key)
+                if value is None or value < 2:
+                    raise UserError(f"data.{key}={value} is out of range; data=synthetic needs at least 2")
 
 
 @dataclass
-class ModelSchema:
+class ModelConfig:
+    """The `model` group for a packaged or torchvision architecture (a model with a `_target_` is free-form)."""
+
     name: str = "resnet18"
+    width: Optional[int] = None  # cnn only
     small_input: bool = False
     dropout: float = 0.0
-    width: Optional[int] = None
     weights: Optional[str] = None
     strict: bool = False
 
 
 @dataclass
-class FinetuneSchema:
+class FinetuneConfig:
     policy: str = "full"
     unfreeze_at: int = 0
     unfreeze_every: int = 1
@@ -95,40 +210,32 @@ class FinetuneSchema:
     layer_decay: float = 1.0
     freeze_bn: bool = True
 
-
-@dataclass
-class EvaluateSchema:
-    split: str = "test"
-
-
-@dataclass
-class PredictSchema:
-    input: Optional[str] = None
-    batch_size: int = 64
-
-
-@dataclass
-class ExportSchema:
-    format: str = "onnx"
-    tolerance: float = 1e-4
+    def check(self) -> None:
+        one_of("finetune.policy", self.policy, POLICIES)
+        at_least("finetune.unfreeze_at", self.unfreeze_at, 0)
+        at_least("finetune.unfreeze_every", self.unfreeze_every, 1)
+        at_least("finetune.backbone_lr_mult", self.backbone_lr_mult, 0.0)
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise UserError(
+                f"finetune.layer_decay={self.layer_decay} is out of range; "
+                "use a value in (0, 1], e.g. 0.75 (1 disables it)"
+            )
 
 
 @dataclass
-class AugmentationSchema:
+class AugmentationConfig:
     name: str = "none"
     train: list[Any] = field(default_factory=list)
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
 
-
-@dataclass
-class CVSchema:
-    folds: int = 0
-    refit: bool = True
+    def check(self) -> None:
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            at_least(f"augmentation.{key}", getattr(self, key), 0.0)
 
 
 @dataclass
-class EnsembleSchema:
+class EnsembleConfig:
     name: str = "none"
     members: Any = None
     checkpoints: Any = field(default_factory=list)  # a list, or one path
@@ -138,157 +245,216 @@ class EnsembleSchema:
     temperature: float = 1.0
     vmap: Any = "auto"
 
+    def check(self) -> None:
+        """Values and combinations of the group itself; member counts and paths are checked when gathered."""
+        one_of("ensemble.name", self.name, ENSEMBLE_RULES)
+        members = self.members
+        as_list = isinstance(members, list) and members and all(isinstance(m, (str, list, dict)) for m in members)
+        if isinstance(members, bool) or not (members is None or isinstance(members, int) and members >= 1 or as_list):
+            raise UserError(
+                f"ensemble.members={members!r} is invalid; use a count >= 1 (e.g. ensemble.members=3) or a list of "
+                "override sets, one per member, e.g. \"ensemble.members=['model=cnn','model=resnet18']\""
+            )
+        checkpoints = self.checkpoints if isinstance(self.checkpoints, list) else [self.checkpoints]
+        if not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in checkpoints):  # a dir may be named 1
+            raise UserError(
+                f"ensemble.checkpoints={checkpoints!r} is invalid; give run directories or checkpoint files, "
+                "e.g. ensemble.checkpoints=[outputs/A,outputs/B/checkpoints/best.pt]"
+            )
+        at_least("ensemble.top_k", self.top_k, 1)
+        if self.top_k is not None and not self.sweep:
+            raise UserError("ensemble.top_k picks jobs of a sweep; set ensemble.sweep=<multirun dir> too")
+        if self.weights is not None:
+            if self.name != "weighted":
+                raise UserError(f"ensemble.weights is used by ensemble=weighted, not ensemble={self.name}")
+            if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise UserError(f"ensemble.weights={list(self.weights)} must be >= 0 with a positive sum")
+        if self.temperature <= 0:
+            raise UserError(f"ensemble.temperature={self.temperature} is out of range; it must be > 0, e.g. 0.5")
+        one_of("ensemble.vmap", self.vmap, ("auto", True, False))
 
-PRECISIONS = ("32", "bf16", "16-mixed")
-LOSSES = ("cross_entropy", "mse")
-MONITORS = ("val_acc", "val_loss")
-# Model families whose structured (channel) pruning torch-pruning 1.6 cannot do.
-STRUCTURED_UNSUPPORTED = ("swin", "shufflenet")
-POLICIES = ("full", "linear_probe", "freeze_backbone", "gradual")
-DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
-# data.name -> (its name in messages, what torchvision expects under data.root)
-DATASET_FILES = {
-    "cifar10": ("CIFAR-10", "cifar-10-batches-py/"),
-    "cifar100": ("CIFAR-100", "cifar-100-python/"),
-    "mnist": ("MNIST", "MNIST/raw/"),
-    "fashion_mnist": ("Fashion-MNIST", "FashionMNIST/raw/"),
-}
-IMAGEFOLDER_LAYOUT = "train/<class>/<image> (val/ and test/ optional)"
-TASKS = ("train", "evaluate", "predict", "export")
-SPLITS = ("test", "val", "train")
-EXPORT_FORMATS = ("onnx", "torchscript")
-LOGGERS = ("csv", "tensorboard", "jsonl")
+    def sources(self) -> list[str]:
+        """Where members come from: the keys among members, checkpoints and sweep that are set."""
+        values = (("members", self.members), ("checkpoints", self.checkpoints), ("sweep", self.sweep))
+        return [key for key, value in values if value]
 
-# prune.name -> the schedules it supports (the first is its default)
-PRUNE_SCHEDULES = {
-    "threshold": ("oneshot", "iterative", "hierarchical"),
-    "magnitude": ("oneshot", "iterative", "hierarchical", "adaptive"),
-    "random": ("oneshot", "iterative", "hierarchical", "adaptive"),
-    "structured": ("oneshot", "iterative", "hierarchical", "adaptive"),
-    "layer": ("oneshot", "iterative", "adaptive"),
-    "quantize": ("oneshot",),
+
+class PruneConfig:
+    """The `prune` group: every method's keys (each reads its own; configs/prune/none.yaml describes them), and
+    `global`, added below by name: a Python keyword cannot be a parameter of a generated __init__."""
+
+    name: str = "none"
+    schedule: str = "oneshot"
+    steps: int = 3
+    ramp: str = "linear"
+    max_acc_drop: float = 0.01
+    finetune_epochs: int = 1
+    finetune_lr_mult: float = 0.1
+    amount: float = 0.5  # magnitude, random
+    ratio: float = 0.5  # structured
+    importance: str = "l1"  # structured
+    threshold: float = 0.01  # threshold
+    blocks: int = 1  # layer
+    mode: str = "auto"  # quantize
+    bits: int = 8  # quantize
+    backend: str = "x86"  # quantize
+    calibration_batches: int = 8  # quantize
+    latency_batch: int = 32
+    latency_threads: int = 1
+    latency_repeats: int = 10
+
+    def __init__(self, **values: Any) -> None:
+        for key, value in values.items():
+            setattr(self, key, value)
+
+    def check(self) -> None:
+        if self.name == "none":
+            return
+        one_of("prune.name", self.name, tuple(PRUNE_SCHEDULES))
+        schedules = PRUNE_SCHEDULES[self.name]
+        if self.schedule not in schedules:
+            raise UserError(
+                f"prune.schedule={self.schedule!r} is not available for prune={self.name}; "
+                f"choose one of {', '.join(schedules)}"
+            )
+        for key, what in (("amount", "sparsity"), ("ratio", "channel ratio")):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise UserError(
+                    f"prune.{key}={getattr(self, key)!r} is out of range; the {what} must be in [0, 1), e.g. 0.5"
+                )
+        for key, minimum in (("threshold", 0.0), ("max_acc_drop", 0.0), ("finetune_epochs", 0)):
+            at_least(f"prune.{key}", getattr(self, key), minimum)
+        for key in ("steps", "blocks", "calibration_batches", "latency_batch", "latency_threads", "latency_repeats"):
+            at_least(f"prune.{key}", getattr(self, key), 1)
+        if self.finetune_lr_mult <= 0:
+            raise UserError(f"prune.finetune_lr_mult={self.finetune_lr_mult} must be > 0, e.g. 0.1")
+        if not 2 <= self.bits <= 8:
+            raise UserError(f"prune.bits={self.bits} is out of range; use 2 to 8 (8: int8 kernels, fewer: fake)")
+        one_of("prune.importance", self.importance, PRUNE_IMPORTANCES)
+        one_of("prune.ramp", self.ramp, PRUNE_RAMPS)
+        one_of("prune.mode", self.mode, QUANTIZE_MODES)
+        one_of("prune.backend", self.backend, QUANTIZE_BACKENDS)
+
+
+PruneConfig.__annotations__["global"] = "bool"
+setattr(PruneConfig, "global", True)
+PruneConfig = dataclass(init=False, repr=False, eq=False)(PruneConfig)
+
+
+@dataclass
+class CVConfig:
+    folds: int = 0
+    refit: bool = True
+
+    def check(self, trainer: TrainerConfig) -> None:
+        if self.folds < 0 or self.folds == 1:
+            raise UserError(f"cv.folds={self.folds} is invalid; use 0 (off) or a number of folds >= 2, e.g. cv.folds=5")
+        if self.folds and trainer.epochs == 0:
+            raise UserError(
+                "cv.folds needs trainer.epochs > 0 (every fold trains a model); set trainer.epochs or cv.folds=0"
+            )
+
+
+@dataclass
+class EvaluateConfig:
+    split: str = "test"
+
+    def check(self) -> None:
+        one_of("evaluate.split", self.split, SPLITS)
+
+
+@dataclass
+class PredictConfig:
+    input: Optional[str] = None
+    batch_size: int = 64
+
+    def check(self) -> None:
+        at_least("predict.batch_size", self.batch_size, 1)
+
+
+@dataclass
+class ExportConfig:
+    format: str = "onnx"
+    tolerance: float = 1e-4
+
+    def check(self) -> None:
+        one_of("export.format", self.format, EXPORT_FORMATS)
+        if self.tolerance <= 0:
+            raise UserError(f"export.tolerance={self.tolerance} must be > 0, e.g. 1e-4")
+
+
+# key of the composed config -> its dataclass; stored in the ConfigStore as `<key>_schema`
+SCHEMAS: dict[str, type] = {
+    "trainer": TrainerConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "finetune": FinetuneConfig,
+    "augmentation": AugmentationConfig,
+    "ensemble": EnsembleConfig,
+    "prune": PruneConfig,
+    "cv": CVConfig,
+    "evaluate": EvaluateConfig,
+    "predict": PredictConfig,
+    "export": ExportConfig,
 }
-PRUNE_IMPORTANCES = ("l1", "l2", "taylor", "bn_scale", "fpgm", "random")
-PRUNE_RAMPS = ("linear", "cubic")
-QUANTIZE_MODES = ("auto", "static", "dynamic", "fake")
-QUANTIZE_BACKENDS = ("x86", "fbgemm", "qnnpack")
-ENSEMBLE_RULES = ("none", "average", "weighted", "vote")
+
+
+def register() -> None:
+    """Store every schema in Hydra's ConfigStore; importing shelltrain.configs calls this before Hydra composes."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for key, schema in SCHEMAS.items():
+        store.store(name=f"{key}_schema", node=schema)
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise UserError with one line for the first bad value in the composed config."""
-    trainer = _typed(cfg.trainer, TrainerSchema, "trainer")
+    trainer = trainer_config(cfg.trainer)
+    trainer.check()
     if "_target_" not in cfg.model:
-        _typed(cfg.model, ModelSchema, "model")
-    augmentation = _typed(cfg.augmentation, AugmentationSchema, "augmentation")
-
-    _at_least("trainer.epochs", trainer.epochs, 0)
-    _one_of("trainer.precision", trainer.precision, PRECISIONS)
-    _one_of("trainer.loss", trainer.loss, LOSSES)
-    _one_of("trainer.monitor", trainer.monitor, MONITORS)
-    if not (trainer.device in ("auto", "cpu", "cuda") or trainer.device.startswith("cuda:")):
-        raise UserError(f"trainer.device={trainer.device!r} is invalid; use auto, cpu, cuda or cuda:N")
-    _at_least("trainer.grad_clip", trainer.grad_clip, 0.0)
-    _at_least("trainer.accumulate", trainer.accumulate, 1)
-    _at_least("trainer.l1", trainer.l1, 0.0)
-    _at_least("trainer.overfit_batches", trainer.overfit_batches, 0)
-    _at_least("trainer.checkpoint_every_n_steps", trainer.checkpoint_every_n_steps, 0)
-    _at_least("trainer.keep_checkpoints", trainer.keep_checkpoints, 0)
-    _at_least("trainer.devices", trainer.devices, 1)
-    if trainer.resume is not None and trainer.resume != "auto":
-        path = Path(os.path.expanduser(trainer.resume))
-        if not path.exists():
-            raise UserError(
-                f"trainer.resume: '{trainer.resume}' does not exist; give a checkpoint file, a run directory or auto"
-            )
-    if not 0.0 <= trainer.label_smoothing < 1.0:
-        raise UserError(
-            f"trainer.label_smoothing={trainer.label_smoothing} is out of range; use a value in [0, 1), e.g. 0.1"
-        )
-    for key in ("patience", "limit_train_batches", "limit_val_batches", "limit_test_batches", "threads"):
-        value = getattr(trainer, key)
-        if value is not None:
-            _at_least(f"trainer.{key}", value, 0 if key == "patience" else 1)
-
-    check_data(cfg.data, files=cfg.get("task", "train") in ("train", "evaluate"))  # predict/export read no dataset
-
-    if "finetune" in cfg:
-        _check_finetune(_typed(cfg.finetune, FinetuneSchema, "finetune"))
-
-    for key in ("mixup_alpha", "cutmix_alpha"):
-        _at_least(f"augmentation.{key}", getattr(augmentation, key), 0.0)
+        to_schema(cfg.model, ModelConfig, "model")
+    augmentation = to_schema(cfg.augmentation, AugmentationConfig, "augmentation")
+    augmentation.check()
     if (augmentation.mixup_alpha or augmentation.cutmix_alpha) and trainer.loss != "cross_entropy":
         raise UserError("augmentation mixup/cutmix needs trainer.loss=cross_entropy (soft targets)")
-
-    if trainer.label_smoothing and trainer.loss != "cross_entropy":
-        raise UserError(
-            f"trainer.label_smoothing={trainer.label_smoothing} applies to trainer.loss=cross_entropy only "
-            f"(loss is {trainer.loss}); set trainer.label_smoothing=0"
-        )
-
-    _check_optimizer(cfg.optimizer)
-    prune = cfg.get("prune") or {}
-    _check_prune(prune)
-    ensemble = _typed(cfg.ensemble, EnsembleSchema, "ensemble")
+    check_data(cfg.data, files=cfg.get("task", "train") in ("train", "evaluate"))  # predict/export read no dataset
+    if "finetune" in cfg:
+        to_schema(cfg.finetune, FinetuneConfig, "finetune").check()
+    check_optimizer(cfg.optimizer)
+    prune = to_schema(cfg.get("prune") or {}, PruneConfig, "prune")
+    prune.check()
+    ensemble = to_schema(cfg.ensemble, EnsembleConfig, "ensemble")
+    ensemble.check()
     fuses = uses_ensemble(cfg)
-    _check_ensemble(ensemble, fuses, bool(cfg.model.get("weights")), trainer, cfg.get("cv"))
+    check_ensemble_run(ensemble, fuses, bool(cfg.model.get("weights")), trainer, cfg.get("cv"))
     # With pruning, the scheduler also sizes the fine-tuning: trainer.epochs=0 prunes a loaded model.
     # An ensemble of loaded members (no ensemble.members) trains nothing with trainer.epochs=0.
-    sized = prune.get("name", "none") == "none" and not (fuses and not ensemble.members)
-    _check_scheduler(cfg.scheduler, trainer.epochs if sized else 1)
-    _check_structured_support(cfg)
+    sized = prune.name == "none" and not (fuses and not ensemble.members)
+    check_scheduler(cfg.scheduler, trainer.epochs if sized else 1)
+    check_structured_support(cfg)
     if "cv" in cfg:
-        _check_cv(_typed(cfg.cv, CVSchema, "cv"), trainer)
+        to_schema(cfg.cv, CVConfig, "cv").check(trainer)
     if "gate" in cfg:
-        _check_gates(cfg.gate)
-    _check_task(cfg)
+        check_gates(cfg.gate)
+    for key, schema in (("evaluate", EvaluateConfig), ("predict", PredictConfig), ("export", ExportConfig)):
+        to_schema(cfg[key], schema, key).check()
+    check_task(cfg)
     if not isinstance(cfg.get("plots", True), bool):
         raise UserError(f"plots={cfg.plots!r} is invalid; use true or false")
-    _check_loggers(cfg.get("logger"))
+    check_loggers(cfg.get("logger"))
+
+
+def trainer_config(node: DictConfig) -> TrainerConfig:
+    """The `trainer` group as a TrainerConfig (what the engine takes, once `device` is resolved)."""
+    return to_schema(node, TrainerConfig, "trainer")
 
 
 def check_data(node: DictConfig, files: bool = True) -> None:
     """The data group's checks, and with `files` that data.root is there, so that a mistyped path is named before
     torch is imported. build_data() runs them too, for callers that skip validate()."""
-    data = _typed(node, DataSchema, "data")
-    if data.source is None:
-        _one_of("data.name", data.name, DATASETS)
-    if data.image_size is not None:
-        _at_least("data.image_size", data.image_size, 1)
-    _at_least("data.batch_size", data.batch_size, 1)
-    _at_least("data.num_workers", data.num_workers, 0)
-    if data.eval_batch_size is not None:
-        _at_least("data.eval_batch_size", data.eval_batch_size, 1)
-    if data.channels is not None:
-        _one_of("data.channels", data.channels, (1, 3))
-    for key in ("val_fraction", "test_fraction"):
-        value = getattr(data, key)
-        if not 0.0 <= value < 1.0:
-            raise UserError(f"data.{key}={value} is out of range; use a fraction in [0, 1), e.g. 0.1")
-    if data.val_fraction + data.test_fraction >= 1.0:
-        raise UserError(
-            f"data.val_fraction + data.test_fraction = {data.val_fraction + data.test_fraction:g} leaves "
-            "no training data; keep their sum below 1, e.g. data.val_fraction=0.1 data.test_fraction=0.2"
-        )
-    if (data.mean is None) != (data.std is None) or (data.mean is not None and len(data.mean) != len(data.std or [])):
-        raise UserError("data.mean and data.std must both be null or lists of the same length")
-    if data.std is not None and any(s <= 0 for s in data.std):
-        raise UserError(f"data.std={list(data.std)} must be positive")
-    if data.limit_samples is not None:
-        _at_least("data.limit_samples", data.limit_samples, 1)
-    if data.samples_per_class is not None:
-        _at_least("data.samples_per_class", data.samples_per_class, 1)
-    if data.classes is not None and len(data.classes) < 2:
-        raise UserError(
-            f"data.classes={list(data.classes)} picks fewer than 2 classes; a classifier needs at least two"
-        )
-    if data.classes is not None and len(set(map(str, data.classes))) != len(data.classes):
-        raise UserError(f"data.classes={list(data.classes)} names a class twice; list each class once")
-    if data.name == "synthetic":
-        for key in ("num_samples", "num_classes"):
-            value = getattr(data, key)
-            if value is None or value < 2:
-                raise UserError(f"data.{key}={value} is out of range; data=synthetic needs at least 2")
+    data = to_schema(node, DataConfig, "data")
+    data.check()
     if files and data.source is None and (data.name in DATASET_FILES or data.name == "imagefolder"):
         _check_data_root(node)
 
@@ -313,6 +479,8 @@ def _check_data_root(data: DictConfig) -> None:
 
 def data_root(data: DictConfig) -> Path:
     """data.root as an absolute path (relative ones are taken from where the user launched the run)."""
+    from hydra.utils import to_absolute_path
+
     if OmegaConf.is_missing(data, "root") or data.root is None:
         if data.name == "imagefolder":
             holding = f"an image folder laid out as {IMAGEFOLDER_LAYOUT}"
@@ -323,264 +491,6 @@ def data_root(data: DictConfig) -> Path:
     return Path(to_absolute_path(os.path.expanduser(str(data.root))))
 
 
-def _check_task(cfg: DictConfig) -> None:
-    _one_of("task", cfg.task, TASKS)
-    _one_of("evaluate.split", _typed(cfg.evaluate, EvaluateSchema, "evaluate").split, SPLITS)
-    _at_least("predict.batch_size", _typed(cfg.predict, PredictSchema, "predict").batch_size, 1)
-    export = _typed(cfg.export, ExportSchema, "export")
-    _one_of("export.format", export.format, EXPORT_FORMATS)
-    if export.tolerance <= 0:
-        raise UserError(f"export.tolerance={export.tolerance} must be > 0, e.g. 1e-4")
-    weights = cfg.model.get("weights")
-    if cfg.task != "train" and not weights:
-        raise UserError(f"task={cfg.task} needs the trained model: add model.weights=<run directory or checkpoint>")
-    if cfg.task == "predict" and not cfg.predict.input:
-        raise UserError("task=predict needs images: add predict.input=<folder of images>")
-
-
-def _check_loggers(loggers: DictConfig | None) -> None:
-    """Each entry of `logger` is a packaged logger or one of the user's with a `_target_`."""
-    for name, options in (loggers or {}).items():
-        if name not in LOGGERS and not (isinstance(options, DictConfig) and options.get("_target_")):
-            raise UserError(
-                f"logger.{name} is not a logger; choose from {', '.join(LOGGERS)} "
-                "(several at once: logger=[csv,tensorboard]) or give it a _target_"
-            )
-
-
-def _check_finetune(finetune: FinetuneSchema) -> None:
-    _one_of("finetune.policy", finetune.policy, POLICIES)
-    _at_least("finetune.unfreeze_at", finetune.unfreeze_at, 0)
-    _at_least("finetune.unfreeze_every", finetune.unfreeze_every, 1)
-    _at_least("finetune.backbone_lr_mult", finetune.backbone_lr_mult, 0.0)
-    if not 0.0 < finetune.layer_decay <= 1.0:
-        raise UserError(
-            f"finetune.layer_decay={finetune.layer_decay} is out of range; "
-            "use a value in (0, 1], e.g. 0.75 (1 disables it)"
-        )
-
-
-def _check_optimizer(optimizer: DictConfig) -> None:
-    if not optimizer.get("_target_"):
-        raise UserError("optimizer._target_ is missing; pick an option, e.g. optimizer=adamw")
-    lr = optimizer.get("lr")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
-        raise UserError(
-            f"optimizer.lr={lr!r} is invalid; the learning rate must be a number > 0, e.g. optimizer.lr=0.01"
-        )
-    decay = optimizer.get("weight_decay", 0.0)
-    if not isinstance(decay, (int, float)) or decay < 0:
-        raise UserError(f"optimizer.weight_decay={decay!r} is invalid; use a number >= 0, e.g. 5e-4")
-
-
-def _check_scheduler(scheduler: DictConfig, epochs: int) -> None:
-    interval = scheduler.get("interval", "epoch")
-    _one_of("scheduler.interval", interval, ("epoch", "step"))
-    if "ReduceLROnPlateau" in str(scheduler.get("_target_")) and interval != "epoch":
-        raise UserError(
-            "scheduler=plateau steps on the validation metric, once per epoch; set scheduler.interval=epoch"
-        )
-    if scheduler.get("_target_") and "total_steps" in scheduler and epochs == 0:
-        raise UserError(
-            "scheduler needs trainer.epochs > 0 to size its schedule; use scheduler=none with trainer.epochs=0"
-        )
-
-
 def uses_ensemble(cfg: DictConfig) -> bool:
     """Whether a run fuses members: a rule is chosen, or model.weights names an ensemble run directory."""
     return cfg.ensemble.name != "none" or ensemble_dir(cfg.model.get("weights")) is not None
-
-
-def _check_ensemble(
-    ensemble: EnsembleSchema, fuses: bool, model_weights: bool, trainer: TrainerSchema, cv: DictConfig | None
-) -> None:
-    """Values and combinations; member counts (ensemble.weights) and paths are checked when members are gathered."""
-    _one_of("ensemble.name", ensemble.name, ENSEMBLE_RULES)
-    if fuses:
-        if trainer.resume is not None and (
-            trainer.resume == "auto" or not Path(os.path.expanduser(trainer.resume)).is_dir()
-        ):
-            raise UserError(
-                f"trainer.resume={trainer.resume}: an ensemble run resumes from its run directory "
-                "(trainer.resume=<run dir>); auto and checkpoint files apply to single runs"
-            )
-        if cv is not None and cv.get("folds"):
-            raise UserError("cv.folds does not apply to an ensemble run; set cv.folds=0 or ensemble=none")
-    members = ensemble.members
-    if isinstance(members, bool) or not (
-        members is None
-        or isinstance(members, int)
-        and members >= 1
-        or isinstance(members, list)
-        and members
-        and all(isinstance(m, (str, list, dict)) for m in members)
-    ):
-        raise UserError(
-            f"ensemble.members={members!r} is invalid; use a count >= 1 (e.g. ensemble.members=3) or a list of "
-            "override sets, one per member, e.g. \"ensemble.members=['model=cnn','model=resnet18']\""
-        )
-    checkpoints = ensemble.checkpoints if isinstance(ensemble.checkpoints, list) else [ensemble.checkpoints]
-    if not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in checkpoints):  # a dir may be named 1
-        raise UserError(
-            f"ensemble.checkpoints={checkpoints!r} is invalid; give run directories or checkpoint files, "
-            "e.g. ensemble.checkpoints=[outputs/A,outputs/B/checkpoints/best.pt]"
-        )
-    sources = [
-        key
-        for key, value in (("members", members), ("checkpoints", ensemble.checkpoints), ("sweep", ensemble.sweep))
-        if value
-    ]
-    if ensemble.members and trainer.epochs == 0:
-        raise UserError(
-            "ensemble.members trains its members in this run and needs trainer.epochs > 0; "
-            "to fuse trained models set ensemble.checkpoints or ensemble.sweep instead"
-        )
-    if ensemble.name == "none" and sources:
-        raise UserError(
-            f"ensemble.{sources[0]} is set but ensemble=none; pick a rule to fuse the members: "
-            "ensemble=average, ensemble=weighted or ensemble=vote"
-        )
-    if ensemble.name != "none" and not sources and not model_weights:
-        raise UserError(
-            f"ensemble={ensemble.name} has no members; set ensemble.members=K (train K here), "
-            "ensemble.checkpoints=[run dirs or .pt files] or ensemble.sweep=<multirun dir>"
-        )
-    if ensemble.top_k is not None:
-        _at_least("ensemble.top_k", ensemble.top_k, 1)
-        if not ensemble.sweep:
-            raise UserError("ensemble.top_k picks jobs of a sweep; set ensemble.sweep=<multirun dir> too")
-    if ensemble.weights is not None:
-        if ensemble.name != "weighted":
-            raise UserError(f"ensemble.weights is used by ensemble=weighted, not ensemble={ensemble.name}")
-        if any(w < 0 for w in ensemble.weights) or sum(ensemble.weights) <= 0:
-            raise UserError(f"ensemble.weights={list(ensemble.weights)} must be >= 0 with a positive sum")
-    if ensemble.temperature <= 0:
-        raise UserError(f"ensemble.temperature={ensemble.temperature} is out of range; it must be > 0, e.g. 0.5")
-    _one_of("ensemble.vmap", ensemble.vmap, ("auto", True, False))
-
-
-def _check_structured_support(cfg: DictConfig) -> None:
-    """Architectures torch-pruning's dependency graph cannot prune structurally fail here, not after training."""
-    prune = cfg.get("prune")
-    if prune is None or prune.get("name") != "structured":
-        return
-    model = str(cfg.model.get("name") or cfg.model.get("_target_") or "")
-    unsupported = [family for family in STRUCTURED_UNSUPPORTED if model.lower().startswith(family)]
-    if unsupported:
-        raise UserError(
-            f"prune=structured cannot prune model {model!r}: torch-pruning does not handle {unsupported[0]} "
-            "models (channel shuffles / shifted windows); use prune=magnitude or a resnet, mobilenet or efficientnet"
-        )
-
-
-def _check_cv(cv: CVSchema, trainer: TrainerSchema) -> None:
-    if cv.folds < 0 or cv.folds == 1:
-        raise UserError(f"cv.folds={cv.folds} is invalid; use 0 (off) or a number of folds >= 2, e.g. cv.folds=5")
-    if cv.folds and trainer.epochs == 0:
-        raise UserError(
-            "cv.folds needs trainer.epochs > 0 (every fold trains a model); set trainer.epochs or cv.folds=0"
-        )
-
-
-def _check_gates(gate: DictConfig) -> None:
-    from shelltrain.gates import parse_key
-
-    limits: dict[tuple[str, str], float] = {}
-    for key, value in gate.items():
-        parsed = parse_key(str(key))
-        if parsed is None:
-            raise UserError(
-                f"gate.{key}: a gate key is <metric>_min or <metric>_max, e.g. gate.test_acc_min=0.9 "
-                "or gate.wall_seconds_max=600"
-            )
-        if value is None:
-            continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
-            raise UserError(f"gate.{key}={value!r} is invalid; a gate limit is a number, e.g. gate.{key}=0.9")
-        limits[parsed] = float(value)
-    for (metric, bound), low in limits.items():
-        high = limits.get((metric, "max"))
-        if bound == "min" and high is not None and low > high:
-            raise UserError(f"gate.{metric}_min={low:g} > gate.{metric}_max={high:g}: no run can pass both")
-
-
-def _check_prune(prune: Any) -> None:
-    """Values of the `prune` group; which keys exist is up to each option's YAML (Hydra rejects others)."""
-    name = prune.get("name", "none")
-    if name == "none":
-        return
-    _one_of("prune.name", name, tuple(PRUNE_SCHEDULES))
-    if "schedule" in prune:
-        schedules = PRUNE_SCHEDULES[name]
-        if prune.schedule not in schedules:
-            raise UserError(
-                f"prune.schedule={prune.schedule!r} is not available for prune={name}; "
-                f"choose one of {', '.join(schedules)}"
-            )
-    fractions = {"amount": "sparsity", "ratio": "channel ratio"}
-    for key, what in fractions.items():
-        if key in prune and not (isinstance(prune[key], (int, float)) and 0.0 <= prune[key] < 1.0):
-            raise UserError(f"prune.{key}={prune[key]!r} is out of range; the {what} must be in [0, 1), e.g. 0.5")
-    minimums = {
-        "threshold": 0.0,
-        "steps": 1,
-        "finetune_epochs": 0,
-        "max_acc_drop": 0.0,
-        "blocks": 1,
-        "calibration_batches": 1,
-        "latency_batch": 1,
-        "latency_threads": 1,
-        "latency_repeats": 1,
-    }
-    for key, minimum in minimums.items():
-        if key in prune:
-            _number(f"prune.{key}", prune[key], integer=isinstance(minimum, int))
-            _at_least(f"prune.{key}", prune[key], minimum)
-    if "finetune_lr_mult" in prune:
-        _number("prune.finetune_lr_mult", prune.finetune_lr_mult)
-        if prune.finetune_lr_mult <= 0:
-            raise UserError(f"prune.finetune_lr_mult={prune.finetune_lr_mult} must be > 0, e.g. 0.1")
-    if "bits" in prune:
-        _number("prune.bits", prune.bits, integer=True)
-        if not 2 <= prune.bits <= 8:
-            raise UserError(f"prune.bits={prune.bits} is out of range; use 2 to 8 (8: int8 kernels, fewer: fake)")
-    choices = {
-        "importance": PRUNE_IMPORTANCES,
-        "ramp": PRUNE_RAMPS,
-        "mode": QUANTIZE_MODES,
-        "backend": QUANTIZE_BACKENDS,
-    }
-    for key, allowed in choices.items():
-        if key in prune:
-            _one_of(f"prune.{key}", prune[key], allowed)
-    if "global" in prune and not isinstance(prune["global"], bool):
-        raise UserError(f"prune.global={prune['global']!r} must be true or false")
-
-
-def _number(key: str, value: Any, integer: bool = False) -> None:
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if not ok or isinstance(value, bool):
-        raise UserError(f"{key}={value!r} has the wrong type; it must be {'an integer' if integer else 'a number'}")
-
-
-def _typed(node: DictConfig, schema: type, key: str) -> Any:
-    """Merge a group into its schema: wrong types and unknown keys fail here with the full key."""
-    try:
-        # Resolve first: a group's interpolations (e.g. ${data.image_size}) point outside the group.
-        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(node, resolve=True))
-    except ValidationError as exc:
-        raise UserError(f"{key}.{exc.full_key}={exc.value!r} has the wrong type; {exc.msg.splitlines()[0]}") from None
-    except ConfigKeyError as exc:
-        allowed = ", ".join(f.name for f in schema.__dataclass_fields__.values())
-        raise UserError(f"unknown key '{key}.{exc.key}'; valid keys of {key}: {allowed}") from None
-    return OmegaConf.to_object(merged)
-
-
-def _at_least(key: str, value: float, minimum: float) -> None:
-    if value < minimum:
-        raise UserError(f"{key}={value} is out of range; it must be >= {minimum}")
-
-
-def _one_of(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise UserError(f"{key}={value!r} is invalid; choose one of {', '.join(map(str, allowed))}")

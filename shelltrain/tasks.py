@@ -25,19 +25,20 @@ from torchvision.transforms import v2
 from shelltrain import rundir
 from shelltrain.data import DataBundle, FileImages, build_data
 from shelltrain.data.transforms import to_float_transforms
-from shelltrain.engine import TrainSettings, predict
+from shelltrain.engine import predict
 from shelltrain.errors import UserError
 from shelltrain.export import FORMATS, INSTALL_HINT, export_model, run_exported
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
 from shelltrain.plots import plot_confusion_matrix
 from shelltrain.report import say, summary_table
 from shelltrain.rundir import write_json
+from shelltrain.schema import TrainerConfig
 from shelltrain.trained import load_trained_model
 
 EXPORT_CHECK_BATCH = 8  # images of the export check; the example the exporter traces has another size
 
 
-def run_task(cfg: DictConfig, run_dir: Path, settings: TrainSettings, console: Console) -> float | None:
+def run_task(cfg: DictConfig, run_dir: Path, settings: TrainerConfig, console: Console) -> float | None:
     """Run `cfg.task` (evaluate, predict or export); returns evaluate's accuracy for sweepers."""
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,7 @@ def run_task(cfg: DictConfig, run_dir: Path, settings: TrainSettings, console: C
 
 
 def evaluate_task(
-    cfg: DictConfig, run_dir: Path, settings: TrainSettings, console: Console, model: nn.Module, checkpoint: dict
+    cfg: DictConfig, run_dir: Path, settings: TrainerConfig, console: Console, model: nn.Module, checkpoint: dict
 ) -> tuple[dict[str, Any], float]:
     """Accuracy, loss, top-5 and per-class scores on `evaluate.split` of the configured data."""
     split = cfg.evaluate.split
@@ -80,7 +81,7 @@ def evaluate_task(
 
 
 def predict_task(
-    cfg: DictConfig, run_dir: Path, settings: TrainSettings, console: Console, model: nn.Module, checkpoint: dict
+    cfg: DictConfig, run_dir: Path, settings: TrainerConfig, console: Console, model: nn.Module, checkpoint: dict
 ) -> tuple[dict[str, Any], None]:
     """predictions.csv: file (relative to predict.input), class, probability, for every image under the folder."""
     folder = Path(to_absolute_path(os.path.expanduser(str(cfg.predict.input))))
@@ -113,7 +114,7 @@ def predict_task(
 
 
 def export_task(
-    cfg: DictConfig, run_dir: Path, settings: TrainSettings, console: Console, model: nn.Module, checkpoint: dict
+    cfg: DictConfig, run_dir: Path, settings: TrainerConfig, console: Console, model: nn.Module, checkpoint: dict
 ) -> tuple[dict[str, Any], None]:
     """The model as ONNX or TorchScript, checked against PyTorch's logits on a seeded random batch."""
     fmt, tolerance = cfg.export.format, float(cfg.export.tolerance)

@@ -30,7 +30,6 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from shelltrain.engine import TrainSettings
 from shelltrain.errors import UserError
 from shelltrain.models import set_submodule
 from shelltrain.prune import layer, ptq, structured, unstructured
@@ -38,7 +37,7 @@ from shelltrain.prune import quantize as quantization
 from shelltrain.prune.context import Context, Finetune, Outcome
 from shelltrain.prune.measure import LatencySpec, cpu_copy, device_of, measure, measure_latency, torch_pruning
 from shelltrain.prune.report import build_report, describe
-from shelltrain.schema import PRUNE_SCHEDULES
+from shelltrain.schema import PRUNE_SCHEDULES, TrainerConfig
 
 PRIOR_OPS = "_shelltrain_pruning_ops"  # set by `rebuild`: what a loaded model already went through
 
@@ -64,7 +63,7 @@ def prune_model(
     cfg: DictConfig,
     model: nn.Module,
     data: Any,
-    settings: TrainSettings,
+    settings: TrainerConfig,
     finetune: Finetune,
     *,
     arch: str | None = None,

@@ -29,8 +29,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from shelltrain.engine import TrainSettings
 from shelltrain.errors import UserError
+from shelltrain.schema import TrainerConfig
 
 _NOISE = (
     r"(?s).*torch\.ao\.quantization is deprecated",
@@ -140,7 +140,7 @@ def is_quantized(model: nn.Module) -> bool:
     return any(_is_quantized_module(m) for m in model.modules())
 
 
-def eval_settings(model: nn.Module, settings: TrainSettings) -> TrainSettings:
+def eval_settings(model: nn.Module, settings: TrainerConfig) -> TrainerConfig:
     """Where `model` can be evaluated: quantized kernels run on the CPU only, in float32 around them."""
     if is_quantized(model):
         return replace(settings, device=torch.device("cpu"), precision="32")

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures_data import label_of, make_cifar10, make_cifar100, make_fashion_mnist, make_imagefolder, make_mnist
+from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 
 from shelltrain.data import DataBundle, build_data
@@ -24,14 +25,11 @@ def one_thread():
 
 
 def make_cfg(data: str = "digits", augmentation: str = "none", *overrides: str) -> DictConfig:
-    """Both groups under one root, as Hydra composes them, so ${data.image_size} resolves; overrides as on the CLI."""
-    cfg = OmegaConf.create(
-        {
-            "data": OmegaConf.load(CONFIGS / "data" / f"{data}.yaml"),
-            "augmentation": OmegaConf.load(CONFIGS / "augmentation" / f"{augmentation}.yaml"),
-        }
-    )
-    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    """Both groups as Hydra composes them (over their schemas) under one root, so ${data.image_size} resolves;
+    overrides as on the CLI."""
+    with initialize_config_module(config_module="shelltrain.configs", version_base="1.3"):
+        composed = compose("train", overrides=[f"data={data}", f"augmentation={augmentation}", *overrides])
+    cfg = OmegaConf.masked_copy(composed, ["data", "augmentation"])
     OmegaConf.set_struct(cfg, True)  # as Hydra does: reading a key an option lacks is an error
     return cfg
 

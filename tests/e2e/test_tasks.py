@@ -79,7 +79,8 @@ def test_evaluate_refuses_data_the_model_cannot_read(trained, tmp_path):
 def test_predict_writes_one_row_per_image_with_the_models_own_answer(trained, tmp_path):
     run_dir, _ = trained
     from shelltrain.data import build_data
-    from shelltrain.engine import TrainSettings, predict
+    from shelltrain.engine import predict
+    from shelltrain.schema import TrainerConfig
     from shelltrain.trained import load_trained_model
 
     cfg = compose_config()
@@ -97,7 +98,7 @@ def test_predict_writes_one_row_per_image_with_the_models_own_answer(trained, tm
     assert summary["images"] == len(rows) == 12 and set(rows[0]) == {"file", "class", "probability"}
 
     model, checkpoint, _ = load_trained_model(str(run_dir))
-    settings = TrainSettings(epochs=0, device=torch.device("cpu"), channels_last=True)  # as the task's
+    settings = TrainerConfig(epochs=0, device=torch.device("cpu"), channels_last=True)  # as the task's
     logits, _ = predict(model, data.test, settings, limit=1)
     expected = logits[:12].softmax(1).max(1)
     by_file = {r["file"]: r for r in rows}

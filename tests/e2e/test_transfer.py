@@ -13,11 +13,12 @@ import torchvision
 from conftest import compose_config, run_in_process
 
 from shelltrain.data import build_data
-from shelltrain.engine import Callback, TrainSettings, fit
+from shelltrain.engine import Callback, fit
 from shelltrain.errors import UserError
 from shelltrain.finetune import FinetunePolicy, backbone_units
 from shelltrain.models import build_model
 from shelltrain.optim import build_optimizer, build_scheduler
+from shelltrain.schema import TrainerConfig
 from shelltrain.transfer import load_weights, open_weights
 
 CNN = ["model=cnn", "model.width=8", "scheduler=none"]
@@ -401,7 +402,7 @@ def _train_with_policy(*finetune: str, epochs: int, lr_mult: bool = False):
         data.val,
         optimizer,
         None,
-        TrainSettings(epochs=epochs, device=torch.device("cpu")),
+        TrainerConfig(epochs=epochs, device=torch.device("cpu")),
         callbacks=[policy, snapshots],
     )
     return policy, snapshots.states

@@ -7,9 +7,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from shelltrain.engine import TrainSettings
 from shelltrain.prune import prune_model, rebuild
 from shelltrain.prune.report import tradeoff_rows
+from shelltrain.schema import TrainerConfig
 
 QUICK = {"finetune_epochs": 0, "latency_batch": 2, "latency_repeats": 1, "schedule": "oneshot"}
 
@@ -35,7 +35,7 @@ def batches(n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def prune(model: nn.Module, **cfg):
     data = type("Data", (), {"train": batches(), "val": batches(), "test": batches()})
-    settings = TrainSettings(epochs=0, device=torch.device("cpu"))
+    settings = TrainerConfig(epochs=0, device=torch.device("cpu"))
     return prune_model(OmegaConf.create({**QUICK, **cfg}), model, data, settings, finetune=None, say=lambda m: None)
 
 

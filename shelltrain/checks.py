@@ -1,0 +1,169 @@
+"""The checks no group dataclass owns: those of the groups without one, whose keys are the user's (a `_target_`'s
+arguments, any gate, any logger: only the keys shelltrain itself reads are checked), and those that span groups.
+shelltrain.schema.validate() calls them; the value checks of each group sit beside its fields in schema.py."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from shelltrain.errors import UserError
+
+if TYPE_CHECKING:
+    from shelltrain.schema import EnsembleConfig, TrainerConfig
+
+LOGGERS = ("csv", "tensorboard", "jsonl")
+TASKS = ("train", "evaluate", "predict", "export")
+# Model families whose structured (channel) pruning torch-pruning 1.6 cannot do.
+STRUCTURED_UNSUPPORTED = ("swin", "shufflenet")
+
+
+def check_optimizer(optimizer: DictConfig) -> None:
+    if not optimizer.get("_target_"):
+        raise UserError("optimizer._target_ is missing; pick an option, e.g. optimizer=adamw")
+    lr = optimizer.get("lr")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
+        raise UserError(
+            f"optimizer.lr={lr!r} is invalid; the learning rate must be a number > 0, e.g. optimizer.lr=0.01"
+        )
+    decay = optimizer.get("weight_decay", 0.0)
+    if not isinstance(decay, (int, float)) or decay < 0:
+        raise UserError(f"optimizer.weight_decay={decay!r} is invalid; use a number >= 0, e.g. 5e-4")
+
+
+def check_scheduler(scheduler: DictConfig, epochs: int) -> None:
+    """`epochs`: what the schedule is sized by (0 trains nothing, which a total_steps schedule cannot size)."""
+    interval = scheduler.get("interval", "epoch")
+    if interval not in ("epoch", "step"):
+        raise UserError(f"scheduler.interval={interval!r} is invalid; choose one of epoch, step")
+    if "ReduceLROnPlateau" in str(scheduler.get("_target_")) and interval != "epoch":
+        raise UserError(
+            "scheduler=plateau steps on the validation metric, once per epoch; set scheduler.interval=epoch"
+        )
+    if scheduler.get("_target_") and "total_steps" in scheduler and epochs == 0:
+        raise UserError(
+            "scheduler needs trainer.epochs > 0 to size its schedule; use scheduler=none with trainer.epochs=0"
+        )
+
+
+def check_gates(gate: DictConfig) -> None:
+    """gate.<metric>_min / _max: numbers (or null), and no pair that no run can pass."""
+    from shelltrain.gates import parse_key
+
+    limits: dict[tuple[str, str], float] = {}
+    for key, value in gate.items():
+        parsed = parse_key(str(key))
+        if parsed is None:
+            raise UserError(
+                f"gate.{key}: a gate key is <metric>_min or <metric>_max, e.g. gate.test_acc_min=0.9 "
+                "or gate.wall_seconds_max=600"
+            )
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+            raise UserError(f"gate.{key}={value!r} is invalid; a gate limit is a number, e.g. gate.{key}=0.9")
+        limits[parsed] = float(value)
+    for (metric, bound), low in limits.items():
+        high = limits.get((metric, "max"))
+        if bound == "min" and high is not None and low > high:
+            raise UserError(f"gate.{metric}_min={low:g} > gate.{metric}_max={high:g}: no run can pass both")
+
+
+def check_loggers(loggers: DictConfig | None) -> None:
+    """Each entry of `logger` is a packaged logger or one of the user's with a `_target_`."""
+    for name, options in (loggers or {}).items():
+        if name not in LOGGERS and not (isinstance(options, DictConfig) and options.get("_target_")):
+            raise UserError(
+                f"logger.{name} is not a logger; choose from {', '.join(LOGGERS)} "
+                "(several at once: logger=[csv,tensorboard]) or give it a _target_"
+            )
+
+
+def check_task(cfg: DictConfig) -> None:
+    """evaluate, predict and export use a trained model and train nothing."""
+    one_of("task", cfg.task, TASKS)
+    if cfg.task != "train" and not cfg.model.get("weights"):
+        raise UserError(f"task={cfg.task} needs the trained model: add model.weights=<run directory or checkpoint>")
+    if cfg.task == "predict" and not cfg.predict.input:
+        raise UserError("task=predict needs images: add predict.input=<folder of images>")
+
+
+def check_ensemble_run(
+    ensemble: EnsembleConfig, fuses: bool, model_weights: bool, trainer: TrainerConfig, cv: Any
+) -> None:
+    """The ensemble group against the rest of the run: resuming, cross-validation, epochs, a rule without members."""
+    if fuses:
+        if trainer.resume is not None and (
+            trainer.resume == "auto" or not Path(os.path.expanduser(trainer.resume)).is_dir()
+        ):
+            raise UserError(
+                f"trainer.resume={trainer.resume}: an ensemble run resumes from its run directory "
+                "(trainer.resume=<run dir>); auto and checkpoint files apply to single runs"
+            )
+        if cv is not None and cv.get("folds"):
+            raise UserError("cv.folds does not apply to an ensemble run; set cv.folds=0 or ensemble=none")
+    sources = ensemble.sources()
+    if ensemble.members and trainer.epochs == 0:
+        raise UserError(
+            "ensemble.members trains its members in this run and needs trainer.epochs > 0; "
+            "to fuse trained models set ensemble.checkpoints or ensemble.sweep instead"
+        )
+    if ensemble.name == "none" and sources:
+        raise UserError(
+            f"ensemble.{sources[0]} is set but ensemble=none; pick a rule to fuse the members: "
+            "ensemble=average, ensemble=weighted or ensemble=vote"
+        )
+    if ensemble.name != "none" and not sources and not model_weights:
+        raise UserError(
+            f"ensemble={ensemble.name} has no members; set ensemble.members=K (train K here), "
+            "ensemble.checkpoints=[run dirs or .pt files] or ensemble.sweep=<multirun dir>"
+        )
+
+
+def check_structured_support(cfg: DictConfig) -> None:
+    """Architectures torch-pruning's dependency graph cannot prune structurally fail here, not after training."""
+    prune = cfg.get("prune")
+    if prune is None or prune.get("name") != "structured":
+        return
+    model = str(cfg.model.get("name") or cfg.model.get("_target_") or "")
+    unsupported = [family for family in STRUCTURED_UNSUPPORTED if model.lower().startswith(family)]
+    if unsupported:
+        raise UserError(
+            f"prune=structured cannot prune model {model!r}: torch-pruning does not handle {unsupported[0]} "
+            "models (channel shuffles / shifted windows); use prune=magnitude or a resnet, mobilenet or efficientnet"
+        )
+
+
+def at_least(key: str, value: float | None, minimum: float) -> None:
+    """`value` (None: unset, which passes) is at least `minimum`."""
+    if value is not None and value < minimum:
+        raise UserError(f"{key}={value} is out of range; it must be >= {minimum}")
+
+
+def one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise UserError(f"{key}={value!r} is invalid; choose one of {', '.join(map(str, allowed))}")
+
+
+def to_schema(node: Any, schema: type, key: str) -> Any:
+    """Merge a group into its dataclass and return an instance: wrong types and unknown keys fail with the full key."""
+    try:
+        # Resolve first: a group's interpolations (e.g. ${data.image_size}) point outside the group.
+        values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+        merged = OmegaConf.merge(OmegaConf.structured(schema), values)
+    except ValidationError as exc:
+        raise UserError(wrong_type(exc, f"{key}.")) from None
+    except ConfigKeyError as exc:
+        allowed = ", ".join(schema.__dataclass_fields__)
+        raise UserError(f"unknown key '{key}.{exc.key}'; valid keys of {key}: {allowed}") from None
+    return OmegaConf.to_object(merged)
+
+
+def wrong_type(exc: ValidationError, prefix: str = "") -> str:
+    """The one-line message for a value OmegaConf cannot convert to its key's type (here or while composing)."""
+    return f"{prefix}{exc.full_key}={exc.value!r} has the wrong type; {exc.msg.splitlines()[0]}"

@@ -1,0 +1,125 @@
+"""The group schemas: every packaged option composes against its dataclass and validates, the dataclass defaults
+agree with the default options' YAML, and the checks beside the fields give their one-line messages."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+from conftest import compose_config
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from shelltrain.errors import UserError
+from shelltrain.schema import (
+    SCHEMAS,
+    DataConfig,
+    EnsembleConfig,
+    PruneConfig,
+    TrainerConfig,
+    check_data,
+    to_schema,
+    validate,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__"))
+OPTIONS = [(group, f.stem) for group in GROUPS for f in sorted((CONFIGS / group).glob("*.yaml"))]
+# What an option needs besides itself to validate ({root} is a folder holding train/).
+NEEDS = {
+    ("model", "torchvision"): ["model.name=regnet_y_400mf"],
+    ("ensemble", "average"): ["ensemble.members=2"],
+    ("ensemble", "weighted"): ["ensemble.members=2"],
+    ("ensemble", "vote"): ["ensemble.members=2"],
+    ("logger", "tensorboard"): [],
+}
+ROOTED = {"cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "finetune_imagefolder", "cifar10_resnet18"}
+# Facts of the default dataset (digits' published statistics), not defaults of every dataset: null measures them.
+DATASET_FACTS = {"mean", "std"}
+
+
+def _option_overrides(group: str, option: str, root: Path) -> list[str]:
+    choice = f"{group}=[{option}]" if group == "logger" else f"{group}={option}"
+    extra = list(NEEDS.get((group, option), []))
+    if option in ROOTED:
+        extra.append(f"data.root={root}")
+    return [choice, *extra]
+
+
+@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_against_its_schema_and_validates(group, option, tmp_path):
+    if group == "hparams_search" and importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        pytest.skip("the Optuna sweeper plugin is not installed")
+    (tmp_path / "train").mkdir()
+    cfg = compose_config(*_option_overrides(group, option, tmp_path))
+    validate(cfg)
+    for key, schema in SCHEMAS.items():  # typed while composing, whichever option filled it
+        if not (key == "model" and cfg.model.name == "regnet_y_400mf"):  # model=torchvision stays free-form
+            assert OmegaConf.get_type(cfg[key]) is schema, key
+
+
+def test_schema_defaults_equal_the_default_options():
+    with initialize_config_module(config_module="shelltrain.configs", version_base="1.3"):
+        cfg = compose(config_name="train")
+    for key, schema in SCHEMAS.items():
+        values = OmegaConf.to_container(cfg[key], resolve=True)
+        for f in dataclasses.fields(schema):
+            if key == "data" and f.name in DATASET_FACTS:
+                continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            assert values[f.name] == default, f"{key}.{f.name}: schema {default!r}, YAML {values[f.name]!r}"
+
+
+def test_prune_options_share_the_base_and_set_their_own_values():
+    structured = compose_config("prune=structured").prune
+    assert structured["global"] is False and structured.finetune_epochs == 3 and structured.latency_repeats == 10
+    assert compose_config("prune=magnitude").prune["global"] is True
+    assert getattr(to_schema(structured, PruneConfig, "prune"), "global") is False
+
+
+def test_misspelled_key_fails_while_composing_and_a_plus_key_is_added():
+    with pytest.raises(ConfigCompositionException, match="Could not override 'trainer.epoch'"):
+        compose_config("trainer.epoch=3")
+    assert compose_config("+model.foo=1").model.foo == 1  # an argument for a user's _target_ model
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (TrainerConfig(device="tpu"), "trainer.device='tpu' is invalid; use auto, cpu, cuda or cuda:N"),
+        (TrainerConfig(epochs=-1), "trainer.epochs=-1 is out of range; it must be >= 0"),
+        (TrainerConfig(patience=-1), "trainer.patience=-1 is out of range; it must be >= 0"),
+        (
+            TrainerConfig(loss="mse", label_smoothing=0.1),
+            "trainer.label_smoothing=0.1 applies to trainer.loss=cross_entropy only",
+        ),
+        (DataConfig(val_fraction=0.5, test_fraction=0.5), "data.val_fraction + data.test_fraction = 1 leaves"),
+        (DataConfig(mean=[0.5], std=None), "data.mean and data.std must both be null or lists of the same length"),
+        (DataConfig(name="imagenet"), "data.name='imagenet' is invalid; choose one of digits,"),
+        (PruneConfig(name="threshold", schedule="adaptive"), "'adaptive' is not available for prune=threshold"),
+        (PruneConfig(name="magnitude", amount=1.5), "prune.amount=1.5 is out of range; the sparsity must be in"),
+        (PruneConfig(name="quantize", bits=16), "prune.bits=16 is out of range; use 2 to 8"),
+        (EnsembleConfig(name="average", top_k=2), "ensemble.top_k picks jobs of a sweep"),
+        (EnsembleConfig(name="vote", weights=[1.0, 2.0]), "ensemble.weights is used by ensemble=weighted"),
+    ],
+)
+def test_checks_beside_the_fields_give_one_line(config, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        config.check()
+
+
+def test_a_data_source_frees_the_name_and_skips_the_root_check():
+    node = OmegaConf.create({"name": "my_scans", "source": {"_target_": "my.Dataset"}, "root": "/nowhere"})
+    check_data(node)  # no UserError: the source reads its own files
+    with pytest.raises(UserError, match="data.name='my_scans' is invalid"):
+        check_data(OmegaConf.create({"name": "my_scans"}))
+
+
+def test_wrong_type_and_unknown_key_name_the_full_key():
+    with pytest.raises(UserError, match="trainer.epochs='abc' has the wrong type"):
+        to_schema(OmegaConf.create({"epochs": "abc"}), TrainerConfig, "trainer")
+    with pytest.raises(UserError, match="unknown key 'trainer.epoch'; valid keys of trainer: epochs,"):
+        to_schema(OmegaConf.create({"epoch": 3}), TrainerConfig, "trainer")
