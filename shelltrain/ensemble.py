@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from shelltrain.checkpoint import Resume, save_checkpoint
+from shelltrain.checkpoint import save_checkpoint
 from shelltrain.data import DataBundle
 from shelltrain.engine import TrainSettings, metrics_from_logits, monitor_mode, predict
 from shelltrain.errors import UserError
@@ -38,6 +38,7 @@ from shelltrain.models import count_parameters
 from shelltrain.prune import eval_settings
 from shelltrain.quantize import is_quantized, quiet
 from shelltrain.report import say
+from shelltrain.resume import Resume
 from shelltrain.rundir import ENSEMBLE_REPORT, MEMBERS, best_checkpoint, ensemble_dir, last_checkpoint, write_json
 from shelltrain.schema import ENSEMBLE_RULES, validate
 from shelltrain.trained import load_trained_model

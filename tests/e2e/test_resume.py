@@ -23,7 +23,7 @@ from shelltrain import checkpoint as checkpoint_module
 from shelltrain import engine, report, rundir
 from shelltrain.errors import Interrupted, UserError
 from shelltrain.rundir import has_checkpoint
-from shelltrain.runner import GracefulStop
+from shelltrain.signals import GracefulStop
 
 # Small, deterministic and still exercising every RNG: random augmentation (torch's global RNG, as
 # num_workers=0), dropout, a per-step one-cycle schedule and momentum.
