@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from shelltrain import launch, rundir, sweep
+from shelltrain.cli_help import print_help
 from shelltrain.errors import EXIT_USER_ERROR, Interrupted, UserError
 from shelltrain.explain import explain
 from shelltrain.signals import exit_on_sigterm
@@ -129,6 +130,8 @@ def main() -> None:
         sys.exit(sweep.main(sys.argv[2:]))
     if sys.argv[1:2] == ["--version"]:
         print(version())
+        return
+    if not launch.under_torchrun() and print_help(sys.argv[1:]):
         return
     install_error_reporter()
     if launch.under_torchrun():

@@ -35,3 +35,15 @@ def test_version_names_shelltrain_and_torch_without_importing_torch():
         f"hydra-core {version('hydra-core')})",
         "False",
     ]
+
+
+def test_help_is_the_text_hydra_prints(tmp_path):
+    # cli_help renders --help itself (Hydra's own listing of the groups doubles the start-up time): same text.
+    def stdout(code: str) -> str:
+        return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True).stdout
+
+    args = ["shelltrain", "--help", "model=cnn", "optimizer=adamw"]
+    ours = stdout(f"import sys; sys.argv = {args!r}; from shelltrain.cli import main; main()")
+    hydras = stdout(f"import sys; sys.argv = {args!r}; from shelltrain.cli import _task; _task()")
+    assert "model: cnn, efficientnet_b0" in ours and "_target_: torch.optim.AdamW" in ours
+    assert ours == hydras
