@@ -1,8 +1,9 @@
-"""Checkpoints: plain dicts of tensors, numbers, strings, lists and dicts, written atomically.
+"""Checkpoint files: plain dicts of tensors, numbers, strings, lists and dicts, saved, loaded and refused here;
+the Checkpointer callback writes them while training. Resuming from one is resume.py's.
 
-Everything loads with `torch.load(weights_only=True)`; nothing is a pickled module or object.
-A write goes to a temporary file in the same directory, is fsynced and renamed over the old file, so a
-process killed at any moment (SIGKILL, power loss, a full disk) leaves the previous checkpoint intact.
+Everything loads with `torch.load(weights_only=True)`; nothing is a pickled module or object. Every write goes
+through rundir.write_atomic, so a process killed at any moment (SIGKILL, power loss, a full disk) leaves the
+previous checkpoint intact.
 """
 
 from __future__ import annotations

@@ -27,10 +27,8 @@ from shelltrain.errors import EXIT_USER_ERROR, Interrupted, UserError
 from shelltrain.explain import explain
 from shelltrain.signals import exit_on_sigterm
 
-# Exit codes (README "Using shelltrain in CI"): 0 success; 1 an unexpected error (traceback);
-# 2 a config or input mistake; 3 a quality gate missed; 4 one or more jobs of a multirun failed.
-EXIT_GATE_FAILED = sweep.EXIT_GATE_FAILED
-EXIT_JOBS_FAILED = sweep.EXIT_JOBS_FAILED
+# Exit codes (README "Using shelltrain in CI"): 0 success; 1 an unexpected error (traceback); 2 a config or
+# input mistake (errors.EXIT_USER_ERROR); 3 a quality gate missed, 4 one or more jobs of a multirun failed (sweep).
 log = logging.getLogger("shelltrain")
 
 
@@ -71,7 +69,7 @@ def _task(cfg: DictConfig) -> Any:
     if missed and not multirun:  # in a sweep the job's summary.json records it and main() exits 3 at the end
         for line in missed:
             sys.stderr.write(f"shelltrain: gate missed: {line}\n")
-        sys.exit(EXIT_GATE_FAILED)
+        sys.exit(sweep.EXIT_GATE_FAILED)
     return result
 
 
@@ -128,7 +126,7 @@ def main() -> None:
     """Console entry point."""
     if sys.argv[1:2] == ["summarize"]:  # `shelltrain summarize DIR`, the same as `shelltrain-summary DIR`
         sys.exit(sweep.main(sys.argv[2:]))
-    if sys.argv[1:2] == ["--version"]:
+    if "--version" in sys.argv[1:]:
         print(version())
         return
     if not launch.under_torchrun() and print_help(sys.argv[1:]):
