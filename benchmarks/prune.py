@@ -30,12 +30,14 @@ from omegaconf import DictConfig
 from shelltrain.checkpoint import load_checkpoint
 from shelltrain.data import build_data
 from shelltrain.engine import TrainState, evaluate
+from shelltrain.environment import seed_everything
 from shelltrain.models import build_model, materialize_lazy
 from shelltrain.prune import rebuild
 from shelltrain.prune.measure import sparsity
 from shelltrain.prune.quantize import quiet
+from shelltrain.prune.stage import prune_stage
 from shelltrain.report import make_console
-from shelltrain.runner import prune_stage, run, seed_everything, train_settings
+from shelltrain.runner import run, train_settings
 
 # option label -> overrides of the prune group (each runs on a copy of the same trained model)
 OPTIONS: dict[str, list[str]] = {
@@ -101,7 +103,7 @@ def one_option(label: str, overrides: list[str], base: list[str], trained: Path,
     settings = train_settings(cfg.trainer, device)
     checkpoints = workdir / label.replace(" ", "_") / "checkpoints"
     started = time.perf_counter()
-    result = prune_stage(cfg, model, data, settings, TrainState(), checkpoints, {"config": {}}, make_console())
+    result = prune_stage(cfg, model, data, settings, TrainState(), checkpoints.parent, {"config": {}}, make_console())
     seconds = time.perf_counter() - started
     report = result.report
 

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shelltrain import rundir
-from shelltrain.checkpoint import Resume, save_checkpoint
+from shelltrain.checkpoint import save_checkpoint
 from shelltrain.data import DataBundle
 from shelltrain.engine import metrics_from_logits
 from shelltrain.errors import UserError
@@ -34,6 +34,7 @@ from shelltrain.metrics import confusion_matrix
 from shelltrain.models import count_parameters
 from shelltrain.prune.quantize import quiet
 from shelltrain.report import say
+from shelltrain.resume import Resume
 from shelltrain.schema import TrainerConfig
 from shelltrain.trained import load_trained_model
 

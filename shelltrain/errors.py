@@ -1,5 +1,7 @@
 """The one exception type meant for users: the CLI prints its message and exits non-zero."""
 
+EXIT_USER_ERROR = 2  # a config or input mistake (README "Using shelltrain in CI"; 3 and 4 are sweep.py's)
+
 
 class UserError(Exception):
     """A problem the user can fix (bad config value, missing data); carries a one-line message."""

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from shelltrain.engine import Callback, Callbacks, TrainState
 from shelltrain.errors import UserError
 from shelltrain.report import MetricsCSV
+from shelltrain.rundir import METRICS_CSV, METRICS_JSONL, TENSORBOARD, write_text
 
 # Per-epoch TensorBoard tags: train/val pairs share a chart section ("loss", "acc").
 TENSORBOARD_TAGS = {
@@ -74,7 +75,7 @@ def build_loggers(loggers: DictConfig | None, run_dir: Path) -> Loggers:
 class CSVLogger(RunLogger):
     """metrics.csv: one row per epoch with a fixed set of columns."""
 
-    def __init__(self, run_dir: Path, filename: str = "metrics.csv"):
+    def __init__(self, run_dir: Path, filename: str = METRICS_CSV):
         self.metrics = MetricsCSV(run_dir / filename)
 
     def resume(self, history: list[dict[str, float]]) -> None:
@@ -87,14 +88,12 @@ class CSVLogger(RunLogger):
 class JSONLLogger(RunLogger):
     """One JSON object per epoch, every metric the epoch produced, appended to a file."""
 
-    def __init__(self, run_dir: Path, filename: str = "metrics.jsonl"):
+    def __init__(self, run_dir: Path, filename: str = METRICS_JSONL):
         self.path = run_dir / filename
 
     def resume(self, history: list[dict[str, float]]) -> None:
         """Rows written after the checkpoint are dropped (they will be logged again)."""
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps({k: _finite(v) for k, v in row.items()}) + "\n" for row in history))
-        tmp.replace(self.path)
+        write_text("".join(json.dumps({k: _finite(v) for k, v in row.items()}) + "\n" for row in history), self.path)
 
     def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None:
         with open(self.path, "a") as f:
@@ -104,7 +103,7 @@ class JSONLLogger(RunLogger):
 class TensorBoardLogger(RunLogger):
     """Event files: per-epoch scalars, the config as text, and hyperparameters with the final metrics."""
 
-    def __init__(self, run_dir: Path, dir: str = "tensorboard"):
+    def __init__(self, run_dir: Path, dir: str = TENSORBOARD):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:

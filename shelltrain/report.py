@@ -1,4 +1,4 @@
-"""What a run shows and leaves behind: the progress display, metrics.csv, summary.json and the table.
+"""What a run shows and leaves behind: the progress display, metrics.csv, summary.json's cv section and the tables.
 
 A terminal gets a rich progress bar per epoch; a pipe (CI logs) gets one plain line per epoch.
 Every line shown is also written to the run's log.
@@ -7,16 +7,19 @@ Every line shown is also written to the run's log.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from shelltrain.engine import Callback, TrainState
+from shelltrain.rundir import fold_dir, write_text
 
 log = logging.getLogger("shelltrain")
 
@@ -74,13 +77,12 @@ class MetricsCSV:
             present = []
         if present == [_fmt(row.get("epoch")) for row in rows]:
             return
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
-        tmp.replace(self.path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
+        write_text(text.getvalue(), self.path)
 
 
 class ConsoleProgress(Callback):
@@ -134,6 +136,43 @@ def summary_table(summary: dict[str, Any]) -> Table:
     for key, value in summary.items():
         if not isinstance(value, (dict, list)):
             table.add_row(key, _fmt(value))
+    return table
+
+
+def cv_section(fold_summaries: list[dict[str, Any]], monitor: str, refit: bool) -> dict[str, Any]:
+    """summary.json's `cv` section: each fold's best monitored metric (on its held-out fold) and test accuracy,
+    their mean and population std (numpy's default, as in scikit-learn's examples)."""
+    folds = len(fold_summaries)
+    scores = [float(s[f"best_{monitor}"]) for s in fold_summaries]
+    tests = [float(s["test_acc"]) for s in fold_summaries]
+    return {
+        "folds": folds,
+        "metric": f"best_{monitor}",
+        "scores": scores,
+        "mean": float(np.mean(scores)),
+        "std": float(np.std(scores)),
+        "test_acc": tests,
+        "test_acc_mean": float(np.mean(tests)),
+        "test_acc_std": float(np.std(tests)),
+        "splitter": f"StratifiedKFold(n_splits={folds}, shuffle=True, random_state=data.split_seed)",
+        "fold_dirs": [str(fold_dir(Path(), k)) for k in range(folds)],
+        "refit": refit,
+    }
+
+
+def cv_table(section: dict[str, Any], monitor: str) -> Table:
+    table = Table(title="cross-validation", show_header=True)
+    table.add_column("fold", justify="right")
+    table.add_column(f"best {monitor} (held-out fold)", justify="right")
+    table.add_column("test_acc", justify="right")
+    for k, (score, test) in enumerate(zip(section["scores"], section["test_acc"])):
+        table.add_row(str(k), f"{score:.4f}", f"{test:.4f}")
+    table.add_row(
+        "mean ± std",
+        f"{section['mean']:.4f} ± {section['std']:.4f}",
+        f"{section['test_acc_mean']:.4f} ± {section['test_acc_std']:.4f}",
+        style="bold",
+    )
     return table
 
 

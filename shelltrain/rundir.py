@@ -23,6 +23,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,21 @@ def last_checkpoint(run_dir: Path) -> Path:
 def best_checkpoint(run_dir: Path) -> Path:
     """The model a finished run stands for."""
     return checkpoint(run_dir, BEST)
+
+
+def epoch_checkpoint(run_dir: Path, epoch: int) -> Path:
+    """One of the best epochs trainer.keep_checkpoints keeps."""
+    return checkpoint(run_dir, f"epoch_{epoch:03d}.pt")
+
+
+def epoch_checkpoints(run_dir: Path) -> dict[int, Path]:
+    """The kept epoch checkpoints of a run, by epoch."""
+    found = {}
+    for path in (Path(run_dir) / CHECKPOINTS).glob("epoch_*.pt"):
+        number = path.stem.removeprefix("epoch_")
+        if number.isdigit():
+            found[int(number)] = path
+    return found
 
 
 def summary(run_dir: Path) -> Path:
@@ -159,3 +175,31 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     return str(value)
+
+
+def remove_if_unused(run_dir: Path) -> None:
+    """Drop a run dir that holds only what Hydra wrote at start-up, so failed starts leave no litter.
+
+    A dir with checkpoints or a summary holds results (a resumed run) and is never touched.
+    """
+    if not run_dir.is_dir():
+        return
+    produced = [
+        p for p in run_dir.iterdir() if p.name not in (HYDRA, LOG) and not (p.is_dir() and not any(p.iterdir()))
+    ]  # an empty checkpoints/ (the first write failed) holds nothing either
+    if not produced:
+        remove_dir(run_dir)
+
+
+def remove_dir(run_dir: Path) -> None:
+    """Remove a run dir, then the folders above it that it leaves empty (outputs/DATE/ of the default
+    layout), going no higher than the directory the command was started in."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    top = Path.cwd().absolute()
+    parent = run_dir.absolute().parent
+    while parent != top and parent.is_relative_to(top):
+        try:
+            parent.rmdir()  # only succeeds when empty
+        except OSError:
+            break
+        parent = parent.parent

@@ -125,3 +125,12 @@ def test_two_runs_in_the_same_second_get_separate_dirs(tmp_path):
         assert p.wait(timeout=300) == 0, p.stderr.read()
     summaries = list((tmp_path / "outputs").rglob("summary.json"))
     assert len(summaries) == 2
+
+
+def test_version_is_shelltrains_and_torchs_without_importing_torch(tmp_path):
+    from importlib.metadata import version
+
+    out = run_cli_reporting_torch(["--version"], tmp_path)
+    assert f"shelltrain {version('shelltrain')} (torch {version('torch')}," in out
+    assert "Hydra" not in out
+    assert "TORCH_IMPORTED False" in out

@@ -23,7 +23,7 @@ from shelltrain import checkpoint as checkpoint_module
 from shelltrain import engine, report, rundir
 from shelltrain.errors import Interrupted, UserError
 from shelltrain.rundir import has_checkpoint
-from shelltrain.runner import GracefulStop
+from shelltrain.signals import GracefulStop
 
 # Small, deterministic and still exercising every RNG: random augmentation (torch's global RNG, as
 # num_workers=0), dropout, a per-step one-cycle schedule and momentum.
@@ -507,7 +507,7 @@ def test_another_model_is_named_by_its_missing_and_unexpected_keys(tmp_path):
     resnet = build_model(OmegaConf.create({"name": "resnet18", "small_input": False, "dropout": 0.0}), 10, 1)
     payload = {"model": SmallCNN(10, 1, width=4).state_dict(), "config": {"model": {"name": "cnn", "width": 4}}}
     with pytest.raises(UserError) as caught:
-        checkpoint_module._load_model(payload["model"], tmp_path / "c.pt", resnet, payload["config"])
+        checkpoint_module.load_model_state(payload["model"], tmp_path / "c.pt", resnet, payload["config"])
     message = str(caught.value)
     assert (
         "(it was trained with model=cnn model.width=4): missing keys: conv1.weight, bn1.weight, bn1.bias and 119 more; "

@@ -202,7 +202,7 @@ def test_fp16_resume_restores_the_scaler(tmp_path):
     args = ["model=cnn", "model.width=8", "data.limit_samples=120", "trainer.precision=16-mixed", "scheduler=none"]
     run_in_process(tmp_path, *args, "trainer.epochs=1")
     saved = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)["scaler"]
-    from shelltrain.checkpoint import restore_training
+    from shelltrain.resume import restore_training
 
     cfg = compose_config(*args)
     data = build_data(cfg.data, cfg.augmentation, 0)

@@ -1,0 +1,74 @@
+"""Where a run runs: its device (the local rank's GPU under DDP), its seeds and threads, which stages can run
+in several processes, and what summary.json records about the software and hardware its figures come from."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from omegaconf import DictConfig
+
+from shelltrain import distributed
+from shelltrain.errors import UserError
+from shelltrain.schema import uses_ensemble
+
+
+def resolve_device(name: str) -> torch.device:
+    """The configured device; under DDP a CUDA device is the GPU of this process's local rank."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name} but no CUDA device is available; use trainer.device=auto or cpu")
+    if name.startswith("cuda") and distributed.active():
+        return torch.device("cuda", distributed.local_rank())
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool, threads: int | None) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True  # fastest kernels for fixed input shapes
+
+
+def check_distributable(cfg: DictConfig) -> None:
+    """Stages that run in one process only refuse DDP with one line (they would repeat on every rank)."""
+    if cfg.task != "train":
+        raise UserError(f"task={cfg.task} runs in one process; start it without torchrun or trainer.devices")
+    one_process = (
+        ("cv.folds", bool(cfg.get("cv") and cfg.cv.folds)),
+        ("prune", cfg.prune.name != "none"),
+        ("ensemble", uses_ensemble(cfg)),
+    )
+    for key, on in one_process:
+        if on:
+            raise UserError(
+                f"{key} is not supported with several processes (torchrun or trainer.devices > 1); "
+                "run it in one process"
+            )
+    if cfg.trainer.sync_batchnorm and resolve_device(cfg.trainer.device).type != "cuda":
+        raise UserError(
+            "trainer.sync_batchnorm=true needs CUDA devices (torch's SyncBatchNorm has no CPU "
+            "implementation); drop it for CPU processes"
+        )
+
+
+def provenance(device: torch.device | str, run_dir: Path) -> dict[str, str]:
+    """What every summary.json records about where its figures were made."""
+    return {
+        "device": str(device),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "run_dir": str(run_dir),
+    }

@@ -1,0 +1,95 @@
+"""Pruning as a step of the pipeline: prune the trained model, fine-tune it with the engine (a fresh optimizer
+and schedule from the run's config), and leave the pruned model as the run's best.pt and last.pt."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from shelltrain import rundir
+from shelltrain.checkpoint import save_checkpoint
+from shelltrain.data import DataBundle
+from shelltrain.engine import Callback, TrainState, fit, monitor_mode, rng_state
+from shelltrain.optim import build_optimizer, build_scheduler
+from shelltrain.prune import PruneResult, prune_model
+from shelltrain.prune.quantize import quiet
+from shelltrain.report import ConsoleProgress, say
+from shelltrain.schema import TrainerConfig
+
+
+def prune_stage(
+    cfg: DictConfig,
+    model: torch.nn.Module,
+    data: DataBundle,
+    settings: TrainerConfig,
+    state: TrainState,
+    run_dir: Path,
+    extra: dict[str, Any],
+    console: Any,
+) -> PruneResult:
+    """Prune and fine-tune the trained model; best.pt and last.pt then hold the pruned model.
+
+    The trained model's checkpoint stays as checkpoints/unpruned.pt. Pruned checkpoints carry no optimizer
+    state (the pruned model has other parameters); their "pruning" entry rebuilds the architecture.
+    """
+    result = prune_model(
+        cfg.prune,
+        model,
+        data,
+        settings,
+        finetuner(cfg, data, settings, console),
+        arch=cfg.model.get("name"),
+        test_limit=cfg.trainer.limit_test_batches,
+        say=lambda m: say(console, m),
+    )
+    if rundir.best_checkpoint(run_dir).exists():
+        os.replace(rundir.best_checkpoint(run_dir), rundir.checkpoint(run_dir, rundir.UNPRUNED))
+    payload = {
+        "model": result.model.state_dict(),
+        "optimizer": None,
+        "scheduler": None,
+        "scaler": None,
+        "epoch": state.epoch,
+        "step": state.step,
+        "train_state": asdict(state),
+        "metrics": state.history[-1] if state.history else {},
+        "rng": rng_state(),
+        **extra,
+        "pruning": result.checkpoint,
+    }
+    with quiet():  # quantized tensors warn when serialized
+        for path in (rundir.best_checkpoint(run_dir), rundir.last_checkpoint(run_dir)):
+            save_checkpoint(payload, path)
+    result.report["after"]["checkpoint_bytes"] = rundir.best_checkpoint(run_dir).stat().st_size
+    return result
+
+
+def finetuner(cfg: DictConfig, data: DataBundle, settings: TrainerConfig, console: Any) -> Any:
+    """The fine-tune function pruning calls: the engine's fit with a fresh optimizer and schedule built from
+    cfg.optimizer and cfg.scheduler, the learning rate scaled by prune.finetune_lr_mult."""
+
+    def finetune(model: torch.nn.Module, epochs: int, callbacks: list[Callback], label: str) -> TrainState:
+        scaled = copy.deepcopy(cfg)  # the scheduler's ${optimizer.lr} follows the scaled rate
+        scaled.optimizer.lr = cfg.optimizer.lr * cfg.prune.get("finetune_lr_mult", 1.0)
+        optimizer = build_optimizer(scaled.optimizer, model)
+        run = replace(settings, epochs=epochs)
+        schedule = build_scheduler(
+            scaled.scheduler, optimizer, epochs, steps_per_epoch(len(data.train), run), monitor_mode(run.monitor)
+        )
+        progress = ConsoleProgress(console, epochs, label=label)
+        return fit(model, data.train, data.val, optimizer, schedule, run, callbacks=[progress, *callbacks])
+
+    return finetune
+
+
+def steps_per_epoch(num_batches: int, settings: TrainerConfig) -> int:
+    """Optimizer steps in an epoch of `num_batches` batches (what a per-step schedule is sized by)."""
+    limit = settings.overfit_batches or settings.limit_train_batches
+    batches = min(num_batches, limit) if limit else num_batches
+    return -(-batches // settings.accumulate)
