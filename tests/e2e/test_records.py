@@ -15,7 +15,9 @@ TINY = ["model=cnn", "model.width=8", "data.image_size=16", "debug=smoke", "trai
 
 def hashes(root: Path) -> dict[str, str]:
     """Every file under `root` (its .hydra/ record and train.log included) by its SHA-256."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+    }
 
 
 @pytest.mark.slow
