@@ -62,3 +62,29 @@ def test_a_finished_run_and_sweep_survive_every_other_command(tmp_path):
         result = shelltrain_forked(*args, cwd=tmp_path)
         assert result.returncode == 0, (name, result.stderr)
         assert {run: hashes(run), sweep: hashes(sweep)} == before, name
+
+
+@pytest.mark.slow
+def test_a_resume_keeps_the_original_hydra_record_and_records_its_own_beside_it(tmp_path):
+    trained = shelltrain_forked(*TINY, "hydra.run.dir=run", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    swept = shelltrain_forked("-m", "optimizer.lr=0.01,0.02", *TINY, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert swept.returncode == 0, swept.stderr
+    run, sweep = tmp_path / "run", tmp_path / "sweep"
+    original = {path: hashes(path / ".hydra") for path in (run, sweep / "0", sweep / "1")}
+
+    for n, args in enumerate([["trainer.resume=run"], ["hydra.run.dir=run", "trainer.resume=run"]], start=1):
+        resumed = shelltrain_forked(*args, cwd=tmp_path)  # the second as the printed resume command
+        assert resumed.returncode == 0, resumed.stderr
+        record = {k: v for k, v in hashes(run / ".hydra").items() if not k.startswith("resume-")}
+        assert record == original[run], args
+        assert "trainer.resume=run" in (run / f".hydra/resume-{n}/overrides.yaml").read_text()
+    resumed = shelltrain_forked(
+        "-m", "optimizer.lr=0.01,0.02", *TINY, "hydra.sweep.dir=sweep", "trainer.resume=auto", cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    for job in ("0", "1"):
+        record = {k: v for k, v in hashes(sweep / job / ".hydra").items() if not k.startswith("resume-")}
+        assert record == original[sweep / job], job
+        assert "trainer.resume=auto" in (sweep / job / ".hydra/resume-1/overrides.yaml").read_text()
+    assert list(tmp_path.glob("outputs/*/*")) == []  # each resume continued in place
