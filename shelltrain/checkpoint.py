@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from shelltrain import distributed
-from shelltrain.engine import Callback, TrainState, monitor_mode, rng_state
+from shelltrain.engine import Callback, NonFiniteLoss, TrainState, monitor_mode, rng_state
 from shelltrain.errors import UserError
 from shelltrain.optim import Schedule
 from shelltrain.rundir import best_checkpoint, epoch_checkpoint, epoch_checkpoints, last_checkpoint, write_atomic
@@ -127,6 +127,28 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+class NonFiniteState(NonFiniteLoss):
+    """An optimizer step made the weights (or the optimizer's state) NaN or infinite."""
+
+    def __init__(self, where: str, epoch: int, step: int):
+        self.value, self.epoch, self.step = math.nan, epoch, step
+        UserError.__init__(self, f"{where} became NaN or infinite at epoch {epoch}, step {step}")
+
+
+def non_finite_entry(model_state: dict[str, Any], optimizer_state: dict[Any, Any]) -> str | None:
+    """The first floating tensor of a model's or optimizer's state that holds NaN or infinity, named for a
+    message ("the model's features.0.weight"), else None; one host sync for all of them."""
+    named = [(f"the model's {k}", v) for k, v in model_state.items() if torch.is_tensor(v)]
+    for index, values in optimizer_state.items():
+        named += [(f"the optimizer's {k} of parameter {index}", v) for k, v in values.items() if torch.is_tensor(v)]
+    named = [(name, t) for name, t in named if t.is_floating_point() and t.numel()]
+    if not named:
+        return None
+    flags = [torch.isfinite(t).all() for _, t in named]
+    finite = torch.stack([flag.to(flags[0].device) for flag in flags]).tolist()  # e.g. Adam's step lives on the CPU
+    return next((name for (name, _), ok in zip(named, finite) if not ok), None)
+
+
 class Checkpointer(Callback):
     """Writes checkpoints/last.pt after every epoch (and every N steps mid-epoch), best.pt when the
     monitored metric improves, and keeps `keep` epoch_NNN.pt files: the best epochs by that metric.
@@ -157,6 +179,7 @@ class Checkpointer(Callback):
         self.write = write
 
     def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None:
+        self._refuse_non_finite(epoch=state.epoch, step=state.step)
         payload = self.payload(state)
         if not self.write:
             return
@@ -168,9 +191,18 @@ class Checkpointer(Callback):
             self._retain(state, data)
 
     def on_checkpoint(self, state: TrainState) -> None:
+        self._refuse_non_finite(epoch=state.epoch + 1, step=state.step)  # mid-epoch: within the next epoch
         payload = self.payload(state)
         if self.write:
             write_atomic(serialize(payload), last_checkpoint(self.run_dir))
+
+    def _refuse_non_finite(self, epoch: int, step: int) -> None:
+        """Never write a checkpoint whose weights or optimizer state hold NaN or infinity: the loss is checked
+        before each step, so the step that ruins the weights is only seen here. Stops the run like a non-finite
+        loss, with last.pt still the last finite checkpoint. Every rank checks (DDP keeps the weights equal)."""
+        where = non_finite_entry(self.model.state_dict(), self.optimizer.state_dict()["state"])
+        if where is not None:
+            raise NonFiniteState(where, epoch, step)
 
     def _retain(self, state: TrainState, data: bytes) -> None:
         """Keep the `keep` best epoch checkpoints (ties: the earlier epoch), deleting the rest."""

@@ -79,13 +79,20 @@ def run_job(cfg: DictConfig, run_dir: Path) -> tuple[Any, list[str]]:
     from shelltrain.schema import validate
 
     validate(cfg)
-    _check_sweeper(HydraConfig.get(), cfg)
+    hydra_cfg = HydraConfig.get()
+    _check_sweeper(hydra_cfg, cfg)
+    in_use = rundir.in_use(hydra_cfg) and not launch.follower()  # rank 0 decides for every rank
+    if in_use and (cfg.task != "train" or cfg.trainer.resume is None):
+        rundir.refuse_in_use(hydra_cfg, _in_use_message(cfg, run_dir))
     resume = None
-    overrides = [str(o) for o in HydraConfig.get().overrides.task]
+    overrides = [str(o) for o in hydra_cfg.overrides.task]
     if cfg.trainer.resume is not None:
         from shelltrain.resume import plan  # imports torch: a resume reads checkpoints
 
+        fresh_dir = run_dir
         cfg, run_dir, resume, overrides = plan(cfg, run_dir, overrides)
+        if in_use and (resume is None or not resume.in_place or run_dir != fresh_dir):
+            rundir.refuse_in_use(hydra_cfg, _in_use_message(cfg, fresh_dir))
     checkpoint = str(resume.checkpoint) if resume is not None else None
     launch.tell_followers({"run_dir": str(run_dir), "resume": checkpoint})
     if cfg.trainer.devices > 1 and not launch.under_torchrun():
@@ -94,6 +101,20 @@ def run_job(cfg: DictConfig, run_dir: Path) -> tuple[Any, list[str]]:
 
     result = run(cfg, run_dir, resume=resume, overrides=overrides)
     return result, [] if launch.follower() else _apply_gates(cfg, run_dir)
+
+
+def _in_use_message(cfg: DictConfig, run_dir: Path) -> str:
+    """Why a job may not write into `run_dir`, which holds another job's records, and a free directory instead."""
+    free = rundir.free_dir(run_dir, str(cfg.task) if cfg.task != "train" else "new")
+    if cfg.task != "train":
+        return (
+            f"hydra.run.dir '{run_dir}' holds another job's records, which task={cfg.task} would overwrite; "
+            f"give it a free directory, e.g. hydra.run.dir={free}"
+        )
+    return (
+        f"hydra.run.dir '{run_dir}' already holds a run; continue it with trainer.resume={run_dir}, "
+        f"or start a new one in a free directory, e.g. hydra.run.dir={free}"
+    )
 
 
 def run_in_dir(run_dir: str | Path, *overrides: str) -> dict[str, Any]:

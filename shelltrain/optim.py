@@ -6,6 +6,7 @@ shelltrain reads a few keys of its own from these groups and passes the rest to 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+
+log = logging.getLogger("shelltrain")
 
 
 def build_optimizer(
@@ -67,12 +70,38 @@ def build_scheduler(
         kwargs["total_steps"] = max(1, epochs * (steps_per_epoch if interval == "step" else 1))
     if "mode" in kwargs and kwargs["mode"] is None:
         kwargs["mode"] = monitor_mode
+    one_cycle = str(kwargs["_target_"]).endswith("OneCycleLR") and kwargs.get("total_steps") is not None
+    if one_cycle and not fit_one_cycle(kwargs):
+        log.warning(
+            "a run of %s optimizer step(s) is too short for a one-cycle schedule: the rate stays at lr",
+            kwargs.get("total_steps"),
+        )
+        return None
     mults = [group.get("lr_mult", 1.0) for group in optimizer.param_groups]
     if isinstance(kwargs.get("max_lr"), (int, float)) and any(m != 1.0 for m in mults):
         kwargs["max_lr"] = [kwargs["max_lr"] * m for m in mults]  # one-cycle sets every group's rate itself
     scheduler = instantiate(kwargs, optimizer=optimizer, _convert_="all")
     on_metric = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     return Schedule(scheduler, interval, on_metric)
+
+
+def fit_one_cycle(kwargs: dict[str, Any]) -> bool:
+    """Clamp OneCycleLR's pct_start so that every phase lasts at least one step (torch divides by each phase's
+    length: pct_start=0.25 of 4 steps is a zero-length warm-up and a ZeroDivisionError). False: the run is too
+    short for the phases at all (fewer than 3 steps, 4 with three_phase)."""
+    total = int(kwargs["total_steps"])
+    three_phase = bool(kwargs.get("three_phase", False))
+    low, high = 2 / total, (total / 2 if three_phase else total - 1) / total
+    if low > high:
+        return False
+    pct = float(kwargs.get("pct_start", 0.3))
+    fitted = min(max(pct, low), high)
+    if fitted != pct:
+        log.warning(
+            "scheduler.pct_start=%g leaves a phase shorter than one step in %d steps; using %g", pct, total, fitted
+        )
+        kwargs["pct_start"] = fitted
+    return True
 
 
 def warmup_cosine(

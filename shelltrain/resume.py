@@ -245,8 +245,20 @@ def _recompose(
 
 def _move_into(owner: Path, fresh_dir: Path) -> None:
     """Continue in `owner`: the log goes on in its train.log and this job's fresh directory goes away.
-    `owner`/.hydra stays the record of how the run started; what changed on resuming is logged, and every
-    checkpoint stores the config and overrides it was trained with."""
+    `owner`/.hydra stays the record of how the run started, byte for byte; this job's own record (its config
+    and overrides) moves beside it into `.hydra/resume-<n>/`, and every checkpoint stores the config and
+    overrides it was trained with."""
+    hydra_cfg = HydraConfig.get()
+    if rundir.in_use(hydra_cfg):  # never remove a directory holding another job's records
+        rundir.refuse_in_use(
+            hydra_cfg,
+            f"hydra.run.dir '{fresh_dir}' holds another job's records; trainer.resume continues '{owner}' in its "
+            f"own directory: leave hydra.run.dir out (or set hydra.run.dir={owner})",
+        )
+    if hydra_cfg.output_subdir is not None:
+        record = owner / rundir.next_record(owner, "resume")
+        for path in sorted((fresh_dir / str(hydra_cfg.output_subdir)).glob("*.yaml")):
+            rundir.write_atomic(path.read_bytes(), record / path.name)
     for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
         for handler in list(getattr(logger, "handlers", [])):
             if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == fresh_dir:
@@ -257,7 +269,6 @@ def _move_into(owner: Path, fresh_dir: Path) -> None:
                 handler.close()
                 logger.addHandler(moved)
     rundir.remove_dir(fresh_dir)
-    hydra_cfg = HydraConfig.get()
     with read_write(hydra_cfg), open_dict(hydra_cfg):
         hydra_cfg.runtime.output_dir = str(owner)
 

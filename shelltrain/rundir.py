@@ -24,10 +24,14 @@ import errno
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
-from shelltrain.errors import UserError
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, open_dict, read_write
+
+from shelltrain.errors import EXIT_USER_ERROR, UserError
 
 HYDRA = ".hydra"
 OVERRIDES = f"{HYDRA}/overrides.yaml"
@@ -48,6 +52,8 @@ CV = "cv"  # cross-validation folds, one sub-run each
 ERROR_LOG = "error.log"  # a failed sweep job's traceback
 SWEEP_SUMMARY = "summary.csv"
 SWEEP_PLOT = "sweep.png"  # the score against each swept parameter
+SWEEP_CONFIG = "multirun.yaml"  # Hydra's record of a sweep
+RECORDS = (HYDRA, LOG, SUMMARY, CHECKPOINTS, METRICS_CSV)  # what shows that a job has written into a directory
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
@@ -115,6 +121,95 @@ def is_ensemble_run(path: Path) -> bool:
     checkpoints, it has none of its own."""
     path = Path(path)
     return not last_checkpoint(path).exists() and any(path.glob(f"{MEMBERS}/*/{CHECKPOINTS}/{LAST}"))
+
+
+def holds_records(path: Path) -> bool:
+    """Whether `path` holds a job's records (a run, an evaluation, a sweep job): no other job writes over them."""
+    return any((Path(path) / name).exists() for name in RECORDS)
+
+
+def next_record(run_dir: Path, label: str) -> str:
+    """`.hydra/<label>-<n>`, the first free one: where a later job in `run_dir` (a resume) keeps its own Hydra
+    record, beside the original `.hydra/` files."""
+    n = 1
+    while (Path(run_dir) / HYDRA / f"{label}-{n}").exists():
+        n += 1
+    return f"{HYDRA}/{label}-{n}"
+
+
+def in_use(hydra_cfg: Any) -> bool:
+    """Whether this job started in a directory that already held another job's records (KeepRecords then put
+    this job's Hydra record into a `.hydra/<label>-<n>/` folder of its own)."""
+    subdir = hydra_cfg.get("output_subdir")
+    return subdir is not None and str(subdir).startswith(f"{HYDRA}/")
+
+
+def refuse_in_use(hydra_cfg: Any, message: str) -> None:
+    """Refuse a job that would write over the records of the directory it was pointed at: its own Hydra record
+    (`.hydra/<label>-<n>/`) goes, so the directory is left exactly as it was; `message` is the one line."""
+    if in_use(hydra_cfg):
+        shutil.rmtree(Path(str(hydra_cfg.runtime.output_dir)) / str(hydra_cfg.output_subdir), ignore_errors=True)
+    raise UserError(message)
+
+
+def free_dir(path: Path, label: str) -> Path:
+    """A directory beside `path` that holds nothing yet, named after what goes into it (`<path>-<label>`)."""
+    path = Path(path)
+    candidate, n = path.with_name(f"{path.name}-{label}"), 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}-{label}-{n}")
+    return candidate
+
+
+class KeepRecords(Callback):
+    """Hydra callback: no job writes over another job's records.
+
+    Hydra saves a job's `.hydra/` record (config.yaml, hydra.yaml, overrides.yaml) into hydra.run.dir before any
+    of shelltrain's code runs, so where it goes is decided here, before Hydra's `run_job`: into a directory that
+    already holds records, a job's record goes to `.hydra/<label>-<n>/` and the original files stay as they were
+    (the CLI then refuses the job unless it resumes that run). A sweep cannot be told per job; re-running into
+    a sweep directory that holds jobs is refused before Hydra writes anything, unless it resumes them
+    (trainer.resume=auto), and each resumed job's new record is moved beside the original one.
+    """
+
+    def __init__(self) -> None:
+        self.kept: dict[Path, dict[str, bytes]] = {}
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        hydra = config.hydra
+        run_dir = Path(str(hydra.run.dir))
+        if hydra.output_subdir is None or not holds_records(run_dir):
+            return
+        label = "resume" if config.trainer.resume is not None else str(config.get("task", "train"))
+        with read_write(hydra), open_dict(hydra):
+            hydra.output_subdir = next_record(run_dir, label)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs = [d for d in sweep_dir.iterdir() if d.is_dir() and holds_records(d)] if sweep_dir.is_dir() else []
+        if jobs and str(config.trainer.resume) != "auto":
+            # Hydra turns a callback's exception into a warning and goes on: end the command here instead.
+            sys.stderr.write(
+                f"shelltrain: error: hydra.sweep.dir '{sweep_dir}' already holds a sweep ({len(jobs)} job(s)); "
+                "continue it with the same overrides plus trainer.resume=auto, or choose a new hydra.sweep.dir, "
+                f"e.g. hydra.sweep.dir={free_dir(sweep_dir, 'new')}\n"
+            )
+            raise SystemExit(EXIT_USER_ERROR)
+        self.kept = {d.absolute(): {p.name: p.read_bytes() for p in (d / HYDRA).glob("*") if p.is_file()} for d in jobs}
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A resumed sweep job: move the record Hydra just wrote to `.hydra/resume-<n>/`, restore the original."""
+        job_dir = Path(str(config.hydra.runtime.output_dir)).absolute()
+        kept = self.kept.pop(job_dir, None)
+        if not kept:
+            return
+        record = job_dir / next_record(job_dir, "resume")
+        for name, original in kept.items():
+            written = job_dir / HYDRA / name
+            if written.is_file() and written.read_bytes() != original:
+                write_atomic(written.read_bytes(), record / name)
+                write_atomic(original, written)
 
 
 def read_json(path: Path) -> Any:

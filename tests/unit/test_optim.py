@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
-from omegaconf import OmegaConf
+from conftest import compose_config
+from omegaconf import OmegaConf, open_dict
 from torch import nn
 
 from shelltrain.optim import build_optimizer, build_scheduler
@@ -61,3 +65,30 @@ def test_plateau_takes_the_monitor_mode_and_none_is_no_schedule():
     assert schedule.on_metric and schedule.scheduler.mode == "min"
     assert build_scheduler(OmegaConf.create({"_target_": None}), optimizer, 3, 7, "max") is None
     assert isinstance(optimizer, torch.optim.SGD)
+
+
+SCHEDULERS = sorted(p.stem for p in (Path(__file__).parents[2] / "configs" / "scheduler").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_every_schedule_runs_for_every_run_length(name):
+    """A run of any length from 1 to 10 optimizer steps (one epoch of that many batches, or that many one-batch
+    epochs) builds and steps the packaged schedule at a finite, non-negative rate (one-cycle used to divide by a
+    zero-length phase in a 4-step run)."""
+    cfg = compose_config(f"scheduler={name}", "optimizer=sgd", "optimizer.lr=0.1")
+    for steps in range(1, 11):
+        for epochs, per_epoch in ((1, steps), (steps, 1)):
+            net = model()
+            optimizer = build_optimizer(cfg.optimizer, net)
+            with open_dict(cfg):
+                cfg.trainer.epochs = epochs
+            schedule = build_scheduler(cfg.scheduler, optimizer, epochs, per_epoch, "max")
+            for _ in range(epochs):
+                for _ in range(per_epoch):
+                    optimizer.step()
+                    if schedule is not None and schedule.interval == "step":
+                        schedule.scheduler.step()
+                if schedule is not None and schedule.interval == "epoch":
+                    schedule.scheduler.step(0.5) if schedule.on_metric else schedule.scheduler.step()
+                rate = optimizer.param_groups[0]["lr"]
+                assert math.isfinite(rate) and rate >= 0, (name, epochs, per_epoch, rate)
