@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from shelltrain import distributed
 from shelltrain.errors import UserError
 from shelltrain.optim import Schedule
+from shelltrain.placement import batch_to_device, eval_settings, place
 from shelltrain.schema import TrainerConfig
 
 SYNC_EVERY = 20  # batches between host syncs for the progress display (each sync stalls a GPU)
@@ -179,12 +180,9 @@ def trainable(model: nn.Module, settings: TrainerConfig) -> nn.Module:
     keep plain state-dict keys."""
     if settings.sync_batchnorm and distributed.active():  # statistics over the global batch; converts in place
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    device = torch.device(settings.device)
-    model.to(device)
-    if settings.channels_last:
-        model.to(memory_format=torch.channels_last)
+    place(model, settings)
     net = torch.compile(model) if settings.compile else model
-    return distributed.wrap(net, device)
+    return distributed.wrap(net, torch.device(settings.device))
 
 
 def make_scaler(settings: TrainerConfig) -> torch.amp.GradScaler:
@@ -284,7 +282,7 @@ def _train_batch(
 ) -> None:
     """Forward and backward one batch (its loss counts towards optimizer step `step`); with `stepped`, the
     optimizer steps on the gradients accumulated since the last step."""
-    images, targets = _to_device(images, targets, settings)
+    images, targets = batch_to_device(images, targets, settings)
     with autocast(settings):
         logits = model(images)
         loss = criterion(logits, targets, settings)
@@ -376,14 +374,14 @@ def _optimizer_step(
 def predict(
     model: nn.Module, loader: DataLoader, settings: TrainerConfig, limit: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and hard targets over a loader, on the CPU in float32."""
+    """Logits and hard targets over a loader, on the CPU in float32; the model runs where `eval_settings` puts
+    it (a quantized model on the CPU), in the memory format fit uses."""
+    settings = eval_settings(model, settings)
     model.eval()
-    model.to(torch.device(settings.device))
-    if settings.channels_last:  # as in fit: inputs and weights in one memory format
-        model.to(memory_format=torch.channels_last)
+    place(model, settings)
     all_logits, all_targets = [], []
     for images, targets in _limited(loader, _num_batches(loader, limit)):
-        images, targets = _to_device(images, targets, settings)
+        images, targets = batch_to_device(images, targets, settings)
         with autocast(settings):
             logits = model(images)
         all_logits.append(logits.float().cpu())
@@ -439,16 +437,6 @@ def autocast(settings: TrainerConfig) -> contextlib.AbstractContextManager:
 
 def _hard(targets: torch.Tensor) -> torch.Tensor:
     return targets.argmax(1) if targets.ndim == 2 else targets  # mixup/cutmix give soft targets
-
-
-def _to_device(
-    images: torch.Tensor, targets: torch.Tensor, settings: TrainerConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    device = torch.device(settings.device)
-    images = images.to(device, non_blocking=True)
-    if settings.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, targets.to(device, non_blocking=True)
 
 
 def _num_batches(loader: DataLoader, limit: int | None) -> int:

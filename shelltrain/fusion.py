@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shelltrain.engine import predict
-from shelltrain.prune.quantize import eval_settings, is_quantized
+from shelltrain.placement import eval_settings, is_quantized
 from shelltrain.schema import TrainerConfig
 
 
