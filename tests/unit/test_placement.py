@@ -73,6 +73,7 @@ def test_evaluate_task_of_an_int8_checkpoint_runs_it_on_the_cpu(tmp_path: Path, 
     _on_meta(monkeypatch, runner)
     summary = run_in_process(tmp_path / "eval", *TINY, "task=evaluate", f"model.weights={trained}")
     assert 0.0 <= summary["test_acc"] <= 1.0
+    assert summary["device"] == "cpu"  # where it ran, not the run's device
     assert tasks.predict is engine.predict  # the task evaluates through the engine's one placement decision
 
 
