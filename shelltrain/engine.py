@@ -130,6 +130,8 @@ def fit(
         restore_rng(rng)
     while state.epoch < settings.epochs and not state.stopped_early:
         epoch = state.epoch + 1
+        num_batches = begin_epoch(net, train_loader, settings, epoch, callback)  # a policy may (un)freeze layers
+        net = distributed.rewrap(net)  # DDP all-reduces what trains now
         train_metrics = train_one_epoch(
             net,
             train_loader,
@@ -142,6 +144,7 @@ def fit(
             scaler,
             stop=stop,
             rng=rng if state.batch else None,
+            begun=num_batches,
         )
         if train_metrics is None:
             return state  # stopped mid-epoch; on_checkpoint has seen the state
@@ -202,16 +205,16 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler,
     stop: Callable[[], bool] | None = None,
     rng: dict[str, Any] | None = None,
+    begun: int | None = None,
 ) -> dict[str, float] | None:
-    """One epoch of training; None when `stop` ended it early (after an optimizer step).
+    """One epoch of training; None when `stop` ended it early (after an optimizer step). `begun`: the caller
+    already began the epoch (`begin_epoch`), which has that many batches.
 
     With `state.batch` = k > 0 (a mid-epoch checkpoint) the first k batches are drawn but not trained on:
     the order is a function of the reseeded loader generator, so the rest come out as before; then `rng`
     (taken at the checkpoint) is restored, so augmentation and dropout continue exactly."""
-    model.train()
-    num_batches = _start_epoch(loader, settings, epoch)
+    num_batches = begun if begun is not None else begin_epoch(model, loader, settings, epoch, callback)
     skip = min(state.batch, num_batches)
-    callback.on_epoch_start(epoch, num_batches)
     tally = _Tally(state.partial if skip else {})
     every = settings.checkpoint_every_n_steps
     start = time.perf_counter() - tally.seconds
@@ -249,6 +252,15 @@ def train_one_epoch(
         "seconds": seconds,
         "images_per_second": tally.seen / seconds if seconds > 0 else 0.0,
     }
+
+
+def begin_epoch(model: nn.Module, loader: DataLoader, settings: TrainerConfig, epoch: int, callback: Callback) -> int:
+    """Training mode, the epoch's seeds, then the callbacks' epoch start (a fine-tune policy sets what trains);
+    returns how many batches the epoch trains."""
+    model.train()
+    num_batches = _start_epoch(loader, settings, epoch)
+    callback.on_epoch_start(epoch, num_batches)
+    return num_batches
 
 
 def _start_epoch(loader: DataLoader, settings: TrainerConfig, epoch: int) -> int:
