@@ -150,12 +150,7 @@ def fit(
             return state  # stopped mid-epoch; on_checkpoint has seen the state
         distributed.broadcast_buffers(model)
         val = evaluate(model, val_loader, settings, limit=settings.limit_val_batches)
-        row = {
-            "epoch": epoch,
-            **train_metrics,
-            "val_loss": val["loss"],
-            "val_acc": val["acc"],
-        }
+        row = {"epoch": epoch, **train_metrics, "val_loss": val["loss"], "val_acc": val["acc"]}
         _epoch_schedule_step(schedule, row[settings.monitor])
         improved = _update_best(state, row[settings.monitor], epoch, settings)
         state.epoch = epoch
