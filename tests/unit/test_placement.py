@@ -4,13 +4,14 @@ where a CUDA device would be."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from shelltrain import engine, placement, runner, tasks
+from shelltrain import engine, fusion, placement, runner, tasks
 from shelltrain.schema import TrainerConfig
 from tests.conftest import run_in_process
 
@@ -96,3 +97,26 @@ def test_only_host_to_device_copies_from_pinned_memory_are_asynchronous(
             return pinned
 
     assert placement.asynchronous(Tensor(), torch.device(target)) is expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_ensemble_evaluation_holds_one_member_or_one_stacked_copy_on_the_device(monkeypatch, stacked: bool):
+    """On a GPU every member plus a stacked copy sat on the device, for val and again for test. With the run's
+    device on `meta`, whatever predict finds there besides the model it evaluates is memory held for nothing."""
+    members = [nn.Sequential(nn.Flatten(), nn.Linear(4, 3)) for _ in range(3)]
+    for member in members:  # back from meta there is no data to copy: fresh storage on the CPU stands in for it
+        member.cpu = functools.partial(member.to_empty, device="cpu")
+    held: list[list[str]] = []
+
+    def predict(model: nn.Module, loader, settings, limit=None) -> tuple[torch.Tensor, torch.Tensor]:
+        placement.place(model, placement.eval_settings(model, settings))  # what engine.predict does first
+        held.append([str(next(m.parameters()).device) for m in members])
+        return (torch.zeros(2, 3, 3) if stacked else torch.zeros(2, 3)), torch.zeros(2)
+
+    monkeypatch.setattr(fusion, "predict", predict)
+    for _split in ("val", "test"):
+        fusion.member_logits(members, loader=None, settings=_settings("meta"), limit=None, stacked=stacked)
+    if stacked:
+        assert held == [["cpu"] * 3] * 2  # only the stacked copy went to the device
+    else:  # the member being evaluated, and no other
+        assert held == [["meta", "cpu", "cpu"], ["cpu", "meta", "cpu"], ["cpu", "cpu", "meta"]] * 2
