@@ -18,6 +18,7 @@ from shelltrain.models import build_model
 from shelltrain.schema import TrainerConfig
 
 
+@pytest.mark.slow  # about 25 s: two torchrun ranks
 def test_ddp_with_on_device_data_tests_the_whole_test_split(tmp_path: Path):
     """Rank 0 tests alone after training: it must see every test image, not its 1/N shard of them."""
     result = torchrun(*DDP, "trainer.epochs=1", "data.on_device=true", "hydra.run.dir=run", cwd=tmp_path)
