@@ -1,53 +1,125 @@
 #!/usr/bin/env bash
-# One prepared command for a lent GPU (one H200-class card): training throughput of ResNet-18 (32x32, CIFAR
-# stem) and ResNet-50 (224x224) on synthetic data with bf16 + channels_last, eager vs torch.compile, on-device
-# data vs DataLoader, shelltrain vs a plain loop; then the CUDA branches of fp16 + GradScaler and of the full
-# command (on-device data, pinned memory, checkpointed scaler). No DDP. Every section has its own time limit,
-# so the whole script ends within 5 minutes even if one section is slow; each prints its own table.
+# One prepared command for a lent GPU machine: every CUDA-only path of shelltrain once, small, then training
+# throughput against a plain loop. Each section has its own time limit, the whole script ends within 5 minutes,
+# one summary table closes it, and the exit status is non-zero when any section failed.
 #
-#   bash benchmarks/gpu.sh                     # PYTHON=/path/to/python picks the interpreter
+#   bash benchmarks/gpu.sh            # PYTHON=/path/to/python picks the interpreter (default python3)
+#
+# A bare GPU machine (its own torch, no network) may lack shelltrain's other dependencies: they are installed
+# offline from benchmarks/wheels/, which benchmarks/gpu_wheels.sh fills beforehand on a machine with a package
+# index. Carry that folder with the checkout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
+WHEELS=benchmarks/wheels
+OUT=${GPU_CHECK_DIR:-/tmp/shelltrain-gpu-check}
 START=$SECONDS
-BUDGET=285  # seconds for all sections together
-section() {  # section LIMIT_SECONDS TITLE COMMAND...: at most LIMIT, and never past the budget
-  local limit=$1 title=$2 left=$((BUDGET - (SECONDS - START)))
+BUDGET=290 # seconds for all sections together
+NAMES=() RESULTS=() TIMES=()
+
+section() { # section LIMIT NAME COMMAND...: at most LIMIT seconds, never past the budget; the result is recorded
+  local limit=$1 name=$2 left=$((BUDGET - (SECONDS - START))) began=$SECONDS rc
   shift 2
   ((limit > left)) && limit=$left
   echo
-  echo "== $title  (limit ${limit}s, at $((SECONDS - START))s)"
-  ((limit > 5)) || { echo "(skipped: out of time)"; return; }
-  timeout "$limit" "$@" || echo "(section ended with exit code $?)"
+  echo "== $name  (limit ${limit}s, at $((SECONDS - START))s)"
+  if ((limit <= 5)); then
+    rc="FAILED (not run: no time left)"
+  else
+    timeout "$limit" "$@"
+    rc=$?
+    case $rc in 0) rc=ok ;; 124) rc="FAILED (over ${limit}s)" ;; *) rc="FAILED (exit $rc)" ;; esac
+  fi
+  NAMES+=("$name") RESULTS+=("$rc") TIMES+=($((SECONDS - began)))
 }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+
+skip() { # skip NAME WHY
+  NAMES+=("$1") RESULTS+=("skipped: $2") TIMES+=(0)
+}
+
+# -- what this machine needs: shelltrain's dependencies besides torch and torchvision --------------------------
+MODULES=(hydra omegaconf antlr4 torch_pruning rich sklearn matplotlib safetensors yaml)
+PACKAGES=(hydra-core omegaconf antlr4-python3-runtime torch-pruning rich scikit-learn matplotlib safetensors PyYAML)
+"$PY" -c "import torch, torchvision" || { echo "gpu.sh: $PY has no torch/torchvision; PYTHON=... names one that has"; exit 2; }
+missing=()
+for i in "${!MODULES[@]}"; do
+  "$PY" -c "import ${MODULES[$i]}" 2>/dev/null || missing+=("${PACKAGES[$i]}")
+done
+if ((${#missing[@]})); then
+  if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
+    pyver=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+    echo "gpu.sh: missing ${missing[*]} and no $WHEELS/: run 'bash benchmarks/gpu_wheels.sh $pyver' on a machine with a package index and carry $WHEELS/ here"
+    exit 2
+  fi
+  echo "installing ${missing[*]} offline from $WHEELS/"
+  "$PY" -m pip install -q --no-index --find-links "$WHEELS" "${missing[@]}" \
+    || { echo "gpu.sh: the offline install from $WHEELS/ failed (made for another Python or platform?)"; exit 2; }
+fi
 # An editable install made elsewhere may point at another checkout: install this one (offline, no dependencies).
-"$PY" -c "import shelltrain.configs" 2>/dev/null \
-  || "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
-  || { echo "shelltrain is not importable here: pip install -e . first"; exit 1; }
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+"$PY" -c "import shelltrain.configs, os, sys; sys.exit(not shelltrain.configs.__file__.startswith(os.getcwd()))" \
+  2>/dev/null || "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
+  || { echo "gpu.sh: shelltrain does not install here (pip install --no-deps -e . failed)"; exit 2; }
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" \
+  || { echo "gpu.sh: torch sees no CUDA device"; exit 2; }
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 
-BENCH=("$PY" benchmarks/throughput.py --device cuda --data synthetic --precision bf16 --channels-last on --rounds 3)
-R18=(--model resnet18 --small-input --image-size 32 --batch-size 512 --samples 16384)
-R50=(--model resnet50 --image-size 224 --batch-size 128 --samples 2560 --batches 20)
+# -- the CUDA-only paths, each a small real run -------------------------------------------------------------
+rm -rf "$OUT"
+ST=("$PY" -m shelltrain)
+SMALL=(model=resnet18 model.small_input=true data=synthetic data.num_samples=2048 'data.mean=[0.5]' 'data.std=[0.29]'
+  data.batch_size=128 trainer.device=cuda plots=false)
+CNN=(model=cnn model.width=16 data=synthetic data.num_samples=1024 'data.mean=[0.5]' 'data.std=[0.29]'
+  data.batch_size=128 trainer.device=cuda plots=false)
 
-section 40 "ResNet-18 32x32 bf16: shelltrain vs plain, on-device vs DataLoader (8 workers), eager" \
-  "${BENCH[@]}" "${R18[@]}" --workers 8
-section 65 "ResNet-18 32x32 bf16 + torch.compile, on-device: shelltrain vs plain" \
-  "${BENCH[@]}" "${R18[@]}" --compile on --data-paths device
-section 40 "ResNet-50 224x224 bf16: shelltrain vs plain, on-device vs DataLoader (8 workers), eager" \
-  "${BENCH[@]}" "${R50[@]}" --workers 8
-section 70 "ResNet-50 224x224 bf16 + torch.compile, on-device, shelltrain" \
-  "${BENCH[@]}" "${R50[@]}" --compile on --data-paths device --loops shelltrain
-section 30 "fp16 + GradScaler vs bf16 on CUDA, ResNet-18 224x224, on-device" \
-  "$PY" benchmarks/throughput.py --device cuda --data synthetic --model resnet18 --image-size 224 --batch-size 128 \
-  --samples 1280 --batches 10 --rounds 2 --precision 16-mixed bf16 --data-paths device
-rm -rf /tmp/shelltrain-gpu-check
-section 35 "the full command on CUDA: fp16, grad clipping, on-device data, 2 epochs, checkpointed scaler" \
-  "$PY" -m shelltrain model=resnet18 model.small_input=true data=synthetic data.num_samples=4096 \
-  'data.mean=[0.5]' 'data.std=[0.29]' data.batch_size=256 data.on_device=true augmentation=basic \
-  trainer.precision=16-mixed trainer.grad_clip=1.0 trainer.epochs=2 plots=false hydra.run.dir=/tmp/shelltrain-gpu-check
-"$PY" -c "import torch; c = torch.load('/tmp/shelltrain-gpu-check/checkpoints/last.pt', weights_only=True); \
-print('checkpoint scaler state:', c['scaler'])" || true
+resume_on_cuda() { # momentum state restored onto the GPU: the first step after resuming must not mix devices
+  "${ST[@]}" "${SMALL[@]}" optimizer=momentum scheduler=step trainer.epochs=1 hydra.run.dir="$OUT/resume" &&
+    "${ST[@]}" "${SMALL[@]}" optimizer=momentum scheduler=step trainer.epochs=2 trainer.resume="$OUT/resume" &&
+    grep -q '"epochs_completed": 2' "$OUT/resume/summary.json"
+}
+fp16_scaler() { # GradScaler with grad clipping, the scaler's state in the checkpoint
+  "${ST[@]}" "${SMALL[@]}" trainer.precision=16-mixed trainer.grad_clip=1.0 trainer.epochs=2 \
+    hydra.run.dir="$OUT/fp16" &&
+    "$PY" -c "import torch; c = torch.load('$OUT/fp16/checkpoints/last.pt', weights_only=True); \
+print('checkpoint scaler state:', c['scaler']); assert c['scaler'], 'no scaler state'"
+}
+int8_evaluate() { # a dynamic-int8 model evaluated with trainer.device=cuda: it must run on the CPU
+  "${ST[@]}" "${CNN[@]}" trainer.epochs=1 prune=quantize prune.mode=dynamic hydra.run.dir="$OUT/int8" &&
+    "${ST[@]}" "${CNN[@]}" task=evaluate model.weights="$OUT/int8" hydra.run.dir="$OUT/int8-evaluate" &&
+    grep -q '"device": "cpu"' "$OUT/int8-evaluate/summary.json"
+}
+
+section 40 "resume on CUDA (momentum state)" resume_on_cuda
+section 25 "fp16 + GradScaler" fp16_scaler
+section 20 "bf16" "${ST[@]}" "${SMALL[@]}" trainer.precision=bf16 trainer.channels_last=false trainer.epochs=1 \
+  hydra.run.dir="$OUT/bf16"
+section 20 "channels_last (bf16)" "${ST[@]}" "${SMALL[@]}" trainer.precision=bf16 trainer.channels_last=true \
+  trainer.epochs=1 hydra.run.dir="$OUT/channels-last"
+section 20 "on-device data + augmentation" "${ST[@]}" "${SMALL[@]}" data.on_device=true augmentation=basic \
+  trainer.epochs=2 hydra.run.dir="$OUT/on-device"
+if ((GPUS > 1)); then
+  section 45 "DDP on $GPUS GPUs, on-device data" "${ST[@]}" "${SMALL[@]}" trainer.devices="$GPUS" data.on_device=true \
+    trainer.epochs=2 hydra.run.dir="$OUT/ddp"
+else
+  skip "DDP" "one GPU"
+fi
+section 30 "int8 evaluation (runs on the CPU)" int8_evaluate
+section 30 "ensemble of 3 (vmap on CUDA)" "${ST[@]}" "${CNN[@]}" ensemble=average ensemble.members=3 trainer.epochs=1 \
+  hydra.run.dir="$OUT/ensemble"
+section 70 "torch.compile (bf16, on-device)" "${ST[@]}" "${SMALL[@]}" trainer.compile=true trainer.precision=bf16 \
+  data.on_device=true trainer.epochs=2 hydra.run.dir="$OUT/compile"
+# images/s of shelltrain's engine and of a plain loop, same model and data (the table prints absolute numbers)
+section 45 "throughput: ResNet-18 32x32 bf16, on-device vs DataLoader, shelltrain vs plain" \
+  "$PY" benchmarks/throughput.py --device cuda --data synthetic --precision bf16 --channels-last on --rounds 2 \
+  --model resnet18 --small-input --image-size 32 --batch-size 512 --samples 16384 --workers 8
+
+# -- one table ------------------------------------------------------------------------------------------------
 echo
-echo "gpu.sh finished in $((SECONDS - START))s"
+printf '%-62s %-26s %s\n' section result seconds
+failed=0
+for i in "${!NAMES[@]}"; do
+  printf '%-62s %-26s %s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${TIMES[$i]}"
+  [[ ${RESULTS[$i]} == FAILED* ]] && failed=$((failed + 1))
+done
+echo "gpu.sh: $failed of ${#NAMES[@]} sections failed, $((SECONDS - START))s (run directories under $OUT)"
+((failed == 0))

@@ -109,7 +109,22 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     if not active():
         return model
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    net.trainable_when_wrapped = _trainable(model)
+    return net
+
+
+def rewrap(net: nn.Module) -> nn.Module:
+    """`net`, or a new DDP wrapper around its module when the trainable parameters changed since it was built
+    (gradual unfreezing): DDP all-reduces only the parameters that required grad when it was made, so a layer
+    unfrozen later would train apart on every rank."""
+    if not isinstance(net, nn.parallel.DistributedDataParallel) or _trainable(net.module) == net.trainable_when_wrapped:
+        return net
+    return wrap(net.module, next(net.module.parameters()).device)
+
+
+def _trainable(model: nn.Module) -> tuple[bool, ...]:
+    return tuple(p.requires_grad for p in model.parameters())
 
 
 def shard(count: int) -> range:

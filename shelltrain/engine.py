@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from shelltrain import distributed
 from shelltrain.errors import UserError
 from shelltrain.optim import Schedule
+from shelltrain.placement import batch_to_device, eval_settings, place
 from shelltrain.schema import TrainerConfig
 
 SYNC_EVERY = 20  # batches between host syncs for the progress display (each sync stalls a GPU)
@@ -129,6 +130,8 @@ def fit(
         restore_rng(rng)
     while state.epoch < settings.epochs and not state.stopped_early:
         epoch = state.epoch + 1
+        num_batches = begin_epoch(net, train_loader, settings, epoch, callback)  # a policy may (un)freeze layers
+        net = distributed.rewrap(net)  # DDP all-reduces what trains now
         train_metrics = train_one_epoch(
             net,
             train_loader,
@@ -141,17 +144,13 @@ def fit(
             scaler,
             stop=stop,
             rng=rng if state.batch else None,
+            begun=num_batches,
         )
         if train_metrics is None:
             return state  # stopped mid-epoch; on_checkpoint has seen the state
         distributed.broadcast_buffers(model)
         val = evaluate(model, val_loader, settings, limit=settings.limit_val_batches)
-        row = {
-            "epoch": epoch,
-            **train_metrics,
-            "val_loss": val["loss"],
-            "val_acc": val["acc"],
-        }
+        row = {"epoch": epoch, **train_metrics, "val_loss": val["loss"], "val_acc": val["acc"]}
         _epoch_schedule_step(schedule, row[settings.monitor])
         improved = _update_best(state, row[settings.monitor], epoch, settings)
         state.epoch = epoch
@@ -179,12 +178,9 @@ def trainable(model: nn.Module, settings: TrainerConfig) -> nn.Module:
     keep plain state-dict keys."""
     if settings.sync_batchnorm and distributed.active():  # statistics over the global batch; converts in place
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    device = torch.device(settings.device)
-    model.to(device)
-    if settings.channels_last:
-        model.to(memory_format=torch.channels_last)
+    place(model, settings)
     net = torch.compile(model) if settings.compile else model
-    return distributed.wrap(net, device)
+    return distributed.wrap(net, torch.device(settings.device))
 
 
 def make_scaler(settings: TrainerConfig) -> torch.amp.GradScaler:
@@ -204,16 +200,16 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler,
     stop: Callable[[], bool] | None = None,
     rng: dict[str, Any] | None = None,
+    begun: int | None = None,
 ) -> dict[str, float] | None:
-    """One epoch of training; None when `stop` ended it early (after an optimizer step).
+    """One epoch of training; None when `stop` ended it early (after an optimizer step). `begun`: the caller
+    already began the epoch (`begin_epoch`), which has that many batches.
 
     With `state.batch` = k > 0 (a mid-epoch checkpoint) the first k batches are drawn but not trained on:
     the order is a function of the reseeded loader generator, so the rest come out as before; then `rng`
     (taken at the checkpoint) is restored, so augmentation and dropout continue exactly."""
-    model.train()
-    num_batches = _start_epoch(loader, settings, epoch)
+    num_batches = begun if begun is not None else begin_epoch(model, loader, settings, epoch, callback)
     skip = min(state.batch, num_batches)
-    callback.on_epoch_start(epoch, num_batches)
     tally = _Tally(state.partial if skip else {})
     every = settings.checkpoint_every_n_steps
     start = time.perf_counter() - tally.seconds
@@ -253,6 +249,15 @@ def train_one_epoch(
     }
 
 
+def begin_epoch(model: nn.Module, loader: DataLoader, settings: TrainerConfig, epoch: int, callback: Callback) -> int:
+    """Training mode, the epoch's seeds, then the callbacks' epoch start (a fine-tune policy sets what trains);
+    returns how many batches the epoch trains."""
+    model.train()
+    num_batches = _start_epoch(loader, settings, epoch)
+    callback.on_epoch_start(epoch, num_batches)
+    return num_batches
+
+
 def _start_epoch(loader: DataLoader, settings: TrainerConfig, epoch: int) -> int:
     """Seed the epoch and return how many batches it trains.
 
@@ -284,7 +289,7 @@ def _train_batch(
 ) -> None:
     """Forward and backward one batch (its loss counts towards optimizer step `step`); with `stepped`, the
     optimizer steps on the gradients accumulated since the last step."""
-    images, targets = _to_device(images, targets, settings)
+    images, targets = batch_to_device(images, targets, settings)
     with autocast(settings):
         logits = model(images)
         loss = criterion(logits, targets, settings)
@@ -376,14 +381,14 @@ def _optimizer_step(
 def predict(
     model: nn.Module, loader: DataLoader, settings: TrainerConfig, limit: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and hard targets over a loader, on the CPU in float32."""
+    """Logits and hard targets over a loader, on the CPU in float32; the model runs where `eval_settings` puts
+    it (a quantized model on the CPU), in the memory format fit uses."""
+    settings = eval_settings(model, settings)
     model.eval()
-    model.to(torch.device(settings.device))
-    if settings.channels_last:  # as in fit: inputs and weights in one memory format
-        model.to(memory_format=torch.channels_last)
+    place(model, settings)
     all_logits, all_targets = [], []
     for images, targets in _limited(loader, _num_batches(loader, limit)):
-        images, targets = _to_device(images, targets, settings)
+        images, targets = batch_to_device(images, targets, settings)
         with autocast(settings):
             logits = model(images)
         all_logits.append(logits.float().cpu())
@@ -439,16 +444,6 @@ def autocast(settings: TrainerConfig) -> contextlib.AbstractContextManager:
 
 def _hard(targets: torch.Tensor) -> torch.Tensor:
     return targets.argmax(1) if targets.ndim == 2 else targets  # mixup/cutmix give soft targets
-
-
-def _to_device(
-    images: torch.Tensor, targets: torch.Tensor, settings: TrainerConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    device = torch.device(settings.device)
-    images = images.to(device, non_blocking=True)
-    if settings.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, targets.to(device, non_blocking=True)
 
 
 def _num_batches(loader: DataLoader, limit: int | None) -> int:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shelltrain.engine import predict
-from shelltrain.prune.quantize import eval_settings, is_quantized
+from shelltrain.placement import is_quantized
 from shelltrain.schema import TrainerConfig
 
 
@@ -116,12 +116,18 @@ def member_logits(
     models: Sequence[nn.Module], loader: Any, settings: TrainerConfig, limit: int | None, stacked: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """M x N x C logits of every member over a loader and the N targets: one model after another (an int8
-    member on the CPU), or (`stacked`, same architecture only) all at once with vmap."""
+    member on the CPU), or (`stacked`, same architecture only) all at once with vmap.
+
+    The members wait on the CPU: on the device there is one member at a time, or the one stacked copy (stacked
+    on the CPU, moved by predict, freed on return), never every member plus a stacked copy."""
     if stacked:  # contiguous: channels_last does not apply to stacked 5-d weights, and slows vmap's pooling
-        members = StackedMembers([m.to(settings.device) for m in models])
+        members = StackedMembers([m.cpu() for m in models])
         logits, targets = predict(members, loader, replace(settings, channels_last=False), limit)
         return logits.transpose(0, 1).contiguous(), targets
-    outputs = [predict(m, loader, eval_settings(m, settings), limit) for m in models]
+    outputs = []
+    for model in models:
+        outputs.append(predict(model, loader, settings, limit))  # where eval_settings puts it
+        model.cpu()
     return torch.stack([logits for logits, _ in outputs]), outputs[0][1]
 
 

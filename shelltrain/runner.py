@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from shelltrain import distributed, rundir
+from shelltrain import distributed, placement, rundir
 from shelltrain.checkpoint import Checkpointer, load_checkpoint
 from shelltrain.data import DataBundle, build_data, cv_fold
 from shelltrain.engine import (
@@ -39,9 +39,9 @@ from shelltrain.loggers import Loggers, build_loggers
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
 from shelltrain.models import build_model, count_parameters, materialize_lazy
 from shelltrain.optim import Schedule, build_optimizer, build_scheduler
+from shelltrain.placement import eval_settings
 from shelltrain.plots import plot_members, write_run_plots
 from shelltrain.prune import PruneResult, preflight
-from shelltrain.prune.quantize import eval_settings
 from shelltrain.prune.report import summary_keys, write_report
 from shelltrain.prune.stage import prune_stage, steps_per_epoch
 from shelltrain.report import ConsoleProgress, cv_section, cv_table, make_console, say, summary_table
@@ -170,6 +170,7 @@ def build(cfg: DictConfig, fold: tuple[int, int] | None, overrides: list[str], c
         preflight(cfg.prune, model, example, arch=cfg.model.get("name"))
     policy = make_policy(model, cfg.get("finetune"), notify=lambda line: say(console, line))
     settings = train_settings(cfg.trainer, device)
+    placement.place(model, settings)  # before the optimizer: restored optimizer state lands beside the parameters
     optimizer = build_optimizer(cfg.optimizer, model, policy.param_groups() if policy else None)
     steps = steps_per_epoch(len(data.train), settings)
     schedule = build_scheduler(cfg.scheduler, optimizer, settings.epochs, steps, monitor_mode(settings.monitor))

@@ -29,6 +29,7 @@ from shelltrain.engine import predict
 from shelltrain.errors import UserError
 from shelltrain.export import FORMATS, INSTALL_HINT, export_model, run_exported
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
+from shelltrain.placement import eval_settings
 from shelltrain.plots import plot_confusion_matrix
 from shelltrain.report import say, summary_table
 from shelltrain.rundir import write_json
@@ -76,7 +77,13 @@ def evaluate_task(
     metrics = split_metrics(logits, targets, settings, split)
     say(console, f"{cfg.data.name} {split}: {len(targets)} images, accuracy {metrics[f'{split}_acc']:.4f}")
     per_class = per_class_metrics(confusion, data.classes)
-    summary = {"split": split, "data": cfg.data.name, **metrics, "device": str(settings.device), "per_class": per_class}
+    summary = {
+        "split": split,
+        "data": cfg.data.name,
+        **metrics,
+        "device": str(eval_settings(model, settings).device),
+        "per_class": per_class,
+    }
     return summary, metrics[f"{split}_acc"]
 
 
@@ -109,7 +116,12 @@ def predict_task(
     for k in index.tolist():
         counts[str(classes[k])] += 1
     say(console, f"{len(files)} images from {folder}: predictions in [bold]{output}[/bold]")
-    summary = {"images": len(files), "input": str(folder), "predictions": str(output), "device": str(settings.device)}
+    summary = {
+        "images": len(files),
+        "input": str(folder),
+        "predictions": str(output),
+        "device": str(eval_settings(model, settings).device),
+    }
     return {**summary, "predicted_counts": counts}, None
 
 

@@ -198,7 +198,7 @@ def _device_batches(
     return {
         "train": train,
         "val": DeviceBatches(splits["val"], *on["val"], eval_batch_size, mean, std),
-        "test": DeviceBatches(splits["test"], *on["test"], eval_batch_size, mean, std),
+        "test": DeviceBatches(splits["test"], *on["test"], eval_batch_size, mean, std, sharded=False),  # rank 0 tests
     }
 
 

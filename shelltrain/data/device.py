@@ -135,6 +135,7 @@ class DeviceBatches:
         drop_last: bool = False,
         seed: int = 0,
         index: torch.Tensor | None = None,
+        sharded: bool = True,
     ):
         self.source = dataset  # the whole split; `index` picks from it
         self.dataset = dataset if index is None else Subset(dataset, index.tolist())
@@ -143,6 +144,7 @@ class DeviceBatches:
         self.batch_size, self.drop_last, self.shuffle, self.seed = batch_size, drop_last, shuffle, seed
         self.mean, self.std = list(mean), list(std)
         self.augment, self.mix = augment or [], mix
+        self.sharded = sharded  # False: every rank sees the whole split (the test split: rank 0 tests it all)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -165,6 +167,7 @@ class DeviceBatches:
             drop_last=self.drop_last if shuffle else False,
             seed=self.seed,
             index=index,
+            sharded=self.sharded,
         )
 
     def _order(self) -> torch.Tensor:
@@ -174,7 +177,7 @@ class DeviceBatches:
             order = torch.randperm(count, generator=generator).to(self.images.device)
         else:
             order = torch.arange(count, device=self.images.device)
-        ranks = distributed.world_size()
+        ranks = distributed.world_size() if self.sharded else 1
         if ranks > 1:
             if self.shuffle:  # training: every rank the same number of batches, as DistributedSampler
                 padded = -(-count // ranks) * ranks
@@ -184,7 +187,7 @@ class DeviceBatches:
 
     def _count(self) -> int:
         count = len(self.images) if self.index is None else len(self.index)
-        ranks = distributed.world_size()
+        ranks = distributed.world_size() if self.sharded else 1
         if ranks == 1:
             return count
         if self.shuffle:

@@ -32,6 +32,7 @@ from torch import nn
 
 from shelltrain.errors import UserError
 from shelltrain.models import set_submodule
+from shelltrain.placement import is_quantized
 from shelltrain.prune import layer, ptq, structured, unstructured
 from shelltrain.prune import quantize as quantization
 from shelltrain.prune.context import Context, Finetune, Outcome
@@ -72,7 +73,7 @@ def prune_model(
 ) -> PruneResult:
     """Prune `model` (in place where the method allows) as `cfg` (the `prune` group) says; fine-tune; report."""
     started = time.perf_counter()
-    if quantization.is_quantized(model):
+    if is_quantized(model):
         raise UserError("the model is already quantized; prune or quantize the float model instead")
     torch.manual_seed(settings.seed)  # random pruning and calibration order are reproducible
     ctx = Context(cfg, data, settings, finetune, arch, test_limit, say)

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from shelltrain.engine import Callback, TrainState, evaluate, monitor_mode
+from shelltrain.placement import eval_settings
 from shelltrain.prune.measure import LAYER_TYPES, serialized_size, sparsity
-from shelltrain.prune.quantize import eval_settings, quiet
+from shelltrain.prune.quantize import quiet
 
 # finetune(model, epochs, callbacks, label) trains `model` in place with a fresh optimizer and schedule.
 Finetune = Callable[[nn.Module, int, list[Callback], str], TrainState]

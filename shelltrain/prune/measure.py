@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from shelltrain.errors import UserError
-from shelltrain.prune.quantize import is_quantized, quantized_bias, quantized_weight, quiet
+from shelltrain.placement import is_quantized
+from shelltrain.prune.quantize import quantized_bias, quantized_weight, quiet
 
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 

@@ -22,7 +22,6 @@ import contextlib
 import copy
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from shelltrain.errors import UserError
-from shelltrain.schema import TrainerConfig
+from shelltrain.placement import quantized_module
 
 _NOISE = (
     r"(?s).*torch\.ao\.quantization is deprecated",
@@ -136,20 +135,9 @@ def rebuild(model: nn.Module, op: dict[str, Any]) -> nn.Module:
     return model  # fake quantization keeps float weights: nothing to rebuild
 
 
-def is_quantized(model: nn.Module) -> bool:
-    return any(_is_quantized_module(m) for m in model.modules())
-
-
-def eval_settings(model: nn.Module, settings: TrainerConfig) -> TrainerConfig:
-    """Where `model` can be evaluated: quantized kernels run on the CPU only, in float32 around them."""
-    if is_quantized(model):
-        return replace(settings, device=torch.device("cpu"), precision="32")
-    return settings
-
-
 def quantized_weight(module: nn.Module) -> torch.Tensor | None:
     """The dequantized weight of a quantized conv/linear module, or None for any other module."""
-    if not _is_quantized_module(module):
+    if not quantized_module(module):
         return None
     weight = getattr(module, "weight", None)
     if not callable(weight):
@@ -161,16 +149,10 @@ def quantized_weight(module: nn.Module) -> torch.Tensor | None:
 
 def quantized_bias(module: nn.Module) -> torch.Tensor | None:
     bias = getattr(module, "bias", None)
-    if not (_is_quantized_module(module) and callable(bias)):
+    if not (quantized_module(module) and callable(bias)):
         return None
     with quiet():
         return bias()
-
-
-def _is_quantized_module(module: nn.Module) -> bool:
-    """torch.ao.nn.quantized(.dynamic) and torch.ao.nn.intrinsic.quantized (fused conv-relu, ...) modules."""
-    path = type(module).__module__
-    return path.startswith("torch.ao.nn.") and ".quantized" in path
 
 
 def _set_engine(backend: str) -> None:

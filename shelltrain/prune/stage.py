@@ -17,6 +17,7 @@ from shelltrain.checkpoint import save_checkpoint
 from shelltrain.data import DataBundle
 from shelltrain.engine import Callback, TrainState, fit, monitor_mode, rng_state
 from shelltrain.optim import build_optimizer, build_scheduler
+from shelltrain.placement import place
 from shelltrain.prune import PruneResult, prune_model
 from shelltrain.prune.quantize import quiet
 from shelltrain.report import ConsoleProgress, say
@@ -77,8 +78,9 @@ def finetuner(cfg: DictConfig, data: DataBundle, settings: TrainerConfig, consol
     def finetune(model: torch.nn.Module, epochs: int, callbacks: list[Callback], label: str) -> TrainState:
         scaled = copy.deepcopy(cfg)  # the scheduler's ${optimizer.lr} follows the scaled rate
         scaled.optimizer.lr = cfg.optimizer.lr * cfg.prune.get("finetune_lr_mult", 1.0)
-        optimizer = build_optimizer(scaled.optimizer, model)
         run = replace(settings, epochs=epochs)
+        place(model, run)  # before the optimizer, as in the runner's build
+        optimizer = build_optimizer(scaled.optimizer, model)
         schedule = build_scheduler(
             scaled.scheduler, optimizer, epochs, steps_per_epoch(len(data.train), run), monitor_mode(run.monitor)
         )

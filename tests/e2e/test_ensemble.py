@@ -15,7 +15,7 @@ from shelltrain.errors import UserError
 from shelltrain.fusion import accuracy_weights, average, fuse, member_logits, same_architecture, vote, weighted
 from shelltrain.members import _override_set
 from shelltrain.models import SmallCNN, count_parameters
-from shelltrain.prune.quantize import is_quantized
+from shelltrain.placement import is_quantized
 from shelltrain.schema import TrainerConfig
 from shelltrain.trained import load_trained_model
 
