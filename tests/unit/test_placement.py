@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_in_process
 from torch import nn
 
 from shelltrain import engine, fusion, placement, runner, tasks
 from shelltrain.schema import TrainerConfig
-from tests.conftest import run_in_process
 
 TINY = ["data=synthetic", "data.num_samples=64", "model=cnn", "model.width=8", "data.image_size=16", "scheduler=step"]
 META = torch.device("meta")
