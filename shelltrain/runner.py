@@ -7,7 +7,6 @@ This is the only module that knows the order; each stage is a plain function fro
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import signal
@@ -19,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from shelltrain import distributed, rundir
 from shelltrain.checkpoint import Checkpointer, load_checkpoint
@@ -55,7 +53,7 @@ from shelltrain.resume import (
     seed_new_run_dir,
 )
 from shelltrain.schema import TrainerConfig, trainer_config, uses_ensemble
-from shelltrain.signals import GracefulStop, leave_stop_signals_to_main
+from shelltrain.signals import GracefulStop
 from shelltrain.transfer import follow_weights, load_weights, open_weights
 
 log = logging.getLogger("shelltrain")
@@ -189,8 +187,8 @@ def build(cfg: DictConfig, fold: tuple[int, int] | None, overrides: list[str], c
 def _build_data(
     cfg: DictConfig, weights: Any, device: torch.device, fold: tuple[int, int] | None, console: Any
 ) -> tuple[DataBundle, DictConfig, str]:
-    """The loaders (normalized as the starting weights expect; a cv fold's split), whose workers leave
-    SIGINT and SIGTERM to this process."""
+    """The loaders (normalized as the starting weights expect; a cv fold's split); data.loader.Loader's workers
+    leave SIGINT and SIGTERM to this process."""
     data_cfg, stats, stats_from = follow_weights(cfg.data, weights)
     if cfg.trainer.compile and not data_cfg.drop_last:
         data_cfg = OmegaConf.merge(data_cfg, {"drop_last": True})  # a smaller last batch would recompile
@@ -198,9 +196,6 @@ def _build_data(
     data = build_data(data_cfg, cfg.augmentation, cfg.trainer.seed, device.type == "cuda", stats, device=device)
     if fold is not None:
         data = cv_fold(data, folds=fold[1], fold=fold[0], seed=cfg.data.split_seed)
-    for loader in (data.train, data.val, data.test):
-        if isinstance(loader, DataLoader):
-            loader.worker_init_fn = functools.partial(leave_stop_signals_to_main, loader.worker_init_fn)
     return data, data_cfg, stats_from
 
 

@@ -24,6 +24,7 @@ from torchvision.transforms import v2
 
 from shelltrain import rundir
 from shelltrain.data import DataBundle, FileImages, build_data
+from shelltrain.data.loader import Loader
 from shelltrain.data.transforms import to_float_transforms
 from shelltrain.engine import predict
 from shelltrain.errors import UserError
@@ -94,8 +95,8 @@ def predict_task(
     mode = "RGB" if pre["channels"] == 3 else "L"
     labels = torch.zeros(len(files), dtype=torch.long)  # unknown; the loader needs some
     transform = v2.Compose(to_float_transforms(pre["mean"], pre["std"]))
-    images = FileImages([str(p) for p in files], labels, mode, pre["image_size"], transform)
-    loader = DataLoader(images, batch_size=cfg.predict.batch_size, num_workers=cfg.data.num_workers)
+    images = FileImages([str(p) for p in files], labels, mode, pre["image_size"], transform, key="predict.input")
+    loader = Loader(images, batch_size=cfg.predict.batch_size, num_workers=cfg.data.num_workers)
     logits, _ = predict(model, loader, settings)
     probability, index = logits.softmax(1).max(1)
     classes = checkpoint["classes"]
@@ -182,7 +183,7 @@ def _unaugmented(data: DataBundle, split: str) -> DataLoader:
         return getattr(data, split)
     images = copy.copy(data.train.dataset)
     images.transform = data.test.dataset.transform
-    return DataLoader(images, batch_size=data.test.batch_size, num_workers=data.test.num_workers)
+    return Loader(images, batch_size=data.test.batch_size, num_workers=data.test.num_workers)
 
 
 def _listed(names: list[str], limit: int = 5) -> str:

@@ -7,12 +7,19 @@ cases use tiny files made here."""
 
 from __future__ import annotations
 
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import shelltrain_forked
+from conftest import cli_environment, run_in_process, shelltrain_forked
 from fixtures_data import make_imagefolder
+from PIL import Image
 
 from shelltrain.models import SmallCNN
 
@@ -218,3 +225,121 @@ def test_bad_input_is_one_clear_line_and_leaves_nothing_behind(root, tmp_path, n
     assert "Traceback" not in result.stdout + result.stderr
     assert list(cwd.iterdir()) == []  # no outputs/, no half-made run directory
     assert not (root / "a-file" / "run").exists()
+
+
+# A broken image read inside a DataLoader worker (or in the main process with num_workers=0), on every split and
+# in a predict input: exit 2 within 30 s with one line, and no process of the job left behind. The default
+# selection keeps a representative few; the whole matrix is `-m slow`.
+DEFAULT_BROKEN = {("jpeg", "val", 2), ("png", "predict", 2), ("jpeg", "predict", 0)}
+BROKEN = [
+    pytest.param(kind, where, workers, marks=[] if (kind, where, workers) in DEFAULT_BROKEN else pytest.mark.slow)
+    for kind in ("jpeg", "png")
+    for where in ("train", "val", "test", "predict")
+    for workers in (0, 2)
+]
+IMAGEFOLDER = ["data=imagefolder", "data.image_size=16", "data.batch_size=4", "trainer.device=cpu", "plots=false"]
+
+
+def truncated_image(path: Path, kind: str) -> None:
+    """A noisy 64x64 image cut in half: a JPEG so cut passes PIL's verify() and fails only when decoded."""
+    noise = torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    buffer = io.BytesIO()
+    Image.fromarray(noise.numpy()).save(buffer, "JPEG" if kind == "jpeg" else "PNG")
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+
+
+def session_processes(session: int) -> list[int]:
+    """The live processes of a session (read from /proc: psutil may not be installed)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def run_alone(args: list[str], cwd: Path, timeout: int = 120) -> tuple[subprocess.CompletedProcess, float, list[int]]:
+    """The command in a session of its own; returns its result, its wall time and the processes of its session
+    still alive once it has exited (then killed, so that a failing test leaves nothing behind either)."""
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shelltrain", *args],
+        cwd=cwd,
+        env=cli_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        left = session_processes(proc.pid)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    result = subprocess.CompletedProcess(args, proc.returncode, out, err)
+    return result, time.monotonic() - started, left
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory) -> Path:
+    """A tiny model trained on 16x16 RGB images of two classes."""
+    run_dir = tmp_path_factory.mktemp("predictor")
+    run_in_process(run_dir, "data=synthetic", "data.num_classes=2", "data.image_size=16", "model=cnn", "debug=smoke")
+    return run_dir
+
+
+@pytest.mark.parametrize("kind, where, workers", BROKEN)
+def test_a_broken_image_anywhere_ends_the_job_in_one_line(predictor, tmp_path, kind, where, workers):
+    root = make_imagefolder(tmp_path / "images", ("cat", "dog"), per_class=3, splits=("train", "val", "test"))
+    folder = "val" if where == "predict" else where
+    broken = root / folder / "dog" / f"broken.{'jpg' if kind == 'jpeg' else 'png'}"
+    truncated_image(broken, kind)
+    args = [*IMAGEFOLDER, f"data.root={root}", f"data.num_workers={workers}", "trainer.epochs=1"]
+    if where == "predict":
+        args = ["task=predict", f"model.weights={predictor}", f"predict.input={root / 'val'}", *args]
+    result, seconds, left = run_alone([*args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert seconds < 30
+    assert left == []  # no worker outlives the job
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    key = "predict.input" if where == "predict" else "data.root"
+    assert lines[0].startswith(f"shelltrain: error: {key}: '{broken}' "), lines[0]
+    assert lines[0].endswith("; delete or replace it"), lines[0]
+
+
+def test_loader_workers_die_with_a_killed_main_process(tmp_path):
+    """SIGKILL leaves the main process no chance to stop its workers: they notice it is gone, at once."""
+    args = ["data=synthetic", "data.num_samples=4000", "data.image_size=16", "model=cnn", "model.width=4"]
+    args += ["data.num_workers=2", "data.persistent_workers=true", "trainer.device=cpu", "trainer.epochs=50"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shelltrain", *args, "plots=false", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        env=cli_environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(session_processes(proc.pid)) < 3 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert len(session_processes(proc.pid)) >= 3, "the run did not start its two loader workers"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 2  # torch's own watchdog would take up to 5 s
+        while session_processes(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert session_processes(proc.pid) == []
+    finally:
+        for pid in session_processes(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
