@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import os
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from shelltrain.export import FORMATS, INSTALL_HINT, export_model, run_exported
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
 from shelltrain.plots import plot_confusion_matrix
 from shelltrain.report import say, summary_table
-from shelltrain.rundir import write_json
+from shelltrain.rundir import write_json, write_text
 from shelltrain.schema import TrainerConfig
 from shelltrain.trained import load_trained_model
 
@@ -101,11 +102,12 @@ def predict_task(
     probability, index = logits.softmax(1).max(1)
     classes = checkpoint["classes"]
     output = run_dir / "predictions.csv"
-    with open(output, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", "class", "probability"])
-        for path, k, p in zip(files, index.tolist(), probability.tolist()):
-            writer.writerow([path.relative_to(folder).as_posix(), classes[k], f"{p:.6f}"])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["file", "class", "probability"])
+    for path, k, p in zip(files, index.tolist(), probability.tolist()):
+        writer.writerow([path.relative_to(folder).as_posix(), classes[k], f"{p:.6f}"])
+    write_text(text.getvalue(), output)
     counts = {str(name): 0 for name in classes}
     for k in index.tolist():
         counts[str(classes[k])] += 1

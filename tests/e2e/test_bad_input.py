@@ -237,6 +237,7 @@ BROKEN = [
     for where in ("train", "val", "test", "predict")
     for workers in (0, 2)
 ]
+TINY = ["data.image_size=16", "model=cnn", "model.width=4"]
 IMAGEFOLDER = ["data=imagefolder", "data.image_size=16", "data.batch_size=4", "trainer.device=cpu", "plots=false"]
 
 
@@ -291,7 +292,7 @@ def run_alone(args: list[str], cwd: Path, timeout: int = 120) -> tuple[subproces
 def predictor(tmp_path_factory) -> Path:
     """A tiny model trained on 16x16 RGB images of two classes."""
     run_dir = tmp_path_factory.mktemp("predictor")
-    run_in_process(run_dir, "data=synthetic", "data.num_classes=2", "data.image_size=16", "model=cnn", "debug=smoke")
+    run_in_process(run_dir, "data=synthetic", "data.num_classes=2", "data.num_samples=64", *TINY, "debug=smoke")
     return run_dir
 
 
