@@ -38,6 +38,8 @@ def explain(exc: BaseException) -> str | None:
         return f"could not parse the override: {first_line(str(exc))}"
     if isinstance(exc, ConfigCompositionException):
         return _explain_composition(exc)
+    if isinstance(exc, ValueError) and str(exc).startswith("Unable to configure handler"):
+        exc = exc.__cause__ or exc  # logging could not open train.log in an existing run directory
     if isinstance(exc, OSError) and exc.errno in _PLACE_ERRNOS:
         where = f"'{exc.filename}'" if exc.filename else "the run directory"
         return (

@@ -344,3 +344,29 @@ def test_loader_workers_die_with_a_killed_main_process(tmp_path):
             os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
+
+
+def test_an_existing_read_only_run_directory_is_one_line(tmp_path):
+    """chmod does not stop root, so as root the directory is made read-only by a read-only bind mount in a mount
+    namespace of the command's own (skipped where that is not allowed)."""
+    existing = tmp_path / "runs" / "old"
+    existing.mkdir(parents=True)
+    (existing / "notes.txt").write_text("an earlier run\n")
+    command = [sys.executable, "-m", "shelltrain", "model=cnn", "trainer.device=cpu", f"hydra.run.dir={existing}"]
+    if os.geteuid() == 0:
+        mount = f"mount --bind -o ro {tmp_path / 'runs'} {tmp_path / 'runs'}"
+        probe = subprocess.run(["unshare", "--mount", "sh", "-c", mount], capture_output=True)
+        if probe.returncode != 0:
+            pytest.skip(f"cannot make a read-only directory for root here: {probe.stderr.decode().strip()}")
+        command = ["unshare", "--mount", "sh", "-c", f'{mount} && exec "$@"', "sh", *command]
+    else:
+        (tmp_path / "runs").chmod(0o555)
+        existing.chmod(0o555)
+    result = subprocess.run(command, cwd=tmp_path, env=cli_environment(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"shelltrain: error: cannot create or write '{existing / 'train.log'}': "
+        f"{'Read-only file system' if os.geteuid() == 0 else 'Permission denied'}; choose a writable place for the "
+        "run directory with hydra.run.dir=DIR (hydra.sweep.dir=DIR for -m)"
+    ]
+    assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]
