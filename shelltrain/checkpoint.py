@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import stat
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +24,8 @@ from shelltrain.engine import Callback, TrainState, monitor_mode, rng_state
 from shelltrain.errors import UserError
 from shelltrain.optim import Schedule
 from shelltrain.rundir import best_checkpoint, epoch_checkpoint, epoch_checkpoints, last_checkpoint, write_atomic
+
+ZIP_MAGIC = b"PK\x03\x04"  # every torch.save file since PyTorch 1.6 is a zip archive
 
 
 def save_checkpoint(payload: dict[str, Any] | bytes, path: Path) -> None:
@@ -40,7 +43,7 @@ def serialize(payload: dict[str, Any]) -> bytes:
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
     """Load a shelltrain checkpoint safely; a corrupt or foreign file is a one-line UserError."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"checkpoint '{path}' does not exist")
     payload = safe_load(path, f"checkpoint '{path}'")
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
@@ -52,7 +55,16 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
 
 
 def safe_load(path: Path, what: str) -> Any:
-    """torch.load(weights_only=True) on the CPU; a file it refuses is a UserError starting with `what`."""
+    """torch.load(weights_only=True) on the CPU; a file it refuses is a UserError starting with `what`.
+    What is not a regular file holding a zip archive is refused before torch reads it: torch.load would read
+    an endless or huge foreign file (/dev/zero) whole, until the out-of-memory killer ends the process."""
+    check_regular_file(path, what)
+    if not _looks_like_archive(path):
+        size = path.stat().st_size
+        raise UserError(
+            f"{what} cannot be loaded safely (corrupt, truncated or not a shelltrain checkpoint): "
+            f"it is not a complete PyTorch archive ({size} bytes; truncated, or not written by torch.save)"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated, corrupt or unsafe files
@@ -62,11 +74,23 @@ def safe_load(path: Path, what: str) -> Any:
         ) from None
 
 
+def check_regular_file(path: Path, what: str) -> None:
+    """Refuse a device, pipe, socket or directory (reading /dev/zero never ends) with one line."""
+    if not stat.S_ISREG(Path(path).stat().st_mode):
+        raise UserError(f"{what} is not a regular file (a device, pipe or directory); give a checkpoint file")
+
+
+def _looks_like_archive(path: Path) -> bool:
+    """torch.save's zip format, judged from the first bytes and the zip directory at the end, without reading
+    the rest."""
+    with open(path, "rb") as f:
+        if f.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+            return False
+    return zipfile.is_zipfile(path)
+
+
 def _why_unloadable(path: Path, exc: Exception) -> str:
     """torch's reason, made short (and never the advice to load with weights_only=False)."""
-    if not zipfile.is_zipfile(path):
-        size = path.stat().st_size
-        return f"it is not a complete PyTorch archive ({size} bytes; truncated, or not written by torch.save)"
     text = str(exc)
     unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if unsafe:
@@ -78,6 +102,8 @@ def _why_unloadable(path: Path, exc: Exception) -> str:
 def peek(path: Path) -> dict[str, Any] | None:
     """A checkpoint's dict read without materializing its tensors (memory-mapped), for its position, config or
     overrides; None when it is unreadable or not a dict (loading it properly says why)."""
+    if not Path(path).is_file() or not _looks_like_archive(Path(path)):
+        return None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # torch raises many types for truncated, corrupt or unsafe files

@@ -166,6 +166,22 @@ CASES = [
         "checkpoint '{root}/state_dict.pt' is not a shelltrain checkpoint: it holds a dict with keys features.0.weight, features.1.weight, features.1.bias and 17 more, not a 'model' state dict",
     ),
     (
+        "weights-device",
+        ["model=cnn", "model.weights=/dev/zero", *CPU],
+        "model.weights: '/dev/zero' is not a regular file (a device, pipe or directory); give a checkpoint file",
+    ),
+    (
+        "evaluate-device",
+        ["task=evaluate", "model.weights=/dev/zero", *CPU],
+        "checkpoint '/dev/zero' is not a regular file (a device, pipe or directory); give a checkpoint file",
+    ),
+    (
+        "weights-safetensors-header",
+        ["model=cnn", "model.weights={root}/huge-header.safetensors", *CPU],
+        "model.weights: '{root}/huge-header.safetensors' is not a readable .safetensors file (16 bytes; its header "
+        "length does not fit the file: truncated, or not written by safetensors)",
+    ),
+    (
         "pickled-object",
         ["trainer.resume={root}/pickled.pt", *CPU],
         "checkpoint '{root}/pickled.pt' cannot be loaded safely (corrupt, truncated or not a shelltrain checkpoint): it holds a pickled Python object (test_bad_input.Unsafe), which a weights-only load refuses to run",
@@ -195,7 +211,10 @@ def make_inputs(root: Path) -> None:
     (root / "truncated.pt").write_bytes(whole[: len(whole) // 2])
     (root / "random.pt").write_bytes(bytes(range(256)) * 64)
     torch.save(model, root / "state_dict.pt")
-    torch.save({"model": Unsafe()}, root / "pickled.pt")  # a real torch.save archive holding an object
+    torch.save({"model": Unsafe()}, root / "pickled.pt")
+    (root / "huge-header.safetensors").write_bytes(
+        (2**40).to_bytes(8, "little") + b'{"a":1} '
+    )  # a real torch.save archive holding an object
 
 
 def own_argument(args: list[str]) -> str:
