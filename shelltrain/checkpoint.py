@@ -51,6 +51,10 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
         raise UserError(
             f"checkpoint '{path}' is not a shelltrain checkpoint: it holds {what}, not a 'model' state dict"
         )
+    try:
+        TrainState.from_dict(payload.get("train_state") or {})
+    except ValueError as exc:
+        raise UserError(f"checkpoint '{path}' is not a shelltrain checkpoint: {exc}") from None
     return payload
 
 

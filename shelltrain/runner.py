@@ -35,7 +35,7 @@ from shelltrain.errors import Interrupted, UserError
 from shelltrain.finetune import make_policy, transfer_log, transfer_summary
 from shelltrain.loggers import Loggers, build_loggers
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
-from shelltrain.models import build_model, count_parameters, materialize_lazy
+from shelltrain.models import build_model, count_parameters, first_forward
 from shelltrain.optim import Schedule, build_optimizer, build_scheduler
 from shelltrain.plots import plot_members, write_run_plots
 from shelltrain.prune import PruneResult, preflight
@@ -161,7 +161,7 @@ def build(cfg: DictConfig, fold: tuple[int, int] | None, overrides: list[str], c
     data, data_cfg, stats_from = _build_data(cfg, weights, device, fold, console)
     model = build_model(cfg.model, data.num_classes, data.in_channels)
     example = next(iter(data.test))[0][:2].cpu()
-    materialize_lazy(model, example)
+    first_forward(model, example)
     strict = cfg.model.get("strict", False)
     model, loaded = load_weights(model, weights, strict=strict, classes=data.classes, example_inputs=example)
     if cfg.prune.name != "none":

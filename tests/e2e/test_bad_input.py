@@ -134,7 +134,37 @@ CASES = [
         [*FOLDER, "data.root={root}/one-class"],
         "data.root: '{root}/one-class/train' holds one class folder ['cat']; a classifier needs at least two classes",
     ),
+    # config files and a user's own _target_
+    (
+        "yaml-syntax",
+        ["--config-dir", "{root}/confdir", "model=broken"],
+        "'{root}/confdir/model/broken.yaml', line 4, column 1: YAML syntax error (while parsing a flow node expected "
+        "the node content, but found '<stream end>'); fix that file",
+    ),
+    (
+        "blocked-target",
+        ["model=torchvision", *CPU, "+model._target_=builtins.eval"],
+        "model._target_='builtins.eval' is refused: Hydra blocks targets that let a config run code",
+    ),
+    (
+        "own-target-argument",
+        ["--config-dir", "{root}/confdir", "model=mine", *CPU, "+model.foo=1"],
+        "model.foo is not an argument of 'shelltrain.models.SmallCNN' (TypeError: SmallCNN.__init__() got an "
+        "unexpected keyword argument 'foo'); remove model.foo or fix model._target_",
+    ),
+    (
+        "image-size-1",
+        ["model=cnn", *CPU, "data.image_size=1"],
+        "data.image_size=1: the model cannot run on (1, 1, 1) inputs (Given input size: (32x1x1). Calculated output "
+        "size: (32x0x0). Output size is too small); use a larger data.image_size",
+    ),
     # checkpoints
+    (
+        "foreign-train-state",
+        ["trainer.resume={root}/foreign-state.pt", *CPU],
+        "checkpoint '{root}/foreign-state.pt' is not a shelltrain checkpoint: train_state.epoch='two' is not what "
+        "shelltrain writes",
+    ),
     (
         "resume-missing",
         ["trainer.resume={root}/nowhere.pt"],
@@ -212,6 +242,14 @@ def make_inputs(root: Path) -> None:
     (root / "random.pt").write_bytes(bytes(range(256)) * 64)
     torch.save(model, root / "state_dict.pt")
     torch.save({"model": Unsafe()}, root / "pickled.pt")
+    torch.save({**payload, "train_state": {"epoch": "two", "step": 10}}, root / "foreign-state.pt")
+    (root / "confdir" / "model").mkdir(parents=True)
+    (root / "confdir" / "model" / "broken.yaml").write_text(
+        "name: mine\n_target_: shelltrain.models.SmallCNN\nwidth: [1,\n"
+    )
+    (root / "confdir" / "model" / "mine.yaml").write_text(
+        "_target_: shelltrain.models.SmallCNN\nin_channels: 1\nwidth: 4\n"
+    )
     (root / "huge-header.safetensors").write_bytes(
         (2**40).to_bytes(8, "little") + b'{"a":1} '
     )  # a real torch.save archive holding an object
