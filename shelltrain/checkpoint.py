@@ -100,7 +100,18 @@ def _why_unloadable(path: Path, exc: Exception) -> str:
     if unsafe:
         return f"it holds a pickled Python object ({unsafe.group(1)}), which a weights-only load refuses to run"
     detail = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
-    return (detail.group(1) if detail else _first_line(exc))[:200]
+    return _whole_sentences(detail.group(1) if detail else _first_line(exc))
+
+
+def _whole_sentences(text: str, limit: int = 200) -> str:
+    """`text` cut to at most `limit` characters at a sentence end (at a word with "..." when none fits), never
+    mid-sentence."""
+    if len(text) <= limit:
+        return text
+    end = text.rfind(". ", 0, limit)
+    if end > 0:
+        return text[: end + 1]
+    return text[: text.rfind(" ", 0, limit - 3)].rstrip(" ,;:") + "..."
 
 
 def peek(path: Path) -> dict[str, Any] | None:

@@ -59,6 +59,8 @@ CASES = [
     ("negative-epochs", ["trainer.epochs=-1"], "trainer.epochs=-1 is out of range; it must be >= 0"),
     ("negative-lr", ["optimizer.lr=-0.1"], "optimizer.lr=-0.1 is invalid; the learning rate must be a number > 0"),
     ("zero-lr", ["optimizer.lr=0"], "optimizer.lr=0 is invalid; the learning rate must be a number > 0"),
+    ("nan-lr", ["optimizer.lr=nan"], "optimizer.lr=nan is invalid; the learning rate must be a number > 0"),
+    ("inf-lr", ["optimizer.lr=inf"], "optimizer.lr=inf is invalid; the learning rate must be a number > 0"),
     ("batch-size-0", ["data.batch_size=0"], "data.batch_size=0 is out of range; it must be >= 1"),
     ("image-size-0", ["data.image_size=0"], "data.image_size=0 is out of range; it must be >= 1"),
     (
@@ -107,6 +109,11 @@ CASES = [
         "folder-missing",
         [*FOLDER, "data.root={root}/nowhere"],
         "data.root: '{root}/nowhere' does not exist; point data.root at a folder laid out as train/<class>/<image>",
+    ),
+    (
+        "data-root-a-file",
+        [*FOLDER, "data.root={root}/a-file"],
+        "data.root: '{root}/a-file' is a file, not a folder; point data.root at the folder that holds the data",
     ),
     (
         "folder-without-train",
