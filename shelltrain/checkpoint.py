@@ -13,7 +13,7 @@ import math
 import re
 import stat
 import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +51,23 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
         raise UserError(
             f"checkpoint '{path}' is not a shelltrain checkpoint: it holds {what}, not a 'model' state dict"
         )
-    try:
-        TrainState.from_dict(payload.get("train_state") or {})
-    except ValueError as exc:
-        raise UserError(f"checkpoint '{path}' is not a shelltrain checkpoint: {exc}") from None
+    problem = _train_state_problem(payload.get("train_state") or {})
+    if problem:
+        raise UserError(f"checkpoint '{path}' is not a shelltrain checkpoint: {problem}")
     return payload
+
+
+def _train_state_problem(values: Any) -> str | None:
+    """What in a checkpoint's train_state shelltrain did not write (a wrong type), or None."""
+    if not isinstance(values, dict):
+        return f"its train_state is a {type(values).__name__}, not a dict"
+    kinds = {"history": list, "partial": dict, "best_metric": (int, float, type(None)), "stopped_early": bool}
+    for item in fields(TrainState):
+        value = values.get(item.name, getattr(TrainState(), item.name))
+        kind = kinds.get(item.name, int)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"train_state.{item.name}={value!r} is not what shelltrain writes"
+    return None
 
 
 def safe_load(path: Path, what: str) -> Any:
