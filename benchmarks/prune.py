@@ -31,7 +31,7 @@ from shelltrain.checkpoint import load_checkpoint
 from shelltrain.data import build_data
 from shelltrain.engine import TrainState, evaluate
 from shelltrain.environment import seed_everything
-from shelltrain.models import build_model, materialize_lazy
+from shelltrain.models import build_model, first_forward
 from shelltrain.prune import rebuild
 from shelltrain.prune.measure import sparsity
 from shelltrain.prune.quantize import quiet
@@ -98,7 +98,7 @@ def one_option(label: str, overrides: list[str], base: list[str], trained: Path,
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
     data = build_data(cfg.data, cfg.augmentation, seed=cfg.trainer.seed)
     model = build_model(cfg.model, data.num_classes, data.in_channels)
-    materialize_lazy(model, next(iter(data.val))[0][:2])
+    first_forward(model, next(iter(data.val))[0][:2])
     model.load_state_dict(load_checkpoint(trained)["model"])
     settings = train_settings(cfg.trainer, device)
     checkpoints = workdir / label.replace(" ", "_") / "checkpoints"

@@ -11,8 +11,9 @@ from __future__ import annotations
 import io
 import math
 import re
+import stat
 import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from shelltrain.engine import Callback, NonFiniteLoss, TrainState, monitor_mode,
 from shelltrain.errors import UserError
 from shelltrain.optim import Schedule
 from shelltrain.rundir import best_checkpoint, epoch_checkpoint, epoch_checkpoints, last_checkpoint, write_atomic
+
+ZIP_MAGIC = b"PK\x03\x04"  # every torch.save file since PyTorch 1.6 is a zip archive
 
 
 def save_checkpoint(payload: dict[str, Any] | bytes, path: Path) -> None:
@@ -40,7 +43,7 @@ def serialize(payload: dict[str, Any]) -> bytes:
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
     """Load a shelltrain checkpoint safely; a corrupt or foreign file is a one-line UserError."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"checkpoint '{path}' does not exist")
     payload = safe_load(path, f"checkpoint '{path}'")
     if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict):
@@ -48,11 +51,36 @@ def load_checkpoint(path: Path | str) -> dict[str, Any]:
         raise UserError(
             f"checkpoint '{path}' is not a shelltrain checkpoint: it holds {what}, not a 'model' state dict"
         )
+    problem = _train_state_problem(payload.get("train_state") or {})
+    if problem:
+        raise UserError(f"checkpoint '{path}' is not a shelltrain checkpoint: {problem}")
     return payload
 
 
+def _train_state_problem(values: Any) -> str | None:
+    """What in a checkpoint's train_state shelltrain did not write (a wrong type), or None."""
+    if not isinstance(values, dict):
+        return f"its train_state is a {type(values).__name__}, not a dict"
+    kinds = {"history": list, "partial": dict, "best_metric": (int, float, type(None)), "stopped_early": bool}
+    for item in fields(TrainState):
+        value = values.get(item.name, getattr(TrainState(), item.name))
+        kind = kinds.get(item.name, int)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"train_state.{item.name}={value!r} is not what shelltrain writes"
+    return None
+
+
 def safe_load(path: Path, what: str) -> Any:
-    """torch.load(weights_only=True) on the CPU; a file it refuses is a UserError starting with `what`."""
+    """torch.load(weights_only=True) on the CPU; a file it refuses is a UserError starting with `what`.
+    What is not a regular file holding a zip archive is refused before torch reads it: torch.load would read
+    an endless or huge foreign file (/dev/zero) whole, until the out-of-memory killer ends the process."""
+    check_regular_file(path, what)
+    if not _looks_like_archive(path):
+        size = path.stat().st_size
+        raise UserError(
+            f"{what} cannot be loaded safely (corrupt, truncated or not a shelltrain checkpoint): "
+            f"it is not a complete PyTorch archive ({size} bytes; truncated, or not written by torch.save)"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated, corrupt or unsafe files
@@ -62,22 +90,47 @@ def safe_load(path: Path, what: str) -> Any:
         ) from None
 
 
+def check_regular_file(path: Path, what: str) -> None:
+    """Refuse a device, pipe, socket or directory (reading /dev/zero never ends) with one line."""
+    if not stat.S_ISREG(Path(path).stat().st_mode):
+        raise UserError(f"{what} is not a regular file (a device, pipe or directory); give a checkpoint file")
+
+
+def _looks_like_archive(path: Path) -> bool:
+    """torch.save's zip format, judged from the first bytes and the zip directory at the end, without reading
+    the rest."""
+    with open(path, "rb") as f:
+        if f.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+            return False
+    return zipfile.is_zipfile(path)
+
+
 def _why_unloadable(path: Path, exc: Exception) -> str:
     """torch's reason, made short (and never the advice to load with weights_only=False)."""
-    if not zipfile.is_zipfile(path):
-        size = path.stat().st_size
-        return f"it is not a complete PyTorch archive ({size} bytes; truncated, or not written by torch.save)"
     text = str(exc)
     unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if unsafe:
         return f"it holds a pickled Python object ({unsafe.group(1)}), which a weights-only load refuses to run"
     detail = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
-    return (detail.group(1) if detail else _first_line(exc))[:200]
+    return _whole_sentences(detail.group(1) if detail else _first_line(exc))
+
+
+def _whole_sentences(text: str, limit: int = 200) -> str:
+    """`text` cut to at most `limit` characters at a sentence end (at a word with "..." when none fits), never
+    mid-sentence."""
+    if len(text) <= limit:
+        return text
+    end = text.rfind(". ", 0, limit)
+    if end > 0:
+        return text[: end + 1]
+    return text[: text.rfind(" ", 0, limit - 3)].rstrip(" ,;:") + "..."
 
 
 def peek(path: Path) -> dict[str, Any] | None:
     """A checkpoint's dict read without materializing its tensors (memory-mapped), for its position, config or
     overrides; None when it is unreadable or not a dict (loading it properly says why)."""
+    if not Path(path).is_file() or not _looks_like_archive(Path(path)):
+        return None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # torch raises many types for truncated, corrupt or unsafe files

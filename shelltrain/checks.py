@@ -27,7 +27,7 @@ def check_optimizer(optimizer: DictConfig) -> None:
     if not optimizer.get("_target_"):
         raise UserError("optimizer._target_ is missing; pick an option, e.g. optimizer=adamw")
     lr = optimizer.get("lr")
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < math.inf:  # also NaN and inf
         raise UserError(
             f"optimizer.lr={lr!r} is invalid; the learning rate must be a number > 0, e.g. optimizer.lr=0.01"
         )

@@ -11,7 +11,13 @@ import errno
 import re
 from typing import Any
 
-from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+import yaml
+from hydra.errors import (
+    ConfigCompositionException,
+    InstantiationException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from omegaconf import DictConfig
 from omegaconf.errors import ValidationError
 
@@ -38,6 +44,15 @@ def explain(exc: BaseException) -> str | None:
         return f"could not parse the override: {first_line(str(exc))}"
     if isinstance(exc, ConfigCompositionException):
         return _explain_composition(exc)
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        problem = " ".join(f"{exc.context or ''} {exc.problem or ''}".split())
+        where = f"'{mark.name}', line {mark.line + 1}, column {mark.column + 1}"
+        return f"{where}: YAML syntax error ({problem}); fix that file"
+    if isinstance(exc, InstantiationException):
+        return explain_instantiation(exc)
+    if isinstance(exc, ValueError) and str(exc).startswith("Unable to configure handler"):
+        exc = exc.__cause__ or exc  # logging could not open train.log in an existing run directory
     if isinstance(exc, OSError) and exc.errno in _PLACE_ERRNOS:
         where = f"'{exc.filename}'" if exc.filename else "the run directory"
         return (
@@ -45,6 +60,30 @@ def explain(exc: BaseException) -> str | None:
             "directory with hydra.run.dir=DIR (hydra.sweep.dir=DIR for -m)"
         )
     return None
+
+
+def explain_instantiation(exc: BaseException, key: str | None = None) -> str:
+    """One line for Hydra's InstantiationException of the `_target_` under `key`: a target Hydra blocks (it could
+    run arbitrary code), one that cannot be imported, or arguments its call refuses. Without `key` (caught only
+    by the CLI) the line names the target alone."""
+    text = " ".join(str(exc).split())
+    blocked = re.match(r"Target '([^']+)' is blocklisted", text)
+    if blocked:
+        where = f"{key}._target_" if key else "_target_"
+        return (
+            f"{where}='{blocked.group(1)}' is refused: Hydra blocks targets that let a config run code; "
+            "name the class or function that builds it"
+        )
+    target = re.search(r"target '([^']+)'", text)
+    cause = exc.__cause__
+    reason = f"{type(cause).__name__}: {' '.join(str(cause).split())}" if cause is not None else text
+    named = f"'{target.group(1)}'" if target else "its _target_"
+    unexpected = re.search(r"unexpected keyword argument '(\w+)'", reason)
+    if key and unexpected:
+        name = f"{key}.{unexpected.group(1)}"
+        return f"{name} is not an argument of {named} ({reason[:300]}); remove {name} or fix {key}._target_"
+    fix = f"fix {key}._target_ or the arguments (the keys of {key})" if key else "fix that _target_ or its arguments"
+    return f"{key + ': ' if key else ''}cannot build {named} ({reason[:300]}); {fix}"
 
 
 # Failures to create or write the run directory: where the output goes, not a bug.

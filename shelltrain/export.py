@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import warnings
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from shelltrain.errors import UserError
+from shelltrain.rundir import write_atomic
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}  # format -> file name in the run dir
 METADATA_KEY = "shelltrain"  # ONNX metadata_props key / TorchScript extra file holding the metadata JSON
@@ -33,13 +35,15 @@ def export_model(model: nn.Module, fmt: str, path: Path, example: torch.Tensor, 
     if fmt not in FORMATS:
         raise UserError(f"export.format={fmt!r} is invalid; choose one of {', '.join(FORMATS)}")
     model = frozen_copy(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "onnx":
-        _export_onnx(model, path, example, metadata)
+        data = _export_onnx(model, example, metadata)
     else:
+        buffer = io.BytesIO()  # serialized in memory: torch.jit.save aborts the process on a full disk
         with _quiet_torchscript():
             traced = torch.jit.trace(model, example)
-            torch.jit.save(traced, str(path), _extra_files={EXTRA_FILE: json.dumps(metadata)})
+            torch.jit.save(traced, buffer, _extra_files={EXTRA_FILE: json.dumps(metadata)})
+        data = buffer.getvalue()
+    write_atomic(data, path)  # a temporary name, then a rename: never a truncated model file
     return model
 
 
@@ -87,7 +91,8 @@ def is_quantized(model: nn.Module) -> bool:
     return any(".quantized" in type(module).__module__ for module in model.modules())
 
 
-def _export_onnx(model: nn.Module, path: Path, example: torch.Tensor, metadata: dict[str, Any]) -> None:
+def _export_onnx(model: nn.Module, example: torch.Tensor, metadata: dict[str, Any]) -> bytes:
+    """The model as the bytes of an ONNX file (weights inside it)."""
     if is_quantized(model):
         raise UserError(
             "export.format=onnx cannot take this quantized model (torch.ao int8 modules have no ONNX export); "
@@ -115,7 +120,7 @@ def _export_onnx(model: nn.Module, path: Path, example: torch.Tensor, metadata: 
             f"export.format=onnx: torch.onnx.export failed for this model ({reason}); try export.format=torchscript"
         ) from exc
     program.model.metadata_props[METADATA_KEY] = json.dumps(metadata)
-    program.save(str(path), external_data=False)
+    return program.model_proto.SerializeToString()
 
 
 @contextlib.contextmanager

@@ -96,8 +96,8 @@ class JSONLLogger(RunLogger):
         write_text("".join(json.dumps({k: _finite(v) for k, v in row.items()}) + "\n" for row in history), self.path)
 
     def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({k: _finite(v) for k, v in row.items()}) + "\n")
+        before = self.path.read_text() if self.path.exists() else ""  # rewritten atomically, never half a line
+        write_text(before + json.dumps({k: _finite(v) for k, v in row.items()}) + "\n", self.path)
 
 
 class TensorBoardLogger(RunLogger):

@@ -9,11 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from shelltrain.errors import UserError
+from shelltrain.explain import explain_instantiation
 
 # Keys of the model group that shelltrain reads itself (transfer learning) and never passes to a `_target_`.
 SHELLTRAIN_KEYS = ("weights", "strict")
@@ -48,7 +50,10 @@ def build_model(cfg: DictConfig, num_classes: int, in_channels: int) -> nn.Modul
         node = OmegaConf.to_container(cfg, resolve=True)
         assert isinstance(node, dict)
         target_args = {k: v for k, v in node.items() if k not in SHELLTRAIN_KEYS}
-        return instantiate(target_args, num_classes=num_classes)
+        try:
+            return instantiate(target_args, num_classes=num_classes)
+        except InstantiationException as exc:  # a blocked target, one that cannot be imported, or bad arguments
+            raise UserError(explain_instantiation(exc, "model")) from exc
     if cfg.name == "cnn":
         return SmallCNN(num_classes, in_channels, width=cfg.get("width") or 32, dropout=cfg.dropout)
     model = _torchvision_model(cfg.name, num_classes)
@@ -133,8 +138,15 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def materialize_lazy(model: nn.Module, example: torch.Tensor) -> None:
-    """Run one batch through a model with Lazy* layers so its parameters exist before the optimizer sees them."""
-    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+def first_forward(model: nn.Module, example: torch.Tensor) -> None:
+    """Run one batch through the model before training: Lazy* layers get their parameters before the optimizer
+    sees them, and an input the architecture cannot take (too small) is one line now, not a crash mid-step."""
+    try:
         with torch.no_grad():
             model.eval()(example)
+    except RuntimeError as exc:
+        size = example.shape[-1]
+        raise UserError(
+            f"data.image_size={size}: the model cannot run on {tuple(example.shape[1:])} inputs "
+            f"({' '.join(str(exc).split())[:200]}); use a larger data.image_size"
+        ) from exc

@@ -59,12 +59,14 @@ class MetricsCSV:
         self.path = path
 
     def append(self, row: dict[str, float]) -> None:
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
+        """The file with `row` added, rewritten atomically (a full disk never leaves half a row)."""
+        before = self.path.read_bytes().decode() if self.path.exists() else ""  # as written: \r\n line ends
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        if not before:
+            writer.writeheader()
+        writer.writerow({k: _fmt(row.get(k)) for k in METRIC_COLUMNS})
+        write_text(before + text.getvalue(), self.path)
 
     def sync(self, rows: list[dict[str, float]]) -> None:
         """Make the file hold exactly `rows` (a resumed checkpoint's history): a row written after that

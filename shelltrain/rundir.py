@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import shutil
 import sys
@@ -217,8 +218,26 @@ def read_json(path: Path) -> Any:
 
 
 def write_json(data: Any, path: Path) -> None:
-    """JSON, atomically; tensors and numpy scalars become numbers, anything else unknown a string."""
-    write_atomic((json.dumps(data, indent=2, default=_json_default) + "\n").encode(), path)
+    """JSON, atomically; tensors and numpy scalars become numbers, anything else unknown a string. NaN and
+    infinities are not JSON: they become null, and a top-level dict lists their keys under "non_finite"."""
+    plain = json.loads(json.dumps(data, default=_json_default))  # tensors and the like as plain values
+    non_finite: list[str] = []
+    plain = _finite(plain, "", non_finite)
+    if non_finite and isinstance(plain, dict):
+        plain["non_finite"] = sorted(set(plain.get("non_finite") or []) | set(non_finite))
+    write_atomic((json.dumps(plain, indent=2, allow_nan=False) + "\n").encode(), path)
+
+
+def _finite(value: Any, key: str, non_finite: list[str]) -> Any:
+    """`value` with every NaN or infinite float replaced by None, its dotted key appended to `non_finite`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        non_finite.append(key)
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, f"{key}.{k}" if key else str(k), non_finite) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v, f"{key}[{i}]", non_finite) for i, v in enumerate(value)]
+    return value
 
 
 def write_text(text: str, path: Path) -> None:

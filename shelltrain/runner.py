@@ -7,7 +7,6 @@ This is the only module that knows the order; each stage is a plain function fro
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import signal
@@ -19,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
 from shelltrain import distributed, placement, rundir
 from shelltrain.checkpoint import Checkpointer, load_checkpoint
@@ -37,7 +35,7 @@ from shelltrain.errors import Interrupted, UserError
 from shelltrain.finetune import make_policy, transfer_log, transfer_summary
 from shelltrain.loggers import Loggers, build_loggers
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
-from shelltrain.models import build_model, count_parameters, materialize_lazy
+from shelltrain.models import build_model, count_parameters, first_forward
 from shelltrain.optim import Schedule, build_optimizer, build_scheduler
 from shelltrain.placement import eval_settings
 from shelltrain.plots import plot_members, write_run_plots
@@ -55,7 +53,7 @@ from shelltrain.resume import (
     seed_new_run_dir,
 )
 from shelltrain.schema import TrainerConfig, trainer_config, uses_ensemble
-from shelltrain.signals import GracefulStop, leave_stop_signals_to_main
+from shelltrain.signals import GracefulStop
 from shelltrain.transfer import follow_weights, load_weights, open_weights
 
 log = logging.getLogger("shelltrain")
@@ -163,7 +161,7 @@ def build(cfg: DictConfig, fold: tuple[int, int] | None, overrides: list[str], c
     data, data_cfg, stats_from = _build_data(cfg, weights, device, fold, console)
     model = build_model(cfg.model, data.num_classes, data.in_channels)
     example = next(iter(data.test))[0][:2].cpu()
-    materialize_lazy(model, example)
+    first_forward(model, example)
     strict = cfg.model.get("strict", False)
     model, loaded = load_weights(model, weights, strict=strict, classes=data.classes, example_inputs=example)
     if cfg.prune.name != "none":
@@ -190,8 +188,8 @@ def build(cfg: DictConfig, fold: tuple[int, int] | None, overrides: list[str], c
 def _build_data(
     cfg: DictConfig, weights: Any, device: torch.device, fold: tuple[int, int] | None, console: Any
 ) -> tuple[DataBundle, DictConfig, str]:
-    """The loaders (normalized as the starting weights expect; a cv fold's split), whose workers leave
-    SIGINT and SIGTERM to this process."""
+    """The loaders (normalized as the starting weights expect; a cv fold's split); data.loader.Loader's workers
+    leave SIGINT and SIGTERM to this process."""
     data_cfg, stats, stats_from = follow_weights(cfg.data, weights)
     if cfg.trainer.compile and not data_cfg.drop_last:
         data_cfg = OmegaConf.merge(data_cfg, {"drop_last": True})  # a smaller last batch would recompile
@@ -199,9 +197,6 @@ def _build_data(
     data = build_data(data_cfg, cfg.augmentation, cfg.trainer.seed, device.type == "cuda", stats, device=device)
     if fold is not None:
         data = cv_fold(data, folds=fold[1], fold=fold[0], seed=cfg.data.split_seed)
-    for loader in (data.train, data.val, data.test):
-        if isinstance(loader, DataLoader):
-            loader.worker_init_fn = functools.partial(leave_stop_signals_to_main, loader.worker_init_fn)
     return data, data_cfg, stats_from
 
 

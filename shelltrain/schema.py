@@ -461,6 +461,10 @@ def check_data(node: DictConfig, files: bool = True) -> None:
 
 def _check_data_root(data: DictConfig) -> None:
     root = data_root(data)
+    if root.exists() and not root.is_dir():
+        raise UserError(
+            f"data.root: '{root}' is a file, not a folder; point data.root at the folder that holds the data"
+        )
     if data.name == "imagefolder":
         if not root.is_dir():
             raise UserError(

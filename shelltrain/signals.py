@@ -6,6 +6,7 @@ Free of torch at import: the CLI installs its SIGTERM handler before a job start
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from shelltrain.errors import Interrupted
 
 log = logging.getLogger("shelltrain")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class GracefulStop:
@@ -82,12 +84,21 @@ class GracefulStop:
         log.info("%s received: stopping after this step", name)
 
 
-def leave_stop_signals_to_main(init: Any, worker_id: int) -> None:
-    """In a data-loader worker: ignore SIGINT and SIGTERM. A terminal's Ctrl-C and a cluster's SIGTERM
-    reach every process of the job; the main process stops gracefully and shuts its workers down, which a
-    worker dying of the signal first would turn into a crash."""
+def leave_stop_signals_to_main(init: Any, parent: int, worker_id: int) -> None:
+    """In a data-loader worker: ignore SIGINT and SIGTERM, and die with the main process `parent`.
+
+    A terminal's Ctrl-C and a cluster's SIGTERM reach every process of the job; the main process stops
+    gracefully and shuts its workers down, which a worker dying of the signal first would turn into a crash.
+    Ignoring SIGTERM, a worker must notice by itself when the main process is gone (even SIGKILLed): on Linux
+    the kernel sends it SIGKILL then (PR_SET_PDEATHSIG); elsewhere torch's watchdog polls the parent's pid."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the main process died before the line above took effect
+        os._exit(1)
     if init is not None:
         init(worker_id)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import os
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from torchvision.transforms import v2
 
 from shelltrain import rundir
 from shelltrain.data import DataBundle, FileImages, build_data
+from shelltrain.data.loader import Loader
 from shelltrain.data.transforms import to_float_transforms
 from shelltrain.engine import predict
 from shelltrain.errors import UserError
@@ -32,7 +34,7 @@ from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metric
 from shelltrain.placement import eval_settings
 from shelltrain.plots import plot_confusion_matrix
 from shelltrain.report import say, summary_table
-from shelltrain.rundir import write_json
+from shelltrain.rundir import write_json, write_text
 from shelltrain.schema import TrainerConfig
 from shelltrain.trained import load_trained_model
 
@@ -101,17 +103,18 @@ def predict_task(
     mode = "RGB" if pre["channels"] == 3 else "L"
     labels = torch.zeros(len(files), dtype=torch.long)  # unknown; the loader needs some
     transform = v2.Compose(to_float_transforms(pre["mean"], pre["std"]))
-    images = FileImages([str(p) for p in files], labels, mode, pre["image_size"], transform)
-    loader = DataLoader(images, batch_size=cfg.predict.batch_size, num_workers=cfg.data.num_workers)
+    images = FileImages([str(p) for p in files], labels, mode, pre["image_size"], transform, key="predict.input")
+    loader = Loader(images, batch_size=cfg.predict.batch_size, num_workers=cfg.data.num_workers)
     logits, _ = predict(model, loader, settings)
     probability, index = logits.softmax(1).max(1)
     classes = checkpoint["classes"]
     output = run_dir / "predictions.csv"
-    with open(output, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["file", "class", "probability"])
-        for path, k, p in zip(files, index.tolist(), probability.tolist()):
-            writer.writerow([path.relative_to(folder).as_posix(), classes[k], f"{p:.6f}"])
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["file", "class", "probability"])
+    for path, k, p in zip(files, index.tolist(), probability.tolist()):
+        writer.writerow([path.relative_to(folder).as_posix(), classes[k], f"{p:.6f}"])
+    write_text(text.getvalue(), output)
     counts = {str(name): 0 for name in classes}
     for k in index.tolist():
         counts[str(classes[k])] += 1
@@ -194,7 +197,7 @@ def _unaugmented(data: DataBundle, split: str) -> DataLoader:
         return getattr(data, split)
     images = copy.copy(data.train.dataset)
     images.transform = data.test.dataset.transform
-    return DataLoader(images, batch_size=data.test.batch_size, num_workers=data.test.num_workers)
+    return Loader(images, batch_size=data.test.batch_size, num_workers=data.test.num_workers)
 
 
 def _listed(names: list[str], limit: int = 5) -> str:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from shelltrain import rundir
-from shelltrain.checkpoint import safe_load
+from shelltrain.checkpoint import check_regular_file, safe_load
 from shelltrain.errors import UserError
 from shelltrain.models import find_classifier
 
@@ -119,6 +119,15 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    check_regular_file(path, f"model.weights: '{path}'")
+    with open(path, "rb") as f:  # an 8-byte little-endian header length, then that much JSON, then the tensors
+        head = f.read(8)
+    size = path.stat().st_size
+    if len(head) < 8 or int.from_bytes(head, "little") > size - 8:
+        raise UserError(
+            f"model.weights: '{path}' is not a readable .safetensors file ({size} bytes; its header length "
+            "does not fit the file: truncated, or not written by safetensors)"
+        )
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:

@@ -20,6 +20,7 @@ from torchvision.transforms.v2 import functional as F
 
 from shelltrain import distributed
 from shelltrain.data.device import DeviceBatches, batched_augmentations
+from shelltrain.data.loader import Loader
 from shelltrain.data.sources import imagefolder, in_memory, one_line
 from shelltrain.data.splits import budget, select_classes, split_indices
 from shelltrain.data.transforms import (
@@ -67,12 +68,20 @@ class TensorImages(Dataset):
 
 
 class FileImages(Dataset):
-    """Image files decoded on access (folders may not fit in memory), converted to `mode` and made S x S."""
+    """Image files decoded on access (folders may not fit in memory), converted to `mode` and made S x S.
+    `key` is the setting that names the files (data.root, predict.input), for the message about a broken one."""
 
     def __init__(
-        self, paths: list[str], labels: torch.Tensor, mode: str, size: int, transform: v2.Transform | None
+        self,
+        paths: list[str],
+        labels: torch.Tensor,
+        mode: str,
+        size: int,
+        transform: v2.Transform | None,
+        key: str = "data.root",
     ) -> None:
         self.paths, self.labels, self.mode, self.size, self.transform = paths, labels, mode, size, transform
+        self.key = key
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -82,8 +91,8 @@ class FileImages(Dataset):
         try:
             with Image.open(path) as image:
                 pixels = F.pil_to_tensor(image.convert(self.mode))
-        except OSError as e:  # verify() at build time cannot see every broken file (e.g. a truncated JPEG)
-            raise UserError(f"data.root: '{path}' cannot be decoded ({one_line(e)}); delete or replace it") from e
+        except Exception as e:  # verify() cannot see every broken file (a truncated JPEG); PIL raises many types
+            raise UserError(f"{self.key}: '{path}' cannot be decoded ({one_line(e)}); delete or replace it") from e
         return square(pixels, self.size)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,7 +230,7 @@ def _loaders(
             drop_last=data.drop_last,
         )
         val_sampler = distributed.shard(len(splits["val"]))
-    train = DataLoader(
+    train = Loader(
         splits["train"],
         batch_size=data.batch_size,
         shuffle=sampler is None,
@@ -233,8 +242,8 @@ def _loaders(
     )
     return {
         "train": train,
-        "val": DataLoader(splits["val"], batch_size=eval_batch_size, sampler=val_sampler, **common),
-        "test": DataLoader(splits["test"], batch_size=eval_batch_size, **common),
+        "val": Loader(splits["val"], batch_size=eval_batch_size, sampler=val_sampler, **common),
+        "test": Loader(splits["test"], batch_size=eval_batch_size, **common),
     }
 
 
@@ -266,7 +275,7 @@ def cv_fold(bundle: DataBundle, folds: int, fold: int, seed: int) -> DataBundle:
     )
     return replace(
         bundle,
-        train=DataLoader(
+        train=Loader(
             Subset(train_set, train_index.tolist()),
             batch_size=loader.batch_size,
             shuffle=True,
@@ -275,5 +284,5 @@ def cv_fold(bundle: DataBundle, folds: int, fold: int, seed: int) -> DataBundle:
             collate_fn=loader.collate_fn,
             **common,
         ),
-        val=DataLoader(Subset(held_out, val_index.tolist()), batch_size=val_loader.batch_size, **common),
+        val=Loader(Subset(held_out, val_index.tolist()), batch_size=val_loader.batch_size, **common),
     )

@@ -177,3 +177,26 @@ def test_only_tasks_that_read_the_dataset_need_its_root():
         validate(compose_config("data=imagefolder", f"task={task}", "model.weights=run", "predict.input=images"))
     with pytest.raises(UserError, match="data.root: not set"):
         validate(compose_config("data=imagefolder", "task=evaluate", "model.weights=run"))
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_on_a_full_disk_is_one_line_and_leaves_no_model_file(tmp_path, monkeypatch, fmt):
+    """The exported file goes through a temporary name and a rename: a full disk leaves no truncated model."""
+    import errno
+
+    from shelltrain import rundir
+
+    if fmt == "onnx":
+        needs_onnx()
+
+    def disk_full(tmp: Path, data: bytes) -> None:
+        tmp.write_bytes(data[:100])  # part written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir, "_write_durably", disk_full)
+    path = tmp_path / "run" / "model.out"
+    with pytest.raises(
+        UserError, match=r"cannot write '.*model\.out': No space left on device \(the disk .* is full\)"
+    ):
+        export_model(SmallCNN(10, 1, width=4).eval(), fmt, path, torch.randn(2, 1, 16, 16), {"classes": []})
+    assert list((tmp_path / "run").iterdir()) == []

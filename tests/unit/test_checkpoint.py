@@ -62,3 +62,13 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="cannot write"):
         save_checkpoint({**payload(), "epoch": 3}, tmp_path / "c.pt")
     assert load_checkpoint(tmp_path / "c.pt")["epoch"] == 2
+
+
+def test_a_long_refusal_reason_is_cut_at_a_sentence_end_never_mid_sentence():
+    from shelltrain.checkpoint import _whole_sentences
+
+    first = "Unsupported operand 149 in the pickle stream."
+    assert _whole_sentences(f"{first} {'More detail follows here. ' * 20}") == first + " More detail follows here." * 5
+    long = "word " * 60
+    cut = _whole_sentences(long)
+    assert len(cut) <= 200 and cut.endswith("word...")

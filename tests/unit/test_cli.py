@@ -47,3 +47,22 @@ def test_help_is_the_text_hydra_prints(tmp_path):
     hydras = stdout(f"import sys; sys.argv = {args!r}; from shelltrain.cli import _task; _task()")
     assert "model: cnn, efficientnet_b0" in ours and "_target_: torch.optim.AdamW" in ours
     assert ours == hydras
+
+
+def test_an_unwritable_log_in_an_existing_run_directory_is_one_line():
+    """What logging.config raises when Hydra cannot open train.log in a run directory that already exists."""
+    import errno
+
+    from shelltrain.explain import explain
+
+    try:
+        try:
+            raise OSError(errno.EROFS, "Read-only file system", "/runs/old/train.log")
+        except OSError as cause:
+            raise ValueError("Unable to configure handler 'file'") from cause
+    except ValueError as exc:
+        message = explain(exc)
+    assert message == (
+        "cannot create or write '/runs/old/train.log': Read-only file system; choose a writable place for the run "
+        "directory with hydra.run.dir=DIR (hydra.sweep.dir=DIR for -m)"
+    )

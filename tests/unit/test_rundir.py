@@ -73,3 +73,18 @@ def test_remove_if_unused_keeps_a_directory_with_results(tmp_path, monkeypatch):
     rundir.write_text("{}", rundir.summary(started))
     rundir.remove_if_unused(started)
     assert rundir.summary(started).is_file()
+
+
+def test_json_never_holds_a_bare_nan_and_names_the_non_finite_keys(tmp_path):
+    path = tmp_path / "summary.json"
+    rundir.write_json({"status": "failed", "test_loss": float("nan"), "per_class": {"cat": {"f1": float("inf")}}}, path)
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    import json
+
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c}")) == {
+        "status": "failed",
+        "test_loss": None,
+        "per_class": {"cat": {"f1": None}},
+        "non_finite": ["per_class.cat.f1", "test_loss"],
+    }

@@ -1,0 +1,77 @@
+"""DataLoaders whose workers never outlive the job and whose errors read like the main process's own.
+
+Every loader shelltrain builds is a `Loader`. Its workers leave SIGINT and SIGTERM to the main process
+(`signals.leave_stop_signals_to_main`) and die with it, even when it is SIGKILLed. An error inside a worker shuts
+the iterator's workers down before it propagates, and a UserError raised there (a file that cannot be decoded)
+reaches the user as its own one line, not as torch's "Caught UserError in DataLoader worker" traceback. At exit,
+workers still alive (persistent ones, or an iterator a traceback keeps) are killed: they ignore the SIGTERM
+with which multiprocessing ends daemonic children, so its exit handler would wait on them forever.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import multiprocessing
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from torch.utils.data import DataLoader
+from torch.utils.data._utils.worker import _worker_loop
+
+from shelltrain.errors import UserError
+from shelltrain.signals import leave_stop_signals_to_main
+
+WORKER_PREFIX = "shelltrain.errors.UserError: "  # how a worker's UserError ends torch's traceback text
+
+
+class Loader(DataLoader):
+    """A DataLoader (same arguments) with shelltrain's worker policy and error handling."""
+
+    def __init__(self, *args: Any, worker_init_fn: Any = None, **kwargs: Any) -> None:
+        policy = functools.partial(leave_stop_signals_to_main, worker_init_fn, os.getpid())
+        super().__init__(*args, worker_init_fn=policy, **kwargs)
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = super().__iter__()
+        try:
+            yield from iterator
+        except (Exception, KeyboardInterrupt) as exc:
+            stop_workers(iterator)
+            if isinstance(exc, UserError):
+                raise UserError(worker_message(str(exc))) from None
+            raise
+
+
+def worker_message(text: str) -> str:
+    """The one line of a UserError, also when torch re-raised it from a worker with the worker's traceback."""
+    if "DataLoader worker" not in text.split("\n", 1)[0]:
+        return text
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith(WORKER_PREFIX):
+            return line[len(WORKER_PREFIX) :]
+    return text.strip().splitlines()[-1]
+
+
+def stop_workers(iterator: Any) -> None:
+    """Shut an iterator's workers down now (torch's own shutdown, then SIGKILL for any that did not exit)."""
+    workers = getattr(iterator, "_workers", [])
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
+def _kill_leftover_workers() -> None:
+    """At exit (before multiprocessing's own handler, which atexit runs after this one): SIGKILL loader workers."""
+    for child in multiprocessing.active_children():
+        if getattr(child, "_target", None) is _worker_loop:
+            child.kill()
+            child.join()
+
+
+atexit.register(_kill_leftover_workers)
