@@ -76,7 +76,7 @@ def run(
 
         device = resolve_device(cfg.trainer.device)
         seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
-        return run_task(cfg, run_dir, train_settings(cfg.trainer, device), make_console())
+        return run_task(cfg, run_dir, train_settings(cfg.trainer, device), make_console(), overrides)
     try:
         if uses_ensemble(cfg):  # members (sub-runs or loaded models) fused into one prediction
             return ensemble_and_test(cfg, run_dir, resume=resume is not None)

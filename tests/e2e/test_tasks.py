@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, run_in_process, shelltrain_forked
+from conftest import FAST, compose_config, run_in_process, shelltrain_forked
 from PIL import Image
 from torch import nn
 
@@ -177,3 +177,15 @@ def test_only_tasks_that_read_the_dataset_need_its_root():
         validate(compose_config("data=imagefolder", f"task={task}", "model.weights=run", "predict.input=images"))
     with pytest.raises(UserError, match="data.root: not set"):
         validate(compose_config("data=imagefolder", "task=evaluate", "model.weights=run"))
+
+
+def test_evaluate_follows_the_checkpoints_preprocessing(tmp_path):
+    """A run trained at a non-default image size is evaluated at that size without repeating data options;
+    a size given on the command line on purpose wins and is said."""
+    run_dir = tmp_path / "run16"
+    trained = run_in_process(run_dir, *TRAIN, "data.image_size=16", "data.mean=[0.5]", "data.std=[0.25]")
+    again = run_in_process(tmp_path / "eval", "task=evaluate", f"model.weights={run_dir}")
+    assert again["test_acc"] == trained["test_acc"] and again["test_loss"] == trained["test_loss"]
+    chosen = shelltrain_forked("task=evaluate", f"model.weights={run_dir}", "data.image_size=8", *FAST, cwd=tmp_path)
+    assert chosen.returncode == 0, chosen.stderr
+    assert "data.image_size=8 from the command line; the model was trained with 16" in chosen.stdout
