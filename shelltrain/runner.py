@@ -27,6 +27,7 @@ from shelltrain.data import DataBundle, build_data, cv_fold
 from shelltrain.engine import (
     NonFiniteLoss,
     TrainState,
+    evaluate,
     fit,
     make_scaler,
     monitor_mode,
@@ -41,7 +42,7 @@ from shelltrain.models import build_model, count_parameters, materialize_lazy
 from shelltrain.optim import Schedule, build_optimizer, build_scheduler
 from shelltrain.plots import plot_members, write_run_plots
 from shelltrain.prune import PruneResult, preflight
-from shelltrain.prune.quantize import eval_settings
+from shelltrain.prune.quantize import eval_settings, quiet
 from shelltrain.prune.report import summary_keys, write_report
 from shelltrain.prune.stage import prune_stage, steps_per_epoch
 from shelltrain.report import ConsoleProgress, cv_section, cv_table, make_console, say, summary_table
@@ -358,7 +359,10 @@ def test(
         summary["transfer"] = transfer_summary(
             job.model, job.loaded, job.data, job.stats_from, job.policy, cfg.optimizer.lr
         )
-    if pruned is not None:
+    if pruned is not None:  # the headline describes best.pt, the pruned model; the unpruned one is in "prune"
+        with quiet():
+            val = evaluate(job.model, job.data.val, job.settings, limit=job.settings.limit_val_batches)
+        summary.update(params=pruned.report["after"]["params"], best_val_acc=val["acc"], best_val_loss=val["loss"])
         summary.update(summary_keys(pruned.report))
         summary["prune"] = pruned.report
     return summary, confusion
