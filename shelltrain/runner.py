@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from shelltrain import distributed, rundir
 from shelltrain.checkpoint import Checkpointer, load_checkpoint
 from shelltrain.data import DataBundle, build_data, cv_fold
+from shelltrain.data.transforms import describe_preprocessing
 from shelltrain.engine import (
     NonFiniteLoss,
     TrainState,
@@ -217,6 +218,7 @@ def describe(cfg: DictConfig, job: Job, run_dir: Path, console: Any) -> None:
         f"model {cfg.model.get('name', cfg.model.get('_target_'))} ({job.params:,} parameters) on "
         f"{job.device}{processes}",
     )
+    say(console, describe_preprocessing(data, job.stats_from))
     for line in transfer_log(job.weights, job.loaded, job.data_cfg, job.stats_from, job.policy):
         say(console, line)
 

@@ -98,6 +98,21 @@ def imagefolder(data: DictConfig) -> tuple[dict[str, tuple[list[str], torch.Tens
     return sources, classes
 
 
+GREY_MODES = ("1", "L", "I", "I;16")  # PIL modes of single-channel images
+_SAMPLED_FILES = 64  # files opened (headers only) to tell grey folders and native sizes
+
+
+def sample_files(paths: list[str]) -> tuple[bool, list[int]]:
+    """Whether every sampled file (spread evenly over `paths`) is a grey image, and their shorter sides."""
+    step = max(1, len(paths) // _SAMPLED_FILES)
+    modes, sides = [], []
+    for path in paths[::step][:_SAMPLED_FILES]:
+        with Image.open(path) as image:  # reads the header: mode and size, no pixels
+            modes.append(image.mode)
+            sides.append(min(image.size))
+    return all(mode in GREY_MODES for mode in modes), sides
+
+
 def _verify_images(paths: list[str]) -> None:
     """Open every file once so that a broken one is named now, not mid-epoch inside a worker."""
     for path in paths:
