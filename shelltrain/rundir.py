@@ -48,6 +48,7 @@ CV = "cv"  # cross-validation folds, one sub-run each
 ERROR_LOG = "error.log"  # a failed sweep job's traceback
 SWEEP_SUMMARY = "summary.csv"
 SWEEP_PLOT = "sweep.png"  # the score against each swept parameter
+SWEEP_RECORD = "multirun.yaml"  # what Hydra writes into a sweep dir it launches: the mark of a sweep dir
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)

@@ -46,7 +46,7 @@ from shelltrain.prune import PruneResult, preflight
 from shelltrain.prune.quantize import eval_settings, quiet
 from shelltrain.prune.report import summary_keys, write_report
 from shelltrain.prune.stage import prune_stage, steps_per_epoch
-from shelltrain.report import ConsoleProgress, cv_section, cv_table, make_console, say, summary_table
+from shelltrain.report import ConsoleProgress, cv_section, cv_table, make_console, print_summary, say
 from shelltrain.resume import (
     Resume,
     announce,
@@ -385,7 +385,7 @@ def report(
     loggers.finish(summary)
     if cfg.get("plots", True):
         write_run_plots(run_dir, state.history, confusion, classes, state.best_epoch)
-    console.print(summary_table(summary))
+    print_summary(console, summary, OmegaConf.select(cfg, "report.per_job", default="table"))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
 
 
@@ -438,7 +438,7 @@ def ensemble_and_test(cfg: DictConfig, run_dir: Path, resume: bool = False) -> f
             [*rows, {"name": f"ensemble ({fused.report['rule']})", "test_acc": fused.test["acc"]}],
             run_dir / rundir.PLOTS / "members.png",
         )
-    console.print(summary_table(summary))
+    print_summary(console, summary, OmegaConf.select(cfg, "report.per_job", default="table"))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
     value = fused.val[settings.monitor.removeprefix("val_")]
     return fused.test["acc"] if math.isnan(value) else value

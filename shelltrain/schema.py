@@ -177,15 +177,12 @@ class DataConfig:
         at_least("data.limit_samples", self.limit_samples, 1)
         at_least("data.samples_per_class", self.samples_per_class, 1)
         if self.classes is not None and len(self.classes) < 2:
-            raise UserError(
-                f"data.classes={list(self.classes)} picks fewer than 2 classes; a classifier needs at least two"
-            )
+            raise UserError(f"data.classes={list(self.classes)} picks fewer than 2 classes; a classifier needs two")
         if self.classes is not None and len(set(map(str, self.classes))) != len(self.classes):
             raise UserError(f"data.classes={list(self.classes)} names a class twice; list each class once")
         if self.name == "synthetic" and self.source is None:
             for key in ("num_samples", "num_classes"):
-                value = getattr(self, key)
-                if value is None or value < 2:
+                if (value := getattr(self, key)) is None or value < 2:
                     raise UserError(f"data.{key}={value} is out of range; data=synthetic needs at least 2")
 
 
@@ -318,10 +315,8 @@ class PruneConfig:
                 f"choose one of {', '.join(schedules)}"
             )
         for key, what in (("amount", "sparsity"), ("ratio", "channel ratio")):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise UserError(
-                    f"prune.{key}={getattr(self, key)!r} is out of range; the {what} must be in [0, 1), e.g. 0.5"
-                )
+            if not 0.0 <= (value := getattr(self, key)) < 1.0:
+                raise UserError(f"prune.{key}={value!r} is out of range; the {what} must be in [0, 1), e.g. 0.5")
         for key, minimum in (("threshold", 0.0), ("max_acc_drop", 0.0), ("finetune_epochs", 0)):
             at_least(f"prune.{key}", getattr(self, key), minimum)
         for key in ("steps", "blocks", "calibration_batches", "latency_batch", "latency_threads", "latency_repeats"):
@@ -383,6 +378,14 @@ class ExportConfig:
             raise UserError(f"export.tolerance={self.tolerance} must be > 0, e.g. 1e-4")
 
 
+@dataclass
+class ReportConfig:
+    per_job: str = "table"  # what each job prints at its end: its summary table, or one line (long sweeps)
+
+    def check(self) -> None:
+        one_of("report.per_job", self.per_job, ("table", "line"))
+
+
 # key of the composed config -> its dataclass; stored in the ConfigStore as `<key>_schema`
 SCHEMAS: dict[str, type] = {
     "trainer": TrainerConfig,
@@ -396,6 +399,7 @@ SCHEMAS: dict[str, type] = {
     "evaluate": EvaluateConfig,
     "predict": PredictConfig,
     "export": ExportConfig,
+    "report": ReportConfig,
 }
 
 
@@ -437,8 +441,8 @@ def validate(cfg: DictConfig) -> None:
         to_schema(cfg.cv, CVConfig, "cv").check(trainer)
     if "gate" in cfg:
         check_gates(cfg.gate)
-    for key, schema in (("evaluate", EvaluateConfig), ("predict", PredictConfig), ("export", ExportConfig)):
-        to_schema(cfg[key], schema, key).check()
+    for key in ("evaluate", "predict", "export", "report"):
+        to_schema(cfg.get(key) or {}, SCHEMAS[key], key).check()
     check_task(cfg)
     if not isinstance(cfg.get("plots", True), bool):
         raise UserError(f"plots={cfg.plots!r} is invalid; use true or false")

@@ -30,7 +30,7 @@ from shelltrain.errors import UserError
 from shelltrain.export import FORMATS, INSTALL_HINT, export_model, run_exported
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
 from shelltrain.plots import plot_confusion_matrix
-from shelltrain.report import say, summary_table
+from shelltrain.report import print_summary, say
 from shelltrain.rundir import write_json
 from shelltrain.schema import TrainerConfig
 from shelltrain.trained import load_trained_model
@@ -61,7 +61,7 @@ def run_task(
         **{k: v for k, v in found.items() if isinstance(v, dict)},  # sections (per_class, ...) after the figures
     }
     write_json(summary, rundir.summary(run_dir))
-    console.print(summary_table(summary))
+    print_summary(console, summary, OmegaConf.select(cfg, "report.per_job", default="table"))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
     return result
 
