@@ -6,13 +6,14 @@ resuming, the runner and the process launcher import it once a job really runs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, open_dict
 
 from shelltrain import launch, rundir, sweep
 from shelltrain.cli_help import print_help
-from shelltrain.errors import EXIT_USER_ERROR, Interrupted, UserError
+from shelltrain.errors import EXIT_USER_ERROR, GateMissed, Interrupted, UserError
 from shelltrain.explain import explain
 from shelltrain.signals import exit_on_sigterm
 
@@ -117,25 +118,66 @@ def _in_use_message(cfg: DictConfig, run_dir: Path) -> str:
     )
 
 
-def run_in_dir(run_dir: str | Path, *overrides: str) -> dict[str, Any]:
+def run_in_dir(run_dir: str | Path, *overrides: str, raise_on_gate: bool = False) -> dict[str, Any]:
     """One job from Python (a notebook, a benchmark, a test), as `shelltrain *overrides` would run it but in this
-    process and in `run_dir`, without Hydra's .hydra/ record and logging. Returns its summary.json; a mistake in
-    the config raises UserError."""
+    process and in `run_dir`, without Hydra's .hydra/ record; its log goes to `run_dir`/train.log as the
+    command's does. Returns its summary.json, whose `run_dir` is absolute.
+
+    A mistake in the config raises UserError (one line, as the command prints it) before `run_dir` is created.
+    Missed quality gates are recorded in the summary's "gates" (`passed: false`, `failures`); with
+    `raise_on_gate=True` they raise errors.GateMissed (a UserError) instead, as the command exits 3."""
     from hydra import compose, initialize_config_module
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    from shelltrain.schema import validate
+
+    run_dir = Path(run_dir).absolute()
     # The config module stays initialized while the job runs: resuming may compose the config again.
     with initialize_config_module(config_module="shelltrain.configs", version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+        try:
+            cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+        except Exception as exc:  # Hydra's composition errors: an unknown key or option, a bad override
+            message = explain(exc)
+            if message is None:
+                raise
+            raise UserError(message) from exc
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(run_dir)
             cfg.hydra.job.num = 0
         HydraConfig.instance().set_config(cfg)
         with open_dict(cfg):
             del cfg["hydra"]  # the job sees what @hydra.main gives it: the config without the hydra node
-        run_job(cfg, run_dir)
-    return rundir.read_json(rundir.summary(_job_dir()))  # a resumed job moved into the original run dir
+        validate(cfg)
+        created = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with _log_to(run_dir / rundir.LOG):
+                _, missed = run_job(cfg, run_dir)
+        except UserError:
+            if created:
+                rundir.remove_if_unused(run_dir)  # as the command does: a job that wrote nothing leaves nothing
+            raise
+    summary = rundir.read_json(rundir.summary(_job_dir()))  # a resumed job moved into the original run dir
+    if missed and raise_on_gate:
+        raise GateMissed(missed, summary)
+    return summary
+
+
+@contextlib.contextmanager
+def _log_to(path: Path) -> Iterator[None]:
+    """shelltrain's log records into `path` (appended) while the job runs, as the command's job logging does."""
+    logger = logging.getLogger("shelltrain")
+    handler = logging.FileHandler(path, mode="a")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+    level, before = logger.level, list(logger.handlers)
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for added in [h for h in logger.handlers if h not in before]:  # ours, or where resuming moved it
+            logger.removeHandler(added)
+            added.close()
+        logger.setLevel(level)
 
 
 def _job_dir() -> Path:

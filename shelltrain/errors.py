@@ -20,3 +20,13 @@ class Interrupted(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+class GateMissed(UserError):
+    """A quality gate (`gate.*`) was missed: `cli.run_in_dir(..., raise_on_gate=True)` raises it (the command
+    exits 3 instead). `summary` is the run's summary.json, its "gates" verdict included."""
+
+    def __init__(self, failures: list[str], summary: dict):
+        super().__init__("gate missed: " + "; ".join(failures))
+        self.failures = failures
+        self.summary = summary

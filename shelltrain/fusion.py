@@ -62,6 +62,28 @@ def fuse(rule: str, probs: torch.Tensor, weights: Sequence[float]) -> tuple[torc
     return fused, fused.argmax(1)
 
 
+class FusedModel(nn.Module):
+    """An ensemble as one model, for task=predict and task=export: its forward gives the log of the fused
+    probabilities, so that softmax and argmax of the output are the ensemble's. For `vote`, the "probabilities"
+    are the vote shares, with the summed member probabilities (scaled far below one vote) breaking ties."""
+
+    def __init__(self, members: Sequence[nn.Module], rule: str, weights: Sequence[float]):
+        super().__init__()
+        self.members = nn.ModuleList(m.eval() for m in members)
+        self.rule = rule
+        weights = weights if rule == "weighted" else [1.0] * len(members)  # average (and vote): equal shares
+        self.register_buffer("weights", torch.tensor([w / sum(weights) for w in weights]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([m(x).float().softmax(1) for m in self.members])  # M x N x C
+        if self.rule == "vote":
+            votes = (probs == probs.amax(2, keepdim=True)).float().sum(0)  # N x C: members choosing each class
+            fused = votes + probs.sum(0) / (probs.shape[0] + 1)  # the sum stays below one vote
+        else:
+            fused = (self.weights.view(-1, 1, 1) * probs).sum(0)
+        return (fused / fused.sum(1, keepdim=True)).clamp_min(1e-12).log()
+
+
 def fused_metrics(probs: torch.Tensor, preds: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     """Accuracy of the predictions and the negative log-likelihood of the fused probabilities."""
     if targets.numel() == 0:

@@ -141,6 +141,19 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+LINE_KEYS = ("task", "test_acc", "val_acc", "train_acc", "best_val_acc", "params", "wall_seconds")
+
+
+def print_summary(console: Console, summary: dict[str, Any], per_job: str = "table") -> None:
+    """A job's headline figures when it ends: its summary table, or with `report.per_job=line` one line (a sweep
+    of many jobs stays readable)."""
+    if per_job != "line":
+        console.print(summary_table(summary))
+        return
+    figures = ", ".join(f"{key} {_fmt(summary[key])}" for key in LINE_KEYS if summary.get(key) is not None)
+    console.print(f"{summary.get('status', 'completed')}: {figures}", markup=False)
+
+
 def cv_section(fold_summaries: list[dict[str, Any]], monitor: str, refit: bool) -> dict[str, Any]:
     """summary.json's `cv` section: each fold's best monitored metric (on its held-out fold) and test accuracy,
     their mean and population std (numpy's default, as in scikit-learn's examples)."""

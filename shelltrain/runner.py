@@ -22,9 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 from shelltrain import distributed, placement, rundir
 from shelltrain.checkpoint import Checkpointer, load_checkpoint
 from shelltrain.data import DataBundle, build_data, cv_fold
+from shelltrain.data.transforms import describe_preprocessing
 from shelltrain.engine import (
     NonFiniteLoss,
     TrainState,
+    evaluate,
     fit,
     make_scaler,
     monitor_mode,
@@ -40,9 +42,10 @@ from shelltrain.optim import Schedule, build_optimizer, build_scheduler
 from shelltrain.placement import eval_settings
 from shelltrain.plots import plot_members, write_run_plots
 from shelltrain.prune import PruneResult, preflight
+from shelltrain.prune.quantize import quiet
 from shelltrain.prune.report import summary_keys, write_report
 from shelltrain.prune.stage import prune_stage, steps_per_epoch
-from shelltrain.report import ConsoleProgress, cv_section, cv_table, make_console, say, summary_table
+from shelltrain.report import ConsoleProgress, cv_section, cv_table, make_console, print_summary, say
 from shelltrain.resume import (
     Resume,
     announce,
@@ -74,7 +77,7 @@ def run(
 
         device = resolve_device(cfg.trainer.device)
         seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
-        return run_task(cfg, run_dir, train_settings(cfg.trainer, device), make_console())
+        return run_task(cfg, run_dir, train_settings(cfg.trainer, device), make_console(), overrides)
     try:
         if uses_ensemble(cfg):  # members (sub-runs or loaded models) fused into one prediction
             return ensemble_and_test(cfg, run_dir, resume=resume is not None)
@@ -212,6 +215,7 @@ def describe(cfg: DictConfig, job: Job, run_dir: Path, console: Any) -> None:
         f"model {cfg.model.get('name', cfg.model.get('_target_'))} ({job.params:,} parameters) on "
         f"{job.device}{processes}",
     )
+    say(console, describe_preprocessing(data, job.stats_from))
     for line in transfer_log(job.weights, job.loaded, job.data_cfg, job.stats_from, job.policy):
         say(console, line)
 
@@ -354,7 +358,10 @@ def test(
         summary["transfer"] = transfer_summary(
             job.model, job.loaded, job.data, job.stats_from, job.policy, cfg.optimizer.lr
         )
-    if pruned is not None:
+    if pruned is not None:  # the headline describes best.pt, the pruned model; the unpruned one is in "prune"
+        with quiet():
+            val = evaluate(job.model, job.data.val, job.settings, limit=job.settings.limit_val_batches)
+        summary.update(params=pruned.report["after"]["params"], best_val_acc=val["acc"], best_val_loss=val["loss"])
         summary.update(summary_keys(pruned.report))
         summary["prune"] = pruned.report
     return summary, confusion
@@ -375,7 +382,7 @@ def report(
     loggers.finish(summary)
     if cfg.get("plots", True):
         write_run_plots(run_dir, state.history, confusion, classes, state.best_epoch)
-    console.print(summary_table(summary))
+    print_summary(console, summary, OmegaConf.select(cfg, "report.per_job", default="table"))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
 
 
@@ -428,7 +435,7 @@ def ensemble_and_test(cfg: DictConfig, run_dir: Path, resume: bool = False) -> f
             [*rows, {"name": f"ensemble ({fused.report['rule']})", "test_acc": fused.test["acc"]}],
             run_dir / rundir.PLOTS / "members.png",
         )
-    console.print(summary_table(summary))
+    print_summary(console, summary, OmegaConf.select(cfg, "report.per_job", default="table"))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
     value = fused.val[settings.monitor.removeprefix("val_")]
     return fused.test["acc"] if math.isnan(value) else value

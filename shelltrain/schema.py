@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from shelltrain.checks import (
     at_least,
@@ -28,6 +28,7 @@ from shelltrain.checks import (
     one_of,
     to_schema,
 )
+from shelltrain.dataroot import DATASET_FILES, check_data_root
 from shelltrain.errors import UserError
 from shelltrain.rundir import ensemble_dir
 
@@ -36,14 +37,6 @@ LOSSES = ("cross_entropy", "mse")
 MONITORS = ("val_acc", "val_loss")
 POLICIES = ("full", "linear_probe", "freeze_backbone", "gradual")
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
-# data.name -> (its name in messages, what torchvision expects under data.root)
-DATASET_FILES = {
-    "cifar10": ("CIFAR-10", "cifar-10-batches-py/"),
-    "cifar100": ("CIFAR-100", "cifar-100-python/"),
-    "mnist": ("MNIST", "MNIST/raw/"),
-    "fashion_mnist": ("Fashion-MNIST", "FashionMNIST/raw/"),
-}
-IMAGEFOLDER_LAYOUT = "train/<class>/<image> (val/ and test/ optional)"
 SPLITS = ("test", "val", "train")
 EXPORT_FORMATS = ("onnx", "torchscript")
 
@@ -177,15 +170,12 @@ class DataConfig:
         at_least("data.limit_samples", self.limit_samples, 1)
         at_least("data.samples_per_class", self.samples_per_class, 1)
         if self.classes is not None and len(self.classes) < 2:
-            raise UserError(
-                f"data.classes={list(self.classes)} picks fewer than 2 classes; a classifier needs at least two"
-            )
+            raise UserError(f"data.classes={list(self.classes)} picks fewer than 2 classes; a classifier needs two")
         if self.classes is not None and len(set(map(str, self.classes))) != len(self.classes):
             raise UserError(f"data.classes={list(self.classes)} names a class twice; list each class once")
         if self.name == "synthetic" and self.source is None:
             for key in ("num_samples", "num_classes"):
-                value = getattr(self, key)
-                if value is None or value < 2:
+                if (value := getattr(self, key)) is None or value < 2:
                     raise UserError(f"data.{key}={value} is out of range; data=synthetic needs at least 2")
 
 
@@ -318,10 +308,8 @@ class PruneConfig:
                 f"choose one of {', '.join(schedules)}"
             )
         for key, what in (("amount", "sparsity"), ("ratio", "channel ratio")):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise UserError(
-                    f"prune.{key}={getattr(self, key)!r} is out of range; the {what} must be in [0, 1), e.g. 0.5"
-                )
+            if not 0.0 <= (value := getattr(self, key)) < 1.0:
+                raise UserError(f"prune.{key}={value!r} is out of range; the {what} must be in [0, 1), e.g. 0.5")
         for key, minimum in (("threshold", 0.0), ("max_acc_drop", 0.0), ("finetune_epochs", 0)):
             at_least(f"prune.{key}", getattr(self, key), minimum)
         for key in ("steps", "blocks", "calibration_batches", "latency_batch", "latency_threads", "latency_repeats"):
@@ -383,6 +371,14 @@ class ExportConfig:
             raise UserError(f"export.tolerance={self.tolerance} must be > 0, e.g. 1e-4")
 
 
+@dataclass
+class ReportConfig:
+    per_job: str = "table"  # what each job prints at its end: its summary table, or one line (long sweeps)
+
+    def check(self) -> None:
+        one_of("report.per_job", self.per_job, ("table", "line"))
+
+
 # key of the composed config -> its dataclass; stored in the ConfigStore as `<key>_schema`
 SCHEMAS: dict[str, type] = {
     "trainer": TrainerConfig,
@@ -396,6 +392,7 @@ SCHEMAS: dict[str, type] = {
     "evaluate": EvaluateConfig,
     "predict": PredictConfig,
     "export": ExportConfig,
+    "report": ReportConfig,
 }
 
 
@@ -437,8 +434,8 @@ def validate(cfg: DictConfig) -> None:
         to_schema(cfg.cv, CVConfig, "cv").check(trainer)
     if "gate" in cfg:
         check_gates(cfg.gate)
-    for key, schema in (("evaluate", EvaluateConfig), ("predict", PredictConfig), ("export", ExportConfig)):
-        to_schema(cfg[key], schema, key).check()
+    for key in ("evaluate", "predict", "export", "report"):
+        to_schema(cfg.get(key) or {}, SCHEMAS[key], key).check()
     check_task(cfg)
     if not isinstance(cfg.get("plots", True), bool):
         raise UserError(f"plots={cfg.plots!r} is invalid; use true or false")
@@ -456,43 +453,7 @@ def check_data(node: DictConfig, files: bool = True) -> None:
     data = to_schema(node, DataConfig, "data")
     data.check()
     if files and data.source is None and (data.name in DATASET_FILES or data.name == "imagefolder"):
-        _check_data_root(node)
-
-
-def _check_data_root(data: DictConfig) -> None:
-    root = data_root(data)
-    if root.exists() and not root.is_dir():
-        raise UserError(
-            f"data.root: '{root}' is a file, not a folder; point data.root at the folder that holds the data"
-        )
-    if data.name == "imagefolder":
-        if not root.is_dir():
-            raise UserError(
-                f"data.root: '{root}' does not exist; point data.root at a folder laid out as {IMAGEFOLDER_LAYOUT}"
-            )
-        if not (root / "train").is_dir():
-            raise UserError(
-                f"data.root: '{root}' has no train/ folder; lay the images out as {root}/{IMAGEFOLDER_LAYOUT}"
-            )
-    elif not data.download and not root.is_dir():
-        raise UserError(
-            f"data.root: '{root}' does not exist; point data.root at a folder holding {DATASET_FILES[data.name][0]} "
-            "or set data.download=true"
-        )
-
-
-def data_root(data: DictConfig) -> Path:
-    """data.root as an absolute path (relative ones are taken from where the user launched the run)."""
-    from hydra.utils import to_absolute_path
-
-    if OmegaConf.is_missing(data, "root") or data.root is None:
-        if data.name == "imagefolder":
-            holding = f"an image folder laid out as {IMAGEFOLDER_LAYOUT}"
-        else:
-            title, expected = DATASET_FILES[data.name]
-            holding = f"{title} (it should contain {expected})"
-        raise UserError(f"data.root: not set; set data.root to a folder holding {holding}")
-    return Path(to_absolute_path(os.path.expanduser(str(data.root))))
+        check_data_root(node)
 
 
 def uses_ensemble(cfg: DictConfig) -> bool:

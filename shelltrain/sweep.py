@@ -17,6 +17,7 @@ import csv
 import io
 import math
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,9 @@ from shelltrain import rundir
 # Exit codes shared with the CLI (documented in README "Using shelltrain in CI").
 EXIT_GATE_FAILED = 3
 EXIT_JOBS_FAILED = 4
+
+# A run dir without summary.json in which something changed this recently is taken for a job still running.
+RUNNING_SECONDS = 600
 
 # Headline keys of summary.json copied into the table (when any run has them), in this order.
 METRICS = ["test_acc", "test_loss", "best_val_acc", "best_val_loss", "best_epoch", "epochs_completed", "params"]
@@ -57,7 +61,11 @@ class JobRow:
 
     @property
     def failed(self) -> bool:
-        return self.status != "completed"
+        return self.status not in ("completed", "running")
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
 
     @property
     def gates_failed(self) -> bool:
@@ -89,7 +97,9 @@ def read_run(run_dir: Path) -> JobRow:
         monitor = str(OmegaConf.select(config, "trainer.monitor", default="val_acc", throw_on_missing=False))
         plots = OmegaConf.select(config, "plots", default=True, throw_on_missing=False) is not False
     summary: dict[str, Any] = {}
-    status, error = "incomplete", "no summary.json: still running, or killed before it could record anything"
+    status, error = "incomplete", "no summary.json: killed before it could record anything"
+    if _recently_written(run_dir):
+        status, error = "running", ""
     path = rundir.summary(run_dir)
     if path.is_file():
         try:
@@ -171,7 +181,7 @@ def plot(rows: Sequence[JobRow], path: Path) -> Path:
     return plot_sweep(records, path, swept_keys(rows), metric="test_acc")
 
 
-def table(rows: Sequence[JobRow], title: str) -> Any:
+def table(rows: Sequence[JobRow], title: str, root: Path) -> Any:
     from rich.table import Table
     from rich.text import Text
 
@@ -183,6 +193,7 @@ def table(rows: Sequence[JobRow], title: str) -> Any:
     grid = Table(title=title, show_header=True, header_style="bold")
     grid.add_column("#", justify="right")
     grid.add_column("job", justify="right")
+    grid.add_column("run dir", overflow="fold")
     for key in keys:
         grid.add_column(key, overflow="fold")
     grid.add_column("status")
@@ -198,6 +209,7 @@ def table(rows: Sequence[JobRow], title: str) -> Any:
     for rank, row in enumerate(ranked(rows), start=1):
         split = _split_overrides(row.overrides)
         cells = [str(rank) if row.score is not None else "", "" if row.job is None else str(row.job)]
+        cells.append(_relative(row.run_dir, root))
         cells += [_short(split.get(k, "")) for k in keys]
         cells += [row.status, _fmt(row.score, 4)]
         if has_cv:
@@ -207,7 +219,7 @@ def table(rows: Sequence[JobRow], title: str) -> Any:
         if has_gates:
             cells.append(_gates_text(row))
         cells += [_fmt(row.summary.get("wall_seconds"), 3), row.error]
-        style = "red" if row.failed else ("yellow" if row.gates_failed else None)
+        style = "red" if row.failed else "cyan" if row.running else "yellow" if row.gates_failed else None
         grid.add_row(*[Text(c) for c in cells], style=style)  # Text: overrides and errors are not markup
     return grid
 
@@ -232,29 +244,29 @@ class Outcome:
         return EXIT_GATE_FAILED if self.gates_failed else 0
 
 
-def summarize(root: Path, console: Any = None, write: bool = True) -> Outcome:
-    """Write `root/summary.csv` and print the table and a verdict line; returns what was found."""
+def summarize(
+    root: Path, console: Any = None, write: bool = True, out: Path | None = None, owned: bool = False
+) -> Outcome:
+    """Print the table of the runs under `root` and a verdict line; returns what was found. With `write`,
+    summary.csv (and sweep.png beside it) goes to `out`, else into `root` when it is a sweep dir (Hydra's
+    multirun.yaml there, or `owned`: the multirun of this process); never into a folder of other runs."""
     root = Path(root)
     console = console or make_console()
     rows = collect(root)
     if not rows:
         console.print(f"no runs found under {root} (a run dir holds .hydra/ and summary.json)")
         return Outcome(rows, None)
-    csv_path = root / rundir.SWEEP_SUMMARY if write else None
-    if csv_path is not None:
+    sweep_dir = owned or (root / rundir.SWEEP_CONFIG).is_file()
+    csv_path = Path(out) if out is not None else root / rundir.SWEEP_SUMMARY if sweep_dir else None
+    if write and csv_path is not None:
         write_csv(rows, root, csv_path)
         if any(r.plots for r in rows) and any(_number(r.summary.get("test_acc")) is not None for r in rows):
-            plot(rows, root / rundir.SWEEP_PLOT)
-    console.print(table(rows, title=f"shelltrain sweep: {root}"))
+            plot(rows, csv_path.parent / rundir.SWEEP_PLOT)
+    else:
+        csv_path = None
+    console.print(table(rows, title=f"shelltrain sweep: {root}", root=root))
+    console.print(_verdict(rows, csv_path, write and not sweep_dir and out is None, root), markup=False)
     best = ranked(rows)[0]
-    done = len(rows) - len([r for r in rows if r.failed])
-    parts = [f"{len(rows)} run{'s' if len(rows) != 1 else ''}: {done} completed"]
-    if len(rows) > done:
-        parts.append(f"{len(rows) - done} failed")
-    gated = [r for r in rows if not r.failed and r.gates_failed]
-    if gated:
-        parts.append(f"{len(gated)} missed a quality gate")
-    console.print(", ".join(parts) + (f"; table written to {csv_path}" if csv_path else ""), markup=False)
     if best.score is not None:
         label = f"job {best.job}" if best.job is not None else "run"
         console.print(
@@ -263,6 +275,28 @@ def summarize(root: Path, console: Any = None, write: bool = True) -> Outcome:
             markup=False,
         )
     return Outcome(rows, csv_path)
+
+
+def _verdict(rows: Sequence[JobRow], csv_path: Path | None, not_a_sweep: bool, root: Path) -> str:
+    """The footer: how many runs completed, are running, failed or missed a gate, and where the table went."""
+    done = len([r for r in rows if not r.failed and not r.running])
+    parts = [f"{len(rows)} run{'s' if len(rows) != 1 else ''}: {done} completed"]
+    running, failed = len([r for r in rows if r.running]), len([r for r in rows if r.failed])
+    parts += [f"{running} running"] if running else []
+    parts += [f"{failed} failed"] if failed else []
+    gated = [r for r in rows if not r.failed and r.gates_failed]
+    parts += [f"{len(gated)} missed a quality gate"] if gated else []
+    if csv_path is not None:
+        return ", ".join(parts) + f"; table written to {csv_path}"
+    if not_a_sweep:
+        return ", ".join(parts) + f"; {root} is not a sweep dir: no summary.csv written there (--out FILE writes one)"
+    return ", ".join(parts)
+
+
+def _recently_written(run_dir: Path) -> bool:
+    """Whether a file of `run_dir` (log, metrics, checkpoints) changed in the last RUNNING_SECONDS."""
+    newest = max((p.stat().st_mtime for p in run_dir.rglob("*") if p.is_file()), default=0.0)
+    return time.time() - newest < RUNNING_SECONDS
 
 
 def make_console() -> Any:
@@ -300,7 +334,7 @@ class SweepSummary(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if _STATE.dir is None:  # registered by a user's config without on_multirun_start having run
             _STATE.dir = Path(str(config.hydra.sweep.dir)).absolute()
-        _STATE.outcome = summarize(_STATE.dir)
+        _STATE.outcome = summarize(_STATE.dir, owned=True)
 
 
 def finish() -> Outcome | None:
@@ -311,7 +345,7 @@ def finish() -> Outcome | None:
     if _STATE.dir is None:
         return None
     if _STATE.outcome is None:
-        _STATE.outcome = summarize(_STATE.dir)
+        _STATE.outcome = summarize(_STATE.dir, owned=True)
     outcome = _STATE.outcome
     _STATE.dir = _STATE.outcome = None
     return outcome
@@ -339,19 +373,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="shelltrain-summary",
         description=(
-            "Summarize finished runs: writes DIR/summary.csv and prints a table sorted by the monitored "
-            "metric (the CV mean where cv.folds was set). DIR is a sweep dir (multirun/DATE/TIME), a single "
-            "run dir, or any folder above runs (outputs/). Exit code: 0 all completed, 3 a run missed a "
-            "quality gate, 4 a run failed or is incomplete."
+            "Summarize runs: prints a table sorted by the monitored metric (the CV mean where cv.folds was set) "
+            "and, for a sweep dir (multirun/DATE/TIME), writes DIR/summary.csv. DIR may also be a single run dir "
+            "or any folder above runs (outputs/): their table goes only where --out says. Runs without "
+            "summary.json written to in the last 10 minutes are 'running'. Exit code: 0 all completed (or "
+            "running), 3 a run missed a quality gate, 4 a run failed or is incomplete."
         ),
     )
     parser.add_argument("dir", type=Path, help="sweep, run or outputs directory")
+    parser.add_argument("--out", type=Path, help="write summary.csv (and sweep.png beside it) to this file")
     parser.add_argument("--no-write", action="store_true", help="only print the table, do not write summary.csv")
     args = parser.parse_args(argv)
     if not args.dir.is_dir():
         sys.stderr.write(f"shelltrain-summary: error: '{args.dir}' is not a directory\n")
         return 2
-    outcome = summarize(args.dir, write=not args.no_write)
+    outcome = summarize(args.dir, write=not args.no_write, out=args.out)
     if not outcome.rows:
         return 2
     return outcome.exit_code

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader
@@ -33,7 +33,7 @@ from shelltrain.export import FORMATS, INSTALL_HINT, export_model, run_exported
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
 from shelltrain.placement import eval_settings
 from shelltrain.plots import plot_confusion_matrix
-from shelltrain.report import say, summary_table
+from shelltrain.report import print_summary, say
 from shelltrain.rundir import write_json, write_text
 from shelltrain.schema import TrainerConfig
 from shelltrain.trained import load_trained_model
@@ -41,12 +41,17 @@ from shelltrain.trained import load_trained_model
 EXPORT_CHECK_BATCH = 8  # images of the export check; the example the exporter traces has another size
 
 
-def run_task(cfg: DictConfig, run_dir: Path, settings: TrainerConfig, console: Console) -> float | None:
-    """Run `cfg.task` (evaluate, predict or export); returns evaluate's accuracy for sweepers."""
+def run_task(
+    cfg: DictConfig, run_dir: Path, settings: TrainerConfig, console: Console, overrides: list[str] | None = None
+) -> float | None:
+    """Run `cfg.task` (evaluate, predict or export); returns evaluate's accuracy for sweepers. `overrides` (the
+    command line's) tell which data settings the user chose on purpose over the checkpoint's preprocessing."""
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     model, checkpoint, source = load_trained_model(str(cfg.model.weights))
     say(console, f"{cfg.task}: model from [bold]{source}[/bold] ({len(checkpoint['classes'])} classes)")
+    if cfg.task == "evaluate":
+        cfg = OmegaConf.merge(cfg, {"data": checkpoint_data(cfg.data, checkpoint, overrides or [], console)})
     task = {"evaluate": evaluate_task, "predict": predict_task, "export": export_task}[cfg.task]
     found, result = task(cfg, run_dir, settings, console, model, checkpoint)
     summary = {
@@ -59,7 +64,7 @@ def run_task(cfg: DictConfig, run_dir: Path, settings: TrainerConfig, console: C
         **{k: v for k, v in found.items() if isinstance(v, dict)},  # sections (per_class, ...) after the figures
     }
     write_json(summary, rundir.summary(run_dir))
-    console.print(summary_table(summary))
+    print_summary(console, summary, OmegaConf.select(cfg, "report.per_job", default="table"))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
     return result
 
@@ -70,7 +75,7 @@ def evaluate_task(
     """Accuracy, loss, top-5 and per-class scores on `evaluate.split` of the configured data."""
     split = cfg.evaluate.split
     data = build_data(cfg.data, cfg.augmentation, seed=cfg.trainer.seed, pin_memory=settings.device.type == "cuda")
-    _check_fits(data, checkpoint, console)
+    _check_fits(data, checkpoint)
     loader = _unaugmented(data, split)
     logits, targets = predict(model, loader, settings, limit=cfg.trainer.get(f"limit_{split}_batches"))
     confusion = confusion_matrix(logits, targets, data.num_classes)
@@ -169,8 +174,33 @@ def preprocessing(checkpoint: dict) -> dict[str, Any]:
     return dict(pre)
 
 
-def _check_fits(data: DataBundle, checkpoint: dict, console: Console) -> None:
-    """The data must have the model's classes and channels; other preprocessing differences are pointed out."""
+PREPROCESSING_KEYS = ("image_size", "channels", "mean", "std")
+
+
+def checkpoint_data(data: DictConfig, checkpoint: dict, overrides: list[str], console: Console) -> dict[str, Any]:
+    """The checkpoint's preprocessing (image size, channels, mean/std) for the data the model is evaluated on,
+    so that a run's own figures come back without repeating its data options; a key the command line sets is
+    the user's choice and wins, said in one line."""
+    pre = preprocessing(checkpoint)
+    given = {str(o).split("=", 1)[0].lstrip("+~") for o in overrides}
+    chosen = {}
+    for key in PREPROCESSING_KEYS:
+        if f"data.{key}" not in given:
+            chosen[key] = pre[key]
+        elif _plain(data[key]) != pre[key]:
+            say(
+                console,
+                f"note: data.{key}={_plain(data[key])} from the command line; the model was trained with {pre[key]}",
+            )
+    return chosen
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def _check_fits(data: DataBundle, checkpoint: dict) -> None:
+    """The data must have the model's classes and channels (other preprocessing was said by checkpoint_data)."""
     classes = [str(c) for c in checkpoint["classes"]]
     if [str(c) for c in data.classes] != classes:
         raise UserError(
@@ -182,12 +212,6 @@ def _check_fits(data: DataBundle, checkpoint: dict, console: Console) -> None:
         raise UserError(
             f"the model takes {pre['channels']}-channel images and the data gives {data.in_channels}; "
             f"set data.channels={pre['channels']}"
-        )
-    if pre.get("image_size") and pre["image_size"] != data.image_size:
-        say(
-            console,
-            f"note: the model was trained on {pre['image_size']}px images, these are {data.image_size}px "
-            f"(data.image_size={pre['image_size']} matches the training run)",
         )
 
 

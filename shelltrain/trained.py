@@ -28,16 +28,14 @@ def load_trained_model(spec: str, key: str = "model.weights") -> tuple[nn.Module
     the checkpoint's config and classes, in eval mode on the CPU; with the checkpoint and its path.
     `key` is the config key that named it, for error messages."""
     path = Path(to_absolute_path(os.path.expanduser(spec)))
+    ensemble = rundir.ensemble_dir(path)
+    if ensemble is not None and not rundir.best_checkpoint(ensemble).is_file():
+        return load_fused_model(ensemble, key)
     if path.is_dir():
         found = [p for p in (rundir.best_checkpoint(path), rundir.last_checkpoint(path)) if p.is_file()]
         if not found:
-            hint = (
-                "it is an ensemble run directory: evaluate it with trainer.epochs=0 model.weights=<it>"
-                if rundir.ensemble_dir(path) is not None
-                else "give a run directory or a .pt file"
-            )
             best = rundir.best_checkpoint(Path()).as_posix()
-            raise UserError(f"{key}: '{path}' has no {best} or {rundir.LAST}; {hint}")
+            raise UserError(f"{key}: '{path}' has no {best} or {rundir.LAST}; give a run directory or a .pt file")
         path = found[0]
     with quiet():  # an int8 checkpoint's tensors warn when loaded
         checkpoint = load_checkpoint(path)
@@ -56,3 +54,27 @@ def load_trained_model(spec: str, key: str = "model.weights") -> tuple[nn.Module
         reason = " ".join(str(exc).split())[:300]
         raise UserError(f"{key}: '{path}' does not fit the model its config builds ({reason})") from None
     return model.eval(), checkpoint, path
+
+
+def load_fused_model(directory: Path, key: str = "model.weights") -> tuple[nn.Module, dict[str, Any], Path]:
+    """An ensemble run directory as one model (fusion.FusedModel: its members, rule and weights as saved in
+    ensemble.json), with a checkpoint-like dict of the classes and preprocessing its members share."""
+    from shelltrain.fusion import FusedModel
+    from shelltrain.members import read_ensemble
+
+    report = read_ensemble(directory)
+    members, checkpoints = [], []
+    for member in report["members"]:
+        model, checkpoint, _ = load_trained_model(str(directory / member["checkpoint"]), key)
+        members.append(model)
+        checkpoints.append(checkpoint)
+    first = checkpoints[0]
+    for name in ("classes", "preprocessing"):
+        if any(c.get(name) != first.get(name) for c in checkpoints[1:]):
+            raise UserError(
+                f"{key}: the members of the ensemble '{directory}' differ in their {name}; "
+                "use one member's run directory instead"
+            )
+    fused = FusedModel(members, report["rule"], report["weights"])
+    info = {"classes": first["classes"], "preprocessing": first.get("preprocessing"), "config": first["config"]}
+    return fused.eval(), info, directory / rundir.ENSEMBLE_REPORT

@@ -21,7 +21,7 @@ from torchvision.transforms.v2 import functional as F
 from shelltrain import distributed
 from shelltrain.data.device import DeviceBatches, batched_augmentations
 from shelltrain.data.loader import Loader
-from shelltrain.data.sources import imagefolder, in_memory, one_line
+from shelltrain.data.sources import imagefolder, in_memory, one_line, sample_files
 from shelltrain.data.splits import budget, select_classes, split_indices
 from shelltrain.data.transforms import (
     augmentations,
@@ -49,6 +49,8 @@ class DataBundle:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    native_sides: tuple[int, int] | None = None  # the shorter side of the source images, smallest and largest
+    channels_from: str = "data.channels"  # how the channel count was chosen, for the log
 
 
 class TensorImages(Dataset):
@@ -130,7 +132,7 @@ def build_data(
     validation split is sharded without repeats; the test split stays whole (rank 0 tests). With
     `data.on_device=true` and a `device`, the splits become DeviceBatches on that device."""
     check_data(data)
-    splits, classes, channels = _datasets(data)
+    splits, classes, channels, native = _datasets(data)
     # measured on raw images, so the transforms come after
     mean, std = normalization_stats(data, channels, splits["train"], stats)
     to_float = to_float_transforms(mean, std)
@@ -143,6 +145,7 @@ def build_data(
     facts = dict(
         num_classes=len(classes), classes=classes, in_channels=channels, image_size=data.image_size, mean=mean, std=std
     )
+    facts.update(native)
     if data.get("on_device") and device is not None:
         if data.name == "imagefolder":
             raise UserError(
@@ -155,15 +158,24 @@ def build_data(
     return DataBundle(**_loaders(data, splits, pin_memory, mix, seed), **facts)
 
 
-def _datasets(data: DictConfig) -> tuple[dict[str, Dataset], list[str], int]:
-    """The train/val/test datasets (transforms still unset), the class names and the channel count."""
+def _datasets(data: DictConfig) -> tuple[dict[str, Dataset], list[str], int, dict]:
+    """The train/val/test datasets (transforms still unset), the class names, the channel count, and the source
+    images' native sides and how the channels were chosen (DataBundle's facts for the log)."""
     size = data.image_size
     if data.name == "imagefolder" and data.get("source") is None:
         sources, classes = imagefolder(data)
-        channels = data.channels or 3
+        grey, sides = sample_files(sources["train"][0])
+        native_channels, kind = (1, "grey images") if grey else (3, "colour images")
     else:
         sources, classes = in_memory(data)
-        channels = data.channels or sources["train"][0].shape[1]
+        images = sources["train"][0]
+        sides, native_channels = [min(images.shape[-2:])], images.shape[1]
+        kind = "grey images" if native_channels == 1 else f"{native_channels}-channel images"
+    channels = data.channels or native_channels
+    native = {
+        "native_sides": (min(sides), max(sides)),
+        "channels_from": "data.channels" if data.channels else f"data.channels=null: {kind}",
+    }
     sources, classes = select_classes(sources, classes, data)
     labels = {split: y for split, (_, y) in sources.items()}
     splits: dict[str, Dataset] = {}
@@ -176,7 +188,7 @@ def _datasets(data: DictConfig) -> tuple[dict[str, Dataset], list[str], int]:
             splits[split] = FileImages(paths, y, "RGB" if channels == 3 else "L", size, None)
         else:
             splits[split] = TensorImages(convert_channels(square(items[index], size), channels).contiguous(), y, None)
-    return splits, classes, channels
+    return splits, classes, channels, native
 
 
 def _device_batches(

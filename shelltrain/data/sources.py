@@ -10,13 +10,13 @@ from omegaconf import DictConfig
 from PIL import Image
 from torchvision import datasets
 
+from shelltrain.dataroot import DATASET_FILES, data_root
 from shelltrain.errors import UserError
-from shelltrain.schema import DATASET_FILES, data_root
 
 Sources = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-# data.name -> torchvision class (schema.DATASET_FILES: its name in messages and what it expects under data.root)
+# data.name -> torchvision class (dataroot.DATASET_FILES: its name in messages and what it expects under data.root)
 _TORCHVISION = {
     "cifar10": datasets.CIFAR10,
     "cifar100": datasets.CIFAR100,
@@ -96,6 +96,21 @@ def imagefolder(data: DictConfig) -> tuple[dict[str, tuple[list[str], torch.Tens
     for paths, _ in sources.values():
         _verify_images(paths)
     return sources, classes
+
+
+GREY_MODES = ("1", "L", "I", "I;16")  # PIL modes of single-channel images
+_SAMPLED_FILES = 64  # files opened (headers only) to tell grey folders and native sizes
+
+
+def sample_files(paths: list[str]) -> tuple[bool, list[int]]:
+    """Whether every sampled file (spread evenly over `paths`) is a grey image, and their shorter sides."""
+    step = max(1, len(paths) // _SAMPLED_FILES)
+    modes, sides = [], []
+    for path in paths[::step][:_SAMPLED_FILES]:
+        with Image.open(path) as image:  # reads the header: mode and size, no pixels
+            modes.append(image.mode)
+            sides.append(min(image.size))
+    return all(mode in GREY_MODES for mode in modes), sides
 
 
 def _verify_images(paths: list[str]) -> None:

@@ -3,6 +3,8 @@ pretrained weights, or measured), the `augmentation.train` transforms and MixUp/
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -20,6 +22,30 @@ _STATS_SAMPLES = 1000
 def to_float_transforms(mean: tuple[float, ...], std: tuple[float, ...]) -> list[v2.Transform]:
     """uint8 image -> normalized float: what every split ends with (and what prediction feeds a model)."""
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
+STATS_FROM = {"data config": "data.mean/data.std", "weights": "model.weights' own", "measured": "measured"}
+
+
+def describe_preprocessing(bundle: Any, stats_from: str) -> str:
+    """One log line: what every image of `bundle` (a DataBundle) becomes (size and how it was scaled, channels,
+    normalization) and where each setting came from, so that a silent default (64 px RGB for a folder of 32 px
+    grey PNGs) shows. `stats_from`: "data config", "weights" or "measured" (transfer.follow_weights)."""
+    size, sides = bundle.image_size, bundle.native_sides
+    if sides is None:
+        scaled = ""
+    elif sides[0] != sides[1]:
+        scaled = f", scaled from {sides[0]}-{sides[1]} px"
+    elif sides[0] == size:
+        scaled = ", native size"
+    else:
+        scaled = f", {'upscaled' if sides[0] < size else 'downscaled'} from {sides[0]} px"
+    channels = {1: "1 channel (grey", 3: "3 channels (RGB"}.get(bundle.in_channels, f"{bundle.in_channels} channels (")
+    values = ", ".join(f"{m:.4g}/{s:.4g}" for m, s in zip(bundle.mean, bundle.std))
+    return (
+        f"preprocessing: {size}x{size} px (data.image_size{scaled}), {channels}, {bundle.channels_from}), "
+        f"mean/std {values} ({STATS_FROM.get(stats_from, stats_from)})"
+    )
 
 
 def square(images: torch.Tensor, size: int) -> torch.Tensor:

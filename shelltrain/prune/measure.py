@@ -123,6 +123,11 @@ def sparsity(model: nn.Module) -> float:
     return sum(w.numel() - int(torch.count_nonzero(w)) for w in weights) / total if total else 0.0
 
 
+def parameter_count(model: nn.Module) -> int:
+    """Parameters of `model`, a quantized model's int8 weights and biases included: summary.json's `params`."""
+    return sum(tensor.numel() for tensor in _parameter_tensors(model))
+
+
 def _parameter_tensors(model: nn.Module) -> list[torch.Tensor]:
     tensors = [p.detach() for p in model.parameters()]
     for module in model.modules():

@@ -77,13 +77,16 @@ def tradeoff_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
 def describe(report: dict[str, Any]) -> str:
     """One line: what pruning did to parameters, MACs, size, latency and accuracy."""
     b, a, c, acc = report["before"], report["after"], report["change"], report["accuracy"]
+    if any("val_acc_finetuned" in record for record in report["rounds"]):
+        steps = f"{acc['pruned']['val']:.4f} (pruned) -> {acc['finetuned']['val']:.4f} (fine-tuned)"
+    else:  # quantization, or prune.finetune_epochs=0: nothing was fine-tuned
+        steps = f"{acc['finetuned']['val']:.4f} ({report['method']}, not fine-tuned)"
     return (
         f"prune: {report['method']} ({report['schedule']}): params {_si(b['params'])} -> {_si(a['params'])} "
         f"({c['params']:.2f}x), sparsity {a['sparsity']:.3f}, MACs {_si(b['macs'])} -> {_si(a['macs'])}, "
         f"size {b['size_bytes'] / 1e6:.2f} -> {a['size_bytes'] / 1e6:.2f} MB ({c['size']:.2f}x), "
         f"CPU latency {b['latency_ms']:.1f} -> {a['latency_ms']:.1f} ms (speed-up {c['speedup']:.2f}x), "
-        f"val acc {acc['before']['val']:.4f} -> {acc['pruned']['val']:.4f} (pruned) -> "
-        f"{acc['finetuned']['val']:.4f} (fine-tuned), test acc {acc['before']['test']:.4f} -> "
+        f"val acc {acc['before']['val']:.4f} -> {steps}, test acc {acc['before']['test']:.4f} -> "
         f"{acc['finetuned']['test']:.4f}"
     )
 

@@ -134,3 +134,46 @@ def test_version_is_shelltrains_and_torchs_without_importing_torch(tmp_path):
     assert f"shelltrain {version('shelltrain')} (torch {version('torch')}," in out
     assert "Hydra" not in out
     assert "TORCH_IMPORTED False" in out
+
+
+# The Python API: cli.run_in_dir
+
+TINY = ["model=cnn", "model.width=8", "data.image_size=16", "debug=smoke"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.epoch=1", "trainer.epoch"),  # a mistyped key: Hydra's ConfigCompositionException
+        ("model=cnnn", "model=cnnn"),  # a mistyped option: Hydra's MissingConfigException
+        ("data.batch_size=0", "data.batch_size"),  # a value schema.validate refuses
+    ],
+)
+def test_run_in_dir_raises_user_error_for_config_mistakes_and_leaves_no_dir(tmp_path, override, message):
+    from conftest import FAST
+
+    from shelltrain.cli import run_in_dir
+    from shelltrain.errors import UserError
+
+    with pytest.raises(UserError, match=message) as caught:
+        run_in_dir(tmp_path / "run", *FAST, *TINY, override)
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_in_dir_logs_returns_an_absolute_run_dir_and_reports_missed_gates(tmp_path, monkeypatch):
+    from conftest import FAST
+
+    from shelltrain.cli import run_in_dir
+    from shelltrain.errors import GateMissed, UserError
+
+    monkeypatch.chdir(tmp_path)
+    summary = run_in_dir("runs/a", *FAST, *TINY, "gate.test_acc_min=1.01")
+    assert summary["run_dir"] == str(tmp_path / "runs" / "a")
+    assert summary["gates"]["passed"] is False and summary["gates"]["failures"]
+    log = (tmp_path / "runs/a/train.log").read_text()
+    assert "[shelltrain][INFO] run directory:" in log and "preprocessing:" in log
+    with pytest.raises(GateMissed, match="test_acc") as caught:
+        run_in_dir("runs/b", *FAST, *TINY, "gate.test_acc_min=1.01", raise_on_gate=True)
+    assert isinstance(caught.value, UserError) and caught.value.summary["gates"]["passed"] is False
+    assert "runs/a" not in (tmp_path / "runs/b/train.log").read_text()  # each run logs into its own train.log

@@ -131,6 +131,25 @@ def test_imagefolder_uses_given_splits(tmp_path):
     assert_labels_match_pixels(bundle)
 
 
+def test_grey_folders_get_one_channel_and_the_log_says_what_the_data_became(tmp_path, capsys):
+    from conftest import run_in_process
+
+    make_imagefolder(tmp_path / "grey", classes=("a", "b"), per_class=6, size=(32, 32), mode="L")
+    bundle = build(make_cfg("imagefolder", "none", f"data.root={tmp_path / 'grey'}", "data.num_workers=0"))
+    assert bundle.in_channels == 1 and next(iter(bundle.train))[0].shape[1:] == (1, 64, 64)
+    make_imagefolder(tmp_path / "rgb", classes=("a", "b"), per_class=6, size=(32, 32))
+    assert build(make_cfg("imagefolder", "none", f"data.root={tmp_path / 'rgb'}")).in_channels == 3
+
+    root = tmp_path / "grey"
+    run_in_process(
+        tmp_path / "run", "data=imagefolder", f"data.root={root}", "model=cnn", "model.width=8", "debug=smoke"
+    )
+    lines = capsys.readouterr().out.splitlines()
+    said = next(line for line in lines[:4] if line.startswith("preprocessing:"))
+    assert "64x64 px (data.image_size, upscaled from 32 px), 1 channel (grey, data.channels=null: grey" in said
+    assert "(measured)" in said and "mean/std 0." in said
+
+
 def test_synthetic():
     bundle = build(make_cfg("synthetic", "none", "data.num_samples=200", "data.num_classes=4"))
     assert bundle.num_classes == 4 and bundle.in_channels == 3

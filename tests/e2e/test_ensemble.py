@@ -12,7 +12,16 @@ import torchvision
 from conftest import run_in_process, shelltrain_forked
 
 from shelltrain.errors import UserError
-from shelltrain.fusion import accuracy_weights, average, fuse, member_logits, same_architecture, vote, weighted
+from shelltrain.fusion import (
+    FusedModel,
+    accuracy_weights,
+    average,
+    fuse,
+    member_logits,
+    same_architecture,
+    vote,
+    weighted,
+)
 from shelltrain.members import _override_set
 from shelltrain.models import SmallCNN, count_parameters
 from shelltrain.placement import is_quantized
@@ -339,3 +348,32 @@ def test_a_sweeps_best_jobs_fused_without_training(tmp_path):
     for i in range(3):  # self-contained: each member's weights copied, without optimizer state
         ckpt = torch.load(tmp_path / f"fused/members/{i}/checkpoints/best.pt", weights_only=True)
         assert "optimizer" not in ckpt and ckpt["classes"] == [str(c) for c in range(10)]
+
+
+@pytest.mark.parametrize("rule", ["average", "weighted", "vote"])
+def test_fused_model_predicts_what_the_rule_fuses(rule):
+    torch.manual_seed(0)
+    members = [SmallCNN(num_classes=4, in_channels=1, width=4).eval() for _ in range(3)]
+    weights = [0.5, 0.3, 0.2]
+    x = torch.randn(64, 1, 8, 8)
+    with torch.no_grad():
+        probs = torch.stack([m(x).softmax(1) for m in members])
+        fused = FusedModel(members, rule, weights)(x)
+    expected_probs, expected = fuse(rule, probs, weights)
+    assert torch.equal(fused.argmax(1), expected)
+    if rule != "vote":
+        assert torch.allclose(fused.softmax(1), expected_probs.float(), atol=1e-6)
+
+
+def test_predict_and_export_take_an_ensemble_run_directory(tmp_path):
+    from fixtures_data import make_imagefolder
+
+    run = tmp_path / "ensemble"
+    run_in_process(run, *SMOKE, "model=cnn", "model.width=8", "ensemble=vote", "ensemble.members=2")
+    images = make_imagefolder(tmp_path / "images", classes=("a", "b"), per_class=3, size=(16, 16), mode="L")
+    predicted = run_in_process(tmp_path / "predict", "task=predict", f"model.weights={run}", f"predict.input={images}")
+    assert predicted["images"] == 6 and predicted["weights"] == str(run / "ensemble.json")
+    fused, info, _ = load_trained_model(str(run))
+    assert isinstance(fused, FusedModel) and fused.rule == "vote" and len(fused.members) == 2
+    exported = run_in_process(tmp_path / "export", "task=export", f"model.weights={run}", "export.format=torchscript")
+    assert exported["max_abs_diff"] <= 1e-4 and (tmp_path / "export/model.torchscript.pt").is_file()

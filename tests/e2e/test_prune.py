@@ -18,10 +18,11 @@ from shelltrain.errors import UserError
 from shelltrain.models import build_model
 from shelltrain.prune import rebuild
 from shelltrain.prune.layer import removable_blocks
-from shelltrain.prune.measure import LatencySpec, layer_weights, measure_latency, sparsity
+from shelltrain.prune.measure import LatencySpec, layer_weights, measure_latency, parameter_count, sparsity
 from shelltrain.prune.quantize import quiet
 from shelltrain.runner import train_settings
 from shelltrain.schema import validate
+from shelltrain.trained import load_trained_model
 
 # Tiny, quick runs: a narrow CNN or a ResNet-18 on 16x16 digits, two batches per split, cheap latency.
 QUICK = [
@@ -58,6 +59,11 @@ def reloaded_test_acc(run_dir: Path) -> float:
     return evaluate(model, ctx["data"].test, settings, limit=ctx["cfg"].trainer.limit_test_batches)["acc"]
 
 
+def rebuilt_params(run_dir: Path) -> int:
+    """Parameters of the model best.pt holds, rebuilt as every consumer of the run rebuilds it."""
+    return parameter_count(load_trained_model(str(run_dir))[0])
+
+
 def checkpoint_sparsity(state_dict: dict) -> float:
     """Zeros / elements of every conv and linear weight (the 2-D and 4-D weights) in a state dict."""
     weights = [v for k, v in state_dict.items() if k.endswith("weight") and v.ndim in (2, 4)]
@@ -68,7 +74,7 @@ def checkpoint_sparsity(state_dict: dict) -> float:
 def test_every_option_in_one_multirun(tmp_path):
     result = shelltrain_forked(
         "-m",
-        "prune=none,threshold,magnitude,structured,quantize",
+        "prune=none,threshold,magnitude,random,structured,quantize",
         "debug=smoke",
         "model=cnn",
         "model.width=8",
@@ -78,10 +84,11 @@ def test_every_option_in_one_multirun(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    for job, name in enumerate(["none", "threshold", "magnitude", "structured", "quantize"]):
+    for job, name in enumerate(["none", "threshold", "magnitude", "random", "structured", "quantize"]):
         run_dir = tmp_path / "sweep" / str(job)
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "completed"
+        assert summary["params"] == rebuilt_params(run_dir), name  # the headline describes best.pt
         if name == "none":
             assert "prune" not in summary and not (run_dir / "prune.json").exists()
             continue
@@ -222,6 +229,7 @@ def test_layer_pruning_removes_residual_blocks_and_reloads(tmp_path):
     assert not any(k.startswith(f"{removed[0]}.") for k in state)
     assert report["change"]["params"] < 1.0 and report["change"]["macs"] < 1.0
     assert reloaded_test_acc(tmp_path) == summary["test_acc"]
+    assert summary["params"] == rebuilt_params(tmp_path) < report["before"]["params"]
 
     run_in_process(
         tmp_path / "a",
@@ -298,11 +306,31 @@ def test_impossible_requests_fail_before_training(tmp_path, overrides, message):
     assert not (tmp_path / "metrics.csv").exists()  # no epoch was spent
 
 
-def test_epochs_zero_prunes_without_training(tmp_path):
+@pytest.mark.parametrize("method", ["structured", "quantize"])
+def test_headline_figures_and_gates_describe_the_saved_pruned_model(tmp_path, capsys, method):
+    unpruned = sum(p.numel() for p in build_model(compose_config(*CNN).model, 10, 1).parameters())
+    summary = run_in_process(tmp_path, *CNN, f"prune={method}", f"gate.params_max={unpruned - 1}")
+    report = json.loads((tmp_path / "prune.json").read_text())
+    assert summary["params"] == rebuilt_params(tmp_path) == report["after"]["params"]
+    assert report["before"]["params"] == unpruned  # the unpruned figures stay in the prune section
+    # structured pruning removes channels and passes the gate; dynamic int8 keeps every parameter and misses it
+    assert (summary["params"] < unpruned) == summary["gates"]["passed"] == (method == "structured")
+    assert summary["best_val_acc"] == report["accuracy"]["finetuned"]["val"]
+    said = capsys.readouterr().out
+    assert ("(fine-tuned)" in said) == (method == "structured")  # quantization does not fine-tune
+    assert ("(quantize, not fine-tuned)" in said) == (method == "quantize")
+
+
+def test_epochs_zero_prunes_without_training(tmp_path, capsys):
     summary = run_in_process(
         tmp_path, *CNN, "trainer.epochs=0", "scheduler=onecycle", "prune=structured", "prune.finetune_epochs=1"
     )
-    assert summary["epochs_completed"] == 0 and summary["prune_params"] < summary["params"]
+    report = json.loads((tmp_path / "prune.json").read_text())
+    assert (
+        summary["epochs_completed"] == 0 and summary["prune_params"] == summary["params"] < report["before"]["params"]
+    )
+    assert summary["best_val_acc"] == report["accuracy"]["finetuned"]["val"]  # the fine-tuned model's, not empty
+    assert "(fine-tuned)" in capsys.readouterr().out
     assert (tmp_path / "checkpoints/best.pt").is_file() and not (tmp_path / "checkpoints/unpruned.pt").exists()
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,31 +114,71 @@ def _fake_run(root: Path, job: int, overrides: list[str], summary: dict | None, 
     return run
 
 
+def _fake_sweep(root: Path) -> Path:
+    """The mark Hydra leaves in a sweep dir it launches."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    return root
+
+
+def _age(run: Path, seconds: float = 3600) -> None:
+    """Make every file of a run dir look `seconds` old (a job killed long ago, not one running)."""
+    then = time.time() - seconds
+    for path in run.rglob("*"):
+        os.utime(path, (then, then))
+
+
 def test_summarize_reads_finished_runs_from_disk(tmp_path, capsys):
+    _fake_sweep(tmp_path)
     ok = {"status": "completed", "test_acc": 0.9, "best_val_acc": 0.91, "wall_seconds": 3.0}
     _fake_run(tmp_path, 0, ["model=cnn", "trainer.seed=0"], {**ok, "best_val_acc": 0.80})
     _fake_run(tmp_path, 1, ["model=cnn", "trainer.seed=1"], ok)
     _fake_run(tmp_path, 2, ["model=cnn", "trainer.seed=2"], {"status": "failed", "error": "boom"})
-    _fake_run(tmp_path, 10, ["model=cnn", "trainer.seed=3"], None)  # killed: no summary.json
+    _age(_fake_run(tmp_path, 10, ["model=cnn", "trainer.seed=3"], None))  # killed long ago: no summary.json
+    _fake_run(tmp_path, 11, ["model=cnn", "trainer.seed=4"], None)  # no summary.json yet, written to just now
     assert sweep.main([str(tmp_path)]) == 4
     rows = _csv(tmp_path / "summary.csv")
-    assert [r["job"] for r in rows] == ["0", "1", "2", "10"]  # job order, numerically
-    assert [r["trainer.seed"] for r in rows] == ["0", "1", "2", "3"] and "model" not in rows[0]  # only swept keys
-    assert [r["rank"] for r in rows] == ["2", "1", "", ""]
-    assert [r["status"] for r in rows] == ["completed", "completed", "failed", "incomplete"]
-    assert rows[2]["error"] == "boom" and "no summary.json" in rows[3]["error"]
+    assert [r["job"] for r in rows] == ["0", "1", "2", "10", "11"]  # job order, numerically
+    assert [r["trainer.seed"] for r in rows] == ["0", "1", "2", "3", "4"] and "model" not in rows[0]  # swept keys
+    assert [r["rank"] for r in rows] == ["2", "1", "", "", ""]
+    assert [r["status"] for r in rows] == ["completed", "completed", "failed", "incomplete", "running"]
+    assert rows[2]["error"] == "boom" and "no summary.json" in rows[3]["error"] and rows[4]["error"] == ""
     out = capsys.readouterr().out
-    assert "4 runs: 2 completed, 2 failed" in out and "best: job 1" in out
+    assert "5 runs: 2 completed, 1 running, 2 failed" in out and "best: job 1" in out
+    assert "run dir" in out and "│ 11 " in out.replace("┃", "│")  # the run-directory column
     assert (tmp_path / "sweep.png").stat().st_size > 0  # the score against trainer.seed, beside summary.csv
     # a loss is minimized; all completed -> exit 0
-    loss_dir = tmp_path / "loss"
+    loss_dir = _fake_sweep(tmp_path / "loss")
     _fake_run(loss_dir, 0, ["a=1"], {"status": "completed", "best_val_loss": 0.5}, monitor="val_loss")
     _fake_run(loss_dir, 1, ["a=2"], {"status": "completed", "best_val_loss": 0.2}, monitor="val_loss")
     assert sweep.main([str(loss_dir)]) == 0
     assert [r["rank"] for r in _csv(loss_dir / "summary.csv")] == ["2", "1"]
 
 
+def test_summarize_writes_summary_csv_only_into_a_sweep_dir_or_where_told(tmp_path, capsys):
+    outputs = tmp_path / "outputs"  # a folder of single runs, not a sweep dir
+    _fake_run(outputs, 0, ["x=1"], {"status": "completed", "best_val_acc": 0.5, "test_acc": 0.4})
+    _fake_run(outputs, 1, ["x=2"], None)  # still running: not a failure
+    assert sweep.main([str(outputs)]) == 0
+    assert not (outputs / "summary.csv").exists() and not (outputs / "sweep.png").exists()
+    out = capsys.readouterr().out
+    assert "2 runs: 1 completed, 1 running;" in out and "not a sweep dir" in out and "--out" in out
+    assert sweep.main([str(outputs), "--out", str(tmp_path / "table.csv")]) == 0
+    assert [r["status"] for r in _csv(tmp_path / "table.csv")] == ["completed", "running"]
+    assert sweep.main([str(outputs / "0")]) == 0 and not (outputs / "0/summary.csv").exists()  # one run dir
+
+
+def test_report_per_job_line_prints_one_line_instead_of_the_table(tmp_path, capsys):
+    run_in_process(tmp_path / "run", *TINY, "report.per_job=line")
+    out = capsys.readouterr().out
+    assert "shelltrain summary" not in out
+    assert [line for line in out.splitlines() if line.startswith("completed: test_acc ")]
+    with pytest.raises(UserError, match="report.per_job='lines' is invalid; choose one of table, line"):
+        validate(compose_config("report.per_job=lines"))
+
+
 def test_shelltrain_summarize_command(tmp_path):
+    _fake_sweep(tmp_path / "sweep")
     _fake_run(tmp_path / "sweep", 0, ["x=1"], {"status": "completed", "best_val_acc": 0.5, "test_acc": 0.4})
     result = shelltrain_forked("summarize", "sweep", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

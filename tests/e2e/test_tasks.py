@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config, run_in_process, shelltrain_forked
+from conftest import FAST, compose_config, run_in_process, shelltrain_forked
 from PIL import Image
 from torch import nn
 
@@ -200,3 +200,15 @@ def test_export_on_a_full_disk_is_one_line_and_leaves_no_model_file(tmp_path, mo
     ):
         export_model(SmallCNN(10, 1, width=4).eval(), fmt, path, torch.randn(2, 1, 16, 16), {"classes": []})
     assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_evaluate_follows_the_checkpoints_preprocessing(tmp_path):
+    """A run trained at a non-default image size is evaluated at that size without repeating data options;
+    a size given on the command line on purpose wins and is said."""
+    run_dir = tmp_path / "run16"
+    trained = run_in_process(run_dir, *TRAIN, "data.image_size=16", "data.mean=[0.5]", "data.std=[0.25]")
+    again = run_in_process(tmp_path / "eval", "task=evaluate", f"model.weights={run_dir}")
+    assert again["test_acc"] == trained["test_acc"] and again["test_loss"] == trained["test_loss"]
+    chosen = shelltrain_forked("task=evaluate", f"model.weights={run_dir}", "data.image_size=8", *FAST, cwd=tmp_path)
+    assert chosen.returncode == 0, chosen.stderr
+    assert "data.image_size=8 from the command line; the model was trained with 16" in chosen.stdout

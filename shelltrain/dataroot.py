@@ -1,0 +1,56 @@
+"""Where a dataset lives on disk: data.root resolved, and checked before torch is imported (a mistyped path fails
+in a second, not after the imports). Torch-free, like schema.py which calls it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from shelltrain.errors import UserError
+
+# data.name -> (its name in messages, what torchvision expects under data.root)
+DATASET_FILES = {
+    "cifar10": ("CIFAR-10", "cifar-10-batches-py/"),
+    "cifar100": ("CIFAR-100", "cifar-100-python/"),
+    "mnist": ("MNIST", "MNIST/raw/"),
+    "fashion_mnist": ("Fashion-MNIST", "FashionMNIST/raw/"),
+}
+IMAGEFOLDER_LAYOUT = "train/<class>/<image> (val/ and test/ optional)"
+
+
+def check_data_root(data: DictConfig) -> None:
+    root = data_root(data)
+    if root.exists() and not root.is_dir():
+        raise UserError(
+            f"data.root: '{root}' is a file, not a folder; point data.root at the folder that holds the data"
+        )
+    if data.name == "imagefolder":
+        if not root.is_dir():
+            raise UserError(
+                f"data.root: '{root}' does not exist; point data.root at a folder laid out as {IMAGEFOLDER_LAYOUT}"
+            )
+        if not (root / "train").is_dir():
+            raise UserError(
+                f"data.root: '{root}' has no train/ folder; lay the images out as {root}/{IMAGEFOLDER_LAYOUT}"
+            )
+    elif not data.download and not root.is_dir():
+        raise UserError(
+            f"data.root: '{root}' does not exist; point data.root at a folder holding {DATASET_FILES[data.name][0]} "
+            "or set data.download=true"
+        )
+
+
+def data_root(data: DictConfig) -> Path:
+    """data.root as an absolute path (relative ones are taken from where the user launched the run)."""
+    from hydra.utils import to_absolute_path
+
+    if OmegaConf.is_missing(data, "root") or data.root is None:
+        if data.name == "imagefolder":
+            holding = f"an image folder laid out as {IMAGEFOLDER_LAYOUT}"
+        else:
+            title, expected = DATASET_FILES[data.name]
+            holding = f"{title} (it should contain {expected})"
+        raise UserError(f"data.root: not set; set data.root to a folder holding {holding}")
+    return Path(to_absolute_path(os.path.expanduser(str(data.root))))
