@@ -64,6 +64,7 @@ def _task(cfg: DictConfig) -> Any:
             _record_failure(_job_dir(), exc, started)
         raise
     finally:
+        rundir.unlock_runs()  # a sweep's next job may run in this process; the sweep directory stays held
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if missed and not multirun:  # in a sweep the job's summary.json records it and main() exits 3 at the end
@@ -78,6 +79,8 @@ def run_job(cfg: DictConfig, run_dir: Path) -> tuple[Any, list[str]]:
     check the quality gates. Returns the runner's result (a sweeper's objective) and the gates missed."""
     from shelltrain.schema import validate
 
+    if not launch.follower():  # one writer per run directory (taken earlier by KeepRecords under the CLI)
+        rundir.lock(run_dir)
     validate(cfg)
     hydra_cfg = HydraConfig.get()
     _check_sweeper(hydra_cfg, cfg)
@@ -91,6 +94,8 @@ def run_job(cfg: DictConfig, run_dir: Path) -> tuple[Any, list[str]]:
 
         fresh_dir = run_dir
         cfg, run_dir, resume, overrides = plan(cfg, run_dir, overrides)
+        if run_dir != fresh_dir and not launch.follower():  # continuing an earlier run: its directory now
+            rundir.lock(run_dir)
         if in_use and (resume is None or not resume.in_place or run_dir != fresh_dir):
             rundir.refuse_in_use(hydra_cfg, _in_use_message(cfg, fresh_dir))
     checkpoint = str(resume.checkpoint) if resume is not None else None
@@ -134,7 +139,10 @@ def run_in_dir(run_dir: str | Path, *overrides: str) -> dict[str, Any]:
         HydraConfig.instance().set_config(cfg)
         with open_dict(cfg):
             del cfg["hydra"]  # the job sees what @hydra.main gives it: the config without the hydra node
-        run_job(cfg, run_dir)
+        try:
+            run_job(cfg, run_dir)
+        finally:
+            rundir.unlock_runs()
     return rundir.read_json(rundir.summary(_job_dir()))  # a resumed job moved into the original run dir
 
 
