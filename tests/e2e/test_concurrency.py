@@ -1,0 +1,115 @@
+"""Concurrency: one writer per run and sweep directory, interrupted and orphaned joblib sweeps, threads per job.
+
+The fast test holds a directory from a helper process; the races between two real commands are slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import cli_environment, shelltrain, shelltrain_forked
+
+from shelltrain import rundir
+
+TINY = ["model=cnn", "model.width=8", "data.image_size=16", "debug=smoke", "trainer.device=cpu", "plots=false"]
+HOLD = "import sys, time; from shelltrain import rundir; rundir.lock(sys.argv[1]); print('held', flush=True); time.sleep(600)"
+
+
+def _holder(directory: Path) -> subprocess.Popen:
+    """Another process holding `directory`'s lock until it is killed."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(directory)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_held_run_or_sweep_directory_is_refused_and_a_dead_holders_lock_taken_over(tmp_path):
+    run_dir, sweep_dir = tmp_path / "run", tmp_path / "sweep"
+    holders = [_holder(run_dir), _holder(sweep_dir)]
+    try:
+        refused = shelltrain_forked(*TINY, "hydra.run.dir=run", cwd=tmp_path)
+        assert refused.returncode == 2, refused.stderr
+        line = refused.stderr.strip()
+        assert len(line.splitlines()) == 1
+        assert f"hydra.run.dir '{run_dir}' is in use by another shelltrain process (PID {holders[0].pid} on " in line
+        assert "started 20" in line and f"hydra.run.dir={run_dir}-new" in line
+        assert sorted(p.name for p in run_dir.iterdir()) == [rundir.LOCK]  # nothing written beside the holder
+        refused = shelltrain_forked("-m", *TINY, "trainer.seed=0,1", "hydra.sweep.dir=sweep", cwd=tmp_path)
+        assert refused.returncode == 2, refused.stderr
+        assert f"hydra.sweep.dir '{sweep_dir}' is in use by another shelltrain process (PID {holders[1].pid}" in (
+            refused.stderr
+        )
+        assert sorted(p.name for p in sweep_dir.iterdir()) == [rundir.LOCK]
+    finally:
+        for proc in holders:
+            proc.kill()
+            proc.wait()
+    taken = shelltrain_forked(*TINY, "hydra.run.dir=run", cwd=tmp_path)  # the holder died without letting go
+    assert taken.returncode == 0, taken.stderr
+    assert f"took over the lock of '{run_dir}' from a process that is gone (PID {holders[0].pid} on " in taken.stderr
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert (run_dir / rundir.LOCK).read_text() == ""  # let go at the end: the next holder sees no dead one
+
+
+def test_temporary_files_have_names_of_their_own(tmp_path, monkeypatch):
+    written = []
+    original = rundir._write_durably
+    monkeypatch.setattr(rundir, "_write_durably", lambda tmp, data: (written.append(tmp.name), original(tmp, data)))
+    rundir.write_text("a", tmp_path / "last.pt")
+    rundir.write_text("b", tmp_path / "last.pt")
+    assert len(set(written)) == 2 and all(name.startswith(f".last.pt.{os.getpid()}-") for name in written)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "shelltrain", *args],
+        cwd=cwd,
+        env=cli_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_two_runs_started_together_on_one_run_dir_one_refuses_and_the_survivor_is_consistent(tmp_path):
+    first = _start([*TINY, "trainer.epochs=2", "hydra.run.dir=run", "trainer.seed=1"], tmp_path)
+    time.sleep(0.005)
+    second = _start([*TINY, "trainer.epochs=2", "hydra.run.dir=run", "trainer.seed=2"], tmp_path)
+    results = [(p, *p.communicate(timeout=300)) for p in (first, second)]
+    codes = sorted(p.returncode for p, _, _ in results)
+    assert codes == [0, 2], [err for _, _, err in results]
+    loser_err = next(err for p, _, err in results if p.returncode == 2)
+    assert "is in use by another shelltrain process (PID" in loser_err
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config = (run_dir / ".hydra/config.yaml").read_text()
+    seed = 1 if first.returncode == 0 else 2
+    assert f"seed: {seed}\n" in config and not list((run_dir / ".hydra").glob("*-1"))  # the survivor's record alone
+    epochs = [line.split(",")[0] for line in (run_dir / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs == ["1", "2"]  # one row per epoch
+    evaluated = shelltrain_forked(*TINY, "task=evaluate", "model.weights=run", "hydra.run.dir=eval", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((tmp_path / "eval/summary.json").read_text())["test_acc"] == pytest.approx(summary["test_acc"])
+
+
+@pytest.mark.slow
+def test_two_sweeps_started_together_on_one_sweep_dir_one_refuses(tmp_path):
+    args = ["-m", *TINY, "trainer.seed=0,1", "hydra.sweep.dir=sweep"]
+    procs = [_start(args, tmp_path)]
+    time.sleep(0.005)
+    procs.append(_start([*args, "optimizer.lr=0.05"], tmp_path))
+    results = [(p, *p.communicate(timeout=300)) for p in procs]
+    assert sorted(p.returncode for p, _, _ in results) == [0, 2], [err for _, _, err in results]
+    survivor = 0 if procs[0].returncode == 0 else 1
+    rows = (tmp_path / "sweep/summary.csv").read_text().splitlines()
+    assert len(rows) == 3 and all("completed" in row for row in rows[1:])
+    overrides = (tmp_path / "sweep/0/.hydra/overrides.yaml").read_text()
+    assert ("optimizer.lr=0.05" in overrides) == (survivor == 1)
