@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from shelltrain import launch, rundir, sweep
+from shelltrain import launch, rundir, signals, sweep
 from shelltrain.cli_help import print_help
 from shelltrain.errors import EXIT_USER_ERROR, Interrupted, UserError
 from shelltrain.explain import explain
@@ -39,16 +39,20 @@ def _task(cfg: DictConfig) -> Any:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     started = time.perf_counter()
     previous = exit_on_sigterm()
+    worker = multirun and signals.in_launcher_worker()
+    job_done = signals.start_launcher_job(Path(hydra_cfg.sweep.dir)) if worker else None
     try:
+        if worker and rundir.stop_marker(Path(hydra_cfg.sweep.dir)).is_file():
+            raise Interrupted(signal.SIGTERM, None, saved=False)  # the sweep stopped before this job started
         result, missed = run_job(cfg, fresh_dir)
-    except Interrupted as exc:
+    except KeyboardInterrupt as exc:
+        if worker:  # the sweep's process reports; the job records its state and returns to the launcher
+            _record_interrupt(_job_dir(), getattr(exc, "signum", signal.SIGINT), started)
+            return None
+        stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT, None, saved=False)
         if not launch.follower():
-            _report_interrupt(exc.signum, exc.run_dir, exc.saved, fresh_dir)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        if not launch.follower():
-            _report_interrupt(signal.SIGINT, None, False, fresh_dir)
-        sys.exit(128 + signal.SIGINT)
+            _report_interrupt(stop.signum, stop.run_dir, stop.saved, fresh_dir)
+        sys.exit(stop.exit_code)
     except UserError as exc:
         if multirun:
             _record_failure(_job_dir(), exc, started)
@@ -64,6 +68,8 @@ def _task(cfg: DictConfig) -> Any:
             _record_failure(_job_dir(), exc, started)
         raise
     finally:
+        if job_done is not None:
+            job_done.set()
         rundir.unlock_runs()  # a sweep's next job may run in this process; the sweep directory stays held
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -205,6 +211,7 @@ def _report_user_errors(hydra_report: Callable[[Callable[[], Any]], Any]) -> Cal
             result = hydra_report(func) if _full_error() else func()
         except Exception as exc:
             outcome = sweep.finish()  # a multirun prints its table now, failed jobs included
+            _exit_if_interrupted(outcome)
             if outcome is not None and outcome.exit_code:
                 _print_error(sweep.failure_line(outcome))
                 if _full_error():
@@ -218,12 +225,26 @@ def _report_user_errors(hydra_report: Callable[[Callable[[], Any]], Any]) -> Cal
             _print_error(message)
             sys.exit(EXIT_USER_ERROR)
         outcome = sweep.finish()
+        _exit_if_interrupted(outcome)
         if outcome is not None and outcome.exit_code:
             _print_error(sweep.failure_line(outcome))
             sys.exit(outcome.exit_code)
         return result
 
     return report
+
+
+def _exit_if_interrupted(outcome: sweep.Outcome | None) -> None:
+    """A process-based sweep stopped by a signal (signals.SweepStop): every job has recorded its state; say how
+    to continue the sweep and exit 128 + the signal, as a sweep in one process does."""
+    if outcome is None or outcome.interrupted is None:
+        return
+    from shelltrain.resume import sweep_command
+
+    name = signal.Signals(outcome.interrupted).name
+    message = f"interrupted by {name}: each job's state is recorded in {outcome.sweep_dir}. Resume with:"
+    sys.stderr.write(f"shelltrain: {message}\n  {sweep_command(outcome.sweep_dir)}\n")
+    sys.exit(128 + outcome.interrupted)
 
 
 def _report_interrupt(signum: int, run_dir: Any, saved: bool, fresh_dir: Path) -> None:
@@ -271,6 +292,25 @@ def _record_failure(run_dir: Path, exc: BaseException, started: float) -> None:
         rundir.write_json(summary, path)
     except UserError as write_error:  # the launcher still reports the failure; only the table loses this row
         log.warning("could not record the failure in %s: %s", run_dir, write_error)
+
+
+def _record_interrupt(run_dir: Path, signum: int, started: float) -> None:
+    """A launcher worker's job stopped by the sweep: its summary.json says so (the runner records where
+    training stopped; a job stopped before or between its stages, or never started, is recorded here)."""
+    path = rundir.summary(run_dir)
+    try:
+        summary = rundir.read_json(path) if path.is_file() else {}
+    except (OSError, ValueError):
+        summary = {}
+    if summary.get("status") == "interrupted":
+        return
+    summary.update(
+        status="interrupted",
+        signal=signal.Signals(signum).name,
+        wall_seconds=round(time.perf_counter() - started, 3),
+        run_dir=str(run_dir),
+    )
+    rundir.write_json(summary, path)
 
 
 def _apply_gates(cfg: DictConfig, run_dir: Path) -> list[str]:

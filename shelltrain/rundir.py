@@ -58,6 +58,7 @@ SWEEP_SUMMARY = "summary.csv"
 SWEEP_PLOT = "sweep.png"  # the score against each swept parameter
 SWEEP_CONFIG = "multirun.yaml"  # Hydra's record of a sweep
 LOCK = ".shelltrain.lock"  # one writer per run or sweep directory (`lock`)
+SWEEP_STOP = ".shelltrain.stop"  # in a sweep dir: one line per signal the sweep's process had (signals.SweepStop)
 LOCKS_HELD_ENV = "SHELLTRAIN_LOCKS_HELD"  # directories this process's parent holds locked for it (torchrun ranks)
 RECORDS = (HYDRA, LOG, SUMMARY, CHECKPOINTS, METRICS_CSV)  # what shows that a job has written into a directory
 
@@ -382,3 +383,19 @@ def _holder(path: Path) -> str:
         return path.read_text().strip()
     except OSError:
         return ""
+
+
+def stop_marker(sweep_dir: Path) -> Path:
+    return Path(sweep_dir) / SWEEP_STOP
+
+
+def append_stop(marker: Path, name: str) -> None:
+    """One more signal for the sweep's jobs. Appended in place (a signal handler; the jobs only count lines)."""
+    with open(marker, "a") as f:
+        f.write(name + "\n")
+
+
+def clear_stop_marker(marker: Path) -> None:
+    """A sweep that starts (or resumes) forgets the signals that stopped it before."""
+    with contextlib.suppress(FileNotFoundError):
+        marker.unlink()

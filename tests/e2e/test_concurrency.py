@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -113,3 +114,101 @@ def test_two_sweeps_started_together_on_one_sweep_dir_one_refuses(tmp_path):
     assert len(rows) == 3 and all("completed" in row for row in rows[1:])
     overrides = (tmp_path / "sweep/0/.hydra/overrides.yaml").read_text()
     assert ("optimizer.lr=0.05" in overrides) == (survivor == 1)
+
+
+# ---- joblib sweeps: interrupted, orphaned --------------------------------------------------------------------------
+
+JOBLIB = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY, "trainer.checkpoint_every_n_steps=1"]
+
+
+def _joblib_sweep(tmp_path: Path) -> subprocess.Popen:
+    """4 jobs, 2 at a time: jobs 0 and 1 finish at once, jobs 2 and 3 train long enough to be caught."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    args = [
+        *JOBLIB,
+        "trainer.epochs=1,3",
+        "trainer.limit_train_batches=150",
+        "trainer.seed=0,1",
+        "hydra.sweep.dir=sweep",
+    ]
+    return subprocess.Popen(
+        [sys.executable, "-m", "shelltrain", *args],
+        cwd=tmp_path,
+        env=cli_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: the test can find (and clean up) every process of it
+    )
+
+
+def _status(job_dir: Path) -> str | None:
+    try:
+        return json.loads((job_dir / "summary.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def _wait_for_a_running_job(tmp_path: Path, proc: subprocess.Popen) -> None:
+    """Until jobs 0 and 1 finished and job 2 or 3 has written a checkpoint."""
+    deadline = time.time() + 240
+    sweep = tmp_path / "sweep"
+    while time.time() < deadline and proc.poll() is None:
+        finished = all(_status(sweep / str(j)) == "completed" for j in (0, 1))
+        if finished and any((sweep / str(j) / "checkpoints/last.pt").exists() for j in (2, 3)):
+            return
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(proc.communicate())
+
+
+def _group_alive(pgid: int) -> list[int]:
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+@pytest.mark.slow
+def test_sigint_to_a_joblib_sweep_records_every_job_and_the_printed_command_completes_it(tmp_path):
+    proc = _joblib_sweep(tmp_path)
+    _wait_for_a_running_job(tmp_path, proc)
+    sweep = tmp_path / "sweep"
+    finished = {j: (sweep / str(j) / "metrics.csv").read_bytes() for j in (0, 1)}
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    command = err.split("Resume with:\n", 1)[1].strip().splitlines()[0]
+    assert command.endswith(f"hydra.sweep.dir={sweep} trainer.resume=auto")
+    statuses = [_status(sweep / str(j)) for j in range(4)]
+    assert statuses[:2] == ["completed", "completed"] and "interrupted" in statuses[2:], statuses
+    assert all(s in ("completed", "interrupted") for s in statuses), statuses
+    assert (sweep / "summary.csv").is_file()
+
+    resumed = shelltrain(*shlex.split(command)[1:], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [_status(sweep / str(j)) for j in range(4)] == ["completed"] * 4
+    assert {j: (sweep / str(j) / "metrics.csv").read_bytes() for j in (0, 1)} == finished  # not redone
+    assert _group_alive(proc.pid) == []
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_joblib_sweeps_process_leaves_no_process_behind(tmp_path):
+    proc = _joblib_sweep(tmp_path)
+    _wait_for_a_running_job(tmp_path, proc)
+    assert len(_group_alive(proc.pid)) > 1  # the sweep's process and its workers
+    proc.kill()
+    proc.wait()
+    deadline = time.time() + 30
+    while _group_alive(proc.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    left = _group_alive(proc.pid)
+    for pid in left:  # leave the machine clean for the next test either way
+        os.kill(pid, signal.SIGKILL)
+    assert left == []
