@@ -212,3 +212,25 @@ def test_sigkill_of_a_joblib_sweeps_process_leaves_no_process_behind(tmp_path):
     for pid in left:  # leave the machine clean for the next test either way
         os.kill(pid, signal.SIGKILL)
     assert left == []
+
+
+# ---- threads of parallel jobs ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n_jobs", "threads", "expected"), [(2, None, 4), (-1, None, 1), (3, None, 2), (2, 3, 3)])
+def test_parallel_jobs_share_the_cores_unless_trainer_threads_is_set(monkeypatch, n_jobs, threads, expected):
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from shelltrain.environment import seed_everything
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    hydra_cfg = OmegaConf.create({"hydra": {"launcher": {"_target_": "JoblibLauncher", "n_jobs": n_jobs}}})
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", hydra_cfg)
+    try:
+        seed_everything(0, False, threads)
+        assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
