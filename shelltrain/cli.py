@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from shelltrain import launch, rundir, sweep
+from shelltrain import launch, rundir, signals, sweep
 from shelltrain.cli_help import print_help
 from shelltrain.errors import EXIT_USER_ERROR, GateMissed, Interrupted, UserError
 from shelltrain.explain import explain
@@ -40,16 +40,20 @@ def _task(cfg: DictConfig) -> Any:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     started = time.perf_counter()
     previous = exit_on_sigterm()
+    worker = multirun and signals.in_launcher_worker()
+    job_done = signals.start_launcher_job(Path(hydra_cfg.sweep.dir)) if worker else None
     try:
+        if worker and rundir.stop_marker(Path(hydra_cfg.sweep.dir)).is_file():
+            raise Interrupted(signal.SIGTERM, None, saved=False)  # the sweep stopped before this job started
         result, missed = run_job(cfg, fresh_dir)
-    except Interrupted as exc:
+    except KeyboardInterrupt as exc:
+        if worker:  # the sweep's process reports; the job records its state and returns to the launcher
+            _record_interrupt(_job_dir(), getattr(exc, "signum", signal.SIGINT), started)
+            return None
+        stop = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT, None, saved=False)
         if not launch.follower():
-            _report_interrupt(exc.signum, exc.run_dir, exc.saved, fresh_dir)
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        if not launch.follower():
-            _report_interrupt(signal.SIGINT, None, False, fresh_dir)
-        sys.exit(128 + signal.SIGINT)
+            _report_interrupt(stop.signum, stop.run_dir, stop.saved, fresh_dir)
+        sys.exit(stop.exit_code)
     except UserError as exc:
         if multirun:
             _record_failure(_job_dir(), exc, started)
@@ -65,6 +69,9 @@ def _task(cfg: DictConfig) -> Any:
             _record_failure(_job_dir(), exc, started)
         raise
     finally:
+        if job_done is not None:
+            job_done.set()
+        rundir.unlock_runs()  # a sweep's next job may run in this process; the sweep directory stays held
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if missed and not multirun:  # in a sweep the job's summary.json records it and main() exits 3 at the end
@@ -79,6 +86,8 @@ def run_job(cfg: DictConfig, run_dir: Path) -> tuple[Any, list[str]]:
     check the quality gates. Returns the runner's result (a sweeper's objective) and the gates missed."""
     from shelltrain.schema import validate
 
+    if not launch.follower():  # one writer per run directory (taken earlier by KeepRecords under the CLI)
+        rundir.lock(run_dir)
     validate(cfg)
     hydra_cfg = HydraConfig.get()
     _check_sweeper(hydra_cfg, cfg)
@@ -92,6 +101,8 @@ def run_job(cfg: DictConfig, run_dir: Path) -> tuple[Any, list[str]]:
 
         fresh_dir = run_dir
         cfg, run_dir, resume, overrides = plan(cfg, run_dir, overrides)
+        if run_dir != fresh_dir and not launch.follower():  # continuing an earlier run: its directory now
+            rundir.lock(run_dir)
         if in_use and (resume is None or not resume.in_place or run_dir != fresh_dir):
             rundir.refuse_in_use(hydra_cfg, _in_use_message(cfg, fresh_dir))
     checkpoint = str(resume.checkpoint) if resume is not None else None
@@ -156,6 +167,8 @@ def run_in_dir(run_dir: str | Path, *overrides: str, raise_on_gate: bool = False
             if created:
                 rundir.remove_if_unused(run_dir)  # as the command does: a job that wrote nothing leaves nothing
             raise
+        finally:
+            rundir.unlock_runs()
     summary = rundir.read_json(rundir.summary(_job_dir()))  # a resumed job moved into the original run dir
     if missed and raise_on_gate:
         raise GateMissed(missed, summary)
@@ -239,6 +252,7 @@ def _report_user_errors(hydra_report: Callable[[Callable[[], Any]], Any]) -> Cal
             result = hydra_report(func) if _full_error() else func()
         except Exception as exc:
             outcome = sweep.finish()  # a multirun prints its table now, failed jobs included
+            _exit_if_interrupted(outcome)
             if outcome is not None and outcome.exit_code:
                 _print_error(sweep.failure_line(outcome))
                 if _full_error():
@@ -252,12 +266,26 @@ def _report_user_errors(hydra_report: Callable[[Callable[[], Any]], Any]) -> Cal
             _print_error(message)
             sys.exit(EXIT_USER_ERROR)
         outcome = sweep.finish()
+        _exit_if_interrupted(outcome)
         if outcome is not None and outcome.exit_code:
             _print_error(sweep.failure_line(outcome))
             sys.exit(outcome.exit_code)
         return result
 
     return report
+
+
+def _exit_if_interrupted(outcome: sweep.Outcome | None) -> None:
+    """A process-based sweep stopped by a signal (signals.SweepStop): every job has recorded its state; say how
+    to continue the sweep and exit 128 + the signal, as a sweep in one process does."""
+    if outcome is None or outcome.interrupted is None:
+        return
+    from shelltrain.resume import sweep_command
+
+    name = signal.Signals(outcome.interrupted).name
+    message = f"interrupted by {name}: each job's state is recorded in {outcome.sweep_dir}. Resume with:"
+    sys.stderr.write(f"shelltrain: {message}\n  {sweep_command(outcome.sweep_dir)}\n")
+    sys.exit(128 + outcome.interrupted)
 
 
 def _report_interrupt(signum: int, run_dir: Any, saved: bool, fresh_dir: Path) -> None:
@@ -305,6 +333,25 @@ def _record_failure(run_dir: Path, exc: BaseException, started: float) -> None:
         rundir.write_json(summary, path)
     except UserError as write_error:  # the launcher still reports the failure; only the table loses this row
         log.warning("could not record the failure in %s: %s", run_dir, write_error)
+
+
+def _record_interrupt(run_dir: Path, signum: int, started: float) -> None:
+    """A launcher worker's job stopped by the sweep: its summary.json says so (the runner records where
+    training stopped; a job stopped before or between its stages, or never started, is recorded here)."""
+    path = rundir.summary(run_dir)
+    try:
+        summary = rundir.read_json(path) if path.is_file() else {}
+    except (OSError, ValueError):
+        summary = {}
+    if summary.get("status") == "interrupted":
+        return
+    summary.update(
+        status="interrupted",
+        signal=signal.Signals(signum).name,
+        wall_seconds=round(time.perf_counter() - started, 3),
+        run_dir=str(run_dir),
+    )
+    rundir.write_json(summary, path)
 
 
 def _apply_gates(cfg: DictConfig, run_dir: Path) -> list[str]:

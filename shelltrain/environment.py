@@ -32,6 +32,7 @@ def seed_everything(seed: int, deterministic: bool, threads: int | None) -> None
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    threads = threads or share_of_cores()
     if threads:
         torch.set_num_threads(threads)
     if deterministic:
@@ -40,6 +41,21 @@ def seed_everything(seed: int, deterministic: bool, threads: int | None) -> None
         torch.backends.cudnn.benchmark = False
     else:
         torch.backends.cudnn.benchmark = True  # fastest kernels for fixed input shapes
+
+
+def share_of_cores() -> int | None:
+    """A launcher running N jobs at once (hydra.launcher.n_jobs, joblib) gives each job cores // N threads, not
+    every core each (N jobs with all cores each ran 17x slower than with one thread each); None outside one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    n_jobs = HydraConfig.get().get("launcher", {}).get("n_jobs")
+    if not isinstance(n_jobs, int) or n_jobs == 1 or n_jobs == 0:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    at_once = max(1, cores + 1 + n_jobs) if n_jobs < 0 else n_jobs  # joblib: -1 all cores, -2 all but one
+    return max(1, cores // at_once)
 
 
 def check_distributable(cfg: DictConfig) -> None:
@@ -64,10 +80,11 @@ def check_distributable(cfg: DictConfig) -> None:
         )
 
 
-def provenance(device: torch.device | str, run_dir: Path) -> dict[str, str]:
+def provenance(device: torch.device | str, run_dir: Path) -> dict[str, str | int]:
     """What every summary.json records about where its figures were made."""
     return {
         "device": str(device),
+        "threads": torch.get_num_threads(),  # the share of a parallel sweep's job (share_of_cores)
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "run_dir": str(run_dir),

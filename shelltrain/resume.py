@@ -275,18 +275,23 @@ def _move_into(owner: Path, fresh_dir: Path) -> None:
 
 def command(run_dir: Path) -> str:
     """This command line again, continuing `run_dir` (a sweep: every job of the same sweep dir)."""
-    args = [a for a in sys.argv[1:] if not launch.is_override_of(a, "trainer.resume")]
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        sweep_dir = Path(hydra_cfg.sweep.dir).absolute()
-        args = [a for a in args if not launch.is_override_of(a, "hydra.sweep.dir")]
-        args += [f"hydra.sweep.dir={sweep_dir}", "trainer.resume=auto"]
-    else:
-        args.append(f"trainer.resume={Path(run_dir).absolute()}")
+        return sweep_command(Path(hydra_cfg.sweep.dir))
+    args = [a for a in sys.argv[1:] if not launch.is_override_of(a, "trainer.resume")]
+    args.append(f"trainer.resume={Path(run_dir).absolute()}")
     program = ["shelltrain"]
     if launch.under_torchrun() and not any(launch.is_override_of(a, "trainer.devices") for a in args):
         program = launch.torchrun_command()
     return shlex.join([*program, *args])
+
+
+def sweep_command(sweep_dir: Path) -> str:
+    """This sweep's command line again, continuing every job of `sweep_dir` (finished ones are skipped)."""
+    args = [a for a in sys.argv[1:] if not launch.is_override_of(a, "trainer.resume")]
+    args = [a for a in args if not launch.is_override_of(a, "hydra.sweep.dir")]
+    args += [f"hydra.sweep.dir={Path(sweep_dir).absolute()}", "trainer.resume=auto"]
+    return shlex.join(["shelltrain", *args])
 
 
 # -- restoring (the runner, once the model, optimizer and schedule are built) -----------------------------

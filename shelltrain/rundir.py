@@ -13,8 +13,9 @@ A run directory::
     metrics.csv             one row per epoch (other loggers: metrics.jsonl, tensorboard/)
     summary.json            headline figures and one section per stage
     prune.json, ensemble.json, plots/, members/<i>/, cv/fold_<k>/, error.log
+    .shelltrain.lock        held by the one process writing into the directory (PID, host, start time)
 
-A sweep directory holds one run directory per job (0/, 1/, ...), summary.csv and sweep.png.
+A sweep directory holds one run directory per job (0/, 1/, ...), summary.csv, sweep.png and its own lock.
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ import errno
 import json
 import math
 import os
+import secrets
 import shutil
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +58,9 @@ ERROR_LOG = "error.log"  # a failed sweep job's traceback
 SWEEP_SUMMARY = "summary.csv"
 SWEEP_PLOT = "sweep.png"  # the score against each swept parameter
 SWEEP_CONFIG = "multirun.yaml"  # Hydra's record of a sweep
+LOCK = ".shelltrain.lock"  # one writer per run or sweep directory (`lock`)
+SWEEP_STOP = ".shelltrain.stop"  # in a sweep dir: one line per signal the sweep's process had (signals.SweepStop)
+LOCKS_HELD_ENV = "SHELLTRAIN_LOCKS_HELD"  # directories this process's parent holds locked for it (torchrun ranks)
 RECORDS = (HYDRA, LOG, SUMMARY, CHECKPOINTS, METRICS_CSV)  # what shows that a job has written into a directory
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -180,6 +187,8 @@ class KeepRecords(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         hydra = config.hydra
         run_dir = Path(str(hydra.run.dir))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 holds the lock for every rank
+            _lock_or_exit(run_dir, "hydra.run.dir", "run")
         if hydra.output_subdir is None or not holds_records(run_dir):
             return
         label = "resume" if config.trainer.resume is not None else str(config.get("task", "train"))
@@ -188,6 +197,7 @@ class KeepRecords(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        _lock_or_exit(sweep_dir, "hydra.sweep.dir", "sweep")  # held by this process for the whole sweep
         jobs = [d for d in sweep_dir.iterdir() if d.is_dir() and holds_records(d)] if sweep_dir.is_dir() else []
         if jobs and str(config.trainer.resume) != "auto":
             # Hydra turns a callback's exception into a warning and goes on: end the command here instead.
@@ -211,6 +221,17 @@ class KeepRecords(Callback):
             if written.is_file() and written.read_bytes() != original:
                 write_atomic(written.read_bytes(), record / name)
                 write_atomic(original, written)
+
+
+def _lock_or_exit(directory: Path, key: str, kind: str) -> None:
+    """`lock` from a Hydra callback, before Hydra writes anything into the directory. Hydra turns a callback's
+    exception into a warning and goes on: a refusal ends the command here instead, leaving the holder's files
+    as they were."""
+    try:
+        lock(directory, key, kind)
+    except UserError as exc:
+        sys.stderr.write(f"shelltrain: error: {exc}\n")
+        raise SystemExit(EXIT_USER_ERROR) from None
 
 
 def read_json(path: Path) -> Any:
@@ -248,7 +269,7 @@ def write_atomic(data: bytes, path: Path) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: a crash never leaves half a file, and a
     failed write (a full disk) leaves the previous file as it was and raises UserError."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")  # two writers never share one
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_durably(tmp, data)
@@ -299,7 +320,7 @@ def remove_if_unused(run_dir: Path) -> None:
     if not run_dir.is_dir():
         return
     produced = [
-        p for p in run_dir.iterdir() if p.name not in (HYDRA, LOG) and not (p.is_dir() and not any(p.iterdir()))
+        p for p in run_dir.iterdir() if p.name not in (HYDRA, LOG, LOCK) and not (p.is_dir() and not any(p.iterdir()))
     ]  # an empty checkpoints/ (the first write failed) holds nothing either
     if not produced:
         remove_dir(run_dir)
@@ -317,3 +338,83 @@ def remove_dir(run_dir: Path) -> None:
         except OSError:
             break
         parent = parent.parent
+
+
+# ---- one writer per directory --------------------------------------------------------------------------------------
+
+_held: dict[Path, tuple[Any, str]] = {}  # directory -> (its FileLock, "run" | "sweep")
+
+
+def lock(directory: Path, key: str = "hydra.run.dir", kind: str = "run") -> None:
+    """Hold `directory` for this process until `unlock` (or its exit): a second shelltrain process pointed at it
+    is refused at once, its one line naming the holder. The lock is an flock (filelock) on `.shelltrain.lock`,
+    which the kernel releases when its holder dies; the file then still names the dead holder, which a note
+    reports when the lock is taken over. A no-op where this process, or the parent that started it (a
+    `trainer.devices` launch), holds it already."""
+    from filelock import FileLock, Timeout
+
+    directory = Path(directory).absolute()
+    if directory in _held or str(directory) in os.environ.get(LOCKS_HELD_ENV, "").split(os.pathsep):
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK
+    held = FileLock(path, thread_local=False)
+    try:
+        held.acquire(timeout=0)
+    except Timeout:
+        raise UserError(
+            f"{key} '{directory}' is in use by another shelltrain process ({_holder(path) or 'holder unknown'}); "
+            f"wait for it to end, or choose a free directory, e.g. {key}={free_dir(directory, 'new')}"
+        ) from None
+    stale = _holder(path)
+    if stale:  # the previous holder never released it: it died (or was killed) while writing here
+        sys.stderr.write(
+            f"shelltrain: note: took over the lock of '{directory}' from a process that is gone ({stale})\n"
+        )
+    # Written in place, not by write_atomic: a rename would swap the inode the flock is on.
+    path.write_text(f"PID {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    _held[directory] = (held, kind)
+    os.environ[LOCKS_HELD_ENV] = os.pathsep.join(str(d) for d in _held)
+
+
+def unlock(directory: Path) -> None:
+    """Let go of `directory`: the lock file is emptied first, so only a holder that died leaves its name there."""
+    directory = Path(directory).absolute()
+    held, _ = _held.pop(directory, (None, None))
+    os.environ[LOCKS_HELD_ENV] = os.pathsep.join(str(d) for d in _held)
+    if held is None:
+        return
+    with contextlib.suppress(OSError):  # the directory was removed (a failed start): nothing left to empty
+        (directory / LOCK).write_text("")
+    held.release()
+
+
+def unlock_runs() -> None:
+    """Let go of every run directory this process holds (a job ended); a sweep directory stays held."""
+    for directory, (_, kind) in list(_held.items()):
+        if kind == "run":
+            unlock(directory)
+
+
+def _holder(path: Path) -> str:
+    """Who holds (or held) the lock file at `path`, as its holder wrote it; "" when nobody wrote one."""
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def stop_marker(sweep_dir: Path) -> Path:
+    return Path(sweep_dir) / SWEEP_STOP
+
+
+def append_stop(marker: Path, name: str) -> None:
+    """One more signal for the sweep's jobs. Appended in place (a signal handler; the jobs only count lines)."""
+    with open(marker, "a") as f:
+        f.write(name + "\n")
+
+
+def clear_stop_marker(marker: Path) -> None:
+    """A sweep that starts (or resumes) forgets the signals that stopped it before."""
+    with contextlib.suppress(FileNotFoundError):
+        marker.unlink()

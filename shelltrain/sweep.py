@@ -228,6 +228,8 @@ def table(rows: Sequence[JobRow], title: str, root: Path) -> Any:
 class Outcome:
     rows: list[JobRow]
     csv_path: Path | None
+    interrupted: int | None = None  # the signal that stopped a process-based sweep
+    sweep_dir: Path | None = None
 
     @property
     def failed(self) -> list[JobRow]:
@@ -314,6 +316,7 @@ class _SweepState:
     def __init__(self) -> None:
         self.dir: Path | None = None
         self.outcome: Outcome | None = None
+        self.stop: Any = None  # signals.SweepStop of a process-based (joblib) sweep
 
 
 _STATE = _SweepState()
@@ -330,6 +333,11 @@ class SweepSummary(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _STATE.dir = Path(str(config.hydra.sweep.dir)).absolute()
         _STATE.outcome = None
+        if "joblib" in str(config.hydra.launcher.get("_target_", "")).lower():  # jobs in worker processes
+            from shelltrain.signals import SweepStop
+
+            _STATE.stop = SweepStop(_STATE.dir)
+            _STATE.stop.install()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if _STATE.dir is None:  # registered by a user's config without on_multirun_start having run
@@ -347,7 +355,9 @@ def finish() -> Outcome | None:
     if _STATE.outcome is None:
         _STATE.outcome = summarize(_STATE.dir, owned=True)
     outcome = _STATE.outcome
-    _STATE.dir = _STATE.outcome = None
+    outcome.sweep_dir = _STATE.dir
+    outcome.interrupted = _STATE.stop.signum if _STATE.stop is not None else None
+    _STATE.dir = _STATE.outcome = _STATE.stop = None
     return outcome
 
 

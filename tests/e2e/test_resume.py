@@ -297,7 +297,7 @@ def test_a_second_signal_interrupts_at_once():
 
 KILL_DRIVER = textwrap.dedent(
     """
-    import json, os, random, signal, sys, time
+    import glob, json, os, random, signal, sys, time
     import torch
     import shelltrain.runner, shelltrain.schema  # imported once: every child is a fork and starts at once
     import sklearn.datasets, sklearn.model_selection  # (shelltrain.data imports these lazily)
@@ -305,7 +305,7 @@ KILL_DRIVER = textwrap.dedent(
 
     run_dir, kills, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     last = os.path.join(run_dir, "checkpoints", "last.pt")
-    tmp = os.path.join(run_dir, "checkpoints", ".last.pt.tmp")
+    tmp = os.path.join(run_dir, "checkpoints", ".last.pt.*.tmp")  # each writer's own: .last.pt.<pid>-<random>.tmp
     argv = ["shelltrain", "model=cnn", "model.width=48", "data.image_size=16", "trainer.device=cpu", "trainer.epochs=1000",
             "trainer.checkpoint_every_n_steps=1", "trainer.limit_val_batches=1", "trainer.threads=1",
             "trainer.resume=auto", f"hydra.run.dir={run_dir}", "hydra/job_logging=disabled"]
@@ -335,20 +335,20 @@ KILL_DRIVER = textwrap.dedent(
             break
         if len(results) % 2:  # every other kill aims into a write: as soon as the temporary file appears
             end = time.time() + 5
-            while not os.path.exists(tmp) and time.time() < end:
+            while not glob.glob(tmp) and time.time() < end:
                 time.sleep(0.0005)
         else:  # the others land anywhere: a step, a write, validation, ...
             time.sleep(rng.uniform(0.0, 0.25))
         os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
-        mid_write = os.path.exists(tmp)  # the kill came between opening the temporary file and the rename
+        mid_write = bool(glob.glob(tmp))  # the kill came between opening the temporary file and the rename
         try:
             ckpt = torch.load(last, weights_only=True)
             results.append({"step": int(ckpt["step"]), "killed": os.WIFSIGNALED(status), "mid_write": mid_write})
         except Exception as exc:
             results.append({"error": f"{type(exc).__name__}: {exc}"})
-        if mid_write:
-            os.unlink(tmp)
+        for name in glob.glob(tmp):
+            os.unlink(name)
     print(json.dumps(results))
     """
 )
