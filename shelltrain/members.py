@@ -110,6 +110,11 @@ def sweep_jobs(sweep: str | Path, top_k: int | None, monitor: str) -> list[tuple
         raise UserError(
             f"ensemble.sweep='{sweep}' holds no finished jobs (<job>/summary.json with status completed and {key})"
         )
+    if top_k and len(jobs) < top_k:  # never fuse fewer members than asked for without saying so
+        raise UserError(
+            f"ensemble.top_k={top_k} but ensemble.sweep='{sweep}' holds only {len(jobs)} finished job(s); "
+            f"lower ensemble.top_k to {len(jobs)} or finish the sweep's other jobs first"
+        )
     jobs.sort(key=lambda job: job[1], reverse=monitor_mode(monitor) == "max")  # stable: ties keep job order
     return jobs[:top_k] if top_k else jobs
 

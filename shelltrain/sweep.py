@@ -283,8 +283,11 @@ def _verdict(rows: Sequence[JobRow], csv_path: Path | None, not_a_sweep: bool, r
     """The footer: how many runs completed, are running, failed or missed a gate, and where the table went."""
     done = len([r for r in rows if not r.failed and not r.running])
     parts = [f"{len(rows)} run{'s' if len(rows) != 1 else ''}: {done} completed"]
-    running, failed = len([r for r in rows if r.running]), len([r for r in rows if r.failed])
+    running = len([r for r in rows if r.running])
+    stopped = {status: len([r for r in rows if r.status == status]) for status in ("interrupted", "incomplete")}
+    failed = len([r for r in rows if r.failed]) - sum(stopped.values())
     parts += [f"{running} running"] if running else []
+    parts += [f"{count} {status}" for status, count in stopped.items() if count]
     parts += [f"{failed} failed"] if failed else []
     gated = [r for r in rows if not r.failed and r.gates_failed]
     parts += [f"{len(gated)} missed a quality gate"] if gated else []

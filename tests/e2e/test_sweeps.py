@@ -144,7 +144,9 @@ def test_summarize_reads_finished_runs_from_disk(tmp_path, capsys):
     assert [r["status"] for r in rows] == ["completed", "completed", "failed", "incomplete", "running"]
     assert rows[2]["error"] == "boom" and "no summary.json" in rows[3]["error"] and rows[4]["error"] == ""
     out = capsys.readouterr().out
-    assert "5 runs: 2 completed, 1 running, 2 failed" in out and "best: job 1" in out
+    assert (
+        "5 runs: 2 completed, 1 running, 1 incomplete, 1 failed" in out and "best: job 1" in out
+    )  # killed: not "failed"
     assert "run dir" in out and "│ 11 " in out.replace("┃", "│")  # the run-directory column
     assert (tmp_path / "sweep.png").stat().st_size > 0  # the score against trainer.seed, beside summary.csv
     # a loss is minimized; all completed -> exit 0

@@ -50,3 +50,18 @@ def test_fused_metrics_are_accuracy_and_nll():
     metrics = fused_metrics(probs, probs.argmax(1), torch.tensor([0, 1]))
     assert metrics["acc"] == 1.0
     assert metrics["loss"] == pytest.approx(-(torch.tensor(0.5).log() + torch.tensor(0.75).log()).item() / 2)
+
+
+def test_top_k_refuses_a_sweep_with_fewer_finished_jobs(tmp_path):
+    """ensemble.top_k=2 over a sweep where one job finished must not silently fuse a single member."""
+    from shelltrain.errors import UserError
+    from shelltrain.members import sweep_jobs
+    from shelltrain.rundir import write_json
+
+    write_json({"status": "completed", "best_val_acc": 0.9}, tmp_path / "0" / "summary.json")
+    write_json({"status": "failed", "error": "boom"}, tmp_path / "1" / "summary.json")
+    assert [job.name for job, _ in sweep_jobs(tmp_path, 1, "val_acc")] == ["0"]
+    with pytest.raises(
+        UserError, match=r"ensemble.top_k=2 but .* holds only 1 finished job\(s\); lower ensemble.top_k"
+    ):
+        sweep_jobs(tmp_path, 2, "val_acc")
