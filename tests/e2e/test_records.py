@@ -20,6 +20,19 @@ def hashes(root: Path) -> dict[str, str]:
     }
 
 
+def test_evaluate_or_a_re_run_into_a_finished_run_is_refused_and_leaves_it_byte_for_byte(tmp_path):
+    """The default selection's share of the test below: the two commands users point at a run most often."""
+    trained = shelltrain_forked(*TINY, "hydra.run.dir=run", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    run = tmp_path / "run"
+    before = hashes(run)
+    for args in ([*TINY, "task=evaluate", "model.weights=run", "hydra.run.dir=run"], [*TINY, "hydra.run.dir=run"]):
+        result = shelltrain_forked(*args, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "hydra.run.dir" in result.stderr, result.stderr
+        assert hashes(run) == before
+
+
 @pytest.mark.slow
 def test_a_finished_run_and_sweep_survive_every_other_command(tmp_path):
     trained = shelltrain_forked(*TINY, "hydra.run.dir=run", cwd=tmp_path)
