@@ -84,6 +84,15 @@ def check_loggers(loggers: DictConfig | None) -> None:
             )
 
 
+def check_checkpoint(checkpoint: DictConfig | None) -> None:
+    """checkpoint.export_state_dict is null or a file name (written into the run's checkpoints/ folder)."""
+    name = (checkpoint or {}).get("export_state_dict")
+    if name is not None and (not isinstance(name, str) or not name or "/" in name or name in (".", "..")):
+        raise UserError(
+            f"checkpoint.export_state_dict={name!r} is invalid; give a file name such as model.pth, or null"
+        )
+
+
 def check_task(cfg: DictConfig) -> None:
     """evaluate, predict and export use a trained model and train nothing."""
     one_of("task", cfg.task, TASKS)

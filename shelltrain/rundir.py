@@ -73,6 +73,11 @@ def best_checkpoint(run_dir: Path) -> Path:
     return checkpoint(run_dir, BEST)
 
 
+def exported_state_dict(run_dir: Path, name: str) -> Path:
+    """checkpoint.export_state_dict's plain state dict, beside the run's checkpoints."""
+    return checkpoint(run_dir, name)
+
+
 def epoch_checkpoint(run_dir: Path, epoch: int) -> Path:
     """One of the best epochs trainer.keep_checkpoints keeps."""
     return checkpoint(run_dir, f"epoch_{epoch:03d}.pt")

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from shelltrain import distributed, placement, rundir
-from shelltrain.checkpoint import Checkpointer, load_checkpoint
+from shelltrain.checkpoint import Checkpointer, export_state_dict, load_checkpoint
 from shelltrain.data import DataBundle, build_data, cv_fold
 from shelltrain.engine import (
     NonFiniteLoss,
@@ -129,6 +129,9 @@ def train_and_test(
         return math.nan  # rank 0 tests the model and writes the report
     pruned = prune(cfg, job, state, run_dir, console)
     summary, confusion = test(cfg, job, state, pruned, run_dir, started)
+    exported = (cfg.get("checkpoint") or {}).get("export_state_dict")
+    if exported:  # the model the run stands for (best epoch, pruned if pruned), as a plain state dict
+        export_state_dict(job.model, rundir.exported_state_dict(run_dir, exported))
     if resume is not None:
         summary["resumed_from"] = str(resume.checkpoint)
     report(cfg, summary, confusion, job.data.classes, state, loggers, run_dir, console)

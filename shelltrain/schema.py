@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from shelltrain.checks import (
     at_least,
+    check_checkpoint,
     check_ensemble_run,
     check_gates,
     check_loggers,
@@ -443,6 +444,7 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(cfg.get("plots", True), bool):
         raise UserError(f"plots={cfg.plots!r} is invalid; use true or false")
     check_loggers(cfg.get("logger"))
+    check_checkpoint(cfg.get("checkpoint"))
 
 
 def trainer_config(node: DictConfig) -> TrainerConfig:

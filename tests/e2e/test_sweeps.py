@@ -244,7 +244,11 @@ def test_every_required_preset_exists():
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_experiment_preset_composes_and_validates(name, tmp_path):
     (tmp_path / "train").mkdir()  # validation checks that data.root exists (it loads nothing)
-    extra = [f"data.root={tmp_path}"] if name in ("finetune_imagefolder", "cifar10_resnet18") else []
+    extra = (
+        [f"data.root={tmp_path}"]
+        if name in ("finetune_imagefolder", "cifar10_resnet18", "seed_finetune_cifar10")
+        else []
+    )
     cfg = compose_config(f"experiment={name}", *extra)
     validate(cfg)
     smoke = compose_config(f"experiment={name}", "debug=smoke", *extra)

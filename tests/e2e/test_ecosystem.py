@@ -1,0 +1,52 @@
+"""The essay's own example as a preset, timm models and MLflow tracking (optional extras: those tests skip with
+the reason when the extra is missing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from conftest import compose_config, run_in_process
+from fixtures_data import make_cifar10
+from test_transfer import plant_torchvision_weights
+
+from shelltrain.errors import UserError
+from shelltrain.schema import validate
+
+# --- experiment=seed_finetune_cifar10 + checkpoint.export_state_dict ------------------------------------------
+
+
+@pytest.mark.slow  # a ResNet-18 run: ~30 s on 2 shared cores
+def test_seed_finetune_cifar10_writes_a_plain_state_dict_for_torchvision_resnet18(tmp_path, monkeypatch):
+    planted = plant_torchvision_weights(tmp_path / "torch", monkeypatch, "resnet18")
+    root = make_cifar10(tmp_path / "data", n_train=160, n_test=40, monkeypatch=monkeypatch)
+    summary = run_in_process(
+        tmp_path / "run", "experiment=seed_finetune_cifar10", "debug=smoke", f"data.root={root}", "data.batch_size=16"
+    )
+    assert summary["status"] == "completed"
+    assert summary["transfer"]["preprocessing"]["from"] != "weights"  # ToTensor only: 32x32, no normalisation
+    state = torch.load(tmp_path / "run/checkpoints/model.pth", weights_only=True)
+    assert all(isinstance(value, torch.Tensor) for value in state.values())  # a plain state dict, nothing else
+    model = torchvision.models.resnet18(num_classes=10)
+    model.load_state_dict(state)  # strict: every key and shape of torchvision's resnet18 with a 10-class head
+    best = torch.load(tmp_path / "run/checkpoints/best.pt", weights_only=True)["model"]
+    assert all(torch.equal(state[key], best[key]) for key in state)  # the model the run stands for
+    assert not torch.equal(state["conv1.weight"], torch.zeros_like(state["conv1.weight"]))
+    assert planted["conv1.weight"].shape == state["conv1.weight"].shape
+
+
+def test_seed_finetune_cifar10_is_the_essays_script():
+    cfg = compose_config("experiment=seed_finetune_cifar10")
+    assert (cfg.model.name, cfg.model.weights, cfg.model.small_input) == ("resnet18", "IMAGENET1K_V1", False)
+    assert (cfg.data.name, cfg.data.image_size, cfg.data.batch_size) == ("cifar10", 32, 64)
+    assert list(cfg.data.mean) == [0.0] * 3 and list(cfg.data.std) == [1.0] * 3 and list(cfg.augmentation.train) == []
+    assert cfg.optimizer._target_ == "torch.optim.Adam" and cfg.optimizer.lr == 1e-3 and cfg.optimizer.weight_decay == 0
+    assert cfg.scheduler._target_ is None and cfg.trainer.epochs == 10 and cfg.trainer.loss == "cross_entropy"
+    assert cfg.checkpoint.export_state_dict == "model.pth"
+
+
+def test_export_state_dict_is_off_by_default_and_a_path_is_refused(tmp_path):
+    run_in_process(tmp_path / "run", "model=cnn", "model.width=8", "data.image_size=16", "debug=smoke")
+    assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    with pytest.raises(UserError, match=r"checkpoint.export_state_dict='a/model.pth' is invalid; give a file name"):
+        validate(compose_config("checkpoint.export_state_dict=a/model.pth"))
