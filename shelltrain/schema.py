@@ -200,6 +200,8 @@ class ModelConfig:
     dropout: float = 0.0
     weights: Optional[str] = None
     strict: bool = False
+    library: str = "torchvision"  # torchvision | timm (model=timm)
+    pretrained_file: Optional[str] = None  # timm: a local weights file for model.weights=timm (offline)
 
 
 @dataclass

@@ -50,3 +50,51 @@ def test_export_state_dict_is_off_by_default_and_a_path_is_refused(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["best.pt", "last.pt"]
     with pytest.raises(UserError, match=r"checkpoint.export_state_dict='a/model.pth' is invalid; give a file name"):
         validate(compose_config("checkpoint.export_state_dict=a/model.pth"))
+
+
+# --- timm models ------------------------------------------------------------------------------------------------
+
+TIMM = ["model=timm", "model.name=test_resnet", "data.image_size=32", "debug=smoke", "trainer.threads=1"]
+
+
+def plant_timm_weights(path, name: str = "test_resnet") -> dict[str, torch.Tensor]:
+    """A seeded 1000-class state dict of a timm model, as timm's hub file would hold it (no network here)."""
+    timm = pytest.importorskip("timm", reason='timm is an optional extra: pip install "shelltrain[timm]"')
+    torch.manual_seed(5)
+    state = timm.create_model(name, pretrained=False).state_dict()
+    torch.save(state, path)
+    return state
+
+
+def test_timm_model_finetunes_from_a_planted_file_prunes_structurally_and_exports(tmp_path):
+    planted = plant_timm_weights(tmp_path / "pretrained.pth")
+    summary = run_in_process(
+        tmp_path / "run",
+        *TIMM,
+        "model.weights=timm",
+        f"model.pretrained_file={tmp_path / 'pretrained.pth'}",
+        "data.mean=null",
+        "data.std=null",
+        "finetune.layer_decay=0.8",
+        "prune=structured",
+        "prune.finetune_epochs=1",
+    )
+    transfer = summary["transfer"]
+    assert transfer["preprocessing"]["from"] == "weights"  # timm.data.resolve_data_config's mean/std
+    assert transfer["preprocessing"]["std"] == pytest.approx([0.5])  # test_resnet's (0.5, 0.5, 0.5), grey: one value
+    assert transfer["head"]["replaced"] and transfer["head"]["to_classes"] == 10
+    assert summary["prune_method"] == "structured" and summary["prune_params"] < summary["params"] / 2
+    unpruned = torch.load(tmp_path / "run/checkpoints/unpruned.pt", weights_only=True)["model"]
+    assert unpruned["conv1.0.weight"].shape[1] == 1  # grey digits: the stem adapted from the planted RGB one
+    assert torch.allclose(unpruned["conv1.0.weight"], planted["conv1.0.weight"].sum(1, keepdim=True), atol=0.5)
+    exported = run_in_process(
+        tmp_path / "export", "task=export", f"model.weights={tmp_path / 'run'}", "export.format=torchscript"
+    )
+    assert exported["status"] == "completed"
+    assert list((tmp_path / "export").glob("*.pt"))
+
+
+def test_unknown_timm_name_is_one_line_with_close_names(tmp_path):
+    pytest.importorskip("timm", reason='timm is an optional extra: pip install "shelltrain[timm]"')
+    with pytest.raises(UserError, match=r"model.name='convnext_ato' is not a timm model; did you mean convnext_atto"):
+        run_in_process(tmp_path, "model=timm", "model.name=convnext_ato", "debug=smoke")

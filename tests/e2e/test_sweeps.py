@@ -390,9 +390,8 @@ def test_cv_score_is_what_a_sweep_selects_by(tmp_path):
 
 
 def test_readme_test_command_is_what_ci_runs():
-    install = 'pip install -e ".[test,sweep]"'
     ci = (ROOT / ".ci/run").read_text().splitlines()
-    assert install in ci
+    install = next(line for line in ci if line.startswith('pip install -e ".[test,'))  # with the extras CI tests
     commands = " && ".join(ci[ci.index(install) :])  # what CI runs from the install on, in order
     assert commands.endswith("&& pytest")
     assert commands in (ROOT / "README.md").read_text()
