@@ -380,9 +380,9 @@ def report(
 ) -> None:
     """summary.json, the loggers' last word, the plots and the table."""
     rundir.write_json(summary, rundir.summary(run_dir))
-    loggers.finish(summary)
     if cfg.get("plots", True):
         write_run_plots(run_dir, state.history, confusion, classes, state.best_epoch)
+    loggers.finish(summary)  # after the plots: a logger may upload them
     console.print(summary_table(summary))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
 

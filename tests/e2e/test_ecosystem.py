@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from conftest import compose_config, run_in_process
+from conftest import compose_config, run_in_process, shelltrain_forked
 from fixtures_data import make_cifar10
 from test_transfer import plant_torchvision_weights
 
@@ -98,3 +98,56 @@ def test_unknown_timm_name_is_one_line_with_close_names(tmp_path):
     pytest.importorskip("timm", reason='timm is an optional extra: pip install "shelltrain[timm]"')
     with pytest.raises(UserError, match=r"model.name='convnext_ato' is not a timm model; did you mean convnext_atto"):
         run_in_process(tmp_path, "model=timm", "model.name=convnext_ato", "debug=smoke")
+
+
+# --- logger=mlflow ----------------------------------------------------------------------------------------------
+
+MLFLOW_EXTRA = 'mlflow is an optional extra: pip install "shelltrain[mlflow]"'
+CNN = ["model=cnn", "model.width=8", "data.image_size=16", "debug=smoke", "plots=false", "scheduler=none"]
+
+
+def mlflow_store(tmp_path) -> tuple[list[str], object, str]:
+    """Overrides that log to a SQLite store under tmp_path, the MlflowClient reading it back, and its URI."""
+    client_module = pytest.importorskip("mlflow.tracking", reason=MLFLOW_EXTRA)
+    uri = f"sqlite:///{tmp_path / 'outputs/mlflow.db'}"
+    return ["logger=[csv,mlflow]", f"logger.mlflow.tracking_uri={uri}"], client_module.MlflowClient(uri), uri
+
+
+def runs_of(client) -> list:
+    experiment = client.get_experiment_by_name("shelltrain")
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_mlflow_records_params_every_epoch_tags_and_artifacts(tmp_path):
+    overrides, client, _ = mlflow_store(tmp_path)
+    run_in_process(tmp_path / "run", *CNN, *overrides, "trainer.epochs=3", "optimizer.lr=0.03")
+    (run,) = runs_of(client)
+    assert run.info.status == "FINISHED" and run.data.tags["status"] == "completed"
+    assert run.data.tags["run_dir"] == str((tmp_path / "run").absolute())
+    assert run.data.params["optimizer.lr"] == "0.03" and run.data.params["model.name"] == "cnn"
+    for key in ("train_loss", "val_acc", "val_loss"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
+    assert "summary.test_acc" in run.data.metrics
+    assert {"summary.json", "metrics.csv"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert (tmp_path / "outputs/mlartifacts").is_dir()  # artifacts beside the database
+
+
+def test_mlflow_resumed_run_continues_the_same_run(tmp_path):
+    overrides, client, _ = mlflow_store(tmp_path)
+    run_in_process(tmp_path / "run", *CNN, *overrides, "trainer.epochs=2")
+    run_in_process(tmp_path / "run", *CNN, *overrides, "trainer.epochs=3", f"trainer.resume={tmp_path / 'run'}")
+    (run,) = runs_of(client)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [1, 2, 3]
+    assert run.info.status == "FINISHED"
+
+
+def test_mlflow_sweep_is_one_parent_with_a_child_per_job(tmp_path):
+    overrides, client, _ = mlflow_store(tmp_path)
+    swept = shelltrain_forked("-m", *CNN, *overrides, "trainer.device=cpu", "trainer.seed=0,1", cwd=tmp_path)
+    assert swept.returncode == 0, swept.stderr
+    runs = runs_of(client)
+    parents = [r for r in runs if r.data.tags.get("shelltrain.parent") == "true"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(runs) == 3 and len(parents) == 1 and len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(c.data.params["trainer.seed"] for c in children) == ["0", "1"]
