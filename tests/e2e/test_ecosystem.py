@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from conftest import compose_config, run_in_process, shelltrain_forked
+from conftest import compose_config, run_in_process, shelltrain, shelltrain_forked
 from fixtures_data import make_cifar10
 from test_transfer import plant_torchvision_weights
 
@@ -151,3 +151,10 @@ def test_mlflow_sweep_is_one_parent_with_a_child_per_job(tmp_path):
     assert len(runs) == 3 and len(parents) == 1 and len(children) == 2
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert sorted(c.data.params["trainer.seed"] for c in children) == ["0", "1"]
+
+
+def test_help_shows_how_to_find_timm_names_view_mlflow_and_complete(tmp_path):
+    out = shelltrain("--help", cwd=tmp_path).stdout
+    assert "model=timm model.name=convnext_atto" in out and "timm.list_models(" in out
+    assert "mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db" in out
+    assert 'eval "$(shelltrain -sc install=bash)"' in out
