@@ -17,7 +17,7 @@ from shelltrain.errors import UserError
 if TYPE_CHECKING:
     from shelltrain.schema import EnsembleConfig, TrainerConfig
 
-LOGGERS = ("csv", "tensorboard", "jsonl", "mlflow")
+LOGGERS = ("csv", "tensorboard", "jsonl", "mlflow", "wandb")
 TASKS = ("train", "evaluate", "predict", "export")
 # Model families whose structured (channel) pruning torch-pruning 1.6 cannot do.
 STRUCTURED_UNSUPPORTED = ("swin", "shufflenet")

@@ -71,10 +71,10 @@ class MLflowLogger(RunLogger):
             self.client.set_tag(self.run_id, "status", "resumed")
             return
         tags = {"run_dir": str(self.run_dir.absolute()), "status": "running", **_git_tags()}
-        sweep_dir = _sweep_dir()
-        if sweep_dir is not None:
-            tags["mlflow.parentRunId"] = self._parent(sweep_dir)
-            tags[SWEEP_TAG] = sweep_dir
+        sweep = sweep_dir()
+        if sweep is not None:
+            tags["mlflow.parentRunId"] = self._parent(sweep)
+            tags[SWEEP_TAG] = sweep
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.run_name or self.run_dir.name)
         self.run_id = run.info.run_id
         write_text(self.run_id + "\n", kept)
@@ -128,7 +128,7 @@ class MLflowLogger(RunLogger):
         self.client.set_terminated(self.run_id, status="FINISHED")
 
 
-def _sweep_dir() -> str | None:
+def sweep_dir() -> str | None:
     """The multirun's sweep directory when this job is one of a Hydra sweep."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode

@@ -44,6 +44,7 @@ SUMMARY = "summary.json"
 METRICS_CSV = "metrics.csv"
 METRICS_JSONL = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
+WANDB_RUN_ID = "wandb_run_id"  # logger=wandb: likewise
 MLFLOW_RUN_ID = "mlflow_run_id"  # logger=mlflow: the MLflow run this run dir logs to (a resume continues it)
 PLOTS = "plots"
 PRUNE_REPORT = "prune.json"

@@ -158,3 +158,22 @@ def test_help_shows_how_to_find_timm_names_view_mlflow_and_complete(tmp_path):
     assert "model=timm model.name=convnext_atto" in out and "timm.list_models(" in out
     assert "mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db" in out
     assert 'eval "$(shelltrain -sc install=bash)"' in out
+
+
+# --- logger=wandb (offline) -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # two wandb processes start: ~25 s on 2 shared cores
+def test_wandb_offline_writes_its_run_files_and_a_resume_continues_the_same_run_id(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason='wandb is an optional extra: pip install "shelltrain[wandb]"')
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    overrides = [*CNN, "logger=[csv,wandb]", "logger.wandb.mode=offline"]
+    run_in_process(tmp_path / "run", *overrides, "trainer.epochs=2", "optimizer.lr=0.03")
+    run_id = (tmp_path / "run/wandb_run_id").read_text().strip()
+    (first,) = (tmp_path / "run/wandb").glob(f"offline-run-*-{run_id}")
+    records = (first / f"run-{run_id}.wandb").read_bytes()
+    assert b"val_acc" in records and b"optimizer.lr" in records and b"summary.json" in records
+    run_in_process(tmp_path / "run", *overrides, "trainer.epochs=3", f"trainer.resume={tmp_path / 'run'}")
+    assert (tmp_path / "run/wandb_run_id").read_text().strip() == run_id
+    assert len(list((tmp_path / "run/wandb").glob(f"offline-run-*-{run_id}"))) == 2  # wandb sync merges them
+    assert len(list((tmp_path / "run/wandb").glob("offline-run-*"))) == 2  # and no other run
