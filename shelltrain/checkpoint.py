@@ -34,6 +34,12 @@ def save_checkpoint(payload: dict[str, Any] | bytes, path: Path) -> None:
     write_atomic(payload if isinstance(payload, bytes) else serialize(payload), path)
 
 
+def export_state_dict(model: torch.nn.Module, path: Path) -> None:
+    """The trained model as a plain state dict (CPU tensors, no shelltrain keys): what a script's
+    `torch.save(model.state_dict(), "model.pth")` writes, for code that builds the model itself."""
+    save_checkpoint({key: value.detach().cpu() for key, value in model.state_dict().items()}, path)
+
+
 def serialize(payload: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
     torch.save(payload, buffer)

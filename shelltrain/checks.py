@@ -17,7 +17,7 @@ from shelltrain.errors import UserError
 if TYPE_CHECKING:
     from shelltrain.schema import EnsembleConfig, TrainerConfig
 
-LOGGERS = ("csv", "tensorboard", "jsonl")
+LOGGERS = ("csv", "tensorboard", "jsonl", "mlflow", "wandb")
 TASKS = ("train", "evaluate", "predict", "export")
 # Model families whose structured (channel) pruning torch-pruning 1.6 cannot do.
 STRUCTURED_UNSUPPORTED = ("swin", "shufflenet")
@@ -82,6 +82,15 @@ def check_loggers(loggers: DictConfig | None) -> None:
                 f"logger.{name} is not a logger; choose from {', '.join(LOGGERS)} "
                 "(several at once: logger=[csv,tensorboard]) or give it a _target_"
             )
+
+
+def check_checkpoint(checkpoint: DictConfig | None) -> None:
+    """checkpoint.export_state_dict is null or a file name (written into the run's checkpoints/ folder)."""
+    name = (checkpoint or {}).get("export_state_dict")
+    if name is not None and (not isinstance(name, str) or not name or "/" in name or name in (".", "..")):
+        raise UserError(
+            f"checkpoint.export_state_dict={name!r} is invalid; give a file name such as model.pth, or null"
+        )
 
 
 def check_task(cfg: DictConfig) -> None:

@@ -54,13 +54,18 @@ def build_model(cfg: DictConfig, num_classes: int, in_channels: int) -> nn.Modul
             return instantiate(target_args, num_classes=num_classes)
         except InstantiationException as exc:  # a blocked target, one that cannot be imported, or bad arguments
             raise UserError(explain_instantiation(exc, "model")) from exc
-    if cfg.name == "cnn":
+    if cfg.get("library", "torchvision") == "timm":
+        from shelltrain.timm_models import build_timm
+
+        model = build_timm(cfg, num_classes, in_channels)  # timm sizes the head and the stem itself
+    elif cfg.name == "cnn":
         return SmallCNN(num_classes, in_channels, width=cfg.get("width") or 32, dropout=cfg.dropout)
-    model = _torchvision_model(cfg.name, num_classes)
+    else:
+        model = _torchvision_model(cfg.name, num_classes)
+        if in_channels != 3:
+            _adapt_input_channels(model, in_channels)
     if cfg.small_input:
         _small_input_stem(model)
-    if in_channels != 3:
-        _adapt_input_channels(model, in_channels)
     if cfg.dropout > 0:
         name, head = find_classifier(model)
         set_submodule(model, name, nn.Sequential(nn.Dropout(cfg.dropout), head))

@@ -49,6 +49,8 @@ SUMMARY = "summary.json"
 METRICS_CSV = "metrics.csv"
 METRICS_JSONL = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
+WANDB_RUN_ID = "wandb_run_id"  # logger=wandb: likewise
+MLFLOW_RUN_ID = "mlflow_run_id"  # logger=mlflow: the MLflow run this run dir logs to (a resume continues it)
 PLOTS = "plots"
 PRUNE_REPORT = "prune.json"
 ENSEMBLE_REPORT = "ensemble.json"  # what makes a run directory a reusable ensemble
@@ -79,6 +81,11 @@ def last_checkpoint(run_dir: Path) -> Path:
 def best_checkpoint(run_dir: Path) -> Path:
     """The model a finished run stands for."""
     return checkpoint(run_dir, BEST)
+
+
+def exported_state_dict(run_dir: Path, name: str) -> Path:
+    """checkpoint.export_state_dict's plain state dict, beside the run's checkpoints."""
+    return checkpoint(run_dir, name)
 
 
 def epoch_checkpoint(run_dir: Path, epoch: int) -> Path:

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shelltrain import distributed, placement, rundir
-from shelltrain.checkpoint import Checkpointer, load_checkpoint
+from shelltrain.checkpoint import Checkpointer, export_state_dict, load_checkpoint
 from shelltrain.data import DataBundle, build_data, cv_fold
 from shelltrain.data.transforms import describe_preprocessing
 from shelltrain.engine import (
@@ -130,6 +130,9 @@ def train_and_test(
         return math.nan  # rank 0 tests the model and writes the report
     pruned = prune(cfg, job, state, run_dir, console)
     summary, confusion = test(cfg, job, state, pruned, run_dir, started)
+    exported = (cfg.get("checkpoint") or {}).get("export_state_dict")
+    if exported:  # the model the run stands for (best epoch, pruned if pruned), as a plain state dict
+        export_state_dict(job.model, rundir.exported_state_dict(run_dir, exported))
     if resume is not None:
         summary["resumed_from"] = str(resume.checkpoint)
     report(cfg, summary, confusion, job.data.classes, state, loggers, run_dir, console)
@@ -379,9 +382,9 @@ def report(
 ) -> None:
     """summary.json, the loggers' last word, the plots and the table."""
     rundir.write_json(summary, rundir.summary(run_dir))
-    loggers.finish(summary)
     if cfg.get("plots", True):
         write_run_plots(run_dir, state.history, confusion, classes, state.best_epoch)
+    loggers.finish(summary)  # after the plots: a logger may upload them
     print_summary(console, summary, OmegaConf.select(cfg, "report.per_job", default="table"))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
 

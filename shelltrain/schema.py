@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from shelltrain.checks import (
     at_least,
+    check_checkpoint,
     check_ensemble_run,
     check_gates,
     check_loggers,
@@ -189,6 +190,8 @@ class ModelConfig:
     dropout: float = 0.0
     weights: Optional[str] = None
     strict: bool = False
+    library: str = "torchvision"  # torchvision | timm (model=timm)
+    pretrained_file: Optional[str] = None  # timm: a local weights file for model.weights=timm (offline)
 
 
 @dataclass
@@ -440,6 +443,7 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(cfg.get("plots", True), bool):
         raise UserError(f"plots={cfg.plots!r} is invalid; use true or false")
     check_loggers(cfg.get("logger"))
+    check_checkpoint(cfg.get("checkpoint"))
 
 
 def trainer_config(node: DictConfig) -> TrainerConfig:

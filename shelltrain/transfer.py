@@ -45,7 +45,7 @@ class WeightsSource:
     """Pretrained weights, read but not yet loaded into a model."""
 
     spec: str  # model.weights as the user wrote it
-    kind: str  # torchvision | shelltrain | state_dict | safetensors
+    kind: str  # torchvision | timm | shelltrain | state_dict | safetensors
     origin: str  # what was read, for people: an enum name and file, or a path
     state_dict: dict[str, torch.Tensor] | None = None  # None for torchvision weights until load_weights
     classes: list[str] | None = None  # the source's class names, when it has them
@@ -62,6 +62,10 @@ def open_weights(model_cfg: DictConfig) -> WeightsSource | None:
         return None
     spec = str(spec)
     path = _as_path(spec)
+    if model_cfg.get("library") == "timm" and not path.exists():
+        from shelltrain.timm_models import open_timm_weights
+
+        return WeightsSource(**open_timm_weights(spec, model_cfg))
     if path.exists():
         return _open_path(spec, path)
     if "/" in spec or os.sep in spec or spec.lower().endswith(CHECKPOINT_SUFFIXES) or spec.startswith("~"):

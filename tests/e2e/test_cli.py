@@ -34,7 +34,7 @@ def test_help_lists_every_group_without_importing_torch(tmp_path):
     out = run_cli_reporting_torch(["--help"], tmp_path)
     assert "TORCH_IMPORTED False" in out
     for line in [
-        "model: cnn, efficientnet_b0, mobilenet_v3_small, resnet18, resnet34, resnet50, torchvision",
+        "model: cnn, efficientnet_b0, mobilenet_v3_small, resnet18, resnet34, resnet50, timm, torchvision",
         "optimizer: adam, adamw, momentum, nesterov, rmsprop, sgd",
         "scheduler: cosine, exponential, none, onecycle, plateau, step, warmup_cosine",
         "augmentation: autoaugment, basic, none, randaugment, seed, trivialaugment",

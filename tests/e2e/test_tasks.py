@@ -162,7 +162,7 @@ def test_quantized_models_go_to_torchscript_and_not_onnx(tmp_path):
         (["task=export", "model.weights=x", "export.format=tflite"], "export.format='tflite' is invalid"),
         (["task=evaluate", "model.weights=x", "evaluate.split=holdout"], "evaluate.split='holdout' is invalid"),
         (["task=fit"], "task='fit' is invalid; choose one of train, evaluate, predict, export"),
-        (["logger=wandb"], "logger=wandb: no such option"),
+        (["logger=neptune"], "logger=neptune: no such option"),
         (["logger=[csv,tensorbord]"], "logger=tensorbord: no such option (did you mean 'tensorboard'?)"),
     ],
 )

@@ -31,12 +31,22 @@ OPTIONS = [(group, f.stem) for group in GROUPS for f in sorted((CONFIGS / group)
 # What an option needs besides itself to validate ({root} is a folder holding train/).
 NEEDS = {
     ("model", "torchvision"): ["model.name=regnet_y_400mf"],
+    ("model", "timm"): ["model.name=convnext_atto"],
     ("ensemble", "average"): ["ensemble.members=2"],
     ("ensemble", "weighted"): ["ensemble.members=2"],
     ("ensemble", "vote"): ["ensemble.members=2"],
     ("logger", "tensorboard"): [],
 }
-ROOTED = {"cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "finetune_imagefolder", "cifar10_resnet18"}
+ROOTED = {
+    "cifar10",
+    "cifar100",
+    "mnist",
+    "fashion_mnist",
+    "imagefolder",
+    "finetune_imagefolder",
+    "cifar10_resnet18",
+    "seed_finetune_cifar10",
+}
 # Facts of the default dataset (digits' published statistics), not defaults of every dataset: null measures them.
 DATASET_FACTS = {"mean", "std"}
 

@@ -1,0 +1,83 @@
+"""timm models (`model=timm model.name=convnext_atto`, optional extra `shelltrain[timm]`): built by timm's
+create_model for the data's classes and input channels, and `model.weights=timm` loaded by timm's own pretrained
+mechanism (its Hugging Face hub cache, or `model.pretrained_file` offline). The weights then go through the same
+transfer path as torchvision's (head replacement, preprocessing from `timm.data.resolve_data_config`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+from torch import nn
+
+from shelltrain.errors import UserError
+
+INSTALL = 'pip install "shelltrain[timm]"'
+
+
+def _timm() -> Any:
+    try:
+        import timm
+    except ImportError:
+        raise UserError(f"model=timm needs timm: {INSTALL}") from None
+    return timm
+
+
+def _check_name(timm: Any, name: str, pretrained: bool = False) -> None:
+    """A name timm does not know is one line with the closest names and how to list them."""
+    if name in timm.list_models(pretrained=pretrained) or (not pretrained and timm.is_model(name)):
+        return
+    import difflib
+
+    close = difflib.get_close_matches(name, timm.list_models(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise UserError(
+        f"model.name={name!r} is not a timm model{hint} "
+        "(list them: python -c \"import timm; print(timm.list_models('convnext*'))\")"
+    )
+
+
+def build_timm(cfg: DictConfig, num_classes: int, in_channels: int) -> nn.Module:
+    """timm's own builder: it sizes the head and the stem for the data (random initialisation)."""
+    timm = _timm()
+    _check_name(timm, cfg.name)
+    return timm.create_model(cfg.name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+
+def open_timm_weights(spec: str, model_cfg: DictConfig) -> dict[str, Any]:
+    """`model.weights=timm`: the pretrained model as timm loads it (its default pretrained tag, from the hub cache
+    or `model.pretrained_file`) and its preprocessing. Returns WeightsSource's fields."""
+    timm = _timm()
+    name = model_cfg.name
+    if spec != "timm":
+        raise UserError(
+            f"model.weights={spec}: a timm model takes model.weights=timm (timm's pretrained weights) "
+            "or a checkpoint path (a shelltrain run directory, .pt/.pth or .safetensors)"
+        )
+    _check_name(timm, name)
+    file = model_cfg.get("pretrained_file")
+    overlay = {"file": str(file)} if file else {}
+    try:
+        pretrained = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)
+    except Exception as exc:  # no network, no cached file, a file of another model
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise UserError(
+            f"model.weights=timm: cannot load timm's pretrained {name} ({reason}); without network, give the file: "
+            "model.pretrained_file=/path/to/model.safetensors"
+        ) from None
+    config = timm.data.resolve_data_config({}, model=pretrained)
+    preprocessing = {
+        "mean": [float(v) for v in config["mean"]],
+        "std": [float(v) for v in config["std"]],
+        "image_size": int(config["input_size"][-1]),
+    }
+    tag = pretrained.pretrained_cfg.get("tag") or "default"
+    origin = f"timm {name}.{tag}" + (f" ({file})" if file else "")
+    return {
+        "spec": spec,
+        "kind": "timm",
+        "origin": origin,
+        "state_dict": pretrained.state_dict(),
+        "preprocessing": preprocessing,
+        "model_name": name,
+    }
