@@ -21,6 +21,14 @@ LOGGERS = ("csv", "tensorboard", "jsonl")
 TASKS = ("train", "evaluate", "predict", "export")
 # Model families whose structured (channel) pruning torch-pruning 1.6 cannot do.
 STRUCTURED_UNSUPPORTED = ("swin", "shufflenet")
+# data.name -> (its name in messages, what torchvision expects under data.root)
+DATASET_FILES = {
+    "cifar10": ("CIFAR-10", "cifar-10-batches-py/"),
+    "cifar100": ("CIFAR-100", "cifar-100-python/"),
+    "mnist": ("MNIST", "MNIST/raw/"),
+    "fashion_mnist": ("Fashion-MNIST", "FashionMNIST/raw/"),
+}
+IMAGEFOLDER_LAYOUT = "train/<class>/<image> (val/ and test/ optional)"
 
 
 def check_optimizer(optimizer: DictConfig) -> None:
@@ -167,3 +175,35 @@ def to_schema(node: Any, schema: type, key: str) -> Any:
 def wrong_type(exc: ValidationError, prefix: str = "") -> str:
     """The one-line message for a value OmegaConf cannot convert to its key's type (here or while composing)."""
     return f"{prefix}{exc.full_key}={exc.value!r} has the wrong type; {exc.msg.splitlines()[0]}"
+
+
+def check_data_root(data: DictConfig) -> None:
+    root = data_root(data)
+    if data.name == "imagefolder":
+        if not root.is_dir():
+            raise UserError(
+                f"data.root: '{root}' does not exist; point data.root at a folder laid out as {IMAGEFOLDER_LAYOUT}"
+            )
+        if not (root / "train").is_dir():
+            raise UserError(
+                f"data.root: '{root}' has no train/ folder; lay the images out as {root}/{IMAGEFOLDER_LAYOUT}"
+            )
+    elif not data.download and not root.is_dir():
+        raise UserError(
+            f"data.root: '{root}' does not exist; point data.root at a folder holding {DATASET_FILES[data.name][0]} "
+            "or set data.download=true"
+        )
+
+
+def data_root(data: DictConfig) -> Path:
+    """data.root as an absolute path (relative ones are taken from where the user launched the run)."""
+    from hydra.utils import to_absolute_path
+
+    if OmegaConf.is_missing(data, "root") or data.root is None:
+        if data.name == "imagefolder":
+            holding = f"an image folder laid out as {IMAGEFOLDER_LAYOUT}"
+        else:
+            title, expected = DATASET_FILES[data.name]
+            holding = f"{title} (it should contain {expected})"
+        raise UserError(f"data.root: not set; set data.root to a folder holding {holding}")
+    return Path(to_absolute_path(os.path.expanduser(str(data.root))))

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from shelltrain.checks import (
+    DATASET_FILES,
     at_least,
+    check_data_root,
     check_ensemble_run,
     check_gates,
     check_loggers,
@@ -36,14 +38,6 @@ LOSSES = ("cross_entropy", "mse")
 MONITORS = ("val_acc", "val_loss")
 POLICIES = ("full", "linear_probe", "freeze_backbone", "gradual")
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
-# data.name -> (its name in messages, what torchvision expects under data.root)
-DATASET_FILES = {
-    "cifar10": ("CIFAR-10", "cifar-10-batches-py/"),
-    "cifar100": ("CIFAR-100", "cifar-100-python/"),
-    "mnist": ("MNIST", "MNIST/raw/"),
-    "fashion_mnist": ("Fashion-MNIST", "FashionMNIST/raw/"),
-}
-IMAGEFOLDER_LAYOUT = "train/<class>/<image> (val/ and test/ optional)"
 SPLITS = ("test", "val", "train")
 EXPORT_FORMATS = ("onnx", "torchscript")
 
@@ -456,39 +450,7 @@ def check_data(node: DictConfig, files: bool = True) -> None:
     data = to_schema(node, DataConfig, "data")
     data.check()
     if files and data.source is None and (data.name in DATASET_FILES or data.name == "imagefolder"):
-        _check_data_root(node)
-
-
-def _check_data_root(data: DictConfig) -> None:
-    root = data_root(data)
-    if data.name == "imagefolder":
-        if not root.is_dir():
-            raise UserError(
-                f"data.root: '{root}' does not exist; point data.root at a folder laid out as {IMAGEFOLDER_LAYOUT}"
-            )
-        if not (root / "train").is_dir():
-            raise UserError(
-                f"data.root: '{root}' has no train/ folder; lay the images out as {root}/{IMAGEFOLDER_LAYOUT}"
-            )
-    elif not data.download and not root.is_dir():
-        raise UserError(
-            f"data.root: '{root}' does not exist; point data.root at a folder holding {DATASET_FILES[data.name][0]} "
-            "or set data.download=true"
-        )
-
-
-def data_root(data: DictConfig) -> Path:
-    """data.root as an absolute path (relative ones are taken from where the user launched the run)."""
-    from hydra.utils import to_absolute_path
-
-    if OmegaConf.is_missing(data, "root") or data.root is None:
-        if data.name == "imagefolder":
-            holding = f"an image folder laid out as {IMAGEFOLDER_LAYOUT}"
-        else:
-            title, expected = DATASET_FILES[data.name]
-            holding = f"{title} (it should contain {expected})"
-        raise UserError(f"data.root: not set; set data.root to a folder holding {holding}")
-    return Path(to_absolute_path(os.path.expanduser(str(data.root))))
+        check_data_root(node)
 
 
 def uses_ensemble(cfg: DictConfig) -> bool:

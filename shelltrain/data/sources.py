@@ -10,13 +10,13 @@ from omegaconf import DictConfig
 from PIL import Image
 from torchvision import datasets
 
+from shelltrain.checks import DATASET_FILES, data_root
 from shelltrain.errors import UserError
-from shelltrain.schema import DATASET_FILES, data_root
 
 Sources = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-# data.name -> torchvision class (schema.DATASET_FILES: its name in messages and what it expects under data.root)
+# data.name -> torchvision class (checks.DATASET_FILES: its name in messages and what it expects under data.root)
 _TORCHVISION = {
     "cifar10": datasets.CIFAR10,
     "cifar100": datasets.CIFAR100,
