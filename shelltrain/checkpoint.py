@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from shelltrain import distributed
-from shelltrain.engine import Callback, NonFiniteLoss, TrainState, monitor_mode, rng_state
+from shelltrain.engine import Callback, NonFiniteLoss, TrainState, monitor_mode
 from shelltrain.errors import UserError
 from shelltrain.optim import Schedule
+from shelltrain.rng import rng_state
 from shelltrain.rundir import best_checkpoint, epoch_checkpoint, epoch_checkpoints, last_checkpoint, write_atomic
 
 

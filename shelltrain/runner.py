@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from shelltrain import distributed, placement, rundir
 from shelltrain.checkpoint import Checkpointer, load_checkpoint
 from shelltrain.data import DataBundle, build_data, cv_fold
+from shelltrain.distill import make_distiller
 from shelltrain.engine import (
     NonFiniteLoss,
     TrainState,
@@ -153,6 +154,7 @@ class Job:
     scaler: torch.amp.GradScaler
     params: int
     extra: dict[str, Any]  # what every checkpoint carries besides the training state
+    loss: Any = None  # the training loss in place of the engine's criterion (distill.Distiller), or None
 
 
 def build(cfg: DictConfig, fold: tuple[int, int] | None, overrides: list[str], console: Any) -> Job:
@@ -184,7 +186,8 @@ def build(cfg: DictConfig, fold: tuple[int, int] | None, overrides: list[str], c
     if weights is not None and "pruning" in (weights.checkpoint or {}):  # trained further, it still needs rebuilding
         extra["pruning"] = weights.checkpoint["pruning"]
     parts = (device, data, data_cfg, stats_from, weights, loaded, model, policy, settings, optimizer, schedule)
-    return Job(*parts, make_scaler(settings), count_parameters(model), extra)
+    loss = make_distiller(cfg.get("distill"), data.classes, settings, lambda line: say(console, line))
+    return Job(*parts, make_scaler(settings), count_parameters(model), extra, loss)
 
 
 def _build_data(
@@ -269,6 +272,7 @@ def train(
                 scaler=job.scaler,
                 stop=stop,
                 rng=rng_of_this_rank(payload, state),
+                loss=job.loss,
             )
     except NonFiniteLoss as exc:
         raise UserError(_record_non_finite(exc, cfg, run_dir)) from None

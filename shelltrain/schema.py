@@ -56,6 +56,7 @@ PRUNE_RAMPS = ("linear", "cubic")
 QUANTIZE_MODES = ("auto", "static", "dynamic", "fake")
 QUANTIZE_BACKENDS = ("x86", "fbgemm", "qnnpack")
 ENSEMBLE_RULES = ("none", "average", "weighted", "vote")
+DISTILL_METHODS = ("none", "logits")
 
 
 @dataclass
@@ -336,6 +337,31 @@ PruneConfig = dataclass(init=False, repr=False, eq=False)(PruneConfig)
 
 
 @dataclass
+class DistillConfig:
+    """The `distill` group: a student trained against a teacher's temperature-softened outputs (shelltrain.distill)."""
+
+    name: str = "none"
+    teacher: Optional[str] = None  # a run directory, a checkpoint or an ensemble run directory
+    sweep: Optional[str] = None  # or the best top_k finished jobs of a multirun directory, averaged
+    top_k: Optional[int] = None
+    temperature: float = 4.0
+    alpha: float = 0.9
+
+    def check(self) -> None:
+        one_of("distill.name", self.name, DISTILL_METHODS)
+        at_least("distill.top_k", self.top_k, 1)
+        if self.name != "none" and bool(self.teacher) == bool(self.sweep):
+            raise UserError(
+                "distill: give the teacher as distill.teacher=<run dir, checkpoint or ensemble run dir> "
+                "or distill.sweep=<multirun dir> (one of them)"
+            )
+        if self.temperature <= 0:
+            raise UserError(f"distill.temperature={self.temperature} is out of range; it must be > 0, e.g. 4")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f"distill.alpha={self.alpha} is out of range; use a value in [0, 1] (1: teacher only)")
+
+
+@dataclass
 class CVConfig:
     folds: int = 0
     refit: bool = True
@@ -386,6 +412,7 @@ SCHEMAS: dict[str, type] = {
     "augmentation": AugmentationConfig,
     "ensemble": EnsembleConfig,
     "prune": PruneConfig,
+    "distill": DistillConfig,
     "cv": CVConfig,
     "evaluate": EvaluateConfig,
     "predict": PredictConfig,
@@ -427,6 +454,8 @@ def validate(cfg: DictConfig) -> None:
     sized = prune.name == "none" and not (fuses and not ensemble.members)
     check_scheduler(cfg.scheduler, trainer.epochs if sized else 1)
     check_structured_support(cfg)
+    if "distill" in cfg:
+        to_schema(cfg.distill, DistillConfig, "distill").check()
     if "cv" in cfg:
         to_schema(cfg.cv, CVConfig, "cv").check(trainer)
     if "gate" in cfg:

@@ -15,12 +15,13 @@ from omegaconf import DictConfig
 from shelltrain import rundir
 from shelltrain.checkpoint import save_checkpoint
 from shelltrain.data import DataBundle
-from shelltrain.engine import Callback, TrainState, fit, monitor_mode, rng_state
+from shelltrain.engine import Callback, TrainState, fit, monitor_mode
 from shelltrain.optim import build_optimizer, build_scheduler
 from shelltrain.placement import place
 from shelltrain.prune import PruneResult, prune_model
 from shelltrain.prune.quantize import quiet
 from shelltrain.report import ConsoleProgress, say
+from shelltrain.rng import rng_state
 from shelltrain.schema import TrainerConfig
 
 
