@@ -34,6 +34,7 @@ NEEDS = {
     ("ensemble", "average"): ["ensemble.members=2"],
     ("ensemble", "weighted"): ["ensemble.members=2"],
     ("ensemble", "vote"): ["ensemble.members=2"],
+    ("distill", "logits"): ["distill.teacher=outputs/teacher"],
     ("logger", "tensorboard"): [],
 }
 ROOTED = {"cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "finetune_imagefolder", "cifar10_resnet18"}
