@@ -143,3 +143,32 @@ def without_timings(run_dir: Path) -> list[dict[str, str]]:
         return [
             {k: v for k, v in row.items() if k not in ("seconds", "images_per_second")} for row in csv.DictReader(f)
         ]
+
+
+def test_an_ensemble_run_teaches_with_its_fused_prediction(tmp_path, capsys, teacher):
+    """An ensemble run directory as the teacher (its members rebuilt and fused), with gradient accumulation,
+    bf16 autocast and a fine-tune policy starting from the teacher's weights: the student still learns."""
+    ensemble = tmp_path / "ensemble"
+    run_in_process(ensemble, *TINY, "model.width=8", "ensemble=average", "ensemble.members=2", "trainer.epochs=2")
+    student = run_in_process(
+        tmp_path / "student",
+        *TINY,
+        "model.width=16",
+        f"model.weights={teacher}",
+        "finetune=freeze_backbone",
+        "trainer.epochs=1",
+        "trainer.accumulate=2",
+        "trainer.precision=bf16",
+        "distill=logits",
+        f"distill.teacher={ensemble}",
+    )
+    assert student["test_acc"] > 0.8
+    assert "distilling from 2 models fused by average" in capsys.readouterr().out
+
+
+def test_every_cross_validation_fold_distils(tmp_path, capsys, teacher):
+    summary = run_in_process(
+        tmp_path, *TINY, "model.width=8", "debug=smoke", "cv.folds=2", "distill=logits", f"distill.teacher={teacher}"
+    )
+    assert summary["cv"]["folds"] == 2
+    assert capsys.readouterr().out.count("distilling from") == 3  # two folds and the refit
