@@ -297,6 +297,7 @@ class PruneConfig:
     latency_batch: int = 32
     latency_threads: int = 1
     latency_repeats: int = 10
+    distill: bool = False
 
     def __init__(self, **values: Any) -> None:
         for key, value in values.items():

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from shelltrain import rundir
 from shelltrain.checkpoint import save_checkpoint
 from shelltrain.data import DataBundle
+from shelltrain.distill import Distiller
 from shelltrain.engine import Callback, TrainState, fit, monitor_mode
 from shelltrain.optim import build_optimizer, build_scheduler
 from shelltrain.placement import place
@@ -45,7 +46,7 @@ def prune_stage(
         model,
         data,
         settings,
-        finetuner(cfg, data, settings, console),
+        finetuner(cfg, data, settings, console, teacher=copy.deepcopy(model) if cfg.prune.get("distill") else None),
         arch=cfg.model.get("name"),
         test_limit=cfg.trainer.limit_test_batches,
         say=lambda m: say(console, m),
@@ -72,9 +73,17 @@ def prune_stage(
     return result
 
 
-def finetuner(cfg: DictConfig, data: DataBundle, settings: TrainerConfig, console: Any) -> Any:
+def finetuner(
+    cfg: DictConfig, data: DataBundle, settings: TrainerConfig, console: Any, teacher: torch.nn.Module | None = None
+) -> Any:
     """The fine-tune function pruning calls: the engine's fit with a fresh optimizer and schedule built from
-    cfg.optimizer and cfg.scheduler, the learning rate scaled by prune.finetune_lr_mult."""
+    cfg.optimizer and cfg.scheduler, the learning rate scaled by prune.finetune_lr_mult. With `teacher`
+    (prune.distill: the unpruned model) every round recovers by distillation from it (distill.temperature, alpha)."""
+    loss = None
+    if teacher is not None:
+        place(teacher, settings)
+        knobs = cfg.get("distill") or {}
+        loss = Distiller(teacher, float(knobs.get("temperature", 4.0)), float(knobs.get("alpha", 0.9)))
 
     def finetune(model: torch.nn.Module, epochs: int, callbacks: list[Callback], label: str) -> TrainState:
         scaled = copy.deepcopy(cfg)  # the scheduler's ${optimizer.lr} follows the scaled rate
@@ -86,7 +95,7 @@ def finetuner(cfg: DictConfig, data: DataBundle, settings: TrainerConfig, consol
             scaled.scheduler, optimizer, epochs, steps_per_epoch(len(data.train), run), monitor_mode(run.monitor)
         )
         progress = ConsoleProgress(console, epochs, label=label)
-        return fit(model, data.train, data.val, optimizer, schedule, run, callbacks=[progress, *callbacks])
+        return fit(model, data.train, data.val, optimizer, schedule, run, callbacks=[progress, *callbacks], loss=loss)
 
     return finetune
 

@@ -172,3 +172,31 @@ def test_every_cross_validation_fold_distils(tmp_path, capsys, teacher):
     )
     assert summary["cv"]["folds"] == 2
     assert capsys.readouterr().out.count("distilling from") == 3  # two folds and the refit
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_prune_distill_fine_tunes_each_round_against_the_unpruned_model(tmp_path, monkeypatch, on):
+    teachers = []
+    real = distill.Distiller.__call__
+
+    def spy(self, images, logits, targets, settings):
+        teachers.append(sum(p.numel() for p in self.teacher.parameters()))
+        return real(self, images, logits, targets, settings)
+
+    monkeypatch.setattr(distill.Distiller, "__call__", spy)
+    summary = run_in_process(
+        tmp_path,
+        *TINY,
+        "model.width=8",
+        "debug=smoke",
+        "prune=structured",
+        "prune.schedule=iterative",
+        "prune.steps=2",
+        f"prune.distill={str(on).lower()}",
+    )
+    if not on:
+        assert teachers == []
+        return
+    assert teachers  # the fine-tuning batches of every round
+    assert set(teachers) == {summary["prune"]["before"]["params"]}  # every round: the unpruned model teaches
+    assert summary["prune"]["after"]["params"] < teachers[0]
