@@ -298,6 +298,7 @@ class PruneConfig:
     latency_threads: int = 1
     latency_repeats: int = 10
     distill: bool = False
+    then: Optional[list[str]] = None  # further compression steps, each a method on the previous step's result
 
     def __init__(self, **values: Any) -> None:
         for key, value in values.items():
@@ -330,6 +331,11 @@ class PruneConfig:
         one_of("prune.ramp", self.ramp, PRUNE_RAMPS)
         one_of("prune.mode", self.mode, QUANTIZE_MODES)
         one_of("prune.backend", self.backend, QUANTIZE_BACKENDS)
+        steps = [self.name, *(self.then or [])]
+        for step in steps[1:]:
+            one_of("prune.then", step, tuple(PRUNE_SCHEDULES))
+        if "quantize" in steps[:-1]:
+            raise UserError(f"prune.then: quantize must be the last step ({' -> '.join(steps)}); move it to the end")
 
 
 PruneConfig.__annotations__["global"] = "bool"

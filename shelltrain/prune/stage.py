@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from shelltrain import rundir
 from shelltrain.checkpoint import save_checkpoint
@@ -21,9 +21,10 @@ from shelltrain.optim import build_optimizer, build_scheduler
 from shelltrain.placement import place
 from shelltrain.prune import PruneResult, prune_model
 from shelltrain.prune.quantize import quiet
+from shelltrain.prune.report import chain_reports
 from shelltrain.report import ConsoleProgress, say
 from shelltrain.rng import rng_state
-from shelltrain.schema import TrainerConfig
+from shelltrain.schema import PRUNE_SCHEDULES, TrainerConfig
 
 
 def prune_stage(
@@ -41,16 +42,26 @@ def prune_stage(
     The trained model's checkpoint stays as checkpoints/unpruned.pt. Pruned checkpoints carry no optimizer
     state (the pruned model has other parameters); their "pruning" entry rebuilds the architecture.
     """
-    result = prune_model(
-        cfg.prune,
-        model,
-        data,
-        settings,
-        finetuner(cfg, data, settings, console, teacher=copy.deepcopy(model) if cfg.prune.get("distill") else None),
-        arch=cfg.model.get("name"),
-        test_limit=cfg.trainer.limit_test_batches,
-        say=lambda m: say(console, m),
+    finetune = finetuner(
+        cfg, data, settings, console, teacher=copy.deepcopy(model) if cfg.prune.get("distill") else None
     )
+    reports = []
+    for step in [cfg.prune.name, *(cfg.prune.get("then") or [])]:  # each compression step on the previous result
+        result = prune_model(
+            step_config(cfg.prune, step),
+            model,
+            data,
+            settings,
+            finetune,
+            arch=cfg.model.get("name"),
+            test_limit=cfg.trainer.limit_test_batches,
+            say=lambda m: say(console, m),
+        )
+        model = result.model
+        reports.append(result.report)
+    if len(reports) > 1:
+        method = "+".join(r["method"] for r in reports)
+        result = PruneResult(model, chain_reports(reports), {**result.checkpoint, "method": method})
     if rundir.best_checkpoint(run_dir).exists():
         os.replace(rundir.best_checkpoint(run_dir), rundir.checkpoint(run_dir, rundir.UNPRUNED))
     payload = {
@@ -71,6 +82,14 @@ def prune_stage(
             save_checkpoint(payload, path)
     result.report["after"]["checkpoint_bytes"] = rundir.best_checkpoint(run_dir).stat().st_size
     return result
+
+
+def step_config(prune: DictConfig, name: str) -> DictConfig:
+    """The prune group for one step of a sequence: this group's keys with `name`, and its schedule where the
+    method supports it (else the method's own, e.g. quantize: oneshot)."""
+    schedules = PRUNE_SCHEDULES[name]
+    schedule = prune.get("schedule", "oneshot")
+    return OmegaConf.merge(prune, {"name": name, "schedule": schedule if schedule in schedules else schedules[0]})
 
 
 def finetuner(

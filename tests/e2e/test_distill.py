@@ -4,6 +4,7 @@ computed by hand, a label-set mismatch is one line, and a distilled run resumes 
 from __future__ import annotations
 
 import csv
+import json
 import signal
 from pathlib import Path
 
@@ -200,3 +201,24 @@ def test_prune_distill_fine_tunes_each_round_against_the_unpruned_model(tmp_path
     assert teachers  # the fine-tuning batches of every round
     assert set(teachers) == {summary["prune"]["before"]["params"]}  # every round: the unpruned model teaches
     assert summary["prune"]["after"]["params"] < teachers[0]
+
+
+def test_several_compression_steps_run_in_order_and_each_is_reported(tmp_path):
+    """prune=structured prune.then=[quantize]: channels removed, then int8; prune.json reports each step against
+    its input and the chain against the trained model; the checkpoint rebuilds both steps."""
+    summary = run_in_process(
+        tmp_path, *TINY, "model.width=8", "debug=smoke", "prune=structured", "prune.then=[quantize]"
+    )
+    report = json.loads((tmp_path / "prune.json").read_text())
+    assert report["method"] == summary["prune_method"] == "structured+quantize"
+    assert [step["method"] for step in report["steps"]] == ["structured", "quantize"]
+    assert report["before"] == report["steps"][0]["before"]  # the trained model
+    assert report["steps"][1]["before"]["params"] == report["steps"][0]["after"]["params"]
+    model, payload, _ = load_trained_model(str(tmp_path))
+    assert [op["op"] for op in payload["pruning"]["ops"]] == ["structured", "quantize"]
+    assert sum(p.numel() for p in model.parameters()) < report["before"]["params"]
+
+
+def test_quantize_must_be_the_last_compression_step(tmp_path):
+    with pytest.raises(UserError, match="quantize must be the last step"):
+        run_in_process(tmp_path, *TINY, "debug=smoke", "prune=quantize", "prune.then=[structured]")
