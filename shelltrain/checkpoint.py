@@ -20,9 +20,10 @@ from typing import Any
 import torch
 
 from shelltrain import distributed
-from shelltrain.engine import Callback, NonFiniteLoss, TrainState, monitor_mode, rng_state
+from shelltrain.engine import Callback, NonFiniteLoss, TrainState, monitor_mode
 from shelltrain.errors import UserError
 from shelltrain.optim import Schedule
+from shelltrain.rng import rng_state
 from shelltrain.rundir import best_checkpoint, epoch_checkpoint, epoch_checkpoints, last_checkpoint, write_atomic
 
 ZIP_MAGIC = b"PK\x03\x04"  # every torch.save file since PyTorch 1.6 is a zip archive

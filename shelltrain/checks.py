@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from shelltrain.errors import UserError
+from shelltrain.rundir import ensemble_dir
 
 if TYPE_CHECKING:
     from shelltrain.schema import EnsembleConfig, TrainerConfig
@@ -176,3 +177,8 @@ def to_schema(node: Any, schema: type, key: str) -> Any:
 def wrong_type(exc: ValidationError, prefix: str = "") -> str:
     """The one-line message for a value OmegaConf cannot convert to its key's type (here or while composing)."""
     return f"{prefix}{exc.full_key}={exc.value!r} has the wrong type; {exc.msg.splitlines()[0]}"
+
+
+def uses_ensemble(cfg: DictConfig) -> bool:
+    """Whether a run fuses members: a rule is chosen, or model.weights names an ensemble run directory."""
+    return cfg.ensemble.name != "none" or ensemble_dir(cfg.model.get("weights")) is not None

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,10 +21,13 @@ from shelltrain import distributed
 from shelltrain.errors import UserError
 from shelltrain.optim import Schedule
 from shelltrain.placement import batch_to_device, eval_settings, place
+from shelltrain.rng import restore_rng
 from shelltrain.schema import TrainerConfig
 
 SYNC_EVERY = 20  # batches between host syncs for the progress display (each sync stalls a GPU)
 RANK_SEED_STRIDE = 1_000_003  # rank r draws augmentation and dropout from seed + r * stride
+# A training loss in place of `criterion`: (images, logits, targets, settings) -> loss, called under autocast
+Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TrainerConfig], torch.Tensor]
 
 
 @dataclass
@@ -114,8 +115,10 @@ def fit(
     scaler: torch.amp.GradScaler | None = None,
     stop: Callable[[], bool] | None = None,
     rng: dict[str, Any] | None = None,
+    loss: Loss | None = None,
 ) -> TrainState:
-    """Train for `settings.epochs` epochs from `state`, validating after each epoch.
+    """Train for `settings.epochs` epochs from `state`, validating after each epoch; `loss` replaces `criterion`
+    as the training loss (e.g. distillation, shelltrain.distill), validation keeps `criterion`.
 
     `stop` is polled after every optimizer step and every epoch: when it returns True, a mid-epoch state
     goes to `Callback.on_checkpoint` and fit returns early (the caller knows why it asked). `rng` is the
@@ -145,6 +148,7 @@ def fit(
             stop=stop,
             rng=rng if state.batch else None,
             begun=num_batches,
+            loss=loss,
         )
         if train_metrics is None:
             return state  # stopped mid-epoch; on_checkpoint has seen the state
@@ -201,6 +205,7 @@ def train_one_epoch(
     stop: Callable[[], bool] | None = None,
     rng: dict[str, Any] | None = None,
     begun: int | None = None,
+    loss: Loss | None = None,
 ) -> dict[str, float] | None:
     """One epoch of training; None when `stop` ended it early (after an optimizer step). `begun`: the caller
     already began the epoch (`begin_epoch`), which has that many batches.
@@ -220,7 +225,7 @@ def train_one_epoch(
                 restore_rng(rng)  # where the checkpoint was taken: before batch `skip` was drawn
             continue
         stepped = (i + 1) % settings.accumulate == 0 or i + 1 == num_batches
-        _train_batch(model, images, targets, optimizer, scaler, settings, tally, state.step + 1, stepped)
+        _train_batch(model, images, targets, optimizer, scaler, settings, tally, state.step + 1, stepped, loss)
         if stepped:
             state.step += 1
             if schedule is not None and schedule.interval == "step":
@@ -286,13 +291,14 @@ def _train_batch(
     tally: _Tally,
     step: int,
     stepped: bool,
+    loss_fn: Loss | None = None,
 ) -> None:
     """Forward and backward one batch (its loss counts towards optimizer step `step`); with `stepped`, the
     optimizer steps on the gradients accumulated since the last step."""
     images, targets = batch_to_device(images, targets, settings)
     with autocast(settings):
         logits = model(images)
-        loss = criterion(logits, targets, settings)
+        loss = criterion(logits, targets, settings) if loss_fn is None else loss_fn(images, logits, targets, settings)
     if settings.l1 > 0:
         loss = loss + settings.l1 * sum(p.abs().sum() for p in model.parameters() if p.ndim > 1)
     tally.add(loss, logits, targets, step)
@@ -455,29 +461,6 @@ def _limited(loader: DataLoader, num_batches: int) -> Iterator[Any]:
         if i >= num_batches:
             break
         yield batch
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG a run draws from, as weights_only-loadable values."""
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": list(random.getstate()[1]),
-        "python_pos": random.getstate()[2],
-        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _update_best(state: TrainState, value: float, epoch: int, settings: TrainerConfig) -> bool:

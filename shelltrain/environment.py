@@ -13,8 +13,8 @@ import torchvision
 from omegaconf import DictConfig
 
 from shelltrain import distributed
+from shelltrain.checks import uses_ensemble
 from shelltrain.errors import UserError
-from shelltrain.schema import uses_ensemble
 
 
 def resolve_device(name: str) -> torch.device:

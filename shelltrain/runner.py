@@ -21,8 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from shelltrain import distributed, placement, rundir
 from shelltrain.checkpoint import Checkpointer, export_state_dict, load_checkpoint
+from shelltrain.checks import uses_ensemble
 from shelltrain.data import DataBundle, build_data, cv_fold
 from shelltrain.data.transforms import describe_preprocessing
+from shelltrain.distill import make_distiller
 from shelltrain.engine import (
     NonFiniteLoss,
     TrainState,
@@ -55,7 +57,7 @@ from shelltrain.resume import (
     rng_of_this_rank,
     seed_new_run_dir,
 )
-from shelltrain.schema import TrainerConfig, trainer_config, uses_ensemble
+from shelltrain.schema import TrainerConfig, trainer_config
 from shelltrain.signals import GracefulStop
 from shelltrain.transfer import follow_weights, load_weights, open_weights
 
@@ -157,6 +159,7 @@ class Job:
     scaler: torch.amp.GradScaler
     params: int
     extra: dict[str, Any]  # what every checkpoint carries besides the training state
+    loss: Any = None  # the training loss in place of the engine's criterion (distill.Distiller), or None
 
 
 def build(cfg: DictConfig, fold: tuple[int, int] | None, overrides: list[str], console: Any) -> Job:
@@ -188,7 +191,8 @@ def build(cfg: DictConfig, fold: tuple[int, int] | None, overrides: list[str], c
     if weights is not None and "pruning" in (weights.checkpoint or {}):  # trained further, it still needs rebuilding
         extra["pruning"] = weights.checkpoint["pruning"]
     parts = (device, data, data_cfg, stats_from, weights, loaded, model, policy, settings, optimizer, schedule)
-    return Job(*parts, make_scaler(settings), count_parameters(model), extra)
+    loss = make_distiller(cfg.get("distill"), data.classes, settings, lambda line: say(console, line))
+    return Job(*parts, make_scaler(settings), count_parameters(model), extra, loss)
 
 
 def _build_data(
@@ -271,6 +275,7 @@ def train(
                 scaler=job.scaler,
                 stop=stop,
                 rng=rng_of_this_rank(payload, state),
+                loss=job.loss,
             )
     except NonFiniteLoss as exc:
         raise UserError(_record_non_finite(exc, cfg, run_dir)) from None

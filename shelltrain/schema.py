@@ -28,10 +28,10 @@ from shelltrain.checks import (
     check_task,
     one_of,
     to_schema,
+    uses_ensemble,
 )
 from shelltrain.dataroot import DATASET_FILES, check_data_root
 from shelltrain.errors import UserError
-from shelltrain.rundir import ensemble_dir
 
 PRECISIONS = ("32", "bf16", "16-mixed")
 LOSSES = ("cross_entropy", "mse")
@@ -56,6 +56,7 @@ PRUNE_RAMPS = ("linear", "cubic")
 QUANTIZE_MODES = ("auto", "static", "dynamic", "fake")
 QUANTIZE_BACKENDS = ("x86", "fbgemm", "qnnpack")
 ENSEMBLE_RULES = ("none", "average", "weighted", "vote")
+DISTILL_METHODS = ("none", "logits")
 
 
 @dataclass
@@ -295,6 +296,8 @@ class PruneConfig:
     latency_batch: int = 32
     latency_threads: int = 1
     latency_repeats: int = 10
+    distill: bool = False
+    then: Optional[list[str]] = None  # further compression steps, each a method on the previous step's result
 
     def __init__(self, **values: Any) -> None:
         for key, value in values.items():
@@ -325,11 +328,41 @@ class PruneConfig:
         one_of("prune.ramp", self.ramp, PRUNE_RAMPS)
         one_of("prune.mode", self.mode, QUANTIZE_MODES)
         one_of("prune.backend", self.backend, QUANTIZE_BACKENDS)
+        steps = [self.name, *(self.then or [])]
+        for step in steps[1:]:
+            one_of("prune.then", step, tuple(PRUNE_SCHEDULES))
+        if "quantize" in steps[:-1]:
+            raise UserError(f"prune.then: quantize must be the last step ({' -> '.join(steps)}); move it to the end")
 
 
 PruneConfig.__annotations__["global"] = "bool"
 setattr(PruneConfig, "global", True)
 PruneConfig = dataclass(init=False, repr=False, eq=False)(PruneConfig)
+
+
+@dataclass
+class DistillConfig:
+    """The `distill` group: a student trained against a teacher's temperature-softened outputs (shelltrain.distill)."""
+
+    name: str = "none"
+    teacher: Optional[str] = None  # a run directory, a checkpoint or an ensemble run directory
+    sweep: Optional[str] = None  # or the best top_k finished jobs of a multirun directory, averaged
+    top_k: Optional[int] = None
+    temperature: float = 4.0
+    alpha: float = 0.9
+
+    def check(self) -> None:
+        one_of("distill.name", self.name, DISTILL_METHODS)
+        at_least("distill.top_k", self.top_k, 1)
+        if self.name != "none" and bool(self.teacher) == bool(self.sweep):
+            raise UserError(
+                "distill: give the teacher as distill.teacher=<run dir, checkpoint or ensemble run dir> "
+                "or distill.sweep=<multirun dir> (one of them)"
+            )
+        if self.temperature <= 0:
+            raise UserError(f"distill.temperature={self.temperature} is out of range; it must be > 0, e.g. 4")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise UserError(f"distill.alpha={self.alpha} is out of range; use a value in [0, 1] (1: teacher only)")
 
 
 @dataclass
@@ -391,6 +424,7 @@ SCHEMAS: dict[str, type] = {
     "augmentation": AugmentationConfig,
     "ensemble": EnsembleConfig,
     "prune": PruneConfig,
+    "distill": DistillConfig,
     "cv": CVConfig,
     "evaluate": EvaluateConfig,
     "predict": PredictConfig,
@@ -433,6 +467,8 @@ def validate(cfg: DictConfig) -> None:
     sized = prune.name == "none" and not (fuses and not ensemble.members)
     check_scheduler(cfg.scheduler, trainer.epochs if sized else 1)
     check_structured_support(cfg)
+    if "distill" in cfg:
+        to_schema(cfg.distill, DistillConfig, "distill").check()
     if "cv" in cfg:
         to_schema(cfg.cv, CVConfig, "cv").check(trainer)
     if "gate" in cfg:
@@ -458,8 +494,3 @@ def check_data(node: DictConfig, files: bool = True) -> None:
     data.check()
     if files and data.source is None and (data.name in DATASET_FILES or data.name == "imagefolder"):
         check_data_root(node)
-
-
-def uses_ensemble(cfg: DictConfig) -> bool:
-    """Whether a run fuses members: a rule is chosen, or model.weights names an ensemble run directory."""
-    return cfg.ensemble.name != "none" or ensemble_dir(cfg.model.get("weights")) is not None

@@ -37,6 +37,26 @@ def build_report(
     }
 
 
+def chain_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several compression steps (prune.then) as one report: the trained model (the first step's `before`)
+    against the last step's result; each step's own report, measured against its input, under "steps"."""
+    first, last = reports[0], reports[-1]
+    acc = {
+        "before": first["accuracy"]["before"],
+        "pruned": last["accuracy"]["pruned"],
+        "finetuned": last["accuracy"]["finetuned"],
+    }
+    return {
+        **last,
+        "method": "+".join(r["method"] for r in reports),
+        "before": first["before"],
+        "change": _change(first["before"], last["after"], acc["before"], acc["finetuned"]),
+        "accuracy": acc,
+        "rounds": [row for r in reports for row in r["rounds"]],
+        "steps": reports,
+    }
+
+
 def write_report(report: dict[str, Any], run_dir: Path, plots: bool = True) -> None:
     """prune.json in the run directory and, with `plots`, plots/prune_tradeoff.png."""
     rundir.write_json(report, Path(run_dir) / rundir.PRUNE_REPORT)

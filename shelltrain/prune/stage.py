@@ -10,18 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from shelltrain import rundir
 from shelltrain.checkpoint import save_checkpoint
 from shelltrain.data import DataBundle
-from shelltrain.engine import Callback, TrainState, fit, monitor_mode, rng_state
+from shelltrain.distill import Distiller
+from shelltrain.engine import Callback, TrainState, fit, monitor_mode
 from shelltrain.optim import build_optimizer, build_scheduler
 from shelltrain.placement import place
 from shelltrain.prune import PruneResult, prune_model
 from shelltrain.prune.quantize import quiet
+from shelltrain.prune.report import chain_reports
 from shelltrain.report import ConsoleProgress, say
-from shelltrain.schema import TrainerConfig
+from shelltrain.rng import rng_state
+from shelltrain.schema import PRUNE_SCHEDULES, TrainerConfig
 
 
 def prune_stage(
@@ -39,16 +42,26 @@ def prune_stage(
     The trained model's checkpoint stays as checkpoints/unpruned.pt. Pruned checkpoints carry no optimizer
     state (the pruned model has other parameters); their "pruning" entry rebuilds the architecture.
     """
-    result = prune_model(
-        cfg.prune,
-        model,
-        data,
-        settings,
-        finetuner(cfg, data, settings, console),
-        arch=cfg.model.get("name"),
-        test_limit=cfg.trainer.limit_test_batches,
-        say=lambda m: say(console, m),
+    finetune = finetuner(
+        cfg, data, settings, console, teacher=copy.deepcopy(model) if cfg.prune.get("distill") else None
     )
+    reports = []
+    for step in [cfg.prune.name, *(cfg.prune.get("then") or [])]:  # each compression step on the previous result
+        result = prune_model(
+            step_config(cfg.prune, step),
+            model,
+            data,
+            settings,
+            finetune,
+            arch=cfg.model.get("name"),
+            test_limit=cfg.trainer.limit_test_batches,
+            say=lambda m: say(console, m),
+        )
+        model = result.model
+        reports.append(result.report)
+    if len(reports) > 1:
+        method = "+".join(r["method"] for r in reports)
+        result = PruneResult(model, chain_reports(reports), {**result.checkpoint, "method": method})
     if rundir.best_checkpoint(run_dir).exists():
         os.replace(rundir.best_checkpoint(run_dir), rundir.checkpoint(run_dir, rundir.UNPRUNED))
     payload = {
@@ -71,9 +84,25 @@ def prune_stage(
     return result
 
 
-def finetuner(cfg: DictConfig, data: DataBundle, settings: TrainerConfig, console: Any) -> Any:
+def step_config(prune: DictConfig, name: str) -> DictConfig:
+    """The prune group for one step of a sequence: this group's keys with `name`, and its schedule where the
+    method supports it (else the method's own, e.g. quantize: oneshot)."""
+    schedules = PRUNE_SCHEDULES[name]
+    schedule = prune.get("schedule", "oneshot")
+    return OmegaConf.merge(prune, {"name": name, "schedule": schedule if schedule in schedules else schedules[0]})
+
+
+def finetuner(
+    cfg: DictConfig, data: DataBundle, settings: TrainerConfig, console: Any, teacher: torch.nn.Module | None = None
+) -> Any:
     """The fine-tune function pruning calls: the engine's fit with a fresh optimizer and schedule built from
-    cfg.optimizer and cfg.scheduler, the learning rate scaled by prune.finetune_lr_mult."""
+    cfg.optimizer and cfg.scheduler, the learning rate scaled by prune.finetune_lr_mult. With `teacher`
+    (prune.distill: the unpruned model) every round recovers by distillation from it (distill.temperature, alpha)."""
+    loss = None
+    if teacher is not None:
+        place(teacher, settings)
+        knobs = cfg.get("distill") or {}
+        loss = Distiller(teacher, float(knobs.get("temperature", 4.0)), float(knobs.get("alpha", 0.9)))
 
     def finetune(model: torch.nn.Module, epochs: int, callbacks: list[Callback], label: str) -> TrainState:
         scaled = copy.deepcopy(cfg)  # the scheduler's ${optimizer.lr} follows the scaled rate
@@ -85,7 +114,7 @@ def finetuner(cfg: DictConfig, data: DataBundle, settings: TrainerConfig, consol
             scaled.scheduler, optimizer, epochs, steps_per_epoch(len(data.train), run), monitor_mode(run.monitor)
         )
         progress = ConsoleProgress(console, epochs, label=label)
-        return fit(model, data.train, data.val, optimizer, schedule, run, callbacks=[progress, *callbacks])
+        return fit(model, data.train, data.val, optimizer, schedule, run, callbacks=[progress, *callbacks], loss=loss)
 
     return finetune
 

@@ -15,9 +15,10 @@ from torch import nn
 
 from shelltrain import resume, rundir
 from shelltrain.checkpoint import save_checkpoint
-from shelltrain.engine import TrainState, restore_rng, rng_state
+from shelltrain.engine import TrainState
 from shelltrain.errors import UserError
 from shelltrain.optim import Schedule
+from shelltrain.rng import restore_rng, rng_state
 
 BASE = ["data=synthetic", "trainer.device=cpu"]
 

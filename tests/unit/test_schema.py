@@ -35,6 +35,7 @@ NEEDS = {
     ("ensemble", "average"): ["ensemble.members=2"],
     ("ensemble", "weighted"): ["ensemble.members=2"],
     ("ensemble", "vote"): ["ensemble.members=2"],
+    ("distill", "logits"): ["distill.teacher=outputs/teacher"],
     ("logger", "tensorboard"): [],
 }
 ROOTED = {
