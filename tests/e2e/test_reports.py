@@ -102,8 +102,8 @@ def test_a_users_logger_by_target(tmp_path):
     assert [type(x).__name__ for x in loggers.callbacks] == ["CSVLogger", "JSONLLogger"]
     loggers.on_epoch_end(None, {"epoch": 1, "val_acc": float("nan")}, improved=False)
     assert json.loads((tmp_path / "mine.jsonl").read_text()) == {"epoch": 1, "val_acc": None}
-    with pytest.raises(UserError, match="logger.wandb is not a logger"):
-        validate(compose_config("+logger.wandb.project=x"))
+    with pytest.raises(UserError, match="logger.neptune is not a logger"):
+        validate(compose_config("+logger.neptune.project=x"))
 
 
 def test_per_class_metrics_match_scikit_learn():
