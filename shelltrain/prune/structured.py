@@ -40,9 +40,7 @@ def _importance(name: str) -> Any:
 def structured(ctx: Context, model: nn.Module) -> Outcome:
     tp = torch_pruning()
     cfg, schedule = ctx.cfg, ctx.cfg.get("schedule", "oneshot")
-    classifier = find_classifier(model)[1]
-    chosen = {id(m) for _, m in prunable_layers(model, cfg)}
-    kept = [classifier] + [m for _, m in prunable_layers(model) if id(m) not in chosen]  # prune.modules, exclude
+    kept = _kept_layers(model, cfg)  # the classifier first
     widths_before = _widths(model)
     segments: list[list] = []
     details: dict[str, Any] = {"importance": cfg.importance, "global": cfg.get("global", False)}
@@ -78,7 +76,7 @@ def structured(ctx: Context, model: nn.Module) -> Outcome:
         segments.append(p.pruning_history())
     elif schedule == "hierarchical":
         modules = dict(model.named_modules())
-        order = _group_order(model, classifier, cfg)
+        order = _group_order(model, kept[0], cfg)
         details["groups"] = [{"group": g, "layers": names} for g, names in order]
         for k, (group, names) in enumerate(order, 1):
             inside = {id(modules[n]) for n in names}
@@ -99,6 +97,14 @@ def structured(ctx: Context, model: nn.Module) -> Outcome:
     ctx.say("prune: widths (out channels): " + ", ".join(f"{n} {b}->{a}" for n, (b, a) in details["widths"].items()))
     op = {"op": "structured", "history": segments}
     return Outcome(model, [op], details, [NOTE])
+
+
+def _kept_layers(model: nn.Module, cfg: Any) -> list[nn.Module]:
+    """Layers whose output channels stay: the classifier (its outputs are the classes) and every layer
+    `prune.modules` / `prune.exclude` do not choose."""
+    chosen = {id(m) for _, m in prunable_layers(model, cfg)}
+    classifier = find_classifier(model)[1]
+    return [classifier] + [m for _, m in prunable_layers(model) if id(m) not in chosen]
 
 
 def _group_order(model: nn.Module, classifier: nn.Module, cfg: Any) -> list[tuple[str, list[str]]]:
