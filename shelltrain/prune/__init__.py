@@ -115,6 +115,7 @@ def prune_model(
 
 def preflight(cfg: DictConfig, model: nn.Module, example: torch.Tensor, arch: str | None = None) -> None:
     """Fail before training, not after it, when `cfg` cannot apply to `model`."""
+    chosen_names(model, cfg)  # prune.modules / prune.exclude patterns that match nothing
     if cfg.name == "layer":
         layer.removable_or_error(model, example)
     elif cfg.name == "quantize":

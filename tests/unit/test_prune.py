@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from shelltrain.errors import UserError
-from shelltrain.prune import prune_model, rebuild
+from shelltrain.prune import preflight, prune_model, rebuild
 from shelltrain.prune.report import tradeoff_rows
 from shelltrain.schema import TrainerConfig
 
@@ -118,3 +118,8 @@ def test_dynamic_quantization_keeps_to_the_chosen_layers_and_rebuilds_them():
     fresh = rebuild(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3)), checkpoint)
     fresh.load_state_dict(checkpoint["model"])
     assert type(fresh[3]) is nn.Linear
+
+
+def test_a_pattern_that_matches_nothing_fails_in_preflight_before_training():
+    with pytest.raises(UserError, match="prune.exclude: 'fc' matches no conv/linear layer"):
+        preflight(OmegaConf.create({"name": "magnitude", "exclude": ["fc"]}), tiny_cnn(), torch.zeros(1, 1, 8, 8))
