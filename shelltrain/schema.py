@@ -298,6 +298,8 @@ class PruneConfig:
     latency_repeats: int = 10
     distill: bool = False
     then: Optional[list[str]] = None  # further compression steps, each a method on the previous step's result
+    modules: Optional[list[str]] = None  # layer name patterns a method may touch (prune/context.py: chosen_names)
+    exclude: Optional[list[str]] = None  # layer name patterns it leaves alone
 
     def __init__(self, **values: Any) -> None:
         for key, value in values.items():

@@ -35,7 +35,7 @@ from shelltrain.models import set_submodule
 from shelltrain.placement import is_quantized
 from shelltrain.prune import layer, ptq, structured, unstructured
 from shelltrain.prune import quantize as quantization
-from shelltrain.prune.context import Context, Finetune, Outcome
+from shelltrain.prune.context import Context, Finetune, Outcome, chosen_names
 from shelltrain.prune.measure import LatencySpec, cpu_copy, device_of, measure, measure_latency, torch_pruning
 from shelltrain.prune.report import build_report, describe
 from shelltrain.schema import PRUNE_SCHEDULES, TrainerConfig
@@ -77,6 +77,7 @@ def prune_model(
         raise UserError("the model is already quantized; prune or quantize the float model instead")
     torch.manual_seed(settings.seed)  # random pruning and calibration order are reproducible
     ctx = Context(cfg, data, settings, finetune, arch, test_limit, say)
+    ctx.chosen = chosen_names(model, cfg)
     latency = LatencySpec(**{k: cfg[f"latency_{k}"] for k in ("batch", "threads", "repeats") if f"latency_{k}" in cfg})
     shape = tuple(ctx.example.shape[1:])
     model.eval()
@@ -114,6 +115,7 @@ def prune_model(
 
 def preflight(cfg: DictConfig, model: nn.Module, example: torch.Tensor, arch: str | None = None) -> None:
     """Fail before training, not after it, when `cfg` cannot apply to `model`."""
+    chosen_names(model, cfg)  # prune.modules / prune.exclude patterns that match nothing
     if cfg.name == "layer":
         layer.removable_or_error(model, example)
     elif cfg.name == "quantize":

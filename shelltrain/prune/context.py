@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
 from torch import nn
 
 from shelltrain.engine import Callback, TrainState, evaluate, monitor_mode
+from shelltrain.errors import UserError
 from shelltrain.placement import eval_settings
 from shelltrain.prune.measure import LAYER_TYPES, serialized_size, sparsity
 from shelltrain.prune.quantize import quiet
@@ -40,6 +42,7 @@ class Context:
         self.history: list[dict[str, Any]] = []
         self.acc_before: dict[str, float] = {}
         self.acc_pruned: dict[str, float] | None = None
+        self.chosen: set[str] = set()  # the layers prune.modules / prune.exclude let the method touch
 
     def evaluate(self, model: nn.Module, split: str = "val") -> dict[str, float]:
         settings = eval_settings(model, self.settings)
@@ -105,14 +108,44 @@ def ramp(final: float, steps: int, kind: str) -> list[float]:
     return [final * f for f in fractions]
 
 
-def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+def prunable_layers(model: nn.Module, cfg: Any = None) -> list[tuple[str, nn.Module]]:
+    """Conv/linear layers; with a prune config, only those `prune.modules` names and `prune.exclude` does not."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    return layers if cfg is None else [(n, m) for n, m in layers if n in chosen_names(model, cfg)]
 
 
-def layer_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
+def chosen_names(model: nn.Module, cfg: Any) -> set[str]:
+    """The conv/linear layers a method may touch: matched by a `prune.modules` pattern (all when unset) and by
+    no `prune.exclude` pattern. A pattern (fnmatch) matches a layer or any module holding it: `layer3`,
+    `layer3.*`, `features.0*`, `fc`. A pattern that matches nothing is a mistake, said in one line."""
+    names = [name for name, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    modules, exclude = list(cfg.get("modules") or []), list(cfg.get("exclude") or [])
+    for key, patterns in (("modules", modules), ("exclude", exclude)):
+        for pattern in patterns:
+            if not any(_matches(name, pattern) for name in names):
+                raise UserError(
+                    f"prune.{key}: {pattern!r} matches no conv/linear layer; layer names are "
+                    f"{', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
+                )
+    chosen = {
+        name
+        for name in names
+        if (not modules or any(_matches(name, p) for p in modules)) and not any(_matches(name, p) for p in exclude)
+    }
+    if not chosen:
+        raise UserError(f"prune.modules={modules} and prune.exclude={exclude} leave no layer to prune; widen them")
+    return chosen
+
+
+def _matches(name: str, pattern: str) -> bool:
+    parts = name.split(".")
+    return any(fnmatchcase(".".join(parts[:k]), pattern) for k in range(1, len(parts) + 1))
+
+
+def layer_groups(model: nn.Module, cfg: Any = None) -> list[tuple[str, list[str]]]:
     """Conv/linear layers grouped by the top-level module holding them (one level deeper when that gives
     fewer than three groups), in definition order: input side first."""
-    names = [name for name, _ in prunable_layers(model)]
+    names = [name for name, _ in prunable_layers(model, cfg)]
     for depth in (1, 2):
         groups: dict[str, list[str]] = {}
         for name in names:

@@ -9,7 +9,7 @@ from torch import nn
 
 from shelltrain.errors import UserError
 from shelltrain.models import set_submodule
-from shelltrain.prune.context import Context, Outcome
+from shelltrain.prune.context import Context, Outcome, prunable_layers
 
 NOTE = "whole blocks replaced by Identity: fewer layers, fewer MACs, real speed-up"
 
@@ -53,7 +53,14 @@ def removable_or_error(model: nn.Module, example: torch.Tensor) -> list[str]:
 
 def layer(ctx: Context, model: nn.Module) -> Outcome:
     cfg, schedule = ctx.cfg, ctx.cfg.get("schedule", "oneshot")
-    candidates = removable_or_error(model, ctx.example)
+    chosen = {name for name, _ in prunable_layers(model, cfg)}
+    candidates = [
+        block
+        for block in removable_or_error(model, ctx.example)
+        if all(name in chosen for name, _ in prunable_layers(model) if name.startswith(block + "."))
+    ]  # prune.modules, exclude: a block goes only when every layer in it may be touched
+    if not candidates:
+        raise UserError("prune=layer: prune.modules/prune.exclude leave no removable block; widen them")
     modules = dict(model.named_modules())
     removed: list[str] = []
     choices: list[dict[str, Any]] = []

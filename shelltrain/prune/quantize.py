@@ -108,18 +108,21 @@ def static_int8(
     return twin
 
 
-def dynamic_int8(model: nn.Module) -> nn.Module:
-    """int8 weights for every Linear layer (activations quantized per batch); returns a new CPU model."""
+def dynamic_int8(model: nn.Module, layers: list[str] | None = None) -> nn.Module:
+    """int8 weights for every Linear layer, or those of `layers` (names; activations quantized per batch);
+    returns a new CPU model."""
+    spec = {nn.Linear} if layers is None else set(layers)
     with quiet():
-        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).cpu().eval(), {nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).cpu().eval(), spec, dtype=torch.qint8)
 
 
 @torch.no_grad()
-def fake_quantize_(model: nn.Module, bits: int) -> None:
-    """Round every conv/linear weight in place to `bits` bits: symmetric, one scale per output channel."""
+def fake_quantize_(model: nn.Module, bits: int, layers: list[str] | None = None) -> None:
+    """Round every conv/linear weight (or those of `layers`) in place to `bits` bits: symmetric, one scale per
+    output channel."""
     levels = 2 ** (bits - 1) - 1
-    for module in model.modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and (layers is None or name in layers):
             w = module.weight
             scale = w.abs().flatten(1).amax(1).clamp_min(1e-12) / levels
             shape = (-1,) + (1,) * (w.ndim - 1)
@@ -131,7 +134,7 @@ def rebuild(model: nn.Module, op: dict[str, Any]) -> nn.Module:
     if op["mode"] == "static":
         return static_int8(model, op["arch"], None, op["backend"])
     if op["mode"] == "dynamic":
-        return dynamic_int8(model)
+        return dynamic_int8(model, op.get("layers"))
     return model  # fake quantization keeps float weights: nothing to rebuild
 
 

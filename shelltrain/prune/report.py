@@ -21,7 +21,7 @@ def build_report(
     """What prune.json holds: the model before and after on the same footing, the accuracy at each stage, the
     rounds and the method's details. `before`/`after` come from `measure` with their latency added."""
     cfg = ctx.cfg
-    layers = _layer_table(before.pop("layers"), after.pop("layers"))
+    layers = _layer_table(before.pop("layers"), after.pop("layers"), ctx.chosen)
     return {
         "method": cfg.name,
         "schedule": cfg.get("schedule", "oneshot"),
@@ -142,7 +142,9 @@ def _change(before: dict, after: dict, acc_before: dict, acc_after: dict) -> dic
     }
 
 
-def _layer_table(before: dict[str, dict], after: dict[str, dict]) -> list[dict[str, Any]]:
+def _layer_table(before: dict[str, dict], after: dict[str, dict], chosen: set[str]) -> list[dict[str, Any]]:
+    """One row per conv/linear layer: `chosen`: prune.modules / prune.exclude let the method touch it;
+    `changed`: it was removed, lost channels or gained zeros (quantization changes values, not these)."""
     rows = []
     for name, b in before.items():
         a = after.get(name)
@@ -152,6 +154,8 @@ def _layer_table(before: dict[str, dict], after: dict[str, dict]) -> list[dict[s
                 "shape_before": b["shape"],
                 "shape_after": a["shape"] if a else None,  # None: the layer was removed
                 "sparsity": a["sparsity"] if a else 1.0,
+                "chosen": name in chosen,
+                "changed": a is None or a["shape"] != b["shape"] or a["sparsity"] != b["sparsity"],
             }
         )
     return rows

@@ -40,7 +40,7 @@ def _importance(name: str) -> Any:
 def structured(ctx: Context, model: nn.Module) -> Outcome:
     tp = torch_pruning()
     cfg, schedule = ctx.cfg, ctx.cfg.get("schedule", "oneshot")
-    classifier = find_classifier(model)[1]
+    kept = _kept_layers(model, cfg)  # the classifier first
     widths_before = _widths(model)
     segments: list[list] = []
     details: dict[str, Any] = {"importance": cfg.importance, "global": cfg.get("global", False)}
@@ -68,7 +68,7 @@ def structured(ctx: Context, model: nn.Module) -> Outcome:
     if schedule in ("oneshot", "iterative"):
         steps = cfg.steps if schedule == "iterative" else 1
         kind = cfg.get("ramp", "linear")
-        p = pruner([classifier], steps, iterative_pruning_ratio_scheduler=lambda r, s: [0.0, *ramp(r, s, kind)])
+        p = pruner(kept, steps, iterative_pruning_ratio_scheduler=lambda r, s: [0.0, *ramp(r, s, kind)])
         for k in range(1, steps + 1):
             step(p)
             label = "oneshot" if steps == 1 else f"round {k}/{steps}"
@@ -76,18 +76,18 @@ def structured(ctx: Context, model: nn.Module) -> Outcome:
         segments.append(p.pruning_history())
     elif schedule == "hierarchical":
         modules = dict(model.named_modules())
-        order = _group_order(model, classifier)
+        order = _group_order(model, kept[0], cfg)
         details["groups"] = [{"group": g, "layers": names} for g, names in order]
         for k, (group, names) in enumerate(order, 1):
             inside = {id(modules[n]) for n in names}
-            ignored = [classifier] + [m for _, m in prunable_layers(model) if id(m) not in inside]
+            ignored = kept + [m for _, m in prunable_layers(model) if id(m) not in inside]
             p = pruner(ignored)
             step(p)
             segments.append(p.pruning_history())
             label = f"group {group} ({k}/{len(order)})"
             ctx.round(model, label, final=k == len(order), params=count_parameters(model))
     else:  # adaptive
-        segment, adaptive = _structured_adaptive(ctx, model, classifier)
+        segment, adaptive = _structured_adaptive(ctx, model, kept)
         segments.append(segment)
         details.update(adaptive)
         ctx.round(model, "adaptive", final=True, params=count_parameters(model))
@@ -99,14 +99,23 @@ def structured(ctx: Context, model: nn.Module) -> Outcome:
     return Outcome(model, [op], details, [NOTE])
 
 
-def _group_order(model: nn.Module, classifier: nn.Module) -> list[tuple[str, list[str]]]:
-    """The layer groups from the output end towards the input, the classifier left out."""
+def _kept_layers(model: nn.Module, cfg: Any) -> list[nn.Module]:
+    """Layers whose output channels stay: the classifier (its outputs are the classes) and every layer
+    `prune.modules` / `prune.exclude` do not choose."""
+    chosen = {id(m) for _, m in prunable_layers(model, cfg)}
+    classifier = find_classifier(model)[1]
+    return [classifier] + [m for _, m in prunable_layers(model) if id(m) not in chosen]
+
+
+def _group_order(model: nn.Module, classifier: nn.Module, cfg: Any) -> list[tuple[str, list[str]]]:
+    """The chosen layer groups from the output end towards the input, the classifier left out."""
     modules = dict(model.named_modules())
-    order = [(g, [n for n in names if modules[n] is not classifier]) for g, names in reversed(layer_groups(model))]
+    groups = reversed(layer_groups(model, cfg))
+    order = [(g, [n for n in names if modules[n] is not classifier]) for g, names in groups]
     return [(g, names) for g, names in order if names]
 
 
-def _structured_adaptive(ctx: Context, model: nn.Module, classifier: nn.Module) -> tuple[list, dict[str, Any]]:
+def _structured_adaptive(ctx: Context, model: nn.Module, kept: list[nn.Module]) -> tuple[list, dict[str, Any]]:
     """Per channel group: the largest ratio (up to `prune.ratio`) whose removal alone keeps the validation
     drop within `max_acc_drop`. Trials zero the group's channels (the same outputs as removing them);
     the chosen channels are then removed for real, once."""
@@ -119,7 +128,7 @@ def _structured_adaptive(ctx: Context, model: nn.Module, classifier: nn.Module) 
     importance = _importance(ctx.cfg.importance)
     names = {m: n for n, m in model.named_modules()}
     plans: dict[str, tuple[Any, list[int]]] = {}
-    for group in graph.get_all_groups(ignored_layers=[classifier], root_module_types=root_types):
+    for group in graph.get_all_groups(ignored_layers=kept, root_module_types=root_types):
         scores = importance(group)
         if scores is not None:
             plans[names[group[0][0].target.module]] = (group, scores.argsort().tolist())

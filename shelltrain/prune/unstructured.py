@@ -30,7 +30,7 @@ NOTE = (
 
 def unstructured(ctx: Context, model: nn.Module) -> Outcome:
     cfg, schedule = ctx.cfg, ctx.cfg.get("schedule", "oneshot")
-    layers = prunable_layers(model)
+    layers = prunable_layers(model, cfg)
     details: dict[str, Any] = {}
     if schedule == "oneshot":
         _mask(ctx, layers, _target(cfg))
@@ -41,7 +41,7 @@ def unstructured(ctx: Context, model: nn.Module) -> Outcome:
             _mask(ctx, layers, target)
             ctx.round(model, f"round {k}/{len(targets)}", final=k == len(targets), target=target)
     elif schedule == "hierarchical":
-        order = list(reversed(layer_groups(model)))
+        order = list(reversed(layer_groups(model, cfg)))
         details["groups"] = [{"group": g, "layers": names} for g, names in order]
         by_name = dict(layers)
         for k, (group, names) in enumerate(order, 1):

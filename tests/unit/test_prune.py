@@ -3,11 +3,13 @@ checkpoint entry rebuilds the exact architecture."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from shelltrain.prune import prune_model, rebuild
+from shelltrain.errors import UserError
+from shelltrain.prune import preflight, prune_model, rebuild
 from shelltrain.prune.report import tradeoff_rows
 from shelltrain.schema import TrainerConfig
 
@@ -70,3 +72,54 @@ def test_rebuild_from_the_pruning_checkpoint_gives_identical_outputs():
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), result.model.eval()(x))
+
+
+def zeros_by_layer(model: nn.Module) -> dict[str, float]:
+    return {n: (m.weight == 0).float().mean().item() for n, m in model.named_modules() if isinstance(m, LAYER)}
+
+
+LAYER = (nn.Conv2d, nn.Linear)
+
+
+def test_modules_patterns_choose_the_only_layers_that_get_sparse():
+    result = prune(tiny_cnn(), name="magnitude", amount=0.6, modules=["0*"], **{"global": False})
+    zeros = zeros_by_layer(result.model)
+    assert zeros["0"] >= 0.6
+    assert zeros["3"] == 0.0 and zeros["7"] == 0.0
+    table = {row["name"]: (row["chosen"], row["changed"]) for row in result.report["layers"]}
+    assert table == {"0": (True, True), "3": (False, False), "7": (False, False)}
+
+
+def test_exclude_leaves_a_layer_dense():
+    result = prune(tiny_cnn(), name="magnitude", amount=0.6, exclude=["7"], **{"global": True})
+    zeros = zeros_by_layer(result.model)
+    assert zeros["7"] == 0.0
+    assert zeros["0"] > 0 and zeros["3"] > 0
+
+
+def test_structured_honours_exclude():
+    result = prune(tiny_cnn(), name="structured", ratio=0.5, importance="l1", exclude=["3"], **{"global": False})
+    convs = [m for m in result.model.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [4, 8]
+    assert result.model(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_a_pattern_that_matches_no_layer_is_one_clear_line():
+    with pytest.raises(UserError, match=r"prune.modules: 'layer9\*' matches no conv/linear layer"):
+        prune(tiny_cnn(), name="magnitude", modules=["layer9*"])
+
+
+def test_dynamic_quantization_keeps_to_the_chosen_layers_and_rebuilds_them():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
+    result = prune(model, name="quantize", mode="dynamic", bits=8, backend="x86", exclude=["3"])
+    assert type(result.model[1]).__name__ == "Linear" and "quantized" in type(result.model[1]).__module__
+    assert type(result.model[3]) is nn.Linear  # excluded: float
+    checkpoint = {"pruning": result.checkpoint, "model": result.model.state_dict()}
+    fresh = rebuild(nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3)), checkpoint)
+    fresh.load_state_dict(checkpoint["model"])
+    assert type(fresh[3]) is nn.Linear
+
+
+def test_a_pattern_that_matches_nothing_fails_in_preflight_before_training():
+    with pytest.raises(UserError, match="prune.exclude: 'fc' matches no conv/linear layer"):
+        preflight(OmegaConf.create({"name": "magnitude", "exclude": ["fc"]}), tiny_cnn(), torch.zeros(1, 1, 8, 8))
