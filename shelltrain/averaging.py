@@ -21,6 +21,7 @@ from shelltrain.checkpoint import load_checkpoint
 from shelltrain.engine import Callback, TrainState, evaluate, predict
 from shelltrain.metrics import split_metrics
 from shelltrain.schema import EmaConfig, TrainerConfig
+from shelltrain.tta import with_tta
 
 
 class EmaAverager(Callback):
@@ -79,6 +80,7 @@ def ema_test_metrics(
         return {}
     averaged = copy.deepcopy(model)
     averaged.load_state_dict({key.removeprefix("module."): v for key, v in ema.items() if key.startswith("module.")})
-    logits, targets = predict(averaged, test_loader, settings, limit=settings.limit_test_batches)
+    tested = with_tta(averaged, settings.test_tta)
+    logits, targets = predict(tested, test_loader, settings, limit=settings.limit_test_batches)
     best_val = {f"best_{key}": best_row[key] for key in ("ema_val_acc", "ema_val_loss") if key in best_row}
     return {**split_metrics(logits, targets, settings, "ema_test"), **best_val}

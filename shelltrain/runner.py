@@ -61,6 +61,7 @@ from shelltrain.resume import (
 from shelltrain.schema import TrainerConfig, trainer_config
 from shelltrain.signals import GracefulStop
 from shelltrain.transfer import follow_weights, load_weights, open_weights
+from shelltrain.tta import with_tta
 
 log = logging.getLogger("shelltrain")
 
@@ -349,7 +350,8 @@ def test(
     cfg: DictConfig, job: Job, state: TrainState, pruned: PruneResult | None, run_dir: Path, started: float
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """The model on the test split: summary.json's figures and the confusion matrix."""
-    logits, targets = predict(job.model, job.data.test, job.settings, limit=cfg.trainer.limit_test_batches)
+    tested = with_tta(job.model, job.settings.test_tta)  # trainer.test_tta: logits averaged over views
+    logits, targets = predict(tested, job.data.test, job.settings, limit=cfg.trainer.limit_test_batches)
     confusion = confusion_matrix(logits, targets, job.data.num_classes)
     best_row = state.history[state.best_epoch - 1] if state.best_epoch else {}
     summary: dict[str, Any] = {

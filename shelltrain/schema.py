@@ -81,10 +81,12 @@ class TrainerConfig:
     sync_batchnorm: bool = False
     devices: int = 1
     ema: EmaConfig = field(default_factory=EmaConfig)
+    test_tta: str = "none"
 
     def check(self) -> None:
         at_least("trainer.epochs", self.epochs, 0)
         self.ema.check()
+        one_of("trainer.test_tta", self.test_tta, values.TTA_MODES)
         if self.monitor.startswith("ema_") and self.ema.decay is None:
             raise UserError(f"trainer.monitor={self.monitor} needs the EMA; set trainer.ema.decay, e.g. 0.999")
         one_of("trainer.precision", self.precision, values.PRECISIONS)
@@ -378,9 +380,11 @@ class CVConfig:
 @dataclass
 class EvaluateConfig:
     split: str = "test"
+    tta: str = "none"
 
     def check(self) -> None:
         one_of("evaluate.split", self.split, values.SPLITS)
+        one_of("evaluate.tta", self.tta, values.TTA_MODES)
 
 
 @dataclass
