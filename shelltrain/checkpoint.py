@@ -227,6 +227,7 @@ class Checkpointer(Callback):
         monitor: str = "val_acc",
         keep: int = 0,
         write: bool = True,
+        averager: Any = None,
     ):
         self.run_dir = run_dir
         self.model = model
@@ -237,6 +238,7 @@ class Checkpointer(Callback):
         self.monitor = monitor
         self.keep = keep
         self.write = write
+        self.averager = averager  # averaging.EmaAverager or None: its state travels in every checkpoint
 
     def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None:
         self._refuse_non_finite(epoch=state.epoch, step=state.step)
@@ -246,7 +248,7 @@ class Checkpointer(Callback):
         data = serialize(payload)
         write_atomic(data, last_checkpoint(self.run_dir))
         if improved:
-            write_atomic(data, best_checkpoint(self.run_dir))
+            write_atomic(self._best(payload, data), best_checkpoint(self.run_dir))
         if self.keep > 0:
             self._retain(state, data)
 
@@ -255,6 +257,12 @@ class Checkpointer(Callback):
         payload = self.payload(state)
         if self.write:
             write_atomic(serialize(payload), last_checkpoint(self.run_dir))
+
+    def _best(self, payload: dict[str, Any], data: bytes) -> bytes:
+        """best.pt holds the model trainer.monitor selected: the averaged weights when it is an ema_ metric."""
+        if not self.monitor.startswith("ema_"):
+            return data
+        return serialize({**payload, "model": self.averager.averaged.module.state_dict()})
 
     def _refuse_non_finite(self, epoch: int, step: int) -> None:
         """Never write a checkpoint whose weights or optimizer state hold NaN or infinity: the loss is checked
@@ -297,6 +305,7 @@ class Checkpointer(Callback):
             "train_state": asdict(state),
             "metrics": state.history[-1] if state.history else {},
             "rng": rngs[0],
+            **({"ema": self.averager.state_dict()} if self.averager is not None else {}),
             **({"rng_ranks": rngs} if len(rngs) > 1 else {}),
             **self.extra,
         }

@@ -69,6 +69,12 @@ class Callback:
 
     def on_batch_end(self, batch: int, loss: float, acc: float, images_per_second: float) -> None: ...
 
+    def on_step(self, state: TrainState) -> None:
+        """After optimizer step `state.step` (e.g. to update an average of the weights)."""
+
+    def on_validation_end(self, row: dict[str, float]) -> None:
+        """May add figures to the epoch's row before trainer.monitor is read from it (e.g. `ema_val_acc`)."""
+
     def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None: ...
 
     def on_checkpoint(self, state: TrainState) -> None:
@@ -89,6 +95,14 @@ class Callbacks(Callback):
     def on_batch_end(self, batch: int, loss: float, acc: float, images_per_second: float) -> None:
         for cb in self.callbacks:
             cb.on_batch_end(batch, loss, acc, images_per_second)
+
+    def on_step(self, state: TrainState) -> None:
+        for cb in self.callbacks:
+            cb.on_step(state)
+
+    def on_validation_end(self, row: dict[str, float]) -> None:
+        for cb in self.callbacks:
+            cb.on_validation_end(row)
 
     def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None:
         for cb in self.callbacks:
@@ -118,8 +132,7 @@ def fit(
     loss: Loss | None = None,
 ) -> TrainState:
     """Train for `settings.epochs` epochs from `state`, validating after each epoch; `loss` replaces `criterion`
-    as the training loss (e.g. distillation, shelltrain.distill), validation keeps `criterion`.
-
+    as the training loss (e.g. distillation), validation keeps `criterion`.
     `stop` is polled after every optimizer step and every epoch: when it returns True, a mid-epoch state
     goes to `Callback.on_checkpoint` and fit returns early (the caller knows why it asked). `rng` is the
     RNG snapshot taken with `state` (see `rng_state`); resuming restores it, so a run continued from a
@@ -155,6 +168,7 @@ def fit(
         distributed.broadcast_buffers(model)
         val = evaluate(model, val_loader, settings, limit=settings.limit_val_batches)
         row = {"epoch": epoch, **train_metrics, "val_loss": val["loss"], "val_acc": val["acc"]}
+        callback.on_validation_end(row)
         _epoch_schedule_step(schedule, row[settings.monitor])
         improved = _update_best(state, row[settings.monitor], epoch, settings)
         state.epoch = epoch
@@ -209,7 +223,6 @@ def train_one_epoch(
 ) -> dict[str, float] | None:
     """One epoch of training; None when `stop` ended it early (after an optimizer step). `begun`: the caller
     already began the epoch (`begin_epoch`), which has that many batches.
-
     With `state.batch` = k > 0 (a mid-epoch checkpoint) the first k batches are drawn but not trained on:
     the order is a function of the reseeded loader generator, so the rest come out as before; then `rng`
     (taken at the checkpoint) is restored, so augmentation and dropout continue exactly."""
@@ -228,6 +241,7 @@ def train_one_epoch(
         _train_batch(model, images, targets, optimizer, scaler, settings, tally, state.step + 1, stepped, loss)
         if stepped:
             state.step += 1
+            callback.on_step(state)
             if schedule is not None and schedule.interval == "step":
                 schedule.scheduler.step()
         if (i + 1) % SYNC_EVERY == 0 or i + 1 == num_batches:

@@ -14,15 +14,40 @@ from shelltrain.engine import metrics_from_logits
 from shelltrain.schema import TrainerConfig
 
 TOP_K = 5  # top-5 accuracy is reported when there are more classes than this
+ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 
 
 def split_metrics(logits: torch.Tensor, targets: torch.Tensor, settings: TrainerConfig, split: str) -> dict[str, float]:
-    """`{split}_acc`, `{split}_loss` and, with more than five classes, `{split}_top5`."""
+    """`{split}_acc`, `{split}_loss`, the calibration figures `{split}_nll` and `{split}_ece` and, with more than
+    five classes, `{split}_top5`."""
     measured = metrics_from_logits(logits, targets, settings)
     result = {f"{split}_acc": measured["acc"], f"{split}_loss": measured["loss"]}
+    result.update({f"{split}_nll": nll(logits, targets), f"{split}_ece": expected_calibration_error(logits, targets)})
     if logits.ndim == 2 and logits.shape[1] > TOP_K:
         result[f"{split}_top{TOP_K}"] = top_k_accuracy(logits, targets, TOP_K)
     return result
+
+
+def nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The mean negative log-likelihood of the true class under the softmax (the loss may be MSE or smoothed)."""
+    if targets.numel() == 0:
+        return float("nan")
+    return torch.nn.functional.cross_entropy(logits.float(), targets).item()
+
+
+def expected_calibration_error(logits: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """ECE (Guo et al., 2017): the predictions binned by confidence (the top softmax probability) into `bins`
+    equal-width bins of (0, 1]; the mean over bins of |accuracy - mean confidence|, weighted by the bin's share."""
+    if targets.numel() == 0:
+        return float("nan")
+    confidence, predicted = logits.float().softmax(1).max(1)
+    correct = (predicted == targets).double()
+    index = (confidence * bins).ceil().long().clamp(1, bins) - 1  # bin b holds (b/bins, (b+1)/bins]
+    count = torch.bincount(index, minlength=bins).double()
+    gap = torch.bincount(index, weights=correct, minlength=bins) - torch.bincount(
+        index, weights=confidence.double(), minlength=bins
+    )
+    return (gap.abs().sum() / count.sum()).item()
 
 
 def top_k_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int) -> float:

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shelltrain import distributed, placement, rundir
+from shelltrain.averaging import build_averager, ema_test_metrics
 from shelltrain.checkpoint import Checkpointer, export_state_dict, load_checkpoint
 from shelltrain.checks import uses_ensemble
 from shelltrain.data import DataBundle, build_data, cv_fold
@@ -60,6 +61,7 @@ from shelltrain.resume import (
 from shelltrain.schema import TrainerConfig, trainer_config
 from shelltrain.signals import GracefulStop
 from shelltrain.transfer import follow_weights, load_weights, open_weights
+from shelltrain.tta import with_tta
 
 log = logging.getLogger("shelltrain")
 
@@ -247,6 +249,7 @@ def train(
         if not resume.in_place and main:
             seed_new_run_dir(resume.checkpoint, state, run_dir)
     loggers.start(job.extra["config"])
+    averager = build_averager(job.settings.ema, job.model, job.data.val, job.settings, payload)
     checkpointer = Checkpointer(
         run_dir,
         job.model,
@@ -257,9 +260,11 @@ def train(
         monitor=job.settings.monitor,
         keep=cfg.trainer.keep_checkpoints,
         write=main,
+        averager=averager,
     )
     progress = ConsoleProgress(console, job.settings.epochs, label)
-    callbacks = [*([job.policy] if job.policy else []), progress, checkpointer, loggers]  # policy: (un)freezing
+    helpers = [c for c in (job.policy, averager) if c is not None]  # a policy (un)freezes; averager: trainer.ema
+    callbacks = [*helpers, progress, checkpointer, loggers]
     stop = GracefulStop(run_dir)
     try:
         with stop:
@@ -345,7 +350,8 @@ def test(
     cfg: DictConfig, job: Job, state: TrainState, pruned: PruneResult | None, run_dir: Path, started: float
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """The model on the test split: summary.json's figures and the confusion matrix."""
-    logits, targets = predict(job.model, job.data.test, job.settings, limit=cfg.trainer.limit_test_batches)
+    tested = with_tta(job.model, job.settings.test_tta)  # trainer.test_tta: logits averaged over views
+    logits, targets = predict(tested, job.data.test, job.settings, limit=cfg.trainer.limit_test_batches)
     confusion = confusion_matrix(logits, targets, job.data.num_classes)
     best_row = state.history[state.best_epoch - 1] if state.best_epoch else {}
     summary: dict[str, Any] = {
@@ -362,6 +368,9 @@ def test(
         **provenance(job.device, run_dir),
         "per_class": per_class_metrics(confusion, job.data.classes),
     }
+    if pruned is None:  # the EMA weights of the selected epoch (best.pt's), when trainer.ema is on
+        best = rundir.best_checkpoint(run_dir)
+        summary.update(ema_test_metrics(job.model, job.data.test, job.settings, best, best_row))
     if job.weights is not None or job.policy is not None:
         summary["transfer"] = transfer_summary(
             job.model, job.loaded, job.data, job.stats_from, job.policy, cfg.optimizer.lr

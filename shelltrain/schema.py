@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
+from shelltrain import schema_values as values
 from shelltrain.checks import (
     at_least,
     check_checkpoint,
@@ -32,31 +33,22 @@ from shelltrain.checks import (
 )
 from shelltrain.dataroot import DATASET_FILES, check_data_root
 from shelltrain.errors import UserError
-
-PRECISIONS = ("32", "bf16", "16-mixed")
-LOSSES = ("cross_entropy", "mse")
-MONITORS = ("val_acc", "val_loss")
-POLICIES = ("full", "linear_probe", "freeze_backbone", "gradual")
-DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
-SPLITS = ("test", "val", "train")
-EXPORT_FORMATS = ("onnx", "torchscript")
+from shelltrain.schema_values import ENSEMBLE_RULES, POLICIES, PRUNE_SCHEDULES  # noqa: F401 (re-exported)
 
 
-# prune.name -> the schedules it supports (the first is its default)
-PRUNE_SCHEDULES = {
-    "threshold": ("oneshot", "iterative", "hierarchical"),
-    "magnitude": ("oneshot", "iterative", "hierarchical", "adaptive"),
-    "random": ("oneshot", "iterative", "hierarchical", "adaptive"),
-    "structured": ("oneshot", "iterative", "hierarchical", "adaptive"),
-    "layer": ("oneshot", "iterative", "adaptive"),
-    "quantize": ("oneshot",),
-}
-PRUNE_IMPORTANCES = ("l1", "l2", "taylor", "bn_scale", "fpgm", "random")
-PRUNE_RAMPS = ("linear", "cubic")
-QUANTIZE_MODES = ("auto", "static", "dynamic", "fake")
-QUANTIZE_BACKENDS = ("x86", "fbgemm", "qnnpack")
-ENSEMBLE_RULES = ("none", "average", "weighted", "vote")
-DISTILL_METHODS = ("none", "logits")
+@dataclass
+class EmaConfig:
+    """trainer.ema: an exponential moving average of the weights (shelltrain.averaging); decay null = off."""
+
+    decay: Optional[float] = None
+    every_n_steps: int = 1
+    warmup_steps: int = 0
+
+    def check(self) -> None:
+        if self.decay is not None and not 0.0 < self.decay < 1.0:
+            raise UserError(f"trainer.ema.decay={self.decay} is out of range; use a value in (0, 1), e.g. 0.999")
+        at_least("trainer.ema.every_n_steps", self.every_n_steps, 1)
+        at_least("trainer.ema.warmup_steps", self.warmup_steps, 0)
 
 
 @dataclass
@@ -88,12 +80,18 @@ class TrainerConfig:
     compile: bool = False
     sync_batchnorm: bool = False
     devices: int = 1
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    test_tta: str = "none"
 
     def check(self) -> None:
         at_least("trainer.epochs", self.epochs, 0)
-        one_of("trainer.precision", self.precision, PRECISIONS)
-        one_of("trainer.loss", self.loss, LOSSES)
-        one_of("trainer.monitor", self.monitor, MONITORS)
+        self.ema.check()
+        one_of("trainer.test_tta", self.test_tta, values.TTA_MODES)
+        if self.monitor.startswith("ema_") and self.ema.decay is None:
+            raise UserError(f"trainer.monitor={self.monitor} needs the EMA; set trainer.ema.decay, e.g. 0.999")
+        one_of("trainer.precision", self.precision, values.PRECISIONS)
+        one_of("trainer.loss", self.loss, values.LOSSES)
+        one_of("trainer.monitor", self.monitor, values.MONITORS)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise UserError(f"trainer.device={self.device!r} is invalid; use auto, cpu, cuda or cuda:N")
         for key in ("grad_clip", "l1"):
@@ -149,7 +147,7 @@ class DataConfig:
 
     def check(self) -> None:
         if self.source is None:
-            one_of("data.name", self.name, DATASETS)
+            one_of("data.name", self.name, values.DATASETS)
         at_least("data.image_size", self.image_size, 1)
         at_least("data.batch_size", self.batch_size, 1)
         at_least("data.num_workers", self.num_workers, 0)
@@ -205,7 +203,7 @@ class FinetuneConfig:
     freeze_bn: bool = True
 
     def check(self) -> None:
-        one_of("finetune.policy", self.policy, POLICIES)
+        one_of("finetune.policy", self.policy, values.POLICIES)
         at_least("finetune.unfreeze_at", self.unfreeze_at, 0)
         at_least("finetune.unfreeze_every", self.unfreeze_every, 1)
         at_least("finetune.backbone_lr_mult", self.backbone_lr_mult, 0.0)
@@ -241,7 +239,7 @@ class EnsembleConfig:
 
     def check(self) -> None:
         """Values and combinations of the group itself; member counts and paths are checked when gathered."""
-        one_of("ensemble.name", self.name, ENSEMBLE_RULES)
+        one_of("ensemble.name", self.name, values.ENSEMBLE_RULES)
         members = self.members
         as_list = isinstance(members, list) and members and all(isinstance(m, (str, list, dict)) for m in members)
         if isinstance(members, bool) or not (members is None or isinstance(members, int) and members >= 1 or as_list):
@@ -308,8 +306,8 @@ class PruneConfig:
     def check(self) -> None:
         if self.name == "none":
             return
-        one_of("prune.name", self.name, tuple(PRUNE_SCHEDULES))
-        schedules = PRUNE_SCHEDULES[self.name]
+        one_of("prune.name", self.name, tuple(values.PRUNE_SCHEDULES))
+        schedules = values.PRUNE_SCHEDULES[self.name]
         if self.schedule not in schedules:
             raise UserError(
                 f"prune.schedule={self.schedule!r} is not available for prune={self.name}; "
@@ -326,13 +324,13 @@ class PruneConfig:
             raise UserError(f"prune.finetune_lr_mult={self.finetune_lr_mult} must be > 0, e.g. 0.1")
         if not 2 <= self.bits <= 8:
             raise UserError(f"prune.bits={self.bits} is out of range; use 2 to 8 (8: int8 kernels, fewer: fake)")
-        one_of("prune.importance", self.importance, PRUNE_IMPORTANCES)
-        one_of("prune.ramp", self.ramp, PRUNE_RAMPS)
-        one_of("prune.mode", self.mode, QUANTIZE_MODES)
-        one_of("prune.backend", self.backend, QUANTIZE_BACKENDS)
+        one_of("prune.importance", self.importance, values.PRUNE_IMPORTANCES)
+        one_of("prune.ramp", self.ramp, values.PRUNE_RAMPS)
+        one_of("prune.mode", self.mode, values.QUANTIZE_MODES)
+        one_of("prune.backend", self.backend, values.QUANTIZE_BACKENDS)
         steps = [self.name, *(self.then or [])]
         for step in steps[1:]:
-            one_of("prune.then", step, tuple(PRUNE_SCHEDULES))
+            one_of("prune.then", step, tuple(values.PRUNE_SCHEDULES))
         if "quantize" in steps[:-1]:
             raise UserError(f"prune.then: quantize must be the last step ({' -> '.join(steps)}); move it to the end")
 
@@ -354,7 +352,7 @@ class DistillConfig:
     alpha: float = 0.9
 
     def check(self) -> None:
-        one_of("distill.name", self.name, DISTILL_METHODS)
+        one_of("distill.name", self.name, values.DISTILL_METHODS)
         at_least("distill.top_k", self.top_k, 1)
         if self.name != "none" and bool(self.teacher) == bool(self.sweep):
             raise UserError(
@@ -384,9 +382,11 @@ class CVConfig:
 @dataclass
 class EvaluateConfig:
     split: str = "test"
+    tta: str = "none"
 
     def check(self) -> None:
-        one_of("evaluate.split", self.split, SPLITS)
+        one_of("evaluate.split", self.split, values.SPLITS)
+        one_of("evaluate.tta", self.tta, values.TTA_MODES)
 
 
 @dataclass
@@ -404,7 +404,7 @@ class ExportConfig:
     tolerance: float = 1e-4
 
     def check(self) -> None:
-        one_of("export.format", self.format, EXPORT_FORMATS)
+        one_of("export.format", self.format, values.EXPORT_FORMATS)
         if self.tolerance <= 0:
             raise UserError(f"export.tolerance={self.tolerance} must be > 0, e.g. 1e-4")
 

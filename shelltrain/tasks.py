@@ -37,6 +37,7 @@ from shelltrain.report import print_summary, say
 from shelltrain.rundir import write_json, write_text
 from shelltrain.schema import TrainerConfig
 from shelltrain.trained import load_trained_model
+from shelltrain.tta import with_tta
 
 EXPORT_CHECK_BATCH = 8  # images of the export check; the example the exporter traces has another size
 
@@ -77,7 +78,8 @@ def evaluate_task(
     data = build_data(cfg.data, cfg.augmentation, seed=cfg.trainer.seed, pin_memory=settings.device.type == "cuda")
     _check_fits(data, checkpoint)
     loader = _unaugmented(data, split)
-    logits, targets = predict(model, loader, settings, limit=cfg.trainer.get(f"limit_{split}_batches"))
+    tested = with_tta(model, cfg.evaluate.tta)
+    logits, targets = predict(tested, loader, settings, limit=cfg.trainer.get(f"limit_{split}_batches"))
     confusion = confusion_matrix(logits, targets, data.num_classes)
     if cfg.get("plots", True):
         plot_confusion_matrix(confusion, data.classes, run_dir / rundir.PLOTS / "confusion_matrix.png", title=split)
@@ -87,6 +89,7 @@ def evaluate_task(
     summary = {
         "split": split,
         "data": cfg.data.name,
+        "tta": cfg.evaluate.tta,
         **metrics,
         "device": str(eval_settings(model, settings).device),
         "per_class": per_class,

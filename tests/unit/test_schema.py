@@ -81,6 +81,7 @@ def test_schema_defaults_equal_the_default_options():
             if key == "data" and f.name in DATASET_FACTS:
                 continue
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            default = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default  # trainer.ema
             assert values[f.name] == default, f"{key}.{f.name}: schema {default!r}, YAML {values[f.name]!r}"
 
 

@@ -1,0 +1,76 @@
+"""Training recipes (docs/recipes.md): EMA of the weights through a whole run, resumed mid-run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_in_process
+
+from shelltrain import engine
+from shelltrain.errors import Interrupted
+
+EMA = [
+    "model=cnn",
+    "model.width=8",
+    "model.dropout=0.2",
+    "augmentation=seed",
+    "data.image_size=16",
+    "trainer.deterministic=true",
+    "trainer.epochs=3",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.threads=1",
+    "trainer.ema.decay=0.7",
+    "trainer.monitor=ema_val_loss",
+    "plots=false",
+]
+
+
+def _untimed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in {"seconds", "images_per_second"}} for row in rows]
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as f:
+        return _untimed(list(csv.DictReader(f)))
+
+
+def test_ema_run_reports_both_models_and_resumes_exactly(tmp_path, monkeypatch):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_in_process(straight, *EMA)
+    real = engine._optimizer_step
+    count = {"steps": 0}
+
+    def stepping(*args, **kwargs):
+        real(*args, **kwargs)
+        count["steps"] += 1
+        if count["steps"] == 6:  # mid-epoch 2
+            signal.raise_signal(signal.SIGINT)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "_optimizer_step", stepping)
+        with pytest.raises(Interrupted):
+            run_in_process(resumed, *EMA)
+    assert torch.load(resumed / "checkpoints/last.pt", weights_only=True)["train_state"]["batch"] == 2
+    run_in_process(resumed, *EMA, f"trainer.resume={resumed}")
+
+    a, b = (torch.load(d / "checkpoints/last.pt", weights_only=True) for d in (straight, resumed))
+    assert a["ema"]["n_averaged"].item() == 12  # one update per optimizer step
+    for key in a["ema"]:
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+    assert _rows(straight) == _rows(resumed)
+    history = a["train_state"]["history"]  # the epoch rows (metrics.csv keeps its fixed columns)
+    assert {"ema_val_acc", "ema_val_loss", "val_acc"} <= set(history[0])
+    assert _untimed(history) == _untimed(b["train_state"]["history"])
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (straight, resumed))
+    assert sa["ema_test_acc"] == sb["ema_test_acc"] and sa["test_acc"] == sb["test_acc"]
+    best = torch.load(straight / "checkpoints/best.pt", weights_only=True)
+    for key, value in best["model"].items():  # monitor=ema_val_loss: best.pt's model is the averaged one
+        assert torch.equal(value, best["ema"][f"module.{key}"]), key
+    assert sa["best_ema_val_loss"] == min(r["ema_val_loss"] for r in history)

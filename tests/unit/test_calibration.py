@@ -1,0 +1,38 @@
+"""ECE and NLL, in every summary's split metrics, checked on hand-made logits."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from shelltrain.metrics import expected_calibration_error, nll, split_metrics
+from shelltrain.schema import TrainerConfig
+
+# softmax probabilities (0.9, 0.1), (0.9, 0.1), (0.4, 0.6), (0.4, 0.6): logits are their logs
+PROBABILITIES = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.4, 0.6]])
+TARGETS = torch.tensor([0, 1, 1, 1])
+
+
+def test_ece_by_hand():
+    # confidence 0.9: accuracy 1/2 -> |0.5 - 0.9| = 0.4; confidence 0.6: accuracy 1 -> 0.4; each bin half the data
+    assert math.isclose(expected_calibration_error(PROBABILITIES.log(), TARGETS), 0.4, abs_tol=1e-6)
+    confident_and_right = torch.tensor([[0.99, 0.01]]).log()
+    assert math.isclose(expected_calibration_error(confident_and_right, torch.tensor([0])), 0.01, abs_tol=1e-6)
+
+
+def test_ece_separates_bins():
+    # one bin of confidence 0.55 with accuracy 1/2 (gap 0.05), one of 0.95 with accuracy 1 (gap 0.05)
+    probabilities = torch.tensor([[0.55, 0.45], [0.55, 0.45], [0.95, 0.05], [0.95, 0.05]])
+    targets = torch.tensor([0, 1, 0, 0])
+    assert math.isclose(expected_calibration_error(probabilities.log(), targets), 0.05, abs_tol=1e-6)
+    # binned apart as they are; in one bin the gap would be |0.75 - 0.75| = 0
+
+
+def test_nll_and_the_summary_keys():
+    expected = -(math.log(0.9) + math.log(0.1) + 2 * math.log(0.6)) / 4
+    assert math.isclose(nll(PROBABILITIES.log(), TARGETS), expected, rel_tol=1e-6)
+    figures = split_metrics(PROBABILITIES.log(), TARGETS, TrainerConfig(loss="mse"), "test")
+    assert math.isclose(figures["test_nll"], expected, rel_tol=1e-6)  # the NLL, not the MSE loss
+    assert math.isclose(figures["test_ece"], 0.4, abs_tol=1e-6)
+    assert not math.isclose(figures["test_loss"], expected, rel_tol=1e-3)
