@@ -54,6 +54,20 @@ def shelltrain(*args: str, cwd: Path, env: dict | None = None, timeout: int = 30
     )
 
 
+def start_shelltrain(*args: str, cwd: Path, new_session: bool = False) -> subprocess.Popen:
+    """The real command line started in the background (signal and concurrency tests talk to it while it runs);
+    `new_session` gives it a process group of its own, so a test can find and clean up every process of it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "shelltrain", *args],
+        cwd=cwd,
+        env=cli_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=new_session,
+    )
+
+
 # A server process that imports shelltrain's stages once, then forks one child per command (multiprocessing's
 # forkserver). Forking the test process itself would not do: after a test has trained in it, a fork can neither
 # run backward (autograd's threads) nor use OpenMP (libgomp's threads), and the child hangs or fails.

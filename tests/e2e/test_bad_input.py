@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_environment, run_in_process, shelltrain_forked
+from conftest import cli_environment, run_in_process, shelltrain_forked, start_shelltrain
 from fixtures_data import make_imagefolder
 from PIL import Image
 
@@ -330,15 +330,7 @@ def run_alone(args: list[str], cwd: Path, timeout: int = 120) -> tuple[subproces
     """The command in a session of its own; returns its result, its wall time and the processes of its session
     still alive once it has exited (then killed, so that a failing test leaves nothing behind either)."""
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shelltrain", *args],
-        cwd=cwd,
-        env=cli_environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_shelltrain(*args, cwd=cwd, new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli_environment, shelltrain, shelltrain_forked
+from conftest import shelltrain, shelltrain_forked, start_shelltrain
 
 from shelltrain import rundir
 
@@ -68,22 +68,11 @@ def test_temporary_files_have_names_of_their_own(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
-def _start(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "shelltrain", *args],
-        cwd=cwd,
-        env=cli_environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 @pytest.mark.slow
 def test_two_runs_started_together_on_one_run_dir_one_refuses_and_the_survivor_is_consistent(tmp_path):
-    first = _start([*TINY, "trainer.epochs=2", "hydra.run.dir=run", "trainer.seed=1"], tmp_path)
+    first = start_shelltrain(*TINY, "trainer.epochs=2", "hydra.run.dir=run", "trainer.seed=1", cwd=tmp_path)
     time.sleep(0.005)
-    second = _start([*TINY, "trainer.epochs=2", "hydra.run.dir=run", "trainer.seed=2"], tmp_path)
+    second = start_shelltrain(*TINY, "trainer.epochs=2", "hydra.run.dir=run", "trainer.seed=2", cwd=tmp_path)
     results = [(p, *p.communicate(timeout=300)) for p in (first, second)]
     codes = sorted(p.returncode for p, _, _ in results)
     assert codes == [0, 2], [err for _, _, err in results]
@@ -104,9 +93,9 @@ def test_two_runs_started_together_on_one_run_dir_one_refuses_and_the_survivor_i
 @pytest.mark.slow
 def test_two_sweeps_started_together_on_one_sweep_dir_one_refuses(tmp_path):
     args = ["-m", *TINY, "trainer.seed=0,1", "hydra.sweep.dir=sweep"]
-    procs = [_start(args, tmp_path)]
+    procs = [start_shelltrain(*args, cwd=tmp_path)]
     time.sleep(0.005)
-    procs.append(_start([*args, "optimizer.lr=0.05"], tmp_path))
+    procs.append(start_shelltrain(*args, "optimizer.lr=0.05", cwd=tmp_path))
     results = [(p, *p.communicate(timeout=300)) for p in procs]
     assert sorted(p.returncode for p, _, _ in results) == [0, 2], [err for _, _, err in results]
     survivor = 0 if procs[0].returncode == 0 else 1
@@ -131,15 +120,7 @@ def _joblib_sweep(tmp_path: Path) -> subprocess.Popen:
         "trainer.seed=0,1",
         "hydra.sweep.dir=sweep",
     ]
-    return subprocess.Popen(
-        [sys.executable, "-m", "shelltrain", *args],
-        cwd=tmp_path,
-        env=cli_environment(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group: the test can find (and clean up) every process of it
-    )
+    return start_shelltrain(*args, cwd=tmp_path, new_session=True)
 
 
 def _status(job_dir: Path) -> str | None:

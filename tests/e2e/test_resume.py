@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_environment, run_in_process, shelltrain, shelltrain_forked
+from conftest import cli_environment, run_in_process, shelltrain, shelltrain_forked, start_shelltrain
 
 from shelltrain import checkpoint as checkpoint_module
 from shelltrain import engine, report, rundir
@@ -217,15 +217,7 @@ def test_sigint_saves_exits_130_and_the_printed_command_finishes_the_run(tmp_pat
         "trainer.limit_test_batches=2",
         "trainer.checkpoint_every_n_steps=1",
     ]
-    env = cli_environment()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shelltrain", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_shelltrain(*args, cwd=tmp_path)
     last = None
     deadline = time.time() + 120
     while last is None and time.time() < deadline and proc.poll() is None:
@@ -264,15 +256,7 @@ def test_sigterm_to_the_whole_job_with_loader_workers_exits_143_with_a_resumable
         "trainer.checkpoint_every_n_steps=1",
         "hydra.run.dir=run",
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shelltrain", *args],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_environment(),
-        start_new_session=True,
-    )
+    proc = start_shelltrain(*args, cwd=tmp_path, new_session=True)
     deadline = time.time() + 120
     while not (tmp_path / "run/checkpoints/last.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
