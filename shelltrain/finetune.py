@@ -18,7 +18,7 @@ from torch import nn
 from shelltrain.engine import Callback
 from shelltrain.errors import UserError
 from shelltrain.models import find_classifier
-from shelltrain.schema import POLICIES
+from shelltrain.schema_values import POLICIES
 from shelltrain.transfer import WeightsSource, describe_load, preprocessing_note
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)

@@ -20,7 +20,8 @@ from shelltrain import rundir
 from shelltrain.data import DataBundle
 from shelltrain.engine import monitor_mode
 from shelltrain.errors import UserError
-from shelltrain.schema import ENSEMBLE_RULES, validate
+from shelltrain.schema import validate
+from shelltrain.schema_values import ENSEMBLE_RULES
 from shelltrain.trained import load_trained_model
 
 log = logging.getLogger("shelltrain")

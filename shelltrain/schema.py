@@ -33,7 +33,6 @@ from shelltrain.checks import (
 )
 from shelltrain.dataroot import DATASET_FILES, check_data_root
 from shelltrain.errors import UserError
-from shelltrain.schema_values import ENSEMBLE_RULES, POLICIES, PRUNE_SCHEDULES  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -267,8 +266,8 @@ class EnsembleConfig:
 
     def sources(self) -> list[str]:
         """Where members come from: the keys among members, checkpoints and sweep that are set."""
-        values = (("members", self.members), ("checkpoints", self.checkpoints), ("sweep", self.sweep))
-        return [key for key, value in values if value]
+        given = (("members", self.members), ("checkpoints", self.checkpoints), ("sweep", self.sweep))
+        return [key for key, value in given if value]
 
 
 class PruneConfig:
@@ -299,8 +298,8 @@ class PruneConfig:
     modules: Optional[list[str]] = None  # layer name patterns a method may touch (prune/context.py: chosen_names)
     exclude: Optional[list[str]] = None  # layer name patterns it leaves alone
 
-    def __init__(self, **values: Any) -> None:
-        for key, value in values.items():
+    def __init__(self, **keys: Any) -> None:
+        for key, value in keys.items():
             setattr(self, key, value)
 
     def check(self) -> None:

@@ -38,7 +38,8 @@ from shelltrain.prune import quantize as quantization
 from shelltrain.prune.context import Context, Finetune, Outcome, chosen_names
 from shelltrain.prune.measure import LatencySpec, cpu_copy, device_of, measure, measure_latency, torch_pruning
 from shelltrain.prune.report import build_report, describe
-from shelltrain.schema import PRUNE_SCHEDULES, TrainerConfig
+from shelltrain.schema import TrainerConfig
+from shelltrain.schema_values import PRUNE_SCHEDULES
 
 PRIOR_OPS = "_shelltrain_pruning_ops"  # set by `rebuild`: what a loaded model already went through
 

@@ -24,7 +24,8 @@ from shelltrain.prune.quantize import quiet
 from shelltrain.prune.report import chain_reports
 from shelltrain.report import ConsoleProgress, say
 from shelltrain.rng import rng_state
-from shelltrain.schema import PRUNE_SCHEDULES, TrainerConfig
+from shelltrain.schema import TrainerConfig
+from shelltrain.schema_values import PRUNE_SCHEDULES
 
 
 def prune_stage(
