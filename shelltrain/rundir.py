@@ -207,13 +207,11 @@ class KeepRecords(Callback):
         _lock_or_exit(sweep_dir, "hydra.sweep.dir", "sweep")  # held by this process for the whole sweep
         jobs = [d for d in sweep_dir.iterdir() if d.is_dir() and holds_records(d)] if sweep_dir.is_dir() else []
         if jobs and str(config.trainer.resume) != "auto":
-            # Hydra turns a callback's exception into a warning and goes on: end the command here instead.
-            sys.stderr.write(
-                f"shelltrain: error: hydra.sweep.dir '{sweep_dir}' already holds a sweep ({len(jobs)} job(s)); "
+            _exit_with(
+                f"hydra.sweep.dir '{sweep_dir}' already holds a sweep ({len(jobs)} job(s)); "
                 "continue it with the same overrides plus trainer.resume=auto, or choose a new hydra.sweep.dir, "
-                f"e.g. hydra.sweep.dir={free_dir(sweep_dir, 'new')}\n"
+                f"e.g. hydra.sweep.dir={free_dir(sweep_dir, 'new')}"
             )
-            raise SystemExit(EXIT_USER_ERROR)
         self.kept = {d.absolute(): {p.name: p.read_bytes() for p in (d / HYDRA).glob("*") if p.is_file()} for d in jobs}
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -231,14 +229,19 @@ class KeepRecords(Callback):
 
 
 def _lock_or_exit(directory: Path, key: str, kind: str) -> None:
-    """`lock` from a Hydra callback, before Hydra writes anything into the directory. Hydra turns a callback's
-    exception into a warning and goes on: a refusal ends the command here instead, leaving the holder's files
-    as they were."""
+    """`lock` from a Hydra callback, before Hydra writes anything into the directory; a refusal leaves the
+    holder's files as they were."""
     try:
         lock(directory, key, kind)
     except UserError as exc:
-        sys.stderr.write(f"shelltrain: error: {exc}\n")
-        raise SystemExit(EXIT_USER_ERROR) from None
+        _exit_with(str(exc))
+
+
+def _exit_with(message: str) -> None:
+    """A refusal from a Hydra callback: Hydra turns a callback's exception into a warning and goes on, so the
+    one line is printed and the command ends here."""
+    sys.stderr.write(f"shelltrain: error: {message}\n")
+    raise SystemExit(EXIT_USER_ERROR)
 
 
 def read_json(path: Path) -> Any:
