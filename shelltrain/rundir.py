@@ -207,6 +207,7 @@ class KeepRecords(Callback):
         _lock_or_exit(sweep_dir, "hydra.sweep.dir", "sweep")  # held by this process for the whole sweep
         jobs = [d for d in sweep_dir.iterdir() if d.is_dir() and holds_records(d)] if sweep_dir.is_dir() else []
         if jobs and str(config.trainer.resume) != "auto":
+            unlock(sweep_dir)  # refused: the directory is left as it was, its lock file free again
             _exit_with(
                 f"hydra.sweep.dir '{sweep_dir}' already holds a sweep ({len(jobs)} job(s)); "
                 "continue it with the same overrides plus trainer.resume=auto, or choose a new hydra.sweep.dir, "

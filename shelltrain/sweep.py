@@ -360,6 +360,7 @@ def finish() -> Outcome | None:
     outcome = _STATE.outcome
     outcome.sweep_dir = _STATE.dir
     outcome.interrupted = _STATE.stop.signum if _STATE.stop is not None else None
+    rundir.unlock(_STATE.dir)  # the sweep is over: the next command finds its directory free, not a dead holder's
     _STATE.dir = _STATE.outcome = _STATE.stop = None
     return outcome
 
