@@ -196,8 +196,8 @@ class KeepRecords(Callback):
         run_dir = Path(str(hydra.run.dir))
         if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 holds the lock for every rank
             _lock_or_exit(run_dir, "hydra.run.dir", "run")
-        if hydra.output_subdir is None or not holds_records(run_dir):
-            return
+        if hydra.output_subdir is None or held_by_parent(run_dir) or not holds_records(run_dir):
+            return  # a trainer.devices process continues its parent's job: the records are that job's own
         label = "resume" if config.trainer.resume is not None else str(config.get("task", "train"))
         with read_write(hydra), open_dict(hydra):
             hydra.output_subdir = next_record(run_dir, label)
@@ -365,7 +365,7 @@ def lock(directory: Path, key: str = "hydra.run.dir", kind: str = "run") -> None
     from filelock import FileLock, Timeout
 
     directory = Path(directory).absolute()
-    if directory in _held or str(directory) in os.environ.get(LOCKS_HELD_ENV, "").split(os.pathsep):
+    if directory in _held or held_by_parent(directory):
         return
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK
@@ -386,6 +386,12 @@ def lock(directory: Path, key: str = "hydra.run.dir", kind: str = "run") -> None
     path.write_text(f"PID {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     _held[directory] = (held, kind)
     os.environ[LOCKS_HELD_ENV] = os.pathsep.join(str(d) for d in _held)
+
+
+def held_by_parent(directory: Path) -> bool:
+    """Whether the process that started this one (a `trainer.devices` launch) holds `directory`: this process
+    then continues that job there."""
+    return str(Path(directory).absolute()) in os.environ.get(LOCKS_HELD_ENV, "").split(os.pathsep)
 
 
 def unlock(directory: Path) -> None:
