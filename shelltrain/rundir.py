@@ -194,9 +194,10 @@ class KeepRecords(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         hydra = config.hydra
         run_dir = Path(str(hydra.run.dir))
+        continued = held_by_parent(run_dir)  # asked before this process takes the lock (and names it there too)
         if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 holds the lock for every rank
             _lock_or_exit(run_dir, "hydra.run.dir", "run")
-        if hydra.output_subdir is None or held_by_parent(run_dir) or not holds_records(run_dir):
+        if hydra.output_subdir is None or continued or not holds_records(run_dir):
             return  # a trainer.devices process continues its parent's job: the records are that job's own
         label = "resume" if config.trainer.resume is not None else str(config.get("task", "train"))
         with read_write(hydra), open_dict(hydra):
