@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from typing import Any
 
 import torch
@@ -29,6 +30,23 @@ def init() -> None:
         backend = "cpu:gloo,cuda:nccl"
     # A rank waiting for the others (rank 0 loading data, writing a checkpoint) must not time out early.
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+
+
+def barrier() -> None:
+    """Wait for every rank, then for gloo to let go of the wait's tensor, so that a process may end right after.
+
+    A gloo worker thread drops its reference to a finished all-reduce shortly after the caller's wait returns,
+    and if Python has already let go of the tensor, that drop needs the GIL. Once the interpreter is finalizing
+    it cannot have it, and the process aborts (SIGABRT, "terminate called without an active exception") after a
+    completed run; the group's threads outlive destroy_process_group once a DDP wrapper was built. A CPU
+    all-reduce, so it goes through gloo even where CUDA tensors go through NCCL."""
+    if not active():
+        return
+    token = torch.zeros(1)
+    dist.all_reduce(token)
+    deadline = time.monotonic() + 10
+    while token._use_count() > 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 def shutdown() -> None:

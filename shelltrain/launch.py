@@ -57,6 +57,7 @@ def run_as_rank(task: Callable[[], Any]) -> None:
         if follower():
             decision = distributed.broadcast(None)
             if "exit" in decision:  # rank 0 ended before training (--help, --cfg, a config error): so do we
+                distributed.barrier()
                 sys.exit(decision["exit"])
             sys.argv[1:] = [
                 *into_run(sys.argv[1:], decision["run_dir"], decision["resume"]),
@@ -65,6 +66,7 @@ def run_as_rank(task: Callable[[], Any]) -> None:
                 "hydra/hydra_logging=none",
             ]
             task()
+            distributed.barrier()  # until rank 0 has written its records; then end safely
             return
         _followers_waiting = True
         code: Any = 1
@@ -75,8 +77,11 @@ def run_as_rank(task: Callable[[], Any]) -> None:
             code = exc.code
             raise
         finally:
-            if _followers_waiting:
+            ended_early = _followers_waiting
+            if ended_early:
                 tell_followers({"exit": code if isinstance(code, int) else int(code is not None)})
+            if ended_early or code in (0, EXIT_GATE_FAILED):
+                distributed.barrier()  # the ranks end together, and safely (distributed.barrier says why)
     finally:
         distributed.shutdown()
 

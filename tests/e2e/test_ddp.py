@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose_config
-from test_scale import DDP, torchrun
+from test_scale import DDP, failure, torchrun
 
 from shelltrain.data import build_data
 from shelltrain.engine import evaluate
@@ -22,7 +22,7 @@ from shelltrain.schema import TrainerConfig
 def test_ddp_with_on_device_data_tests_the_whole_test_split(tmp_path: Path):
     """Rank 0 tests alone after training: it must see every test image, not its 1/N shard of them."""
     result = torchrun(*DDP, "trainer.epochs=1", "data.on_device=true", "hydra.run.dir=run", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     cfg = compose_config(*DDP)
     data = build_data(cfg.data, cfg.augmentation, cfg.trainer.seed)
@@ -42,6 +42,6 @@ def test_gradual_unfreezing_under_ddp_keeps_the_ranks_equal(tmp_path: Path):
     env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     args = ["+model._target_=rank_checked_model.RankChecked", "finetune=gradual", "trainer.epochs=3"]
     result = torchrun(*DDP, *args, "hydra.run.dir=run", cwd=tmp_path, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure(result)
     events = json.loads((tmp_path / "run/summary.json").read_text())["transfer"]
     assert events, "gradual unfreezing left no record"
