@@ -21,20 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from shelltrain import distributed, placement, rundir
 from shelltrain.averaging import build_averager, ema_test_metrics
+from shelltrain.calibration import calibrate
 from shelltrain.checkpoint import Checkpointer, export_state_dict, load_checkpoint
 from shelltrain.checks import uses_ensemble
 from shelltrain.data import DataBundle, build_data, cv_fold
 from shelltrain.data.transforms import describe_preprocessing
 from shelltrain.distill import make_distiller
-from shelltrain.engine import (
-    NonFiniteLoss,
-    TrainState,
-    evaluate,
-    fit,
-    make_scaler,
-    monitor_mode,
-    predict,
-)
+from shelltrain.engine import NonFiniteLoss, TrainState, evaluate, fit, make_scaler, monitor_mode, predict
 from shelltrain.environment import check_distributable, provenance, resolve_device, seed_everything
 from shelltrain.errors import Interrupted, UserError
 from shelltrain.finetune import make_policy, transfer_log, transfer_summary
@@ -134,6 +127,7 @@ def train_and_test(
         return math.nan  # rank 0 tests the model and writes the report
     pruned = prune(cfg, job, state, run_dir, console)
     summary, confusion = test(cfg, job, state, pruned, run_dir, started)
+    summary.update(calibrate(job.settings.calibrate, job.model, job.data, job.settings, run_dir))  # trainer.calibrate
     exported = (cfg.get("checkpoint") or {}).get("export_state_dict")
     if exported:  # the model the run stands for (best epoch, pruned if pruned), as a plain state dict
         export_state_dict(job.model, rundir.exported_state_dict(run_dir, exported))

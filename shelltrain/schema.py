@@ -33,6 +33,7 @@ from shelltrain.checks import (
 )
 from shelltrain.dataroot import DATASET_FILES, check_data_root
 from shelltrain.errors import UserError
+from shelltrain.schema_tasks import EvaluateConfig, ExportConfig, PredictConfig, ReportConfig
 
 
 @dataclass
@@ -81,11 +82,13 @@ class TrainerConfig:
     devices: int = 1
     ema: EmaConfig = field(default_factory=EmaConfig)
     test_tta: str = "none"
+    calibrate: str = "none"
 
     def check(self) -> None:
         at_least("trainer.epochs", self.epochs, 0)
         self.ema.check()
         one_of("trainer.test_tta", self.test_tta, values.TTA_MODES)
+        one_of("trainer.calibrate", self.calibrate, values.CALIBRATIONS)
         if self.monitor.startswith("ema_") and self.ema.decay is None:
             raise UserError(f"trainer.monitor={self.monitor} needs the EMA; set trainer.ema.decay, e.g. 0.999")
         one_of("trainer.precision", self.precision, values.PRECISIONS)
@@ -376,44 +379,6 @@ class CVConfig:
             raise UserError(
                 "cv.folds needs trainer.epochs > 0 (every fold trains a model); set trainer.epochs or cv.folds=0"
             )
-
-
-@dataclass
-class EvaluateConfig:
-    split: str = "test"
-    tta: str = "none"
-
-    def check(self) -> None:
-        one_of("evaluate.split", self.split, values.SPLITS)
-        one_of("evaluate.tta", self.tta, values.TTA_MODES)
-
-
-@dataclass
-class PredictConfig:
-    input: Optional[str] = None
-    batch_size: int = 64
-
-    def check(self) -> None:
-        at_least("predict.batch_size", self.batch_size, 1)
-
-
-@dataclass
-class ExportConfig:
-    format: str = "onnx"
-    tolerance: float = 1e-4
-
-    def check(self) -> None:
-        one_of("export.format", self.format, values.EXPORT_FORMATS)
-        if self.tolerance <= 0:
-            raise UserError(f"export.tolerance={self.tolerance} must be > 0, e.g. 1e-4")
-
-
-@dataclass
-class ReportConfig:
-    per_job: str = "table"  # what each job prints at its end: its summary table, or one line (long sweeps)
-
-    def check(self) -> None:
-        one_of("report.per_job", self.per_job, ("table", "line"))
 
 
 # key of the composed config -> its dataclass; stored in the ConfigStore as `<key>_schema`

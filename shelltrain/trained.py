@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from shelltrain import rundir
+from shelltrain.calibration import with_temperature
 from shelltrain.checkpoint import load_checkpoint
 from shelltrain.errors import UserError
 from shelltrain.models import build_model
@@ -53,7 +54,7 @@ def load_trained_model(spec: str, key: str = "model.weights") -> tuple[nn.Module
     except RuntimeError as exc:
         reason = " ".join(str(exc).split())[:300]
         raise UserError(f"{key}: '{path}' does not fit the model its config builds ({reason})") from None
-    return model.eval(), checkpoint, path
+    return with_temperature(model.eval(), checkpoint.get("temperature")), checkpoint, path  # trainer.calibrate
 
 
 def load_fused_model(directory: Path, key: str = "model.weights") -> tuple[nn.Module, dict[str, Any], Path]:

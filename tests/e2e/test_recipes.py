@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import json
 import signal
 from pathlib import Path
@@ -74,3 +75,49 @@ def test_ema_run_reports_both_models_and_resumes_exactly(tmp_path, monkeypatch):
     for key, value in best["model"].items():  # monitor=ema_val_loss: best.pt's model is the averaged one
         assert torch.equal(value, best["ema"][f"module.{key}"]), key
     assert sa["best_ema_val_loss"] == min(r["ema_val_loss"] for r in history)
+
+
+TINY = [
+    "model=cnn",
+    "model.width=8",
+    "data.image_size=16",
+    "trainer.epochs=2",
+    "trainer.threads=1",
+    "trainer.limit_train_batches=10",
+    "plots=false",
+]
+
+
+def test_calibration_lowers_ece_of_an_over_confident_model_and_travels_with_the_checkpoint(tmp_path):
+    from conftest import compose_config
+
+    from shelltrain.calibration import Tempered, calibrate
+    from shelltrain.data import build_data
+    from shelltrain.engine import evaluate
+    from shelltrain.runner import train_settings
+    from shelltrain.trained import load_trained_model
+
+    trained = tmp_path / "trained"
+    run_in_process(trained, *TINY)
+    model, checkpoint, _ = load_trained_model(str(trained))
+    assert "temperature" not in checkpoint and not isinstance(model, Tempered)  # calibrate=none stores nothing
+    cfg = compose_config(*TINY)
+    data = build_data(cfg.data, cfg.augmentation, 0, False)
+    settings = train_settings(cfg.trainer, torch.device("cpu"))
+    over_confident = Tempered(model, 0.1)  # logits x 10
+    section = calibrate("temperature", over_confident, data, settings, trained)["calibration"]
+    assert section["val_ece_after"] < section["val_ece_before"] and section["temperature"] > 1.0
+    calibrated, checkpoint, _ = load_trained_model(str(trained))  # stored in best.pt (and last.pt)
+    assert checkpoint["temperature"] == section["temperature"] and isinstance(calibrated, Tempered)
+    tempered = Tempered(over_confident, section["temperature"])
+    assert evaluate(tempered, data.val, settings)["acc"] == evaluate(over_confident, data.val, settings)["acc"]
+
+
+def test_calibrate_in_a_run_reports_before_and_after_and_evaluate_applies_it(tmp_path):
+    summary = run_in_process(tmp_path / "run", *TINY, "trainer.calibrate=temperature")
+    section = summary["calibration"]
+    assert section["val_nll_after"] <= section["val_nll_before"] + 1e-6  # T minimises the val NLL
+    assert math.isclose(section["test_ece_before"], summary["test_ece"], abs_tol=1e-9)
+    evaluated = run_in_process(tmp_path / "eval", "task=evaluate", f"model.weights={tmp_path / 'run'}")
+    assert math.isclose(evaluated["test_ece"], section["test_ece_after"], abs_tol=1e-6)
+    assert evaluated["test_acc"] == summary["test_acc"]

@@ -36,3 +36,17 @@ def test_nll_and_the_summary_keys():
     assert math.isclose(figures["test_nll"], expected, rel_tol=1e-6)  # the NLL, not the MSE loss
     assert math.isclose(figures["test_ece"], 0.4, abs_tol=1e-6)
     assert not math.isclose(figures["test_loss"], expected, rel_tol=1e-3)
+
+
+def test_temperature_scaling_undoes_over_confidence():
+    # labels drawn from softmax(z): z is calibrated, 10 z over-confident; the fitted T comes back near 10
+    from shelltrain.calibration import fit_temperature
+
+    generator = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(4000, 5, generator=generator) * 1.5
+    labels = torch.multinomial(true_logits.softmax(1), 1, generator=generator).squeeze(1)
+    confident = true_logits * 10
+    temperature = fit_temperature(confident, labels)
+    assert 8.0 < temperature < 12.0
+    assert expected_calibration_error(confident / temperature, labels) < expected_calibration_error(confident, labels)
+    assert torch.equal((confident / temperature).argmax(1), confident.argmax(1))

@@ -1,0 +1,81 @@
+"""Temperature scaling (Guo et al., 2017; trainer.calibrate=temperature): after training, one temperature T > 0 is
+fitted on the validation split's logits by minimising their NLL (LBFGS on log T, so T stays positive), and the
+logits are divided by T from then on. Argmax is unchanged, so accuracy is too; only the confidence moves.
+
+T is stored in the run's checkpoints (best.pt and last.pt, key `temperature`); `trained.load_trained_model` wraps
+the model in `Tempered`, so evaluate, predict, export and ensemble members (each with its own T) use it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shelltrain import rundir
+from shelltrain.checkpoint import load_checkpoint, serialize
+from shelltrain.data import DataBundle
+from shelltrain.engine import predict
+from shelltrain.metrics import expected_calibration_error, nll
+from shelltrain.schema import TrainerConfig
+from shelltrain.tta import with_tta
+
+
+class Tempered(nn.Module):
+    """A model whose logits are divided by a fitted temperature."""
+
+    def __init__(self, model: nn.Module, temperature: float):
+        super().__init__()
+        self.model = model
+        self.temperature = float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) / self.temperature
+
+
+def with_temperature(model: nn.Module, temperature: float | None) -> nn.Module:
+    """`model` itself without a temperature (a checkpoint of an uncalibrated run), else wrapped in Tempered."""
+    return model if temperature is None else Tempered(model, temperature)
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The T minimising the NLL of softmax(logits / T) over the given logits."""
+    logits = logits.detach().float()
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.exp().item())
+
+
+def calibrate(mode: str, model: nn.Module, data: DataBundle, settings: TrainerConfig, run_dir: Path) -> dict[str, Any]:
+    """summary.json's `calibration` section ({} when trainer.calibrate=none): T fitted on the val split and stored in
+    the run's checkpoints, with ECE and NLL on val and test before and after dividing the logits by T."""
+    if mode == "none":
+        return {}
+    val_logits, val_targets = predict(model, data.val, settings, limit=settings.limit_val_batches)
+    temperature = fit_temperature(val_logits, val_targets)
+    tested = with_tta(model, settings.test_tta)
+    test_logits, test_targets = predict(tested, data.test, settings, limit=settings.limit_test_batches)
+    store_temperature(run_dir, temperature)
+    section: dict[str, Any] = {"method": mode, "temperature": temperature, "fitted_on": "val"}
+    for split, logits, targets in (("val", val_logits, val_targets), ("test", test_logits, test_targets)):
+        for when, scaled in (("before", logits), ("after", logits / temperature)):
+            section[f"{split}_ece_{when}"] = expected_calibration_error(scaled, targets)
+            section[f"{split}_nll_{when}"] = nll(scaled, targets)
+    return {"calibration": section}
+
+
+def store_temperature(run_dir: Path, temperature: float) -> None:
+    """Add `temperature` to the run's best.pt and last.pt, the checkpoints a trained model is loaded from."""
+    for path in (rundir.best_checkpoint(run_dir), rundir.last_checkpoint(run_dir)):
+        if path.is_file():
+            rundir.write_atomic(serialize({**load_checkpoint(path), "temperature": temperature}), path)
