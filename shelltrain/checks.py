@@ -94,6 +94,19 @@ def check_checkpoint(checkpoint: DictConfig | None) -> None:
         )
 
 
+def check_balance(cfg: DictConfig) -> None:
+    """data.balance's remedies need what they act on: loss_weights the cross-entropy, sampler the train loader."""
+    balance = cfg.data.get("balance", "none")
+    if balance == "loss_weights" and cfg.trainer.loss != "cross_entropy":
+        raise UserError(f"data.balance=loss_weights weights the cross-entropy; trainer.loss is {cfg.trainer.loss}")
+    if balance == "loss_weights" and (cfg.get("distill") or {}).get("name", "none") != "none":
+        raise UserError(
+            "data.balance=loss_weights and distill replace the same training loss; use data.balance=sampler"
+        )
+    if balance == "sampler" and (cfg.get("cv") or {}).get("folds"):
+        raise UserError("data.balance=sampler does not apply to cross-validation folds; use data.balance=loss_weights")
+
+
 def check_task(cfg: DictConfig) -> None:
     """evaluate, predict and export use a trained model and train nothing."""
     one_of("task", cfg.task, TASKS)

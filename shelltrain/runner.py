@@ -25,6 +25,7 @@ from shelltrain.calibration import calibrate
 from shelltrain.checkpoint import Checkpointer, export_state_dict, load_checkpoint
 from shelltrain.checks import uses_ensemble
 from shelltrain.data import DataBundle, build_data, cv_fold
+from shelltrain.data.balance import balanced_loss
 from shelltrain.data.transforms import describe_preprocessing
 from shelltrain.distill import make_distiller
 from shelltrain.engine import NonFiniteLoss, TrainState, evaluate, fit, make_scaler, monitor_mode, predict
@@ -188,6 +189,7 @@ def build(cfg: DictConfig, fold: tuple[int, int] | None, overrides: list[str], c
         extra["pruning"] = weights.checkpoint["pruning"]
     parts = (device, data, data_cfg, stats_from, weights, loaded, model, policy, settings, optimizer, schedule)
     loss = make_distiller(cfg.get("distill"), data.classes, settings, lambda line: say(console, line))
+    loss = loss or balanced_loss(cfg.data.get("balance", "none"), data.train, data.num_classes)  # data.balance
     return Job(*parts, make_scaler(settings), count_parameters(model), extra, loss)
 
 

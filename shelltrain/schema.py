@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from shelltrain import schema_values as values
 from shelltrain.checks import (
     at_least,
+    check_balance,
     check_checkpoint,
     check_ensemble_run,
     check_gates,
@@ -146,8 +147,14 @@ class DataConfig:
     classes: Optional[list[Any]] = None
     samples_per_class: Optional[int] = None
     on_device: bool = False
+    imbalance: Optional[float] = None
+    balance: str = "none"
 
     def check(self) -> None:
+        at_least("data.imbalance", self.imbalance, 1.0)
+        one_of("data.balance", self.balance, values.BALANCES)
+        if self.balance == "sampler" and self.on_device:
+            raise UserError("data.balance=sampler draws through a DataLoader; set data.on_device=false")
         if self.source is None:
             one_of("data.name", self.name, values.DATASETS)
         at_least("data.image_size", self.image_size, 1)
@@ -442,6 +449,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("evaluate", "predict", "export", "report"):
         to_schema(cfg.get(key) or {}, SCHEMAS[key], key).check()
     check_task(cfg)
+    check_balance(cfg)
     if not isinstance(cfg.get("plots", True), bool):
         raise UserError(f"plots={cfg.plots!r} is invalid; use true or false")
     check_loggers(cfg.get("logger"))

@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from shelltrain import distributed
+from shelltrain.data.balance import BalancedSampler, long_tail
 from shelltrain.data.device import DeviceBatches, batched_augmentations
 from shelltrain.data.loader import Loader
 from shelltrain.data.sources import imagefolder, in_memory, one_line, sample_files
@@ -182,6 +183,8 @@ def _datasets(data: DictConfig) -> tuple[dict[str, Dataset], list[str], int, dic
     for split, (source, index) in split_indices(labels, data).items():
         if split == "train" and data.get("samples_per_class") is not None:
             index = budget(labels[source], index, data.samples_per_class, data.split_seed)
+        if split == "train" and data.get("imbalance") is not None:  # a long-tailed train split
+            index = long_tail(labels[source], index, float(data.imbalance), data.split_seed)
         items, y = sources[source][0], labels[source][index]
         if isinstance(items, list):  # image files
             paths = [items[i] for i in index.tolist()]
@@ -242,6 +245,8 @@ def _loaders(
             drop_last=data.drop_last,
         )
         val_sampler = distributed.shard(len(splits["val"]))
+    if data.get("balance") == "sampler":  # inverse-frequency draws, each rank its share
+        sampler = BalancedSampler(splits["train"].labels, seed, distributed.rank(), distributed.world_size())
     train = Loader(
         splits["train"],
         batch_size=data.batch_size,
