@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from shelltrain.schema import EnsembleConfig, TrainerConfig
 
 LOGGERS = ("csv", "tensorboard", "jsonl", "mlflow", "wandb")
-TASKS = ("train", "evaluate", "predict", "export")
+TASKS = ("train", "evaluate", "predict", "export", "lr_find")
 # Model families whose structured (channel) pruning torch-pruning 1.6 cannot do.
 STRUCTURED_UNSUPPORTED = ("swin", "shufflenet")
 
@@ -110,7 +110,7 @@ def check_balance(cfg: DictConfig) -> None:
 def check_task(cfg: DictConfig) -> None:
     """evaluate, predict and export use a trained model and train nothing."""
     one_of("task", cfg.task, TASKS)
-    if cfg.task != "train" and not cfg.model.get("weights"):
+    if cfg.task not in ("train", "lr_find") and not cfg.model.get("weights"):
         raise UserError(f"task={cfg.task} needs the trained model: add model.weights=<run directory or checkpoint>")
     if cfg.task == "predict" and not cfg.predict.input:
         raise UserError("task=predict needs images: add predict.input=<folder of images>")

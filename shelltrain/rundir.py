@@ -53,6 +53,8 @@ WANDB_RUN_ID = "wandb_run_id"  # logger=wandb: likewise
 MLFLOW_RUN_ID = "mlflow_run_id"  # logger=mlflow: the MLflow run this run dir logs to (a resume continues it)
 PLOTS = "plots"
 PRUNE_REPORT = "prune.json"
+LR_FIND = "lr_find.json"  # task=lr_find: the LR ramp's losses and the suggested optimizer.lr
+PROFILE_TRACE = "profile_trace.json"  # trainer.profile: torch.profiler's chrome trace (Perfetto, TensorBoard)
 ENSEMBLE_REPORT = "ensemble.json"  # what makes a run directory a reusable ensemble
 MEMBERS = "members"  # an ensemble run's trained members, one sub-run each
 CV = "cv"  # cross-validation folds, one sub-run each
@@ -105,6 +107,18 @@ def epoch_checkpoints(run_dir: Path) -> dict[int, Path]:
 
 def summary(run_dir: Path) -> Path:
     return Path(run_dir) / SUMMARY
+
+
+def lr_find_report(run_dir: Path) -> Path:
+    return Path(run_dir) / LR_FIND
+
+
+def lr_find_plot(run_dir: Path) -> Path:
+    return Path(run_dir) / PLOTS / "lr_find.png"
+
+
+def profile_trace(run_dir: Path) -> Path:
+    return Path(run_dir) / PROFILE_TRACE
 
 
 def member_dir(run_dir: Path, index: int) -> Path:

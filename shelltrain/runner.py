@@ -70,6 +70,10 @@ def run(
     `overrides` (the command line's, stored in every checkpoint) let `trainer.resume` rebuild the config."""
     if distributed.active():
         check_distributable(cfg)
+    if cfg.task == "lr_find":  # a learning-rate range test on a copy of the model
+        from shelltrain.lr_find import find_lr
+
+        return find_lr(cfg, run_dir, make_console())
     if cfg.task != "train":  # evaluate, predict or export a trained model
         from shelltrain.tasks import run_task
 

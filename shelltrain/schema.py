@@ -34,7 +34,7 @@ from shelltrain.checks import (
 )
 from shelltrain.dataroot import DATASET_FILES, check_data_root
 from shelltrain.errors import UserError
-from shelltrain.schema_tasks import EvaluateConfig, ExportConfig, PredictConfig, ReportConfig
+from shelltrain.schema_tasks import EvaluateConfig, ExportConfig, LrFindConfig, PredictConfig, ReportConfig
 
 
 @dataclass
@@ -403,6 +403,7 @@ SCHEMAS: dict[str, type] = {
     "predict": PredictConfig,
     "export": ExportConfig,
     "report": ReportConfig,
+    "lr_find": LrFindConfig,
 }
 
 
@@ -446,7 +447,7 @@ def validate(cfg: DictConfig) -> None:
         to_schema(cfg.cv, CVConfig, "cv").check(trainer)
     if "gate" in cfg:
         check_gates(cfg.gate)
-    for key in ("evaluate", "predict", "export", "report"):
+    for key in ("evaluate", "predict", "export", "report", "lr_find"):
         to_schema(cfg.get(key) or {}, SCHEMAS[key], key).check()
     check_task(cfg)
     check_balance(cfg)

@@ -47,3 +47,23 @@ class ReportConfig:
 
     def check(self) -> None:
         one_of("report.per_job", self.per_job, ("table", "line"))
+
+
+@dataclass
+class LrFindConfig:
+    """task=lr_find: the exponential learning-rate ramp (shelltrain.lr_find)."""
+
+    start_lr: float = 1e-6
+    end_lr: float = 10.0
+    steps: int = 200
+    diverge: float = 4.0  # stop once the smoothed loss exceeds this many times its lowest value
+    smoothing: float = 0.05  # weight of the newest loss in the exponential moving average
+
+    def check(self) -> None:
+        if not 0 < self.start_lr < self.end_lr:
+            raise UserError(f"lr_find.start_lr={self.start_lr} and end_lr={self.end_lr} need 0 < start_lr < end_lr")
+        at_least("lr_find.steps", self.steps, 10)
+        if self.diverge <= 1:
+            raise UserError(f"lr_find.diverge={self.diverge} must be > 1, e.g. 4")
+        if not 0 < self.smoothing <= 1:
+            raise UserError(f"lr_find.smoothing={self.smoothing} is out of range; use a value in (0, 1], e.g. 0.05")

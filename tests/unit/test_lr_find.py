@@ -1,0 +1,56 @@
+"""task=lr_find: the exponential LR ramp, its early stop on a diverging loss, its files and its suggestion."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from conftest import run_in_process
+from omegaconf import OmegaConf
+from torch.utils.data import TensorDataset
+
+from shelltrain.data.loader import Loader
+from shelltrain.lr_find import ramp, suggest
+from shelltrain.schema import TrainerConfig
+from shelltrain.schema_tasks import LrFindConfig
+
+
+def _ramp(diverge: float) -> list[dict[str, float]]:
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(256, 1, 4, 4, generator=generator), torch.randint(0, 3, (256,), generator=generator)
+    loader = Loader(TensorDataset(images, labels), batch_size=32)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    options = OmegaConf.structured(LrFindConfig(start_lr=1e-4, end_lr=1e4, steps=100, diverge=diverge))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    return ramp(model, optimizer, loader, TrainerConfig(device="cpu", channels_last=False), options)
+
+
+def test_a_diverging_loss_stops_the_ramp_early():
+    rows = _ramp(diverge=4.0)
+    assert 10 < len(rows) < 100  # the loss blew up long before lr reached 1e4
+    assert rows[-1]["smoothed"] > 4.0 * min(row["smoothed"] for row in rows[:-1])  # the step that crossed the line
+    lrs = [row["lr"] for row in rows]
+    assert np.allclose(np.diff(np.log(lrs)), np.log(1e8) / 99)  # exponential: a constant ratio per step
+    assert len(_ramp(diverge=1e30)) == 100  # the loss stays finite: the divergence rule is what stopped it
+
+
+def test_suggestion_is_the_steepest_descent_before_the_minimum():
+    lrs = np.logspace(-5, 1, 61)
+    smoothed = 2.0 - np.tanh(np.log10(lrs) + 2) + np.where(lrs > 0.3, 50 * (lrs - 0.3), 0.0)
+    choice = suggest([{"lr": lr, "loss": s, "smoothed": s} for lr, s in zip(lrs, smoothed)])
+    assert np.isclose(np.log10(choice["suggested_lr"]), -2, atol=0.11)
+    assert np.isclose(choice["min_div_10"], choice["min_loss_lr"] / 10)
+
+
+def test_lr_find_writes_its_report_and_plot_and_prints_the_override(tmp_path, capsys):
+    run_dir = tmp_path / "lr"
+    summary = run_in_process(
+        run_dir, "task=lr_find", "model=cnn", "model.width=8", "data.image_size=16", "lr_find.steps=40", "plots=true"
+    )
+    report = json.loads((run_dir / "lr_find.json").read_text())
+    assert (run_dir / "plots" / "lr_find.png").stat().st_size > 0
+    assert 1e-6 <= report["suggested_lr"] <= 10.0 and report["suggested_lr"] == summary["suggested_lr"]
+    assert len(report["rows"]) == report["steps_run"] <= 40
+    assert f"optimizer.lr={report['suggested_lr']:.3g}" in capsys.readouterr().out
