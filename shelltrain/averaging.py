@@ -1,33 +1,65 @@
-"""Exponential moving average of the weights (trainer.ema): an engine Callback that keeps a
+"""Averages of the weights. Exponential moving average (trainer.ema): an engine Callback that keeps a
 torch.optim.swa_utils.AveragedModel beside the model, updates it after optimizer steps, validates it each epoch
 (`ema_val_loss`, `ema_val_acc` in the epoch's row, so trainer.monitor can select by it) and hands its state to
 the checkpoints, so a resumed run continues the same average.
 
 BatchNorm buffers are averaged like the weights (`use_buffers=True`): the averaged model's running statistics
-follow the averaged weights' history instead of the last step's, and no extra pass over the data is needed."""
+follow the averaged weights' history instead of the last step's, and no extra pass over the data is needed.
+
+Stochastic weight averaging (trainer.swa, Izmailov et al., 2018): from trainer.swa.start_epoch on, the learning rate
+is held at trainer.swa.lr by torch's SWALR (in place of the run's schedule) and the equal-weight mean of the
+weights at the end of each epoch is kept, again as an AveragedModel whose state travels in the checkpoints.
+BatchNorm statistics are not averaged: `update_bn` recomputes them with a pass over the train loader before the
+averaged model is evaluated (`swa_test_metrics`)."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn, update_bn
 from torch.utils.data import DataLoader
 
+from shelltrain import rundir
 from shelltrain.checkpoint import load_checkpoint
+from shelltrain.data import DataBundle
 from shelltrain.engine import Callback, TrainState, evaluate, predict
 from shelltrain.metrics import split_metrics
-from shelltrain.schema import EmaConfig, TrainerConfig
+from shelltrain.optim import Schedule
+from shelltrain.placement import place
+from shelltrain.schema import EmaConfig, SwaConfig, TrainerConfig
 from shelltrain.tta import with_tta
 
 
-class EmaAverager(Callback):
+class Averager(Callback):
+    """An AveragedModel beside the trained model, its state saved under `key` in every checkpoint."""
+
+    key = ""
+    averaged: AveragedModel
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.averaged.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.averaged.load_state_dict(state)
+
+    def resume(self, payload: dict[str, Any] | None) -> Averager:
+        """Continue the average a resumed checkpoint carries (none in a fresh run)."""
+        if payload is not None and payload.get(self.key) is not None:
+            self.load_state_dict(payload[self.key])
+        return self
+
+
+class EmaAverager(Averager):
     """EMA_0 = W_1 (the weights after the first update step), then EMA = d * EMA + (1 - d) * W every
     `every_n_steps` optimizer steps. With `warmup_steps` W > 0 the decay at step t is d * min(1, t / W): early
     averages follow the fast-moving weights instead of remembering the random start."""
+
+    key = "ema"
 
     def __init__(self, model: nn.Module, val_loader: DataLoader, settings: TrainerConfig, ema: EmaConfig):
         self.model = model
@@ -51,12 +83,6 @@ class EmaAverager(Callback):
         val = evaluate(self.averaged.module, self.val_loader, self.settings, limit=self.settings.limit_val_batches)
         row["ema_val_loss"], row["ema_val_acc"] = val["loss"], val["acc"]
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.averaged.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.averaged.load_state_dict(state)
-
 
 def build_averager(
     ema: EmaConfig, model: nn.Module, val_loader: DataLoader, settings: TrainerConfig, payload: dict[str, Any] | None
@@ -64,10 +90,7 @@ def build_averager(
     """The EMA callback when trainer.ema.decay is set, continuing the average a resumed checkpoint carries."""
     if ema.decay is None:
         return None
-    averager = EmaAverager(model, val_loader, settings, ema)
-    if payload is not None and payload.get("ema") is not None:
-        averager.load_state_dict(payload["ema"])
-    return averager
+    return EmaAverager(model, val_loader, settings, ema).resume(payload)
 
 
 def ema_test_metrics(
@@ -84,3 +107,99 @@ def ema_test_metrics(
     logits, targets = predict(tested, test_loader, settings, limit=settings.limit_test_batches)
     best_val = {f"best_{key}": best_row[key] for key in ("ema_val_acc", "ema_val_loss") if key in best_row}
     return {**split_metrics(logits, targets, settings, "ema_test"), **best_val}
+
+
+class SwaAverager(Averager):
+    """The equal mean of the weights at the end of every epoch from `swa.start_epoch` on; from that epoch the
+    learning rate is SWALR's `swa.lr` (see `schedule`)."""
+
+    key = "swa"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, swa: SwaConfig):
+        self.model, self.optimizer, self.swa = model, optimizer, swa
+        self.averaged = AveragedModel(model)  # buffers (BatchNorm statistics) come from update_bn
+        self.swalr: SWALR | None = None  # made at the first averaging epoch: making it sets the learning rate
+
+    def on_epoch_start(self, epoch: int, num_batches: int) -> None:
+        if epoch >= self.swa.start_epoch and self.swalr is None:
+            self.swalr = SWALR(self.optimizer, swa_lr=float(self.swa.lr), anneal_epochs=0)
+
+    def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None:
+        if state.epoch >= self.swa.start_epoch:
+            self.averaged.update_parameters(self.model)
+
+    def schedule(self, base: Schedule | None) -> Schedule:
+        """The run's schedule until the averaging starts, SWALR's constant swa.lr from then on."""
+        return Schedule(SwaScheduler(self, base), base.interval if base else "epoch", bool(base and base.on_metric))
+
+
+class SwaScheduler:
+    """Steps the run's own scheduler until SwaAverager has made its SWALR, then SWALR; checkpoints keep the run's
+    scheduler's state (SWALR holds a constant rate: remade on resume, it sets the same one)."""
+
+    def __init__(self, averager: SwaAverager, base: Schedule | None):
+        self.averager, self.base = averager, base.scheduler if base is not None else None
+
+    @property
+    def total_steps(self) -> int | None:
+        return getattr(self.base, "total_steps", None)
+
+    def step(self, *args: Any) -> None:
+        if self.averager.swalr is not None:
+            self.averager.swalr.step()
+        elif self.base is not None:
+            self.base.step(*args)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.base.state_dict() if self.base is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.base is not None:
+            self.base.load_state_dict(state)
+
+
+def build_swa(
+    swa: SwaConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: Schedule | None,
+    payload: dict[str, Any] | None,
+) -> tuple[SwaAverager | None, Schedule | None]:
+    """The SWA callback when trainer.swa.start_epoch is set (continuing a resumed checkpoint's average) and the
+    schedule to train with (SWALR's from the start epoch on); (None, `schedule`) without SWA."""
+    if swa.start_epoch is None:
+        return None, schedule
+    averager = SwaAverager(model, optimizer, swa).resume(payload)
+    return averager, averager.schedule(schedule)
+
+
+def averaged_test_metrics(
+    model: nn.Module, data: DataBundle, settings: TrainerConfig, run_dir: Path, best_row: dict[str, Any]
+) -> dict[str, float]:
+    """summary.json's figures of the averaged models the run kept: EMA (best.pt's) and SWA (last.pt's)."""
+    figures = ema_test_metrics(model, data.test, settings, rundir.best_checkpoint(run_dir), best_row)
+    return {**figures, **swa_test_metrics(model, data.train, data.test, settings, rundir.last_checkpoint(run_dir))}
+
+
+def swa_test_metrics(
+    model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, settings: TrainerConfig, last: Path
+) -> dict[str, float]:
+    """summary.json's SWA figures: the average last.pt carries, its BatchNorm statistics recomputed over the train
+    loader (update_bn), on the test split (`swa_test_acc`, `swa_test_loss`, ...); {} without SWA or before any
+    epoch was averaged."""
+    state = load_checkpoint(last).get("swa") if last.exists() else None
+    if state is None or int(state["n_averaged"]) == 0:
+        return {}
+    averaged = copy.deepcopy(model)
+    averaged.load_state_dict({k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")})
+    place(averaged, settings)
+    update_bn(_images(train_loader, settings), averaged, device=torch.device(settings.device))
+    tested = with_tta(averaged, settings.test_tta)
+    logits, targets = predict(tested, test_loader, settings, limit=settings.limit_test_batches)
+    return {**split_metrics(logits, targets, settings, "swa_test"), "swa_epochs_averaged": int(state["n_averaged"])}
+
+
+def _images(loader: DataLoader, settings: TrainerConfig) -> Iterator[torch.Tensor]:
+    """The loader's images in the memory format training used (update_bn moves them to the device)."""
+    for images, _ in loader:
+        yield images.contiguous(memory_format=torch.channels_last) if settings.channels_last else images

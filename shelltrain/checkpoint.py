@@ -228,6 +228,7 @@ class Checkpointer(Callback):
         keep: int = 0,
         write: bool = True,
         averager: Any = None,
+        swa: Any = None,
     ):
         self.run_dir = run_dir
         self.model = model
@@ -239,6 +240,7 @@ class Checkpointer(Callback):
         self.keep = keep
         self.write = write
         self.averager = averager  # averaging.EmaAverager or None: its state travels in every checkpoint
+        self.swa = swa  # averaging.SwaAverager or None: likewise
 
     def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None:
         self._refuse_non_finite(epoch=state.epoch, step=state.step)
@@ -306,6 +308,7 @@ class Checkpointer(Callback):
             "metrics": state.history[-1] if state.history else {},
             "rng": rngs[0],
             **({"ema": self.averager.state_dict()} if self.averager is not None else {}),
+            **({"swa": self.swa.state_dict()} if self.swa is not None else {}),
             **({"rng_ranks": rngs} if len(rngs) > 1 else {}),
             **self.extra,
         }

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shelltrain import distributed, placement, rundir
-from shelltrain.averaging import build_averager, ema_test_metrics
+from shelltrain.averaging import averaged_test_metrics, build_averager, build_swa
 from shelltrain.calibration import calibrate
 from shelltrain.checkpoint import Checkpointer, export_state_dict, load_checkpoint
 from shelltrain.checks import uses_ensemble
@@ -250,6 +250,7 @@ def train(
             seed_new_run_dir(resume.checkpoint, state, run_dir)
     loggers.start(job.extra["config"])
     averager = build_averager(job.settings.ema, job.model, job.data.val, job.settings, payload)
+    swa, job.schedule = build_swa(job.settings.swa, job.model, job.optimizer, job.schedule, payload)  # trainer.swa
     checkpointer = Checkpointer(
         run_dir,
         job.model,
@@ -261,9 +262,10 @@ def train(
         keep=cfg.trainer.keep_checkpoints,
         write=main,
         averager=averager,
+        swa=swa,
     )
     progress = ConsoleProgress(console, job.settings.epochs, label)
-    helpers = [c for c in (job.policy, averager) if c is not None]  # a policy (un)freezes; averager: trainer.ema
+    helpers = [c for c in (job.policy, averager, swa) if c is not None]  # a policy (un)freezes; trainer.ema, .swa
     callbacks = [*helpers, progress, checkpointer, loggers]
     stop = GracefulStop(run_dir)
     try:
@@ -368,9 +370,8 @@ def test(
         **provenance(job.device, run_dir),
         "per_class": per_class_metrics(confusion, job.data.classes),
     }
-    if pruned is None:  # the EMA weights of the selected epoch (best.pt's), when trainer.ema is on
-        best = rundir.best_checkpoint(run_dir)
-        summary.update(ema_test_metrics(job.model, job.data.test, job.settings, best, best_row))
+    if pruned is None:  # the EMA weights of the selected epoch (best.pt's), SWA's average (last.pt's)
+        summary.update(averaged_test_metrics(job.model, job.data, job.settings, run_dir, best_row))
     if job.weights is not None or job.policy is not None:
         summary["transfer"] = transfer_summary(
             job.model, job.loaded, job.data, job.stats_from, job.policy, cfg.optimizer.lr

@@ -53,6 +53,19 @@ class EmaConfig:
 
 
 @dataclass
+class SwaConfig:
+    """trainer.swa: stochastic weight averaging (shelltrain.averaging); start_epoch null = off."""
+
+    start_epoch: Optional[int] = None
+    lr: float = 0.01
+
+    def check(self) -> None:
+        at_least("trainer.swa.start_epoch", self.start_epoch, 1)
+        if self.lr <= 0:
+            raise UserError(f"trainer.swa.lr={self.lr} must be > 0, e.g. 0.01")
+
+
+@dataclass
 class TrainerConfig:
     """The `trainer` group, and the settings the engine trains with. In the config `device` is auto, cpu, cuda or
     cuda:N; the runner replaces it with the resolved device (a string such as "cuda:0", or a torch.device)."""
@@ -82,12 +95,16 @@ class TrainerConfig:
     sync_batchnorm: bool = False
     devices: int = 1
     ema: EmaConfig = field(default_factory=EmaConfig)
+    swa: SwaConfig = field(default_factory=SwaConfig)
     test_tta: str = "none"
     calibrate: str = "none"
 
     def check(self) -> None:
         at_least("trainer.epochs", self.epochs, 0)
         self.ema.check()
+        self.swa.check()
+        if self.swa.start_epoch is not None and self.swa.start_epoch > self.epochs:
+            raise UserError(f"trainer.swa.start_epoch={self.swa.start_epoch} is after the last epoch ({self.epochs})")
         one_of("trainer.test_tta", self.test_tta, values.TTA_MODES)
         one_of("trainer.calibrate", self.calibrate, values.CALIBRATIONS)
         if self.monitor.startswith("ema_") and self.ema.decay is None:

@@ -121,3 +121,70 @@ def test_calibrate_in_a_run_reports_before_and_after_and_evaluate_applies_it(tmp
     evaluated = run_in_process(tmp_path / "eval", "task=evaluate", f"model.weights={tmp_path / 'run'}")
     assert math.isclose(evaluated["test_ece"], section["test_ece_after"], abs_tol=1e-6)
     assert evaluated["test_acc"] == summary["test_acc"]
+
+
+SWA = [
+    "model=cnn",
+    "model.width=8",
+    "data.image_size=16",
+    "trainer.deterministic=true",
+    "trainer.epochs=3",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.threads=1",
+    "trainer.swa.start_epoch=2",
+    "trainer.swa.lr=0.02",
+    "plots=false",
+]
+
+
+def test_swa_averages_the_epochs_from_its_start_and_recomputes_batchnorm(tmp_path, monkeypatch):
+    from shelltrain import averaging
+
+    recomputed = []
+    real_update_bn = averaging.update_bn
+
+    def update_bn(loader, model, device=None):
+        before = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k}
+        real_update_bn(loader, model, device=device)
+        recomputed.append(all(not torch.equal(before[k], model.state_dict()[k]) for k in before) and bool(before))
+
+    monkeypatch.setattr(averaging, "update_bn", update_bn)
+    run_dir = tmp_path / "swa"
+    summary = run_in_process(run_dir, *SWA, "trainer.keep_checkpoints=3")
+    epochs = {e: torch.load(run_dir / f"checkpoints/epoch_{e:03d}.pt", weights_only=True) for e in (1, 2, 3)}
+    swa = torch.load(run_dir / "checkpoints/last.pt", weights_only=True)["swa"]
+    assert swa["n_averaged"].item() == 2
+    params = [k for k, v in epochs[3]["model"].items() if v.is_floating_point() and "running" not in k]
+    for key in params:  # by hand: the mean of epochs 2 and 3, not 1
+        expected = (epochs[2]["model"][key] + epochs[3]["model"][key]) / 2
+        assert torch.allclose(swa[f"module.{key}"], expected, atol=1e-6), key
+    assert [row["lr"] for row in epochs[3]["train_state"]["history"]][1:] == [0.02, 0.02]  # SWALR's constant rate
+    assert recomputed == [True] and {"swa_test_acc", "swa_test_loss"} <= set(summary)
+    assert summary["swa_epochs_averaged"] == 2
+
+
+def test_swa_resumes_exactly(tmp_path, monkeypatch):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_in_process(straight, *SWA)
+    real = engine._optimizer_step
+    count = {"steps": 0}
+
+    def stepping(*args, **kwargs):
+        real(*args, **kwargs)
+        count["steps"] += 1
+        if count["steps"] == 10:  # mid-epoch 3, after one averaged epoch
+            signal.raise_signal(signal.SIGINT)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "_optimizer_step", stepping)
+        with pytest.raises(Interrupted):
+            run_in_process(resumed, *SWA)
+    run_in_process(resumed, *SWA, f"trainer.resume={resumed}")
+    a, b = (torch.load(d / "checkpoints/last.pt", weights_only=True) for d in (straight, resumed))
+    for key in a["swa"]:
+        assert torch.equal(a["swa"][key], b["swa"][key]), key
+    assert _rows(straight) == _rows(resumed)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (straight, resumed))
+    assert sa["swa_test_acc"] == sb["swa_test_acc"]
