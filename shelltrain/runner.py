@@ -38,6 +38,7 @@ from shelltrain.models import build_model, count_parameters, first_forward
 from shelltrain.optim import Schedule, build_optimizer, build_scheduler
 from shelltrain.placement import eval_settings
 from shelltrain.plots import plot_members, write_run_plots
+from shelltrain.profiling import build_profiler
 from shelltrain.prune import PruneResult, preflight
 from shelltrain.prune.quantize import quiet
 from shelltrain.prune.report import summary_keys, write_report
@@ -264,9 +265,9 @@ def train(
         averager=averager,
         swa=swa,
     )
-    progress = ConsoleProgress(console, job.settings.epochs, label)
-    helpers = [c for c in (job.policy, averager, swa) if c is not None]  # a policy (un)freezes; trainer.ema, .swa
-    callbacks = [*helpers, progress, checkpointer, loggers]
+    profiler = build_profiler(job.settings.profile and main, run_dir, job.device, console)  # trainer.profile
+    helpers = [c for c in (job.policy, averager, swa, profiler) if c is not None]  # before the checkpoint they feed
+    callbacks = [*helpers, ConsoleProgress(console, job.settings.epochs, label), checkpointer, loggers]
     stop = GracefulStop(run_dir)
     try:
         with stop:

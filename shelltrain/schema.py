@@ -98,6 +98,7 @@ class TrainerConfig:
     swa: SwaConfig = field(default_factory=SwaConfig)
     test_tta: str = "none"
     calibrate: str = "none"
+    profile: bool = False
 
     def check(self) -> None:
         at_least("trainer.epochs", self.epochs, 0)

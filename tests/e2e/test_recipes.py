@@ -188,3 +188,14 @@ def test_swa_resumes_exactly(tmp_path, monkeypatch):
     assert _rows(straight) == _rows(resumed)
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (straight, resumed))
     assert sa["swa_test_acc"] == sb["swa_test_acc"]
+
+
+def test_profile_writes_a_chrome_trace_and_prints_the_top_operators(tmp_path, capsys):
+    run_dir = tmp_path / "profiled"
+    run_in_process(run_dir, *TINY, "trainer.epochs=1", "trainer.limit_train_batches=6", "trainer.profile=true")
+    trace = json.loads((run_dir / "profile_trace.json").read_text())
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert "aten::convolution" in names or "aten::mkldnn_convolution" in names
+    out = capsys.readouterr().out
+    table = out[out.index("top operators by self CPU time") :]
+    assert "Self CPU" in table and "aten::" in table
