@@ -121,6 +121,17 @@ def test_calibrate_in_a_run_reports_before_and_after_and_evaluate_applies_it(tmp
     evaluated = run_in_process(tmp_path / "eval", "task=evaluate", f"model.weights={tmp_path / 'run'}")
     assert math.isclose(evaluated["test_ece"], section["test_ece_after"], abs_tol=1e-6)
     assert evaluated["test_acc"] == summary["test_acc"]
+    plain = tmp_path / "plain"
+    run_in_process(plain, *TINY, "trainer.seed=1")
+    fuse = ["ensemble=average", f"ensemble.checkpoints=[{tmp_path / 'run'},{plain}]", "trainer.epochs=0"]
+    run_in_process(tmp_path / "ensemble", *TINY, *fuse)
+    members = json.loads((tmp_path / "ensemble/ensemble.json").read_text())["members"]
+    assert math.isclose(members[0]["val_loss"], section["val_nll_after"], rel_tol=1e-5)  # its own temperature
+    assert math.isclose(
+        members[1]["val_loss"],
+        run_in_process(tmp_path / "p", "task=evaluate", "evaluate.split=val", f"model.weights={plain}")["val_nll"],
+        rel_tol=1e-5,
+    )
 
 
 SWA = [
