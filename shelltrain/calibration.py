@@ -24,12 +24,13 @@ from shelltrain.tta import with_tta
 
 
 class Tempered(nn.Module):
-    """A model whose logits are divided by a fitted temperature."""
+    """A model whose logits are divided by a fitted temperature; a buffer, so that ensembles that stack their
+    members' state (fusion.StackedMembers) stack each member's own temperature."""
 
     def __init__(self, model: nn.Module, temperature: float):
         super().__init__()
         self.model = model
-        self.temperature = float(temperature)
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x) / self.temperature

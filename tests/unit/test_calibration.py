@@ -50,3 +50,20 @@ def test_temperature_scaling_undoes_over_confidence():
     assert 8.0 < temperature < 12.0
     assert expected_calibration_error(confident / temperature, labels) < expected_calibration_error(confident, labels)
     assert torch.equal((confident / temperature).argmax(1), confident.argmax(1))
+
+
+def test_stacked_ensemble_members_keep_their_own_temperatures():
+    # ensemble.vmap stacks same-architecture members' state: each member's temperature must be part of it
+    from torch.utils.data import TensorDataset
+
+    from shelltrain.calibration import Tempered
+    from shelltrain.data.loader import Loader
+    from shelltrain.fusion import member_logits
+
+    torch.manual_seed(0)
+    members = [Tempered(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)), t) for t in (2.0, 5.0)]
+    loader = Loader(TensorDataset(torch.randn(8, 1, 4, 4), torch.zeros(8, dtype=torch.long)), batch_size=4)
+    settings = TrainerConfig(device=torch.device("cpu"), channels_last=False)
+    looped, _ = member_logits(members, loader, settings, None, stacked=False)
+    stacked, _ = member_logits(members, loader, settings, None, stacked=True)
+    assert torch.allclose(looped, stacked, atol=1e-6)
