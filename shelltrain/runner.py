@@ -1,6 +1,6 @@
 """The pipeline of one run, in the order the config reads: build (data, model, optimizer) -> fit -> prune ->
 test -> report. `run` dispatches a job: an ensemble and cross-validation are loops around that single run
-(one sub-run per member or fold), a task (evaluate, predict, export) uses a trained model instead.
+(one sub-run per member or fold), a task (evaluate, predict, export) uses a trained model instead; lr_find ramps.
 
 This is the only module that knows the order; each stage is a plain function from its own module.
 """
