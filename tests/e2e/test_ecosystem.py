@@ -86,6 +86,8 @@ def test_timm_model_finetunes_from_a_planted_file_prunes_structurally_and_export
     assert transfer["preprocessing"]["from"] == "weights"  # timm.data.resolve_data_config's mean/std
     assert transfer["preprocessing"]["std"] == pytest.approx([0.5])  # test_resnet's (0.5, 0.5, 0.5), grey: one value
     assert transfer["head"]["replaced"] and transfer["head"]["to_classes"] == 10
+    lr_groups = [group["name"] for group in transfer["finetune"]["lr_groups"]]
+    assert lr_groups[:2] == ["fc", "layer4.0"] and len(lr_groups) == 6  # timm's own layers, the head's first
     assert summary["prune_method"] == "structured" and summary["params"] == summary["prune_params"]  # best.pt's count
     assert summary["prune_params"] < summary["prune"]["before"]["params"] / 2
     unpruned = torch.load(tmp_path / "run/checkpoints/unpruned.pt", weights_only=True)["model"]
