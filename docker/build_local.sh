@@ -3,7 +3,6 @@
 # image's non-root user with /outputs mounted (docs/containers.md, "Built and run here"). Run as root from anywhere:
 #   sudo docker/build_local.sh            # apt-get install -y podman runc mmdebstrap first
 # WORK (default /tmp/shelltrain-container) holds the Debian base tarball, containers.conf and the mounted outputs.
-# TORCH_WHEEL: a local torch wheel to pin (default: a CPU wheel in pip's find-links folder, if there is one).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 work=${WORK:-/tmp/shelltrain-container}
@@ -38,15 +37,11 @@ done
 [ -n "$extra_index" ] && build_args+=(--build-arg "PIP_EXTRA_INDEX_URL=$extra_index")
 [ -n "$cert" ] && mounts+=(-v "$cert:/etc/pip-host-ca.crt:ro") && build_args+=(--build-arg PIP_CERT=/etc/pip-host-ca.crt)
 
-# A CPU torch keeps the image small where no GPU is to be had: pin the local CPU wheel's version.
-wheel=${TORCH_WHEEL:-$(ls ${find_links:-/nonexistent}/torch-*+cpu-cp311-*.whl 2>/dev/null | head -n1 || true)}
-if [ -n "$wheel" ]; then
-    version=$(basename "$wheel" | cut -d- -f2)
-    echo "torch==$version" >"$work/constraints.txt"
-    mounts+=(-v "$work/constraints.txt:/etc/pip-constraints.txt:ro")
-    build_args+=(--build-arg PIP_CONSTRAINT=/etc/pip-constraints.txt)
-    echo "torch pinned to $version ($wheel)"
-fi
+# The machine's constraints (e.g. caps at the torch releases it holds) apply to the build too. torch is the CUDA
+# build from PyPI: PyPI's torchvision wheels need it (with a CPU torch their C ops fail to load).
+constraint=$(pip_get constraint)
+[ -n "$constraint" ] && mounts+=(-v "$constraint:/etc/pip-constraints.txt:ro") \
+    && build_args+=(--build-arg PIP_CONSTRAINT=/etc/pip-constraints.txt)
 
 start=$(date +%s)
 nice -n 10 podman --runtime runc build --build-arg BASE=localhost/bookworm-py "${build_args[@]}" "${mounts[@]}" \
@@ -60,4 +55,7 @@ rm -rf "$outputs" && mkdir -p "$outputs" && chown 1000:1000 "$outputs"
 start=$(date +%s)
 podman_ run --rm -v "$outputs:/outputs" "$image" debug=smoke
 echo "run: $(($(date +%s) - start)) s"
-find "$outputs" -maxdepth 3 -printf '%u:%g %p\n' | sort
+find "$outputs" -maxdepth 3 -printf '%U:%G %p\n' | sort
+summary=$(ls "$outputs"/*/*/summary.json)
+grep -q '"status": "completed"' "$summary" && [ "$(stat -c %u "$summary")" = 1000 ]
+echo "smoke run completed: $summary, owned by uid 1000 on the host"
