@@ -19,6 +19,7 @@ from shelltrain.engine import Callback
 from shelltrain.errors import UserError
 from shelltrain.models import find_classifier
 from shelltrain.schema_values import POLICIES
+from shelltrain.timm_models import timm_layer_groups
 from shelltrain.transfer import WeightsSource, describe_load, preprocessing_note
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
@@ -169,11 +170,22 @@ class FinetunePolicy(Callback):
 
     def param_groups(self) -> list[dict[str, Any]] | None:
         """Parameter groups with `lr_mult` (the head 1, the backbone `backbone_lr_mult`, times `layer_decay` per
-        block below the top one); None for plain full training. Frozen parameters are in the groups too: while
-        they have no gradient the optimizer skips them (no update, no weight decay), and once unfrozen they train."""
+        block below the top one); None for plain full training. A timm model's layers are timm's own (its
+        `group_matcher`), scaled as timm scales them: `layer_decay` per layer below the head's. Frozen parameters are
+        in the groups too: while they have no gradient the optimizer skips them (no update, no weight decay), and
+        once unfrozen they train."""
         if self.policy == "full" and self.backbone_lr_mult == 1.0 and self.layer_decay == 1.0:
             return None
-        groups: list[dict[str, Any]] = [{"name": self.head_name, "params": self.head_params, "lr_mult": 1.0}]
+        timm_layers = timm_layer_groups(self.model) if self.layer_decay != 1.0 else None
+        if timm_layers is not None:
+            (head_name, head_params), *below = reversed(timm_layers)
+            groups = [{"name": head_name, "params": head_params, "lr_mult": 1.0}]
+            for depth, (name, params) in enumerate(below, start=1):
+                groups.append(
+                    {"name": name, "params": params, "lr_mult": self.backbone_lr_mult * self.layer_decay**depth}
+                )
+            return groups
+        groups = [{"name": self.head_name, "params": self.head_params, "lr_mult": 1.0}]
         if self.layer_decay == 1.0:
             params = [p for u in self.units for p in u.params]
             groups.append({"name": "backbone", "params": params, "lr_mult": self.backbone_lr_mult})

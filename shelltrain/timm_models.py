@@ -81,3 +81,30 @@ def open_timm_weights(spec: str, model_cfg: DictConfig) -> dict[str, Any]:
         "preprocessing": preprocessing,
         "model_name": name,
     }
+
+
+def timm_layer_groups(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]] | None:
+    """timm's own layer grouping for layer-wise learning-rate decay, stem first and the head's layer last: the
+    model's `group_matcher` as `timm.optim.param_groups_layer_decay` reads it (a parameter it leaves out goes to the
+    top layer, as there). None for a model without a `group_matcher` (torchvision's, shelltrain's cnn)."""
+    if not callable(getattr(model, "group_matcher", None)):
+        return None
+    from timm.models import group_parameters
+
+    layer_of = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    top = max(layer_of.values())
+    layers: dict[int, list[tuple[str, nn.Parameter]]] = {}
+    for name, param in model.named_parameters():
+        layers.setdefault(layer_of.get(name, top), []).append((name, param))
+    return [(_layer_name([n for n, _ in layers[i]]), [p for _, p in layers[i]]) for i in sorted(layers)]
+
+
+def _layer_name(names: list[str]) -> str:
+    """The modules a layer holds: their common prefix (`stages.1.blocks.1`), else its top-level modules joined."""
+    modules = [name.split(".")[:-1] or [name] for name in names]
+    common: list[str] = []
+    for parts in zip(*modules):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    return ".".join(common) if common else "+".join(dict.fromkeys(m[0] for m in modules))

@@ -11,6 +11,9 @@ from fixtures_data import make_cifar10
 from test_transfer import plant_torchvision_weights
 
 from shelltrain.errors import UserError
+from shelltrain.finetune import FinetunePolicy
+from shelltrain.models import build_model
+from shelltrain.optim import build_optimizer
 from shelltrain.schema import validate
 
 # --- experiment=seed_finetune_cifar10 + checkpoint.export_state_dict ------------------------------------------
@@ -83,6 +86,8 @@ def test_timm_model_finetunes_from_a_planted_file_prunes_structurally_and_export
     assert transfer["preprocessing"]["from"] == "weights"  # timm.data.resolve_data_config's mean/std
     assert transfer["preprocessing"]["std"] == pytest.approx([0.5])  # test_resnet's (0.5, 0.5, 0.5), grey: one value
     assert transfer["head"]["replaced"] and transfer["head"]["to_classes"] == 10
+    lr_groups = [group["name"] for group in transfer["finetune"]["lr_groups"]]
+    assert lr_groups[:2] == ["fc", "layer4.0"] and len(lr_groups) == 6  # timm's own layers, the head's first
     assert summary["prune_method"] == "structured" and summary["params"] == summary["prune_params"]  # best.pt's count
     assert summary["prune_params"] < summary["prune"]["before"]["params"] / 2
     unpruned = torch.load(tmp_path / "run/checkpoints/unpruned.pt", weights_only=True)["model"]
@@ -99,6 +104,27 @@ def test_unknown_timm_name_is_one_line_with_close_names(tmp_path):
     pytest.importorskip("timm", reason='timm is an optional extra: pip install "shelltrain[timm]"')
     with pytest.raises(UserError, match=r"model.name='convnext_ato' is not a timm model; did you mean convnext_atto"):
         run_in_process(tmp_path, "model=timm", "model.name=convnext_ato", "debug=smoke")
+
+
+def test_finetune_layer_decay_takes_timms_own_layers_and_decays_from_head_to_stem():
+    pytest.importorskip("timm", reason='timm is an optional extra: pip install "shelltrain[timm]"')
+    from timm.optim import param_groups_layer_decay
+
+    cfg = compose_config("model=timm", "model.name=test_convnext", "finetune=layer_decay", "optimizer.lr=0.1")
+    assert (cfg.finetune.policy, cfg.finetune.layer_decay) == ("full", 0.75)
+    model = build_model(cfg.model, 10, 3)
+    groups = FinetunePolicy(model, cfg.finetune).param_groups()
+    # timm's group_matcher: the head's layer (its norm and fc) first, then the stages' blocks, the stem last
+    assert [g["name"] for g in groups][:3] == ["head", "stages.3.blocks.1", "stages.3"]
+    assert groups[-1]["name"] == "stem"
+    assert [g["lr_mult"] for g in groups] == pytest.approx([0.75**depth for depth in range(len(groups))])
+    ours = {id(p): g["lr_mult"] for g in groups for p in g["params"]}
+    theirs = {id(p): g["lr_scale"] for g in param_groups_layer_decay(model, layer_decay=0.75) for p in g["params"]}
+    assert ours == pytest.approx(theirs) and len(ours) == len(list(model.parameters()))  # every parameter, timm's scale
+    optimizer = build_optimizer(cfg.optimizer, model, groups)
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    assert lrs[0] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.1 * 0.75 ** (len(groups) - 1))
+    assert all(upper > lower for upper, lower in zip(lrs, lrs[1:]))
 
 
 # --- logger=mlflow ----------------------------------------------------------------------------------------------

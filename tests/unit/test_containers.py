@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,3 +78,16 @@ def test_apptainer_definition_bootstraps_copies_and_runs_shelltrain():
     assert installed and set(installed.group(1).split(",")) <= extras()
     assert sections["runscript"].split() == ["exec", "shelltrain", '"$@"']
     assert "SHELLTRAIN_DATA_ROOT=/data" in sections["environment"]
+
+
+def test_pip_settings_are_build_arguments_that_stay_out_of_the_image():
+    steps = dockerfile()
+    pip_args = {args for op, args in steps if op == "ARG" and args.startswith("PIP_")}
+    # no defaults: pip's public index unless a build passes a mirror (docker/build_local.sh passes this machine's)
+    assert pip_args == {"PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_CERT", "PIP_CONSTRAINT"}
+    assert not any("PIP_" in args for op, args in steps if op == "ENV")
+    script = (ROOT / "docker/build_local.sh").read_text()
+    assert all(
+        f"--build-arg {name}=" in script or f'--build-arg "{name}=' in script for name in pip_args - {"PIP_INDEX_URL"}
+    )
+    assert subprocess.run(["bash", "-n", str(ROOT / "docker/build_local.sh")]).returncode == 0
