@@ -23,18 +23,11 @@ from shelltrain import distributed, placement, rundir
 from shelltrain.averaging import build_averager, ema_test_metrics
 from shelltrain.checkpoint import Checkpointer, export_state_dict, load_checkpoint
 from shelltrain.checks import uses_ensemble
+from shelltrain.compress import run_compress
 from shelltrain.data import DataBundle, build_data, cv_fold
 from shelltrain.data.transforms import describe_preprocessing
 from shelltrain.distill import make_distiller
-from shelltrain.engine import (
-    NonFiniteLoss,
-    TrainState,
-    evaluate,
-    fit,
-    make_scaler,
-    monitor_mode,
-    predict,
-)
+from shelltrain.engine import NonFiniteLoss, TrainState, evaluate, fit, make_scaler, monitor_mode, predict
 from shelltrain.environment import check_distributable, provenance, resolve_device, seed_everything
 from shelltrain.errors import Interrupted, UserError
 from shelltrain.finetune import make_policy, transfer_log, transfer_summary
@@ -83,6 +76,8 @@ def run(
         seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
         return run_task(cfg, run_dir, train_settings(cfg.trainer, device), make_console(), overrides)
     try:
+        if cfg.get("compress"):  # teacher ensemble -> distilled -> pruned -> int8 student, one table (compress.py)
+            return run_compress(cfg, run_dir, resume=resume is not None)
         if uses_ensemble(cfg):  # members (sub-runs or loaded models) fused into one prediction
             return ensemble_and_test(cfg, run_dir, resume=resume is not None)
         if cfg.get("cv") is not None and cfg.cv.folds:
