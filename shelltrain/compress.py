@@ -11,6 +11,7 @@ re-measured from its sub-run. The models are then reloaded from those sub-runs a
 from __future__ import annotations
 
 import time
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from rich.table import Table
 
 from shelltrain import rundir
 from shelltrain.errors import UserError
+from shelltrain.export import INSTALL_HINT
 from shelltrain.plots import plot_tradeoff
 from shelltrain.prune.measure import LatencySpec, cpu_copy, measure, measure_latency
 from shelltrain.report import make_console, say
@@ -39,6 +41,11 @@ def run_compress(cfg: DictConfig, run_dir: Path, resume: bool = False) -> float:
     started = time.perf_counter()
     console = make_console()
     spec = cfg.compress
+    missing = [name for name in ("onnx", "onnxscript") if spec.export == "onnx" and find_spec(name) is None]
+    if missing:  # said before the stages train, not after
+        raise UserError(
+            f"compress.export=onnx needs {', '.join(missing)}: {INSTALL_HINT}, or compress.export=torchscript"
+        )
     dirs = {stage: rundir.compress_stage_dir(run_dir, stage) for stage in STAGES}
     student = cfg.copy()
     with open_dict(student):
