@@ -188,7 +188,7 @@ def build(cfg: DictConfig, fold: tuple[int, int] | None, overrides: list[str], c
     if weights is not None and "pruning" in (weights.checkpoint or {}):  # trained further, it still needs rebuilding
         extra["pruning"] = weights.checkpoint["pruning"]
     parts = (device, data, data_cfg, stats_from, weights, loaded, model, policy, settings, optimizer, schedule)
-    loss = make_distiller(cfg.get("distill"), data.classes, settings, lambda line: say(console, line))
+    loss = make_distiller(cfg.get("distill"), data.classes, settings, lambda m: say(console, m), cfg.augmentation)
     return Job(*parts, make_scaler(settings), count_parameters(model), extra, loss)
 
 
