@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import run_in_process
 from omegaconf import OmegaConf
 
 from shelltrain.data import build_data
@@ -16,7 +17,6 @@ from shelltrain.models import build_model
 from shelltrain.prune import rebuild
 from shelltrain.prune.quantize import quiet
 from shelltrain.runner import train_settings
-from tests.conftest import run_in_process
 
 TINY = [
     "experiment=compress_digits",
