@@ -26,7 +26,7 @@ from shelltrain.plots import plot_tradeoff
 from shelltrain.prune.measure import LatencySpec, cpu_copy, measure, measure_latency
 from shelltrain.report import make_console, say
 from shelltrain.schema import validate
-from shelltrain.tasks import preprocessing
+from shelltrain.tasks import export_task, preprocessing
 from shelltrain.trained import load_trained_model
 
 STAGES = ("teacher", "student", "distilled", "pruned", "int8")  # sub-run names, in the order they run
@@ -34,7 +34,7 @@ STAGES = ("teacher", "student", "distilled", "pruned", "int8")  # sub-run names,
 
 def run_compress(cfg: DictConfig, run_dir: Path, resume: bool = False) -> float:
     """Run every stage in its sub-run, then measure and report; returns the int8 student's test accuracy."""
-    from shelltrain.runner import ensemble_and_test, train_and_test  # the runner imports this module lazily
+    from shelltrain.runner import ensemble_and_test, train_and_test  # here: the runner imports this module
 
     if resume:
         raise UserError("trainer.resume does not apply to the compression pipeline (compress): run it again anew")
@@ -97,8 +97,7 @@ def _loaded(student: DictConfig, source: Path, prune: DictConfig) -> DictConfig:
 def _export(cfg: DictConfig, dirs: dict[str, Path], console: Any) -> dict[str, Any]:
     """The compressed student as a deployable file: the pruned float model in `compress.export` (ONNX by
     default) and the int8 one as TorchScript (torch.ao's int8 modules have no ONNX export), each checked."""
-    from shelltrain.runner import train_settings
-    from shelltrain.tasks import export_task
+    from shelltrain.runner import train_settings  # here: the runner imports this module
 
     settings = train_settings(cfg.trainer, torch.device("cpu"))
     found = {}
