@@ -5,8 +5,9 @@
    test stay whole), train the student (model=cnn, width 4) with the same epochs and seeds twice: alone (labels
    only) and distilled (distill=logits from the teacher, alpha 0.9, T 4). With a budget the student sees only
    those images: the teacher's soft outputs on them are the extra signal (the teacher was trained on all labels).
-3. Print test accuracy mean ± std over the seeds, the seconds per epoch of each arm (the teacher's forward cost,
-   what caching its logits could save), and optionally prune.distill vs plain fine-tuning after structured pruning.
+3. Print test accuracy mean ± std over the seeds, the seconds per epoch of each arm (`distilled` caches the
+   teacher's logits, `uncached` runs the teacher on every batch: distill.cache=false), and optionally
+   prune.distill vs plain fine-tuning after structured pruning.
 
     python benchmarks/distill.py [--seeds 3] [--epochs 10] [--budgets all,5] [--prune]
 
@@ -44,7 +45,10 @@ def epoch_seconds(run_dir: Path) -> float:
 def experiment(out: Path, budgets: list[str], seeds: int, epochs: int, prune: bool) -> dict:
     teacher_dir = out / "teacher"
     teacher = run(teacher_dir, "model.width=32", "trainer.epochs=10")
-    arms = {"alone": [], "distilled": ["distill=logits", f"distill.teacher={teacher_dir}"]}
+    distilled = ["distill=logits", f"distill.teacher={teacher_dir}"]
+    # augmentation=none: `distilled` reads the teacher's logits from its cache after epoch 1 (distill.cache
+    # unset); `uncached` calls the teacher on every batch: the same student, the teacher's cost per epoch
+    arms = {"alone": [], "distilled": distilled, "uncached": [*distilled, "distill.cache=false"]}
     results: dict = {"teacher_test_acc": teacher["test_acc"], "rows": []}
     for budget in budgets:
         limit = [] if budget == "all" else [f"data.samples_per_class={budget}"]

@@ -49,18 +49,51 @@ def distillation_loss(
 
 class Distiller:
     """The training loss `engine.fit` takes (engine.Loss): the teacher's logits on the student's batch, then
-    `distillation_loss`."""
+    `distillation_loss`. With `cache`, each image's teacher logits are computed once and reused every later
+    epoch (`TeacherCache`): only right when the images a sample yields are the same every epoch (no augmentation)."""
 
-    def __init__(self, teacher: nn.Module, temperature: float, alpha: float, description: str = ""):
+    def __init__(self, teacher: nn.Module, temperature: float, alpha: float, description: str = "", cache=False):
         self.teacher, self.temperature, self.alpha = teacher.eval().requires_grad_(False), temperature, alpha
         self.description = description
+        self.cache = TeacherCache() if cache else None
 
     def __call__(
         self, images: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, settings: TrainerConfig
     ) -> torch.Tensor:
-        with torch.no_grad():
-            teacher_logits = self.teacher(images)
+        if self.cache is None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(images)
+        else:
+            teacher_logits = self.cache.logits(self.teacher, images)
         return distillation_loss(logits, teacher_logits, targets, settings, self.temperature, self.alpha)
+
+
+class TeacherCache:
+    """Teacher logits by image content. An eval-mode teacher is a pure function of the image, so the logits kept
+    for an image are the logits it would give again: content keys stay right across shuffling and resume (a
+    resumed run just fills the cache anew). The key is the image projected on two fixed random directions (float64):
+    distinct images collide with negligible probability; a key that differs by rounding only costs a recomputation."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[float, float], torch.Tensor] = {}
+        self.probe: torch.Tensor | None = None
+        self.hits = self.misses = 0
+
+    def logits(self, teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        flat = images.detach().flatten(1)
+        if self.probe is None:
+            generator = torch.Generator().manual_seed(0)
+            self.probe = torch.randn(flat.shape[1], 2, generator=generator, dtype=torch.float64).to(flat.device)
+        keys = [tuple(row) for row in (flat.to(torch.float64) @ self.probe).tolist()]
+        if all(key in self.rows for key in keys):
+            self.hits += len(keys)
+            return torch.stack([self.rows[key] for key in keys])
+        with torch.no_grad():
+            computed = teacher(images)
+        self.misses += len(keys)
+        for key, row in zip(keys, computed.detach()):
+            self.rows.setdefault(key, row)
+        return computed
 
 
 class FusedTeacher(nn.Module):
@@ -78,12 +111,23 @@ class FusedTeacher(nn.Module):
 
 
 def make_distiller(
-    distill: DictConfig | None, classes: list[str], settings: TrainerConfig, say: Callable[[str], None]
+    distill: DictConfig | None,
+    classes: list[str],
+    settings: TrainerConfig,
+    say: Callable[[str], None],
+    augmentation: DictConfig | None = None,
 ) -> Distiller | None:
     """The distillation loss of `distill` (the config group), its teacher on the training device; None without
-    distillation. A teacher trained on other classes is one line, before training starts."""
+    distillation. A teacher trained on other classes is one line, before training starts. The teacher's logits
+    are cached (`distill.cache`, null: whenever `augmentation` changes nothing: the same images every epoch)."""
     if distill is None or distill.name == "none":
         return None
+    plain = augmentation is None or not (
+        augmentation.get("train") or augmentation.get("mixup_alpha") or augmentation.get("cutmix_alpha")
+    )
+    cache = plain if distill.get("cache") is None else bool(distill.cache)
+    if cache and not plain:
+        raise UserError("distill.cache=true needs augmentation=none (augmented images differ every epoch); unset it")
     key = "distill.teacher" if distill.teacher else "distill.sweep"
     paths, rule, weights = _teacher_sources(distill, settings)
     models = []
@@ -100,8 +144,8 @@ def make_distiller(
     place(teacher, settings)
     what = f"{len(models)} models fused by {rule}" if len(models) > 1 else str(paths[0])
     description = f"distilling from {what} (temperature {distill.temperature:g}, alpha {distill.alpha:g})"
-    say(description)
-    return Distiller(teacher, float(distill.temperature), float(distill.alpha), description)
+    say(description + (", teacher logits cached" if cache else ""))
+    return Distiller(teacher, float(distill.temperature), float(distill.alpha), description, cache)
 
 
 def _teacher_sources(distill: DictConfig, settings: TrainerConfig) -> tuple[list[Path], str, list[float]]:

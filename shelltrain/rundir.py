@@ -13,6 +13,7 @@ A run directory::
     metrics.csv             one row per epoch (other loggers: metrics.jsonl, tensorboard/)
     summary.json            headline figures and one section per stage
     prune.json, ensemble.json, plots/, members/<i>/, cv/fold_<k>/, error.log
+    compress.json, compress/<stage>/  the compression pipeline's table and its stages' sub-runs
     .shelltrain.lock        held by the one process writing into the directory (PID, host, start time)
 
 A sweep directory holds one run directory per job (0/, 1/, ...), summary.csv, sweep.png and its own lock.
@@ -58,6 +59,9 @@ PROFILE_TRACE = "profile_trace.json"  # trainer.profile: torch.profiler's chrome
 ENSEMBLE_REPORT = "ensemble.json"  # what makes a run directory a reusable ensemble
 MEMBERS = "members"  # an ensemble run's trained members, one sub-run each
 CV = "cv"  # cross-validation folds, one sub-run each
+COMPRESS = "compress"  # the compression pipeline's stages (teacher, student, ...), one sub-run each
+COMPRESS_REPORT = "compress.json"  # its table: one row per model
+COMPRESS_PLOT = "compress.png"  # under plots/: test accuracy against parameters and CPU latency
 ERROR_LOG = "error.log"  # a failed sweep job's traceback
 SWEEP_SUMMARY = "summary.csv"
 SWEEP_PLOT = "sweep.png"  # the score against each swept parameter
@@ -123,6 +127,14 @@ def profile_trace(run_dir: Path) -> Path:
 
 def member_dir(run_dir: Path, index: int) -> Path:
     return Path(run_dir) / MEMBERS / str(index)
+
+
+def compress_stage_dir(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / COMPRESS / stage
+
+
+def compress_report(run_dir: Path) -> Path:
+    return Path(run_dir) / COMPRESS_REPORT
 
 
 def fold_dir(run_dir: Path, fold: int) -> Path:

@@ -24,6 +24,7 @@ from shelltrain.averaging import averaged_test_metrics, build_averager, build_sw
 from shelltrain.calibration import calibrate
 from shelltrain.checkpoint import Checkpointer, export_state_dict, load_checkpoint
 from shelltrain.checks import uses_ensemble
+from shelltrain.compress import run_compress
 from shelltrain.data import DataBundle, build_data, cv_fold
 from shelltrain.data.balance import balanced_loss
 from shelltrain.data.transforms import describe_preprocessing
@@ -71,17 +72,15 @@ def run(
     `overrides` (the command line's, stored in every checkpoint) let `trainer.resume` rebuild the config."""
     if distributed.active():
         check_distributable(cfg)
-    if cfg.task == "lr_find":  # a learning-rate range test on a copy of the model
-        from shelltrain.lr_find import find_lr
-
-        return find_lr(cfg, run_dir, make_console())
-    if cfg.task != "train":  # evaluate, predict or export a trained model
+    if cfg.task != "train":  # evaluate, predict or export a trained model; lr_find's range test
         from shelltrain.tasks import run_task
 
         device = resolve_device(cfg.trainer.device)
         seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
         return run_task(cfg, run_dir, train_settings(cfg.trainer, device), make_console(), overrides)
     try:
+        if cfg.get("compress"):  # teacher ensemble -> distilled -> pruned -> int8 student, one table (compress.py)
+            return run_compress(cfg, run_dir, resume=resume is not None)
         if uses_ensemble(cfg):  # members (sub-runs or loaded models) fused into one prediction
             return ensemble_and_test(cfg, run_dir, resume=resume is not None)
         if cfg.get("cv") is not None and cfg.cv.folds:
@@ -193,7 +192,7 @@ def build(cfg: DictConfig, fold: tuple[int, int] | None, overrides: list[str], c
     if weights is not None and "pruning" in (weights.checkpoint or {}):  # trained further, it still needs rebuilding
         extra["pruning"] = weights.checkpoint["pruning"]
     parts = (device, data, data_cfg, stats_from, weights, loaded, model, policy, settings, optimizer, schedule)
-    loss = make_distiller(cfg.get("distill"), data.classes, settings, lambda line: say(console, line))
+    loss = make_distiller(cfg.get("distill"), data.classes, settings, lambda m: say(console, m), cfg.augmentation)
     loss = loss or balanced_loss(cfg.data.get("balance", "none"), data.train, data.num_classes)  # data.balance
     return Job(*parts, make_scaler(settings), count_parameters(model), extra, loss)
 

@@ -377,6 +377,7 @@ class DistillConfig:
     top_k: Optional[int] = None
     temperature: float = 4.0
     alpha: float = 0.9
+    cache: Optional[bool] = None  # teacher logits computed once per image; null: when augmentation=none
 
     def check(self) -> None:
         one_of("distill.name", self.name, values.DISTILL_METHODS)

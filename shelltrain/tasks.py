@@ -45,8 +45,12 @@ EXPORT_CHECK_BATCH = 8  # images of the export check; the example the exporter t
 def run_task(
     cfg: DictConfig, run_dir: Path, settings: TrainerConfig, console: Console, overrides: list[str] | None = None
 ) -> float | None:
-    """Run `cfg.task` (evaluate, predict or export); returns evaluate's accuracy for sweepers. `overrides` (the
+    """Run `cfg.task` (evaluate, predict, export or lr_find); returns evaluate's accuracy for sweepers. `overrides` (the
     command line's) tell which data settings the user chose on purpose over the checkpoint's preprocessing."""
+    if cfg.task == "lr_find":  # a learning-rate range test on a copy of the configured model
+        from shelltrain.lr_find import find_lr  # it builds the job as a training run does (runner.build)
+
+        return find_lr(cfg, run_dir, console)
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     model, checkpoint, source = load_trained_model(str(cfg.model.weights))

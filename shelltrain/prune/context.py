@@ -117,7 +117,8 @@ def prunable_layers(model: nn.Module, cfg: Any = None) -> list[tuple[str, nn.Mod
 def chosen_names(model: nn.Module, cfg: Any) -> set[str]:
     """The conv/linear layers a method may touch: matched by a `prune.modules` pattern (all when unset) and by
     no `prune.exclude` pattern. A pattern (fnmatch) matches a layer or any module holding it: `layer3`,
-    `layer3.*`, `features.0*`, `fc`. A pattern that matches nothing is a mistake, said in one line."""
+    `layer3.*`, `features.0*`, `fc`. A pattern that matches nothing is a mistake, said in one line. The final
+    classifier stays out unless a `prune.modules` pattern names it (`quantize` converts it like the rest)."""
     names = [name for name, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
     modules, exclude = list(cfg.get("modules") or []), list(cfg.get("exclude") or [])
     for key, patterns in (("modules", modules), ("exclude", exclude)):
@@ -132,9 +133,20 @@ def chosen_names(model: nn.Module, cfg: Any) -> set[str]:
         for name in names
         if (not modules or any(_matches(name, p) for p in modules)) and not any(_matches(name, p) for p in exclude)
     }
+    classifier = _classifier_name(model)
+    if classifier and cfg.get("name") != "quantize" and not any(_matches(classifier, p) for p in modules):
+        chosen.discard(classifier)  # its outputs are the classes: pruned only when prune.modules names it
     if not chosen:
-        raise UserError(f"prune.modules={modules} and prune.exclude={exclude} leave no layer to prune; widen them")
+        raise UserError(
+            f"prune.modules={modules} and prune.exclude={exclude} leave no layer to prune (the classifier "
+            f"{classifier!r} counts only when prune.modules names it); widen them"
+        )
     return chosen
+
+
+def _classifier_name(model: nn.Module) -> str | None:
+    """The final classifier: the last Linear layer (None when the model has none)."""
+    return next((name for name, m in reversed(list(model.named_modules())) if isinstance(m, nn.Linear)), None)
 
 
 def _matches(name: str, pattern: str) -> bool:

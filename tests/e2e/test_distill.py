@@ -113,10 +113,16 @@ EXACT = [
 ]
 
 
-def test_distillation_resumes_exactly_after_an_interruption(tmp_path, monkeypatch, teacher):
+# augmentation=none caches the teacher's logits: 6 batches are the whole (limited) train split, so the
+# uninterrupted run reads epoch 2's logits from the cache and the resumed run, its cache empty, recomputes them.
+CACHED = ["augmentation=none", "data.limit_samples=192", "data.batch_size=32"]
+
+
+@pytest.mark.parametrize("extra", [[], CACHED], ids=["augmented", "cached"])
+def test_distillation_resumes_exactly_after_an_interruption(tmp_path, monkeypatch, teacher, extra):
     """SIGINT mid-epoch 2, then trainer.resume: the same weights and metrics as the uninterrupted run."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    overrides = [*EXACT, f"distill.teacher={teacher}"]
+    overrides = [*EXACT, f"distill.teacher={teacher}", *extra]
     run_in_process(straight, *overrides)
     real, count = engine._optimizer_step, {"steps": 0}
 
@@ -137,6 +143,41 @@ def test_distillation_resumes_exactly_after_an_interruption(tmp_path, monkeypatc
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert without_timings(straight) == without_timings(resumed)
+
+
+def test_cached_teacher_logits_train_the_same_student_as_computing_them_every_epoch(tmp_path, monkeypatch, teacher):
+    """augmentation=none: epoch 2 reads every teacher logit from the cache (no teacher call), and the student's
+    weights after 2 epochs are identical to those of a run that calls the teacher on every batch."""
+    caches = []
+    real = distill.TeacherCache.logits
+
+    def spy(self, teacher_model, images):
+        caches.append(self)
+        return real(self, teacher_model, images)
+
+    monkeypatch.setattr(distill.TeacherCache, "logits", spy)
+    common = [*TINY, "model.width=8", "trainer.epochs=2", *CACHED, "distill=logits", f"distill.teacher={teacher}"]
+    cached = run_in_process(tmp_path / "cached", *common)
+    assert caches and caches[-1].misses == 192 and caches[-1].hits == 192  # epoch 1 computes, epoch 2 reuses
+    calls = len(caches)
+    plain = run_in_process(tmp_path / "plain", *common, "distill.cache=false")
+    assert len(caches) == calls  # distill.cache=false: the teacher runs on every batch
+    a, b = (torch.load(tmp_path / d / "checkpoints/last.pt", weights_only=True)["model"] for d in ("cached", "plain"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert cached["test_acc"] == plain["test_acc"]
+
+
+def test_a_teacher_cache_refuses_augmented_images(tmp_path, teacher):
+    with pytest.raises(UserError, match="distill.cache=true needs augmentation=none"):
+        run_in_process(
+            tmp_path,
+            *TINY,
+            "debug=smoke",
+            "augmentation=basic",
+            "distill=logits",
+            f"distill.teacher={teacher}",
+            "distill.cache=true",
+        )
 
 
 def without_timings(run_dir: Path) -> list[dict[str, str]]:

@@ -64,10 +64,24 @@ def rebuilt_params(run_dir: Path) -> int:
     return parameter_count(load_trained_model(str(run_dir))[0])
 
 
-def checkpoint_sparsity(state_dict: dict) -> float:
-    """Zeros / elements of every conv and linear weight (the 2-D and 4-D weights) in a state dict."""
-    weights = [v for k, v in state_dict.items() if k.endswith("weight") and v.ndim in (2, 4)]
+CLASSIFIER = "classifier.2.weight"  # the cnn's final classifier: no prune method touches it unless named
+
+
+def checkpoint_sparsity(state_dict: dict, classifier: bool = True) -> float:
+    """Zeros / elements of every conv and linear weight (the 2-D and 4-D weights) in a state dict; with
+    `classifier=False` over the layers the methods prune by default (all but the classifier)."""
+    weights = [
+        v
+        for k, v in state_dict.items()
+        if k.endswith("weight") and v.ndim in (2, 4) and (classifier or k != CLASSIFIER)
+    ]
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def prunable_share(state_dict: dict) -> float:
+    """The share of conv/linear weights outside the classifier: a target sparsity times this is the model's."""
+    weights = {k: v.numel() for k, v in state_dict.items() if k.endswith("weight") and v.ndim in (2, 4)}
+    return 1 - weights[CLASSIFIER] / sum(weights.values())
 
 
 @pytest.mark.slow
@@ -105,12 +119,16 @@ def test_magnitude_checkpoint_holds_exactly_the_reported_sparsity(tmp_path):
     state = load_best(tmp_path)["model"]
     assert not any(k.endswith(("_orig", "_mask")) for k in state)  # masks made permanent before saving
     assert checkpoint_sparsity(state) == report["after"]["sparsity"] == summary["prune_sparsity"]
-    assert 0.75 <= report["after"]["sparsity"] < 0.7501
+    assert 0.75 <= checkpoint_sparsity(state, classifier=False) < 0.7501  # the amount: of the layers it may prune
+    assert torch.count_nonzero(state[CLASSIFIER]) == state[CLASSIFIER].numel()  # the classifier stays dense
+    assert report["after"]["sparsity"] == pytest.approx(0.75 * prunable_share(state), abs=1e-4)
     # the masks held while fine-tuning: the sparsity right after pruning is the sparsity saved
     assert report["rounds"][0]["sparsity"] == report["after"]["sparsity"]
     assert report["finetune_history"] and report["before"]["params"] == report["after"]["params"]
-    per_layer = {row["name"]: row["sparsity"] for row in report["layers"]}
+    per_layer = {row["name"]: row["sparsity"] for row in report["layers"] if row["chosen"]}
     assert len(set(per_layer.values())) > 1  # global ranking: uneven per layer
+    classifier = next(row for row in report["layers"] if row["name"] == "classifier.2")
+    assert (classifier["chosen"], classifier["changed"], classifier["sparsity"]) == (False, False, 0.0)
     assert reloaded_test_acc(tmp_path) == summary["test_acc"]
 
 
@@ -121,8 +139,10 @@ def test_iterative_magnitude_reaches_the_target_in_steps(tmp_path):
     report = json.loads((tmp_path / "prune.json").read_text())
     assert (tmp_path / "plots/prune_tradeoff.png").stat().st_size > 0  # accuracy vs size and latency, per step
     assert [r["target"] for r in report["rounds"]] == pytest.approx([0.3, 0.6, 0.9])
-    assert [round(r["sparsity"], 3) for r in report["rounds"]] == [0.3, 0.6, 0.9]
-    assert 0.9 <= checkpoint_sparsity(load_best(tmp_path)["model"]) < 0.9001
+    state = load_best(tmp_path)["model"]
+    share = prunable_share(state)  # the classifier stays dense: the model's sparsity is the target times this
+    assert [r["sparsity"] for r in report["rounds"]] == pytest.approx([0.3 * share, 0.6 * share, 0.9 * share], abs=1e-3)
+    assert 0.9 <= checkpoint_sparsity(state, classifier=False) < 0.9001
     assert len(report["finetune_history"]) == 3  # one epoch per round
 
 
@@ -132,7 +152,7 @@ def test_local_magnitude_prunes_every_layer_to_the_amount(tmp_path):
     )
     report = json.loads((tmp_path / "prune.json").read_text())
     for row in report["layers"]:
-        assert row["sparsity"] == pytest.approx(0.5, abs=0.02)
+        assert row["sparsity"] == (pytest.approx(0.5, abs=0.02) if row["name"] != "classifier.2" else 0.0)
     assert report["accuracy"]["pruned"] == report["accuracy"]["finetuned"]
 
 
@@ -141,15 +161,16 @@ def test_threshold_zeroes_exactly_the_small_weights(tmp_path):
     before = torch.load(tmp_path / "checkpoints/unpruned.pt", weights_only=True)["model"]
     after = load_best(tmp_path)["model"]
     for key, w in before.items():
-        if key.endswith("weight") and w.ndim in (2, 4):
+        if key.endswith("weight") and w.ndim in (2, 4) and key != CLASSIFIER:
             assert torch.equal(after[key], torch.where(w.abs() < 0.05, torch.zeros_like(w), w))
+    assert torch.equal(after[CLASSIFIER], before[CLASSIFIER])  # the classifier: untouched
 
 
 def test_random_pruning_is_a_seeded_baseline(tmp_path):
     a = run_in_process(tmp_path / "a", *CNN, "prune=random", "prune.amount=0.6", "prune.finetune_epochs=0")
     b = run_in_process(tmp_path / "b", *CNN, "prune=random", "prune.amount=0.6", "prune.finetune_epochs=0")
-    assert a["prune_sparsity"] == b["prune_sparsity"] >= 0.6
     wa, wb = load_best(tmp_path / "a")["model"], load_best(tmp_path / "b")["model"]
+    assert a["prune_sparsity"] == b["prune_sparsity"] and checkpoint_sparsity(wa, classifier=False) >= 0.6
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -191,8 +212,8 @@ def test_unstructured_hierarchical_and_adaptive_report_their_choices(tmp_path):
     run_in_process(tmp_path / "h", *CNN, "prune=magnitude", "prune.schedule=hierarchical", "prune.amount=0.5")
     report = json.loads((tmp_path / "h/prune.json").read_text())
     groups = [r["round"].split()[1] for r in report["rounds"]]
-    assert groups == ["classifier.2", "features.8", "features.4", "features.0"]  # output end first
-    assert report["after"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert groups == ["features.8", "features.4", "features.0"]  # output end first; the classifier stays
+    assert checkpoint_sparsity(load_best(tmp_path / "h")["model"], classifier=False) == pytest.approx(0.5, abs=0.01)
 
     run_in_process(
         tmp_path / "a",
@@ -204,7 +225,7 @@ def test_unstructured_hierarchical_and_adaptive_report_their_choices(tmp_path):
     )
     adaptive = json.loads((tmp_path / "a/prune.json").read_text())
     details = adaptive["details"]
-    assert set(details["sensitivity"]) == {"features.0", "features.4", "features.8", "classifier.2"}
+    assert set(details["sensitivity"]) == {"features.0", "features.4", "features.8"}  # not the classifier
     # the outcome: pruned to the chosen amounts, the validation accuracy right after pruning kept within budget
     accuracy = adaptive["accuracy"]
     assert accuracy["before"]["val"] - accuracy["pruned"]["val"] <= 0.02

@@ -41,15 +41,29 @@ def prune(model: nn.Module, **cfg):
     return prune_model(OmegaConf.create({**QUICK, **cfg}), model, data, settings, finetune=None, say=lambda m: None)
 
 
-def test_magnitude_pruning_makes_every_layer_sparse_at_the_amount():
+def test_magnitude_pruning_makes_every_layer_but_the_classifier_sparse_at_the_amount():
     result = prune(tiny_cnn(), name="magnitude", amount=0.6, **{"global": False})
-    for module in result.model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            zeros = (module.weight == 0).float().mean().item()
-            assert 0.6 <= zeros < 0.6 + 1 / module.weight.numel() + 1e-9
-            assert not hasattr(module, "weight_mask")  # made permanent: plain tensors
-    assert result.report["after"]["sparsity"] >= 0.6
+    convs = [m for m in result.model.modules() if isinstance(m, nn.Conv2d)]
+    for module in convs:
+        zeros = (module.weight == 0).float().mean().item()
+        assert 0.6 <= zeros < 0.6 + 1 / module.weight.numel() + 1e-9
+        assert not hasattr(module, "weight_mask")  # made permanent: plain tensors
+    assert torch.count_nonzero(result.model[-1].weight) == result.model[-1].weight.numel()  # the classifier: dense
+    # the model's sparsity counts the dense classifier too: the convs' zeros over all conv/linear weights
+    zeros = sum(int((m.weight == 0).sum()) for m in convs)
+    total = sum(m.weight.numel() for m in result.model.modules() if isinstance(m, LAYER))
+    assert result.report["after"]["sparsity"] == pytest.approx(zeros / total) and zeros / total < 0.6
     assert result.report["after"]["params"] == result.report["before"]["params"]  # zeros, not removed
+
+
+def test_the_classifier_is_excluded_by_default_and_pruned_only_when_modules_names_it():
+    default = prune(tiny_cnn(), name="magnitude", amount=0.6, **{"global": True})
+    table = {row["name"]: (row["chosen"], row["changed"]) for row in default.report["layers"]}
+    assert table["7"] == (False, False)  # the per-layer table shows it untouched
+    assert zeros_by_layer(default.model)["7"] == 0.0
+    named = prune(tiny_cnn(), name="magnitude", amount=0.6, modules=["0", "3", "7"], **{"global": False})
+    assert zeros_by_layer(named.model)["7"] >= 0.6
+    assert {row["name"]: row["chosen"] for row in named.report["layers"]}["7"] is True
 
 
 def test_structured_pruning_removes_channels_and_the_model_still_runs():
