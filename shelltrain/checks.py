@@ -155,6 +155,14 @@ def at_least(key: str, value: float | None, minimum: float) -> None:
         raise UserError(f"{key}={value} is out of range; it must be >= {minimum}")
 
 
+def check_workers(value: Any) -> None:
+    """data.num_workers: a count >= 0 or "auto"."""
+    if value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"data.num_workers={value!r} is invalid; use a count >= 0 or auto (the CPU cores, at most 8)")
+
+
 def one_of(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise UserError(f"{key}={value!r} is invalid; choose one of {', '.join(map(str, allowed))}")

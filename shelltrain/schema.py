@@ -27,6 +27,7 @@ from shelltrain.checks import (
     check_scheduler,
     check_structured_support,
     check_task,
+    check_workers,
     one_of,
     to_schema,
     uses_ensemble,
@@ -131,9 +132,9 @@ class DataConfig:
     std: Optional[list[float]] = None
     batch_size: int = 32
     eval_batch_size: Optional[int] = None
-    num_workers: int = 0
+    num_workers: Any = 0  # a count, or "auto": the process's CPU cores, at most 8 (the file-backed sets' default)
     drop_last: bool = False
-    persistent_workers: bool = False
+    persistent_workers: bool = True
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     split_seed: int = 0
@@ -149,7 +150,7 @@ class DataConfig:
             one_of("data.name", self.name, values.DATASETS)
         at_least("data.image_size", self.image_size, 1)
         at_least("data.batch_size", self.batch_size, 1)
-        at_least("data.num_workers", self.num_workers, 0)
+        check_workers(self.num_workers)
         at_least("data.eval_batch_size", self.eval_batch_size, 1)
         if self.channels is not None:
             one_of("data.channels", self.channels, (1, 3))

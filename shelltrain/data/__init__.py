@@ -9,19 +9,18 @@ the `augmentation.train` transforms on the uint8 image, then every split scales 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 from omegaconf import DictConfig
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, default_collate
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
 from shelltrain import distributed
 from shelltrain.data.device import DeviceBatches, batched_augmentations
-from shelltrain.data.loader import Loader
-from shelltrain.data.sources import imagefolder, in_memory, one_line, sample_files
+from shelltrain.data.loader import Loader, SeededSampler, seeded, worker_count
+from shelltrain.data.sources import decode, imagefolder, in_memory, one_line, sample_files
 from shelltrain.data.splits import budget, select_classes, split_indices
 from shelltrain.data.transforms import (
     augmentations,
@@ -34,6 +33,8 @@ from shelltrain.data.transforms import (
 )
 from shelltrain.errors import UserError
 from shelltrain.schema import check_data
+
+PREFETCH_BATCHES = 4  # batches each loader worker prepares ahead (DataLoader's default: 2)
 
 
 @dataclass
@@ -65,7 +66,8 @@ class TensorImages(Dataset):
     def load(self, index: int) -> torch.Tensor:
         return self.images[index]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = seeded(key)
         return self.transform(self.images[index]), self.labels[index]
 
 
@@ -89,15 +91,10 @@ class FileImages(Dataset):
         return len(self.labels)
 
     def load(self, index: int) -> torch.Tensor:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                pixels = F.pil_to_tensor(image.convert(self.mode))
-        except Exception as e:  # verify() cannot see every broken file (a truncated JPEG); PIL raises many types
-            raise UserError(f"{self.key}: '{path}' cannot be decoded ({one_line(e)}); delete or replace it") from e
-        return square(pixels, self.size)
+        return square(decode(self.paths[index], self.mode, self.key), self.size)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = seeded(key)
         return self.transform(self.load(index)), self.labels[index]
 
 
@@ -125,8 +122,8 @@ def build_data(
     of measuring them; 3-channel values for grey images are averaged.
 
     The train loader shuffles with its own generator seeded by `seed`; reseeding it each epoch makes the order and
-    the worker seeds (hence augmentation and MixUp/CutMix) a function of (seed, epoch). Two exceptions: with
-    num_workers=0 the transforms draw from torch's global RNG, and persistent workers keep their first seeds.
+    the per-sample seeds (hence augmentation and MixUp/CutMix) a function of (seed, epoch), persistent workers or
+    not. With num_workers=0 the transforms draw from torch's global RNG (which the engine seeds per epoch).
 
     Under DDP the train order comes from a DistributedSampler (seeded by `seed`, `set_epoch` every epoch) and the
     validation split is sharded without repeats; the test split stays whole (rank 0 tests). With
@@ -226,11 +223,12 @@ def _device_batches(
 def _loaders(
     data: DictConfig, splits: dict[str, Dataset], pin_memory: bool, mix: v2.Transform | None, seed: int
 ) -> dict[str, DataLoader]:
-    """DataLoaders of the splits (a DistributedSampler for train and a shard of val under DDP)."""
+    """DataLoaders of the splits (a DistributedSampler for train and a shard of val under DDP). Workers (their
+    number `data.num_workers`, "auto": the cores) persist across epochs and evaluations unless
+    data.persistent_workers=false; batches are pinned for the copy to a CUDA device (`pin_memory`)."""
     eval_batch_size = data.eval_batch_size or 2 * data.batch_size
-    workers = data.num_workers
-    persistent = data.persistent_workers and workers > 0  # DataLoader rejects persistent_workers without workers
-    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=persistent)
+    workers = worker_count(data.num_workers)
+    common = loader_settings(workers, data.persistent_workers, pin_memory)
     sampler = val_sampler = None
     if distributed.world_size() > 1:
         sampler = DistributedSampler(
@@ -242,21 +240,47 @@ def _loaders(
             drop_last=data.drop_last,
         )
         val_sampler = distributed.shard(len(splits["val"]))
-    train = Loader(
-        splits["train"],
-        batch_size=data.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        generator=torch.Generator().manual_seed(seed),
-        drop_last=data.drop_last,
-        collate_fn=MixCollate(mix) if mix is not None else None,
-        **common,
-    )
+    generator = torch.Generator().manual_seed(seed)
+    train = train_loader(splits["train"], data.batch_size, generator, sampler, data.drop_last, mix, common)
     return {
         "train": train,
         "val": Loader(splits["val"], batch_size=eval_batch_size, sampler=val_sampler, **common),
         "test": Loader(splits["test"], batch_size=eval_batch_size, **common),
     }
+
+
+def loader_settings(workers: int, persistent: bool, pin_memory: bool) -> dict:
+    """The DataLoader arguments every split shares (persistence and prefetch need workers: DataLoader rejects
+    them without)."""
+    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=bool(persistent) and workers > 0)
+    if workers > 0:
+        common["prefetch_factor"] = PREFETCH_BATCHES
+    return common
+
+
+def train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    generator: torch.Generator,
+    sampler: Sampler | None,
+    drop_last: bool,
+    mix: v2.Transform | Callable | None,
+    common: dict,
+) -> Loader:
+    """The shuffled train loader; with workers, every sample gets its own seed (`SeededSampler`)."""
+    if common["num_workers"] > 0:
+        sampler = SeededSampler(sampler, len(dataset), generator)
+    collate = mix if mix is None or isinstance(mix, MixCollate) else MixCollate(mix)
+    return Loader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        drop_last=drop_last,
+        collate_fn=collate,
+        **common,
+    )
 
 
 def cv_fold(bundle: DataBundle, folds: int, fold: int, seed: int) -> DataBundle:
@@ -282,19 +306,20 @@ def cv_fold(bundle: DataBundle, folds: int, fold: int, seed: int) -> DataBundle:
     held_out = copy.copy(train_set)
     held_out.transform = bundle.val.dataset.transform
     loader, val_loader = bundle.train, bundle.val
-    common = dict(
-        num_workers=loader.num_workers, pin_memory=loader.pin_memory, persistent_workers=loader.persistent_workers
-    )
+    common = loader_settings(loader.num_workers, loader.persistent_workers, loader.pin_memory)
+    generator = torch.Generator().manual_seed(loader.generator.initial_seed())
+    train = Picked(train_set, train_index.tolist())
     return replace(
         bundle,
-        train=Loader(
-            Subset(train_set, train_index.tolist()),
-            batch_size=loader.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(loader.generator.initial_seed()),
-            drop_last=loader.drop_last,
-            collate_fn=loader.collate_fn,
-            **common,
-        ),
+        train=train_loader(train, loader.batch_size, generator, None, loader.drop_last, loader.collate_fn, common),
         val=Loader(Subset(held_out, val_index.tolist()), batch_size=val_loader.batch_size, **common),
     )
+
+
+class Picked(Subset):
+    """A Subset that passes a SeededSampler's (position, seed) keys on as (index, seed)."""
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(key, tuple):
+            return self.dataset[(self.indices[key[0]], key[1])]
+        return self.dataset[self.indices[key]]
