@@ -155,6 +155,18 @@ def at_least(key: str, value: float | None, minimum: float) -> None:
         raise UserError(f"{key}={value} is out of range; it must be >= {minimum}")
 
 
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """data.val_fraction and data.test_fraction: each in [0, 1), leaving train data."""
+    for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"data.{key}={value} is out of range; use a fraction in [0, 1), e.g. 0.1")
+    if val_fraction + test_fraction >= 1.0:
+        raise UserError(
+            f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction:g} leaves "
+            "no training data; keep their sum below 1, e.g. data.val_fraction=0.1 data.test_fraction=0.2"
+        )
+
+
 def check_workers(value: Any) -> None:
     """data.num_workers: a count >= 0 or "auto"."""
     if value == "auto":

@@ -21,6 +21,7 @@ from shelltrain.checks import (
     at_least,
     check_checkpoint,
     check_ensemble_run,
+    check_fractions,
     check_gates,
     check_loggers,
     check_optimizer,
@@ -144,6 +145,9 @@ class DataConfig:
     classes: Optional[list[Any]] = None
     samples_per_class: Optional[int] = None
     on_device: bool = False
+    cache: str = "none"  # memory | disk: image folders decoded once (data/cache.py)
+    cache_dir: Optional[str] = None  # null: $XDG_CACHE_HOME/shelltrain or ~/.cache/shelltrain
+    cache_max_memory: float = 8.0  # GiB; a larger data.cache=memory array is read memory-mapped
 
     def check(self) -> None:
         if self.source is None:
@@ -154,15 +158,9 @@ class DataConfig:
         at_least("data.eval_batch_size", self.eval_batch_size, 1)
         if self.channels is not None:
             one_of("data.channels", self.channels, (1, 3))
-        for key in ("val_fraction", "test_fraction"):
-            value = getattr(self, key)
-            if not 0.0 <= value < 1.0:
-                raise UserError(f"data.{key}={value} is out of range; use a fraction in [0, 1), e.g. 0.1")
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise UserError(
-                f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction:g} leaves "
-                "no training data; keep their sum below 1, e.g. data.val_fraction=0.1 data.test_fraction=0.2"
-            )
+        check_fractions(self.val_fraction, self.test_fraction)
+        one_of("data.cache", self.cache, values.CACHE_MODES)
+        at_least("data.cache_max_memory", self.cache_max_memory, 0)
         if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std)):
             raise UserError("data.mean and data.std must both be null or lists of the same length")
         if self.std is not None and any(s <= 0 for s in self.std):

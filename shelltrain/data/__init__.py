@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from torchvision.transforms import v2
 
 from shelltrain import distributed
+from shelltrain.data.cache import cached_images
 from shelltrain.data.device import DeviceBatches, batched_augmentations
 from shelltrain.data.loader import Loader, SeededSampler, seeded, worker_count
 from shelltrain.data.sources import decode, imagefolder, in_memory, one_line, sample_files
@@ -31,6 +32,7 @@ from shelltrain.data.transforms import (
     square,
     to_float_transforms,
 )
+from shelltrain.dataroot import data_root
 from shelltrain.errors import UserError
 from shelltrain.schema import check_data
 
@@ -55,20 +57,31 @@ class DataBundle:
 
 
 class TensorImages(Dataset):
-    """uint8 N x C x S x S images held in memory, already at their final size, so a sample costs only its transform."""
+    """uint8 N x C x S x S images held in memory, already at their final size, so a sample costs only its transform.
+    `rows`: this split's rows of a larger (memory-mapped, data.cache=disk) array, read as they are drawn."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: v2.Transform | None) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        transform: v2.Transform | None,
+        rows: torch.Tensor | None = None,
+    ) -> None:
+        self.images, self.labels, self.transform, self.rows = images, labels, transform, rows
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def load(self, index: int) -> torch.Tensor:
-        return self.images[index]
+        return self.images[index if self.rows is None else int(self.rows[index])]
+
+    def stacked(self) -> torch.Tensor:
+        """All the split's images as one tensor (read from the map when `rows` picks them from one)."""
+        return self.images if self.rows is None else self.images[self.rows]
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = seeded(key)
-        return self.transform(self.images[index]), self.labels[index]
+        return self.transform(self.load(index)), self.labels[index]
 
 
 class FileImages(Dataset):
@@ -144,10 +157,10 @@ def build_data(
     )
     facts.update(native)
     if data.get("on_device") and device is not None:
-        if data.name == "imagefolder":
+        if data.name == "imagefolder" and data.get("cache", "none") == "none":
             raise UserError(
                 "data.on_device=true holds in-memory datasets on the device; imagefolder reads image "
-                "files as it goes: use data.on_device=false (and data.num_workers) for it"
+                "files as it goes: set data.cache=memory or disk (decoded once), or data.on_device=false"
             )
         names = [str(node.get("_target_")).rsplit(".", 1)[-1] for node in augmentation.train]
         batched = batched_augmentations(train_transforms, data.image_size, names)
@@ -163,6 +176,8 @@ def _datasets(data: DictConfig) -> tuple[dict[str, Dataset], list[str], int, dic
         sources, classes = imagefolder(data)
         grey, sides = sample_files(sources["train"][0])
         native_channels, kind = (1, "grey images") if grey else (3, "colour images")
+        if data.get("cache", "none") != "none":
+            sources = decoded_sources(data, sources, data.channels or native_channels)
     else:
         sources, classes = in_memory(data)
         images = sources["train"][0]
@@ -183,9 +198,31 @@ def _datasets(data: DictConfig) -> tuple[dict[str, Dataset], list[str], int, dic
         if isinstance(items, list):  # image files
             paths = [items[i] for i in index.tolist()]
             splits[split] = FileImages(paths, y, "RGB" if channels == 3 else "L", size, None)
+        elif getattr(items, "is_mapped", False):  # data.cache=disk: rows of the map, read as drawn
+            splits[split] = TensorImages(items, y, None, rows=index)
         else:
             splits[split] = TensorImages(convert_channels(square(items[index], size), channels).contiguous(), y, None)
     return splits, classes, channels, native
+
+
+def decoded_sources(data: DictConfig, sources: dict, channels: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`data.cache`: each image folder's files as one decoded uint8 array (cache.py), at the final size and
+    channels; `disk` arrays stay memory-mapped (`is_mapped`)."""
+    decoded = {}
+    for split, (paths, labels) in sources.items():
+        folder = str(data_root(data) / split)
+        images = cached_images(
+            folder,
+            paths,
+            "RGB" if channels == 3 else "L",
+            data.image_size,
+            data.cache,
+            data.cache_dir,
+            data.cache_max_memory,
+            worker_count("auto"),
+        )
+        decoded[split] = (images, labels)
+    return decoded
 
 
 def _device_batches(
@@ -200,7 +237,7 @@ def _device_batches(
 ) -> dict[str, DeviceBatches]:
     """The splits held on `device`, batched there (train shuffled, augmented and mixed in batches)."""
     eval_batch_size = data.eval_batch_size or 2 * data.batch_size
-    on = {split: (splits[split].images.to(device), splits[split].labels.to(device)) for split in splits}
+    on = {split: (splits[split].stacked().to(device), splits[split].labels.to(device)) for split in splits}
     train = DeviceBatches(
         splits["train"],
         *on["train"],
