@@ -16,19 +16,19 @@ from __future__ import annotations
 
 import atexit
 import functools
-import multiprocessing
 import os
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Sampler
-from torch.utils.data._utils.worker import _worker_loop
 
 from shelltrain.errors import UserError
 from shelltrain.signals import leave_stop_signals_to_main
 
 WORKER_PREFIX = "shelltrain.errors.UserError: "  # how a worker's UserError ends torch's traceback text
+_started: weakref.WeakSet = weakref.WeakSet()  # every loader worker process started in this process
 AUTO_WORKERS_CAP = 8  # data.num_workers=auto: the process's cores, at most this many
 
 
@@ -82,6 +82,7 @@ class Loader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         iterator = super().__iter__()
+        _started.update(getattr(iterator, "_workers", []))
         try:
             yield from iterator
         except (Exception, KeyboardInterrupt) as exc:
@@ -114,11 +115,12 @@ def stop_workers(iterator: Any) -> None:
 
 
 def _kill_leftover_workers() -> None:
-    """At exit (before multiprocessing's own handler, which atexit runs after this one): SIGKILL loader workers."""
-    for child in multiprocessing.active_children():
-        if getattr(child, "_target", None) is _worker_loop:
-            child.kill()
-            child.join()
+    """At exit (before multiprocessing's own handler, which atexit runs after this one): SIGKILL loader workers.
+    They are known from `_started`: a started Process no longer holds its target to tell them by."""
+    for worker in list(_started):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 atexit.register(_kill_leftover_workers)
