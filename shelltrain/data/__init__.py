@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 
 from shelltrain import distributed
 from shelltrain.data.cache import cached_images
-from shelltrain.data.device import DeviceBatches, batched_augmentations
+from shelltrain.data.device import ON_DEVICE, DeviceBatches, batched_augmentations
 from shelltrain.data.loader import Loader, SeededSampler, seeded, worker_count
 from shelltrain.data.sources import decode, imagefolder, in_memory, one_line, sample_files
 from shelltrain.data.splits import budget, select_classes, split_indices
@@ -34,6 +34,7 @@ from shelltrain.data.transforms import (
 )
 from shelltrain.dataroot import data_root
 from shelltrain.errors import UserError
+from shelltrain.report import make_console, say
 from shelltrain.schema import check_data
 
 PREFETCH_BATCHES = 4  # batches each loader worker prepares ahead (DataLoader's default: 2)
@@ -163,8 +164,10 @@ def build_data(
                 "files as it goes: set data.cache=memory or disk (decoded once), or data.on_device=false"
             )
         names = [str(node.get("_target_")).rsplit(".", 1)[-1] for node in augmentation.train]
-        batched = batched_augmentations(train_transforms, data.image_size, names)
-        return DataBundle(**_device_batches(data, splits, device, mean, std, batched, mix, seed), **facts)
+        batched, missing = batched_augmentations(train_transforms, data.image_size, names)
+        if missing is None:
+            return DataBundle(**_device_batches(data, splits, device, mean, std, batched, mix, seed), **facts)
+        say(make_console(), f"data.on_device: {missing} has no batched form ({ON_DEVICE} have); using loaders")
     return DataBundle(**_loaders(data, splits, pin_memory, mix, seed), **facts)
 
 

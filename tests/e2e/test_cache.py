@@ -42,3 +42,26 @@ def _test_acc(text: str) -> float:
     import json
 
     return json.loads(text)["test_acc"]
+
+
+def test_resume_with_a_cached_folder_and_on_device_augmentation_is_exact(tmp_path):
+    from conftest import run_in_process
+    from test_resume import EXACT, assert_same_training
+
+    root = make_imagefolder(tmp_path / "images", per_class=12)
+    args = [
+        *EXACT,
+        "data=imagefolder",
+        f"data.root={root}",
+        "data.image_size=16",
+        "data.batch_size=4",
+        "data.cache=memory",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.on_device=true",
+    ]
+    straight = tmp_path / "straight"
+    run_in_process(straight, *args)
+    assert "has no batched form" not in (straight / "train.log").read_text()  # augmentation=seed ran on the device
+    branch = tmp_path / "branch"
+    run_in_process(branch, *args, f"trainer.resume={straight / 'checkpoints/epoch_002.pt'}")
+    assert_same_training(straight, branch)
