@@ -281,7 +281,8 @@ def _loaders(
         )
         val_sampler = distributed.shard(len(splits["val"]))
     generator = torch.Generator().manual_seed(seed)
-    train = train_loader(splits["train"], data.batch_size, generator, sampler, data.drop_last, mix, common)
+    collate = MixCollate(mix) if mix is not None else None
+    train = train_loader(splits["train"], data.batch_size, generator, sampler, data.drop_last, collate, common)
     return {
         "train": train,
         "val": Loader(splits["val"], batch_size=eval_batch_size, sampler=val_sampler, **common),
@@ -304,13 +305,12 @@ def train_loader(
     generator: torch.Generator,
     sampler: Sampler | None,
     drop_last: bool,
-    mix: v2.Transform | Callable | None,
+    collate: Callable | None,
     common: dict,
 ) -> Loader:
     """The shuffled train loader; with workers, every sample gets its own seed (`SeededSampler`)."""
     if common["num_workers"] > 0:
         sampler = SeededSampler(sampler, len(dataset), generator)
-    collate = mix if mix is None or isinstance(mix, MixCollate) else MixCollate(mix)
     return Loader(
         dataset,
         batch_size=batch_size,
@@ -363,3 +363,6 @@ class Picked(Subset):
         if isinstance(key, tuple):
             return self.dataset[(self.indices[key[0]], key[1])]
         return self.dataset[self.indices[key]]
+
+    def __getitems__(self, keys: list) -> list:
+        return [self[key] for key in keys]

@@ -368,3 +368,14 @@ def test_num_workers_auto_is_the_cores_of_the_process_capped():
     assert worker_count("auto") == min(len(os.sched_getaffinity(0)), AUTO_WORKERS_CAP)
     assert worker_count(3) == 3
     user_error(make_cfg("digits", "none", "data.num_workers=many"), "data.num_workers='many'", "auto")
+
+
+def test_a_cv_fold_with_workers_draws_per_sample_seeds_too():
+    from shelltrain.data import cv_fold
+
+    overrides = ("data.num_workers=2", "data.limit_samples=60", "data.batch_size=16")
+    fold = cv_fold(build(make_cfg("digits", "basic", *overrides)), folds=2, fold=0, seed=0)
+    fold.train.generator.manual_seed(5)
+    first = all_batches(fold.train)
+    fold.train.generator.manual_seed(5)
+    assert torch.equal(all_batches(fold.train)[0], first[0]) and len(first[0]) == len(fold.train.dataset)
