@@ -89,6 +89,21 @@ int8_evaluate() { # a dynamic-int8 model evaluated with trainer.device=cuda: it 
     grep -q '"device": "cpu"' "$OUT/int8-evaluate/summary.json"
 }
 
+cached_folder() { # data.cache=disk: decode a JPEG folder once, train on the GPU with batched rotation/scale/crop/flip
+  "$PY" -c "
+import numpy as np, os; from PIL import Image
+rng = np.random.default_rng(0)
+for c in range(4):
+    os.makedirs('$OUT/images/train/%d' % c, exist_ok=True)
+    for i in range(128):
+        Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)).save('$OUT/images/train/%d/%d.jpg' % (c, i))
+" && for run in first second; do
+    "${ST[@]}" model=cnn model.width=16 data=imagefolder data.root="$OUT/images" data.image_size=64 \
+      data.cache=disk data.cache_dir="$OUT/cache" data.on_device=true augmentation=seed trainer.device=cuda \
+      trainer.epochs=2 plots=false hydra.run.dir="$OUT/cached-$run" || return 1
+  done && grep -q "reused decoded cache" "$OUT/cached-second/train.log"
+}
+
 section 40 "resume on CUDA (momentum state)" resume_on_cuda
 section 25 "fp16 + GradScaler" fp16_scaler
 section 20 "bf16" "${ST[@]}" "${SMALL[@]}" trainer.precision=bf16 trainer.channels_last=false trainer.epochs=1 \
@@ -97,6 +112,7 @@ section 20 "channels_last (bf16)" "${ST[@]}" "${SMALL[@]}" trainer.precision=bf1
   trainer.epochs=1 hydra.run.dir="$OUT/channels-last"
 section 20 "on-device data + augmentation" "${ST[@]}" "${SMALL[@]}" data.on_device=true augmentation=basic \
   trainer.epochs=2 hydra.run.dir="$OUT/on-device"
+section 30 "cached image folder (disk) + on-device rotation/scale" cached_folder
 if ((GPUS > 1)); then
   section 45 "DDP on $GPUS GPUs, on-device data" "${ST[@]}" "${SMALL[@]}" trainer.devices="$GPUS" data.on_device=true \
     trainer.epochs=2 hydra.run.dir="$OUT/ddp"

@@ -168,6 +168,26 @@ def at_least(key: str, value: float | None, minimum: float) -> None:
         raise UserError(f"{key}={value} is out of range; it must be >= {minimum}")
 
 
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    """data.val_fraction and data.test_fraction: each in [0, 1), leaving train data."""
+    for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"data.{key}={value} is out of range; use a fraction in [0, 1), e.g. 0.1")
+    if val_fraction + test_fraction >= 1.0:
+        raise UserError(
+            f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction:g} leaves "
+            "no training data; keep their sum below 1, e.g. data.val_fraction=0.1 data.test_fraction=0.2"
+        )
+
+
+def check_workers(value: Any) -> None:
+    """data.num_workers: a count >= 0 or "auto"."""
+    if value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"data.num_workers={value!r} is invalid; use a count >= 0 or auto (the CPU cores, at most 8)")
+
+
 def one_of(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise UserError(f"{key}={value!r} is invalid; choose one of {', '.join(map(str, allowed))}")

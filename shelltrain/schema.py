@@ -22,12 +22,14 @@ from shelltrain.checks import (
     check_balance,
     check_checkpoint,
     check_ensemble_run,
+    check_fractions,
     check_gates,
     check_loggers,
     check_optimizer,
     check_scheduler,
     check_structured_support,
     check_task,
+    check_workers,
     one_of,
     to_schema,
     uses_ensemble,
@@ -153,9 +155,9 @@ class DataConfig:
     std: Optional[list[float]] = None
     batch_size: int = 32
     eval_batch_size: Optional[int] = None
-    num_workers: int = 0
+    num_workers: Any = 0  # a count, or "auto": the process's CPU cores, at most 8 (the file-backed sets' default)
     drop_last: bool = False
-    persistent_workers: bool = False
+    persistent_workers: bool = True
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     split_seed: int = 0
@@ -167,6 +169,9 @@ class DataConfig:
     on_device: bool = False
     imbalance: Optional[float] = None
     balance: str = "none"
+    cache: str = "none"  # memory | disk: image folders decoded once (data/cache.py)
+    cache_dir: Optional[str] = None  # null: $XDG_CACHE_HOME/shelltrain or ~/.cache/shelltrain
+    cache_max_memory: float = 8.0  # GiB; a larger data.cache=memory array is read memory-mapped
 
     def check(self) -> None:
         at_least("data.imbalance", self.imbalance, 1.0)
@@ -177,19 +182,13 @@ class DataConfig:
             one_of("data.name", self.name, values.DATASETS)
         at_least("data.image_size", self.image_size, 1)
         at_least("data.batch_size", self.batch_size, 1)
-        at_least("data.num_workers", self.num_workers, 0)
+        check_workers(self.num_workers)
         at_least("data.eval_batch_size", self.eval_batch_size, 1)
         if self.channels is not None:
             one_of("data.channels", self.channels, (1, 3))
-        for key in ("val_fraction", "test_fraction"):
-            value = getattr(self, key)
-            if not 0.0 <= value < 1.0:
-                raise UserError(f"data.{key}={value} is out of range; use a fraction in [0, 1), e.g. 0.1")
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise UserError(
-                f"data.val_fraction + data.test_fraction = {self.val_fraction + self.test_fraction:g} leaves "
-                "no training data; keep their sum below 1, e.g. data.val_fraction=0.1 data.test_fraction=0.2"
-            )
+        check_fractions(self.val_fraction, self.test_fraction)
+        one_of("data.cache", self.cache, values.CACHE_MODES)
+        at_least("data.cache_max_memory", self.cache_max_memory, 0)
         if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std)):
             raise UserError("data.mean and data.std must both be null or lists of the same length")
         if self.std is not None and any(s <= 0 for s in self.std):

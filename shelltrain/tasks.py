@@ -25,7 +25,7 @@ from torchvision.transforms import v2
 
 from shelltrain import rundir
 from shelltrain.data import DataBundle, FileImages, build_data
-from shelltrain.data.loader import Loader
+from shelltrain.data.loader import Loader, worker_count
 from shelltrain.data.transforms import to_float_transforms
 from shelltrain.engine import predict
 from shelltrain.errors import UserError
@@ -116,7 +116,7 @@ def predict_task(
     labels = torch.zeros(len(files), dtype=torch.long)  # unknown; the loader needs some
     transform = v2.Compose(to_float_transforms(pre["mean"], pre["std"]))
     images = FileImages([str(p) for p in files], labels, mode, pre["image_size"], transform, key="predict.input")
-    loader = Loader(images, batch_size=cfg.predict.batch_size, num_workers=cfg.data.num_workers)
+    loader = Loader(images, batch_size=cfg.predict.batch_size, num_workers=worker_count(cfg.data.num_workers))
     logits, _ = predict(model, loader, settings)
     probability, index = logits.softmax(1).max(1)
     classes = checkpoint["classes"]

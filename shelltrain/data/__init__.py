@@ -9,20 +9,20 @@ the `augmentation.train` transforms on the uint8 image, then every split scales 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 from omegaconf import DictConfig
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, default_collate
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
 from shelltrain import distributed
 from shelltrain.data.balance import BalancedSampler, long_tail
-from shelltrain.data.device import DeviceBatches, batched_augmentations
-from shelltrain.data.loader import Loader
-from shelltrain.data.sources import imagefolder, in_memory, one_line, sample_files
+from shelltrain.data.cache import cached_images
+from shelltrain.data.device import ON_DEVICE, DeviceBatches, batched_augmentations
+from shelltrain.data.loader import Loader, SeededSampler, seeded, worker_count
+from shelltrain.data.sources import decode, imagefolder, in_memory, one_line, sample_files
 from shelltrain.data.splits import budget, select_classes, split_indices
 from shelltrain.data.transforms import (
     augmentations,
@@ -33,8 +33,12 @@ from shelltrain.data.transforms import (
     square,
     to_float_transforms,
 )
+from shelltrain.dataroot import data_root
 from shelltrain.errors import UserError
+from shelltrain.report import make_console, say
 from shelltrain.schema import check_data
+
+PREFETCH_BATCHES = 4  # batches each loader worker prepares ahead (DataLoader's default: 2)
 
 
 @dataclass
@@ -55,19 +59,31 @@ class DataBundle:
 
 
 class TensorImages(Dataset):
-    """uint8 N x C x S x S images held in memory, already at their final size, so a sample costs only its transform."""
+    """uint8 N x C x S x S images held in memory, already at their final size, so a sample costs only its transform.
+    `rows`: this split's rows of a larger (memory-mapped, data.cache=disk) array, read as they are drawn."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: v2.Transform | None) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        transform: v2.Transform | None,
+        rows: torch.Tensor | None = None,
+    ) -> None:
+        self.images, self.labels, self.transform, self.rows = images, labels, transform, rows
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def load(self, index: int) -> torch.Tensor:
-        return self.images[index]
+        return self.images[index if self.rows is None else int(self.rows[index])]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(self.images[index]), self.labels[index]
+    def stacked(self) -> torch.Tensor:
+        """All the split's images as one tensor (read from the map when `rows` picks them from one)."""
+        return self.images if self.rows is None else self.images[self.rows]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = seeded(key)
+        return self.transform(self.load(index)), self.labels[index]
 
 
 class FileImages(Dataset):
@@ -90,15 +106,10 @@ class FileImages(Dataset):
         return len(self.labels)
 
     def load(self, index: int) -> torch.Tensor:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as image:
-                pixels = F.pil_to_tensor(image.convert(self.mode))
-        except Exception as e:  # verify() cannot see every broken file (a truncated JPEG); PIL raises many types
-            raise UserError(f"{self.key}: '{path}' cannot be decoded ({one_line(e)}); delete or replace it") from e
-        return square(pixels, self.size)
+        return square(decode(self.paths[index], self.mode, self.key), self.size)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = seeded(key)
         return self.transform(self.load(index)), self.labels[index]
 
 
@@ -126,8 +137,8 @@ def build_data(
     of measuring them; 3-channel values for grey images are averaged.
 
     The train loader shuffles with its own generator seeded by `seed`; reseeding it each epoch makes the order and
-    the worker seeds (hence augmentation and MixUp/CutMix) a function of (seed, epoch). Two exceptions: with
-    num_workers=0 the transforms draw from torch's global RNG, and persistent workers keep their first seeds.
+    the per-sample seeds (hence augmentation and MixUp/CutMix) a function of (seed, epoch), persistent workers or
+    not. With num_workers=0 the transforms draw from torch's global RNG (which the engine seeds per epoch).
 
     Under DDP the train order comes from a DistributedSampler (seeded by `seed`, `set_epoch` every epoch) and the
     validation split is sharded without repeats; the test split stays whole (rank 0 tests). With
@@ -148,14 +159,16 @@ def build_data(
     )
     facts.update(native)
     if data.get("on_device") and device is not None:
-        if data.name == "imagefolder":
+        if data.name == "imagefolder" and data.get("cache", "none") == "none":
             raise UserError(
                 "data.on_device=true holds in-memory datasets on the device; imagefolder reads image "
-                "files as it goes: use data.on_device=false (and data.num_workers) for it"
+                "files as it goes: set data.cache=memory or disk (decoded once), or data.on_device=false"
             )
         names = [str(node.get("_target_")).rsplit(".", 1)[-1] for node in augmentation.train]
-        batched = batched_augmentations(train_transforms, data.image_size, names)
-        return DataBundle(**_device_batches(data, splits, device, mean, std, batched, mix, seed), **facts)
+        batched, missing = batched_augmentations(train_transforms, data.image_size, names)
+        if missing is None:
+            return DataBundle(**_device_batches(data, splits, device, mean, std, batched, mix, seed), **facts)
+        say(make_console(), f"data.on_device: {missing} has no batched form ({ON_DEVICE} have); using loaders")
     return DataBundle(**_loaders(data, splits, pin_memory, mix, seed), **facts)
 
 
@@ -167,6 +180,8 @@ def _datasets(data: DictConfig) -> tuple[dict[str, Dataset], list[str], int, dic
         sources, classes = imagefolder(data)
         grey, sides = sample_files(sources["train"][0])
         native_channels, kind = (1, "grey images") if grey else (3, "colour images")
+        if data.get("cache", "none") != "none":
+            sources = decoded_sources(data, sources, data.channels or native_channels)
     else:
         sources, classes = in_memory(data)
         images = sources["train"][0]
@@ -189,9 +204,31 @@ def _datasets(data: DictConfig) -> tuple[dict[str, Dataset], list[str], int, dic
         if isinstance(items, list):  # image files
             paths = [items[i] for i in index.tolist()]
             splits[split] = FileImages(paths, y, "RGB" if channels == 3 else "L", size, None)
+        elif getattr(items, "is_mapped", False):  # data.cache=disk: rows of the map, read as drawn
+            splits[split] = TensorImages(items, y, None, rows=index)
         else:
             splits[split] = TensorImages(convert_channels(square(items[index], size), channels).contiguous(), y, None)
     return splits, classes, channels, native
+
+
+def decoded_sources(data: DictConfig, sources: dict, channels: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`data.cache`: each image folder's files as one decoded uint8 array (cache.py), at the final size and
+    channels; `disk` arrays stay memory-mapped (`is_mapped`)."""
+    decoded = {}
+    for split, (paths, labels) in sources.items():
+        folder = str(data_root(data) / split)
+        images = cached_images(
+            folder,
+            paths,
+            "RGB" if channels == 3 else "L",
+            data.image_size,
+            data.cache,
+            data.cache_dir,
+            data.cache_max_memory,
+            worker_count("auto"),
+        )
+        decoded[split] = (images, labels)
+    return decoded
 
 
 def _device_batches(
@@ -206,7 +243,7 @@ def _device_batches(
 ) -> dict[str, DeviceBatches]:
     """The splits held on `device`, batched there (train shuffled, augmented and mixed in batches)."""
     eval_batch_size = data.eval_batch_size or 2 * data.batch_size
-    on = {split: (splits[split].images.to(device), splits[split].labels.to(device)) for split in splits}
+    on = {split: (splits[split].stacked().to(device), splits[split].labels.to(device)) for split in splits}
     train = DeviceBatches(
         splits["train"],
         *on["train"],
@@ -229,11 +266,12 @@ def _device_batches(
 def _loaders(
     data: DictConfig, splits: dict[str, Dataset], pin_memory: bool, mix: v2.Transform | None, seed: int
 ) -> dict[str, DataLoader]:
-    """DataLoaders of the splits (a DistributedSampler for train and a shard of val under DDP)."""
+    """DataLoaders of the splits (a DistributedSampler for train and a shard of val under DDP). Workers (their
+    number `data.num_workers`, "auto": the cores) persist across epochs and evaluations unless
+    data.persistent_workers=false; batches are pinned for the copy to a CUDA device (`pin_memory`)."""
     eval_batch_size = data.eval_batch_size or 2 * data.batch_size
-    workers = data.num_workers
-    persistent = data.persistent_workers and workers > 0  # DataLoader rejects persistent_workers without workers
-    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=persistent)
+    workers = worker_count(data.num_workers)
+    common = loader_settings(workers, data.persistent_workers, pin_memory)
     sampler = val_sampler = None
     if distributed.world_size() > 1:
         sampler = DistributedSampler(
@@ -247,21 +285,47 @@ def _loaders(
         val_sampler = distributed.shard(len(splits["val"]))
     if data.get("balance") == "sampler":  # inverse-frequency draws, each rank its share
         sampler = BalancedSampler(splits["train"].labels, seed, distributed.rank(), distributed.world_size())
-    train = Loader(
-        splits["train"],
-        batch_size=data.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        generator=torch.Generator().manual_seed(seed),
-        drop_last=data.drop_last,
-        collate_fn=MixCollate(mix) if mix is not None else None,
-        **common,
-    )
+    generator = torch.Generator().manual_seed(seed)
+    collate = MixCollate(mix) if mix is not None else None
+    train = train_loader(splits["train"], data.batch_size, generator, sampler, data.drop_last, collate, common)
     return {
         "train": train,
         "val": Loader(splits["val"], batch_size=eval_batch_size, sampler=val_sampler, **common),
         "test": Loader(splits["test"], batch_size=eval_batch_size, **common),
     }
+
+
+def loader_settings(workers: int, persistent: bool, pin_memory: bool) -> dict:
+    """The DataLoader arguments every split shares (persistence and prefetch need workers: DataLoader rejects
+    them without)."""
+    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=bool(persistent) and workers > 0)
+    if workers > 0:
+        common["prefetch_factor"] = PREFETCH_BATCHES
+    return common
+
+
+def train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    generator: torch.Generator,
+    sampler: Sampler | None,
+    drop_last: bool,
+    collate: Callable | None,
+    common: dict,
+) -> Loader:
+    """The shuffled train loader; with workers, every sample gets its own seed (`SeededSampler`)."""
+    if common["num_workers"] > 0:
+        sampler = SeededSampler(sampler, len(dataset), generator)
+    return Loader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        drop_last=drop_last,
+        collate_fn=collate,
+        **common,
+    )
 
 
 def cv_fold(bundle: DataBundle, folds: int, fold: int, seed: int) -> DataBundle:
@@ -287,19 +351,23 @@ def cv_fold(bundle: DataBundle, folds: int, fold: int, seed: int) -> DataBundle:
     held_out = copy.copy(train_set)
     held_out.transform = bundle.val.dataset.transform
     loader, val_loader = bundle.train, bundle.val
-    common = dict(
-        num_workers=loader.num_workers, pin_memory=loader.pin_memory, persistent_workers=loader.persistent_workers
-    )
+    common = loader_settings(loader.num_workers, loader.persistent_workers, loader.pin_memory)
+    generator = torch.Generator().manual_seed(loader.generator.initial_seed())
+    train = Picked(train_set, train_index.tolist())
     return replace(
         bundle,
-        train=Loader(
-            Subset(train_set, train_index.tolist()),
-            batch_size=loader.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(loader.generator.initial_seed()),
-            drop_last=loader.drop_last,
-            collate_fn=loader.collate_fn,
-            **common,
-        ),
+        train=train_loader(train, loader.batch_size, generator, None, loader.drop_last, loader.collate_fn, common),
         val=Loader(Subset(held_out, val_index.tolist()), batch_size=val_loader.batch_size, **common),
     )
+
+
+class Picked(Subset):
+    """A Subset that passes a SeededSampler's (position, seed) keys on as (index, seed)."""
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(key, tuple):
+            return self.dataset[(self.indices[key[0]], key[1])]
+        return self.dataset[self.indices[key]]
+
+    def __getitems__(self, keys: list) -> list:
+        return [self[key] for key in keys]

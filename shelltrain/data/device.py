@@ -3,7 +3,8 @@ normalized a whole batch at a time there, with no DataLoader worker processes (a
 
 The batched augmentations draw the same distributions as the per-image torchvision transforms they stand for:
 `RandomCrop` (padding in any mode; the crop keeps the image size), `RandomAffine` with translation only,
-`RandomHorizontalFlip` and `RandomVerticalFlip`. A shift (crop or translation) is one gather per batch.
+`RandomHorizontalFlip` and `RandomVerticalFlip`. A shift (crop or translation) is one gather per batch. Rotation,
+scaling, RandomResizedCrop and ColorJitter have batched forms in batched.py.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from shelltrain import distributed
-from shelltrain.errors import UserError
+from shelltrain.data.batched import batched_form
 
 ON_DEVICE = (
-    "RandomCrop (output size = data.image_size), RandomAffine (translate only), RandomHorizontalFlip, "
-    "RandomVerticalFlip"
+    "RandomCrop and RandomResizedCrop (output size = data.image_size), RandomAffine (no shear), RandomRotation "
+    "(no expand), ColorJitter, RandomHorizontalFlip, RandomVerticalFlip"
 )
 
 
@@ -78,18 +79,16 @@ class Flip:
         return torch.where(flip, images.flip(self.dim), images)
 
 
-def batched_augmentations(transforms: list[v2.Transform], size: int, names: list[str]) -> list:
-    """The batched equivalents of `augmentation.train`; any transform without one is a one-line error."""
+def batched_augmentations(transforms: list[v2.Transform], size: int, names: list[str]) -> tuple[list, str | None]:
+    """The batched equivalents of `augmentation.train`, and the name of the first transform without one (then
+    the caller falls back to the DataLoader path), else None."""
     batched = []
     for transform, name in zip(transforms, names):
-        op = _batched(transform, size)
+        op = _batched(transform, size) or batched_form(transform, size)
         if op is None:
-            raise UserError(
-                f"data.on_device=true: augmentation.train has {name}, which has no batched on-device version "
-                f"(those are: {ON_DEVICE}); use data.on_device=false for it"
-            )
+            return [], name
         batched.append(op)
-    return batched
+    return batched, None
 
 
 def _batched(transform: v2.Transform, size: int) -> Shift | Flip | None:

@@ -6,24 +6,71 @@ the iterator's workers down before it propagates, and a UserError raised there (
 reaches the user as its own one line, not as torch's "Caught UserError in DataLoader worker" traceback. At exit,
 workers still alive (persistent ones, or an iterator a traceback keeps) are killed: they ignore the SIGTERM
 with which multiprocessing ends daemonic children, so its exit handler would wait on them forever.
+
+With workers, a `SeededSampler` hands every index its own seed: a sample's augmentation is then a function of
+(loader generator seed, position), whichever worker draws it and however long the workers live, so persistent
+workers (kept across epochs and evaluations, as timm keeps them) replay exactly on resume.
 """
 
 from __future__ import annotations
 
 import atexit
 import functools
-import multiprocessing
 import os
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from torch.utils.data import DataLoader
-from torch.utils.data._utils.worker import _worker_loop
+import torch
+from torch.utils.data import DataLoader, Sampler
 
 from shelltrain.errors import UserError
 from shelltrain.signals import leave_stop_signals_to_main
 
 WORKER_PREFIX = "shelltrain.errors.UserError: "  # how a worker's UserError ends torch's traceback text
+_started: weakref.WeakSet = weakref.WeakSet()  # every loader worker process started in this process
+AUTO_WORKERS_CAP = 8  # data.num_workers=auto: the process's cores, at most this many
+
+
+def worker_count(setting: int | str) -> int:
+    """`data.num_workers`: a count, or "auto": the CPU cores this process may run on (its affinity), capped."""
+    if setting != "auto":
+        return int(setting)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(cores, AUTO_WORKERS_CAP)
+
+
+class SeededSampler(Sampler):
+    """Yield (index, seed) for the indices of `inner`: the order and the seeds come from a generator seeded with
+    `generator`'s initial seed (the engine reseeds it every epoch), not from its consumed state, which the
+    DataLoader draws worker seeds from only when it starts workers."""
+
+    def __init__(self, inner: Sampler | None, length: int, generator: torch.Generator) -> None:
+        self.inner, self.length, self.generator = inner, length, generator
+
+    def __len__(self) -> int:
+        return len(self.inner) if self.inner is not None else self.length
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        own = torch.Generator().manual_seed(self.generator.initial_seed())
+        order = (
+            iter(self.inner) if self.inner is not None else iter(torch.randperm(self.length, generator=own).tolist())
+        )
+        seeds = torch.randint(0, 2**62, (len(self),), generator=own).tolist()
+        return zip(order, seeds)
+
+    def set_epoch(self, epoch: int) -> None:
+        """A DistributedSampler inside orders by epoch; the engine calls this on the loader's sampler."""
+        if hasattr(self.inner, "set_epoch"):
+            self.inner.set_epoch(epoch)
+
+
+def seeded(key: int | tuple[int, int]) -> int:
+    """The index of a dataset key; a (index, seed) key from a SeededSampler first seeds this worker's RNG."""
+    if isinstance(key, tuple):
+        torch.manual_seed(key[1])
+        return key[0]
+    return key
 
 
 class Loader(DataLoader):
@@ -35,6 +82,7 @@ class Loader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         iterator = super().__iter__()
+        _started.update(getattr(iterator, "_workers", []))
         try:
             yield from iterator
         except (Exception, KeyboardInterrupt) as exc:
@@ -67,11 +115,12 @@ def stop_workers(iterator: Any) -> None:
 
 
 def _kill_leftover_workers() -> None:
-    """At exit (before multiprocessing's own handler, which atexit runs after this one): SIGKILL loader workers."""
-    for child in multiprocessing.active_children():
-        if getattr(child, "_target", None) is _worker_loop:
-            child.kill()
-            child.join()
+    """At exit (before multiprocessing's own handler, which atexit runs after this one): SIGKILL loader workers.
+    They are known from `_started`: a started Process no longer holds its target to tell them by."""
+    for worker in list(_started):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 atexit.register(_kill_leftover_workers)

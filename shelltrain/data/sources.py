@@ -4,11 +4,15 @@ closed list: see `user_source`."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
 from torchvision import datasets
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as F
 
 from shelltrain.dataroot import DATASET_FILES, data_root
 from shelltrain.errors import UserError
@@ -98,6 +102,9 @@ def imagefolder(data: DictConfig) -> tuple[dict[str, tuple[list[str], torch.Tens
     return sources, classes
 
 
+_FAST_SUFFIXES = (".jpg", ".jpeg", ".png")
+# torchvision 0.29 warns on every decode that TorchCodec will take decoding over; nothing for the user to do
+warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
 GREY_MODES = ("1", "L", "I", "I;16")  # PIL modes of single-channel images
 _SAMPLED_FILES = 64  # files opened (headers only) to tell grey folders and native sizes
 
@@ -122,6 +129,21 @@ def _verify_images(paths: list[str]) -> None:
         except Exception as e:  # PIL raises OSError, SyntaxError, struct.error... depending on the damage
             message = f"data.root: '{path}' is not a readable image ({one_line(e)}); delete or replace it"
             raise UserError(message) from e
+
+
+def decode(path: str, mode: str, key: str = "data.root") -> torch.Tensor:
+    """One image file as uint8 C x H x W in PIL `mode` ("RGB" or "L"). JPEG and PNG go through torchvision's
+    decoder in RGB (libjpeg-turbo/libpng: 1.0-1.6x PIL's rate here, benchmarks/decode.py); grey ("L") and other
+    formats through PIL, whose grey conversion the values keep."""
+    try:
+        if mode == "RGB" and path.lower().endswith(_FAST_SUFFIXES):
+            pixels = decode_image(path, mode=ImageReadMode.RGB)
+            if pixels.dtype == torch.uint8:
+                return pixels
+        with Image.open(path) as image:
+            return F.pil_to_tensor(image.convert(mode))
+    except Exception as e:  # truncated/corrupt files: torchvision raises RuntimeError, PIL many types
+        raise UserError(f"{key}: '{path}' cannot be decoded ({one_line(e)}); delete or replace it") from e
 
 
 def one_line(error: BaseException) -> str:

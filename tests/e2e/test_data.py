@@ -1,5 +1,6 @@
 """build_data on every source and augmentation option, using the real YAML files and tiny real-format datasets."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -342,3 +343,39 @@ def test_bad_transforms():
     cfg.augmentation.train[0].padding = 0
     cfg.augmentation.train[0].size = 64  # larger than the 32x32 images
     user_error(cfg, "augmentation.train:", "64")
+
+
+def test_persistent_workers_replay_an_epoch_exactly_like_fresh_workers():
+    """Workers kept across epochs (the default) must not freeze the augmentation seeds of their first epoch: a run
+    resumed at epoch k (fresh workers) draws what the uninterrupted one (long-lived workers) drew."""
+    overrides = ("data.num_workers=2", "data.persistent_workers=true", "data.limit_samples=64", "data.batch_size=16")
+    kept = build(make_cfg("digits", "basic", *overrides))
+    assert kept.train.persistent_workers and kept.val.persistent_workers
+
+    def epoch(bundle, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        bundle.train.generator.manual_seed(seed)
+        return all_batches(bundle.train)
+
+    first, second = epoch(kept, 7), epoch(kept, 8)
+    assert not torch.equal(first[0], second[0])
+    fresh = build(make_cfg("digits", "basic", *overrides))
+    assert torch.equal(epoch(fresh, 8)[0], second[0]) and torch.equal(epoch(kept, 7)[0], first[0])
+
+
+def test_num_workers_auto_is_the_cores_of_the_process_capped():
+    from shelltrain.data.loader import AUTO_WORKERS_CAP, worker_count
+
+    assert worker_count("auto") == min(len(os.sched_getaffinity(0)), AUTO_WORKERS_CAP)
+    assert worker_count(3) == 3
+    user_error(make_cfg("digits", "none", "data.num_workers=many"), "data.num_workers='many'", "auto")
+
+
+def test_a_cv_fold_with_workers_draws_per_sample_seeds_too():
+    from shelltrain.data import cv_fold
+
+    overrides = ("data.num_workers=2", "data.limit_samples=60", "data.batch_size=16")
+    fold = cv_fold(build(make_cfg("digits", "basic", *overrides)), folds=2, fold=0, seed=0)
+    fold.train.generator.manual_seed(5)
+    first = all_batches(fold.train)
+    fold.train.generator.manual_seed(5)
+    assert torch.equal(all_batches(fold.train)[0], first[0]) and len(first[0]) == len(fold.train.dataset)

@@ -20,7 +20,6 @@ from torchvision.transforms.v2 import functional as F
 from shelltrain.data import build_data
 from shelltrain.data.device import DeviceBatches, Flip, Shift, batched_augmentations
 from shelltrain.engine import evaluate
-from shelltrain.errors import UserError
 from shelltrain.models import build_model
 from shelltrain.schema import TrainerConfig
 
@@ -230,7 +229,7 @@ def test_batched_crop_gives_exactly_torchvisions_crops(mode):
     torch.manual_seed(0)
     images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
     crop = v2.RandomCrop(8, padding=[1, 2, 3, 2], padding_mode=mode, fill=7)  # left, top, right, bottom
-    (shift,) = batched_augmentations([crop], 8, ["RandomCrop"])
+    (shift,), _ = batched_augmentations([crop], 8, ["RandomCrop"])
     out = shift(images)
     padded = F.pad(images, [1, 2, 3, 2], fill=7, padding_mode=mode)
     crops = {(top, left) for top in range(5) for left in range(5)}
@@ -245,7 +244,7 @@ def test_batched_crop_gives_exactly_torchvisions_crops(mode):
 def test_batched_translate_and_flips():
     torch.manual_seed(0)
     images = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4).repeat(200, 1, 1, 1)
-    (translate,) = batched_augmentations([v2.RandomAffine(degrees=0, translate=(0.25, 0.25))], 4, ["RandomAffine"])
+    (translate,), _ = batched_augmentations([v2.RandomAffine(degrees=0, translate=(0.25, 0.25))], 4, ["RandomAffine"])
     out = translate(images)
     shifts = set()
     for result in out:
@@ -264,11 +263,10 @@ def test_batched_translate_and_flips():
     assert isinstance(translate, Shift)
 
 
-def test_augmentations_without_a_batched_version_are_refused():
-    with pytest.raises(UserError, match="AutoAugment, which has no batched on-device version"):
-        batched_augmentations([v2.AutoAugment()], 32, ["AutoAugment"])
-    with pytest.raises(UserError, match="RandomRotation"):
-        batched_augmentations([v2.RandomRotation(10)], 32, ["RandomRotation"])
+def test_augmentations_without_a_batched_version_are_named():
+    assert batched_augmentations([v2.AutoAugment()], 32, ["AutoAugment"]) == ([], "AutoAugment")
+    ops, missing = batched_augmentations([v2.RandomRotation(10), v2.RandomHorizontalFlip()], 32, ["a", "b"])
+    assert missing is None and len(ops) == 2
 
 
 def test_on_device_batches_match_the_loader_path():
@@ -303,9 +301,11 @@ def test_on_device_training_and_cross_validation(tmp_path):
     assert len(summary["cv"]["scores"]) == 2
 
 
-def test_on_device_refuses_unbatched_augmentation(tmp_path):
-    with pytest.raises(UserError, match="TrivialAugmentWide, which has no batched"):
-        run_in_process(tmp_path, "model=cnn", "data.on_device=true", "augmentation=trivialaugment", "debug=smoke")
+def test_on_device_falls_back_to_loaders_for_unbatched_augmentation(capsys):
+    cfg = compose_config("data.on_device=true", "augmentation=trivialaugment", "data.limit_samples=60")
+    bundle = build_data(cfg.data, cfg.augmentation, 0, device=torch.device("cpu"))
+    assert not isinstance(bundle.train, DeviceBatches)
+    assert "data.on_device: TrivialAugmentWide has no batched form" in capsys.readouterr().out
 
 
 @pytest.mark.slow

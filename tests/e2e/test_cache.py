@@ -1,0 +1,67 @@
+"""data.cache end to end: a second run on the same image folder trains from the decoded cache without decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import shelltrain_forked
+from fixtures_data import make_imagefolder
+
+IMAGEFOLDER = [
+    "data=imagefolder",
+    "data.image_size=16",
+    "data.batch_size=8",
+    "model=cnn",
+    "model.width=8",
+    "trainer.device=cpu",
+    "trainer.epochs=1",
+    "plots=false",
+]
+
+
+def test_a_second_run_reuses_the_decoded_cache_and_trains_alike(tmp_path):
+    root = make_imagefolder(tmp_path / "images", per_class=8, splits=("train", "test"))
+    cache = [f"data.root={root}", "data.cache=disk", f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0"]
+    first = shelltrain_forked(*IMAGEFOLDER, *cache, "hydra.run.dir=first", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "reused decoded cache" not in first.stdout
+    second = shelltrain_forked(*IMAGEFOLDER, *cache, "hydra.run.dir=second", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.count("data.cache: reused decoded cache") == 2  # train/ and test/
+    assert "reused decoded cache" in (tmp_path / "second" / "train.log").read_text()
+    assert not list(Path(tmp_path / "second").glob("**/*.npy"))  # the cache lives in data.cache_dir only
+    plain = shelltrain_forked(
+        *IMAGEFOLDER, f"data.root={root}", "data.num_workers=0", "hydra.run.dir=plain", cwd=tmp_path
+    )
+    assert plain.returncode == 0, plain.stderr
+    summaries = [(tmp_path / run / "summary.json").read_text() for run in ("second", "plain")]
+    assert _test_acc(summaries[0]) == _test_acc(summaries[1])  # cached images are the decoded files
+
+
+def _test_acc(text: str) -> float:
+    import json
+
+    return json.loads(text)["test_acc"]
+
+
+def test_resume_with_a_cached_folder_and_on_device_augmentation_is_exact(tmp_path):
+    from conftest import run_in_process
+    from test_resume import EXACT, assert_same_training
+
+    root = make_imagefolder(tmp_path / "images", per_class=12)
+    args = [
+        *EXACT,
+        "data=imagefolder",
+        f"data.root={root}",
+        "data.image_size=16",
+        "data.batch_size=4",
+        "data.cache=memory",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.on_device=true",
+    ]
+    straight = tmp_path / "straight"
+    run_in_process(straight, *args)
+    assert "has no batched form" not in (straight / "train.log").read_text()  # augmentation=seed ran on the device
+    branch = tmp_path / "branch"
+    run_in_process(branch, *args, f"trainer.resume={straight / 'checkpoints/epoch_002.pt'}")
+    assert_same_training(straight, branch)
