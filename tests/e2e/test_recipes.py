@@ -42,24 +42,32 @@ def _rows(run_dir: Path) -> list[dict[str, str]]:
         return _untimed(list(csv.DictReader(f)))
 
 
-def test_ema_run_reports_both_models_and_resumes_exactly(tmp_path, monkeypatch):
+def _straight_and_resumed(tmp_path: Path, monkeypatch, args: list[str], stop_after: int) -> tuple[Path, Path, int]:
+    """The run uninterrupted, and the same run stopped by SIGINT after `stop_after` optimizer steps (the engine
+    saves a mid-epoch checkpoint), then resumed; returns both run directories and the batch it stopped after."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_in_process(straight, *EMA)
+    run_in_process(straight, *args)
     real = engine._optimizer_step
     count = {"steps": 0}
 
-    def stepping(*args, **kwargs):
-        real(*args, **kwargs)
+    def stepping(*a, **kw):
+        real(*a, **kw)
         count["steps"] += 1
-        if count["steps"] == 6:  # mid-epoch 2
+        if count["steps"] == stop_after:
             signal.raise_signal(signal.SIGINT)
 
     with monkeypatch.context() as patch:
         patch.setattr(engine, "_optimizer_step", stepping)
         with pytest.raises(Interrupted):
-            run_in_process(resumed, *EMA)
-    assert torch.load(resumed / "checkpoints/last.pt", weights_only=True)["train_state"]["batch"] == 2
-    run_in_process(resumed, *EMA, f"trainer.resume={resumed}")
+            run_in_process(resumed, *args)
+    stopped = torch.load(resumed / "checkpoints/last.pt", weights_only=True)["train_state"]["batch"]
+    run_in_process(resumed, *args, f"trainer.resume={resumed}")
+    return straight, resumed, stopped
+
+
+def test_ema_run_reports_both_models_and_resumes_exactly(tmp_path, monkeypatch):
+    straight, resumed, stopped = _straight_and_resumed(tmp_path, monkeypatch, EMA, stop_after=6)
+    assert stopped == 2  # mid-epoch 2
 
     a, b = (torch.load(d / "checkpoints/last.pt", weights_only=True) for d in (straight, resumed))
     assert a["ema"]["n_averaged"].item() == 12  # one update per optimizer step
@@ -177,22 +185,8 @@ def test_swa_averages_the_epochs_from_its_start_and_recomputes_batchnorm(tmp_pat
 
 
 def test_swa_resumes_exactly(tmp_path, monkeypatch):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_in_process(straight, *SWA)
-    real = engine._optimizer_step
-    count = {"steps": 0}
-
-    def stepping(*args, **kwargs):
-        real(*args, **kwargs)
-        count["steps"] += 1
-        if count["steps"] == 10:  # mid-epoch 3, after one averaged epoch
-            signal.raise_signal(signal.SIGINT)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(engine, "_optimizer_step", stepping)
-        with pytest.raises(Interrupted):
-            run_in_process(resumed, *SWA)
-    run_in_process(resumed, *SWA, f"trainer.resume={resumed}")
+    straight, resumed, stopped = _straight_and_resumed(tmp_path, monkeypatch, SWA, stop_after=10)
+    assert stopped > 0  # mid-epoch 3, after one averaged epoch
     a, b = (torch.load(d / "checkpoints/last.pt", weights_only=True) for d in (straight, resumed))
     for key in a["swa"]:
         assert torch.equal(a["swa"][key], b["swa"][key]), key
