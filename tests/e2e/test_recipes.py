@@ -15,11 +15,10 @@ from conftest import run_in_process
 from shelltrain import engine
 from shelltrain.errors import Interrupted
 
-EMA = [
+# Three short epochs of a tiny model, reproducible to the bit: the runs the EMA and SWA tests compare.
+SHORT = [
     "model=cnn",
     "model.width=8",
-    "model.dropout=0.2",
-    "augmentation=seed",
     "data.image_size=16",
     "trainer.deterministic=true",
     "trainer.epochs=3",
@@ -27,10 +26,9 @@ EMA = [
     "trainer.limit_val_batches=2",
     "trainer.limit_test_batches=2",
     "trainer.threads=1",
-    "trainer.ema.decay=0.7",
-    "trainer.monitor=ema_val_loss",
     "plots=false",
 ]
+EMA = [*SHORT, "model.dropout=0.2", "augmentation=seed", "trainer.ema.decay=0.7", "trainer.monitor=ema_val_loss"]
 
 
 def _untimed(rows: list[dict]) -> list[dict]:
@@ -142,20 +140,7 @@ def test_calibrate_in_a_run_reports_before_and_after_and_evaluate_applies_it(tmp
     )
 
 
-SWA = [
-    "model=cnn",
-    "model.width=8",
-    "data.image_size=16",
-    "trainer.deterministic=true",
-    "trainer.epochs=3",
-    "trainer.limit_train_batches=4",
-    "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2",
-    "trainer.threads=1",
-    "trainer.swa.start_epoch=2",
-    "trainer.swa.lr=0.02",
-    "plots=false",
-]
+SWA = [*SHORT, "trainer.swa.start_epoch=2", "trainer.swa.lr=0.02"]
 
 
 def test_swa_averages_the_epochs_from_its_start_and_recomputes_batchnorm(tmp_path, monkeypatch):
