@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -104,3 +105,23 @@ def _cli_child(args: tuple[str, ...], cwd: Path, out: Path, err: Path, env: dict
     os.chdir(cwd)
     sys.argv = ["shelltrain", *args]
     main()  # multiprocessing turns SystemExit(code) into this process's exit code
+
+
+def interrupt_at_step(monkeypatch, step: int, how: str) -> None:
+    """After optimizer step `step`: send this process SIGINT (the real handler stops the run), or crash
+    as a killed process would (after a periodic mid-epoch checkpoint)."""
+    from shelltrain import engine  # torch: only in the tests that train
+
+    real = engine._optimizer_step
+    count = {"steps": 0}
+
+    def stepping(*args, **kwargs):
+        real(*args, **kwargs)
+        count["steps"] += 1
+        if count["steps"] == step:
+            if how == "sigint":
+                signal.raise_signal(signal.SIGINT)
+            else:
+                raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(engine, "_optimizer_step", stepping)

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_in_process
+from conftest import interrupt_at_step, run_in_process
 
-from shelltrain import distill, engine
+from shelltrain import distill
 from shelltrain.errors import Interrupted, UserError
 from shelltrain.trained import load_trained_model
 
@@ -124,16 +123,8 @@ def test_distillation_resumes_exactly_after_an_interruption(tmp_path, monkeypatc
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     overrides = [*EXACT, f"distill.teacher={teacher}", *extra]
     run_in_process(straight, *overrides)
-    real, count = engine._optimizer_step, {"steps": 0}
-
-    def stepping(*args, **kwargs):
-        real(*args, **kwargs)
-        count["steps"] += 1
-        if count["steps"] == 6 + 3:
-            signal.raise_signal(signal.SIGINT)
-
     with monkeypatch.context() as patch:
-        patch.setattr(engine, "_optimizer_step", stepping)
+        interrupt_at_step(patch, 6 + 3, "sigint")
         with pytest.raises(Interrupted):
             run_in_process(resumed, *overrides)
     assert torch.load(resumed / "checkpoints/last.pt", weights_only=True)["step"] == 9

@@ -5,14 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_in_process
+from conftest import interrupt_at_step, run_in_process
 
-from shelltrain import engine
 from shelltrain.errors import Interrupted
 
 # Three short epochs of a tiny model, reproducible to the bit: the runs the EMA and SWA tests compare.
@@ -45,17 +43,8 @@ def _straight_and_resumed(tmp_path: Path, monkeypatch, args: list[str], stop_aft
     saves a mid-epoch checkpoint), then resumed; returns both run directories and the batch it stopped after."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_in_process(straight, *args)
-    real = engine._optimizer_step
-    count = {"steps": 0}
-
-    def stepping(*a, **kw):
-        real(*a, **kw)
-        count["steps"] += 1
-        if count["steps"] == stop_after:
-            signal.raise_signal(signal.SIGINT)
-
     with monkeypatch.context() as patch:
-        patch.setattr(engine, "_optimizer_step", stepping)
+        interrupt_at_step(patch, stop_after, "sigint")
         with pytest.raises(Interrupted):
             run_in_process(resumed, *args)
     stopped = torch.load(resumed / "checkpoints/last.pt", weights_only=True)["train_state"]["batch"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cli_environment, run_in_process, shelltrain, shelltrain_forked, start_shelltrain
+from conftest import cli_environment, interrupt_at_step, run_in_process, shelltrain, shelltrain_forked, start_shelltrain
 
 from shelltrain import checkpoint as checkpoint_module
 from shelltrain import engine, report, rundir
@@ -87,24 +87,6 @@ def straight(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("straight")
     run_in_process(run_dir, *EXACT)
     return run_dir
-
-
-def interrupt_at_step(monkeypatch, step: int, how: str) -> None:
-    """After optimizer step `step`: send this process SIGINT (the real handler stops the run), or crash
-    as a killed process would (after a periodic mid-epoch checkpoint)."""
-    real = engine._optimizer_step
-    count = {"steps": 0}
-
-    def stepping(*args, **kwargs):
-        real(*args, **kwargs)
-        count["steps"] += 1
-        if count["steps"] == step:
-            if how == "sigint":
-                signal.raise_signal(signal.SIGINT)
-            else:
-                raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(engine, "_optimizer_step", stepping)
 
 
 @pytest.mark.parametrize(
