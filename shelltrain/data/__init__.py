@@ -158,18 +158,36 @@ def build_data(
         num_classes=len(classes), classes=classes, in_channels=channels, image_size=data.image_size, mean=mean, std=std
     )
     facts.update(native)
-    if data.get("on_device") and device is not None:
-        if data.name == "imagefolder" and data.get("cache", "none") == "none":
-            raise UserError(
-                "data.on_device=true holds in-memory datasets on the device; imagefolder reads image "
-                "files as it goes: set data.cache=memory or disk (decoded once), or data.on_device=false"
-            )
+    if data.get("on_device") and device is not None and isinstance(splits["train"], FileImages):
+        raise UserError(
+            "data.on_device=true holds in-memory datasets on the device; imagefolder reads image "
+            "files as it goes: set data.cache=memory or disk (decoded once), or data.on_device=false"
+        )
+    where, key = _batch_device(data, splits, device)
+    if where is not None:
         names = [str(node.get("_target_")).rsplit(".", 1)[-1] for node in augmentation.train]
         batched, missing = batched_augmentations(train_transforms, data.image_size, names)
         if missing is None:
-            return DataBundle(**_device_batches(data, splits, device, mean, std, batched, mix, seed), **facts)
-        say(make_console(), f"data.on_device: {missing} has no batched form ({ON_DEVICE} have); using loaders")
+            return DataBundle(**_device_batches(data, splits, where, mean, std, batched, mix, seed), **facts)
+        say(make_console(), f"{key}: {missing} has no batched form ({ON_DEVICE} have); using loaders")
     return DataBundle(**_loaders(data, splits, pin_memory, mix, seed), **facts)
+
+
+def _batch_device(
+    data: DictConfig, splits: dict[str, Dataset], device: torch.device | None
+) -> tuple[torch.device | None, str]:
+    """Where whole batches are gathered from the splits' uint8 arrays and augmented, and the setting that asks for
+    it: the training device (data.on_device=true), or the CPU when data.cache=memory holds the images in RAM (a
+    batch is then one gather and one normalize in the main process, not 64 samples transformed, collated and
+    passed between processes). None: per sample, in DataLoader workers (image files, a memory-mapped cache, or
+    data.balance=sampler, whose draws need a sampler)."""
+    if data.get("on_device") and device is not None:
+        return device, "data.on_device"
+    train = splits["train"]
+    in_ram = isinstance(train, TensorImages) and train.rows is None
+    if data.get("cache", "none") == "memory" and in_ram and data.get("balance") != "sampler":
+        return torch.device("cpu"), "data.cache=memory"
+    return None, ""
 
 
 def _datasets(data: DictConfig) -> tuple[dict[str, Dataset], list[str], int, dict]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from conftest import shelltrain_forked
 from fixtures_data import make_imagefolder
 
@@ -44,7 +46,8 @@ def _test_acc(text: str) -> float:
     return json.loads(text)["test_acc"]
 
 
-def test_resume_with_a_cached_folder_and_on_device_augmentation_is_exact(tmp_path):
+@pytest.mark.parametrize("on_device", ["true", "false"])  # false: batches gathered and augmented on the CPU
+def test_resume_with_a_cached_folder_and_batched_augmentation_is_exact(tmp_path, on_device):
     from conftest import run_in_process
     from test_resume import EXACT, assert_same_training
 
@@ -57,11 +60,11 @@ def test_resume_with_a_cached_folder_and_on_device_augmentation_is_exact(tmp_pat
         "data.batch_size=4",
         "data.cache=memory",
         f"data.cache_dir={tmp_path / 'cache'}",
-        "data.on_device=true",
+        f"data.on_device={on_device}",
     ]
     straight = tmp_path / "straight"
     run_in_process(straight, *args)
-    assert "has no batched form" not in (straight / "train.log").read_text()  # augmentation=seed ran on the device
+    assert "has no batched form" not in (straight / "train.log").read_text()  # augmentation=seed ran batched
     branch = tmp_path / "branch"
     run_in_process(branch, *args, f"trainer.resume={straight / 'checkpoints/epoch_002.pt'}")
     assert_same_training(straight, branch)

@@ -108,3 +108,54 @@ def test_two_processes_building_the_same_cache_at_once_both_succeed(tmp_path):
     assert not list((tmp_path / "cache").glob("*.tmp.npy"))  # no temporary file left behind
     array = np.load(next((tmp_path / "cache").glob("*.npy")))
     assert array.shape == (len(paths), 3, 8, 8)
+
+
+def test_a_memory_cache_is_served_in_whole_batches_equal_to_the_loader_path(tmp_path, capsys):
+    """data.cache=memory gathers and normalizes each batch in the main process (no per-sample work in workers):
+    the same images, normalized alike, as the DataLoader path over the memory-mapped (disk) cache."""
+    from conftest import compose_config
+
+    from shelltrain.data import build_data
+    from shelltrain.data.device import DeviceBatches
+
+    root = tmp_path / "images"
+    noisy_folder(root / "train", count=24)
+    common = ["data=imagefolder", f"data.root={root}", "data.image_size=8", f"data.cache_dir={tmp_path / 'c'}"]
+    bundles = {}
+    for how in ("memory", "disk"):
+        cfg = compose_config(*common, f"data.cache={how}", "data.num_workers=0", "augmentation=basic")
+        bundles[how] = build_data(cfg.data, cfg.augmentation, 0)
+    memory, disk = bundles["memory"], bundles["disk"]
+    assert isinstance(memory.train, DeviceBatches) and memory.train.images.device.type == "cpu"
+    assert not isinstance(disk.train, DeviceBatches)  # a memory-mapped array is read per sample by workers
+    assert "no batched form" not in capsys.readouterr().out  # augmentation=basic (crop + flip) is batched
+    for split in ("val", "test"):
+        batched = torch.cat([images for images, _ in getattr(memory, split)])
+        per_sample = torch.cat([images for images, _ in getattr(disk, split)])
+        torch.testing.assert_close(batched, per_sample)
+    torch.manual_seed(0)
+    first = next(iter(memory.train))[0]
+    torch.manual_seed(1)
+    assert not torch.equal(first, next(iter(memory.train))[0])  # augmented from torch's RNG, per draw
+
+
+def test_a_memory_cache_with_an_augmentation_without_batched_form_uses_loaders(tmp_path, capsys):
+    from conftest import compose_config
+    from fixtures_data import make_imagefolder
+
+    from shelltrain.data import build_data
+    from shelltrain.data.device import DeviceBatches
+
+    root = make_imagefolder(tmp_path / "images", per_class=4)
+    cfg = compose_config(
+        "data=imagefolder",
+        f"data.root={root}",
+        "data.image_size=8",
+        f"data.cache_dir={tmp_path / 'c'}",
+        "data.cache=memory",
+        "data.num_workers=0",
+        "augmentation=trivialaugment",
+    )
+    bundle = build_data(cfg.data, cfg.augmentation, 0)
+    assert not isinstance(bundle.train, DeviceBatches)
+    assert "data.cache=memory: " in capsys.readouterr().out
