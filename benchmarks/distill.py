@@ -61,21 +61,32 @@ def experiment(out: Path, budgets: list[str], seeds: int, epochs: int, prune: bo
                 seconds.append(epoch_seconds(run_dir))
             results["rows"].append({"budget": budget, "arm": arm, "accs": accs, "epoch_s": statistics.mean(seconds)})
     if prune:
-        for arm, flag in (("prune+finetune", "false"), ("prune+distill", "true")):
-            accs = []
-            for seed in range(seeds):
-                summary = run(
-                    out / f"{arm}-{seed}",
-                    "model.width=16",
-                    f"trainer.epochs={epochs}",
-                    f"trainer.seed={seed}",
-                    "prune=structured",
-                    "prune.ratio=0.75",
-                    f"prune.distill={flag}",
-                )
-                accs.append(summary["test_acc"])
-            results["rows"].append({"budget": "all", "arm": arm, "accs": accs, "epoch_s": float("nan")})
+        results["rows"] += prune_recovery(out, seeds, epochs)
     return results
+
+
+RECOVERY = {  # how the pruned model is fine-tuned: the arms compared, on the same pruned model per seed
+    "prune+finetune": ["prune.distill=false"],
+    "prune+distill T4 a0.9": ["prune.distill=true"],
+    "prune+distill T1 a0.5": ["prune.distill=true", "distill.temperature=1", "distill.alpha=0.5"],
+}
+
+
+def prune_recovery(out: Path, seeds: int, epochs: int) -> list[dict]:
+    """Per seed one trained model (cnn width 16, `epochs` epochs), then for every arm of RECOVERY the same model
+    loaded, pruned (structured, 3 of 4 channels removed) and fine-tuned for prune.finetune_epochs: the arms differ
+    only in the recovery, so they are compared seed by seed."""
+    accs: dict[str, list[float]] = {arm: [] for arm in RECOVERY}
+    for seed in range(seeds):
+        base = out / f"prune-base-{seed}"
+        run(base, "model.width=16", f"trainer.epochs={epochs}", f"trainer.seed={seed}")
+        for arm, extra in RECOVERY.items():
+            pruned = [f"model.weights={base}", "trainer.epochs=0", "prune=structured", "prune.ratio=0.75"]
+            summary = run(
+                out / f"{arm}-{seed}".replace(" ", "_"), "model.width=16", f"trainer.seed={seed}", *pruned, *extra
+            )
+            accs[arm].append(summary["test_acc"])
+    return [{"budget": "all", "arm": arm, "accs": accs[arm], "epoch_s": float("nan")} for arm in RECOVERY]
 
 
 def main() -> None:

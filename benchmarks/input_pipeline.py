@@ -9,11 +9,13 @@ epoch's, plus the set-up before training: imports, decoding the cache), and test
 
     python benchmarks/input_pipeline.py [--seeds 3] [--epochs 3] [--out benchmarks/results/input_pipeline.md]
 
-model.width=8 keeps the model's share small.
+--width (model.width, default 8) keeps the model's share small; the model alone on one fixed batch is printed as
+the ceiling no input pipeline can beat.
 
 (a) plain: torchvision ImageFolder, PIL, ToTensor/Normalize, DataLoader with persistent workers, SGD on the same
     cnn; (b) shelltrain data=imagefolder (defaults: workers=auto, persistent, decode_image); (c) + data.cache=memory;
-    (d) + data.cache=disk data.on_device=true augmentation=basic (crop + flip on the device).
+    (d) + data.cache=disk data.on_device=true augmentation=basic (crop + flip on the device); (e) data.cache=memory
+    over data.cache_max_memory: a folder larger than the memory budget, read memory-mapped through the page cache.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-CASES = ("a_plain", "b_loader", "c_cache_memory", "d_cache_disk_on_device")
+CASES = ("a_plain", "b_loader", "c_cache_memory", "d_cache_disk_on_device", "e_cache_over_memory")
 COMMON = [
     "data=imagefolder",
     "data.image_size=64",
@@ -39,7 +41,6 @@ COMMON = [
     "data.mean=[0.5]",
     "data.std=[0.25]",
     "model=cnn",
-    "model.width=8",  # small, so that the input pipeline (what this measures) sets the pace, not the model
     "optimizer=momentum",
     "optimizer.lr=0.05",
     "scheduler=none",
@@ -50,6 +51,8 @@ SHELLTRAIN = {
     "b_loader": ["augmentation=none"],
     "c_cache_memory": ["augmentation=none", "data.cache=memory"],
     "d_cache_disk_on_device": ["augmentation=basic", "data.cache=disk", "data.on_device=true"],
+    # a folder larger than the memory budget (40 MB decoded > 0.01 GiB): read memory-mapped, per sample, by workers
+    "e_cache_over_memory": ["augmentation=none", "data.cache=memory", "data.cache_max_memory=0.01"],
 }
 
 
@@ -76,15 +79,17 @@ def make_folder(root: Path, side: int = 96) -> int:
     return count
 
 
-def run_shelltrain(case: str, root: Path, work: Path, seed: int, epochs: int, cache_dir: Path) -> dict:
+def run_shelltrain(case: str, root: Path, work: Path, seed: int, epochs: int, cache_dir: Path, width: int) -> dict:
     run_dir = work / f"{case}_{seed}"
-    args = [*COMMON, *SHELLTRAIN[case], f"data.root={root}", f"data.cache_dir={cache_dir}"]
+    args = [*COMMON, f"model.width={width}", *SHELLTRAIN[case], f"data.root={root}", f"data.cache_dir={cache_dir}"]
     args += [f"trainer.seed={seed}", f"trainer.epochs={epochs}", f"hydra.run.dir={run_dir}"]
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "shelltrain", *args], capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{case} failed:\n{done.stderr[-2000:]}")
+    if case == "e_cache_over_memory" and "reading them memory-mapped" not in done.stdout:
+        raise SystemExit("e_cache_over_memory: the cache was not read memory-mapped")
     import csv
 
     with open(run_dir / "metrics.csv") as f:
@@ -95,9 +100,9 @@ def run_shelltrain(case: str, root: Path, work: Path, seed: int, epochs: int, ca
     return {"wall": wall, "seconds": seconds, "rates": rates, "test_acc": summary["test_acc"]}
 
 
-def run_plain(root: Path, seed: int, epochs: int) -> dict:
+def run_plain(root: Path, seed: int, epochs: int, width: int) -> dict:
     """The standard hand-written loop, in a process of its own (the same cnn as model=cnn)."""
-    code = PLAIN.format(root=str(root), seed=seed, epochs=epochs, workers=len(os.sched_getaffinity(0)))
+    code = PLAIN.format(root=str(root), seed=seed, epochs=epochs, workers=len(os.sched_getaffinity(0)), width=width)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if done.returncode != 0:
@@ -107,12 +112,18 @@ def run_plain(root: Path, seed: int, epochs: int) -> dict:
     return result
 
 
-PLAIN = """
+MODEL = """
+from hydra import compose, initialize_config_module
+from shelltrain.models import build_model
+with initialize_config_module(config_module="shelltrain.configs", version_base="1.3"):
+    cfg = compose("train", overrides=["model=cnn", "model.width={width}", "data.image_size=64"])
+model = build_model(cfg.model, 10, 3)
+"""
+PLAIN = (
+    """
 import json, time, torch, torch.nn.functional as F
 from torch.utils.data import DataLoader, random_split
 from torchvision import datasets, transforms
-from hydra import compose, initialize_config_module
-from shelltrain.models import build_model
 torch.manual_seed({seed})
 tf = transforms.Compose([transforms.Resize(64), transforms.CenterCrop(64), transforms.ToTensor(),
                          transforms.Normalize([0.5] * 3, [0.25] * 3)])
@@ -122,8 +133,9 @@ train, _ = random_split(train, [0.9, 0.1], generator=torch.Generator().manual_se
 kw = dict(num_workers={workers}, persistent_workers=True)
 loader = DataLoader(train, batch_size=64, shuffle=True, **kw)
 test_loader = DataLoader(test, batch_size=128, **kw)
-with initialize_config_module(config_module="shelltrain.configs", version_base="1.3"):
-    model = build_model(compose("train", overrides=["model=cnn", "model.width=8", "data.image_size=64"]).model, 10, 3)
+"""
+    + MODEL
+    + """
 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 seconds, rates = [], []
 for epoch in range({epochs}):
@@ -137,6 +149,35 @@ with torch.no_grad():
         right += (model(x).argmax(1) == y).sum().item(); total += len(y)
 print(json.dumps(dict(seconds=seconds, rates=rates, test_acc=right / total)))
 """
+)
+
+
+CEILING = (
+    """
+import time, torch, torch.nn.functional as F
+"""
+    + MODEL
+    + """
+model = model.to(memory_format=torch.channels_last)
+opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+x = torch.randn(64, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+y = torch.randint(0, 10, (64,))
+for steps in (10, 60):  # warm-up, then timed
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
+print(64 * steps / (time.perf_counter() - start))
+"""
+)
+
+
+def model_ceiling(width: int) -> float:
+    """img/s of the train step alone on one fixed batch (channels_last, as shelltrain runs it): no input
+    pipeline can make the cases faster than this."""
+    done = subprocess.run([sys.executable, "-c", CEILING.format(width=width)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"model ceiling failed:\n{done.stderr[-2000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def summarize(results: dict[str, list[dict]]) -> list[str]:
@@ -162,6 +203,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--width", type=int, default=8, help="model.width: small, so that the input sets the pace")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/input_pipeline.md"))
     args = parser.parse_args()
     load_before = os.getloadavg()[0]
@@ -174,17 +216,20 @@ def main() -> None:
             for case in args.cases:  # in turns; every seed's first cached run builds its cache anew
                 cache_dir = Path(tmp) / f"cache_{case}_{seed}"
                 if case == "a_plain":
-                    result = run_plain(root, seed, args.epochs)
+                    result = run_plain(root, seed, args.epochs, args.width)
                 else:
-                    result = run_shelltrain(case, root, work, seed, args.epochs, cache_dir)
+                    result = run_shelltrain(case, root, work, seed, args.epochs, cache_dir, args.width)
                 results[case].append(result)
                 print(case, seed, json.dumps({k: v for k, v in result.items()}), flush=True)
+        ceiling = model_ceiling(args.width)
     load_after = os.getloadavg()[0]
     table = summarize(results)
     cores = len(os.sched_getaffinity(0))
     note = (
-        f"{count} JPEGs 96x96 -> 64 px, model=cnn, batch 64, {args.epochs} epochs, {args.seeds} seed(s), CPU, "
-        f"{cores} cores; load average {load_before:.1f} before / {load_after:.1f} after (other jobs share the cores)"
+        f"{count} JPEGs 96x96 -> 64 px, model=cnn model.width={args.width}, batch 64, {args.epochs} epochs, "
+        f"{args.seeds} seed(s), CPU, {cores} cores; load average {load_before:.1f} before / {load_after:.1f} after. "
+        f"The model alone (its train step on one fixed batch, no input pipeline) runs at {ceiling:.0f} img/s: "
+        "no case can beat that."
     )
     text = "\n".join(["# Input pipeline (benchmarks/input_pipeline.py)", "", note, "", *table, ""])
     print(text)

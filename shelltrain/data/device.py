@@ -14,10 +14,10 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
 from shelltrain import distributed
 from shelltrain.data.batched import batched_form
+from shelltrain.data.transforms import NormalizedFloat
 
 ON_DEVICE = (
     "RandomCrop and RandomResizedCrop (output size = data.image_size), RandomAffine (no shear), RandomRotation "
@@ -142,6 +142,7 @@ class DeviceBatches:
         self.index = index.to(images.device) if index is not None else None
         self.batch_size, self.drop_last, self.shuffle, self.seed = batch_size, drop_last, shuffle, seed
         self.mean, self.std = list(mean), list(std)
+        self.normalize = NormalizedFloat(mean, std)
         self.augment, self.mix = augment or [], mix
         self.sharded = sharded  # False: every rank sees the whole split (the test split: rank 0 tests it all)
         self.epoch = 0
@@ -204,7 +205,7 @@ class DeviceBatches:
             images = self.images[picked]
             for op in self.augment:
                 images = op(images)
-            images = F.normalize(F.to_dtype(images, torch.float32, scale=True), self.mean, self.std)
+            images = self.normalize(images)
             labels = self.labels[picked]
             if self.mix is not None:
                 images, labels = self.mix(images, labels)

@@ -82,3 +82,19 @@ def test_a_user_source_without_train_says_so():
     data = OmegaConf.create({"source": {"_target_": "builtins.tuple", "_args_": [[{}, []]]}})
     with pytest.raises(UserError, match="no 'train' split"):
         user_source(data)
+
+
+def test_normalized_float_equals_torchvisions_to_dtype_and_normalize():
+    from torchvision.transforms import v2
+
+    from shelltrain.data.transforms import NormalizedFloat
+
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    images = torch.randint(0, 256, (4, 3, 9, 7), dtype=torch.uint8)
+    fast = NormalizedFloat(mean, std)
+    torch.testing.assert_close(fast(images[0]), reference(images[0]))  # one image
+    torch.testing.assert_close(fast(images), reference(images))  # a batch
+    floats = images.float() / 255
+    torch.testing.assert_close(fast(floats), reference(floats))  # float input is normalized, not rescaled
+    assert torch.equal(floats, images.float() / 255)  # and left untouched
