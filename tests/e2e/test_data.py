@@ -223,7 +223,7 @@ def test_augmentations_run_on_grey_and_rgb(tmp_path, monkeypatch, augmentation):
         make_cfg("cifar10", augmentation, f"data.root={tmp_path}", "data.num_workers=0"),
     ):
         bundle = build(cfg)
-        assert len(bundle.train.dataset.transform.transforms) == len(cfg.augmentation.train) + 2
+        assert len(bundle.train.dataset.transform.transforms) == len(cfg.augmentation.train) + 1  # + NormalizedFloat
         images, labels = next(iter(bundle.train))
         assert images.shape[1:] == (bundle.in_channels, 32, 32) and images.dtype == torch.float32
         assert torch.isfinite(images).all() and labels.dtype == torch.int64
