@@ -42,7 +42,7 @@ def epoch_seconds(run_dir: Path) -> float:
         return statistics.median(float(row["seconds"]) for row in csv.DictReader(f))
 
 
-def experiment(out: Path, budgets: list[str], seeds: int, epochs: int, prune: bool) -> dict:
+def experiment(out: Path, budgets: list[str], seeds: int, epochs: int, prune: bool, extra_prune: list[str]) -> dict:
     teacher_dir = out / "teacher"
     teacher = run(teacher_dir, "model.width=32", "trainer.epochs=10")
     distilled = ["distill=logits", f"distill.teacher={teacher_dir}"]
@@ -61,18 +61,18 @@ def experiment(out: Path, budgets: list[str], seeds: int, epochs: int, prune: bo
                 seconds.append(epoch_seconds(run_dir))
             results["rows"].append({"budget": budget, "arm": arm, "accs": accs, "epoch_s": statistics.mean(seconds)})
     if prune:
-        results["rows"] += prune_recovery(out, seeds, epochs)
+        results["rows"] += prune_recovery(out, seeds, epochs, extra_prune)
     return results
 
 
 RECOVERY = {  # how the pruned model is fine-tuned: the arms compared, on the same pruned model per seed
     "prune+finetune": ["prune.distill=false"],
-    "prune+distill T4 a0.9": ["prune.distill=true"],
-    "prune+distill T1 a0.5": ["prune.distill=true", "distill.temperature=1", "distill.alpha=0.5"],
+    "prune+distill (T 1, alpha 0.5: the defaults)": ["prune.distill=true"],
+    "prune+distill T 4, alpha 0.9": ["prune.distill=true", "prune.distill_temperature=4", "prune.distill_alpha=0.9"],
 }
 
 
-def prune_recovery(out: Path, seeds: int, epochs: int) -> list[dict]:
+def prune_recovery(out: Path, seeds: int, epochs: int, extra_prune: list[str]) -> list[dict]:
     """Per seed one trained model (cnn width 16, `epochs` epochs), then for every arm of RECOVERY the same model
     loaded, pruned (structured, 3 of 4 channels removed) and fine-tuned for prune.finetune_epochs: the arms differ
     only in the recovery, so they are compared seed by seed."""
@@ -81,7 +81,7 @@ def prune_recovery(out: Path, seeds: int, epochs: int) -> list[dict]:
         base = out / f"prune-base-{seed}"
         run(base, "model.width=16", f"trainer.epochs={epochs}", f"trainer.seed={seed}")
         for arm, extra in RECOVERY.items():
-            pruned = [f"model.weights={base}", "trainer.epochs=0", "prune=structured", "prune.ratio=0.75"]
+            pruned = [f"model.weights={base}", "trainer.epochs=0", "prune=structured", "prune.ratio=0.75", *extra_prune]
             summary = run(
                 out / f"{arm}-{seed}".replace(" ", "_"), "model.width=16", f"trainer.seed={seed}", *pruned, *extra
             )
@@ -95,11 +95,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--budgets", default="all,5", help="comma-separated samples_per_class values; all = every")
     parser.add_argument("--prune", action="store_true", help="also prune.distill vs plain fine-tuning (ratio 0.75)")
+    parser.add_argument(
+        "--prune-overrides", default="", help='more overrides of the pruning runs, e.g. "prune.ratio=0.5"'
+    )
     parser.add_argument("--out", type=Path, default=None, help="where the run directories go (default: a temp dir)")
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="shelltrain-distill-"))
     started = time.perf_counter()
-    results = experiment(out, args.budgets.split(","), args.seeds, args.epochs, args.prune)
+    budgets = [budget for budget in args.budgets.split(",") if budget]  # --budgets "" : only --prune
+    results = experiment(out, budgets, args.seeds, args.epochs, args.prune, args.prune_overrides.split())
     print(f"teacher cnn width 32: test accuracy {results['teacher_test_acc']:.4f}")
     print(f"student cnn width 4, {args.epochs} epochs, {args.seeds} seeds (test accuracy mean ± std):")
     print("| train images per class | arm | test acc | per seed | s / epoch |")

@@ -321,6 +321,8 @@ class PruneConfig:
     latency_threads: int = 1
     latency_repeats: int = 10
     distill: bool = False
+    distill_temperature: float = 1.0  # prune.distill's T and alpha (docs/distillation.md: measured recovery)
+    distill_alpha: float = 0.5
     then: Optional[list[str]] = None  # further compression steps, each a method on the previous step's result
     modules: Optional[list[str]] = None  # layer name patterns a method may touch (prune/context.py: chosen_names)
     exclude: Optional[list[str]] = None  # layer name patterns it leaves alone
@@ -346,8 +348,14 @@ class PruneConfig:
             at_least(f"prune.{key}", getattr(self, key), minimum)
         for key in ("steps", "blocks", "calibration_batches", "latency_batch", "latency_threads", "latency_repeats"):
             at_least(f"prune.{key}", getattr(self, key), 1)
-        if self.finetune_lr_mult <= 0:
-            raise UserError(f"prune.finetune_lr_mult={self.finetune_lr_mult} must be > 0, e.g. 0.1")
+        for key, value in (
+            ("finetune_lr_mult", self.finetune_lr_mult),
+            ("distill_temperature", self.distill_temperature),
+        ):
+            if value <= 0:
+                raise UserError(f"prune.{key}={value} must be > 0, e.g. 1")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise UserError(f"prune.distill_alpha={self.distill_alpha} is out of range; use a value in [0, 1]")
         if not 2 <= self.bits <= 8:
             raise UserError(f"prune.bits={self.bits} is out of range; use 2 to 8 (8: int8 kernels, fewer: fake)")
         one_of("prune.importance", self.importance, values.PRUNE_IMPORTANCES)

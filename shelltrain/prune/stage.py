@@ -98,12 +98,12 @@ def finetuner(
 ) -> Any:
     """The fine-tune function pruning calls: the engine's fit with a fresh optimizer and schedule built from
     cfg.optimizer and cfg.scheduler, the learning rate scaled by prune.finetune_lr_mult. With `teacher`
-    (prune.distill: the unpruned model) every round recovers by distillation from it (distill.temperature, alpha)."""
+    (prune.distill: the unpruned model) every round recovers by distillation from it (prune.distill_temperature,
+    prune.distill_alpha)."""
     loss = None
     if teacher is not None:
         place(teacher, settings)
-        knobs = cfg.get("distill") or {}
-        loss = Distiller(teacher, float(knobs.get("temperature", 4.0)), float(knobs.get("alpha", 0.9)))
+        loss = Distiller(teacher, float(cfg.prune.distill_temperature), float(cfg.prune.distill_alpha))
 
     def finetune(model: torch.nn.Module, epochs: int, callbacks: list[Callback], label: str) -> TrainState:
         scaled = copy.deepcopy(cfg)  # the scheduler's ${optimizer.lr} follows the scaled rate

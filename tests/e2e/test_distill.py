@@ -213,7 +213,7 @@ def test_prune_distill_fine_tunes_each_round_against_the_unpruned_model(tmp_path
     real = distill.Distiller.__call__
 
     def spy(self, images, logits, targets, settings):
-        teachers.append(sum(p.numel() for p in self.teacher.parameters()))
+        teachers.append((sum(p.numel() for p in self.teacher.parameters()), self.temperature, self.alpha))
         return real(self, images, logits, targets, settings)
 
     monkeypatch.setattr(distill.Distiller, "__call__", spy)
@@ -226,13 +226,15 @@ def test_prune_distill_fine_tunes_each_round_against_the_unpruned_model(tmp_path
         "prune.schedule=iterative",
         "prune.steps=2",
         f"prune.distill={str(on).lower()}",
+        "prune.distill_temperature=2",
     )
     if not on:
         assert teachers == []
         return
     assert teachers  # the fine-tuning batches of every round
-    assert set(teachers) == {summary["prune"]["before"]["params"]}  # every round: the unpruned model teaches
-    assert summary["prune"]["after"]["params"] < teachers[0]
+    # every round: the unpruned model teaches, with prune.distill_temperature and the default alpha
+    assert set(teachers) == {(summary["prune"]["before"]["params"], 2.0, 0.5)}
+    assert summary["prune"]["after"]["params"] < teachers[0][0]
 
 
 def test_several_compression_steps_run_in_order_and_each_is_reported(tmp_path):
