@@ -106,8 +106,9 @@ def finetuner(
         loss = Distiller(teacher, float(cfg.prune.distill_temperature), float(cfg.prune.distill_alpha))
 
     def finetune(model: torch.nn.Module, epochs: int, callbacks: list[Callback], label: str) -> TrainState:
-        scaled = copy.deepcopy(cfg)  # the scheduler's ${optimizer.lr} follows the scaled rate
+        scaled = copy.deepcopy(cfg)  # the scheduler's ${optimizer.lr} and ${trainer.epochs} follow the fine-tune's
         scaled.optimizer.lr = cfg.optimizer.lr * cfg.prune.get("finetune_lr_mult", 1.0)
+        scaled.trainer.epochs = epochs  # (cosine's T_max: the fine-tune's epochs, not the training run's, maybe 0)
         run = replace(settings, epochs=epochs)
         place(model, run)  # before the optimizer, as in the runner's build
         optimizer = build_optimizer(scaled.optimizer, model)

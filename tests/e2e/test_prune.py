@@ -342,9 +342,11 @@ def test_headline_figures_and_gates_describe_the_saved_pruned_model(tmp_path, ca
     assert ("(quantize, not fine-tuned)" in said) == (method == "quantize")
 
 
-def test_epochs_zero_prunes_without_training(tmp_path, capsys):
+# cosine's T_max is ${trainer.epochs}: the fine-tune sizes it by its own epochs (0 here would divide by zero)
+@pytest.mark.parametrize("scheduler", ["onecycle", "cosine"])
+def test_epochs_zero_prunes_without_training(tmp_path, capsys, scheduler):
     summary = run_in_process(
-        tmp_path, *CNN, "trainer.epochs=0", "scheduler=onecycle", "prune=structured", "prune.finetune_epochs=1"
+        tmp_path, *CNN, "trainer.epochs=0", f"scheduler={scheduler}", "prune=structured", "prune.finetune_epochs=2"
     )
     report = json.loads((tmp_path / "prune.json").read_text())
     assert (
