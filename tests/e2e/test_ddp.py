@@ -45,3 +45,19 @@ def test_gradual_unfreezing_under_ddp_keeps_the_ranks_equal(tmp_path: Path):
     assert result.returncode == 0, failure(result)
     events = json.loads((tmp_path / "run/summary.json").read_text())["transfer"]
     assert events, "gradual unfreezing left no record"
+
+
+@pytest.mark.slow
+def test_distillation_under_ddp_learns_from_the_teacher_on_every_rank(tmp_path: Path):
+    """distill=logits under torchrun: each rank rebuilds the teacher on its device and distils its own shard; with
+    alpha=1 (the teacher's outputs the only signal) the student still learns the task."""
+    from conftest import run_in_process
+
+    teacher = run_in_process(tmp_path / "teacher", *DDP, "trainer.epochs=4", "model.width=16")
+    assert teacher["test_acc"] > 0.5
+    distilled = ["distill=logits", f"distill.teacher={tmp_path / 'teacher'}", "distill.alpha=1"]
+    result = torchrun(*DDP, "trainer.epochs=10", *distilled, "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, failure(result)
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["processes"] == 2
+    assert summary["test_acc"] > 0.5  # chance is 0.1: the signal came from the teacher alone
