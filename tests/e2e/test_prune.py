@@ -306,6 +306,8 @@ def test_dynamic_int8_and_fake_bits_on_a_model_without_a_quantizable_twin(tmp_pa
         (["prune=structured", "prune.importance=l3"], "prune.importance='l3' is invalid"),
         (["prune=quantize", "prune.bits=16"], "prune.bits=16 is out of range"),
         (["prune=layer", "prune.blocks=0"], "prune.blocks=0 is out of range"),
+        (["prune=structured", "prune.distill_temperature=0"], "prune.distill_temperature=0.0 must be > 0"),
+        (["prune=structured", "prune.distill_alpha=2"], "prune.distill_alpha=2.0 is out of range"),
     ],
 )
 def test_bad_prune_settings_are_one_line_errors(overrides, message):
