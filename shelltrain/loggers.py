@@ -1,7 +1,8 @@
 """Where a run's metrics go: the `logger` config group, one entry per logger, any number at once.
 
-Each logger is an engine Callback (`on_epoch_end` gets every epoch's metrics) with two more hooks the
-runner calls: `start(config)` before training and `finish(summary)` with summary.json at the end.
+Each logger is an engine Callback (`on_epoch_end` gets every epoch's metrics) with more hooks the runner calls:
+`start(config)` before training, `finish(summary)` with summary.json at the end, or `fail(status)` when the run
+was interrupted or failed.
 Packaged: csv (metrics.csv), jsonl (metrics.jsonl) and tensorboard. A user's own logger is a config
 entry with a `_target_` naming a class that takes `run_dir` and the entry's other keys.
 """
@@ -9,6 +10,7 @@ entry with a `_target_` naming a class that takes `run_dir` and the entry's othe
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ from shelltrain.engine import Callback, Callbacks, TrainState
 from shelltrain.errors import UserError
 from shelltrain.report import MetricsCSV
 from shelltrain.rundir import METRICS_CSV, METRICS_JSONL, TENSORBOARD, write_text
+
+log = logging.getLogger("shelltrain")
 
 # Per-epoch TensorBoard tags: train/val pairs share a chart section ("loss", "acc").
 TENSORBOARD_TAGS = {
@@ -42,9 +46,27 @@ class RunLogger(Callback):
 
     def finish(self, summary: dict[str, Any]) -> None: ...
 
+    def fail(self, status: str) -> None:
+        """The run ended without a summary (`status`: "interrupted" or "failed"): say so where the logger keeps
+        the run's state, and close what `start` opened."""
+
 
 class Loggers(Callbacks):
-    """All configured loggers as one callback."""
+    """All configured loggers as one callback; as a context manager, a run that raises ends them with `fail`
+    (an MLflow or W&B run would otherwise stay "running" forever)."""
+
+    def __enter__(self) -> Loggers:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: Any) -> None:
+        if error is None:
+            return
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"  # Interrupted: a signal
+        for logger in self.callbacks:
+            try:
+                logger.fail(status)
+            except Exception as exc:  # the run's own error is the one to report; this one only warns
+                log.warning("logger %s could not record the %s run: %s", type(logger).__name__, status, exc)
 
     def start(self, config: dict[str, Any]) -> None:
         for logger in self.callbacks:
@@ -148,6 +170,9 @@ class TensorBoardLogger(RunLogger):
             self.writer.file_writer.add_summary(event)
         for tag, value in metrics.items():
             self.writer.add_scalar(tag, value, summary.get("epochs_completed") or 0)
+        self.writer.close()
+
+    def fail(self, status: str) -> None:
         self.writer.close()
 
 

@@ -127,6 +127,13 @@ class MLflowLogger(RunLogger):
             self.client.log_artifact(self.run_id, str(best), artifact_path="checkpoints")
         self.client.set_terminated(self.run_id, status="FINISHED")
 
+    def fail(self, status: str) -> None:
+        """An interrupted run ends KILLED (resuming the run dir sets it RUNNING again), a failed one FAILED."""
+        if self.run_id is None:  # it failed before start
+            return
+        self.client.set_tag(self.run_id, "status", status)
+        self.client.set_terminated(self.run_id, status="KILLED" if status == "interrupted" else "FAILED")
+
 
 def sweep_dir() -> str | None:
     """The multirun's sweep directory when this job is one of a Hydra sweep."""

@@ -126,19 +126,19 @@ def train_and_test(
     if payload is not None:
         state = restore_training(payload, resume.checkpoint, job.model, job.optimizer, job.schedule, job.scaler)
     describe(cfg, job, run_dir, console)
-    loggers = build_loggers(cfg.get("logger") if distributed.is_main() else None, run_dir)
-    state = train(cfg, job, state, run_dir, resume, payload, loggers, console, label)
-    if not distributed.is_main():
-        return math.nan  # rank 0 tests the model and writes the report
-    pruned = prune(cfg, job, state, run_dir, console)
-    summary, confusion = test(cfg, job, state, pruned, run_dir, started)
-    summary.update(calibrate(job.settings.calibrate, job.model, job.data, job.settings, run_dir))  # trainer.calibrate
-    exported = (cfg.get("checkpoint") or {}).get("export_state_dict")
-    if exported:  # the model the run stands for (best epoch, pruned if pruned), as a plain state dict
-        export_state_dict(job.model, rundir.exported_state_dict(run_dir, exported))
-    if resume is not None:
-        summary["resumed_from"] = str(resume.checkpoint)
-    report(cfg, summary, confusion, job.data.classes, state, loggers, run_dir, console)
+    with build_loggers(cfg.get("logger") if distributed.is_main() else None, run_dir) as loggers:
+        state = train(cfg, job, state, run_dir, resume, payload, loggers, console, label)
+        if not distributed.is_main():
+            return math.nan  # rank 0 tests the model and writes the report
+        pruned = prune(cfg, job, state, run_dir, console)
+        summary, confusion = test(cfg, job, state, pruned, run_dir, started)
+        summary.update(calibrate(job.settings.calibrate, job.model, job.data, job.settings, run_dir))
+        exported = (cfg.get("checkpoint") or {}).get("export_state_dict")
+        if exported:  # the model the run stands for (best epoch, pruned if pruned), as a plain state dict
+            export_state_dict(job.model, rundir.exported_state_dict(run_dir, exported))
+        if resume is not None:
+            summary["resumed_from"] = str(resume.checkpoint)
+        report(cfg, summary, confusion, job.data.classes, state, loggers, run_dir, console)
     return state.best_metric if state.best_metric is not None else summary["test_acc"]
 
 
@@ -425,27 +425,27 @@ def ensemble_and_test(cfg: DictConfig, run_dir: Path, resume: bool = False) -> f
         f"{cfg.data.name}: {len(data.train.dataset)} train / {len(data.val.dataset)} val / "
         f"{len(data.test.dataset)} test images, {data.num_classes} classes",
     )
-    loggers = build_loggers(cfg.get("logger"), run_dir)
-    loggers.start(OmegaConf.to_container(cfg, resolve=True))
+    with build_loggers(cfg.get("logger"), run_dir) as loggers:  # ends them as failed when the ensemble raises
+        loggers.start(OmegaConf.to_container(cfg, resolve=True))
 
-    def train_member(member_cfg: DictConfig, member_dir: Path, label: str, continued: Resume | None) -> None:
-        try:
-            train_and_test(member_cfg, member_dir, label=label, resume=continued)
-        except Interrupted as exc:  # the ensemble resumes as a whole, from its own run directory
-            raise Interrupted(exc.signum, run_dir, exc.saved) from exc
+        def train_member(member_cfg: DictConfig, member_dir: Path, label: str, continued: Resume | None) -> None:
+            try:
+                train_and_test(member_cfg, member_dir, label=label, resume=continued)
+            except Interrupted as exc:  # the ensemble resumes as a whole, from its own run directory
+                raise Interrupted(exc.signum, run_dir, exc.saved) from exc
 
-    fused = run_ensemble(cfg, data, settings, train_member, run_dir, console, resume)
-    summary: dict[str, Any] = {
-        "status": "completed",
-        "test_acc": fused.test["acc"],
-        "test_loss": fused.test["loss"],
-        **fused.figures(),
-        "wall_seconds": round(time.perf_counter() - started, 3),
-        **provenance(device, run_dir),
-        "per_class": per_class_metrics(fused.confusion, data.classes),
-    }
-    rundir.write_json(summary, rundir.summary(run_dir))
-    loggers.finish(summary)
+        fused = run_ensemble(cfg, data, settings, train_member, run_dir, console, resume)
+        summary: dict[str, Any] = {
+            "status": "completed",
+            "test_acc": fused.test["acc"],
+            "test_loss": fused.test["loss"],
+            **fused.figures(),
+            "wall_seconds": round(time.perf_counter() - started, 3),
+            **provenance(device, run_dir),
+            "per_class": per_class_metrics(fused.confusion, data.classes),
+        }
+        rundir.write_json(summary, rundir.summary(run_dir))
+        loggers.finish(summary)
     if cfg.get("plots", True):
         write_run_plots(run_dir, [], fused.confusion, data.classes)
         rows = [{"name": f"{m['index']}: {m['model']}", "test_acc": m["test_acc"]} for m in fused.report["members"]]

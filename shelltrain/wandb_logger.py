@@ -69,3 +69,10 @@ class WandbLogger(RunLogger):
             if path.is_file():
                 self.run.save(str(path), base_path=str(self.run_dir), policy="now")
         self.run.finish()
+
+    def fail(self, status: str) -> None:
+        """A non-zero exit code: W&B shows the run as failed; the status says why."""
+        if self.run is None:  # it failed before start
+            return
+        self.run.summary["status"] = status
+        self.run.finish(exit_code=1)

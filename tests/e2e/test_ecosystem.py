@@ -168,6 +168,28 @@ def test_mlflow_resumed_run_continues_the_same_run(tmp_path):
     assert run.info.status == "FINISHED"
 
 
+@pytest.mark.parametrize("how, status", [("sigint", "KILLED"), ("crash", "FAILED")])
+def test_mlflow_run_of_an_interrupted_or_failed_job_is_ended_not_left_running(tmp_path, monkeypatch, how, status):
+    """A run stopped by a signal ends KILLED (tag: interrupted) and continues as RUNNING, then FINISHED, when the
+    run dir is resumed; a run that raised ends FAILED."""
+    from conftest import interrupt_at_step
+
+    from shelltrain.errors import Interrupted
+
+    overrides, client, _ = mlflow_store(tmp_path)
+    interrupt_at_step(monkeypatch, 2, how)
+    with pytest.raises(Interrupted if how == "sigint" else RuntimeError):
+        run_in_process(tmp_path / "run", *CNN, *overrides, "trainer.epochs=2")
+    (run,) = runs_of(client)
+    assert run.info.status == status
+    assert run.data.tags["status"] == ("interrupted" if how == "sigint" else "failed")
+    if how == "sigint":
+        monkeypatch.undo()
+        run_in_process(tmp_path / "run", *CNN, *overrides, "trainer.epochs=2", f"trainer.resume={tmp_path / 'run'}")
+        (run,) = runs_of(client)
+        assert run.info.status == "FINISHED" and run.data.tags["status"] == "completed"
+
+
 def test_mlflow_sweep_is_one_parent_with_a_child_per_job(tmp_path):
     overrides, client, _ = mlflow_store(tmp_path)
     swept = shelltrain_forked("-m", *CNN, *overrides, "trainer.device=cpu", "trainer.seed=0,1", cwd=tmp_path)
