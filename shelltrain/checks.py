@@ -208,7 +208,15 @@ def to_schema(node: Any, schema: type, key: str) -> Any:
 
 
 def wrong_type(exc: ValidationError, prefix: str = "") -> str:
-    """The one-line message for a value OmegaConf cannot convert to its key's type (here or while composing)."""
+    """The one-line message for a value OmegaConf cannot convert to its key's type (here or while composing);
+    a plain value given to a group of keys (trainer.swa=true) names the group's keys instead."""
+    group = getattr(exc, "child_node", None)
+    if isinstance(group, DictConfig) and not isinstance(exc.value, (dict, DictConfig)) and len(group):
+        keys = [str(key) for key in group.keys()]
+        return (
+            f"{prefix}{exc.full_key}={exc.value!r}: {exc.full_key} is a group of keys ({', '.join(keys)}); "
+            f"set one of them, e.g. {exc.full_key}.{keys[0]}=..."
+        )
     return f"{prefix}{exc.full_key}={exc.value!r} has the wrong type; {exc.msg.splitlines()[0]}"
 
 

@@ -51,6 +51,11 @@ CASES = [
         "data.batch_size=1.5 has the wrong type; Value '1.5' of type 'float' could not be converted to Integer",
     ),
     (
+        "value-for-a-group-of-keys",
+        ["trainer.swa=true"],
+        "trainer.swa=True: trainer.swa is a group of keys (start_epoch, lr); set one of them, e.g. trainer.swa.start",
+    ),
+    (
         "bool-not-bool",
         ["trainer.deterministic=maybe"],
         "trainer.deterministic='maybe' has the wrong type; Value 'maybe' is not a valid bool",
