@@ -7,7 +7,7 @@ turns (seed by seed), each as its own process, and prints per case: img/s in the
 first pays for worker start-up and cache building), the epoch time, the first epoch's extra time (its seconds
 minus a later epoch's, plus the set-up before training: imports, decoding the cache), and test accuracy.
 
-    python benchmarks/input_pipeline.py [--seeds 3] [--epochs 3] [--out benchmarks/results/input_pipeline.md]
+    python benchmarks/input_pipeline.py [--seeds 3] [--epochs 3] [--side 96] [--compile] [--out FILE.md]
 
 --width (model.width, default 8) keeps the model's share small; the model alone on one fixed batch is printed as
 the ceiling no input pipeline can beat.
@@ -79,9 +79,18 @@ def make_folder(root: Path, side: int = 96) -> int:
     return count
 
 
-def run_shelltrain(case: str, root: Path, work: Path, seed: int, epochs: int, cache_dir: Path, width: int) -> dict:
+def run_shelltrain(
+    case: str, root: Path, work: Path, seed: int, epochs: int, cache_dir: Path, width: int, extra: list[str]
+) -> dict:
     run_dir = work / f"{case}_{seed}"
-    args = [*COMMON, f"model.width={width}", *SHELLTRAIN[case], f"data.root={root}", f"data.cache_dir={cache_dir}"]
+    args = [
+        *COMMON,
+        f"model.width={width}",
+        *SHELLTRAIN[case],
+        *extra,
+        f"data.root={root}",
+        f"data.cache_dir={cache_dir}",
+    ]
     args += [f"trainer.seed={seed}", f"trainer.epochs={epochs}", f"hydra.run.dir={run_dir}"]
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "shelltrain", *args], capture_output=True, text=True)
@@ -159,6 +168,7 @@ import time, torch, torch.nn.functional as F
     + MODEL
     + """
 model = model.to(memory_format=torch.channels_last)
+model = torch.compile(model) if {compile} else model
 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 x = torch.randn(64, 3, 64, 64).contiguous(memory_format=torch.channels_last)
 y = torch.randint(0, 10, (64,))
@@ -171,10 +181,12 @@ print(64 * steps / (time.perf_counter() - start))
 )
 
 
-def model_ceiling(width: int) -> float:
+def model_ceiling(width: int, compile: bool) -> float:
     """img/s of the train step alone on one fixed batch (channels_last, as shelltrain runs it): no input
     pipeline can make the cases faster than this."""
-    done = subprocess.run([sys.executable, "-c", CEILING.format(width=width)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", CEILING.format(width=width, compile=compile)], capture_output=True, text=True
+    )
     if done.returncode != 0:
         raise SystemExit(f"model ceiling failed:\n{done.stderr[-2000:]}")
     return float(done.stdout.strip().splitlines()[-1])
@@ -204,6 +216,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--width", type=int, default=8, help="model.width: small, so that the input sets the pace")
+    parser.add_argument(
+        "--compile", action="store_true", help="shelltrain's cases (and the ceiling) with trainer.compile=true"
+    )
     parser.add_argument("--side", type=int, default=96, help="the JPEGs' side in px (a multiple of 8; trained at 64)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/input_pipeline.md"))
     args = parser.parse_args()
@@ -215,20 +230,22 @@ def main() -> None:
         print(f"{count} JPEGs ({args.side}x{args.side}) in {root}")
         ceilings = []
         for seed in range(args.seeds):
-            ceilings.append(model_ceiling(args.width))
+            ceilings.append(model_ceiling(args.width, args.compile))
             for case in args.cases:  # in turns; every seed's first cached run builds its cache anew
                 cache_dir = Path(tmp) / f"cache_{case}_{seed}"
                 if case == "a_plain":
                     result = run_plain(root, seed, args.epochs, args.width)
                 else:
-                    result = run_shelltrain(case, root, work, seed, args.epochs, cache_dir, args.width)
+                    extra = ["trainer.compile=true"] if args.compile else []
+                    result = run_shelltrain(case, root, work, seed, args.epochs, cache_dir, args.width, extra)
                 results[case].append(result)
                 print(case, seed, json.dumps({k: v for k, v in result.items()}), flush=True)
     load_after = os.getloadavg()[0]
     table = summarize(results)
     cores = len(os.sched_getaffinity(0))
     note = (
-        f"{count} JPEGs {args.side}x{args.side} -> 64 px, model=cnn model.width={args.width}, batch 64, "
+        f"{count} JPEGs {args.side}x{args.side} -> 64 px, model=cnn model.width={args.width}"
+        f"{' (trainer.compile=true for shelltrain)' if args.compile else ''}, batch 64, "
         f"{args.epochs} epochs, {args.seeds} seed(s), CPU, {cores} cores; "
         f"load average {load_before:.1f} before / {load_after:.1f} after. "
         "The model alone (its train step on one fixed batch, no input pipeline; once per seed) runs at "
