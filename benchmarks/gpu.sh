@@ -4,6 +4,7 @@
 # one summary table closes it, and the exit status is non-zero when any section failed.
 #
 #   bash benchmarks/gpu.sh            # PYTHON=/path/to/python picks the interpreter (default python3)
+#   REHEARSE=cpu bash benchmarks/gpu.sh   # the same sections on the CPU, smaller, to check the script itself
 #
 # A bare GPU machine (its own torch, no network) may lack shelltrain's other dependencies: they are installed
 # offline from benchmarks/wheels/, which benchmarks/gpu_wheels.sh fills beforehand on a machine with a package
@@ -26,7 +27,11 @@ section() { # section LIMIT NAME COMMAND...: at most LIMIT seconds, never past t
   if ((limit <= 5)); then
     rc="FAILED (not run: no time left)"
   else
-    timeout "$limit" "$@"
+    if declare -F "$1" >/dev/null; then # a function of this script: timeout runs programs, so a bash runs it
+      timeout "$limit" bash -c "$(declare -p ST SMALL CNN OUT PY GPUS DEVICE SAMPLES); $(declare -f); \"\$@\"" _ "$@"
+    else
+      timeout "$limit" "$@"
+    fi
     rc=$?
     case $rc in 0) rc=ok ;; 124) rc="FAILED (over ${limit}s)" ;; *) rc="FAILED (exit $rc)" ;; esac
   fi
@@ -59,18 +64,23 @@ fi
 "$PY" -c "import shelltrain.configs, os, sys; sys.exit(not shelltrain.configs.__file__.startswith(os.getcwd()))" \
   2>/dev/null || "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
   || { echo "gpu.sh: shelltrain does not install here (pip install --no-deps -e . failed)"; exit 2; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" \
-  || { echo "gpu.sh: torch sees no CUDA device"; exit 2; }
-GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+DEVICE=cuda MODEL=(model=resnet18 model.small_input=true) SAMPLES=2048
+if [[ ${REHEARSE:-} == cpu ]]; then # no GPU: every section on the CPU with a narrow cnn (throughput is skipped)
+  DEVICE=cpu MODEL=(model=cnn model.width=8) SAMPLES=256 GPUS=1
+else
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" \
+    || { echo "gpu.sh: torch sees no CUDA device"; exit 2; }
+  GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+fi
 
 # -- the CUDA-only paths, each a small real run -------------------------------------------------------------
 rm -rf "$OUT"
 ST=("$PY" -m shelltrain)
-SMALL=(model=resnet18 model.small_input=true data=synthetic data.num_samples=2048 'data.mean=[0.5]' 'data.std=[0.29]'
-  data.batch_size=128 trainer.device=cuda plots=false)
-CNN=(model=cnn model.width=16 data=synthetic data.num_samples=1024 'data.mean=[0.5]' 'data.std=[0.29]'
-  data.batch_size=128 trainer.device=cuda plots=false)
+SMALL=("${MODEL[@]}" data=synthetic data.num_samples=$SAMPLES 'data.mean=[0.5]' 'data.std=[0.29]'
+  data.batch_size=128 trainer.device=$DEVICE plots=false)
+CNN=(model=cnn model.width=16 data=synthetic data.num_samples=$((SAMPLES / 2)) 'data.mean=[0.5]' 'data.std=[0.29]'
+  data.batch_size=128 trainer.device=$DEVICE plots=false)
 
 resume_on_cuda() { # momentum state restored onto the GPU: the first step after resuming must not mix devices
   "${ST[@]}" "${SMALL[@]}" optimizer=momentum scheduler=step trainer.epochs=1 hydra.run.dir="$OUT/resume" &&
@@ -89,18 +99,20 @@ int8_evaluate() { # a dynamic-int8 model evaluated with trainer.device=cuda: it 
     grep -q '"device": "cpu"' "$OUT/int8-evaluate/summary.json"
 }
 
-cached_folder() { # data.cache=disk: decode a JPEG folder once, train on the GPU with batched rotation/scale/crop/flip
+cached_folder() { # decode a JPEG folder once (data.cache); train on the GPU with batched rotation/scale/crop/flip:
+  # first on the device (disk cache, data.on_device), then from RAM (memory: batches gathered on the CPU, copied)
   "$PY" -c "
 import numpy as np, os; from PIL import Image
 rng = np.random.default_rng(0)
 for c in range(4):
     os.makedirs('$OUT/images/train/%d' % c, exist_ok=True)
-    for i in range(128):
+    for i in range($SAMPLES // 16):
         Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)).save('$OUT/images/train/%d/%d.jpg' % (c, i))
-" && for run in first second; do
+" && for run in "first disk true" "second memory false"; do
+    set -- $run
     "${ST[@]}" model=cnn model.width=16 data=imagefolder data.root="$OUT/images" data.image_size=64 \
-      data.cache=disk data.cache_dir="$OUT/cache" data.on_device=true augmentation=seed trainer.device=cuda \
-      trainer.epochs=2 plots=false hydra.run.dir="$OUT/cached-$run" || return 1
+      data.cache="$2" data.cache_dir="$OUT/cache" data.on_device="$3" augmentation=seed trainer.device=$DEVICE \
+      trainer.epochs=2 plots=false hydra.run.dir="$OUT/cached-$1" || return 1
   done && grep -q "reused decoded cache" "$OUT/cached-second/train.log"
 }
 
@@ -112,7 +124,7 @@ section 20 "channels_last (bf16)" "${ST[@]}" "${SMALL[@]}" trainer.precision=bf1
   trainer.epochs=1 hydra.run.dir="$OUT/channels-last"
 section 20 "on-device data + augmentation" "${ST[@]}" "${SMALL[@]}" data.on_device=true augmentation=basic \
   trainer.epochs=2 hydra.run.dir="$OUT/on-device"
-section 30 "cached image folder (disk) + on-device rotation/scale" cached_folder
+section 30 "cached image folder (disk on the device, then memory) + batched rotation/scale" cached_folder
 if ((GPUS > 1)); then
   section 45 "DDP on $GPUS GPUs, on-device data" "${ST[@]}" "${SMALL[@]}" trainer.devices="$GPUS" data.on_device=true \
     trainer.epochs=2 hydra.run.dir="$OUT/ddp"
@@ -125,9 +137,13 @@ section 30 "ensemble of 3 (vmap on CUDA)" "${ST[@]}" "${CNN[@]}" ensemble=averag
 section 70 "torch.compile (bf16, on-device)" "${ST[@]}" "${SMALL[@]}" trainer.compile=true trainer.precision=bf16 \
   data.on_device=true trainer.epochs=2 hydra.run.dir="$OUT/compile"
 # images/s of shelltrain's engine and of a plain loop, same model and data (the table prints absolute numbers)
-section 45 "throughput: ResNet-18 32x32 bf16, on-device vs DataLoader, shelltrain vs plain" \
-  "$PY" benchmarks/throughput.py --device cuda --data synthetic --precision bf16 --channels-last on --rounds 2 \
-  --model resnet18 --small-input --image-size 32 --batch-size 512 --samples 16384 --workers 8
+if [[ $DEVICE == cuda ]]; then
+  section 45 "throughput: ResNet-18 32x32 bf16, on-device vs DataLoader, shelltrain vs plain" \
+    "$PY" benchmarks/throughput.py --device cuda --data synthetic --precision bf16 --channels-last on --rounds 2 \
+    --model resnet18 --small-input --image-size 32 --batch-size 512 --samples 16384 --workers 8
+else
+  skip "throughput" "a CPU rehearsal"
+fi
 
 # -- one table ------------------------------------------------------------------------------------------------
 echo
