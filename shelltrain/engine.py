@@ -21,11 +21,10 @@ from shelltrain import distributed
 from shelltrain.errors import UserError
 from shelltrain.optim import Schedule
 from shelltrain.placement import batch_to_device, eval_settings, place
-from shelltrain.rng import restore_rng
+from shelltrain.rng import epoch_seed, restore_rng
 from shelltrain.schema import TrainerConfig
 
 SYNC_EVERY = 20  # batches between host syncs for the progress display (each sync stalls a GPU)
-RANK_SEED_STRIDE = 1_000_003  # rank r draws augmentation and dropout from seed + r * stride
 # A training loss in place of `criterion`: (images, logits, targets, settings) -> loss, called under autocast
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TrainerConfig], torch.Tensor]
 
@@ -284,8 +283,7 @@ def _start_epoch(loader: DataLoader, settings: TrainerConfig, epoch: int) -> int
     at an epoch boundary replays exactly what an uninterrupted run would. Under DDP the order is shared (the
     sampler's set_epoch) and each rank draws its own augmentation and dropout."""
     overfit = settings.overfit_batches > 0
-    epoch_seed = settings.seed if overfit else settings.seed * 100_003 + epoch
-    rank_seed = epoch_seed + RANK_SEED_STRIDE * distributed.rank()
+    rank_seed = epoch_seed(settings.seed, None if overfit else epoch, distributed.rank())
     torch.manual_seed(rank_seed)
     if isinstance(getattr(loader, "generator", None), torch.Generator):
         loader.generator.manual_seed(rank_seed)

@@ -9,6 +9,16 @@ from typing import Any
 import numpy as np
 import torch
 
+EPOCH_STRIDE = 100_003  # consecutive epochs of a run draw from seed * stride + epoch
+RANK_STRIDE = 1_000_003  # rank r draws from its epoch's seed + r * stride
+
+
+def epoch_seed(seed: int, epoch: int | None, rank: int = 0) -> int:
+    """The seed of what an epoch draws on `rank` (order, augmentation, dropout): a function of (seed, epoch, rank),
+    so a run resumed at an epoch replays it. `epoch` None: the same seed every epoch (trainer.overfit_batches)."""
+    base = seed if epoch is None else seed * EPOCH_STRIDE + epoch
+    return base + RANK_STRIDE * rank
+
 
 def rng_state() -> dict[str, Any]:
     """Every RNG a run draws from, as weights_only-loadable values."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, WeightedRandomSampler
 
-RANK_STRIDE = 1_000_003  # rank r draws from seed + r * stride, as the engine seeds augmentation
+from shelltrain.rng import epoch_seed
 
 
 def long_tail(labels: torch.Tensor, index: torch.Tensor, factor: float, seed: int) -> torch.Tensor:
@@ -52,7 +52,7 @@ class BalancedSampler(WeightedRandomSampler):
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
-        self.generator.manual_seed(self.seed * 100_003 + epoch + RANK_STRIDE * self.rank)
+        self.generator.manual_seed(epoch_seed(self.seed, epoch, self.rank))  # as the engine seeds each epoch
 
 
 class WeightedLoss:

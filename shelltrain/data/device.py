@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 from shelltrain import distributed
 from shelltrain.data.batched import batched_form
 from shelltrain.data.transforms import NormalizedFloat
+from shelltrain.rng import epoch_seed
 
 ON_DEVICE = (
     "RandomCrop and RandomResizedCrop (output size = data.image_size), RandomAffine (no shear), RandomRotation "
@@ -173,7 +174,7 @@ class DeviceBatches:
     def _order(self) -> torch.Tensor:
         count = len(self.images) if self.index is None else len(self.index)
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
             order = torch.randperm(count, generator=generator).to(self.images.device)
         else:
             order = torch.arange(count, device=self.images.device)
