@@ -20,7 +20,6 @@ from shelltrain.data import DataBundle
 from shelltrain.engine import predict
 from shelltrain.metrics import expected_calibration_error, nll
 from shelltrain.schema import TrainerConfig
-from shelltrain.tta import with_tta
 
 
 class Tempered(nn.Module):
@@ -57,15 +56,22 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return float(log_t.exp().item())
 
 
-def calibrate(mode: str, model: nn.Module, data: DataBundle, settings: TrainerConfig, run_dir: Path) -> dict[str, Any]:
+def calibrate(
+    mode: str,
+    model: nn.Module,
+    data: DataBundle,
+    settings: TrainerConfig,
+    run_dir: Path,
+    tested: tuple[torch.Tensor, torch.Tensor],
+) -> dict[str, Any]:
     """summary.json's `calibration` section ({} when trainer.calibrate=none): T fitted on the val split and stored in
-    the run's checkpoints, with ECE and NLL on val and test before and after dividing the logits by T."""
+    the run's checkpoints, with ECE and NLL on val and test before and after dividing the logits by T. `tested`:
+    the test split's (logits, targets), as the run's test computed them."""
     if mode == "none":
         return {}
     val_logits, val_targets = predict(model, data.val, settings, limit=settings.limit_val_batches)
     temperature = fit_temperature(val_logits, val_targets)
-    tested = with_tta(model, settings.test_tta)
-    test_logits, test_targets = predict(tested, data.test, settings, limit=settings.limit_test_batches)
+    test_logits, test_targets = tested
     store_temperature(run_dir, temperature)
     section: dict[str, Any] = {"method": mode, "temperature": temperature, "fitted_on": "val"}
     for split, logits, targets in (("val", val_logits, val_targets), ("test", test_logits, test_targets)):

@@ -131,8 +131,8 @@ def train_and_test(
         if not distributed.is_main():
             return math.nan  # rank 0 tests the model and writes the report
         pruned = prune(cfg, job, state, run_dir, console)
-        summary, confusion = test(cfg, job, state, pruned, run_dir, started)
-        summary.update(calibrate(job.settings.calibrate, job.model, job.data, job.settings, run_dir))
+        summary, confusion, tested = test(cfg, job, state, pruned, run_dir, started)
+        summary.update(calibrate(job.settings.calibrate, job.model, job.data, job.settings, run_dir, tested))
         exported = (cfg.get("checkpoint") or {}).get("export_state_dict")
         if exported:  # the model the run stands for (best epoch, pruned if pruned), as a plain state dict
             export_state_dict(job.model, rundir.exported_state_dict(run_dir, exported))
@@ -350,8 +350,8 @@ def prune(cfg: DictConfig, job: Job, state: TrainState, run_dir: Path, console: 
 
 def test(
     cfg: DictConfig, job: Job, state: TrainState, pruned: PruneResult | None, run_dir: Path, started: float
-) -> tuple[dict[str, Any], torch.Tensor]:
-    """The model on the test split: summary.json's figures and the confusion matrix."""
+) -> tuple[dict[str, Any], torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The model on the test split: summary.json's figures, the confusion matrix and the (logits, targets)."""
     tested = with_tta(job.model, job.settings.test_tta)  # trainer.test_tta: logits averaged over views
     logits, targets = predict(tested, job.data.test, job.settings, limit=cfg.trainer.limit_test_batches)
     confusion = confusion_matrix(logits, targets, job.data.num_classes)
@@ -382,7 +382,7 @@ def test(
         summary.update(params=pruned.report["after"]["params"], best_val_acc=val["acc"], best_val_loss=val["loss"])
         summary.update(summary_keys(pruned.report))
         summary["prune"] = pruned.report
-    return summary, confusion
+    return summary, confusion, (logits, targets)
 
 
 def report(

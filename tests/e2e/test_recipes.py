@@ -88,7 +88,7 @@ def test_calibration_lowers_ece_of_an_over_confident_model_and_travels_with_the_
 
     from shelltrain.calibration import Tempered, calibrate
     from shelltrain.data import build_data
-    from shelltrain.engine import evaluate
+    from shelltrain.engine import evaluate, predict
     from shelltrain.runner import train_settings
     from shelltrain.trained import load_trained_model
 
@@ -100,7 +100,8 @@ def test_calibration_lowers_ece_of_an_over_confident_model_and_travels_with_the_
     data = build_data(cfg.data, cfg.augmentation, 0, False)
     settings = train_settings(cfg.trainer, torch.device("cpu"))
     over_confident = Tempered(model, 0.1)  # logits x 10
-    section = calibrate("temperature", over_confident, data, settings, trained)["calibration"]
+    tested = predict(over_confident, data.test, settings)
+    section = calibrate("temperature", over_confident, data, settings, trained, tested)["calibration"]
     assert section["val_ece_after"] < section["val_ece_before"] and section["temperature"] > 1.0
     calibrated, checkpoint, _ = load_trained_model(str(trained))  # stored in best.pt (and last.pt)
     assert checkpoint["temperature"] == section["temperature"] and isinstance(calibrated, Tempered)
