@@ -113,16 +113,15 @@ def _export(cfg: DictConfig, dirs: dict[str, Path], console: Any) -> dict[str, A
 def measure_stages(dirs: dict[str, Path], latency: LatencySpec) -> list[dict[str, Any]]:
     """One row per model, reloaded from its sub-run: test accuracy (from its summary), parameters, weights size,
     MACs and CPU latency, every model timed in the same loop as the teacher."""
-    teacher = rundir.read_json(rundir.summary(dirs["teacher"]))
     members = sorted(p for p in (dirs["teacher"] / rundir.MEMBERS).iterdir() if p.is_dir())
-    entries = [("teacher ensemble", dirs["teacher"], teacher["test_acc"])]
-    entries += [(f"member {p.name}", p, rundir.read_json(rundir.summary(p))["test_acc"]) for p in members]
-    for stage, name in (("student", "student alone"), ("distilled", "distilled student")):
-        entries.append((name, dirs[stage], rundir.read_json(rundir.summary(dirs[stage]))["test_acc"]))
-    for stage in ("pruned", "int8"):
-        entries.append((stage, dirs[stage], rundir.read_json(rundir.summary(dirs[stage]))["test_acc"]))
-    models = [load_trained_model(str(path))[0] for _, path, _ in entries]
-    pre = preprocessing(load_trained_model(str(dirs["student"]))[1])
+    named = [("teacher ensemble", dirs["teacher"]), *((f"member {p.name}", p) for p in members)]
+    named += [("student alone", dirs["student"]), ("distilled student", dirs["distilled"])]
+    named += [("pruned", dirs["pruned"]), ("int8", dirs["int8"])]
+    entries = [(name, path, rundir.read_json(rundir.summary(path))["test_acc"]) for name, path in named]
+    loaded = [load_trained_model(str(path)) for _, path in named]
+    models = [model for model, _, _ in loaded]
+    checkpoints = {name: checkpoint for (name, _), (_, checkpoint, _) in zip(named, loaded)}
+    pre = preprocessing(checkpoints["student alone"])
     shape = (pre["channels"], pre["image_size"], pre["image_size"])
     twins = [None] * (len(models) - 1) + [models[-2]]  # int8's MACs: its float original runs the same operations
     figures = [measure(cpu_copy(m), shape, macs_model=twin) for m, twin in zip(models, twins)]
