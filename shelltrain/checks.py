@@ -168,6 +168,11 @@ def at_least(key: str, value: float | None, minimum: float) -> None:
         raise UserError(f"{key}={value} is out of range; it must be >= {minimum}")
 
 
+def positive(key: str, value: float, example: str) -> None:
+    if value <= 0:
+        raise UserError(f"{key}={value} must be > 0, e.g. {example}")
+
+
 def check_fractions(val_fraction: float, test_fraction: float) -> None:
     """data.val_fraction and data.test_fraction: each in [0, 1), leaving train data."""
     for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):

@@ -31,6 +31,7 @@ from shelltrain.checks import (
     check_task,
     check_workers,
     one_of,
+    positive,
     to_schema,
     uses_ensemble,
 )
@@ -63,8 +64,7 @@ class SwaConfig:
 
     def check(self) -> None:
         at_least("trainer.swa.start_epoch", self.start_epoch, 1)
-        if self.lr <= 0:
-            raise UserError(f"trainer.swa.lr={self.lr} must be > 0, e.g. 0.01")
+        positive("trainer.swa.lr", self.lr, "0.01")
 
 
 @dataclass
@@ -348,12 +348,8 @@ class PruneConfig:
             at_least(f"prune.{key}", getattr(self, key), minimum)
         for key in ("steps", "blocks", "calibration_batches", "latency_batch", "latency_threads", "latency_repeats"):
             at_least(f"prune.{key}", getattr(self, key), 1)
-        for key, value in (
-            ("finetune_lr_mult", self.finetune_lr_mult),
-            ("distill_temperature", self.distill_temperature),
-        ):
-            if value <= 0:
-                raise UserError(f"prune.{key}={value} must be > 0, e.g. 1")
+        positive("prune.finetune_lr_mult", self.finetune_lr_mult, "0.1")
+        positive("prune.distill_temperature", self.distill_temperature, "1")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise UserError(f"prune.distill_alpha={self.distill_alpha} is out of range; use a value in [0, 1]")
         if not 2 <= self.bits <= 8:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from shelltrain import schema_values as values
-from shelltrain.checks import at_least, one_of
+from shelltrain.checks import at_least, one_of, positive
 from shelltrain.errors import UserError
 
 
@@ -37,8 +37,7 @@ class ExportConfig:
 
     def check(self) -> None:
         one_of("export.format", self.format, values.EXPORT_FORMATS)
-        if self.tolerance <= 0:
-            raise UserError(f"export.tolerance={self.tolerance} must be > 0, e.g. 1e-4")
+        positive("export.tolerance", self.tolerance, "1e-4")
 
 
 @dataclass

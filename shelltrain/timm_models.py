@@ -5,6 +5,7 @@ transfer path as torchvision's (head replacement, preprocessing from `timm.data.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from omegaconf import DictConfig
@@ -102,9 +103,5 @@ def timm_layer_groups(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]] 
 def _layer_name(names: list[str]) -> str:
     """The modules a layer holds: their common prefix (`stages.1.blocks.1`), else its top-level modules joined."""
     modules = [name.split(".")[:-1] or [name] for name in names]
-    common: list[str] = []
-    for parts in zip(*modules):
-        if len(set(parts)) > 1:
-            break
-        common.append(parts[0])
+    common = os.path.commonprefix(modules)  # element-wise on lists too
     return ".".join(common) if common else "+".join(dict.fromkeys(m[0] for m in modules))

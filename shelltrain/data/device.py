@@ -142,7 +142,6 @@ class DeviceBatches:
         self.images, self.labels = images, labels
         self.index = index.to(images.device) if index is not None else None
         self.batch_size, self.drop_last, self.shuffle, self.seed = batch_size, drop_last, shuffle, seed
-        self.mean, self.std = list(mean), list(std)
         self.normalize = NormalizedFloat(mean, std)
         self.augment, self.mix = augment or [], mix
         self.sharded = sharded  # False: every rank sees the whole split (the test split: rank 0 tests it all)
@@ -160,8 +159,8 @@ class DeviceBatches:
             self.images,
             self.labels,
             batch_size,
-            tuple(self.mean),
-            tuple(self.std),
+            self.normalize.mean,
+            self.normalize.std,
             augment=self.augment if augmented else None,
             mix=self.mix if augmented else None,
             shuffle=shuffle,
