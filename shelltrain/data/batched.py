@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as nnf
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
 
@@ -114,10 +115,7 @@ class Jitter:
 
 
 def _grey(pixels: torch.Tensor) -> torch.Tensor:
-    if pixels.shape[1] == 1:
-        return pixels
-    r, g, b = pixels.unbind(1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+    return pixels if pixels.shape[1] == 1 else F.rgb_to_grayscale(pixels)
 
 
 def _blend(pixels: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
