@@ -8,11 +8,13 @@
 #
 # A bare GPU machine (its own torch, no network) may lack shelltrain's other dependencies: they are installed
 # offline from benchmarks/wheels/, which benchmarks/gpu_wheels.sh fills beforehand on a machine with a package
-# index. Carry that folder with the checkout.
+# index. Carry that folder with the checkout. GPU_CHECK_SITE names the folder they and shelltrain go to.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 PY=${PYTHON:-python3}
-WHEELS=benchmarks/wheels
+WHEELS=$ROOT/benchmarks/wheels
+SITE=${GPU_CHECK_SITE:-/tmp/shelltrain-gpu-site} # shelltrain and what this machine lacks, installed for the check
 OUT=${GPU_CHECK_DIR:-/tmp/shelltrain-gpu-check}
 START=$SECONDS
 BUDGET=290 # seconds for all sections together
@@ -43,27 +45,37 @@ skip() { # skip NAME WHY
 }
 
 # -- what this machine needs: shelltrain's dependencies besides torch and torchvision --------------------------
-MODULES=(hydra omegaconf antlr4 torch_pruning rich sklearn matplotlib safetensors yaml)
-PACKAGES=(hydra-core omegaconf antlr4-python3-runtime torch-pruning rich scikit-learn matplotlib safetensors PyYAML)
+# Everything goes into a folder of its own on PYTHONPATH (pip --target): no write to the system's Python, which may
+# be read-only or refuse pip (PEP 668). Missing packages come from benchmarks/wheels/, without their dependencies.
+MODULES=(hydra omegaconf antlr4 torch_pruning rich sklearn matplotlib safetensors yaml packaging)
+PACKAGES=(hydra-core omegaconf antlr4-python3-runtime torch-pruning rich scikit-learn matplotlib safetensors PyYAML
+  packaging)
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import torch, torchvision" || { echo "gpu.sh: $PY has no torch/torchvision; PYTHON=... names one that has"; exit 2; }
-missing=()
-for i in "${!MODULES[@]}"; do
-  "$PY" -c "import ${MODULES[$i]}" 2>/dev/null || missing+=("${PACKAGES[$i]}")
-done
+missing_packages() {
+  local i
+  for i in "${!MODULES[@]}"; do
+    "$PY" -c "import ${MODULES[$i]}" 2>/dev/null || echo "${PACKAGES[$i]}"
+  done
+}
+pyver=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+mapfile -t missing < <(missing_packages)
 if ((${#missing[@]})); then
-  if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
-    pyver=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-    echo "gpu.sh: missing ${missing[*]} and no $WHEELS/: run 'bash benchmarks/gpu_wheels.sh $pyver' on a machine with a package index and carry $WHEELS/ here"
-    exit 2
-  fi
-  echo "installing ${missing[*]} offline from $WHEELS/"
-  "$PY" -m pip install -q --no-index --find-links "$WHEELS" "${missing[@]}" \
-    || { echo "gpu.sh: the offline install from $WHEELS/ failed (made for another Python or platform?)"; exit 2; }
+  carry="run 'bash benchmarks/gpu_wheels.sh $pyver ${missing[*]}' on a machine with a package index and carry"
+  carry+=" benchmarks/wheels/ here"
+  compgen -G "$WHEELS/*.whl" >/dev/null || { echo "gpu.sh: missing ${missing[*]} and no benchmarks/wheels/: $carry"; exit 2; }
+  echo "installing ${missing[*]} offline from benchmarks/wheels/ into $SITE"
+  "$PY" -m pip install -q --no-index --no-deps --upgrade --find-links "$WHEELS" --target "$SITE" "${missing[@]}" \
+    || { echo "gpu.sh: the offline install from benchmarks/wheels/ failed (a package not there?): $carry"; exit 2; }
+  mapfile -t missing < <(missing_packages)
+  ((${#missing[@]} == 0)) || { echo "gpu.sh: still not importable: ${missing[*]} (or what they need): $carry"; exit 2; }
 fi
-# An editable install made elsewhere may point at another checkout: install this one (offline, no dependencies).
-"$PY" -c "import shelltrain.configs, os, sys; sys.exit(not shelltrain.configs.__file__.startswith(os.getcwd()))" \
-  2>/dev/null || "$PY" -m pip install -q --no-deps --no-build-isolation -e . \
-  || { echo "gpu.sh: shelltrain does not install here (pip install --no-deps -e . failed)"; exit 2; }
+# This checkout, built into the same folder (setuptools from the environment, else from the wheels); the sections
+# then run outside the checkout, so that its source tree (without configs/ inside the package) does not shadow it.
+"$PY" -m pip install -q --no-deps --upgrade --no-build-isolation --target "$SITE" . 2>/dev/null \
+  || "$PY" -m pip install -q --no-deps --upgrade --no-index --find-links "$WHEELS" --target "$SITE" . \
+  || { echo "gpu.sh: shelltrain does not build here (it needs setuptools>=70.1: add it to benchmarks/wheels/)"; exit 2; }
+cd "$SITE"
 DEVICE=cuda MODEL=(model=resnet18 model.small_input=true) SAMPLES=2048
 if [[ ${REHEARSE:-} == cpu ]]; then # no GPU: every section on the CPU with a narrow cnn (throughput is skipped)
   DEVICE=cpu MODEL=(model=cnn model.width=8) SAMPLES=256 GPUS=1
@@ -139,7 +151,7 @@ section 70 "torch.compile (bf16, on-device)" "${ST[@]}" "${SMALL[@]}" trainer.co
 # images/s of shelltrain's engine and of a plain loop, same model and data (the table prints absolute numbers)
 if [[ $DEVICE == cuda ]]; then
   section 45 "throughput: ResNet-18 32x32 bf16, on-device vs DataLoader, shelltrain vs plain" \
-    "$PY" benchmarks/throughput.py --device cuda --data synthetic --precision bf16 --channels-last on --rounds 2 \
+    "$PY" "$ROOT/benchmarks/throughput.py" --device cuda --data synthetic --precision bf16 --channels-last on --rounds 2 \
     --model resnet18 --small-input --image-size 32 --batch-size 512 --samples 16384 --workers 8
 else
   skip "throughput" "a CPU rehearsal"
