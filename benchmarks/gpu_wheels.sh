@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fill benchmarks/wheels/ with the packages a GPU machine without network lacks, for benchmarks/gpu.sh to install
 # offline. Run it on a machine with a package index and carry the folder with the checkout (a device call carries
-# at most 64 MiB with the working tree: this folder is about 2 MB by default).
+# at most 64 MiB with the working tree: this folder is about 1.3 MB by default).
 #
 #   bash benchmarks/gpu_wheels.sh [PYTHON_VERSION [PACKAGE ...]]   # default: 3.12 and the packages below
 #
