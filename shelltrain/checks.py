@@ -173,6 +173,11 @@ def positive(key: str, value: float, example: str) -> None:
         raise UserError(f"{key}={value} must be > 0, e.g. {example}")
 
 
+def in_unit_interval(key: str, value: float, note: str = "") -> None:
+    if not 0.0 <= value <= 1.0:
+        raise UserError(f"{key}={value} is out of range; use a value in [0, 1]{note}")
+
+
 def check_fractions(val_fraction: float, test_fraction: float) -> None:
     """data.val_fraction and data.test_fraction: each in [0, 1), leaving train data."""
     for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):

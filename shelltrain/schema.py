@@ -30,6 +30,7 @@ from shelltrain.checks import (
     check_structured_support,
     check_task,
     check_workers,
+    in_unit_interval,
     one_of,
     positive,
     to_schema,
@@ -287,8 +288,7 @@ class EnsembleConfig:
                 raise UserError(f"ensemble.weights is used by ensemble=weighted, not ensemble={self.name}")
             if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
                 raise UserError(f"ensemble.weights={list(self.weights)} must be >= 0 with a positive sum")
-        if self.temperature <= 0:
-            raise UserError(f"ensemble.temperature={self.temperature} is out of range; it must be > 0, e.g. 0.5")
+        positive("ensemble.temperature", self.temperature, "0.5")
         one_of("ensemble.vmap", self.vmap, ("auto", True, False))
 
     def sources(self) -> list[str]:
@@ -350,8 +350,7 @@ class PruneConfig:
             at_least(f"prune.{key}", getattr(self, key), 1)
         positive("prune.finetune_lr_mult", self.finetune_lr_mult, "0.1")
         positive("prune.distill_temperature", self.distill_temperature, "1")
-        if not 0.0 <= self.distill_alpha <= 1.0:
-            raise UserError(f"prune.distill_alpha={self.distill_alpha} is out of range; use a value in [0, 1]")
+        in_unit_interval("prune.distill_alpha", self.distill_alpha)
         if not 2 <= self.bits <= 8:
             raise UserError(f"prune.bits={self.bits} is out of range; use 2 to 8 (8: int8 kernels, fewer: fake)")
         one_of("prune.importance", self.importance, values.PRUNE_IMPORTANCES)
@@ -390,10 +389,8 @@ class DistillConfig:
                 "distill: give the teacher as distill.teacher=<run dir, checkpoint or ensemble run dir> "
                 "or distill.sweep=<multirun dir> (one of them)"
             )
-        if self.temperature <= 0:
-            raise UserError(f"distill.temperature={self.temperature} is out of range; it must be > 0, e.g. 4")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise UserError(f"distill.alpha={self.alpha} is out of range; use a value in [0, 1] (1: teacher only)")
+        positive("distill.temperature", self.temperature, "4")
+        in_unit_interval("distill.alpha", self.alpha, " (1: teacher only)")
 
 
 @dataclass
