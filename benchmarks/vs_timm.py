@@ -64,7 +64,7 @@ def run_timm(train_py: Path, root: Path, out: Path, seed: int) -> dict:
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"timm's train.py failed:\n{done.stderr[-3000:]}")
-    rows = list(csv.DictReader(open(out / "run" / "summary.csv")))
+    rows = list(csv.DictReader((out / "run" / "summary.csv").read_text().splitlines()))
     return {"wall": wall, "val_acc": float(rows[-1]["eval_top1"]) / 100, "epochs": len(rows)}
 
 
@@ -81,7 +81,7 @@ def run_shelltrain(root: Path, out: Path, seed: int, extra: list[str]) -> dict:
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"shelltrain failed:\n{done.stderr[-3000:]}")
-    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
     rates = [float(r["images_per_second"]) for r in rows[1:]]
     return {"wall": wall, "val_acc": float(rows[-1]["val_acc"]), "rate": statistics.median(rates)}
 
