@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -79,8 +80,11 @@ def cached_images(
         else:
             if stale:
                 say(make_console(), f"data.cache: {stale}; rebuilding {path}")
+            started = time.perf_counter()
             _build(path, paths, mode, size, workers)
             rundir.write_json(key, path.with_suffix(".json"))
+            seconds = time.perf_counter() - started  # the log records what the run wrote outside its directory
+            say(make_console(), f"data.cache: decoded {len(paths)} images into {path} in {seconds:.1f} s")
     return _open(path, how, max_memory_gib)
 
 

@@ -26,6 +26,8 @@ def test_a_second_run_reuses_the_decoded_cache_and_trains_alike(tmp_path):
     first = shelltrain_forked(*IMAGEFOLDER, *cache, "hydra.run.dir=first", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "reused decoded cache" not in first.stdout
+    built = (tmp_path / "first" / "train.log").read_text()
+    assert built.count("data.cache: decoded 24 images into ") == 2  # train/ and test/, each logged with its path
     second = shelltrain_forked(*IMAGEFOLDER, *cache, "hydra.run.dir=second", cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert second.stdout.count("data.cache: reused decoded cache") == 2  # train/ and test/
