@@ -1,0 +1,171 @@
+"""The import graph of shelltrain/: imports point one way (no cycle), and a module names the shelltrain modules it
+depends on at its top, where a reader (and this test) sees them.
+
+Every `import` counts, at module level and inside functions alike: a function-level import that closes a circle is
+still a circle, only one that fails later and less clearly. Imports under `if TYPE_CHECKING:` count too: the layer
+they reach is still one the module depends on.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[2] / "shelltrain"
+ROOT = PACKAGE.name
+
+
+@dataclass(frozen=True)
+class Edge:
+    """One import of a shelltrain module by another, and where it is written."""
+
+    source: str
+    target: str
+    path: str
+    line: int
+    in_function: bool
+    type_checking: bool
+
+    def where(self) -> str:
+        """file:line, and whether the import runs only inside a function or only for type checkers."""
+        notes = [f"{self.path}:{self.line}"]
+        if self.in_function:
+            notes.append("in a function")
+        if self.type_checking:
+            notes.append("TYPE_CHECKING")
+        return ", ".join(notes)
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def resolve(node: ast.Import | ast.ImportFrom, importer: str) -> list[str]:
+    """The shelltrain modules an import statement loads: `from shelltrain.x import y` is module shelltrain.x.y when
+    that is a module, else shelltrain.x."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names if alias.name in MODULES]
+    base = node.module or ""
+    if node.level:  # relative: from the importer's package upwards
+        package = importer if MODULES[importer].name == "__init__.py" else importer.rpartition(".")[0]
+        for _ in range(node.level - 1):
+            package = package.rpartition(".")[0]
+        base = f"{package}.{base}" if base else package
+    found = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in MODULES]
+    if len(found) < len(node.names) and base in MODULES:
+        found.append(base)
+    return found
+
+
+def function_nodes(tree: ast.AST) -> set[int]:
+    """The ids of every node inside a function body (methods and nested functions included)."""
+    inside: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            inside.update(id(child) for child in ast.walk(node) if child is not node)
+    return inside
+
+
+def type_checking_nodes(tree: ast.AST) -> set[int]:
+    """The ids of every node under an `if TYPE_CHECKING:` (or `typing.TYPE_CHECKING`) block."""
+    inside: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            inside.update(id(child) for statement in node.body for child in ast.walk(statement))
+    return inside
+
+
+def import_edges() -> list[Edge]:
+    """Every import of a shelltrain module inside shelltrain/, one edge per imported module."""
+    edges = []
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        inside, typing_only = function_nodes(tree), type_checking_nodes(tree)
+        relative = str(path.relative_to(PACKAGE.parent))
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            for target in resolve(node, name):
+                if target != name:
+                    edge = Edge(name, target, relative, node.lineno, id(node) in inside, id(node) in typing_only)
+                    edges.append(edge)
+    return edges
+
+
+def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's strongly connected components of more than one module: each is at least one cycle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def describe(component: list[str], edges: list[Edge]) -> str:
+    """A cycle's modules and the imports that join them, each with its file and line."""
+    members = set(component)
+    inner = sorted(
+        (e for e in edges if e.source in members and e.target in members), key=lambda e: (e.source, e.target)
+    )
+    lines = [f"{e.source} -> {e.target} ({e.where()})" for e in inner]
+    return " <-> ".join(component) + ":\n    " + "\n    ".join(lines)
+
+
+def test_the_graph_sees_the_package():
+    edges = import_edges()
+    assert len(MODULES) > 10, f"only {len(MODULES)} modules under {PACKAGE}"
+    assert any(e.source == f"{ROOT}.cli" for e in edges), "no import of cli.py was found: the parser misses imports"
+
+
+def test_the_cycle_finder_finds_cycles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert strongly_connected(graph) == [["a", "b", "c"]]
+
+
+def test_no_import_cycle():
+    edges = import_edges()
+    graph: dict[str, set[str]] = {name: set() for name in MODULES}
+    for edge in edges:
+        graph[edge.source].add(edge.target)
+    cycles = [describe(component, edges) for component in strongly_connected(graph)]
+    advice = "make one side depend on the other, or move what both need to a lower module"
+    assert not cycles, f"import cycles in shelltrain/ ({advice}):\n" + "\n".join(cycles)
+
+
+def test_no_function_level_import_of_shelltrain():
+    """Imports inside functions are for optional or heavy third-party dependencies only; one of a shelltrain module
+    hides a dependency (often a cycle) from the top of the file."""
+    hidden = sorted((e for e in import_edges() if e.in_function), key=lambda e: (e.path, e.line))
+    listed = [f"{e.path}:{e.line}: {e.source} imports {e.target}" for e in hidden]
+    assert not listed, "function-level imports of shelltrain modules (import them at the top):\n" + "\n".join(listed)
