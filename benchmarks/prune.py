@@ -28,6 +28,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
 from shelltrain.checkpoint import load_checkpoint
+from shelltrain.console import make_console
 from shelltrain.data import build_data
 from shelltrain.engine import TrainState, evaluate
 from shelltrain.environment import seed_everything
@@ -36,7 +37,6 @@ from shelltrain.prune import rebuild
 from shelltrain.prune.measure import sparsity
 from shelltrain.prune.quantize import quiet
 from shelltrain.prune.stage import prune_stage
-from shelltrain.report import make_console
 from shelltrain.runner import run, train_settings
 
 # option label -> overrides of the prune group (each runs on a copy of the same trained model)

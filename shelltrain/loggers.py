@@ -3,12 +3,14 @@
 Each logger is an engine Callback (`on_epoch_end` gets every epoch's metrics) with more hooks the runner calls:
 `start(config)` before training, `finish(summary)` with summary.json at the end, or `fail(status)` when the run
 was interrupted or failed.
-Packaged: csv (metrics.csv), jsonl (metrics.jsonl) and tensorboard. A user's own logger is a config
-entry with a `_target_` naming a class that takes `run_dir` and the entry's other keys.
+Packaged: csv (metrics.csv, written by `MetricsCSV`), jsonl (metrics.jsonl) and tensorboard. A user's own logger
+is a config entry with a `_target_` naming a class that takes `run_dir` and the entry's other keys.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import math
@@ -17,9 +19,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from shelltrain.console import figure
 from shelltrain.engine import Callback, Callbacks, TrainState
 from shelltrain.errors import UserError
-from shelltrain.report import MetricsCSV
 from shelltrain.rundir import METRICS_CSV, METRICS_JSONL, TENSORBOARD, write_text
 
 log = logging.getLogger("shelltrain")
@@ -92,6 +94,53 @@ def build_loggers(loggers: DictConfig | None, run_dir: Path) -> Loggers:
         cls = get_class(target) if target else PACKAGED[name]
         built.append(cls(run_dir, **options))
     return Loggers(built)
+
+
+METRIC_COLUMNS = [
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "lr",
+    "seconds",
+    "images_per_second",
+]
+
+
+class MetricsCSV:
+    """metrics.csv, one row per epoch; appending keeps earlier rows and writes the header once."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, row: dict[str, float]) -> None:
+        """The file with `row` added, rewritten atomically (a full disk never leaves half a row)."""
+        before = self.path.read_bytes().decode() if self.path.exists() else ""  # as written: \r\n line ends
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        if not before:
+            writer.writeheader()
+        writer.writerow({k: figure(row.get(k)) for k in METRIC_COLUMNS})
+        write_text(before + text.getvalue(), self.path)
+
+    def sync(self, rows: list[dict[str, float]]) -> None:
+        """Make the file hold exactly `rows` (a resumed checkpoint's history): a row written after that
+        checkpoint is dropped (it will be recomputed), one missing from a crash is restored. A file that
+        already matches is left as it is; otherwise it is replaced atomically."""
+        try:
+            with open(self.path, newline="") as f:
+                present = [r.get("epoch") for r in csv.DictReader(f)]
+        except FileNotFoundError:
+            present = []
+        if present == [figure(row.get("epoch")) for row in rows]:
+            return
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: figure(row.get(k)) for k in METRIC_COLUMNS})
+        write_text(text.getvalue(), self.path)
 
 
 class CSVLogger(RunLogger):

@@ -21,11 +21,11 @@ import torch
 from omegaconf import DictConfig
 
 from shelltrain import rundir
+from shelltrain.console import print_summary, say
 from shelltrain.engine import autocast, criterion
 from shelltrain.optim import build_optimizer
 from shelltrain.placement import batch_to_device, place
 from shelltrain.plots import plot_lr_find
-from shelltrain.report import print_summary, say
 
 
 def find_lr(cfg: DictConfig, run_dir: Path, console: Any) -> None:

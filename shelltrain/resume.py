@@ -24,11 +24,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from shelltrain import distributed, launch, rundir
 from shelltrain.checkpoint import load_checkpoint, load_model_state, peek
 from shelltrain.checks import uses_ensemble
+from shelltrain.console import say
 from shelltrain.engine import TrainState
 from shelltrain.errors import UserError
 from shelltrain.explain import explain, first_line
 from shelltrain.optim import Schedule
-from shelltrain.report import say
 from shelltrain.schema import validate
 
 log = logging.getLogger("shelltrain")

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from torchvision.transforms import v2
 
 from shelltrain import distributed
+from shelltrain.console import make_console, say
 from shelltrain.data.balance import BalancedSampler, long_tail
 from shelltrain.data.cache import cached_images
 from shelltrain.data.device import ON_DEVICE, DeviceBatches, batched_augmentations
@@ -36,7 +37,6 @@ from shelltrain.data.transforms import (
 )
 from shelltrain.dataroot import data_root
 from shelltrain.errors import UserError
-from shelltrain.report import make_console, say
 from shelltrain.schema import check_data
 
 PREFETCH_BATCHES = 4  # batches each loader worker prepares ahead (DataLoader's default: 2)

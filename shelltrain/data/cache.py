@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from shelltrain import rundir
+from shelltrain.console import make_console, say
 from shelltrain.data.sources import decode
 from shelltrain.data.transforms import square
-from shelltrain.report import make_console, say
 
 FORMAT = 1  # bump when the array's layout or the decode changes meaning
 CHUNK = 64  # images per task of the parallel build

@@ -14,15 +14,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from shelltrain import rundir
 from shelltrain.checkpoint import save_checkpoint
+from shelltrain.console import say
 from shelltrain.data import DataBundle
 from shelltrain.distill import Distiller
 from shelltrain.engine import Callback, TrainState, fit, monitor_mode
 from shelltrain.optim import build_optimizer, build_scheduler
 from shelltrain.placement import place
+from shelltrain.progress import ConsoleProgress
 from shelltrain.prune import PruneResult, prune_model
 from shelltrain.prune.quantize import quiet
 from shelltrain.prune.report import chain_reports
-from shelltrain.report import ConsoleProgress, say
 from shelltrain.rng import rng_state
 from shelltrain.schema import TrainerConfig
 from shelltrain.schema_values import PRUNE_SCHEDULES

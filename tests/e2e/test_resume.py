@@ -20,7 +20,7 @@ import torch
 from conftest import cli_environment, interrupt_at_step, run_in_process, shelltrain, shelltrain_forked, start_shelltrain
 
 from shelltrain import checkpoint as checkpoint_module
-from shelltrain import engine, report, rundir
+from shelltrain import engine, loggers, rundir
 from shelltrain.errors import Interrupted, UserError
 from shelltrain.rundir import has_checkpoint
 from shelltrain.signals import GracefulStop
@@ -483,7 +483,7 @@ def test_another_model_is_named_by_its_missing_and_unexpected_keys(tmp_path):
 
 
 def test_metrics_sync_restores_a_row_lost_in_a_crash(tmp_path):
-    metrics = report.MetricsCSV(tmp_path / "metrics.csv")
+    metrics = loggers.MetricsCSV(tmp_path / "metrics.csv")
     history = [{"epoch": e, "train_loss": 1.0 / e, "val_acc": 0.5} for e in (1, 2, 3)]
     for row in history[:2]:  # the crash came after checkpoint 3, before its row
         metrics.append(row)
