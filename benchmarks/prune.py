@@ -35,9 +35,9 @@ from shelltrain.environment import seed_everything
 from shelltrain.models import build_model, first_forward
 from shelltrain.prune import rebuild
 from shelltrain.prune.measure import sparsity
-from shelltrain.prune.quantize import quiet
 from shelltrain.prune.stage import prune_stage
 from shelltrain.runner import run, train_settings
+from shelltrain.silence import quiet
 
 # option label -> overrides of the prune group (each runs on a copy of the same trained model)
 OPTIONS: dict[str, list[str]] = {

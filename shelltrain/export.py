@@ -8,12 +8,9 @@ The class names and preprocessing travel inside the file (`export_metadata` read
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import json
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +19,7 @@ from torch import nn
 
 from shelltrain.errors import UserError
 from shelltrain.rundir import write_atomic
+from shelltrain.silence import quiet_torchscript
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}  # format -> file name in the run dir
 METADATA_KEY = "shelltrain"  # ONNX metadata_props key / TorchScript extra file holding the metadata JSON
@@ -39,7 +37,7 @@ def export_model(model: nn.Module, fmt: str, path: Path, example: torch.Tensor, 
         data = _export_onnx(model, example, metadata)
     else:
         buffer = io.BytesIO()  # serialized in memory: torch.jit.save aborts the process on a full disk
-        with _quiet_torchscript():
+        with quiet_torchscript():
             traced = torch.jit.trace(model, example)
             torch.jit.save(traced, buffer, _extra_files={EXTRA_FILE: json.dumps(metadata)})
         data = buffer.getvalue()
@@ -57,7 +55,7 @@ def run_exported(fmt: str, path: Path, images: torch.Tensor) -> torch.Tensor | N
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
         return torch.from_numpy(session.run(None, {name: images.numpy()})[0])
-    with _quiet_torchscript(), torch.no_grad():
+    with quiet_torchscript(), torch.no_grad():
         return torch.jit.load(str(path), map_location="cpu")(images).float()
 
 
@@ -69,7 +67,7 @@ def export_metadata(fmt: str, path: Path) -> dict[str, Any]:
         props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         return json.loads(props[METADATA_KEY])
     extra = {EXTRA_FILE: ""}
-    with _quiet_torchscript():
+    with quiet_torchscript():
         torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     return json.loads(extra[EXTRA_FILE])
 
@@ -121,11 +119,3 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, metadata: dict[str, An
         ) from exc
     program.model.metadata_props[METADATA_KEY] = json.dumps(metadata)
     return program.model_proto.SerializeToString()
-
-
-@contextlib.contextmanager
-def _quiet_torchscript() -> Iterator[None]:
-    """torch.jit warns on every call that it is deprecated (README says so once)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
-        yield

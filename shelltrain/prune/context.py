@@ -15,7 +15,7 @@ from shelltrain.engine import Callback, TrainState, evaluate, monitor_mode
 from shelltrain.errors import UserError
 from shelltrain.placement import eval_settings
 from shelltrain.prune.measure import LAYER_TYPES, serialized_size, sparsity
-from shelltrain.prune.quantize import quiet
+from shelltrain.silence import quiet
 
 # finetune(model, epochs, callbacks, label) trains `model` in place with a fresh optimizer and schedule.
 Finetune = Callable[[nn.Module, int, list[Callback], str], TrainState]

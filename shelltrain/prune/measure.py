@@ -15,7 +15,8 @@ from torch import nn
 
 from shelltrain.errors import UserError
 from shelltrain.placement import is_quantized
-from shelltrain.prune.quantize import quantized_bias, quantized_weight, quiet
+from shelltrain.prune.quantize import quantized_bias, quantized_weight
+from shelltrain.silence import quiet
 
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 

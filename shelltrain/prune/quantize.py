@@ -2,8 +2,8 @@
 
 `torch.ao.quantization` is deprecated (its warnings point at torchao), but on torch 2.x it is still the
 only path that gives real int8 speed-ups for convolutions on a CPU: torchao rejects Conv2d today. Every
-call into it goes through this module, inside `quiet()`, so users see none of its deprecation noise and
-a later migration touches one file.
+call into it goes through this module, inside `silence.quiet()`, so users see none of its deprecation noise
+and a later migration touches one file.
 
 Three modes:
 - `static`: eager post-training int8 for architectures torchvision ships a quantizable twin of (resnet,
@@ -18,10 +18,8 @@ Quantized kernels run on the CPU only.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -30,23 +28,7 @@ from torch import nn
 
 from shelltrain.errors import UserError
 from shelltrain.placement import quantized_module
-
-_NOISE = (
-    r"(?s).*torch\.ao\.quantization is deprecated",
-    r"(?s).*Please use quant_min and quant_max to specify the range",
-    r"(?s).*torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor creation",
-    r"(?s).*TypedStorage is deprecated",  # torch.load / deepcopy of quantized tensors
-    r"(?s).*must run observer before calling calculate_qparams",  # converting an uncalibrated twin to load weights into
-)
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence torch.ao.quantization's deprecation warnings (and only those) inside the block."""
-    with warnings.catch_warnings():
-        for pattern in _NOISE:
-            warnings.filterwarnings("ignore", message=pattern)
-        yield
+from shelltrain.silence import quiet
 
 
 def static_available(arch: str | None) -> bool:

@@ -22,11 +22,11 @@ from shelltrain.optim import build_optimizer, build_scheduler
 from shelltrain.placement import place
 from shelltrain.progress import ConsoleProgress
 from shelltrain.prune import PruneResult, prune_model
-from shelltrain.prune.quantize import quiet
 from shelltrain.prune.report import chain_reports
 from shelltrain.rng import rng_state
 from shelltrain.schema import TrainerConfig
 from shelltrain.schema_values import PRUNE_SCHEDULES
+from shelltrain.silence import quiet
 
 
 def prune_stage(

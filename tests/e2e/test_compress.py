@@ -15,8 +15,8 @@ from shelltrain.data import build_data
 from shelltrain.engine import evaluate
 from shelltrain.models import build_model
 from shelltrain.prune import rebuild
-from shelltrain.prune.quantize import quiet
 from shelltrain.runner import train_settings
+from shelltrain.silence import quiet
 
 TINY = [
     "experiment=compress_digits",

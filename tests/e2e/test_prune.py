@@ -19,9 +19,9 @@ from shelltrain.models import build_model
 from shelltrain.prune import rebuild
 from shelltrain.prune.layer import removable_blocks
 from shelltrain.prune.measure import LatencySpec, layer_weights, measure_latency, parameter_count, sparsity
-from shelltrain.prune.quantize import quiet
 from shelltrain.runner import train_settings
 from shelltrain.schema import validate
+from shelltrain.silence import quiet
 from shelltrain.trained import load_trained_model
 
 # Tiny, quick runs: a narrow CNN or a ResNet-18 on 16x16 digits, two batches per split, cheap latency.
