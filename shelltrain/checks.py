@@ -1,22 +1,19 @@
 """The checks no group dataclass owns: those of the groups without one, whose keys are the user's (a `_target_`'s
-arguments, any gate, any logger: only the keys shelltrain itself reads are checked), and those that span groups.
-shelltrain.schema.validate() calls them; the value checks of each group sit beside its fields in schema.py."""
+arguments, any gate, any logger: only the keys shelltrain itself reads are checked), and those that span groups;
+and the value helpers the dataclasses' own checks use (at_least, one_of, to_schema, ...). shelltrain.schema.validate()
+calls them; the checks of each group sit beside its fields in schema.py. This module imports no schema: the
+imports point from the schemas to here only."""
 
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from shelltrain.errors import UserError
 from shelltrain.rundir import ensemble_dir
-
-if TYPE_CHECKING:
-    from shelltrain.schema import EnsembleConfig, TrainerConfig
 
 LOGGERS = ("csv", "tensorboard", "jsonl", "mlflow", "wandb")
 TASKS = ("train", "evaluate", "predict", "export", "lr_find")
@@ -76,7 +73,8 @@ def check_gates(gate: DictConfig) -> None:
 
 
 def check_loggers(loggers: DictConfig | None) -> None:
-    """Each entry of `logger` is a packaged logger or one of the user's with a `_target_`."""
+    """Each entry of `logger` (null: none chosen, logger=[]) is a packaged logger or one of the user's with a
+    `_target_`."""
     for name, options in (loggers or {}).items():
         if name not in LOGGERS and not (isinstance(options, DictConfig) and options.get("_target_")):
             raise UserError(
@@ -85,9 +83,9 @@ def check_loggers(loggers: DictConfig | None) -> None:
             )
 
 
-def check_checkpoint(checkpoint: DictConfig | None) -> None:
+def check_checkpoint(checkpoint: DictConfig) -> None:
     """checkpoint.export_state_dict is null or a file name (written into the run's checkpoints/ folder)."""
-    name = (checkpoint or {}).get("export_state_dict")
+    name = checkpoint.export_state_dict
     if name is not None and (not isinstance(name, str) or not name or "/" in name or name in (".", "..")):
         raise UserError(
             f"checkpoint.export_state_dict={name!r} is invalid; give a file name such as model.pth, or null"
@@ -96,14 +94,14 @@ def check_checkpoint(checkpoint: DictConfig | None) -> None:
 
 def check_balance(cfg: DictConfig) -> None:
     """data.balance's remedies need what they act on: loss_weights the cross-entropy, sampler the train loader."""
-    balance = cfg.data.get("balance", "none")
+    balance = cfg.data.balance
     if balance == "loss_weights" and cfg.trainer.loss != "cross_entropy":
         raise UserError(f"data.balance=loss_weights weights the cross-entropy; trainer.loss is {cfg.trainer.loss}")
-    if balance == "loss_weights" and (cfg.get("distill") or {}).get("name", "none") != "none":
+    if balance == "loss_weights" and cfg.distill.name != "none":
         raise UserError(
             "data.balance=loss_weights and distill replace the same training loss; use data.balance=sampler"
         )
-    if balance == "sampler" and (cfg.get("cv") or {}).get("folds"):
+    if balance == "sampler" and cfg.cv.folds:
         raise UserError("data.balance=sampler does not apply to cross-validation folds; use data.balance=loss_weights")
 
 
@@ -116,42 +114,9 @@ def check_task(cfg: DictConfig) -> None:
         raise UserError("task=predict needs images: add predict.input=<folder of images>")
 
 
-def check_ensemble_run(
-    ensemble: EnsembleConfig, fuses: bool, model_weights: bool, trainer: TrainerConfig, cv: Any
-) -> None:
-    """The ensemble group against the rest of the run: resuming, cross-validation, epochs, a rule without members."""
-    if fuses:
-        if trainer.resume is not None and (
-            trainer.resume == "auto" or not Path(os.path.expanduser(trainer.resume)).is_dir()
-        ):
-            raise UserError(
-                f"trainer.resume={trainer.resume}: an ensemble run resumes from its run directory "
-                "(trainer.resume=<run dir>); auto and checkpoint files apply to single runs"
-            )
-        if cv is not None and cv.get("folds"):
-            raise UserError("cv.folds does not apply to an ensemble run; set cv.folds=0 or ensemble=none")
-    sources = ensemble.sources()
-    if ensemble.members and trainer.epochs == 0:
-        raise UserError(
-            "ensemble.members trains its members in this run and needs trainer.epochs > 0; "
-            "to fuse trained models set ensemble.checkpoints or ensemble.sweep instead"
-        )
-    if ensemble.name == "none" and sources:
-        raise UserError(
-            f"ensemble.{sources[0]} is set but ensemble=none; pick a rule to fuse the members: "
-            "ensemble=average, ensemble=weighted or ensemble=vote"
-        )
-    if ensemble.name != "none" and not sources and not model_weights:
-        raise UserError(
-            f"ensemble={ensemble.name} has no members; set ensemble.members=K (train K here), "
-            "ensemble.checkpoints=[run dirs or .pt files] or ensemble.sweep=<multirun dir>"
-        )
-
-
 def check_structured_support(cfg: DictConfig) -> None:
     """Architectures torch-pruning's dependency graph cannot prune structurally fail here, not after training."""
-    prune = cfg.get("prune")
-    if prune is None or prune.get("name") != "structured":
+    if cfg.prune.name != "structured":
         return
     model = str(cfg.model.get("name") or cfg.model.get("_target_") or "")
     unsupported = [family for family in STRUCTURED_UNSUPPORTED if model.lower().startswith(family)]
@@ -214,6 +179,12 @@ def to_schema(node: Any, schema: type, key: str) -> Any:
     except ConfigKeyError as exc:
         allowed = ", ".join(schema.__dataclass_fields__)
         raise UserError(f"unknown key '{key}.{exc.key}'; valid keys of {key}: {allowed}") from None
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:  # the schema holds no values: a key no option sets (e.g. a --config-dir option of the user's)
+        raise UserError(
+            f"{key}.{missing[0]} has no value: the {key} option leaves it out; set it, e.g. {key}.{missing[0]}=..., "
+            f"or start the option's defaults list with a packaged {key} option (`shelltrain --help` lists them)"
+        )
     return OmegaConf.to_object(merged)
 
 

@@ -1,27 +1,32 @@
-"""One dataclass per config group: its keys, types and defaults, with the checks of its own values beside them.
+"""One dataclass per config group: its keys, types and checks. The values live in one place only, the packaged YAML.
 
-`register()` stores each in Hydra's ConfigStore as `<group>_schema`, which every packaged YAML option names first
-in its defaults list (`/trainer_schema@_here_`): Hydra types each key while composing. The YAML carries the values
-and the comments listing each key's choices; a dataclass default equals the group's default option's value.
-`validate(cfg)` runs every check before any data is loaded (a group from --config-dir need not name its schema, so
-each is merged into its dataclass again); shelltrain.checks holds those no dataclass owns. No torch, no Hydra at
-import: the engine takes TrainerConfig."""
+Why the YAML and not the dataclasses: a user reads, copies and overrides the YAML options, whose comments give each
+key's one-line meaning and choices; `shelltrain --cfg job` prints the composed YAML. So the dataclasses hold no default
+values (every field is required, MISSING to OmegaConf): nothing is written twice, and a key that no option sets fails
+in one line (`to_schema`) instead of silently taking a value from a second copy. Code and tests that need a group's
+settings without composing a run take them from the packaged default option with `defaults(key, **overrides)`.
+
+`register()` stores each dataclass in Hydra's ConfigStore as `<group>_schema`, which every packaged YAML option names
+first in its defaults list (`/trainer_schema@_here_`): Hydra types each key while composing. `validate(cfg)` runs
+every check before any data is loaded (a group from --config-dir need not name its schema, so each is merged into its
+dataclass again); shelltrain.checks holds the value helpers and the checks no dataclass owns. No torch at import, and
+Hydra only when composing the defaults: the engine takes TrainerConfig."""
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from shelltrain import schema_values as values
 from shelltrain.checks import (
     at_least,
     check_balance,
     check_checkpoint,
-    check_ensemble_run,
     check_fractions,
     check_gates,
     check_loggers,
@@ -30,7 +35,6 @@ from shelltrain.checks import (
     check_structured_support,
     check_task,
     check_workers,
-    in_unit_interval,
     one_of,
     positive,
     to_schema,
@@ -38,6 +42,7 @@ from shelltrain.checks import (
 )
 from shelltrain.dataroot import DATASET_FILES, check_data_root
 from shelltrain.errors import UserError
+from shelltrain.schema_compress import CompressConfig, DistillConfig, PruneConfig
 from shelltrain.schema_tasks import EvaluateConfig, ExportConfig, LrFindConfig, PredictConfig, ReportConfig
 
 
@@ -45,9 +50,9 @@ from shelltrain.schema_tasks import EvaluateConfig, ExportConfig, LrFindConfig, 
 class EmaConfig:
     """trainer.ema: an exponential moving average of the weights (shelltrain.averaging); decay null = off."""
 
-    decay: Optional[float] = None
-    every_n_steps: int = 1
-    warmup_steps: int = 0
+    decay: Optional[float]
+    every_n_steps: int
+    warmup_steps: int
 
     def check(self) -> None:
         if self.decay is not None and not 0.0 < self.decay < 1.0:
@@ -60,8 +65,8 @@ class EmaConfig:
 class SwaConfig:
     """trainer.swa: stochastic weight averaging (shelltrain.averaging); start_epoch null = off."""
 
-    start_epoch: Optional[int] = None
-    lr: float = 0.01
+    start_epoch: Optional[int]
+    lr: float
 
     def check(self) -> None:
         at_least("trainer.swa.start_epoch", self.start_epoch, 1)
@@ -73,35 +78,35 @@ class TrainerConfig:
     """The `trainer` group, and the settings the engine trains with. In the config `device` is auto, cpu, cuda or
     cuda:N; the runner replaces it with the resolved device (a string such as "cuda:0", or a torch.device)."""
 
-    epochs: int = 8
-    device: str = "auto"
-    precision: str = "32"
-    channels_last: bool = True
-    grad_clip: float = 0.0
-    accumulate: int = 1
-    seed: int = 0
-    deterministic: bool = False
-    loss: str = "cross_entropy"
-    label_smoothing: float = 0.0
-    l1: float = 0.0
-    monitor: str = "val_acc"
-    patience: Optional[int] = None
-    limit_train_batches: Optional[int] = None
-    limit_val_batches: Optional[int] = None
-    limit_test_batches: Optional[int] = None
-    overfit_batches: int = 0
-    threads: Optional[int] = None
-    resume: Optional[str] = None
-    checkpoint_every_n_steps: int = 0
-    keep_checkpoints: int = 0
-    compile: bool = False
-    sync_batchnorm: bool = False
-    devices: int = 1
-    ema: EmaConfig = field(default_factory=EmaConfig)
-    swa: SwaConfig = field(default_factory=SwaConfig)
-    test_tta: str = "none"
-    calibrate: str = "none"
-    profile: bool = False
+    epochs: int
+    device: str
+    precision: str
+    channels_last: bool
+    grad_clip: float
+    accumulate: int
+    seed: int
+    deterministic: bool
+    loss: str
+    label_smoothing: float
+    l1: float
+    monitor: str
+    patience: Optional[int]
+    limit_train_batches: Optional[int]
+    limit_val_batches: Optional[int]
+    limit_test_batches: Optional[int]
+    overfit_batches: int
+    threads: Optional[int]
+    resume: Optional[str]
+    checkpoint_every_n_steps: int
+    keep_checkpoints: int
+    compile: bool
+    sync_batchnorm: bool
+    devices: int
+    ema: EmaConfig
+    swa: SwaConfig
+    test_tta: str
+    calibrate: str
+    profile: bool
 
     def check(self) -> None:
         at_least("trainer.epochs", self.epochs, 0)
@@ -146,33 +151,33 @@ class DataConfig:
     """The `data` group. `source` (a `_target_` that builds the user's dataset) frees `name` from the packaged
     datasets and skips their root/files checks. `mean`/`std` are facts of a dataset: null measures them."""
 
-    name: str = "digits"
-    source: Optional[Any] = None
-    root: Optional[str] = None
-    download: bool = False
-    image_size: Optional[int] = 32  # null: the input size of model.weights
-    channels: Optional[int] = None
-    mean: Optional[list[float]] = None
-    std: Optional[list[float]] = None
-    batch_size: int = 32
-    eval_batch_size: Optional[int] = None
-    num_workers: Any = 0  # a count, or "auto": the process's CPU cores, at most 8 (the file-backed sets' default)
-    drop_last: bool = False
-    persistent_workers: bool = True
-    val_fraction: float = 0.1
-    test_fraction: float = 0.2
-    split_seed: int = 0
-    limit_samples: Optional[int] = None
-    num_samples: Optional[int] = None
-    num_classes: Optional[int] = None
-    classes: Optional[list[Any]] = None
-    samples_per_class: Optional[int] = None
-    on_device: bool = False
-    imbalance: Optional[float] = None
-    balance: str = "none"
-    cache: str = "none"  # memory | disk: image folders decoded once (data/cache.py)
-    cache_dir: Optional[str] = None  # null: $XDG_CACHE_HOME/shelltrain or ~/.cache/shelltrain
-    cache_max_memory: float = 8.0  # GiB; a larger data.cache=memory array is read memory-mapped
+    name: str
+    source: Optional[Any]
+    root: Optional[str]
+    download: bool
+    image_size: Optional[int]
+    channels: Optional[int]
+    mean: Optional[list[float]]
+    std: Optional[list[float]]
+    batch_size: int
+    eval_batch_size: Optional[int]
+    num_workers: Any
+    drop_last: bool
+    persistent_workers: bool
+    val_fraction: float
+    test_fraction: float
+    split_seed: int
+    limit_samples: Optional[int]
+    num_samples: Optional[int]
+    num_classes: Optional[int]
+    classes: Optional[list[Any]]
+    samples_per_class: Optional[int]
+    on_device: bool
+    imbalance: Optional[float]
+    balance: str
+    cache: str
+    cache_dir: Optional[str]
+    cache_max_memory: float
 
     def check(self) -> None:
         at_least("data.imbalance", self.imbalance, 1.0)
@@ -210,24 +215,29 @@ class DataConfig:
 class ModelConfig:
     """The `model` group for a packaged or torchvision architecture (a model with a `_target_` is free-form)."""
 
-    name: str = "resnet18"
-    width: Optional[int] = None  # cnn only
-    small_input: bool = False
-    dropout: float = 0.0
-    weights: Optional[str] = None
-    strict: bool = False
-    library: str = "torchvision"  # torchvision | timm (model=timm)
-    pretrained_file: Optional[str] = None  # timm: a local weights file for model.weights=timm (offline)
+    name: str
+    width: Optional[int]
+    small_input: bool
+    dropout: float
+    weights: Optional[str]
+    strict: bool
+    library: str
+    pretrained_file: Optional[str]
+
+    def check(self) -> None:
+        at_least("model.width", self.width, 1)
+        if self.name == "cnn" and self.width is None:
+            raise UserError("model.width=None: model=cnn needs the channels of its first block, e.g. model.width=32")
 
 
 @dataclass
 class FinetuneConfig:
-    policy: str = "full"
-    unfreeze_at: int = 0
-    unfreeze_every: int = 1
-    backbone_lr_mult: float = 1.0
-    layer_decay: float = 1.0
-    freeze_bn: bool = True
+    policy: str
+    unfreeze_at: int
+    unfreeze_every: int
+    backbone_lr_mult: float
+    layer_decay: float
+    freeze_bn: bool
 
     def check(self) -> None:
         one_of("finetune.policy", self.policy, values.POLICIES)
@@ -243,10 +253,10 @@ class FinetuneConfig:
 
 @dataclass
 class AugmentationConfig:
-    name: str = "none"
-    train: list[Any] = field(default_factory=list)
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
+    name: str
+    train: list[Any]
+    mixup_alpha: float
+    cutmix_alpha: float
 
     def check(self) -> None:
         for key in ("mixup_alpha", "cutmix_alpha"):
@@ -255,14 +265,14 @@ class AugmentationConfig:
 
 @dataclass
 class EnsembleConfig:
-    name: str = "none"
-    members: Any = None
-    checkpoints: Any = field(default_factory=list)  # a list, or one path
-    sweep: Optional[str] = None
-    top_k: Optional[int] = None
-    weights: Optional[list[float]] = None
-    temperature: float = 1.0
-    vmap: Any = "auto"
+    name: str
+    members: Any
+    checkpoints: Any
+    sweep: Optional[str]
+    top_k: Optional[int]
+    weights: Optional[list[float]]
+    temperature: float
+    vmap: Any
 
     def check(self) -> None:
         """Values and combinations of the group itself; member counts and paths are checked when gathered."""
@@ -296,107 +306,40 @@ class EnsembleConfig:
         given = (("members", self.members), ("checkpoints", self.checkpoints), ("sweep", self.sweep))
         return [key for key, value in given if value]
 
-
-class PruneConfig:
-    """The `prune` group: every method's keys (each reads its own; configs/prune/none.yaml describes them), and
-    `global`, added below by name: a Python keyword cannot be a parameter of a generated __init__."""
-
-    name: str = "none"
-    schedule: str = "oneshot"
-    steps: int = 3
-    ramp: str = "linear"
-    max_acc_drop: float = 0.01
-    finetune_epochs: int = 1
-    finetune_lr_mult: float = 0.1
-    amount: float = 0.5  # magnitude, random
-    ratio: float = 0.5  # structured
-    importance: str = "l1"  # structured
-    threshold: float = 0.01  # threshold
-    blocks: int = 1  # layer
-    mode: str = "auto"  # quantize
-    bits: int = 8  # quantize
-    backend: str = "x86"  # quantize
-    calibration_batches: int = 8  # quantize
-    latency_batch: int = 32
-    latency_threads: int = 1
-    latency_repeats: int = 10
-    distill: bool = False
-    distill_temperature: float = 1.0  # prune.distill's T and alpha (docs/distillation.md: measured recovery)
-    distill_alpha: float = 0.5
-    then: Optional[list[str]] = None  # further compression steps, each a method on the previous step's result
-    modules: Optional[list[str]] = None  # layer name patterns a method may touch (prune/context.py: chosen_names)
-    exclude: Optional[list[str]] = None  # layer name patterns it leaves alone
-
-    def __init__(self, **keys: Any) -> None:
-        for key, value in keys.items():
-            setattr(self, key, value)
-
-    def check(self) -> None:
-        if self.name == "none":
-            return
-        one_of("prune.name", self.name, tuple(values.PRUNE_SCHEDULES))
-        schedules = values.PRUNE_SCHEDULES[self.name]
-        if self.schedule not in schedules:
+    def check_run(self, fuses: bool, model_weights: bool, trainer: TrainerConfig, cv: CVConfig) -> None:
+        """The group against the rest of the run: resuming, cross-validation, epochs, a rule without members."""
+        if fuses:
+            if trainer.resume is not None and (
+                trainer.resume == "auto" or not Path(os.path.expanduser(trainer.resume)).is_dir()
+            ):
+                raise UserError(
+                    f"trainer.resume={trainer.resume}: an ensemble run resumes from its run directory "
+                    "(trainer.resume=<run dir>); auto and checkpoint files apply to single runs"
+                )
+            if cv.folds:
+                raise UserError("cv.folds does not apply to an ensemble run; set cv.folds=0 or ensemble=none")
+        sources = self.sources()
+        if self.members and trainer.epochs == 0:
             raise UserError(
-                f"prune.schedule={self.schedule!r} is not available for prune={self.name}; "
-                f"choose one of {', '.join(schedules)}"
+                "ensemble.members trains its members in this run and needs trainer.epochs > 0; "
+                "to fuse trained models set ensemble.checkpoints or ensemble.sweep instead"
             )
-        for key, what in (("amount", "sparsity"), ("ratio", "channel ratio")):
-            if not 0.0 <= (value := getattr(self, key)) < 1.0:
-                raise UserError(f"prune.{key}={value!r} is out of range; the {what} must be in [0, 1), e.g. 0.5")
-        for key, minimum in (("threshold", 0.0), ("max_acc_drop", 0.0), ("finetune_epochs", 0)):
-            at_least(f"prune.{key}", getattr(self, key), minimum)
-        for key in ("steps", "blocks", "calibration_batches", "latency_batch", "latency_threads", "latency_repeats"):
-            at_least(f"prune.{key}", getattr(self, key), 1)
-        positive("prune.finetune_lr_mult", self.finetune_lr_mult, "0.1")
-        positive("prune.distill_temperature", self.distill_temperature, "1")
-        in_unit_interval("prune.distill_alpha", self.distill_alpha)
-        if not 2 <= self.bits <= 8:
-            raise UserError(f"prune.bits={self.bits} is out of range; use 2 to 8 (8: int8 kernels, fewer: fake)")
-        one_of("prune.importance", self.importance, values.PRUNE_IMPORTANCES)
-        one_of("prune.ramp", self.ramp, values.PRUNE_RAMPS)
-        one_of("prune.mode", self.mode, values.QUANTIZE_MODES)
-        one_of("prune.backend", self.backend, values.QUANTIZE_BACKENDS)
-        steps = [self.name, *(self.then or [])]
-        for step in steps[1:]:
-            one_of("prune.then", step, tuple(values.PRUNE_SCHEDULES))
-        if "quantize" in steps[:-1]:
-            raise UserError(f"prune.then: quantize must be the last step ({' -> '.join(steps)}); move it to the end")
-
-
-PruneConfig.__annotations__["global"] = "bool"
-setattr(PruneConfig, "global", True)
-PruneConfig = dataclass(init=False, repr=False, eq=False)(PruneConfig)
-
-
-@dataclass
-class DistillConfig:
-    """The `distill` group: a student trained against a teacher's temperature-softened outputs (shelltrain.distill)."""
-
-    name: str = "none"
-    teacher: Optional[str] = None  # a run directory, a checkpoint or an ensemble run directory
-    sweep: Optional[str] = None  # or the best top_k finished jobs of a multirun directory, averaged
-    top_k: Optional[int] = None
-    temperature: float = 4.0
-    alpha: float = 0.9
-    cache: Optional[bool] = None  # teacher logits computed once per image; null: when augmentation=none
-
-    def check(self) -> None:
-        one_of("distill.name", self.name, values.DISTILL_METHODS)
-        at_least("distill.top_k", self.top_k, 1)
-        if self.name != "none" and bool(self.teacher) == bool(self.sweep):
+        if self.name == "none" and sources:
             raise UserError(
-                "distill: give the teacher as distill.teacher=<run dir, checkpoint or ensemble run dir> "
-                "or distill.sweep=<multirun dir> (one of them)"
+                f"ensemble.{sources[0]} is set but ensemble=none; pick a rule to fuse the members: "
+                "ensemble=average, ensemble=weighted or ensemble=vote"
             )
-        positive("distill.temperature", self.temperature, "4")
-        in_unit_interval("distill.alpha", self.alpha, " (1: teacher only)")
+        if self.name != "none" and not sources and not model_weights:
+            raise UserError(
+                f"ensemble={self.name} has no members; set ensemble.members=K (train K here), "
+                "ensemble.checkpoints=[run dirs or .pt files] or ensemble.sweep=<multirun dir>"
+            )
 
 
 @dataclass
 class CVConfig:
-    folds: int = 0
-    refit: bool = True
+    folds: int
+    refit: bool
 
     def check(self, trainer: TrainerConfig) -> None:
         if self.folds < 0 or self.folds == 1:
@@ -423,6 +366,7 @@ SCHEMAS: dict[str, type] = {
     "export": ExportConfig,
     "report": ReportConfig,
     "lr_find": LrFindConfig,
+    "compress": CompressConfig,
 }
 
 
@@ -440,40 +384,39 @@ def validate(cfg: DictConfig) -> None:
     trainer = trainer_config(cfg.trainer)
     trainer.check()
     if "_target_" not in cfg.model:
-        to_schema(cfg.model, ModelConfig, "model")
+        to_schema(cfg.model, ModelConfig, "model").check()
     augmentation = to_schema(cfg.augmentation, AugmentationConfig, "augmentation")
     augmentation.check()
     if (augmentation.mixup_alpha or augmentation.cutmix_alpha) and trainer.loss != "cross_entropy":
         raise UserError("augmentation mixup/cutmix needs trainer.loss=cross_entropy (soft targets)")
-    check_data(cfg.data, files=cfg.get("task", "train") in ("train", "evaluate"))  # predict/export read no dataset
-    if "finetune" in cfg:
-        to_schema(cfg.finetune, FinetuneConfig, "finetune").check()
+    check_data(cfg.data, files=cfg.task in ("train", "evaluate"))  # predict/export read no dataset
+    to_schema(cfg.finetune, FinetuneConfig, "finetune").check()
     check_optimizer(cfg.optimizer)
-    prune = to_schema(cfg.get("prune") or {}, PruneConfig, "prune")
+    prune = to_schema(cfg.prune, PruneConfig, "prune")
     prune.check()
     ensemble = to_schema(cfg.ensemble, EnsembleConfig, "ensemble")
     ensemble.check()
+    cv = to_schema(cfg.cv, CVConfig, "cv")
+    cv.check(trainer)
     fuses = uses_ensemble(cfg)
-    check_ensemble_run(ensemble, fuses, bool(cfg.model.get("weights")), trainer, cfg.get("cv"))
+    ensemble.check_run(fuses, bool(cfg.model.get("weights")), trainer, cv)  # a _target_ model may have no weights
     # With pruning, the scheduler also sizes the fine-tuning: trainer.epochs=0 prunes a loaded model.
     # An ensemble of loaded members (no ensemble.members) trains nothing with trainer.epochs=0.
     sized = prune.name == "none" and not (fuses and not ensemble.members)
     check_scheduler(cfg.scheduler, trainer.epochs if sized else 1)
     check_structured_support(cfg)
-    if "distill" in cfg:
-        to_schema(cfg.distill, DistillConfig, "distill").check()
-    if "cv" in cfg:
-        to_schema(cfg.cv, CVConfig, "cv").check(trainer)
-    if "gate" in cfg:
-        check_gates(cfg.gate)
+    to_schema(cfg.distill, DistillConfig, "distill").check()
+    check_gates(cfg.gate)
     for key in ("evaluate", "predict", "export", "report", "lr_find"):
-        to_schema(cfg.get(key) or {}, SCHEMAS[key], key).check()
+        to_schema(cfg[key], SCHEMAS[key], key).check()
+    if cfg.compress is not None:
+        to_schema(cfg.compress, CompressConfig, "compress").check()
     check_task(cfg)
     check_balance(cfg)
-    if not isinstance(cfg.get("plots", True), bool):
+    if not isinstance(cfg.plots, bool):
         raise UserError(f"plots={cfg.plots!r} is invalid; use true or false")
-    check_loggers(cfg.get("logger"))
-    check_checkpoint(cfg.get("checkpoint"))
+    check_loggers(cfg.logger)
+    check_checkpoint(cfg.checkpoint)
 
 
 def trainer_config(node: DictConfig) -> TrainerConfig:
@@ -488,3 +431,32 @@ def check_data(node: DictConfig, files: bool = True) -> None:
     data.check()
     if files and data.source is None and (data.name in DATASET_FILES or data.name == "imagefolder"):
         check_data_root(node)
+
+
+@functools.cache
+def _packaged() -> DictConfig:
+    """The packaged default config (configs/train.yaml and its default options), composed once by Hydra."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app or a test's compose context
+        return compose(config_name="train")
+    with initialize_config_module(config_module="shelltrain.configs", version_base="1.3"):
+        return compose(config_name="train")
+
+
+def packaged(key: str) -> DictConfig:
+    """The group `key` (dotted for a nested one, e.g. trainer.ema) as the packaged default option sets it: a copy,
+    for callers that build a group from its defaults plus their own values."""
+    return OmegaConf.select(_packaged(), key).copy()
+
+
+def defaults(key: str, **overrides: Any) -> Any:
+    """The dataclass of group `key` (e.g. "trainer", "trainer.ema") with the packaged default option's values, and
+    `overrides` on top (any Python value: the engine's `device` may be a torch.device). For code and tests that
+    need a group's settings without composing a run; the values come from the YAML, never a second copy."""
+    group, _, nested = key.partition(".")
+    value = to_schema(packaged(group), SCHEMAS[group], group)
+    for name in filter(None, nested.split(".")):
+        value = getattr(value, name)
+    return replace(value, **overrides)

@@ -1,4 +1,5 @@
-"""The schemas of the task groups (evaluate, predict, export) and of report: what a trained model is used with.
+"""The schemas of the task groups (evaluate, predict, export, lr_find) and of report: what a trained model is used
+with. Types and checks only: the values and each key's meaning live in configs/train.yaml (schema.py says why);
 schema.py registers them with the others; torch-free like it."""
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from shelltrain.errors import UserError
 
 @dataclass
 class EvaluateConfig:
-    split: str = "test"
-    tta: str = "none"
+    split: str
+    tta: str
 
     def check(self) -> None:
         one_of("evaluate.split", self.split, values.SPLITS)
@@ -23,8 +24,8 @@ class EvaluateConfig:
 
 @dataclass
 class PredictConfig:
-    input: Optional[str] = None
-    batch_size: int = 64
+    input: Optional[str]
+    batch_size: int
 
     def check(self) -> None:
         at_least("predict.batch_size", self.batch_size, 1)
@@ -32,8 +33,8 @@ class PredictConfig:
 
 @dataclass
 class ExportConfig:
-    format: str = "onnx"
-    tolerance: float = 1e-4
+    format: str
+    tolerance: float
 
     def check(self) -> None:
         one_of("export.format", self.format, values.EXPORT_FORMATS)
@@ -42,7 +43,7 @@ class ExportConfig:
 
 @dataclass
 class ReportConfig:
-    per_job: str = "table"  # what each job prints at its end: its summary table, or one line (long sweeps)
+    per_job: str
 
     def check(self) -> None:
         one_of("report.per_job", self.per_job, ("table", "line"))
@@ -52,11 +53,11 @@ class ReportConfig:
 class LrFindConfig:
     """task=lr_find: the exponential learning-rate ramp (shelltrain.lr_find)."""
 
-    start_lr: float = 1e-6
-    end_lr: float = 10.0
-    steps: int = 200
-    diverge: float = 4.0  # stop once the smoothed loss exceeds this many times its lowest value
-    smoothing: float = 0.05  # weight of the newest loss in the exponential moving average
+    start_lr: float
+    end_lr: float
+    steps: int
+    diverge: float
+    smoothing: float
 
     def check(self) -> None:
         if not 0 < self.start_lr < self.end_lr:

@@ -15,7 +15,7 @@ from test_scale import DDP, failure, torchrun
 from shelltrain.data import build_data
 from shelltrain.engine import evaluate
 from shelltrain.models import build_model
-from shelltrain.schema import TrainerConfig
+from shelltrain.schema import defaults
 
 
 @pytest.mark.slow  # about 25 s: two torchrun ranks
@@ -28,7 +28,7 @@ def test_ddp_with_on_device_data_tests_the_whole_test_split(tmp_path: Path):
     data = build_data(cfg.data, cfg.augmentation, cfg.trainer.seed)
     model = build_model(cfg.model, data.num_classes, data.in_channels)
     model.load_state_dict(torch.load(tmp_path / "run/checkpoints/best.pt", weights_only=True)["model"])
-    one_process = evaluate(model, data.test, TrainerConfig(epochs=0, device=torch.device("cpu")))
+    one_process = evaluate(model, data.test, defaults("trainer", epochs=0, device=torch.device("cpu")))
     tested = sum(row["support"] for row in summary["per_class"].values())
     assert tested == len(data.test.dataset)
     assert summary["test_acc"] == pytest.approx(one_process["acc"], abs=1e-6)

@@ -55,9 +55,9 @@ def test_a_student_of_the_teacher_alone_learns_and_minimises_the_kl_term(tmp_pat
 
 
 def _plain():
-    from shelltrain.schema import TrainerConfig
+    from shelltrain.schema import defaults
 
-    return TrainerConfig()
+    return defaults("trainer")
 
 
 def test_distillation_loss_mixes_the_hard_label_loss_by_alpha():

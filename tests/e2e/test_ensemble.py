@@ -25,7 +25,7 @@ from shelltrain.fusion import (
 from shelltrain.members import _override_set
 from shelltrain.models import SmallCNN, count_parameters
 from shelltrain.placement import is_quantized
-from shelltrain.schema import TrainerConfig
+from shelltrain.schema import defaults
 from shelltrain.trained import load_trained_model
 
 # Small and quick, but members good enough (~0.8) that fusing them means something. One thread: on a
@@ -118,7 +118,7 @@ def _members(count: int, width: int = 8) -> list[torch.nn.Module]:
 def test_vmap_evaluation_equals_the_loop_on_cpu():
     x, y = torch.randn(21, 1, 16, 16), torch.randint(0, 10, (21,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    settings = TrainerConfig(epochs=0, device=torch.device("cpu"), channels_last=True)
+    settings = defaults("trainer", epochs=0, device=torch.device("cpu"), channels_last=True)
     models = _members(3)
     assert same_architecture(models) and not same_architecture([*models, _members(1, width=16)[0]])
     loop, targets = member_logits(models, loader, settings, limit=None, stacked=False)

@@ -123,9 +123,9 @@ def test_per_class_metrics_match_scikit_learn():
 
 
 def test_top5_only_with_more_than_five_classes():
-    from shelltrain.schema import TrainerConfig
+    from shelltrain.schema import defaults
 
-    settings = TrainerConfig(epochs=0, device=torch.device("cpu"))
+    settings = defaults("trainer", epochs=0, device=torch.device("cpu"))
     logits = torch.tensor([[6.0, 5, 4, 3, 2, 1], [1.0, 2, 3, 4, 5, 6]])  # class 0 ranks 1st, then 6th
     assert top_k_accuracy(logits, torch.tensor([0, 0]), 5) == 0.5
     assert split_metrics(logits, torch.tensor([0, 0]), settings, "test")["test_top5"] == 0.5

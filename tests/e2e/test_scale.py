@@ -21,7 +21,7 @@ from shelltrain.data import build_data
 from shelltrain.data.device import DeviceBatches, Flip, Shift, batched_augmentations
 from shelltrain.engine import evaluate
 from shelltrain.models import build_model
-from shelltrain.schema import TrainerConfig
+from shelltrain.schema import defaults
 
 # Tiny and quick: 240 train images, 15 batches of 8 per rank and epoch.
 DDP = [
@@ -106,7 +106,7 @@ def test_torchrun_two_ranks_write_one_run_dir_with_global_metrics(ddp_run):
     model = build_model(cfg.model, data.num_classes, data.in_channels)
     checkpoint = torch.load(ddp_run / "checkpoints/last.pt", weights_only=True)
     model.load_state_dict(checkpoint["model"])
-    settings = TrainerConfig(epochs=0, device=torch.device("cpu"))
+    settings = defaults("trainer", epochs=0, device=torch.device("cpu"))
     val = evaluate(model, data.val, settings)
     assert len(data.val.dataset) == 144
     assert float(table[-1]["val_acc"]) == pytest.approx(val["acc"], abs=1e-6)

@@ -15,7 +15,7 @@ from torch import nn
 from shelltrain.errors import UserError
 from shelltrain.export import export_metadata, export_model, run_exported
 from shelltrain.models import SmallCNN
-from shelltrain.schema import validate
+from shelltrain.schema import defaults, validate
 
 # A tiny CNN trained briefly on digits; the splits and preprocessing are the default digits ones.
 TRAIN = [
@@ -80,7 +80,6 @@ def test_predict_writes_one_row_per_image_with_the_models_own_answer(trained, tm
     run_dir, _ = trained
     from shelltrain.data import build_data
     from shelltrain.engine import predict
-    from shelltrain.schema import TrainerConfig
     from shelltrain.trained import load_trained_model
 
     cfg = compose_config()
@@ -98,7 +97,7 @@ def test_predict_writes_one_row_per_image_with_the_models_own_answer(trained, tm
     assert summary["images"] == len(rows) == 12 and set(rows[0]) == {"file", "class", "probability"}
 
     model, checkpoint, _ = load_trained_model(str(run_dir))
-    settings = TrainerConfig(epochs=0, device=torch.device("cpu"), channels_last=True)  # as the task's
+    settings = defaults("trainer", epochs=0, device=torch.device("cpu"), channels_last=True)  # as the task's
     logits, _ = predict(model, data.test, settings, limit=1)
     expected = logits[:12].softmax(1).max(1)
     by_file = {r["file"]: r for r in rows}

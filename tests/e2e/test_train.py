@@ -141,9 +141,9 @@ def test_training_options_run(tmp_path, extra):
 
 def test_precision_bf16_really_autocasts():
     from shelltrain.engine import autocast
-    from shelltrain.schema import TrainerConfig
+    from shelltrain.schema import defaults
 
-    settings = TrainerConfig(epochs=1, device=torch.device("cpu"), precision="bf16")
+    settings = defaults("trainer", epochs=1, device=torch.device("cpu"), precision="bf16")
     with autocast(settings):
         out = torch.nn.Linear(4, 4)(torch.randn(2, 4))
     assert out.dtype == torch.bfloat16

@@ -18,7 +18,7 @@ from shelltrain.errors import UserError
 from shelltrain.finetune import FinetunePolicy, backbone_units
 from shelltrain.models import build_model
 from shelltrain.optim import build_optimizer, build_scheduler
-from shelltrain.schema import TrainerConfig
+from shelltrain.schema import defaults
 from shelltrain.transfer import load_weights, open_weights
 
 CNN = ["model=cnn", "model.width=8", "scheduler=none"]
@@ -402,7 +402,7 @@ def _train_with_policy(*finetune: str, epochs: int, lr_mult: bool = False):
         data.val,
         optimizer,
         None,
-        TrainerConfig(epochs=epochs, device=torch.device("cpu")),
+        defaults("trainer", epochs=epochs, device=torch.device("cpu")),
         callbacks=[policy, snapshots],
     )
     return policy, snapshots.states

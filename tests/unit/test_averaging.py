@@ -7,14 +7,14 @@ from torch import nn
 
 from shelltrain.averaging import EmaAverager
 from shelltrain.engine import TrainState
-from shelltrain.schema import EmaConfig, TrainerConfig
+from shelltrain.schema import EmaConfig, defaults
 
 
 def _train_with_ema(ema: EmaConfig, steps: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     """SGD steps on a tiny model with BatchNorm; the weights after each step and the averaged weight."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 2))
-    averager = EmaAverager(model, val_loader=None, settings=TrainerConfig(device="cpu"), ema=ema)
+    averager = EmaAverager(model, val_loader=None, settings=defaults("trainer", device="cpu"), ema=ema)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     weights = []
     for step in range(1, steps + 1):
@@ -27,7 +27,7 @@ def _train_with_ema(ema: EmaConfig, steps: int) -> tuple[list[torch.Tensor], tor
 
 
 def test_ema_follows_the_recurrence_by_hand():
-    weights, averaged = _train_with_ema(EmaConfig(decay=0.8), steps=4)
+    weights, averaged = _train_with_ema(defaults("trainer.ema", decay=0.8), steps=4)
     expected = weights[0]  # the first update copies the weights
     for w in weights[1:]:
         expected = 0.8 * expected + 0.2 * w
@@ -36,7 +36,7 @@ def test_ema_follows_the_recurrence_by_hand():
 
 
 def test_ema_every_n_steps_and_warmup():
-    weights, averaged = _train_with_ema(EmaConfig(decay=0.8, every_n_steps=2, warmup_steps=8), steps=6)
+    weights, averaged = _train_with_ema(defaults("trainer.ema", decay=0.8, every_n_steps=2, warmup_steps=8), steps=6)
     expected = weights[1]  # updates at steps 2, 4, 6; the decay at step t is 0.8 * t / 8
     for step in (4, 6):
         decay = 0.8 * step / 8

@@ -7,7 +7,7 @@ import math
 import torch
 
 from shelltrain.metrics import expected_calibration_error, nll, split_metrics
-from shelltrain.schema import TrainerConfig
+from shelltrain.schema import defaults
 
 # softmax probabilities (0.9, 0.1), (0.9, 0.1), (0.4, 0.6), (0.4, 0.6): logits are their logs
 PROBABILITIES = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.4, 0.6]])
@@ -32,7 +32,7 @@ def test_ece_separates_bins():
 def test_nll_and_the_summary_keys():
     expected = -(math.log(0.9) + math.log(0.1) + 2 * math.log(0.6)) / 4
     assert math.isclose(nll(PROBABILITIES.log(), TARGETS), expected, rel_tol=1e-6)
-    figures = split_metrics(PROBABILITIES.log(), TARGETS, TrainerConfig(loss="mse"), "test")
+    figures = split_metrics(PROBABILITIES.log(), TARGETS, defaults("trainer", loss="mse"), "test")
     assert math.isclose(figures["test_nll"], expected, rel_tol=1e-6)  # the NLL, not the MSE loss
     assert math.isclose(figures["test_ece"], 0.4, abs_tol=1e-6)
     assert not math.isclose(figures["test_loss"], expected, rel_tol=1e-3)
@@ -63,7 +63,7 @@ def test_stacked_ensemble_members_keep_their_own_temperatures():
     torch.manual_seed(0)
     members = [Tempered(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)), t) for t in (2.0, 5.0)]
     loader = Loader(TensorDataset(torch.randn(8, 1, 4, 4), torch.zeros(8, dtype=torch.long)), batch_size=4)
-    settings = TrainerConfig(device=torch.device("cpu"), channels_last=False)
+    settings = defaults("trainer", device=torch.device("cpu"), channels_last=False)
     looped, _ = member_logits(members, loader, settings, None, stacked=False)
     stacked, _ = member_logits(members, loader, settings, None, stacked=True)
     assert torch.allclose(looped, stacked, atol=1e-6)

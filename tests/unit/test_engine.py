@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from shelltrain.engine import Callback, TrainState, fit, make_scaler, train_one_epoch
-from shelltrain.schema import TrainerConfig
+from shelltrain.schema import TrainerConfig, defaults
 
 
 def _data(n: int = 64, seed: int = 0) -> TensorDataset:
@@ -29,7 +29,7 @@ def _model() -> nn.Module:
 
 
 def _settings(**values) -> TrainerConfig:
-    return TrainerConfig(device="cpu", channels_last=False, **values)
+    return defaults("trainer", device="cpu", channels_last=False, **values)
 
 
 def _fit(model: nn.Module, batch_size: int, lr: float, callbacks=None, **values) -> TrainState:

@@ -12,8 +12,7 @@ from torch.utils.data import TensorDataset
 
 from shelltrain.data.loader import Loader
 from shelltrain.lr_find import ramp, suggest
-from shelltrain.schema import TrainerConfig
-from shelltrain.schema_tasks import LrFindConfig
+from shelltrain.schema import defaults
 
 
 def _ramp(diverge: float) -> list[dict[str, float]]:
@@ -22,9 +21,9 @@ def _ramp(diverge: float) -> list[dict[str, float]]:
     loader = Loader(TensorDataset(images, labels), batch_size=32)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
-    options = OmegaConf.structured(LrFindConfig(start_lr=1e-4, end_lr=1e4, steps=100, diverge=diverge))
+    options = OmegaConf.structured(defaults("lr_find", start_lr=1e-4, end_lr=1e4, steps=100, diverge=diverge))
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-    return ramp(model, optimizer, loader, TrainerConfig(device="cpu", channels_last=False), options)
+    return ramp(model, optimizer, loader, defaults("trainer", device="cpu", channels_last=False), options)
 
 
 def test_a_diverging_loss_stops_the_ramp_early():

@@ -13,7 +13,7 @@ from conftest import run_in_process
 from torch import nn
 
 from shelltrain import engine, fusion, placement, runner, tasks
-from shelltrain.schema import TrainerConfig
+from shelltrain.schema import TrainerConfig, defaults
 
 TINY = ["data=synthetic", "data.num_samples=64", "model=cnn", "model.width=8", "data.image_size=16", "scheduler=step"]
 META = torch.device("meta")
@@ -55,7 +55,7 @@ def test_resumed_optimizer_state_sits_beside_its_parameters(tmp_path: Path, monk
 
 
 def _settings(device: str) -> TrainerConfig:
-    return TrainerConfig(device=torch.device(device), precision="bf16")
+    return defaults("trainer", device=torch.device(device), precision="bf16")
 
 
 def test_a_quantized_model_is_evaluated_on_the_cpu_whatever_the_runs_device():

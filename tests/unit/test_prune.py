@@ -11,7 +11,7 @@ from torch import nn
 from shelltrain.errors import UserError
 from shelltrain.prune import preflight, prune_model, rebuild
 from shelltrain.prune.report import tradeoff_rows
-from shelltrain.schema import TrainerConfig
+from shelltrain.schema import defaults
 
 QUICK = {"finetune_epochs": 0, "latency_batch": 2, "latency_repeats": 1, "schedule": "oneshot"}
 
@@ -37,7 +37,7 @@ def batches(n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def prune(model: nn.Module, **cfg):
     data = type("Data", (), {"train": batches(), "val": batches(), "test": batches()})
-    settings = TrainerConfig(epochs=0, device=torch.device("cpu"))
+    settings = defaults("trainer", epochs=0, device=torch.device("cpu"))
     return prune_model(OmegaConf.create({**QUICK, **cfg}), model, data, settings, finetune=None, say=lambda m: None)
 
 

@@ -1,29 +1,18 @@
-"""The group schemas: every packaged option composes against its dataclass and validates, the dataclass defaults
-agree with the default options' YAML, and the checks beside the fields give their one-line messages."""
+"""The group schemas: every packaged option composes against its dataclass and validates, a key no option sets is
+one line naming it, and the checks beside the fields give their one-line messages."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from pathlib import Path
 
 import pytest
 from conftest import compose_config
-from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from shelltrain.errors import UserError
-from shelltrain.schema import (
-    SCHEMAS,
-    DataConfig,
-    EnsembleConfig,
-    PruneConfig,
-    TrainerConfig,
-    check_data,
-    to_schema,
-    validate,
-)
+from shelltrain.schema import SCHEMAS, PruneConfig, TrainerConfig, check_data, defaults, packaged, to_schema, validate
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 GROUPS = sorted(p.name for p in CONFIGS.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__"))
@@ -48,8 +37,6 @@ ROOTED = {
     "cifar10_resnet18",
     "seed_finetune_cifar10",
 }
-# Facts of the default dataset (digits' published statistics), not defaults of every dataset: null measures them.
-DATASET_FACTS = {"mean", "std"}
 
 
 def _option_overrides(group: str, option: str, root: Path) -> list[str]:
@@ -68,21 +55,17 @@ def test_every_option_composes_against_its_schema_and_validates(group, option, t
     cfg = compose_config(*_option_overrides(group, option, tmp_path))
     validate(cfg)
     for key, schema in SCHEMAS.items():  # typed while composing, whichever option filled it
-        if not (key == "model" and cfg.model.name == "regnet_y_400mf"):  # model=torchvision stays free-form
+        if cfg[key] is not None and not (
+            key == "model" and cfg.model.name == "regnet_y_400mf"
+        ):  # model=torchvision stays free-form
             assert OmegaConf.get_type(cfg[key]) is schema, key
 
 
-def test_schema_defaults_equal_the_default_options():
-    with initialize_config_module(config_module="shelltrain.configs", version_base="1.3"):
-        cfg = compose(config_name="train")
-    for key, schema in SCHEMAS.items():
-        values = OmegaConf.to_container(cfg[key], resolve=True)
-        for f in dataclasses.fields(schema):
-            if key == "data" and f.name in DATASET_FACTS:
-                continue
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            default = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else default  # trainer.ema
-            assert values[f.name] == default, f"{key}.{f.name}: schema {default!r}, YAML {values[f.name]!r}"
+def test_a_key_no_option_sets_is_one_line_naming_it_and_the_fix():
+    data = OmegaConf.to_container(packaged("data"))
+    del data["cache"]  # a --config-dir data option that leaves the key out (and names no schema)
+    with pytest.raises(UserError, match=r"^data.cache has no value: the data option leaves it out; set it, e.g. data"):
+        check_data(OmegaConf.create(data))
 
 
 def test_prune_options_share_the_base_and_set_their_own_values():
@@ -101,21 +84,24 @@ def test_misspelled_key_fails_while_composing_and_a_plus_key_is_added():
 @pytest.mark.parametrize(
     "config, message",
     [
-        (TrainerConfig(device="tpu"), "trainer.device='tpu' is invalid; use auto, cpu, cuda or cuda:N"),
-        (TrainerConfig(epochs=-1), "trainer.epochs=-1 is out of range; it must be >= 0"),
-        (TrainerConfig(patience=-1), "trainer.patience=-1 is out of range; it must be >= 0"),
+        (defaults("trainer", device="tpu"), "trainer.device='tpu' is invalid; use auto, cpu, cuda or cuda:N"),
+        (defaults("trainer", epochs=-1), "trainer.epochs=-1 is out of range; it must be >= 0"),
+        (defaults("trainer", patience=-1), "trainer.patience=-1 is out of range; it must be >= 0"),
         (
-            TrainerConfig(loss="mse", label_smoothing=0.1),
+            defaults("trainer", loss="mse", label_smoothing=0.1),
             "trainer.label_smoothing=0.1 applies to trainer.loss=cross_entropy only",
         ),
-        (DataConfig(val_fraction=0.5, test_fraction=0.5), "data.val_fraction + data.test_fraction = 1 leaves"),
-        (DataConfig(mean=[0.5], std=None), "data.mean and data.std must both be null or lists of the same length"),
-        (DataConfig(name="imagenet"), "data.name='imagenet' is invalid; choose one of digits,"),
-        (PruneConfig(name="threshold", schedule="adaptive"), "'adaptive' is not available for prune=threshold"),
-        (PruneConfig(name="magnitude", amount=1.5), "prune.amount=1.5 is out of range; the sparsity must be in"),
-        (PruneConfig(name="quantize", bits=16), "prune.bits=16 is out of range; use 2 to 8"),
-        (EnsembleConfig(name="average", top_k=2), "ensemble.top_k picks jobs of a sweep"),
-        (EnsembleConfig(name="vote", weights=[1.0, 2.0]), "ensemble.weights is used by ensemble=weighted"),
+        (defaults("data", val_fraction=0.5, test_fraction=0.5), "data.val_fraction + data.test_fraction = 1 leaves"),
+        (
+            defaults("data", mean=[0.5], std=None),
+            "data.mean and data.std must both be null or lists of the same length",
+        ),
+        (defaults("data", name="imagenet"), "data.name='imagenet' is invalid; choose one of digits,"),
+        (defaults("prune", name="threshold", schedule="adaptive"), "'adaptive' is not available for prune=threshold"),
+        (defaults("prune", name="magnitude", amount=1.5), "prune.amount=1.5 is out of range; the sparsity must be in"),
+        (defaults("prune", name="quantize", bits=16), "prune.bits=16 is out of range; use 2 to 8"),
+        (defaults("ensemble", name="average", top_k=2), "ensemble.top_k picks jobs of a sweep"),
+        (defaults("ensemble", name="vote", weights=[1.0, 2.0]), "ensemble.weights is used by ensemble=weighted"),
     ],
 )
 def test_checks_beside_the_fields_give_one_line(config, message):
@@ -124,10 +110,12 @@ def test_checks_beside_the_fields_give_one_line(config, message):
 
 
 def test_a_data_source_frees_the_name_and_skips_the_root_check():
-    node = OmegaConf.create({"name": "my_scans", "source": {"_target_": "my.Dataset"}, "root": "/nowhere"})
+    node = OmegaConf.merge(
+        packaged("data"), {"name": "my_scans", "source": {"_target_": "my.Dataset"}, "root": "/nowhere"}
+    )
     check_data(node)  # no UserError: the source reads its own files
     with pytest.raises(UserError, match="data.name='my_scans' is invalid"):
-        check_data(OmegaConf.create({"name": "my_scans"}))
+        check_data(OmegaConf.merge(packaged("data"), {"name": "my_scans"}))
 
 
 def test_wrong_type_and_unknown_key_name_the_full_key():

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from shelltrain.engine import predict
-from shelltrain.schema import TrainerConfig
+from shelltrain.schema import defaults
 from shelltrain.tta import tta_views, with_tta
 
 
@@ -37,7 +37,7 @@ def test_hflip_evaluates_each_image_twice_and_averages():
 def test_tta_through_predict_and_none_is_the_model_itself():
     images = torch.rand(5, 1, 8, 8)
     loader = [(images, torch.zeros(5, dtype=torch.long))]
-    settings = TrainerConfig(device=torch.device("cpu"), channels_last=False)
+    settings = defaults("trainer", device=torch.device("cpu"), channels_last=False)
     model = LeftRight()
     assert with_tta(model, "none") is model
     logits, _ = predict(with_tta(model, "hflip"), loader, settings)
