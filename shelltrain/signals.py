@@ -23,6 +23,7 @@ log = logging.getLogger("shelltrain")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 SWEEP_PID_ENV = "SHELLTRAIN_SWEEP_PID"  # the process a process-based sweep (joblib) was started in
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+AGREE_EVERY = 20  # polls between the DDP ranks' agreement on a stop: an all-reduce, which stalls a GPU like a host sync
 
 
 class GracefulStop:
@@ -30,18 +31,17 @@ class GracefulStop:
     then writes a resumable checkpoint); a second one interrupts at once. Called, it says whether a
     stop was asked for; `signum` is the signal.
 
-    Under DDP every rank must stop after the same step, so the ranks agree every SYNC_EVERY polls (the
+    Under DDP every rank must stop after the same step, so the ranks agree every AGREE_EVERY polls (the
     engine polls after every optimizer step, on every rank alike) whether any of them was asked to stop.
     A second signal does not cut a rank short there: torchrun forwards a terminal's Ctrl-C as SIGTERM on
     top of the SIGINT every rank already got, and kills the ranks itself after its own timeout."""
 
     def __init__(self, run_dir: Path | None = None):
         from shelltrain import distributed  # torch: only once a run trains
-        from shelltrain.engine import SYNC_EVERY
 
         self.distributed = distributed
         self.run_dir = run_dir
-        self.sync_every = SYNC_EVERY
+        self.agree_every = AGREE_EVERY
         self.signum: int | None = None
         self.requested = False  # a stop was asked for (on any rank, under DDP) and the engine was told
         self._polls = 0
@@ -53,7 +53,7 @@ class GracefulStop:
             self.requested = self.signum is not None
         else:
             self._polls += 1
-            if self._polls % self.sync_every == 0:
+            if self._polls % self.agree_every == 0:
                 self.requested = self.distributed.any_rank(self.signum is not None)
         return self.requested
 

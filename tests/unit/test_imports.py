@@ -163,6 +163,29 @@ def test_no_import_cycle():
     assert not cycles, f"import cycles in shelltrain/ ({advice}):\n" + "\n".join(cycles)
 
 
+def test_data_depends_only_on_lower_layers():
+    """shelltrain/data/ is below the training engine and the job layers: nothing it imports, directly or through
+    other modules, reaches them (the console and the config checks it uses are lower modules)."""
+    upper = {f"{ROOT}.{name}" for name in ("engine", "runner", "cli")}
+    edges = import_edges()
+    reached = {edge.target: edge for edge in edges if edge.source.startswith(f"{ROOT}.data")}  # how each is reached
+    todo = list(reached)
+    while todo:
+        module = todo.pop()
+        for edge in edges:
+            if edge.source == module and edge.target not in reached:
+                reached[edge.target] = edge
+                todo.append(edge.target)
+    paths = []
+    for module in sorted(upper & reached.keys()):
+        chain, at = [], module
+        while not at.startswith(f"{ROOT}.data"):
+            chain.append(reached[at])
+            at = reached[at].source
+        paths.append(" -> ".join([at] + [e.target + f" ({e.where()})" for e in reversed(chain)]))
+    assert not paths, "shelltrain/data/ reaches a higher layer:\n" + "\n".join(paths)
+
+
 def test_no_function_level_import_of_shelltrain():
     """Imports inside functions are for optional or heavy third-party dependencies only; one of a shelltrain module
     hides a dependency (often a cycle) from the top of the file."""
