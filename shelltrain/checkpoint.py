@@ -297,18 +297,40 @@ class Checkpointer(Callback):
         rngs = distributed.gather(rng_state())
         if not self.write:
             return {}
-        return {
-            "model": self.model.state_dict(),
+        training = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.scheduler.state_dict() if self.schedule else None,
             "scaler": self.scaler.state_dict(),
-            "epoch": state.epoch,
-            "step": state.step,
-            "train_state": asdict(state),
-            "metrics": state.history[-1] if state.history else {},
-            "rng": rngs[0],
+        }
+        averages = {
             **({"ema": self.averager.state_dict()} if self.averager is not None else {}),
             **({"swa": self.swa.state_dict()} if self.swa is not None else {}),
             **({"rng_ranks": rngs} if len(rngs) > 1 else {}),
-            **self.extra,
         }
+        return checkpoint_payload(self.model.state_dict(), state, rngs[0], {**averages, **self.extra}, **training)
+
+
+def checkpoint_payload(
+    model_state: dict[str, Any],
+    state: TrainState,
+    rng: dict[str, Any],
+    extra: dict[str, Any],
+    optimizer: dict[str, Any] | None = None,
+    scheduler: dict[str, Any] | None = None,
+    scaler: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The one layout of a checkpoint: the model's state, the optimizer, schedule and scaler states (None where a
+    checkpoint carries none, e.g. a pruned model's), the training position and history, the RNG state, and `extra`
+    (config, classes, pruning history: whatever rebuilds the model and explains the run)."""
+    return {
+        "model": model_state,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "scaler": scaler,
+        "epoch": state.epoch,
+        "step": state.step,
+        "train_state": asdict(state),
+        "metrics": state.history[-1] if state.history else {},
+        "rng": rng,
+        **extra,
+    }
