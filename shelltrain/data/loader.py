@@ -6,6 +6,8 @@ the iterator's workers down before it propagates, and a UserError raised there (
 reaches the user as its own one line, not as torch's "Caught UserError in DataLoader worker" traceback. At exit,
 workers still alive (persistent ones, or an iterator a traceback keeps) are killed: they ignore the SIGTERM
 with which multiprocessing ends daemonic children, so its exit handler would wait on them forever.
+torch has no public API for an iterator's worker processes or for shutting them down, so this reads the
+iterator's private `_workers` and `_shutdown_workers`; tests/unit/test_loader_exit.py fails when torch changes them.
 
 With workers, a `SeededSampler` hands every index its own seed: a sample's augmentation is then a function of
 (loader generator seed, position), whichever worker draws it and however long the workers live, so persistent
