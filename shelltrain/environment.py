@@ -63,7 +63,7 @@ def check_distributable(cfg: DictConfig) -> None:
     if cfg.task != "train":
         raise UserError(f"task={cfg.task} runs in one process; start it without torchrun or trainer.devices")
     one_process = (
-        ("cv.folds", bool(cfg.get("cv") and cfg.cv.folds)),
+        ("cv.folds", bool(cfg.cv.folds)),
         ("prune", cfg.prune.name != "none"),
         ("ensemble", uses_ensemble(cfg)),
     )

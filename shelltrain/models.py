@@ -54,12 +54,12 @@ def build_model(cfg: DictConfig, num_classes: int, in_channels: int) -> nn.Modul
             return instantiate(target_args, num_classes=num_classes)
         except InstantiationException as exc:  # a blocked target, one that cannot be imported, or bad arguments
             raise UserError(explain_instantiation(exc, "model")) from exc
-    if cfg.get("library", "torchvision") == "timm":
+    if cfg.library == "timm":
         from shelltrain.timm_models import build_timm
 
         model = build_timm(cfg, num_classes, in_channels)  # timm sizes the head and the stem itself
     elif cfg.name == "cnn":
-        return SmallCNN(num_classes, in_channels, width=cfg.get("width") or 32, dropout=cfg.dropout)
+        return SmallCNN(num_classes, in_channels, width=cfg.width, dropout=cfg.dropout)
     else:
         model = _torchvision_model(cfg.name, num_classes)
         if in_channels != 3:

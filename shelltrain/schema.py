@@ -445,10 +445,11 @@ def _packaged() -> DictConfig:
         return compose(config_name="train")
 
 
-def packaged(key: str) -> DictConfig:
-    """The group `key` (dotted for a nested one, e.g. trainer.ema) as the packaged default option sets it: a copy,
-    for callers that build a group from its defaults plus their own values."""
-    return OmegaConf.select(_packaged(), key).copy()
+def packaged(key: str = "") -> Any:
+    """The group or key `key` (dotted for a nested one, e.g. trainer.ema; "" for the whole config) as the packaged
+    default options set it: a copy, for callers that build a group from its defaults plus their own values."""
+    value = OmegaConf.select(_packaged(), key) if key else _packaged()
+    return value.copy() if OmegaConf.is_config(value) else value
 
 
 def defaults(key: str, **overrides: Any) -> Any:

@@ -56,7 +56,7 @@ def open_timm_weights(spec: str, model_cfg: DictConfig) -> dict[str, Any]:
             "or a checkpoint path (a shelltrain run directory, .pt/.pth or .safetensors)"
         )
     _check_name(timm, name)
-    file = model_cfg.get("pretrained_file")
+    file = model_cfg.pretrained_file
     overlay = {"file": str(file)} if file else {}
     try:
         pretrained = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay)

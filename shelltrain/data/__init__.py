@@ -159,7 +159,7 @@ def build_data(
         num_classes=len(classes), classes=classes, in_channels=channels, image_size=data.image_size, mean=mean, std=std
     )
     facts.update(native)
-    if data.get("on_device") and device is not None and isinstance(splits["train"], FileImages):
+    if data.on_device and device is not None and isinstance(splits["train"], FileImages):
         raise UserError(
             "data.on_device=true holds in-memory datasets on the device; imagefolder reads image "
             "files as it goes: set data.cache=memory or disk (decoded once), or data.on_device=false"
@@ -182,11 +182,11 @@ def _batch_device(
     batch is then one gather and one normalize in the main process, not 64 samples transformed, collated and
     passed between processes). None: per sample, in DataLoader workers (image files, a memory-mapped cache, or
     data.balance=sampler, whose draws need a sampler)."""
-    if data.get("on_device") and device is not None:
+    if data.on_device and device is not None:
         return device, "data.on_device"
     train = splits["train"]
     in_ram = isinstance(train, TensorImages) and train.rows is None
-    if data.get("cache", "none") == "memory" and in_ram and data.get("balance") != "sampler":
+    if data.cache == "memory" and in_ram and data.balance != "sampler":
         return torch.device("cpu"), "data.cache=memory"
     return None, ""
 
@@ -195,11 +195,11 @@ def _datasets(data: DictConfig) -> tuple[dict[str, Dataset], list[str], int, dic
     """The train/val/test datasets (transforms still unset), the class names, the channel count, and the source
     images' native sides and how the channels were chosen (DataBundle's facts for the log)."""
     size = data.image_size
-    if data.name == "imagefolder" and data.get("source") is None:
+    if data.name == "imagefolder" and data.source is None:
         sources, classes = imagefolder(data)
         grey, sides = sample_files(sources["train"][0])
         native_channels, kind = (1, "grey images") if grey else (3, "colour images")
-        if data.get("cache", "none") != "none":
+        if data.cache != "none":
             sources = decoded_sources(data, sources, data.channels or native_channels)
     else:
         sources, classes = in_memory(data)
@@ -215,9 +215,9 @@ def _datasets(data: DictConfig) -> tuple[dict[str, Dataset], list[str], int, dic
     labels = {split: y for split, (_, y) in sources.items()}
     splits: dict[str, Dataset] = {}
     for split, (source, index) in split_indices(labels, data).items():
-        if split == "train" and data.get("samples_per_class") is not None:
+        if split == "train" and data.samples_per_class is not None:
             index = budget(labels[source], index, data.samples_per_class, data.split_seed)
-        if split == "train" and data.get("imbalance") is not None:  # a long-tailed train split
+        if split == "train" and data.imbalance is not None:  # a long-tailed train split
             index = long_tail(labels[source], index, float(data.imbalance), data.split_seed)
         items, y = sources[source][0], labels[source][index]
         if isinstance(items, list):  # image files
@@ -302,7 +302,7 @@ def _loaders(
             drop_last=data.drop_last,
         )
         val_sampler = distributed.shard(len(splits["val"]))
-    if data.get("balance") == "sampler":  # inverse-frequency draws, each rank its share
+    if data.balance == "sampler":  # inverse-frequency draws, each rank its share
         sampler = BalancedSampler(splits["train"].labels, seed, distributed.rank(), distributed.world_size())
     generator = torch.Generator().manual_seed(seed)
     collate = MixCollate(mix) if mix is not None else None

@@ -31,7 +31,7 @@ _TORCHVISION = {
 
 def in_memory(data: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
     """Native-size uint8 N x C x H x W images and labels per source split, and the class names."""
-    if data.get("source") is not None:
+    if data.source is not None:
         return user_source(data)
     if data.name == "digits":
         from sklearn.datasets import load_digits  # imported here: a failing start need not pay for sklearn

@@ -57,7 +57,7 @@ def select_classes(
 ) -> tuple[dict[str, tuple], list[str]]:
     """Keep the images of data.classes (names, or indices into the dataset's classes), relabelled 0..k-1 in the
     order given."""
-    wanted = data.get("classes")
+    wanted = data.classes
     if wanted is None:
         return sources, classes
     picked = []

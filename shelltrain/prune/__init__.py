@@ -79,14 +79,14 @@ def prune_model(
     torch.manual_seed(settings.seed)  # random pruning and calibration order are reproducible
     ctx = Context(cfg, data, settings, finetune, arch, test_limit, say)
     ctx.chosen = chosen_names(model, cfg)
-    latency = LatencySpec(**{k: cfg[f"latency_{k}"] for k in ("batch", "threads", "repeats") if f"latency_{k}" in cfg})
+    latency = LatencySpec(batch=cfg.latency_batch, threads=cfg.latency_threads, repeats=cfg.latency_repeats)
     shape = tuple(ctx.example.shape[1:])
     model.eval()
     original = cpu_copy(model)  # kept for timing it side by side with the result
     before = measure(original, shape)
     ctx.acc_before = ctx.accuracy(model, test=True)
     say(
-        f"prune: {cfg.name} ({cfg.get('schedule', 'oneshot')}) on a model with {before['params']:,} parameters, "
+        f"prune: {cfg.name} ({cfg.schedule}) on a model with {before['params']:,} parameters, "
         f"val acc {ctx.acc_before['val']:.4f}"
     )
 

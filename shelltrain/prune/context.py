@@ -67,7 +67,7 @@ class Context:
             self.acc_pruned = {"val": val["acc"], "test": self.evaluate(model, "test")["acc"]}
         record = {"round": label, **info, "sparsity": sparsity(model), "val_acc_pruned": val["acc"]}
         record["size_bytes"] = serialized_size(model)
-        epochs = self.cfg.get("finetune_epochs", 0)
+        epochs = self.cfg.finetune_epochs
         if epochs > 0:
             keep = KeepBest(model, self.settings.monitor, val)
             state = self.finetune_fn(model, epochs, [keep], f"fine-tune {label}")
@@ -120,7 +120,7 @@ def chosen_names(model: nn.Module, cfg: Any) -> set[str]:
     `layer3.*`, `features.0*`, `fc`. A pattern that matches nothing is a mistake, said in one line. The final
     classifier stays out unless a `prune.modules` pattern names it (`quantize` converts it like the rest)."""
     names = [name for name, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
-    modules, exclude = list(cfg.get("modules") or []), list(cfg.get("exclude") or [])
+    modules, exclude = list(cfg.modules or []), list(cfg.exclude or [])
     for key, patterns in (("modules", modules), ("exclude", exclude)):
         for pattern in patterns:
             if not any(_matches(name, pattern) for name in names):
@@ -134,7 +134,7 @@ def chosen_names(model: nn.Module, cfg: Any) -> set[str]:
         if (not modules or any(_matches(name, p) for p in modules)) and not any(_matches(name, p) for p in exclude)
     }
     classifier = _classifier_name(model)
-    if classifier and cfg.get("name") != "quantize" and not any(_matches(classifier, p) for p in modules):
+    if classifier and cfg.name != "quantize" and not any(_matches(classifier, p) for p in modules):
         chosen.discard(classifier)  # its outputs are the classes: pruned only when prune.modules names it
     if not chosen:
         raise UserError(

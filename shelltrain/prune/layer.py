@@ -52,7 +52,7 @@ def removable_or_error(model: nn.Module, example: torch.Tensor) -> list[str]:
 
 
 def layer(ctx: Context, model: nn.Module) -> Outcome:
-    cfg, schedule = ctx.cfg, ctx.cfg.get("schedule", "oneshot")
+    cfg, schedule = ctx.cfg, ctx.cfg.schedule
     chosen = {name for name, _ in prunable_layers(model, cfg)}
     candidates = [
         block

@@ -48,7 +48,7 @@ def quantize(ctx: Context, model: nn.Module) -> Outcome:
 def _chosen(cfg, model: nn.Module, mode: str) -> list[str] | None:
     """The layer names prune.modules / prune.exclude choose (None: unset, the whole model). Static int8
     converts the whole network between its quant stubs, so it cannot leave layers out."""
-    if not (cfg.get("modules") or cfg.get("exclude")):
+    if not (cfg.modules or cfg.exclude):
         return None
     if mode == "static":
         raise UserError("prune.modules/prune.exclude: static int8 quantizes the whole model; use prune.mode=dynamic")

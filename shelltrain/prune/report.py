@@ -24,7 +24,7 @@ def build_report(
     layers = _layer_table(before.pop("layers"), after.pop("layers"), ctx.chosen)
     return {
         "method": cfg.name,
-        "schedule": cfg.get("schedule", "oneshot"),
+        "schedule": cfg.schedule,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "before": before,
         "after": after,

@@ -39,11 +39,11 @@ def _importance(name: str) -> Any:
 
 def structured(ctx: Context, model: nn.Module) -> Outcome:
     tp = torch_pruning()
-    cfg, schedule = ctx.cfg, ctx.cfg.get("schedule", "oneshot")
+    cfg, schedule = ctx.cfg, ctx.cfg.schedule
     kept = _kept_layers(model, cfg)  # the classifier first
     widths_before = _widths(model)
     segments: list[list] = []
-    details: dict[str, Any] = {"importance": cfg.importance, "global": cfg.get("global", False)}
+    details: dict[str, Any] = {"importance": cfg.importance, "global": cfg["global"]}
 
     def pruner(ignored: list[nn.Module], steps: int = 1, **kwargs: Any) -> Any:
         model.eval()  # tracing in train mode breaks BatchNorm on a one-image batch
@@ -52,7 +52,7 @@ def structured(ctx: Context, model: nn.Module) -> Outcome:
             ctx.example,
             importance=_importance(cfg.importance),
             pruning_ratio=cfg.ratio,
-            global_pruning=cfg.get("global", False),
+            global_pruning=cfg["global"],
             max_pruning_ratio=GLOBAL_MAX_RATIO,
             iterative_steps=steps,
             ignored_layers=ignored,
@@ -67,7 +67,7 @@ def structured(ctx: Context, model: nn.Module) -> Outcome:
 
     if schedule in ("oneshot", "iterative"):
         steps = cfg.steps if schedule == "iterative" else 1
-        kind = cfg.get("ramp", "linear")
+        kind = cfg.ramp
         p = pruner(kept, steps, iterative_pruning_ratio_scheduler=lambda r, s: [0.0, *ramp(r, s, kind)])
         for k in range(1, steps + 1):
             step(p)

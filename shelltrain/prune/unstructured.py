@@ -29,14 +29,14 @@ NOTE = (
 
 
 def unstructured(ctx: Context, model: nn.Module) -> Outcome:
-    cfg, schedule = ctx.cfg, ctx.cfg.get("schedule", "oneshot")
+    cfg, schedule = ctx.cfg, ctx.cfg.schedule
     layers = prunable_layers(model, cfg)
     details: dict[str, Any] = {}
     if schedule == "oneshot":
         _mask(ctx, layers, _target(cfg))
         ctx.round(model, "oneshot", final=True, target=_target(cfg))
     elif schedule == "iterative":
-        targets = ramp(_target(cfg), cfg.steps, cfg.get("ramp", "linear"))
+        targets = ramp(_target(cfg), cfg.steps, cfg.ramp)
         for k, target in enumerate(targets, 1):
             _mask(ctx, layers, target)
             ctx.round(model, f"round {k}/{len(targets)}", final=k == len(targets), target=target)
@@ -72,7 +72,7 @@ def _mask(ctx: Context, layers: list[tuple[str, nn.Module]], target: float, loca
         return
     for _, module in layers:  # torch's pruning views weights and masks as flat vectors: no channels_last
         module.to(memory_format=torch.contiguous_format)
-    local = not ctx.cfg.get("global", True) if local is None else local
+    local = not ctx.cfg["global"] if local is None else local
     pruning = torch_prune.RandomUnstructured if method == "random" else torch_prune.L1Unstructured
     if local:
         for _, module in layers:

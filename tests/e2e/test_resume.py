@@ -466,11 +466,10 @@ def test_a_finished_run_dir_is_not_overwritten_by_a_new_run(tmp_path):
 
 
 def test_another_model_is_named_by_its_missing_and_unexpected_keys(tmp_path):
-    from omegaconf import OmegaConf
-
     from shelltrain.models import SmallCNN, build_model
+    from shelltrain.schema import packaged
 
-    resnet = build_model(OmegaConf.create({"name": "resnet18", "small_input": False, "dropout": 0.0}), 10, 1)
+    resnet = build_model(packaged("model"), 10, 1)  # resnet18, the packaged default
     payload = {"model": SmallCNN(10, 1, width=4).state_dict(), "config": {"model": {"name": "cnn", "width": 4}}}
     with pytest.raises(UserError) as caught:
         checkpoint_module.load_model_state(payload["model"], tmp_path / "c.pt", resnet, payload["config"])

@@ -10,13 +10,14 @@ from omegaconf import OmegaConf
 from shelltrain.data.sources import user_source
 from shelltrain.data.splits import budget, select_classes, split_indices
 from shelltrain.errors import UserError
+from shelltrain.schema import packaged
 
 LABELS = torch.arange(100) % 4  # 25 images of each of 4 classes
 
 
 def config(**overrides) -> OmegaConf:
     base = {"name": "digits", "val_fraction": 0.2, "test_fraction": 0.2, "split_seed": 0, "limit_samples": None}
-    return OmegaConf.create({**base, **overrides})
+    return OmegaConf.merge(packaged("data"), {**base, **overrides})
 
 
 def test_stratified_split_sizes_and_no_overlap():
@@ -69,7 +70,7 @@ def make_source(n: int = 6):
 
 
 def test_a_user_source_becomes_uint8_images():
-    data = OmegaConf.create({"source": {"_target_": f"{__name__}.make_source", "n": 6}})
+    data = OmegaConf.merge(packaged("data"), {"source": {"_target_": f"{__name__}.make_source", "n": 6}})
     sources, classes = user_source(data)
     images, labels = sources["train"]
     assert classes == ["no", "yes"]
@@ -79,7 +80,7 @@ def test_a_user_source_becomes_uint8_images():
 
 
 def test_a_user_source_without_train_says_so():
-    data = OmegaConf.create({"source": {"_target_": "builtins.tuple", "_args_": [[{}, []]]}})
+    data = OmegaConf.merge(packaged("data"), {"source": {"_target_": "builtins.tuple", "_args_": [[{}, []]]}})
     with pytest.raises(UserError, match="no 'train' split"):
         user_source(data)
 

@@ -11,7 +11,7 @@ from torch import nn
 from shelltrain.errors import UserError
 from shelltrain.prune import preflight, prune_model, rebuild
 from shelltrain.prune.report import tradeoff_rows
-from shelltrain.schema import defaults
+from shelltrain.schema import defaults, packaged
 
 QUICK = {"finetune_epochs": 0, "latency_batch": 2, "latency_repeats": 1, "schedule": "oneshot"}
 
@@ -38,7 +38,8 @@ def batches(n: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def prune(model: nn.Module, **cfg):
     data = type("Data", (), {"train": batches(), "val": batches(), "test": batches()})
     settings = defaults("trainer", epochs=0, device=torch.device("cpu"))
-    return prune_model(OmegaConf.create({**QUICK, **cfg}), model, data, settings, finetune=None, say=lambda m: None)
+    options = OmegaConf.merge(packaged("prune"), {**QUICK, **cfg})
+    return prune_model(options, model, data, settings, finetune=None, say=lambda m: None)
 
 
 def test_magnitude_pruning_makes_every_layer_but_the_classifier_sparse_at_the_amount():
@@ -136,4 +137,8 @@ def test_dynamic_quantization_keeps_to_the_chosen_layers_and_rebuilds_them():
 
 def test_a_pattern_that_matches_nothing_fails_in_preflight_before_training():
     with pytest.raises(UserError, match="prune.exclude: 'fc' matches no conv/linear layer"):
-        preflight(OmegaConf.create({"name": "magnitude", "exclude": ["fc"]}), tiny_cnn(), torch.zeros(1, 1, 8, 8))
+        preflight(
+            OmegaConf.merge(packaged("prune"), {"name": "magnitude", "exclude": ["fc"]}),
+            tiny_cnn(),
+            torch.zeros(1, 1, 8, 8),
+        )
