@@ -44,11 +44,9 @@ def prune_stage(
     The trained model's checkpoint stays as checkpoints/unpruned.pt. Pruned checkpoints carry no optimizer
     state (the pruned model has other parameters); their "pruning" entry rebuilds the architecture.
     """
-    finetune = finetuner(
-        cfg, data, settings, console, teacher=copy.deepcopy(model) if cfg.prune.get("distill") else None
-    )
+    finetune = finetuner(cfg, data, settings, console, teacher=copy.deepcopy(model) if cfg.prune.distill else None)
     reports = []
-    for step in [cfg.prune.name, *(cfg.prune.get("then") or [])]:  # each compression step on the previous result
+    for step in [cfg.prune.name, *(cfg.prune.then or [])]:  # each compression step on the previous result
         result = prune_model(
             step_config(cfg.prune, step),
             model,
@@ -90,7 +88,7 @@ def step_config(prune: DictConfig, name: str) -> DictConfig:
     """The prune group for one step of a sequence: this group's keys with `name`, and its schedule where the
     method supports it (else the method's own, e.g. quantize: oneshot)."""
     schedules = PRUNE_SCHEDULES[name]
-    schedule = prune.get("schedule", "oneshot")
+    schedule = prune.schedule
     return OmegaConf.merge(prune, {"name": name, "schedule": schedule if schedule in schedules else schedules[0]})
 
 
@@ -108,7 +106,7 @@ def finetuner(
 
     def finetune(model: torch.nn.Module, epochs: int, callbacks: list[Callback], label: str) -> TrainState:
         scaled = copy.deepcopy(cfg)  # the scheduler's ${optimizer.lr} and ${trainer.epochs} follow the fine-tune's
-        scaled.optimizer.lr = cfg.optimizer.lr * cfg.prune.get("finetune_lr_mult", 1.0)
+        scaled.optimizer.lr = cfg.optimizer.lr * cfg.prune.finetune_lr_mult
         scaled.trainer.epochs = epochs  # (cosine's T_max: the fine-tune's epochs, not the training run's, maybe 0)
         run = replace(settings, epochs=epochs)
         place(model, run)  # before the optimizer, as in the runner's build
