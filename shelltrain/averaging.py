@@ -25,7 +25,7 @@ from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn, up
 from torch.utils.data import DataLoader
 
 from shelltrain import rundir
-from shelltrain.checkpoint import load_checkpoint
+from shelltrain.checkpoint import load_checkpoint, save_checkpoint
 from shelltrain.data import DataBundle
 from shelltrain.engine import Callback, TrainState, evaluate, predict
 from shelltrain.metrics import split_metrics
@@ -94,15 +94,23 @@ def build_averager(
 
 
 def ema_test_metrics(
-    model: nn.Module, test_loader: DataLoader, settings: TrainerConfig, best: Path, best_row: dict[str, Any]
+    model: nn.Module,
+    test_loader: DataLoader,
+    settings: TrainerConfig,
+    run_dir: Path,
+    best_row: dict[str, Any],
+    extra: dict[str, Any],
 ) -> dict[str, float]:
     """summary.json's EMA figures: the averaged weights best.pt carries (those of the selected epoch) on the test
-    split (`ema_test_acc`, `ema_test_loss`), and their validation figures at that epoch; {} without EMA."""
+    split (`ema_test_acc`, `ema_test_loss`), and their validation figures at that epoch; {} without EMA. The
+    averaged weights are kept as a model of their own, checkpoints/ema.pt (`model.weights=RUN@ema`)."""
+    best = rundir.best_checkpoint(run_dir)
     ema = load_checkpoint(best).get("ema") if best.exists() else None
     if ema is None:
         return {}
     averaged = copy.deepcopy(model)
-    averaged.load_state_dict({key.removeprefix("module."): v for key, v in ema.items() if key.startswith("module.")})
+    averaged.load_state_dict(averaged_weights(ema))
+    save_checkpoint({**extra, "model": averaged.state_dict()}, rundir.weights_checkpoint(run_dir, "ema"))
     tested = with_tta(averaged, settings.test_tta)
     logits, targets = predict(tested, test_loader, settings, limit=settings.limit_test_batches)
     best_val = {f"best_{key}": best_row[key] for key in ("ema_val_acc", "ema_val_loss") if key in best_row}
@@ -174,29 +182,47 @@ def build_swa(
 
 
 def averaged_test_metrics(
-    model: nn.Module, data: DataBundle, settings: TrainerConfig, run_dir: Path, best_row: dict[str, Any]
+    model: nn.Module,
+    data: DataBundle,
+    settings: TrainerConfig,
+    run_dir: Path,
+    best_row: dict[str, Any],
+    extra: dict[str, Any],
 ) -> dict[str, float]:
-    """summary.json's figures of the averaged models the run kept: EMA (best.pt's) and SWA (last.pt's)."""
-    figures = ema_test_metrics(model, data.test, settings, rundir.best_checkpoint(run_dir), best_row)
-    return {**figures, **swa_test_metrics(model, data.train, data.test, settings, rundir.last_checkpoint(run_dir))}
+    """summary.json's figures of the averaged models the run kept: EMA (best.pt's) and SWA (last.pt's); each is
+    also saved as a model of its own (checkpoints/ema.pt, swa.pt) with `extra` (config, classes, preprocessing)."""
+    figures = ema_test_metrics(model, data.test, settings, run_dir, best_row, extra)
+    return {**figures, **swa_test_metrics(model, data.train, data.test, settings, run_dir, extra)}
 
 
 def swa_test_metrics(
-    model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, settings: TrainerConfig, last: Path
+    model: nn.Module,
+    train_loader: DataLoader,
+    test_loader: DataLoader,
+    settings: TrainerConfig,
+    run_dir: Path,
+    extra: dict[str, Any],
 ) -> dict[str, float]:
     """summary.json's SWA figures: the average last.pt carries, its BatchNorm statistics recomputed over the train
     loader (update_bn), on the test split (`swa_test_acc`, `swa_test_loss`, ...); {} without SWA or before any
-    epoch was averaged."""
+    epoch was averaged. Saved as checkpoints/swa.pt (`model.weights=RUN@swa`), BatchNorm statistics included."""
+    last = rundir.last_checkpoint(run_dir)
     state = load_checkpoint(last).get("swa") if last.exists() else None
     if state is None or int(state["n_averaged"]) == 0:
         return {}
     averaged = copy.deepcopy(model)
-    averaged.load_state_dict({k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")})
+    averaged.load_state_dict(averaged_weights(state))
     place(averaged, settings)
     update_bn(_images(train_loader, settings), averaged, device=torch.device(settings.device))
+    save_checkpoint({**extra, "model": averaged.state_dict()}, rundir.weights_checkpoint(run_dir, "swa"))
     tested = with_tta(averaged, settings.test_tta)
     logits, targets = predict(tested, test_loader, settings, limit=settings.limit_test_batches)
     return {**split_metrics(logits, targets, settings, "swa_test"), "swa_epochs_averaged": int(state["n_averaged"])}
+
+
+def averaged_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model's own state dict inside an AveragedModel's (which prefixes `module.` and adds `n_averaged`)."""
+    return {key.removeprefix("module."): value for key, value in state.items() if key.startswith("module.")}
 
 
 def _images(loader: DataLoader, settings: TrainerConfig) -> Iterator[torch.Tensor]:

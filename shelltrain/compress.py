@@ -20,14 +20,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.table import Table
 
 from shelltrain import rundir
+from shelltrain.console import make_console, say
 from shelltrain.errors import UserError
 from shelltrain.export import INSTALL_HINT
 from shelltrain.plots import plot_tradeoff
 from shelltrain.prune.measure import LatencySpec, cpu_copy, measure, measure_latency
-from shelltrain.report import make_console, say
 from shelltrain.schema import validate
-from shelltrain.tasks import export_task, preprocessing
-from shelltrain.trained import load_trained_model
+from shelltrain.tasks import export_task
+from shelltrain.trained import open_trained
 
 STAGES = ("teacher", "student", "distilled", "pruned", "int8")  # sub-run names, in the order they run
 
@@ -102,11 +102,10 @@ def _export(cfg: DictConfig, dirs: dict[str, Path], console: Any) -> dict[str, A
     settings = train_settings(cfg.trainer, torch.device("cpu"))
     found = {}
     for stage, fmt in (("pruned", cfg.compress.export), ("int8", "torchscript")):
-        model, checkpoint, _ = load_trained_model(str(dirs[stage]))
         task_cfg = OmegaConf.create(
             {"export": {"format": fmt, "tolerance": cfg.export.tolerance}, "model": {"weights": str(dirs[stage])}}
         )
-        found[stage], _ = export_task(task_cfg, dirs[stage], settings, console, model, checkpoint)
+        found[stage], _ = export_task(task_cfg, dirs[stage], settings, console, open_trained(dirs[stage]))
     return found
 
 
@@ -118,11 +117,9 @@ def measure_stages(dirs: dict[str, Path], latency: LatencySpec) -> list[dict[str
     named += [("student alone", dirs["student"]), ("distilled student", dirs["distilled"])]
     named += [("pruned", dirs["pruned"]), ("int8", dirs["int8"])]
     entries = [(name, path, rundir.read_json(rundir.summary(path))["test_acc"]) for name, path in named]
-    loaded = [load_trained_model(str(path)) for _, path in named]
-    models = [model for model, _, _ in loaded]
-    checkpoints = {name: checkpoint for (name, _), (_, checkpoint, _) in zip(named, loaded)}
-    pre = preprocessing(checkpoints["student alone"])
-    shape = (pre["channels"], pre["image_size"], pre["image_size"])
+    loaded = {name: open_trained(path) for name, path in named}
+    models = [trained.module for trained in loaded.values()]
+    shape = loaded["student alone"].preprocessing.shape
     twins = [None] * (len(models) - 1) + [models[-2]]  # int8's MACs: its float original runs the same operations
     figures = [measure(cpu_copy(m), shape, macs_model=twin) for m, twin in zip(models, twins)]
     times = measure_latency([cpu_copy(m) for m in models], shape, latency)

@@ -1,15 +1,16 @@
 """Knowledge distillation (Hinton et al., 2015): a student trained to match a teacher's temperature-softened outputs.
 
-The teacher is a trained shelltrain model rebuilt from its checkpoint by the loader `model.weights` uses
-(trained.load_trained_model: pruned and int8 checkpoints too), or several fused as an ensemble. The engine knows
-nothing of it: the runner hands `Distiller` to `engine.fit` as its training loss, so the teacher sees the very
-batch the student sees (augmented, on the training device, under the run's autocast), in eval mode without
-gradients. An eval-mode teacher is a pure function of the batch, so a resumed run distils exactly as before.
+The teacher is a trained shelltrain model opened by the one loader of trained models (trained.open_trained:
+pruned and int8 checkpoints too, each fed its own preprocessing), or several fused by fusion.FusedModel.
+The engine knows nothing of it: the runner hands `Distiller` to `engine.fit` as its training loss, so the
+teacher sees the very batch the student sees (augmented, on the training device, under the run's autocast), in
+eval mode without gradients. An eval-mode teacher is a pure function of the batch, so a resumed run distils
+exactly as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from shelltrain import engine, rundir
+from shelltrain import engine
 from shelltrain.errors import UserError
-from shelltrain.fusion import fuse
-from shelltrain.members import read_ensemble, sweep_jobs
-from shelltrain.placement import place
+from shelltrain.fusion import FusedModel
+from shelltrain.placement import place_frozen
+from shelltrain.preprocess import Preprocessing
 from shelltrain.schema import TrainerConfig
-from shelltrain.trained import load_trained_model
+from shelltrain.trained import open_trained, read_ensemble, sweep_jobs
 
 
 def distillation_loss(
@@ -96,23 +97,9 @@ class TeacherCache:
         return computed
 
 
-class FusedTeacher(nn.Module):
-    """Several models as one teacher: the log of their fused probabilities (the ensemble's rule and weights; a
-    vote teaches with the members' mean), so softmax(output / T) is the fused distribution sharpened or softened."""
-
-    def __init__(self, models: Sequence[nn.Module], rule: str, weights: Sequence[float]):
-        super().__init__()
-        self.members = nn.ModuleList(models)
-        self.rule, self.weights = rule, list(weights)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([member(x).float().softmax(1) for member in self.members])
-        return fuse(self.rule, probs, self.weights)[0].clamp_min(1e-12).log()
-
-
 def make_distiller(
     distill: DictConfig | None,
-    classes: list[str],
+    data: Any,
     settings: TrainerConfig,
     say: Callable[[str], None],
     augmentation: DictConfig | None = None,
@@ -129,38 +116,32 @@ def make_distiller(
     if cache and not plain:
         raise UserError("distill.cache=true needs augmentation=none (augmented images differ every epoch); unset it")
     key = "distill.teacher" if distill.teacher else "distill.sweep"
-    paths, rule, weights = _teacher_sources(distill, settings)
-    models = []
-    for path in paths:
-        model, payload, found = load_trained_model(str(path), key)
-        if [str(c) for c in payload["classes"]] != [str(c) for c in classes]:
-            raise UserError(
-                f"{key}: the teacher '{found}' was trained on {len(payload['classes'])} classes "
-                f"({_brief(payload['classes'])}) but this run's data has {len(classes)} ({_brief(classes)}); "
-                "distil on the teacher's data set and classes"
-            )
-        models.append(model)
-    teacher = models[0] if len(models) == 1 else FusedTeacher(models, rule, weights)
-    place(teacher, settings)
-    what = f"{len(models)} models fused by {rule}" if len(models) > 1 else str(paths[0])
+    teacher, what = _teacher(distill, data, settings, key, say)
     description = f"distilling from {what} (temperature {distill.temperature:g}, alpha {distill.alpha:g})"
     say(description + (", teacher logits cached" if cache else ""))
     return Distiller(teacher, float(distill.temperature), float(distill.alpha), description, cache)
 
 
-def _teacher_sources(distill: DictConfig, settings: TrainerConfig) -> tuple[list[Path], str, list[float]]:
-    """The teacher's checkpoints (or run directories) and how they are fused."""
+def _teacher(
+    distill: DictConfig, data: Any, settings: TrainerConfig, key: str, say: Callable[[str], None]
+) -> tuple[nn.Module, str]:
+    """The teacher as one module fed the student's batches (each model brought to its own preprocessing), where
+    it may run (an int8 teacher on the CPU), and what it is in words. Several models are fused by their rule (a
+    vote teaches with the members' mean: votes are no distribution to learn)."""
     if distill.sweep:
-        jobs = sweep_jobs(distill.sweep, distill.top_k, settings.monitor)
-        return [path for path, _ in jobs], "average", [1.0] * len(jobs)
-    directory = rundir.ensemble_dir(distill.teacher)
-    if directory is None:
-        return [Path(str(distill.teacher))], "average", [1.0]
-    report = read_ensemble(directory)
-    paths = [directory / member["checkpoint"] for member in report["members"]]
-    return paths, report["rule"], list(report.get("weights") or [1.0] * len(paths))
-
-
-def _brief(classes: Sequence[Any]) -> str:
-    names = [str(c) for c in classes]
-    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        paths = [path for path, _ in sweep_jobs(distill.sweep, distill.top_k, settings.monitor, "distill.sweep")]
+        rule, weights = "average", [1.0] * len(paths)
+    else:
+        paths, rule, weights = [Path(str(distill.teacher))], "average", [1.0]
+    models = [open_trained(path, key) for path in paths]
+    if len(models) == 1 and models[0].kind == "ensemble":
+        report = read_ensemble(models[0].source.parent)
+        models, rule = models[0].members, report["rule"]
+        weights = list(report.get("weights") or [1.0] * len(models))
+    given = Preprocessing.of_data(data)
+    for model in models:
+        model.check_classes(data.classes, key, "distil on the teacher's data set and classes")
+    fed = [model.fed(given, key, say) for model in models]
+    teacher = fed[0] if len(fed) == 1 else FusedModel(fed, "average" if rule == "vote" else rule, weights)
+    what = f"{len(models)} models fused by {rule}" if len(models) > 1 else str(models[0].source)
+    return place_frozen(teacher, settings), what

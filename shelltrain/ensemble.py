@@ -3,7 +3,7 @@
 `run_ensemble` is the stage: it gathers the members (`shelltrain.members`: trained in this run, loaded from
 checkpoints or ensemble run directories, or the best jobs of a sweep). A member that trains is a complete
 sub-run in `members/<i>`, run by the function the runner hands over (the whole pipeline: fine-tuning, pruning,
-loggers, plots, summary); every member is then loaded from its checkpoint by `trained.load_trained_model`,
+loggers, plots, summary); every member is then opened from its checkpoint by `trained.open_trained`,
 evaluated and fused (`shelltrain.fusion`). The run directory keeps `ensemble.json` and
 `members/<i>/checkpoints/best.pt`, so it is itself a reusable ensemble (`model.weights=<dir>` or an
 `ensemble.checkpoints` entry).
@@ -25,6 +25,7 @@ from rich.table import Table
 
 from shelltrain import rundir
 from shelltrain.checkpoint import save_checkpoint
+from shelltrain.console import say
 from shelltrain.data import DataBundle
 from shelltrain.engine import metrics_from_logits
 from shelltrain.errors import UserError
@@ -32,11 +33,10 @@ from shelltrain.fusion import accuracy_weights, fuse, fused_metrics, member_logi
 from shelltrain.members import Member, describe_origin, finetune_config, gather_members, portable
 from shelltrain.metrics import confusion_matrix
 from shelltrain.models import count_parameters
-from shelltrain.prune.quantize import quiet
-from shelltrain.report import say
 from shelltrain.resume import Resume
 from shelltrain.schema import TrainerConfig
-from shelltrain.trained import load_trained_model
+from shelltrain.silence import quiet
+from shelltrain.trained import open_trained
 
 # train_member(member_cfg, out_dir, label, resume): the whole pipeline for one model, a sub-run in out_dir
 TrainMember = Callable[[DictConfig, Path, str, Resume | None], Any]
@@ -77,7 +77,7 @@ def run_ensemble(
 
     `resume` continues an interrupted ensemble in run_dir: every member sub-run with a checkpoint resumes in
     place (one that finished returns at once), the others train."""
-    members, reused = gather_members(cfg, data)
+    members, reused = gather_members(cfg, data, lambda line: say(console, line))
     rule, weights = _rule(cfg, members, reused)
     say(console, f"ensemble: {rule} of {len(members)} members")
     trains_loaded = settings.epochs > 0 or cfg.prune.name != "none"  # loaded members go through the pipeline too
@@ -144,7 +144,8 @@ def _prepare_member(
         say(console, f"[bold]ensemble {label}[/bold]: {doing} {member.model_name} ({describe_origin(member.origin)})")
         out_dir.mkdir(parents=True, exist_ok=True)
         train_member(member.cfg, out_dir, label, continued)
-        member.model, member.payload, _ = load_trained_model(str(out_dir), f"ensemble {label}")
+        member.trained = open_trained(out_dir, f"ensemble {label}")
+        member.model = member.trained.module  # trained on this run's data: its preprocessing
         member.epochs = int(rundir.read_json(rundir.summary(out_dir))["epochs_completed"])
     else:
         say(console, f"ensemble {label}: {member.model_name} from {describe_origin(member.origin)}")

@@ -1,8 +1,10 @@
-"""How an ensemble's members are evaluated and fused.
+"""How an ensemble's members are evaluated and fused: the one home of the fusion rules.
 
-The combination rules are plain functions on member probabilities, M members x N samples x C classes:
-`average`, `weighted` (with `accuracy_weights`) and `vote`. `member_logits` evaluates the members one after
-another, or all at once with vmap (`StackedMembers`) when they share one architecture.
+`combine` is the rule, on member probabilities (M members x N samples x C classes), in float32 whatever the
+autocast: `average`, `weighted` (with `accuracy_weights`) and `vote`. The ensemble stage (`fuse`), the ensemble as
+one model (`FusedModel`: task=predict/export, `model.weights=<ensemble run>`) and a fused distillation teacher all
+use it. `member_logits` evaluates the members one after another, or all at once with vmap (`StackedMembers`)
+when they share one architecture.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ def average(probs: torch.Tensor) -> torch.Tensor:
     return probs.mean(0)
 
 
-def weighted(probs: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+def weighted(probs: torch.Tensor, weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
     """The weighted mean of M x N x C member probabilities (weights normalized to sum 1): N x C."""
-    w = torch.as_tensor(list(weights), dtype=probs.dtype, device=probs.device)
+    w = torch.as_tensor(weights if torch.is_tensor(weights) else list(weights), dtype=probs.dtype, device=probs.device)
     return torch.einsum("m,mnc->nc", w / w.sum(), probs)
 
 
@@ -45,27 +47,39 @@ def accuracy_weights(val_accs: Sequence[float], temperature: float = 1.0) -> lis
     return torch.softmax(acc.log() / temperature, 0).tolist()  # log space: no underflow at small temperatures
 
 
+def vote_shares(probs: torch.Tensor) -> torch.Tensor:
+    """Each class's share of the members' votes (N x C); the members' summed probabilities, scaled far below one
+    vote, break ties, so the argmax is the majority class and a tie goes to the most probable tied class."""
+    votes = F.one_hot(probs.argmax(2), probs.shape[2]).sum(0).to(probs.dtype)  # N x C
+    shares = votes + probs.sum(0) / (probs.shape[0] + 1)  # the sum stays below one vote
+    return shares / shares.sum(1, keepdim=True)
+
+
 def vote(probs: torch.Tensor) -> torch.Tensor:
-    """Majority vote of the members' predicted classes (N); a tie goes to the tied class with the
-    highest probability summed over the members."""
-    votes = F.one_hot(probs.argmax(2), probs.shape[2]).sum(0)  # N x C
-    tied = votes == votes.amax(1, keepdim=True)
-    return probs.sum(0).masked_fill(~tied, float("-inf")).argmax(1)
+    """Majority vote of the members' predicted classes (N)."""
+    return vote_shares(probs).argmax(1)
+
+
+def combine(rule: str, probs: torch.Tensor, weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """The one fusion rule: M x N x C member probabilities -> N x C fused probabilities, in float32 whatever the
+    autocast (in half precision a probability below 6e-8 becomes 0 and its log -inf), or float64 if given."""
+    with torch.autocast(probs.device.type, enabled=False):
+        probs = probs.to(torch.promote_types(probs.dtype, torch.float32))  # float64 stays
+        if rule == "vote":
+            return vote_shares(probs)
+        return weighted(probs, weights) if rule == "weighted" else average(probs)
 
 
 def fuse(rule: str, probs: torch.Tensor, weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """The ensemble's N x C probabilities and N predicted classes. A vote's predictions come from the
     votes; its probabilities (used for its loss) are the members' mean."""
-    if rule == "vote":
-        return average(probs), vote(probs)
-    fused = weighted(probs, weights) if rule == "weighted" else average(probs)
-    return fused, fused.argmax(1)
+    fused = combine(rule, probs, weights)
+    return (combine("average", probs, weights) if rule == "vote" else fused), fused.argmax(1)
 
 
 class FusedModel(nn.Module):
-    """An ensemble as one model, for task=predict and task=export: its forward gives the log of the fused
-    probabilities, so that softmax and argmax of the output are the ensemble's. For `vote`, the "probabilities"
-    are the vote shares, with the summed member probabilities (scaled far below one vote) breaking ties."""
+    """An ensemble as one model (task=predict and export, a fused teacher): its forward gives the log of the fused
+    probabilities (`combine`), so that softmax and argmax of the output are the ensemble's."""
 
     def __init__(self, members: Sequence[nn.Module], rule: str, weights: Sequence[float]):
         super().__init__()
@@ -75,13 +89,10 @@ class FusedModel(nn.Module):
         self.register_buffer("weights", torch.tensor([w / sum(weights) for w in weights]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([m(x).float().softmax(1) for m in self.members])  # M x N x C
-        if self.rule == "vote":
-            votes = (probs == probs.amax(2, keepdim=True)).float().sum(0)  # N x C: members choosing each class
-            fused = votes + probs.sum(0) / (probs.shape[0] + 1)  # the sum stays below one vote
-        else:
-            fused = (self.weights.view(-1, 1, 1) * probs).sum(0)
-        return (fused / fused.sum(1, keepdim=True)).clamp_min(1e-12).log()
+        logits = [member(x) for member in self.members]  # under the caller's autocast
+        with torch.autocast(x.device.type, enabled=False):
+            probs = torch.stack([each.float().softmax(1) for each in logits])  # M x N x C
+            return combine(self.rule, probs, self.weights).clamp_min(1e-12).log()
 
 
 def fused_metrics(probs: torch.Tensor, preds: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:

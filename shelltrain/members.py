@@ -5,10 +5,8 @@ checkpoints and run directories, a saved ensemble run, or the best jobs of a swe
 from __future__ import annotations
 
 import copy
-import logging
-import math
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,14 +16,10 @@ from torch import nn
 
 from shelltrain import rundir
 from shelltrain.data import DataBundle
-from shelltrain.engine import monitor_mode
 from shelltrain.errors import UserError
+from shelltrain.preprocess import Preprocessing
 from shelltrain.schema import validate
-from shelltrain.schema_values import ENSEMBLE_RULES
-from shelltrain.trained import load_trained_model
-
-log = logging.getLogger("shelltrain")
-
+from shelltrain.trained import TrainedModel, ensemble_members, open_trained, read_ensemble, sweep_jobs
 
 # Training state a fused member does not need: its saved copy keeps the weights and what rebuilds them.
 _TRAINING_ONLY = ("optimizer", "scheduler", "scaler", "rng", "train_state")
@@ -35,9 +29,8 @@ _TRAINING_ONLY = ("optimizer", "scheduler", "scaler", "rng", "train_state")
 class Member:
     origin: dict[str, Any]  # how it got here: kind trained | checkpoint | sweep | ensemble, and from where
     cfg: DictConfig | None = None  # trained (or fine-tuned) in this run: the config of its sub-run
-    source: Path | None = None  # loaded: its checkpoint file
-    model: nn.Module | None = None
-    payload: dict[str, Any] | None = None  # the checkpoint it was loaded from
+    trained: TrainedModel | None = None  # once trained or loaded
+    model: nn.Module | None = None  # what the ensemble evaluates: the trained module fed this run's batches
     epochs: int = 0
     params: int = 0
     saved: str = ""  # its checkpoint, relative to the run directory
@@ -46,15 +39,17 @@ class Member:
 
     @property
     def model_name(self) -> str:
-        config = self.cfg.model if self.cfg is not None else (self.payload or {}).get("config", {}).get("model", {})
-        return _model_name(config)
+        if self.cfg is not None:
+            return str(self.cfg.model.get("name") or self.cfg.model.get("_target_") or "model")
+        return self.trained.name if self.trained is not None else "model"
 
 
-def gather_members(cfg: DictConfig, data: DataBundle) -> tuple[list[Member], dict[str, Any] | None]:
+def gather_members(cfg: DictConfig, data: DataBundle, say: Callable[[str], None]) -> tuple[list[Member], dict | None]:
     """Every member, checked before any trains: those trained here, then the loaded ones (the ensemble
-    in model.weights, ensemble.checkpoints, sweep jobs). Returns them and that ensemble's description."""
+    in model.weights, ensemble.checkpoints, sweep jobs), each fed this run's batches in its own preprocessing.
+    Returns them and that ensemble's description."""
     entries: list[tuple[str | Path, str, dict[str, Any]]] = []
-    reused_dir = rundir.ensemble_dir(cfg.model.get("weights"))
+    reused_dir = rundir.ensemble_dir(cfg.model.weights)
     reused = read_ensemble(reused_dir) if reused_dir is not None else None
     if reused_dir is not None:
         entries.append((reused_dir, "model.weights", {"kind": "ensemble"}))
@@ -65,59 +60,14 @@ def gather_members(cfg: DictConfig, data: DataBundle) -> tuple[list[Member], dic
     if cfg.ensemble.sweep:
         jobs = sweep_jobs(cfg.ensemble.sweep, cfg.ensemble.top_k, cfg.trainer.monitor)
         entries += [(job, "ensemble.sweep", {"kind": "sweep", f"best_{cfg.trainer.monitor}": v}) for job, v in jobs]
+    given = Preprocessing.of_data(data)
     for entry, key, origin in entries:
         for path, full_origin in _expand(entry, key, origin):
-            model, payload, path = load_trained_model(str(path), key)
-            if [str(c) for c in payload["classes"]] != [str(c) for c in data.classes]:
-                raise UserError(
-                    f"{key}: '{path}' was trained on the classes {_brief(payload['classes'])}, but this run's data "
-                    f"has {_brief(data.classes)}; ensemble members must share one class set"
-                )
-            _warn_on_data_mismatch(cfg, path, payload)
-            members.append(Member(origin=full_origin, source=path, model=model, payload=payload))
+            trained = open_trained(path, key)
+            trained.check_classes(data.classes, key, "ensemble members must share one class set")
+            _say_split_mismatch(cfg, trained, say)
+            members.append(Member(origin=full_origin, trained=trained, model=trained.fed(given, key, say)))
     return members, reused
-
-
-def read_ensemble(directory: Path) -> dict[str, Any]:
-    path = directory / rundir.ENSEMBLE_REPORT
-    try:
-        report = rundir.read_json(path)
-        valid = report["rule"] in ENSEMBLE_RULES[1:] and all("checkpoint" in m for m in report["members"])
-    except (ValueError, KeyError, TypeError):
-        valid = False
-    if not valid:
-        raise UserError(f"'{path}' is not an ensemble description written by shelltrain (rule, members' checkpoints)")
-    return report
-
-
-def sweep_jobs(sweep: str | Path, top_k: int | None, monitor: str) -> list[tuple[Path, float]]:
-    """The best `top_k` finished jobs of a multirun directory by their summary.json's best `monitor`."""
-    root = Path(sweep).expanduser()
-    if not root.is_dir():
-        raise UserError(
-            f"ensemble.sweep='{sweep}' is not a directory; give a multirun directory, e.g. multirun/DATE/TIME"
-        )
-    key = f"best_{monitor}"
-    jobs = []
-    for path in sorted(root.glob(f"*/{rundir.SUMMARY}"), key=lambda p: _natural(p.parent.name)):
-        try:
-            summary = rundir.read_json(path)
-        except ValueError:  # a job killed while writing it: not finished
-            continue
-        value = summary.get(key)
-        if summary.get("status") == "completed" and isinstance(value, (int, float)) and not math.isnan(value):
-            jobs.append((path.parent, float(value)))
-    if not jobs:
-        raise UserError(
-            f"ensemble.sweep='{sweep}' holds no finished jobs (<job>/summary.json with status completed and {key})"
-        )
-    if top_k and len(jobs) < top_k:  # never fuse fewer members than asked for without saying so
-        raise UserError(
-            f"ensemble.top_k={top_k} but ensemble.sweep='{sweep}' holds only {len(jobs)} finished job(s); "
-            f"lower ensemble.top_k to {len(jobs)} or finish the sweep's other jobs first"
-        )
-    jobs.sort(key=lambda job: job[1], reverse=monitor_mode(monitor) == "max")  # stable: ties keep job order
-    return jobs[:top_k] if top_k else jobs
 
 
 def _trained_members(cfg: DictConfig, weights_are_an_ensemble: bool) -> list[Member]:
@@ -233,11 +183,8 @@ def _expand(entry: str | Path, key: str, origin: dict[str, Any]) -> list[tuple[P
     directory = directory.absolute()
     members = read_ensemble(directory)["members"]
     return [
-        (
-            directory / m["checkpoint"],
-            {**origin, "kind": "ensemble", "source": str(directory), "member": i, "was": m.get("origin")},
-        )
-        for i, m in enumerate(members)
+        (path, {**origin, "kind": "ensemble", "source": str(directory), "member": i, "was": m.get("origin")})
+        for i, (m, path) in enumerate(zip(members, ensemble_members(directory)))
     ]
 
 
@@ -245,8 +192,9 @@ def finetune_config(cfg: DictConfig, member: Member, index: int) -> DictConfig:
     """A loaded member trained further (trainer.epochs > 0, or pruned): a sub-run with this run's settings and
     the member's own model options, starting from its checkpoint (model.weights)."""
     member_cfg = _single(cfg)
-    model = dict(member.payload["config"]["model"])  # type: ignore[index]
-    model["weights"] = str(member.source)  # a pruned checkpoint keeps its architecture (transfer's rebuild)
+    assert member.trained is not None
+    model = dict(member.trained.config["model"])
+    model["weights"] = str(member.trained.source)  # a pruned checkpoint keeps its architecture
     member_cfg.model = OmegaConf.create(model)
     member_cfg.trainer.seed = cfg.trainer.seed + index
     return member_cfg
@@ -254,20 +202,22 @@ def finetune_config(cfg: DictConfig, member: Member, index: int) -> DictConfig:
 
 def portable(member: Member) -> dict[str, Any]:
     """What a loaded member's saved copy holds: its weights and whatever rebuilds it, no optimizer state."""
-    assert member.payload is not None
-    return {**{k: v for k, v in member.payload.items() if k not in _TRAINING_ONLY}, "origin": member.origin}
+    assert member.trained is not None
+    kept = {k: v for k, v in member.trained.checkpoint.items() if k not in _TRAINING_ONLY}
+    return {**kept, "origin": member.origin}
 
 
-def _warn_on_data_mismatch(cfg: DictConfig, path: Path, payload: dict[str, Any]) -> None:
-    """Members trained on other inputs or other splits still load; say what differs."""
-    theirs = payload.get("config", {}).get("data", {})
+def _say_split_mismatch(cfg: DictConfig, trained: TrainedModel, say: Callable[[str], None]) -> None:
+    """A member trained on another data set or other splits may have seen this run's test images: said, not
+    hidden in the log (its preprocessing is taken care of by TrainedModel.fed)."""
+    theirs = trained.config.get("data", {})
     ours = OmegaConf.to_container(cfg.data, resolve=True)
-    keys = ("name", "image_size", "channels", "mean", "std", "split_seed", "val_fraction", "test_fraction")
+    keys = ("name", "split_seed", "val_fraction", "test_fraction")
     differ = [
-        f"data.{k}={theirs[k]!r} (this run: {ours.get(k)!r})" for k in keys if k in theirs and theirs[k] != ours.get(k)
+        f"data.{k}={theirs[k]!r} (this run: {ours.get(k)!r})" for k in keys if theirs.get(k, ours.get(k)) != ours.get(k)
     ]
     if differ:
-        log.warning("member '%s' was trained with %s", path, ", ".join(differ))
+        say(f"note: member '{trained.source}' was trained with {', '.join(differ)}")
 
 
 def describe_origin(origin: dict[str, Any], short: bool = False) -> str:
@@ -292,16 +242,3 @@ def _short_path(path: str) -> str:
         return str(full.relative_to(Path.cwd()))
     except ValueError:
         return str(Path(*full.parts[-2:])) if len(full.parts) > 2 else path
-
-
-def _model_name(model_cfg: Any) -> str:
-    return str(model_cfg.get("name") or model_cfg.get("_target_") or "model")
-
-
-def _brief(classes: Sequence[str]) -> str:
-    shown = ", ".join(map(str, list(classes)[:5]))
-    return f"[{shown}{', ...' if len(classes) > 5 else ''}] ({len(classes)} classes)"
-
-
-def _natural(name: str) -> tuple[int, str]:
-    return (int(name), "") if name.isdigit() else (1 << 30, name)

@@ -41,6 +41,28 @@ def eval_settings(model: nn.Module, settings: TrainerConfig) -> TrainerConfig:
     return settings
 
 
+def place_frozen(model: nn.Module, settings: TrainerConfig) -> nn.Module:
+    """A frozen model (a distillation teacher) that is called with batches on the training device: placed where
+    `eval_settings` puts it; an int8 model stays on the CPU behind `Relocated`, which moves each batch there and
+    the outputs back."""
+    where = eval_settings(model, settings)
+    place(model, where)
+    if torch.device(where.device) == torch.device(settings.device):
+        return model
+    return Relocated(model, torch.device(where.device))
+
+
+class Relocated(nn.Module):
+    """`model` kept on `device`, called from anywhere: inputs go to it, outputs come back to the caller's device."""
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        super().__init__()
+        self.model, self.device = model, device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.to(self.device)).to(x.device)
+
+
 def asynchronous(tensor: torch.Tensor, device: torch.device) -> bool:
     """Whether copying `tensor` to `device` may be non_blocking: only a host-to-device copy from pinned memory.
     A device-to-host copy returns before the data has arrived, so the host could read it too early."""

@@ -45,6 +45,8 @@ LOG = "train.log"
 CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
+EMA = "ema.pt"  # trainer.ema: the averaged weights of the selected epoch, as a model of their own
+SWA = "swa.pt"  # trainer.swa: the average with its BatchNorm statistics recomputed
 UNPRUNED = "unpruned.pt"
 SUMMARY = "summary.json"
 METRICS_CSV = "metrics.csv"
@@ -87,6 +89,11 @@ def last_checkpoint(run_dir: Path) -> Path:
 def best_checkpoint(run_dir: Path) -> Path:
     """The model a finished run stands for."""
     return checkpoint(run_dir, BEST)
+
+
+def weights_checkpoint(run_dir: Path, weights: str) -> Path:
+    """The checkpoint of one of a run's weights: best, last, ema or swa (`model.weights=RUN@ema`)."""
+    return checkpoint(run_dir, {"best": BEST, "last": LAST, "ema": EMA, "swa": SWA}[weights])
 
 
 def exported_state_dict(run_dir: Path, name: str) -> Path:

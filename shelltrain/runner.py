@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from shelltrain import distributed, placement, rundir
+from shelltrain import cv, distributed, placement, rundir
 from shelltrain.averaging import averaged_test_metrics, build_averager, build_swa
 from shelltrain.calibration import calibrate
 from shelltrain.checkpoint import Checkpointer, export_state_dict, load_checkpoint
 from shelltrain.checks import uses_ensemble
 from shelltrain.compress import run_compress
+from shelltrain.console import make_console, print_summary, say
 from shelltrain.data import DataBundle, build_data, cv_fold
 from shelltrain.data.balance import balanced_loss
 from shelltrain.data.transforms import describe_preprocessing
@@ -40,11 +41,10 @@ from shelltrain.optim import Schedule, build_optimizer, build_scheduler
 from shelltrain.placement import eval_settings
 from shelltrain.plots import plot_members, write_run_plots
 from shelltrain.profiling import build_profiler
+from shelltrain.progress import ConsoleProgress
 from shelltrain.prune import PruneResult, preflight
-from shelltrain.prune.quantize import quiet
 from shelltrain.prune.report import summary_keys, write_report
 from shelltrain.prune.stage import prune_stage, steps_per_epoch
-from shelltrain.report import ConsoleProgress, cv_section, cv_table, make_console, print_summary, say
 from shelltrain.resume import (
     Resume,
     announce,
@@ -56,6 +56,7 @@ from shelltrain.resume import (
 )
 from shelltrain.schema import TrainerConfig, trainer_config
 from shelltrain.signals import GracefulStop
+from shelltrain.silence import quiet
 from shelltrain.transfer import follow_weights, load_weights, open_weights
 from shelltrain.tta import with_tta
 
@@ -192,7 +193,7 @@ def build(cfg: DictConfig, fold: tuple[int, int] | None, overrides: list[str], c
     if weights is not None and "pruning" in (weights.checkpoint or {}):  # trained further, it still needs rebuilding
         extra["pruning"] = weights.checkpoint["pruning"]
     parts = (device, data, data_cfg, stats_from, weights, loaded, model, policy, settings, optimizer, schedule)
-    loss = make_distiller(cfg.get("distill"), data.classes, settings, lambda m: say(console, m), cfg.augmentation)
+    loss = make_distiller(cfg.get("distill"), data, settings, lambda m: say(console, m), cfg.augmentation)
     loss = loss or balanced_loss(cfg.data.get("balance", "none"), data.train, data.num_classes)  # data.balance
     return Job(*parts, make_scaler(settings), count_parameters(model), extra, loss)
 
@@ -371,7 +372,7 @@ def test(
         "per_class": per_class_metrics(confusion, job.data.classes),
     }
     if pruned is None:  # the EMA weights of the selected epoch (best.pt's), SWA's average (last.pt's)
-        summary.update(averaged_test_metrics(job.model, job.data, job.settings, run_dir, best_row))
+        summary.update(averaged_test_metrics(job.model, job.data, job.settings, run_dir, best_row, job.extra))
     if job.weights is not None or job.policy is not None:
         summary["transfer"] = transfer_summary(
             job.model, job.loaded, job.data, job.stats_from, job.policy, cfg.optimizer.lr
@@ -472,8 +473,8 @@ def cross_validate(cfg: DictConfig, run_dir: Path) -> float:
         fold_dir.mkdir(parents=True, exist_ok=True)
         train_and_test(cfg, fold_dir, fold=(k, folds))
         fold_summaries.append(rundir.read_json(rundir.summary(fold_dir)))
-    section = cv_section(fold_summaries, monitor, refit=bool(cfg.cv.refit))
-    console.print(cv_table(section, monitor))
+    section = cv.section(fold_summaries, monitor, refit=bool(cfg.cv.refit))
+    console.print(cv.table(section, monitor))
     say(console, f"cv {monitor}: {section['mean']:.4f} ± {section['std']:.4f} over {folds} folds")
     if cfg.cv.refit:
         say(console, "[bold]cross-validation: final model on the whole train split[/bold]")

@@ -18,12 +18,12 @@ import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from shelltrain import rundir
+from shelltrain.console import print_summary, say
 from shelltrain.data import DataBundle, FileImages, build_data
 from shelltrain.data.loader import Loader, worker_count
 from shelltrain.data.transforms import to_float_transforms
@@ -31,12 +31,11 @@ from shelltrain.engine import predict
 from shelltrain.errors import UserError
 from shelltrain.export import FORMATS, INSTALL_HINT, export_model, run_exported
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
-from shelltrain.placement import eval_settings
 from shelltrain.plots import plot_confusion_matrix
-from shelltrain.report import print_summary, say
+from shelltrain.preprocess import Preprocessing
 from shelltrain.rundir import write_json, write_text
 from shelltrain.schema import TrainerConfig
-from shelltrain.trained import load_trained_model
+from shelltrain.trained import TrainedModel, open_trained
 from shelltrain.tta import with_tta
 
 EXPORT_CHECK_BATCH = 8  # images of the export check; the example the exporter traces has another size
@@ -53,17 +52,17 @@ def run_task(
         return find_lr(cfg, run_dir, console)
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
-    model, checkpoint, source = load_trained_model(str(cfg.model.weights))
-    say(console, f"{cfg.task}: model from [bold]{source}[/bold] ({len(checkpoint['classes'])} classes)")
+    trained = open_trained(str(cfg.model.weights))
+    say(console, f"{cfg.task}: model from [bold]{trained.source}[/bold] ({len(trained.classes)} classes)")
     if cfg.task == "evaluate":
-        cfg = OmegaConf.merge(cfg, {"data": checkpoint_data(cfg.data, checkpoint, overrides or [], console)})
+        cfg = OmegaConf.merge(cfg, {"data": checkpoint_data(cfg.data, trained.preprocessing, overrides or [], console)})
     task = {"evaluate": evaluate_task, "predict": predict_task, "export": export_task}[cfg.task]
-    found, result = task(cfg, run_dir, settings, console, model, checkpoint)
+    found, result = task(cfg, run_dir, settings, console, trained)
     summary = {
         "status": "completed",
         "task": cfg.task,
         **{k: v for k, v in found.items() if not isinstance(v, dict)},
-        "weights": str(source),
+        "weights": str(trained.source),
         "wall_seconds": round(time.perf_counter() - started, 3),
         "run_dir": str(run_dir),
         **{k: v for k, v in found.items() if isinstance(v, dict)},  # sections (per_class, ...) after the figures
@@ -75,14 +74,19 @@ def run_task(
 
 
 def evaluate_task(
-    cfg: DictConfig, run_dir: Path, settings: TrainerConfig, console: Console, model: nn.Module, checkpoint: dict
+    cfg: DictConfig, run_dir: Path, settings: TrainerConfig, console: Console, trained: TrainedModel
 ) -> tuple[dict[str, Any], float]:
     """Accuracy, loss, top-5 and per-class scores on `evaluate.split` of the configured data."""
     split = cfg.evaluate.split
     data = build_data(cfg.data, cfg.augmentation, seed=cfg.trainer.seed, pin_memory=settings.device.type == "cuda")
-    _check_fits(data, checkpoint)
+    trained.check_classes(data.classes, "model.weights", "evaluate on data with the classes the model was trained on")
+    if trained.preprocessing.channels != data.in_channels:
+        wanted = trained.preprocessing.channels
+        raise UserError(
+            f"the model takes {wanted}-channel images and the data gives {data.in_channels}; set data.channels={wanted}"
+        )
     loader = _unaugmented(data, split)
-    tested = with_tta(model, cfg.evaluate.tta)
+    tested = with_tta(trained.module, cfg.evaluate.tta)
     logits, targets = predict(tested, loader, settings, limit=cfg.trainer.get(f"limit_{split}_batches"))
     confusion = confusion_matrix(logits, targets, data.num_classes)
     if cfg.get("plots", True):
@@ -95,14 +99,14 @@ def evaluate_task(
         "data": cfg.data.name,
         "tta": cfg.evaluate.tta,
         **metrics,
-        "device": str(eval_settings(model, settings).device),
+        "device": str(trained.runs_on(settings).device),
         "per_class": per_class,
     }
     return summary, metrics[f"{split}_acc"]
 
 
 def predict_task(
-    cfg: DictConfig, run_dir: Path, settings: TrainerConfig, console: Console, model: nn.Module, checkpoint: dict
+    cfg: DictConfig, run_dir: Path, settings: TrainerConfig, console: Console, trained: TrainedModel
 ) -> tuple[dict[str, Any], None]:
     """predictions.csv: file (relative to predict.input), class, probability, for every image under the folder."""
     folder = Path(to_absolute_path(os.path.expanduser(str(cfg.predict.input))))
@@ -111,15 +115,15 @@ def predict_task(
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
     if not files:
         raise UserError(f"predict.input: no images ({', '.join(IMG_EXTENSIONS)}) under '{folder}'")
-    pre = preprocessing(checkpoint)
-    mode = "RGB" if pre["channels"] == 3 else "L"
+    pre = trained.preprocessing
+    mode = "RGB" if pre.channels == 3 else "L"
     labels = torch.zeros(len(files), dtype=torch.long)  # unknown; the loader needs some
-    transform = v2.Compose(to_float_transforms(pre["mean"], pre["std"]))
-    images = FileImages([str(p) for p in files], labels, mode, pre["image_size"], transform, key="predict.input")
+    transform = v2.Compose(to_float_transforms(pre.mean, pre.std))
+    images = FileImages([str(p) for p in files], labels, mode, pre.image_size, transform, key="predict.input")
     loader = Loader(images, batch_size=cfg.predict.batch_size, num_workers=worker_count(cfg.data.num_workers))
-    logits, _ = predict(model, loader, settings)
+    logits, _ = predict(trained.module, loader, settings)
     probability, index = logits.softmax(1).max(1)
-    classes = checkpoint["classes"]
+    classes = trained.classes
     output = run_dir / "predictions.csv"
     text = io.StringIO(newline="")
     writer = csv.writer(text)
@@ -135,24 +139,24 @@ def predict_task(
         "images": len(files),
         "input": str(folder),
         "predictions": str(output),
-        "device": str(eval_settings(model, settings).device),
+        "device": str(trained.runs_on(settings).device),
     }
     return {**summary, "predicted_counts": counts}, None
 
 
 def export_task(
-    cfg: DictConfig, run_dir: Path, settings: TrainerConfig, console: Console, model: nn.Module, checkpoint: dict
+    cfg: DictConfig, run_dir: Path, settings: TrainerConfig, console: Console, trained: TrainedModel
 ) -> tuple[dict[str, Any], None]:
     """The model as ONNX or TorchScript, checked against PyTorch's logits on a seeded random batch."""
     fmt, tolerance = cfg.export.format, float(cfg.export.tolerance)
-    pre = preprocessing(checkpoint)
-    shape = (pre["channels"], pre["image_size"], pre["image_size"])
+    shape = trained.preprocessing.shape
     generator = torch.Generator().manual_seed(0)
     example = torch.randn(2, *shape, generator=generator)
     check = torch.randn(EXPORT_CHECK_BATCH, *shape, generator=generator)
     path = run_dir / FORMATS[fmt]
-    metadata = {"classes": list(checkpoint["classes"]), "preprocessing": pre, "source": str(cfg.model.weights)}
-    exported = export_model(model, fmt, path, example, metadata)
+    pre = trained.preprocessing.as_dict()
+    metadata = {"classes": list(trained.classes), "preprocessing": pre, "source": str(cfg.model.weights)}
+    exported = export_model(trained.module, fmt, path, example, metadata)
     with torch.no_grad():
         reference = exported(check).float()
     outputs = run_exported(fmt, path, check)
@@ -171,24 +175,16 @@ def export_task(
     return summary, None
 
 
-def preprocessing(checkpoint: dict) -> dict[str, Any]:
-    """Image size, channels and normalization (mean, std per channel) the model was trained with."""
-    pre = checkpoint.get("preprocessing")
-    if not pre:
-        raise UserError(
-            "model.weights: this checkpoint does not record its preprocessing (an older shelltrain); retrain it"
-        )
-    return dict(pre)
-
-
 PREPROCESSING_KEYS = ("image_size", "channels", "mean", "std")
 
 
-def checkpoint_data(data: DictConfig, checkpoint: dict, overrides: list[str], console: Console) -> dict[str, Any]:
-    """The checkpoint's preprocessing (image size, channels, mean/std) for the data the model is evaluated on,
-    so that a run's own figures come back without repeating its data options; a key the command line sets is
-    the user's choice and wins, said in one line."""
-    pre = preprocessing(checkpoint)
+def checkpoint_data(
+    data: DictConfig, preprocessing: Preprocessing, overrides: list[str], console: Console
+) -> dict[str, Any]:
+    """The model's preprocessing (image size, channels, mean/std) for the data it is evaluated on, so that a run's
+    own figures come back without repeating its data options; a key the command line sets is the user's choice
+    and wins, said in one line."""
+    pre = preprocessing.as_dict()
     given = {str(o).split("=", 1)[0].lstrip("+~") for o in overrides}
     chosen = {}
     for key in PREPROCESSING_KEYS:
@@ -206,22 +202,6 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
-def _check_fits(data: DataBundle, checkpoint: dict) -> None:
-    """The data must have the model's classes and channels (other preprocessing was said by checkpoint_data)."""
-    classes = [str(c) for c in checkpoint["classes"]]
-    if [str(c) for c in data.classes] != classes:
-        raise UserError(
-            f"the model's {len(classes)} classes ({_listed(classes)}) differ from the data's {len(data.classes)} "
-            f"({_listed(data.classes)}); evaluate on data with the classes the model was trained on"
-        )
-    pre = checkpoint.get("preprocessing") or {}
-    if pre.get("channels") and pre["channels"] != data.in_channels:
-        raise UserError(
-            f"the model takes {pre['channels']}-channel images and the data gives {data.in_channels}; "
-            f"set data.channels={pre['channels']}"
-        )
-
-
 def _unaugmented(data: DataBundle, split: str) -> DataLoader:
     """The split's loader; for train, its images through the test transforms (no augmentation, no shuffle)."""
     if split != "train":
@@ -229,8 +209,3 @@ def _unaugmented(data: DataBundle, split: str) -> DataLoader:
     images = copy.copy(data.train.dataset)
     images.transform = data.test.dataset.transform
     return Loader(images, batch_size=data.test.batch_size, num_workers=data.test.num_workers)
-
-
-def _listed(names: list[str], limit: int = 5) -> str:
-    names = [str(n) for n in names]
-    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")

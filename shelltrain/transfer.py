@@ -13,7 +13,6 @@ Two steps, each a plain function the runner calls in order (what trains when is 
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,17 +22,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from shelltrain import rundir
 from shelltrain.checkpoint import check_regular_file, safe_load
 from shelltrain.errors import UserError
 from shelltrain.models import find_classifier
+from shelltrain.trained import read_checkpoint, rebuild_architecture, resolve, split_weights
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
-
-# A checkpoint whose architecture differs from a freshly built model says so under one of these keys.
-# The named module's `rebuild(model, checkpoint, example_inputs) -> nn.Module` returns a model of the
-# checkpoint's architecture; its state dict is then loaded as usual (head surgery included).
-REBUILDERS = {"pruning": ("shelltrain.prune", "pruning"), "ensemble": ("shelltrain.ensemble", "ensembling")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -61,13 +55,22 @@ def open_weights(model_cfg: DictConfig) -> WeightsSource | None:
     if spec is None or str(spec).strip() == "":
         return None
     spec = str(spec)
-    path = _as_path(spec)
+    base, weights = split_weights(spec)
+    path = _as_path(base)
     if model_cfg.get("library") == "timm" and not path.exists():
         from shelltrain.timm_models import open_timm_weights
 
         return WeightsSource(**open_timm_weights(spec, model_cfg))
+    if path.is_dir() or weights:  # a run directory: its weights as the trained model's loader picks them
+        path, _ = resolve(spec, "model.weights")
+        if path.is_dir():
+            raise UserError(
+                f"model.weights: '{path}' is an ensemble run, not one model; fuse it with ensemble=average "
+                "(ensemble.checkpoints) or start from one member's run directory"
+            )
+        return checkpoint_source(spec, path, read_checkpoint(path, "model.weights"))
     if path.exists():
-        return _open_path(spec, path)
+        return _open_file(spec, path)
     if "/" in spec or os.sep in spec or spec.lower().endswith(CHECKPOINT_SUFFIXES) or spec.startswith("~"):
         raise UserError(
             f"model.weights: '{path}' does not exist; give a shelltrain run directory, a .pt/.pth/.safetensors "
@@ -85,28 +88,12 @@ def _as_path(spec: str) -> Path:
         return Path(os.path.expanduser(spec)).absolute()
 
 
-def _open_path(spec: str, path: Path) -> WeightsSource:
-    if path.is_dir():
-        candidates = (
-            rundir.best_checkpoint(path),
-            rundir.last_checkpoint(path),
-            path / rundir.BEST,
-            path / rundir.LAST,
-        )
-        for candidate in candidates:
-            if candidate.is_file():
-                path = candidate
-                break
-        else:
-            raise UserError(
-                f"model.weights: '{path}' is a directory without {rundir.CHECKPOINTS}/{rundir.BEST} or "
-                f"{rundir.CHECKPOINTS}/{rundir.LAST}; "
-                "point it at a shelltrain run directory or at a checkpoint file"
-            )
+def _open_file(spec: str, path: Path) -> WeightsSource:
+    """A shelltrain checkpoint, a plain state dict (or a dict holding one) or a .safetensors file."""
     if path.suffix == ".safetensors":
         return WeightsSource(spec, "safetensors", str(path), state_dict=_read_safetensors(path))
     payload = _torch_load(path)
-    if isinstance(payload.get("model"), dict) or any(key in payload for key in REBUILDERS):
+    if isinstance(payload.get("model"), dict) or "pruning" in payload:
         return checkpoint_source(spec, path, payload)
     state = payload.get("state_dict") if isinstance(payload.get("state_dict"), dict) else payload
     return WeightsSource(spec, "state_dict", str(path), state_dict=_tensors_only(state, path))
@@ -290,7 +277,9 @@ def load_weights(
     if source is None:
         return model, None
     if source.checkpoint is not None:
-        model = rebuild_architecture(model, source, example_inputs)
+        model = rebuild_architecture(model, source.checkpoint, example_inputs)
+        if source.state_dict is None:
+            raise UserError(f"model.weights: '{source.origin}' holds no single model's state dict")
     if source.kind == "torchvision" and source.state_dict is None:
         source.state_dict = _torchvision_state_dict(source)
     assert source.state_dict is not None
@@ -310,29 +299,6 @@ def load_weights(
             f"(first: {problems[0]}); set model.strict=false to load what fits"
         )
     return model, report
-
-
-def rebuild_architecture(
-    model: nn.Module, source: WeightsSource, example_inputs: torch.Tensor | None = None
-) -> nn.Module:
-    """`model` turned into the architecture a checkpoint records (pruned, quantized), by its REBUILDERS."""
-    checkpoint = source.checkpoint or {}
-    for key, (module_name, feature) in REBUILDERS.items():
-        if key not in checkpoint:
-            continue
-        try:
-            rebuild = importlib.import_module(module_name).rebuild
-        except (ImportError, AttributeError):
-            raise UserError(
-                f"model.weights: '{source.origin}' is a checkpoint with '{key}' and needs shelltrain's {feature} "
-                "support to rebuild its architecture; this shelltrain has none"
-            ) from None
-        model = rebuild(model, checkpoint, example_inputs)
-        if source.state_dict is None and isinstance(checkpoint.get("model"), dict):
-            source.state_dict = _tensors_only(checkpoint["model"], Path(source.origin))
-    if source.state_dict is None:
-        raise UserError(f"model.weights: '{source.origin}' holds no single model's state dict")
-    return model
 
 
 def transfer_state(

@@ -14,7 +14,7 @@ from conftest import interrupt_at_step, run_in_process
 
 from shelltrain import distill
 from shelltrain.errors import Interrupted, UserError
-from shelltrain.trained import load_trained_model
+from shelltrain.trained import open_trained
 
 TINY = ["model=cnn", "data.image_size=16", "trainer.threads=1"]
 
@@ -44,7 +44,7 @@ def test_a_student_of_the_teacher_alone_learns_and_minimises_the_kl_term(tmp_pat
     assert summary["test_acc"] > 0.8  # chance is 0.1: the teacher's outputs alone taught the task
 
     images, student_logits, _, loss = seen["batch"]
-    model, _, _ = load_trained_model(str(teacher))
+    model = open_trained(teacher).module
     with torch.no_grad():
         teacher_logits = model.eval()(images)
     p_teacher = torch.softmax(teacher_logits.double() / 3, 1)
@@ -248,7 +248,8 @@ def test_several_compression_steps_run_in_order_and_each_is_reported(tmp_path):
     assert [step["method"] for step in report["steps"]] == ["structured", "quantize"]
     assert report["before"] == report["steps"][0]["before"]  # the trained model
     assert report["steps"][1]["before"]["params"] == report["steps"][0]["after"]["params"]
-    model, payload, _ = load_trained_model(str(tmp_path))
+    trained = open_trained(tmp_path)
+    model, payload = trained.module, trained.checkpoint
     assert [op["op"] for op in payload["pruning"]["ops"]] == ["structured", "quantize"]
     assert sum(p.numel() for p in model.parameters()) < report["before"]["params"]
 

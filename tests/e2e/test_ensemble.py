@@ -26,7 +26,7 @@ from shelltrain.members import _override_set
 from shelltrain.models import SmallCNN, count_parameters
 from shelltrain.placement import is_quantized
 from shelltrain.schema import defaults
-from shelltrain.trained import load_trained_model
+from shelltrain.trained import open_trained
 
 # Small and quick, but members good enough (~0.8) that fusing them means something. One thread: on a
 # busy machine with few cores, more threads make these tiny models many times slower.
@@ -219,7 +219,7 @@ def test_heterogeneous_and_loaded_members_each_go_through_the_pipeline(tmp_path)
     assert [m["origin"]["kind"] for m in members[2:]] == ["checkpoint", "checkpoint"]
     assert [m["epochs_trained"] for m in members] == [1, 1, 1, 1]
     assert report["rule"] == "vote" and report["evaluation"] == "loop"  # different architectures are never stacked
-    models = [load_trained_model(str(run / f"members/{i}"))[0] for i in range(4)]
+    models = [open_trained(run / f"members/{i}").module for i in range(4)]
     assert isinstance(models[0], SmallCNN) and models[0].features[0].out_channels == 4
     assert isinstance(models[1], torchvision.models.MobileNetV3)
     assert members[0]["params"] < members[1]["params"]
@@ -239,7 +239,7 @@ def test_int8_members_are_fused_and_keep_their_own_figures(tmp_path):
         run_in_process(run, *MEMBER, f"trainer.seed={i}", "prune=quantize", "prune.mode=dynamic")
         for i, run in enumerate(runs)
     ]
-    assert all(is_quantized(load_trained_model(str(run), "test")[0]) for run in runs)
+    assert all(is_quantized(open_trained(run, "test").module) for run in runs)
     fuse = ["ensemble=average", f"ensemble.checkpoints=[{runs[0]},{runs[1]}]"]
     summary = run_in_process(tmp_path / "ensemble", *EVAL, *fuse)
     report = json.loads((tmp_path / "ensemble/ensemble.json").read_text())
@@ -373,7 +373,7 @@ def test_predict_and_export_take_an_ensemble_run_directory(tmp_path):
     images = make_imagefolder(tmp_path / "images", classes=("a", "b"), per_class=3, size=(16, 16), mode="L")
     predicted = run_in_process(tmp_path / "predict", "task=predict", f"model.weights={run}", f"predict.input={images}")
     assert predicted["images"] == 6 and predicted["weights"] == str(run / "ensemble.json")
-    fused, info, _ = load_trained_model(str(run))
+    fused = open_trained(run).module
     assert isinstance(fused, FusedModel) and fused.rule == "vote" and len(fused.members) == 2
     exported = run_in_process(tmp_path / "export", "task=export", f"model.weights={run}", "export.format=torchscript")
     assert exported["max_abs_diff"] <= 1e-4 and (tmp_path / "export/model.torchscript.pt").is_file()

@@ -22,7 +22,7 @@ from shelltrain.prune.measure import LatencySpec, layer_weights, measure_latency
 from shelltrain.runner import train_settings
 from shelltrain.schema import validate
 from shelltrain.silence import quiet
-from shelltrain.trained import load_trained_model
+from shelltrain.trained import open_trained
 
 # Tiny, quick runs: a narrow CNN or a ResNet-18 on 16x16 digits, two batches per split, cheap latency.
 QUICK = [
@@ -61,7 +61,7 @@ def reloaded_test_acc(run_dir: Path) -> float:
 
 def rebuilt_params(run_dir: Path) -> int:
     """Parameters of the model best.pt holds, rebuilt as every consumer of the run rebuilds it."""
-    return parameter_count(load_trained_model(str(run_dir))[0])
+    return parameter_count(open_trained(run_dir).module)
 
 
 CLASSIFIER = "classifier.2.weight"  # the cnn's final classifier: no prune method touches it unless named

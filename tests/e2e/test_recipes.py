@@ -90,11 +90,12 @@ def test_calibration_lowers_ece_of_an_over_confident_model_and_travels_with_the_
     from shelltrain.data import build_data
     from shelltrain.engine import evaluate, predict
     from shelltrain.runner import train_settings
-    from shelltrain.trained import load_trained_model
+    from shelltrain.trained import open_trained
 
     trained = tmp_path / "trained"
     run_in_process(trained, *TINY)
-    model, checkpoint, _ = load_trained_model(str(trained))
+    opened = open_trained(trained)
+    model, checkpoint = opened.module, opened.checkpoint
     assert "temperature" not in checkpoint and not isinstance(model, Tempered)  # calibrate=none stores nothing
     cfg = compose_config(*TINY)
     data = build_data(cfg.data, cfg.augmentation, 0, False)
@@ -103,7 +104,8 @@ def test_calibration_lowers_ece_of_an_over_confident_model_and_travels_with_the_
     tested = predict(over_confident, data.test, settings)
     section = calibrate("temperature", over_confident, data, settings, trained, tested)["calibration"]
     assert section["val_ece_after"] < section["val_ece_before"] and section["temperature"] > 1.0
-    calibrated, checkpoint, _ = load_trained_model(str(trained))  # stored in best.pt (and last.pt)
+    opened = open_trained(trained)  # stored in best.pt (and last.pt)
+    calibrated, checkpoint = opened.module, opened.checkpoint
     assert checkpoint["temperature"] == section["temperature"] and isinstance(calibrated, Tempered)
     tempered = Tempered(over_confident, section["temperature"])
     assert evaluate(tempered, data.val, settings)["acc"] == evaluate(over_confident, data.val, settings)["acc"]

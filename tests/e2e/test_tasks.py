@@ -80,7 +80,7 @@ def test_predict_writes_one_row_per_image_with_the_models_own_answer(trained, tm
     run_dir, _ = trained
     from shelltrain.data import build_data
     from shelltrain.engine import predict
-    from shelltrain.trained import load_trained_model
+    from shelltrain.trained import open_trained
 
     cfg = compose_config()
     data = build_data(cfg.data, cfg.augmentation, seed=0)
@@ -96,7 +96,8 @@ def test_predict_writes_one_row_per_image_with_the_models_own_answer(trained, tm
         rows = list(csv.DictReader(f))
     assert summary["images"] == len(rows) == 12 and set(rows[0]) == {"file", "class", "probability"}
 
-    model, checkpoint, _ = load_trained_model(str(run_dir))
+    trained = open_trained(run_dir)
+    model, checkpoint = trained.module, trained.checkpoint
     settings = defaults("trainer", epochs=0, device=torch.device("cpu"), channels_last=True)  # as the task's
     logits, _ = predict(model, data.test, settings, limit=1)
     expected = logits[:12].softmax(1).max(1)

@@ -1,0 +1,107 @@
+"""What a trained model expects of its inputs, and how a batch prepared for another model is brought to it.
+
+`Preprocessing` is the record every checkpoint carries (`preprocessing`: image size, channels, mean/std, and how
+images were resized: the shorter side scaled with `interpolation` and `antialias`, then center-cropped square).
+`InputAdapter` lets a model trained with one preprocessing take batches made for another, e.g. ensemble members or
+a teacher trained at 16 px in a run at 32 px: undo the run's normalization, resize, apply the model's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shelltrain.errors import UserError
+
+INTERPOLATION = "bilinear"  # data.transforms.square: torchvision's resize default
+ANTIALIAS = True
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    image_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = INTERPOLATION
+    antialias: bool = ANTIALIAS
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: dict[str, Any]) -> Preprocessing:
+        """The preprocessing a checkpoint records (older ones: taken from their data config and first convolution)."""
+        pre = dict(checkpoint.get("preprocessing") or {})
+        data = (checkpoint.get("config") or {}).get("data") or {}
+        for key in ("image_size", "mean", "std"):
+            if pre.get(key) is None:
+                pre[key] = data.get(key)
+        if not pre.get("channels"):
+            first_conv = (t.shape[1] for t in (checkpoint.get("model") or {}).values() if getattr(t, "ndim", 0) == 4)
+            pre["channels"] = next(first_conv, 3)
+        if pre["image_size"] is None or pre["mean"] is None or pre["std"] is None:
+            raise UserError(
+                "model.weights: this checkpoint does not record its preprocessing (an older shelltrain); retrain it"
+            )
+        return cls(
+            int(pre["image_size"]),
+            int(pre["channels"]),
+            tuple(float(v) for v in pre["mean"]),
+            tuple(float(v) for v in pre["std"]),
+            str(pre.get("interpolation") or INTERPOLATION),
+            bool(pre.get("antialias", ANTIALIAS)),
+        )
+
+    @classmethod
+    def of_data(cls, data: Any) -> Preprocessing:
+        """The preprocessing of a built data bundle (data.DataBundle): what a model trained on it expects."""
+        return cls(int(data.image_size), int(data.in_channels), tuple(data.mean), tuple(data.std))
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values, as checkpoints and exported files store them."""
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """One image: channels x size x size."""
+        return (self.channels, self.image_size, self.image_size)
+
+    def same_inputs(self, other: Preprocessing) -> bool:
+        """Whether a batch prepared as `other` is what this model was trained on (to float rounding)."""
+        close = all(abs(a - b) < 1e-6 for a, b in zip((*self.mean, *self.std), (*other.mean, *other.std)))
+        plain = (self.image_size, self.channels, len(self.mean), self.interpolation, self.antialias)
+        return close and plain == (
+            other.image_size,
+            other.channels,
+            len(other.mean),
+            other.interpolation,
+            other.antialias,
+        )
+
+    def describe(self) -> str:
+        channel = "1 channel" if self.channels == 1 else f"{self.channels} channels"
+        mean, std = ", ".join(f"{v:.3g}" for v in self.mean), ", ".join(f"{v:.3g}" for v in self.std)
+        return f"{self.image_size} px, {channel}, mean [{mean}], std [{std}]"
+
+
+class InputAdapter(nn.Module):
+    """`model` fed batches normalized as `given`: each is un-normalized, resized to the model's size (its
+    interpolation and antialiasing) and normalized with the model's own mean and std, in float32."""
+
+    def __init__(self, model: nn.Module, given: Preprocessing, wanted: Preprocessing):
+        super().__init__()
+        self.model, self.size = model, wanted.image_size
+        self.interpolation, self.antialias = wanted.interpolation, wanted.antialias
+        for name, values in (("given_mean", given.mean), ("given_std", given.std)):
+            self.register_buffer(name, torch.tensor(values).view(1, -1, 1, 1))
+        for name, values in (("wanted_mean", wanted.mean), ("wanted_std", wanted.std)):
+            self.register_buffer(name, torch.tensor(values).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images = x.float() * self.given_std + self.given_mean
+        if images.shape[-1] != self.size or images.shape[-2] != self.size:
+            antialias = self.antialias and self.interpolation in ("bilinear", "bicubic")
+            images = F.interpolate(images, size=(self.size, self.size), mode=self.interpolation, antialias=antialias)
+        return self.model(((images - self.wanted_mean) / self.wanted_std).to(x.dtype))
