@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shelltrain import rundir
-from shelltrain.checkpoint import save_checkpoint
+from shelltrain.checkpoint import checkpoint_payload, save_checkpoint
 from shelltrain.console import say
 from shelltrain.data import DataBundle
 from shelltrain.distill import Distiller
@@ -64,19 +64,7 @@ def prune_stage(
         result = PruneResult(model, chain_reports(reports), {**result.checkpoint, "method": method})
     if rundir.best_checkpoint(run_dir).exists():
         os.replace(rundir.best_checkpoint(run_dir), rundir.checkpoint(run_dir, rundir.UNPRUNED))
-    payload = {
-        "model": result.model.state_dict(),
-        "optimizer": None,
-        "scheduler": None,
-        "scaler": None,
-        "epoch": state.epoch,
-        "step": state.step,
-        "train_state": asdict(state),
-        "metrics": state.history[-1] if state.history else {},
-        "rng": rng_state(),
-        **extra,
-        "pruning": result.checkpoint,
-    }
+    payload = checkpoint_payload(result.model.state_dict(), state, rng_state(), {**extra, "pruning": result.checkpoint})
     with quiet():  # quantized tensors warn when serialized
         for path in (rundir.best_checkpoint(run_dir), rundir.last_checkpoint(run_dir)):
             save_checkpoint(payload, path)
