@@ -40,6 +40,7 @@ from shelltrain.models import build_model, count_parameters, first_forward
 from shelltrain.optim import Schedule, build_optimizer, build_scheduler
 from shelltrain.placement import eval_settings
 from shelltrain.plots import plot_members, write_run_plots
+from shelltrain.preprocess import Preprocessing
 from shelltrain.profiling import build_profiler
 from shelltrain.progress import ConsoleProgress
 from shelltrain.prune import PruneResult, preflight
@@ -183,11 +184,10 @@ def build(cfg: DictConfig, fold: tuple[int, int] | None, overrides: list[str], c
     optimizer = build_optimizer(cfg.optimizer, model, policy.param_groups() if policy else None)
     steps = steps_per_epoch(len(data.train), settings)
     schedule = build_scheduler(cfg.scheduler, optimizer, settings.epochs, steps, monitor_mode(settings.monitor))
-    preprocessing = {"mean": list(data.mean), "std": list(data.std), "image_size": data.image_size}
     extra = {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "classes": data.classes,
-        "preprocessing": {**preprocessing, "channels": data.in_channels},
+        "preprocessing": Preprocessing.of_data(data).as_dict(),
         "overrides": overrides,
     }
     if weights is not None and "pruning" in (weights.checkpoint or {}):  # trained further, it still needs rebuilding
