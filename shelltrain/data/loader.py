@@ -6,6 +6,8 @@ the iterator's workers down before it propagates, and a UserError raised there (
 reaches the user as its own one line, not as torch's "Caught UserError in DataLoader worker" traceback. At exit,
 workers still alive (persistent ones, or an iterator a traceback keeps) are killed: they ignore the SIGTERM
 with which multiprocessing ends daemonic children, so its exit handler would wait on them forever.
+The settings every split's loader shares (`loader_settings`: workers, pinning, prefetch) and the train loader
+(`train_loader`, with MixUp/CutMix in its workers: `MixCollate`) are built here too.
 torch has no public API for an iterator's worker processes or for shutting them down, so this reads the
 iterator's private `_workers` and `_shutdown_workers`; tests/unit/test_loader_exit.py fails when torch changes them.
 
@@ -20,11 +22,12 @@ import atexit
 import functools
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torchvision.transforms import v2
 
 from shelltrain.errors import UserError
 from shelltrain.signals import leave_stop_signals_to_main
@@ -32,6 +35,7 @@ from shelltrain.signals import leave_stop_signals_to_main
 WORKER_PREFIX = "shelltrain.errors.UserError: "  # how a worker's UserError ends torch's traceback text
 _started: weakref.WeakSet = weakref.WeakSet()  # every loader worker process started in this process
 AUTO_WORKERS_CAP = 8  # data.num_workers=auto: the process's cores, at most this many
+PREFETCH_BATCHES = 4  # batches each loader worker prepares ahead (DataLoader's default: 2)
 
 
 def worker_count(setting: int | str) -> int:
@@ -92,6 +96,49 @@ class Loader(DataLoader):
             if isinstance(exc, UserError):
                 raise UserError(worker_message(str(exc))) from None
             raise
+
+
+class MixCollate:
+    """Collate, then MixUp/CutMix the batch into soft labels; it runs in the loader's (seeded) worker."""
+
+    def __init__(self, mix: v2.Transform) -> None:
+        self.mix = mix
+
+    def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mix(*default_collate(batch))
+
+
+def loader_settings(workers: int, persistent: bool, pin_memory: bool) -> dict:
+    """The DataLoader arguments every split shares (persistence and prefetch need workers: DataLoader rejects
+    them without)."""
+    common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=bool(persistent) and workers > 0)
+    if workers > 0:
+        common["prefetch_factor"] = PREFETCH_BATCHES
+    return common
+
+
+def train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    generator: torch.Generator,
+    sampler: Sampler | None,
+    drop_last: bool,
+    collate: Callable | None,
+    common: dict,
+) -> Loader:
+    """The shuffled train loader; with workers, every sample gets its own seed (`SeededSampler`)."""
+    if common["num_workers"] > 0:
+        sampler = SeededSampler(sampler, len(dataset), generator)
+    return Loader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        drop_last=drop_last,
+        collate_fn=collate,
+        **common,
+    )
 
 
 def worker_message(text: str) -> str:

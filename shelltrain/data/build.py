@@ -1,0 +1,241 @@
+"""The data pipeline of a run: `build_data` loads `data.name` (or `data.source`), splits it, measures or takes the
+normalization, attaches the transforms, and hands the splits to the model as a DataBundle of loaders, or of
+batches gathered and augmented on the device (data.on_device) or in RAM (data.cache=memory)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import v2
+
+from shelltrain import distributed
+from shelltrain.console import make_console, say
+from shelltrain.data.balance import BalancedSampler, long_tail
+from shelltrain.data.cache import cached_images
+from shelltrain.data.datasets import FileImages, TensorImages
+from shelltrain.data.device import ON_DEVICE, DeviceBatches, batched_augmentations
+from shelltrain.data.loader import Loader, MixCollate, loader_settings, train_loader, worker_count
+from shelltrain.data.sources import imagefolder, in_memory, sample_files
+from shelltrain.data.splits import budget, select_classes, split_indices
+from shelltrain.data.transforms import (
+    augmentations,
+    convert_channels,
+    dry_run,
+    mix_transform,
+    normalization_stats,
+    square,
+    to_float_transforms,
+)
+from shelltrain.dataroot import data_root
+from shelltrain.errors import UserError
+from shelltrain.schema import check_data
+
+
+@dataclass
+class DataBundle:
+    """Loaders plus the facts the model (classes, channels, size) and reports (names, normalization) need."""
+
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader
+    num_classes: int
+    classes: list[str]
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    native_sides: tuple[int, int] | None = None  # the shorter side of the source images, smallest and largest
+    channels_from: str = "data.channels"  # how the channel count was chosen, for the log
+
+
+def build_data(
+    data: DictConfig,
+    augmentation: DictConfig,
+    seed: int,
+    pin_memory: bool = False,
+    stats: tuple[list[float], list[float]] | None = None,
+    device: torch.device | None = None,
+) -> DataBundle:
+    """Load `data.name` (or `data.source`), split it, and wrap the splits in loaders.
+
+    `stats` (mean, std), e.g. pretrained weights' normalization, is used where data.mean/data.std are null, instead
+    of measuring them; 3-channel values for grey images are averaged.
+
+    The train loader shuffles with its own generator seeded by `seed`; reseeding it each epoch makes the order and
+    the per-sample seeds (hence augmentation and MixUp/CutMix) a function of (seed, epoch), persistent workers or
+    not. With num_workers=0 the transforms draw from torch's global RNG (which the engine seeds per epoch).
+
+    Under DDP the train order comes from a DistributedSampler (seeded by `seed`, `set_epoch` every epoch) and the
+    validation split is sharded without repeats; the test split stays whole (rank 0 tests). With
+    `data.on_device=true` and a `device`, the splits become DeviceBatches on that device."""
+    check_data(data)
+    splits, classes, channels, native = _datasets(data)
+    # measured on raw images, so the transforms come after
+    mean, std = normalization_stats(data, channels, splits["train"], stats)
+    to_float = to_float_transforms(mean, std)
+    train_transforms = augmentations(augmentation)
+    splits["train"].transform = v2.Compose(train_transforms + to_float)
+    splits["val"].transform = splits["test"].transform = v2.Compose(to_float)
+    dry_run(splits["train"])
+
+    mix = mix_transform(augmentation, len(classes))
+    facts = dict(
+        num_classes=len(classes), classes=classes, in_channels=channels, image_size=data.image_size, mean=mean, std=std
+    )
+    facts.update(native)
+    if data.on_device and device is not None and isinstance(splits["train"], FileImages):
+        raise UserError(
+            "data.on_device=true holds in-memory datasets on the device; imagefolder reads image "
+            "files as it goes: set data.cache=memory or disk (decoded once), or data.on_device=false"
+        )
+    where, key = _batch_device(data, splits, device)
+    if where is not None:
+        names = [str(node.get("_target_")).rsplit(".", 1)[-1] for node in augmentation.train]
+        batched, missing = batched_augmentations(train_transforms, data.image_size, names)
+        if missing is None:
+            return DataBundle(**_device_batches(data, splits, where, mean, std, batched, mix, seed), **facts)
+        say(make_console(), f"{key}: {missing} has no batched form ({ON_DEVICE} have); using loaders")
+    return DataBundle(**_loaders(data, splits, pin_memory, mix, seed), **facts)
+
+
+def _batch_device(
+    data: DictConfig, splits: dict[str, Dataset], device: torch.device | None
+) -> tuple[torch.device | None, str]:
+    """Where whole batches are gathered from the splits' uint8 arrays and augmented, and the setting that asks for
+    it: the training device (data.on_device=true), or the CPU when data.cache=memory holds the images in RAM (a
+    batch is then one gather and one normalize in the main process, not 64 samples transformed, collated and
+    passed between processes). None: per sample, in DataLoader workers (image files, a memory-mapped cache, or
+    data.balance=sampler, whose draws need a sampler)."""
+    if data.on_device and device is not None:
+        return device, "data.on_device"
+    train = splits["train"]
+    in_ram = isinstance(train, TensorImages) and train.rows is None
+    if data.cache == "memory" and in_ram and data.balance != "sampler":
+        return torch.device("cpu"), "data.cache=memory"
+    return None, ""
+
+
+def _datasets(data: DictConfig) -> tuple[dict[str, Dataset], list[str], int, dict]:
+    """The train/val/test datasets (transforms still unset), the class names, the channel count, and the source
+    images' native sides and how the channels were chosen (DataBundle's facts for the log)."""
+    size = data.image_size
+    if data.name == "imagefolder" and data.source is None:
+        sources, classes = imagefolder(data)
+        grey, sides = sample_files(sources["train"][0])
+        native_channels, kind = (1, "grey images") if grey else (3, "colour images")
+        if data.cache != "none":
+            sources = decoded_sources(data, sources, data.channels or native_channels)
+    else:
+        sources, classes = in_memory(data)
+        images = sources["train"][0]
+        sides, native_channels = [min(images.shape[-2:])], images.shape[1]
+        kind = "grey images" if native_channels == 1 else f"{native_channels}-channel images"
+    channels = data.channels or native_channels
+    native = {
+        "native_sides": (min(sides), max(sides)),
+        "channels_from": "data.channels" if data.channels else f"data.channels=null: {kind}",
+    }
+    sources, classes = select_classes(sources, classes, data)
+    labels = {split: y for split, (_, y) in sources.items()}
+    splits: dict[str, Dataset] = {}
+    for split, (source, index) in split_indices(labels, data).items():
+        if split == "train" and data.samples_per_class is not None:
+            index = budget(labels[source], index, data.samples_per_class, data.split_seed)
+        if split == "train" and data.imbalance is not None:  # a long-tailed train split
+            index = long_tail(labels[source], index, float(data.imbalance), data.split_seed)
+        items, y = sources[source][0], labels[source][index]
+        if isinstance(items, list):  # image files
+            paths = [items[i] for i in index.tolist()]
+            splits[split] = FileImages(paths, y, "RGB" if channels == 3 else "L", size, None)
+        elif getattr(items, "is_mapped", False):  # data.cache=disk: rows of the map, read as drawn
+            splits[split] = TensorImages(items, y, None, rows=index)
+        else:
+            splits[split] = TensorImages(convert_channels(square(items[index], size), channels).contiguous(), y, None)
+    return splits, classes, channels, native
+
+
+def decoded_sources(data: DictConfig, sources: dict, channels: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """`data.cache`: each image folder's files as one decoded uint8 array (cache.py), at the final size and
+    channels; `disk` arrays stay memory-mapped (`is_mapped`)."""
+    decoded = {}
+    for split, (paths, labels) in sources.items():
+        folder = str(data_root(data) / split)
+        images = cached_images(
+            folder,
+            paths,
+            "RGB" if channels == 3 else "L",
+            data.image_size,
+            data.cache,
+            data.cache_dir,
+            data.cache_max_memory,
+            worker_count("auto"),
+        )
+        decoded[split] = (images, labels)
+    return decoded
+
+
+def _device_batches(
+    data: DictConfig,
+    splits: dict[str, Dataset],
+    device: torch.device,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    augment: list,
+    mix: v2.Transform | None,
+    seed: int,
+) -> dict[str, DeviceBatches]:
+    """The splits held on `device`, batched there (train shuffled, augmented and mixed in batches)."""
+    eval_batch_size = data.eval_batch_size or 2 * data.batch_size
+    on = {split: (splits[split].stacked().to(device), splits[split].labels.to(device)) for split in splits}
+    train = DeviceBatches(
+        splits["train"],
+        *on["train"],
+        data.batch_size,
+        mean,
+        std,
+        augment=augment,
+        mix=mix,
+        shuffle=True,
+        drop_last=data.drop_last,
+        seed=seed,
+    )
+    return {
+        "train": train,
+        "val": DeviceBatches(splits["val"], *on["val"], eval_batch_size, mean, std),
+        "test": DeviceBatches(splits["test"], *on["test"], eval_batch_size, mean, std, sharded=False),  # rank 0 tests
+    }
+
+
+def _loaders(
+    data: DictConfig, splits: dict[str, Dataset], pin_memory: bool, mix: v2.Transform | None, seed: int
+) -> dict[str, DataLoader]:
+    """DataLoaders of the splits (a DistributedSampler for train and a shard of val under DDP). Workers (their
+    number `data.num_workers`, "auto": the cores) persist across epochs and evaluations unless
+    data.persistent_workers=false; batches are pinned for the copy to a CUDA device (`pin_memory`)."""
+    eval_batch_size = data.eval_batch_size or 2 * data.batch_size
+    workers = worker_count(data.num_workers)
+    common = loader_settings(workers, data.persistent_workers, pin_memory)
+    sampler = val_sampler = None
+    if distributed.world_size() > 1:
+        sampler = DistributedSampler(
+            splits["train"],
+            distributed.world_size(),
+            distributed.rank(),
+            shuffle=True,
+            seed=seed,
+            drop_last=data.drop_last,
+        )
+        val_sampler = distributed.shard(len(splits["val"]))
+    if data.balance == "sampler":  # inverse-frequency draws, each rank its share
+        sampler = BalancedSampler(splits["train"].labels, seed, distributed.rank(), distributed.world_size())
+    generator = torch.Generator().manual_seed(seed)
+    collate = MixCollate(mix) if mix is not None else None
+    train = train_loader(splits["train"], data.batch_size, generator, sampler, data.drop_last, collate, common)
+    return {
+        "train": train,
+        "val": Loader(splits["val"], batch_size=eval_batch_size, sampler=val_sampler, **common),
+        "test": Loader(splits["test"], batch_size=eval_batch_size, **common),
+    }
