@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from shelltrain.errors import UserError
+from shelltrain.gates import parse_key
 from shelltrain.rundir import ensemble_dir
 
 LOGGERS = ("csv", "tensorboard", "jsonl", "mlflow", "wandb")
@@ -51,8 +52,6 @@ def check_scheduler(scheduler: DictConfig, epochs: int) -> None:
 
 def check_gates(gate: DictConfig) -> None:
     """gate.<metric>_min / _max: numbers (or null), and no pair that no run can pass."""
-    from shelltrain.gates import parse_key
-
     limits: dict[tuple[str, str], float] = {}
     for key, value in gate.items():
         parsed = parse_key(str(key))

@@ -26,6 +26,8 @@ from shelltrain import launch, rundir, signals, sweep
 from shelltrain.cli_help import print_help
 from shelltrain.errors import EXIT_USER_ERROR, GateMissed, Interrupted, UserError
 from shelltrain.explain import explain
+from shelltrain.gates import active, check
+from shelltrain.schema import validate
 from shelltrain.signals import exit_on_sigterm
 
 # Exit codes (README "Using shelltrain in CI"): 0 success; 1 an unexpected error (traceback); 2 a config or
@@ -84,7 +86,6 @@ def _task(cfg: DictConfig) -> Any:
 def run_job(cfg: DictConfig, run_dir: Path) -> tuple[Any, list[str]]:
     """Validate, settle what to resume (which may move the job into an earlier run's directory), run, and
     check the quality gates. Returns the runner's result (a sweeper's objective) and the gates missed."""
-    from shelltrain.schema import validate
 
     if not launch.follower():  # one writer per run directory (taken earlier by KeepRecords under the CLI)
         rundir.lock(run_dir)
@@ -109,7 +110,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> tuple[Any, list[str]]:
     launch.tell_followers({"run_dir": str(run_dir), "resume": checkpoint})
     if cfg.trainer.devices > 1 and not launch.under_torchrun():
         return launch.launch_processes(cfg, run_dir, checkpoint, overrides)
-    from shelltrain.runner import run  # imports torch: only once a job really runs
+    from shelltrain.jobs import run  # imports torch: only once a job really runs
 
     result = run(cfg, run_dir, resume=resume, overrides=overrides)
     return result, [] if launch.follower() else _apply_gates(cfg, run_dir)
@@ -138,8 +139,6 @@ def run_in_dir(run_dir: str | Path, *overrides: str, raise_on_gate: bool = False
     Missed quality gates are recorded in the summary's "gates" (`passed: false`, `failures`); with
     `raise_on_gate=True` they raise errors.GateMissed (a UserError) instead, as the command exits 3."""
     from hydra import compose, initialize_config_module
-
-    from shelltrain.schema import validate
 
     run_dir = Path(run_dir).absolute()
     # The config module stays initialized while the job runs: resuming may compose the config again.
@@ -356,9 +355,8 @@ def _record_interrupt(run_dir: Path, signum: int, started: float) -> None:
 
 def _apply_gates(cfg: DictConfig, run_dir: Path) -> list[str]:
     """Check cfg.gate against the run's summary.json, record the verdict there, return the misses."""
-    from shelltrain.gates import active, check
 
-    gate = cfg.get("gate")
+    gate = cfg.gate
     path = rundir.summary(run_dir)
     if not active(gate) or not path.is_file():
         return []

@@ -21,10 +21,12 @@ from rich.table import Table
 
 from shelltrain import rundir
 from shelltrain.console import make_console, say
+from shelltrain.ensemble import ensemble_and_test
 from shelltrain.errors import UserError
 from shelltrain.export import INSTALL_HINT
 from shelltrain.plots import plot_tradeoff
 from shelltrain.prune.measure import LatencySpec, cpu_copy, measure, measure_latency
+from shelltrain.runner import train_and_test, train_settings
 from shelltrain.schema import validate
 from shelltrain.tasks import export_task
 from shelltrain.trained import open_trained
@@ -34,8 +36,6 @@ STAGES = ("teacher", "student", "distilled", "pruned", "int8")  # sub-run names,
 
 def run_compress(cfg: DictConfig, run_dir: Path, resume: bool = False) -> float:
     """Run every stage in its sub-run, then measure and report; returns the int8 student's test accuracy."""
-    from shelltrain.runner import ensemble_and_test, train_and_test  # here: the runner imports this module
-
     if resume:
         raise UserError("trainer.resume does not apply to the compression pipeline (compress): run it again anew")
     started = time.perf_counter()
@@ -49,7 +49,7 @@ def run_compress(cfg: DictConfig, run_dir: Path, resume: bool = False) -> float:
     dirs = {stage: rundir.compress_stage_dir(run_dir, stage) for stage in STAGES}
     student = cfg.copy()
     with open_dict(student):
-        del student["compress"]
+        student.compress = None  # a stage is a plain run
     configs = {
         "teacher": _stage(student, spec.teacher),
         "student": student,
@@ -70,7 +70,7 @@ def run_compress(cfg: DictConfig, run_dir: Path, resume: bool = False) -> float:
     report["wall_seconds"] = round(time.perf_counter() - started, 3)
     rundir.write_json(report, rundir.compress_report(run_dir))
     console.print(compress_table(rows))
-    if cfg.get("plots", True):
+    if cfg.plots:
         plot_tradeoff(
             [{**row, "label": row["name"]} for row in rows],
             run_dir / rundir.PLOTS / rundir.COMPRESS_PLOT,
@@ -97,8 +97,6 @@ def _loaded(student: DictConfig, source: Path, prune: DictConfig) -> DictConfig:
 def _export(cfg: DictConfig, dirs: dict[str, Path], console: Any) -> dict[str, Any]:
     """The compressed student as a deployable file: the pruned float model in `compress.export` (ONNX by
     default) and the int8 one as TorchScript (torch.ao's int8 modules have no ONNX export), each checked."""
-    from shelltrain.runner import train_settings  # here: the runner imports this module
-
     settings = train_settings(cfg.trainer, torch.device("cpu"))
     found = {}
     for stage, fmt in (("pruned", cfg.compress.export), ("int8", "torchscript")):

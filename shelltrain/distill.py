@@ -109,10 +109,8 @@ def make_distiller(
     are cached (`distill.cache`, null: whenever `augmentation` changes nothing: the same images every epoch)."""
     if distill is None or distill.name == "none":
         return None
-    plain = augmentation is None or not (
-        augmentation.get("train") or augmentation.get("mixup_alpha") or augmentation.get("cutmix_alpha")
-    )
-    cache = plain if distill.get("cache") is None else bool(distill.cache)
+    plain = augmentation is None or not (augmentation.train or augmentation.mixup_alpha or augmentation.cutmix_alpha)
+    cache = plain if distill.cache is None else bool(distill.cache)
     if cache and not plain:
         raise UserError("distill.cache=true needs augmentation=none (augmented images differ every epoch); unset it")
     key = "distill.teacher" if distill.teacher else "distill.sweep"

@@ -12,6 +12,7 @@ evaluated and fused (`shelltrain.fusion`). The run directory keeps `ensemble.jso
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,21 +20,25 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from shelltrain import rundir
+from shelltrain import rundir, summary
 from shelltrain.checkpoint import save_checkpoint
-from shelltrain.console import say
-from shelltrain.data import DataBundle
+from shelltrain.console import make_console, print_summary, say
+from shelltrain.data import DataBundle, build_data
 from shelltrain.engine import metrics_from_logits
-from shelltrain.errors import UserError
+from shelltrain.environment import provenance, resolve_device, seed_everything
+from shelltrain.errors import Interrupted, UserError
 from shelltrain.fusion import accuracy_weights, fuse, fused_metrics, member_logits, use_vmap
+from shelltrain.loggers import build_loggers
 from shelltrain.members import Member, describe_origin, finetune_config, gather_members, portable
-from shelltrain.metrics import confusion_matrix
+from shelltrain.metrics import confusion_matrix, per_class_metrics
 from shelltrain.models import count_parameters
+from shelltrain.plots import plot_members, write_run_plots
 from shelltrain.resume import Resume
+from shelltrain.runner import train_and_test, train_settings
 from shelltrain.schema import TrainerConfig
 from shelltrain.silence import quiet
 from shelltrain.trained import open_trained
@@ -61,6 +66,56 @@ class EnsembleResult:
             "params": sum(m.params for m in self.members),
             "ensemble": {k: v for k, v in self.report.items() if k != "classes"},
         }
+
+
+def ensemble_and_test(cfg: DictConfig, run_dir: Path, resume: bool = False) -> float:
+    """An ensemble job: members trained here are complete sub-runs in run_dir/members/<i> (like cv folds), loaded
+    members are trained models (checkpoints, ensemble runs, a sweep's best jobs); all are fused and tested on this
+    run's data. `resume` continues one that was interrupted. Returns the ensemble's validation metric (what sweeps
+    select by)."""
+    started = time.perf_counter()
+    console = make_console()
+    device = resolve_device(cfg.trainer.device)
+    seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
+    data = build_data(cfg.data, cfg.augmentation, cfg.trainer.seed, device.type == "cuda")
+    settings = train_settings(cfg.trainer, device)
+    say(console, f"run directory: [bold]{run_dir}[/bold]")
+    say(
+        console,
+        f"{cfg.data.name}: {len(data.train.dataset)} train / {len(data.val.dataset)} val / "
+        f"{len(data.test.dataset)} test images, {data.num_classes} classes",
+    )
+    with build_loggers(cfg.logger, run_dir) as loggers:  # ends them as failed when the ensemble raises
+        loggers.start(OmegaConf.to_container(cfg, resolve=True))
+
+        def train_member(member_cfg: DictConfig, member_dir: Path, label: str, continued: Resume | None) -> None:
+            try:
+                train_and_test(member_cfg, member_dir, label=label, resume=continued)
+            except Interrupted as exc:  # the ensemble resumes as a whole, from its own run directory
+                raise Interrupted(exc.signum, run_dir, exc.saved) from exc
+
+        fused = run_ensemble(cfg, data, settings, train_member, run_dir, console, resume)
+        figures = {"test_acc": fused.test["acc"], "test_loss": fused.test["loss"], **fused.figures()}
+        figures["per_class"] = per_class_metrics(fused.confusion, data.classes)
+        result = summary.build(figures, run_dir, started, provenance(device, run_dir))
+        summary.write(result, run_dir)
+        loggers.finish(result)
+    if cfg.plots:
+        _plot(fused, data.classes, run_dir)
+    print_summary(console, result, cfg.report.per_job)
+    say(console, f"run directory: [bold]{run_dir}[/bold]")
+    value = fused.val[settings.monitor.removeprefix("val_")]
+    return fused.test["acc"] if math.isnan(value) else value
+
+
+def _plot(fused: EnsembleResult, classes: list[str], run_dir: Path) -> None:
+    """The ensemble's confusion matrix and each member's test accuracy beside the ensemble's."""
+    write_run_plots(run_dir, [], fused.confusion, classes)
+    rows = [{"name": f"{m['index']}: {m['model']}", "test_acc": m["test_acc"]} for m in fused.report["members"]]
+    plot_members(
+        [*rows, {"name": f"ensemble ({fused.report['rule']})", "test_acc": fused.test["acc"]}],
+        run_dir / rundir.PLOTS / "members.png",
+    )
 
 
 def run_ensemble(

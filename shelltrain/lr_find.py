@@ -26,12 +26,11 @@ from shelltrain.engine import autocast, criterion
 from shelltrain.optim import build_optimizer
 from shelltrain.placement import batch_to_device, place
 from shelltrain.plots import plot_lr_find
+from shelltrain.runner import build
 
 
 def find_lr(cfg: DictConfig, run_dir: Path, console: Any) -> None:
     """Run the ramp on the configured model and data, write its files and print the suggested override."""
-    from shelltrain.runner import build
-
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     job = build(cfg, None, [], console)
@@ -42,7 +41,7 @@ def find_lr(cfg: DictConfig, run_dir: Path, console: Any) -> None:
     report = {"status": "completed", "task": "lr_find", **choice, "steps_run": len(rows)}
     report.update(start_lr=cfg.lr_find.start_lr, end_lr=cfg.lr_find.end_lr, steps=cfg.lr_find.steps)
     rundir.write_json({**report, "rows": rows}, rundir.lr_find_report(run_dir))
-    if cfg.get("plots", True):
+    if cfg.plots:
         plot_lr_find(rows, choice["suggested_lr"], rundir.lr_find_plot(run_dir))
     summary = {**report, "wall_seconds": round(time.perf_counter() - started, 3), "run_dir": str(run_dir)}
     rundir.write_json(summary, rundir.summary(run_dir))

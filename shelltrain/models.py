@@ -16,6 +16,7 @@ from torch import nn
 
 from shelltrain.errors import UserError
 from shelltrain.explain import explain_instantiation
+from shelltrain.timm_models import build_timm
 
 # Keys of the model group that shelltrain reads itself (transfer learning) and never passes to a `_target_`.
 SHELLTRAIN_KEYS = ("weights", "strict")
@@ -55,8 +56,6 @@ def build_model(cfg: DictConfig, num_classes: int, in_channels: int) -> nn.Modul
         except InstantiationException as exc:  # a blocked target, one that cannot be imported, or bad arguments
             raise UserError(explain_instantiation(exc, "model")) from exc
     if cfg.library == "timm":
-        from shelltrain.timm_models import build_timm
-
         model = build_timm(cfg, num_classes, in_channels)  # timm sizes the head and the stem itself
     elif cfg.name == "cnn":
         return SmallCNN(num_classes, in_channels, width=cfg.width, dropout=cfg.dropout)

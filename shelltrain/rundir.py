@@ -232,7 +232,7 @@ class KeepRecords(Callback):
             _lock_or_exit(run_dir, "hydra.run.dir", "run")
         if hydra.output_subdir is None or continued or not holds_records(run_dir):
             return  # a trainer.devices process continues its parent's job: the records are that job's own
-        label = "resume" if config.trainer.resume is not None else str(config.get("task", "train"))
+        label = "resume" if config.trainer.resume is not None else str(config.task)
         with read_write(hydra), open_dict(hydra):
             hydra.output_subdir = next_record(run_dir, label)
 

@@ -1,6 +1,6 @@
-"""The pipeline of one run, in the order the config reads: build (data, model, optimizer) -> fit -> prune ->
-test -> report. `run` dispatches a job: an ensemble and cross-validation are loops around that single run
-(one sub-run per member or fold), a task (evaluate, predict, export) uses a trained model instead; lr_find ramps.
+"""One training run, in the order the config reads: build (data, model, optimizer) -> fit -> prune -> test ->
+report. What a job is (cross-validation and ensembles are loops around this run; tasks use a trained model
+instead) is decided by shelltrain.jobs.
 
 This is the only module that knows the order; each stage is a plain function from its own module.
 """
@@ -15,23 +15,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from shelltrain import cv, distributed, placement, rundir
+from shelltrain import distributed, placement, rundir, summary
 from shelltrain.averaging import averaged_test_metrics, build_averager, build_swa
 from shelltrain.calibration import calibrate
 from shelltrain.checkpoint import Checkpointer, export_state_dict, load_checkpoint
-from shelltrain.checks import uses_ensemble
-from shelltrain.compress import run_compress
 from shelltrain.console import make_console, print_summary, say
 from shelltrain.data import DataBundle, build_data, cv_fold
 from shelltrain.data.balance import balanced_loss
 from shelltrain.data.transforms import describe_preprocessing
 from shelltrain.distill import make_distiller
 from shelltrain.engine import NonFiniteLoss, TrainState, evaluate, fit, make_scaler, monitor_mode, predict
-from shelltrain.environment import check_distributable, provenance, resolve_device, seed_everything
+from shelltrain.environment import provenance, resolve_device, seed_everything
 from shelltrain.errors import Interrupted, UserError
 from shelltrain.finetune import make_policy, transfer_log, transfer_summary
 from shelltrain.loggers import Loggers, build_loggers
@@ -39,7 +36,7 @@ from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metric
 from shelltrain.models import build_model, count_parameters, first_forward
 from shelltrain.optim import Schedule, build_optimizer, build_scheduler
 from shelltrain.placement import eval_settings
-from shelltrain.plots import plot_members, write_run_plots
+from shelltrain.plots import write_run_plots
 from shelltrain.preprocess import Preprocessing
 from shelltrain.profiling import build_profiler
 from shelltrain.progress import ConsoleProgress
@@ -62,39 +59,6 @@ from shelltrain.transfer import follow_weights, load_weights, open_weights
 from shelltrain.tta import with_tta
 
 log = logging.getLogger("shelltrain")
-
-
-def run(
-    cfg: DictConfig, run_dir: Path, resume: Resume | None = None, overrides: list[str] | None = None
-) -> float | None:
-    """Run one job in `run_dir`: an ensemble (a loop over members), cross-validation (a loop over folds), or
-    one run. Returns the value sweeps select by: the best monitored validation metric, or its cross-validated
-    mean when `cv.folds` is set.
-
-    `overrides` (the command line's, stored in every checkpoint) let `trainer.resume` rebuild the config."""
-    if distributed.active():
-        check_distributable(cfg)
-    if cfg.task != "train":  # evaluate, predict or export a trained model; lr_find's range test
-        from shelltrain.tasks import run_task
-
-        device = resolve_device(cfg.trainer.device)
-        seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
-        return run_task(cfg, run_dir, train_settings(cfg.trainer, device), make_console(), overrides)
-    try:
-        if cfg.get("compress"):  # teacher ensemble -> distilled -> pruned -> int8 student, one table (compress.py)
-            return run_compress(cfg, run_dir, resume=resume is not None)
-        if uses_ensemble(cfg):  # members (sub-runs or loaded models) fused into one prediction
-            return ensemble_and_test(cfg, run_dir, resume=resume is not None)
-        if cfg.get("cv") is not None and cfg.cv.folds:
-            if resume is not None:
-                raise UserError("trainer.resume does not apply to cross-validation (cv.folds): run it again anew")
-            return cross_validate(cfg, run_dir)
-        return train_and_test(cfg, run_dir, resume=resume, overrides=overrides or [])
-    except OSError as exc:  # writing the run's files: a full disk or a read-only place is the user's to fix
-        inside = exc.filename is not None and Path(str(exc.filename)).absolute().is_relative_to(run_dir.absolute())
-        if exc.errno in rundir.DISK_FULL or (exc.errno in rundir.NOT_WRITABLE and inside):
-            raise UserError(f"cannot write '{exc.filename or run_dir}': {rundir.disk_error(exc, run_dir)}") from exc
-        raise
 
 
 # -- one run: build -> fit -> prune -> test -> report --------------------------------------------------------
@@ -128,20 +92,21 @@ def train_and_test(
     if payload is not None:
         state = restore_training(payload, resume.checkpoint, job.model, job.optimizer, job.schedule, job.scaler)
     describe(cfg, job, run_dir, console)
-    with build_loggers(cfg.get("logger") if distributed.is_main() else None, run_dir) as loggers:
+    with build_loggers(cfg.logger if distributed.is_main() else None, run_dir) as loggers:
         state = train(cfg, job, state, run_dir, resume, payload, loggers, console, label)
         if not distributed.is_main():
             return math.nan  # rank 0 tests the model and writes the report
+        restore_best(job, state, run_dir)
         pruned = prune(cfg, job, state, run_dir, console)
-        summary, confusion, tested = test(cfg, job, state, pruned, run_dir, started)
-        summary.update(calibrate(job.settings.calibrate, job.model, job.data, job.settings, run_dir, tested))
-        exported = (cfg.get("checkpoint") or {}).get("export_state_dict")
+        result, confusion, tested = test(cfg, job, state, pruned, run_dir, started)
+        result.update(calibrate(job.settings.calibrate, job.model, job.data, job.settings, run_dir, tested))
+        exported = cfg.checkpoint.export_state_dict
         if exported:  # the model the run stands for (best epoch, pruned if pruned), as a plain state dict
             export_state_dict(job.model, rundir.exported_state_dict(run_dir, exported))
         if resume is not None:
-            summary["resumed_from"] = str(resume.checkpoint)
-        report(cfg, summary, confusion, job.data.classes, state, loggers, run_dir, console)
-    return state.best_metric if state.best_metric is not None else summary["test_acc"]
+            result["resumed_from"] = str(resume.checkpoint)
+        report(cfg, result, confusion, job.data.classes, state, loggers, run_dir, console)
+    return state.best_metric if state.best_metric is not None else result["test_acc"]
 
 
 @dataclass
@@ -178,7 +143,7 @@ def build(cfg: DictConfig, fold: tuple[int, int] | None, overrides: list[str], c
     model, loaded = load_weights(model, weights, strict=strict, classes=data.classes, example_inputs=example)
     if cfg.prune.name != "none":
         preflight(cfg.prune, model, example, arch=cfg.model.get("name"))
-    policy = make_policy(model, cfg.get("finetune"), notify=lambda line: say(console, line))
+    policy = make_policy(model, cfg.finetune, notify=lambda line: say(console, line))
     settings = train_settings(cfg.trainer, device)
     placement.place(model, settings)  # before the optimizer: restored optimizer state lands beside the parameters
     optimizer = build_optimizer(cfg.optimizer, model, policy.param_groups() if policy else None)
@@ -193,8 +158,8 @@ def build(cfg: DictConfig, fold: tuple[int, int] | None, overrides: list[str], c
     if weights is not None and "pruning" in (weights.checkpoint or {}):  # trained further, it still needs rebuilding
         extra["pruning"] = weights.checkpoint["pruning"]
     parts = (device, data, data_cfg, stats_from, weights, loaded, model, policy, settings, optimizer, schedule)
-    loss = make_distiller(cfg.get("distill"), data, settings, lambda m: say(console, m), cfg.augmentation)
-    loss = loss or balanced_loss(cfg.data.get("balance", "none"), data.train, data.num_classes)  # data.balance
+    loss = make_distiller(cfg.distill, data, settings, lambda m: say(console, m), cfg.augmentation)
+    loss = loss or balanced_loss(cfg.data.balance, data.train, data.num_classes)  # data.balance
     return Job(*parts, make_scaler(settings), count_parameters(model), extra, loss)
 
 
@@ -295,16 +260,14 @@ def train(
 def _stopped(signum: int, state: TrainState, run_dir: Path) -> None:
     """Record where a stopped run is (its last.pt continues it) and raise Interrupted."""
     if distributed.is_main():
-        _write_summary(
+        summary.record(
             run_dir,
-            {
-                "status": "interrupted",
-                "signal": signal.Signals(signum).name,
-                "epochs_completed": state.epoch,
-                "step": state.step,
-                "batches_into_next_epoch": state.batch,
-                "run_dir": str(run_dir),
-            },
+            "interrupted",
+            keep=False,
+            signal=signal.Signals(signum).name,
+            epochs_completed=state.epoch,
+            step=state.step,
+            batches_into_next_epoch=state.batch,
         )
     raise Interrupted(signum, run_dir)
 
@@ -324,28 +287,25 @@ def _record_non_finite(exc: NonFiniteLoss, cfg: DictConfig, run_dir: Path) -> st
         hints.append("gradient clipping (trainer.grad_clip=1.0)")
     message = f"{exc}; {saved}. Try {', '.join(hints)}"
     if last.exists() and distributed.is_main():
-        _write_summary(run_dir, {"status": "failed", "error": message, "epochs_completed": exc.epoch - 1})
+        summary.record(run_dir, "failed", keep=False, error=message, epochs_completed=exc.epoch - 1)
     return message
 
 
-def _write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    try:
-        rundir.write_json(summary, rundir.summary(run_dir))
-    except UserError as exc:  # already failing: the checkpoint matters, the note does not
-        log.warning("%s", exc)
+def restore_best(job: Job, state: TrainState, run_dir: Path) -> None:
+    """The model the run stands for is the selected epoch's (best.pt), not the last one trained."""
+    if state.epoch > 0 and rundir.best_checkpoint(run_dir).exists():
+        job.model.load_state_dict(load_checkpoint(rundir.best_checkpoint(run_dir))["model"])
 
 
 def prune(cfg: DictConfig, job: Job, state: TrainState, run_dir: Path, console: Any) -> PruneResult | None:
-    """Start from the best epoch's weights; prune and fine-tune them when `prune` is set (prune.json).
-    The pruned model and the settings it runs with then replace the job's."""
-    if state.epoch > 0 and rundir.best_checkpoint(run_dir).exists():
-        job.model.load_state_dict(load_checkpoint(rundir.best_checkpoint(run_dir))["model"])
+    """Prune and fine-tune the model when `prune` is set (prune.json); the pruned model and the settings it runs
+    with then replace the job's. None without pruning."""
     if cfg.prune.name == "none":
         return None
     pruned = prune_stage(cfg, job.model, job.data, job.settings, state, run_dir, job.extra, console)
     job.model = pruned.model
     job.settings = eval_settings(pruned.model, job.settings)  # int8 models run on the CPU
-    write_report(pruned.report, run_dir, cfg.get("plots", True))
+    write_report(pruned.report, run_dir, cfg.plots)
     return pruned
 
 
@@ -357,8 +317,7 @@ def test(
     logits, targets = predict(tested, job.data.test, job.settings, limit=cfg.trainer.limit_test_batches)
     confusion = confusion_matrix(logits, targets, job.data.num_classes)
     best_row = state.history[state.best_epoch - 1] if state.best_epoch else {}
-    summary: dict[str, Any] = {
-        "status": "completed",
+    figures: dict[str, Any] = {
         **split_metrics(logits, targets, job.settings, "test"),
         "best_val_acc": best_row.get("val_acc"),
         "best_val_loss": best_row.get("val_loss"),
@@ -366,29 +325,28 @@ def test(
         "epochs_completed": state.epoch,
         "stopped_early": state.stopped_early,
         "params": job.params,
-        "wall_seconds": round(time.perf_counter() - started, 3),
         "processes": distributed.world_size(),
-        **provenance(job.device, run_dir),
         "per_class": per_class_metrics(confusion, job.data.classes),
     }
     if pruned is None:  # the EMA weights of the selected epoch (best.pt's), SWA's average (last.pt's)
-        summary.update(averaged_test_metrics(job.model, job.data, job.settings, run_dir, best_row, job.extra))
+        figures.update(averaged_test_metrics(job.model, job.data, job.settings, run_dir, best_row, job.extra))
     if job.weights is not None or job.policy is not None:
-        summary["transfer"] = transfer_summary(
+        figures["transfer"] = transfer_summary(
             job.model, job.loaded, job.data, job.stats_from, job.policy, cfg.optimizer.lr
         )
     if pruned is not None:  # the headline describes best.pt, the pruned model; the unpruned one is in "prune"
         with quiet():
             val = evaluate(job.model, job.data.val, job.settings, limit=job.settings.limit_val_batches)
-        summary.update(params=pruned.report["after"]["params"], best_val_acc=val["acc"], best_val_loss=val["loss"])
-        summary.update(summary_keys(pruned.report))
-        summary["prune"] = pruned.report
-    return summary, confusion, (logits, targets)
+        figures.update(params=pruned.report["after"]["params"], best_val_acc=val["acc"], best_val_loss=val["loss"])
+        figures.update(summary_keys(pruned.report))
+        figures["prune"] = pruned.report
+    result = summary.build(figures, run_dir, started, provenance(job.device, run_dir))
+    return result, confusion, (logits, targets)
 
 
 def report(
     cfg: DictConfig,
-    summary: dict[str, Any],
+    result: dict[str, Any],
     confusion: torch.Tensor,
     classes: list[str],
     state: TrainState,
@@ -397,102 +355,12 @@ def report(
     console: Any,
 ) -> None:
     """summary.json, the loggers' last word, the plots and the table."""
-    rundir.write_json(summary, rundir.summary(run_dir))
-    if cfg.get("plots", True):
+    summary.write(result, run_dir)
+    if cfg.plots:
         write_run_plots(run_dir, state.history, confusion, classes, state.best_epoch)
-    loggers.finish(summary)  # after the plots: a logger may upload them
-    print_summary(console, summary, OmegaConf.select(cfg, "report.per_job", default="table"))
+    loggers.finish(result)  # after the plots: a logger may upload them
+    print_summary(console, result, cfg.report.per_job)
     say(console, f"run directory: [bold]{run_dir}[/bold]")
-
-
-# -- loops around the single run: an ensemble's members, cross-validation's folds ----------------------------
-
-
-def ensemble_and_test(cfg: DictConfig, run_dir: Path, resume: bool = False) -> float:
-    """An ensemble run: members trained here are complete sub-runs in run_dir/members/<i> (like cv folds),
-    loaded members come from checkpoints, ensemble runs or a sweep; all are fused and tested on this run's data.
-    `resume` continues one that was interrupted. Returns the ensemble's validation metric (what sweeps select by)."""
-    from shelltrain.ensemble import run_ensemble
-
-    started = time.perf_counter()
-    console = make_console()
-    device = resolve_device(cfg.trainer.device)
-    seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
-    data = build_data(cfg.data, cfg.augmentation, cfg.trainer.seed, device.type == "cuda")
-    settings = train_settings(cfg.trainer, device)
-    say(console, f"run directory: [bold]{run_dir}[/bold]")
-    say(
-        console,
-        f"{cfg.data.name}: {len(data.train.dataset)} train / {len(data.val.dataset)} val / "
-        f"{len(data.test.dataset)} test images, {data.num_classes} classes",
-    )
-    with build_loggers(cfg.get("logger"), run_dir) as loggers:  # ends them as failed when the ensemble raises
-        loggers.start(OmegaConf.to_container(cfg, resolve=True))
-
-        def train_member(member_cfg: DictConfig, member_dir: Path, label: str, continued: Resume | None) -> None:
-            try:
-                train_and_test(member_cfg, member_dir, label=label, resume=continued)
-            except Interrupted as exc:  # the ensemble resumes as a whole, from its own run directory
-                raise Interrupted(exc.signum, run_dir, exc.saved) from exc
-
-        fused = run_ensemble(cfg, data, settings, train_member, run_dir, console, resume)
-        summary: dict[str, Any] = {
-            "status": "completed",
-            "test_acc": fused.test["acc"],
-            "test_loss": fused.test["loss"],
-            **fused.figures(),
-            "wall_seconds": round(time.perf_counter() - started, 3),
-            **provenance(device, run_dir),
-            "per_class": per_class_metrics(fused.confusion, data.classes),
-        }
-        rundir.write_json(summary, rundir.summary(run_dir))
-        loggers.finish(summary)
-    if cfg.get("plots", True):
-        write_run_plots(run_dir, [], fused.confusion, data.classes)
-        rows = [{"name": f"{m['index']}: {m['model']}", "test_acc": m["test_acc"]} for m in fused.report["members"]]
-        plot_members(
-            [*rows, {"name": f"ensemble ({fused.report['rule']})", "test_acc": fused.test["acc"]}],
-            run_dir / rundir.PLOTS / "members.png",
-        )
-    print_summary(console, summary, OmegaConf.select(cfg, "report.per_job", default="table"))
-    say(console, f"run directory: [bold]{run_dir}[/bold]")
-    value = fused.val[settings.monitor.removeprefix("val_")]
-    return fused.test["acc"] if math.isnan(value) else value
-
-
-def cross_validate(cfg: DictConfig, run_dir: Path) -> float:
-    """Stratified K-fold on the train split: one sub-run per fold in run_dir/cv/fold_<k>, scored on its held-out
-    fold; then (cv.refit) the final model on the whole train split in run_dir. Returns the mean fold score."""
-    started = time.perf_counter()
-    console = make_console()
-    folds, monitor = int(cfg.cv.folds), str(cfg.trainer.monitor)
-    fold_summaries = []
-    for k in range(folds):
-        say(console, f"[bold]cross-validation: fold {k + 1}/{folds}[/bold]")
-        fold_dir = rundir.fold_dir(run_dir, k)
-        fold_dir.mkdir(parents=True, exist_ok=True)
-        train_and_test(cfg, fold_dir, fold=(k, folds))
-        fold_summaries.append(rundir.read_json(rundir.summary(fold_dir)))
-    section = cv.section(fold_summaries, monitor, refit=bool(cfg.cv.refit))
-    console.print(cv.table(section, monitor))
-    say(console, f"cv {monitor}: {section['mean']:.4f} ± {section['std']:.4f} over {folds} folds")
-    if cfg.cv.refit:
-        say(console, "[bold]cross-validation: final model on the whole train split[/bold]")
-        train_and_test(cfg, run_dir)
-        summary = rundir.read_json(rundir.summary(run_dir))
-    else:
-        summary = {
-            "status": "completed",
-            "test_acc": section["test_acc_mean"],  # no final model: the fold models' mean on the test split
-            "test_loss": float(np.mean([s["test_loss"] for s in fold_summaries])),
-            "params": fold_summaries[0]["params"],
-            **provenance(fold_summaries[0]["device"], run_dir),
-        }
-    summary["cv"] = section
-    summary["wall_seconds"] = round(time.perf_counter() - started, 3)
-    rundir.write_json(summary, rundir.summary(run_dir))
-    say(console, f"cv {monitor}: {section['mean']:.4f} ± {section['std']:.4f} over {folds} folds (summary.json cv)")
-    return section["mean"]
 
 
 def train_settings(trainer: DictConfig, device: torch.device) -> TrainerConfig:

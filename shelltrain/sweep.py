@@ -27,6 +27,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from shelltrain import rundir
+from shelltrain.signals import SweepStop
 
 # Exit codes shared with the CLI (documented in README "Using shelltrain in CI").
 EXIT_GATE_FAILED = 3
@@ -337,8 +338,6 @@ class SweepSummary(Callback):
         _STATE.dir = Path(str(config.hydra.sweep.dir)).absolute()
         _STATE.outcome = None
         if "joblib" in str(config.hydra.launcher.get("_target_", "")).lower():  # jobs in worker processes
-            from shelltrain.signals import SweepStop
-
             _STATE.stop = SweepStop(_STATE.dir)
             _STATE.stop.install()
 

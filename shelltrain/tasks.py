@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from shelltrain import rundir
+from shelltrain import rundir, summary
 from shelltrain.console import print_summary, say
 from shelltrain.data import DataBundle, FileImages, build_data
 from shelltrain.data.loader import Loader, worker_count
@@ -33,7 +33,7 @@ from shelltrain.export import FORMATS, INSTALL_HINT, export_model, run_exported
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
 from shelltrain.plots import plot_confusion_matrix
 from shelltrain.preprocess import Preprocessing
-from shelltrain.rundir import write_json, write_text
+from shelltrain.rundir import write_text
 from shelltrain.schema import TrainerConfig
 from shelltrain.trained import TrainedModel, open_trained
 from shelltrain.tta import with_tta
@@ -44,12 +44,8 @@ EXPORT_CHECK_BATCH = 8  # images of the export check; the example the exporter t
 def run_task(
     cfg: DictConfig, run_dir: Path, settings: TrainerConfig, console: Console, overrides: list[str] | None = None
 ) -> float | None:
-    """Run `cfg.task` (evaluate, predict, export or lr_find); returns evaluate's accuracy for sweepers. `overrides` (the
+    """Run `cfg.task` (evaluate, predict or export); returns evaluate's accuracy for sweepers. `overrides` (the
     command line's) tell which data settings the user chose on purpose over the checkpoint's preprocessing."""
-    if cfg.task == "lr_find":  # a learning-rate range test on a copy of the configured model
-        from shelltrain.lr_find import find_lr  # it builds the job as a training run does (runner.build)
-
-        return find_lr(cfg, run_dir, console)
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     trained = open_trained(str(cfg.model.weights))
@@ -58,17 +54,9 @@ def run_task(
         cfg = OmegaConf.merge(cfg, {"data": checkpoint_data(cfg.data, trained.preprocessing, overrides or [], console)})
     task = {"evaluate": evaluate_task, "predict": predict_task, "export": export_task}[cfg.task]
     found, result = task(cfg, run_dir, settings, console, trained)
-    summary = {
-        "status": "completed",
-        "task": cfg.task,
-        **{k: v for k, v in found.items() if not isinstance(v, dict)},
-        "weights": str(trained.source),
-        "wall_seconds": round(time.perf_counter() - started, 3),
-        "run_dir": str(run_dir),
-        **{k: v for k, v in found.items() if isinstance(v, dict)},  # sections (per_class, ...) after the figures
-    }
-    write_json(summary, rundir.summary(run_dir))
-    print_summary(console, summary, OmegaConf.select(cfg, "report.per_job", default="table"))
+    result_summary = summary.build({"task": cfg.task, **found, "weights": str(trained.source)}, run_dir, started)
+    summary.write(result_summary, run_dir)
+    print_summary(console, result_summary, cfg.report.per_job)
     say(console, f"run directory: [bold]{run_dir}[/bold]")
     return result
 
@@ -89,12 +77,12 @@ def evaluate_task(
     tested = with_tta(trained.module, cfg.evaluate.tta)
     logits, targets = predict(tested, loader, settings, limit=cfg.trainer.get(f"limit_{split}_batches"))
     confusion = confusion_matrix(logits, targets, data.num_classes)
-    if cfg.get("plots", True):
+    if cfg.plots:
         plot_confusion_matrix(confusion, data.classes, run_dir / rundir.PLOTS / "confusion_matrix.png", title=split)
     metrics = split_metrics(logits, targets, settings, split)
     say(console, f"{cfg.data.name} {split}: {len(targets)} images, accuracy {metrics[f'{split}_acc']:.4f}")
     per_class = per_class_metrics(confusion, data.classes)
-    summary = {
+    figures = {
         "split": split,
         "data": cfg.data.name,
         "tta": cfg.evaluate.tta,
@@ -102,7 +90,7 @@ def evaluate_task(
         "device": str(trained.runs_on(settings).device),
         "per_class": per_class,
     }
-    return summary, metrics[f"{split}_acc"]
+    return figures, metrics[f"{split}_acc"]
 
 
 def predict_task(
@@ -135,13 +123,13 @@ def predict_task(
     for k in index.tolist():
         counts[str(classes[k])] += 1
     say(console, f"{len(files)} images from {folder}: predictions in [bold]{output}[/bold]")
-    summary = {
+    figures = {
         "images": len(files),
         "input": str(folder),
         "predictions": str(output),
         "device": str(trained.runs_on(settings).device),
     }
-    return {**summary, "predicted_counts": counts}, None
+    return {**figures, "predicted_counts": counts}, None
 
 
 def export_task(
@@ -160,19 +148,19 @@ def export_task(
     with torch.no_grad():
         reference = exported(check).float()
     outputs = run_exported(fmt, path, check)
-    summary: dict[str, Any] = {"format": fmt, "path": str(path), "tolerance": tolerance}
+    figures: dict[str, Any] = {"format": fmt, "path": str(path), "tolerance": tolerance}
     if outputs is None:
-        summary["max_abs_diff"] = None
+        figures["max_abs_diff"] = None
         say(console, f"exported [bold]{path}[/bold]; not checked: onnxruntime is missing ({INSTALL_HINT})")
-        return summary, None
+        return figures, None
     diff = (outputs - reference).abs().max().item()
-    summary["max_abs_diff"] = diff
+    figures["max_abs_diff"] = diff
     say(console, f"exported [bold]{path}[/bold]: max |logit difference| from PyTorch {diff:.3g} on {len(check)} images")
     if not diff <= tolerance:
         raise UserError(
             f"export: the {fmt} model's logits differ from PyTorch's by {diff:.3g} > export.tolerance={tolerance:g}"
         )
-    return summary, None
+    return figures, None
 
 
 PREPROCESSING_KEYS = ("image_size", "channels", "mean", "std")

@@ -25,6 +25,7 @@ from torch import nn
 from shelltrain.checkpoint import check_regular_file, safe_load
 from shelltrain.errors import UserError
 from shelltrain.models import find_classifier
+from shelltrain.timm_models import open_timm_weights
 from shelltrain.trained import read_checkpoint, rebuild_architecture, resolve, split_weights
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
@@ -58,8 +59,6 @@ def open_weights(model_cfg: DictConfig) -> WeightsSource | None:
     base, weights = split_weights(spec)
     path = _as_path(base)
     if model_cfg.get("library") == "timm" and not path.exists():
-        from shelltrain.timm_models import open_timm_weights
-
         return WeightsSource(**open_timm_weights(spec, model_cfg))
     if path.is_dir() or weights:  # a run directory: its weights as the trained model's loader picks them
         path, _ = resolve(spec, "model.weights")

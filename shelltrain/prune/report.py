@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from shelltrain import rundir
+from shelltrain.plots import plot_tradeoff
 from shelltrain.prune.context import Context, Outcome
 
 TRADEOFF_PLOT = "prune_tradeoff.png"
@@ -61,8 +62,6 @@ def write_report(report: dict[str, Any], run_dir: Path, plots: bool = True) -> N
     """prune.json in the run directory and, with `plots`, plots/prune_tradeoff.png."""
     rundir.write_json(report, Path(run_dir) / rundir.PRUNE_REPORT)
     if plots:
-        from shelltrain.plots import plot_tradeoff
-
         path = Path(run_dir) / rundir.PLOTS / TRADEOFF_PLOT
         plot_tradeoff(tradeoff_rows(report), path, x="size_mb", y="val_acc", latency="latency_ms")
 

@@ -51,26 +51,6 @@ ALLOWED = {
     ("shelltrain/sweep.py", "cv", "mean"): "summary.json's cv section, not the cv group",
     ("shelltrain/sweep.py", "cv", "std"): "summary.json's cv section, not the cv group",
     ("shelltrain/distill.py", "report", "weights"): "ensemble.json, not the report group",
-    # In files being rewritten by another change of the same issue; the replacement is given, and the entry goes
-    # when it is applied.
-    ("shelltrain/cli.py", "cfg", "gate"): "pending: cfg.gate",
-    ("shelltrain/compress.py", "cfg", "plots"): "pending: cfg.plots",
-    ("shelltrain/lr_find.py", "cfg", "plots"): "pending: cfg.plots",
-    ("shelltrain/tasks.py", "cfg", "plots"): "pending: cfg.plots",
-    ("shelltrain/runner.py", "cfg", "plots"): "pending: cfg.plots",
-    ("shelltrain/runner.py", "cfg", "compress"): "pending: cfg.compress (null when off)",
-    ("shelltrain/runner.py", "cfg", "cv"): "pending: cfg.cv.folds",
-    ("shelltrain/runner.py", "cfg", "logger"): "pending: cfg.logger (null when logger=[])",
-    ("shelltrain/runner.py", "cfg", "checkpoint"): "pending: cfg.checkpoint.export_state_dict",
-    ("shelltrain/runner.py", "cfg", "finetune"): "pending: cfg.finetune",
-    ("shelltrain/runner.py", "cfg", "distill"): "pending: cfg.distill",
-    ("shelltrain/runner.py", "cfg.data", "balance"): "pending: cfg.data.balance",
-    ("shelltrain/rundir.py", "config", "task"): "pending: config.task",
-    ("shelltrain/schema.py", "cfg", "compress"): "pending: cfg.compress once compress.py sets a stage's to None",
-    ("shelltrain/distill.py", "distill", "cache"): "pending: distill.cache",
-    ("shelltrain/distill.py", "augmentation", "train"): "pending: augmentation.train",
-    ("shelltrain/distill.py", "augmentation", "mixup_alpha"): "pending: augmentation.mixup_alpha",
-    ("shelltrain/distill.py", "augmentation", "cutmix_alpha"): "pending: augmentation.cutmix_alpha",
 }
 
 

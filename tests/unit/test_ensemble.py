@@ -55,8 +55,8 @@ def test_fused_metrics_are_accuracy_and_nll():
 def test_top_k_refuses_a_sweep_with_fewer_finished_jobs(tmp_path):
     """ensemble.top_k=2 over a sweep where one job finished must not silently fuse a single member."""
     from shelltrain.errors import UserError
-    from shelltrain.trained import sweep_jobs
     from shelltrain.rundir import write_json
+    from shelltrain.trained import sweep_jobs
 
     write_json({"status": "completed", "best_val_acc": 0.9}, tmp_path / "0" / "summary.json")
     write_json({"status": "failed", "error": "boom"}, tmp_path / "1" / "summary.json")
