@@ -31,7 +31,7 @@ def check_optimizer(optimizer: DictConfig) -> None:
             f"optimizer.lr={lr!r} is invalid; the learning rate must be a number > 0, e.g. optimizer.lr=0.01"
         )
     decay = optimizer.get("weight_decay", 0.0)
-    if not isinstance(decay, (int, float)) or decay < 0:
+    if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0 <= decay < math.inf:
         raise UserError(f"optimizer.weight_decay={decay!r} is invalid; use a number >= 0, e.g. 5e-4")
 
 
@@ -126,20 +126,37 @@ def check_structured_support(cfg: DictConfig) -> None:
         )
 
 
+def finite(key: str, value: float | None, fix: str) -> None:
+    """`value` (None: unset, which passes) is a finite number: NaN and infinity pass every comparison-based check
+    below unnoticed (nan < 0 is false), so each of them asks this first. `fix` ends the message."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{key}={value} is not a finite number; {fix}")
+
+
 def at_least(key: str, value: float | None, minimum: float) -> None:
-    """`value` (None: unset, which passes) is at least `minimum`."""
+    """`value` (None: unset, which passes) is a finite number at least `minimum`."""
+    finite(key, value, f"use a number >= {minimum}")
     if value is not None and value < minimum:
         raise UserError(f"{key}={value} is out of range; it must be >= {minimum}")
 
 
 def positive(key: str, value: float, example: str) -> None:
+    """`value` is a finite number > 0 (a temperature, a tolerance, a rate)."""
+    finite(key, value, f"use a number > 0, e.g. {example}")
     if value <= 0:
         raise UserError(f"{key}={value} must be > 0, e.g. {example}")
 
 
 def in_unit_interval(key: str, value: float, note: str = "") -> None:
+    """`value` is in [0, 1] (NaN fails the comparison too)."""
     if not 0.0 <= value <= 1.0:
         raise UserError(f"{key}={value} is out of range; use a value in [0, 1]{note}")
+
+
+def finite_list(key: str, values: list[float] | None) -> None:
+    """Every number of the list `values` (None passes) is finite."""
+    if values is not None and not all(math.isfinite(v) for v in values):
+        raise UserError(f"{key}={list(values)} holds a number that is not finite; give finite numbers")
 
 
 def check_fractions(val_fraction: float, test_fraction: float) -> None:

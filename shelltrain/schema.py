@@ -35,6 +35,7 @@ from shelltrain.checks import (
     check_structured_support,
     check_task,
     check_workers,
+    finite_list,
     one_of,
     positive,
     to_schema,
@@ -178,6 +179,7 @@ class DataConfig:
     cache: str
     cache_dir: Optional[str]
     cache_max_memory: float
+    cache_check: str
 
     def check(self) -> None:
         at_least("data.imbalance", self.imbalance, 1.0)
@@ -195,6 +197,9 @@ class DataConfig:
         check_fractions(self.val_fraction, self.test_fraction)
         one_of("data.cache", self.cache, values.CACHE_MODES)
         at_least("data.cache_max_memory", self.cache_max_memory, 0)
+        one_of("data.cache_check", self.cache_check, values.CACHE_CHECKS)
+        finite_list("data.mean", self.mean)
+        finite_list("data.std", self.std)
         if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std)):
             raise UserError("data.mean and data.std must both be null or lists of the same length")
         if self.std is not None and any(s <= 0 for s in self.std):
@@ -228,6 +233,15 @@ class ModelConfig:
         at_least("model.width", self.width, 1)
         if self.name == "cnn" and self.width is None:
             raise UserError("model.width=None: model=cnn needs the channels of its first block, e.g. model.width=32")
+        if self.name != "cnn" and self.width is not None:
+            raise UserError(f"model.width={self.width} applies to model=cnn only (model is {self.name}); remove it")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"model.dropout={self.dropout} is out of range; use a value in [0, 1), e.g. 0.2")
+        if self.pretrained_file and self.weights != "timm":
+            raise UserError(
+                f"model.pretrained_file is read by model.weights=timm only (model.weights is {self.weights}); "
+                "add model.weights=timm (with model=timm) or remove model.pretrained_file"
+            )
 
 
 @dataclass
@@ -294,6 +308,7 @@ class EnsembleConfig:
         if self.top_k is not None and not self.sweep:
             raise UserError("ensemble.top_k picks jobs of a sweep; set ensemble.sweep=<multirun dir> too")
         if self.weights is not None:
+            finite_list("ensemble.weights", self.weights)
             if self.name != "weighted":
                 raise UserError(f"ensemble.weights is used by ensemble=weighted, not ensemble={self.name}")
             if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:

@@ -48,6 +48,7 @@ class PruneConfig:
             setattr(self, key, value)
 
     def check(self) -> None:
+        self.check_numbers()
         if self.name == "none":
             return
         one_of("prune.name", self.name, tuple(values.PRUNE_SCHEDULES))
@@ -57,6 +58,19 @@ class PruneConfig:
                 f"prune.schedule={self.schedule!r} is not available for prune={self.name}; "
                 f"choose one of {', '.join(schedules)}"
             )
+        one_of("prune.importance", self.importance, values.PRUNE_IMPORTANCES)
+        one_of("prune.ramp", self.ramp, values.PRUNE_RAMPS)
+        one_of("prune.mode", self.mode, values.QUANTIZE_MODES)
+        one_of("prune.backend", self.backend, values.QUANTIZE_BACKENDS)
+        steps = [self.name, *(self.then or [])]
+        for step in steps[1:]:
+            one_of("prune.then", step, tuple(values.PRUNE_SCHEDULES))
+        if "quantize" in steps[:-1]:
+            raise UserError(f"prune.then: quantize must be the last step ({' -> '.join(steps)}); move it to the end")
+
+    def check_numbers(self) -> None:
+        """The numeric keys, checked with prune=none too: the packaged values pass, and a NaN or an out-of-range
+        value is a mistake whichever method (or compress stage) reads it."""
         for key, what in (("amount", "sparsity"), ("ratio", "channel ratio")):
             if not 0.0 <= (value := getattr(self, key)) < 1.0:
                 raise UserError(f"prune.{key}={value!r} is out of range; the {what} must be in [0, 1), e.g. 0.5")
@@ -69,15 +83,6 @@ class PruneConfig:
         in_unit_interval("prune.distill_alpha", self.distill_alpha)
         if not 2 <= self.bits <= 8:
             raise UserError(f"prune.bits={self.bits} is out of range; use 2 to 8 (8: int8 kernels, fewer: fake)")
-        one_of("prune.importance", self.importance, values.PRUNE_IMPORTANCES)
-        one_of("prune.ramp", self.ramp, values.PRUNE_RAMPS)
-        one_of("prune.mode", self.mode, values.QUANTIZE_MODES)
-        one_of("prune.backend", self.backend, values.QUANTIZE_BACKENDS)
-        steps = [self.name, *(self.then or [])]
-        for step in steps[1:]:
-            one_of("prune.then", step, tuple(values.PRUNE_SCHEDULES))
-        if "quantize" in steps[:-1]:
-            raise UserError(f"prune.then: quantize must be the last step ({' -> '.join(steps)}); move it to the end")
 
 
 PruneConfig.__annotations__["global"] = "bool"

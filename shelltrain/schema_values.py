@@ -6,6 +6,7 @@ MONITORS = ("val_acc", "val_loss", "ema_val_acc", "ema_val_loss")
 POLICIES = ("full", "linear_probe", "freeze_backbone", "gradual")
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
 CACHE_MODES = ("none", "memory", "disk")  # data.cache
+CACHE_CHECKS = ("stat", "hash")  # data.cache_check
 SPLITS = ("test", "val", "train")
 EXPORT_FORMATS = ("onnx", "torchscript")
 

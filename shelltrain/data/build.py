@@ -172,6 +172,7 @@ def decoded_sources(data: DictConfig, sources: dict, channels: int) -> dict[str,
             data.cache_dir,
             data.cache_max_memory,
             worker_count("auto"),
+            data.cache_check,
         )
         decoded[split] = (images, labels)
     return decoded

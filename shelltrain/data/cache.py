@@ -3,35 +3,46 @@ sweep jobs read instead of the files (imagefolder; the torchvision sets and digi
 
 The array is a .npy under `data.cache_dir` (outside the run directory by configuration; default the user's cache
 folder), named by the split's root, file list and resize settings; a `.json` beside it holds the key of its
-contents: every file's path, size and modification time plus the image size and mode. A key that differs (a file
-changed, added or removed) rebuilds it, and the log says so. `disk` reads it memory-mapped (through the page cache,
+contents: every file's path, size and modification time plus the image size and mode, and with
+`data.cache_check=hash` a blake2b hash of every file's bytes (a change that keeps size and mtime, as `cp -p` and
+many sync tools make, is seen only then). A key that differs (a file changed, added or removed) rebuilds it, and the
+log says so. `disk` reads it memory-mapped (through the page cache,
 for folders larger than memory); `memory` loads it into RAM unless it exceeds `data.cache_max_memory` GiB.
 
 The build decodes in parallel processes, each writing its share into the memory-mapped temporary file; under a
 file lock (two runs building the same cache wait for one another, and the second reuses the first's), then an
-os.replace puts the finished file in place.
+os.replace puts the finished file in place. The decode processes die with the process that started them, even a
+SIGKILLed one (signals.leave_stop_signals_to_main), and the next build removes the temporary file a killed one left.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from shelltrain import rundir
 from shelltrain.console import make_console, say
 from shelltrain.data.sources import decode
 from shelltrain.data.transforms import square
+from shelltrain.errors import UserError
+from shelltrain.signals import leave_stop_signals_to_main
 
 FORMAT = 1  # bump when the array's layout or the decode changes meaning
 CHUNK = 64  # images per task of the parallel build
+HASH_THREADS = 4  # files hashed at once with data.cache_check=hash
+HASH_BLOCK = 1 << 20  # bytes read per call while hashing
+# Failures that mean the cache folder cannot hold the cache (data.cache_dir), not a bug.
+CACHE_DIR_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
 
 
 def default_cache_dir() -> Path:
@@ -40,13 +51,27 @@ def default_cache_dir() -> Path:
     return Path(base) / "shelltrain"
 
 
-def cache_key(paths: list[str], mode: str, size: int) -> dict:
-    """What the decoded array depends on: every file (path, size, mtime) and the resize settings."""
+def cache_key(paths: list[str], mode: str, size: int, check: str) -> dict:
+    """What the decoded array depends on: every file (path, size, mtime, and with `check` "hash" the hash of its
+    bytes) and the resize settings."""
     files = []
     for path in paths:
         stat = os.stat(path)
         files.append([path, stat.st_size, stat.st_mtime_ns])
-    return {"format": FORMAT, "mode": mode, "size": size, "files": files}
+    if check == "hash":
+        with ThreadPoolExecutor(HASH_THREADS) as pool:  # hashlib releases the GIL while it hashes
+            for entry, digest in zip(files, pool.map(file_hash, paths)):
+                entry.append(digest)
+    return {"format": FORMAT, "mode": mode, "size": size, "check": check, "files": files}
+
+
+def file_hash(path: str) -> str:
+    """blake2b (128 bits) of the file's bytes: fast, and no content change goes unseen in practice."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def cache_path(cache_dir: Path, folder: str, mode: str, size: int) -> Path:
@@ -64,16 +89,21 @@ def cached_images(
     cache_dir: str | None,
     max_memory_gib: float,
     workers: int,
+    check: str,
 ) -> torch.Tensor:
     """The images of `paths` (all the files of `folder`) decoded to uint8 N x C x `size` x `size` (C from `mode`),
-    from the cache when its key still matches, else built now. `how`: "memory" or "disk"."""
+    from the cache when its key still matches, else built now. `how`: "memory" or "disk"; `check`: "stat" or
+    "hash" (data.cache_check)."""
     from filelock import FileLock
 
-    where = Path(cache_dir) if cache_dir else default_cache_dir()
-    where.mkdir(parents=True, exist_ok=True)
+    where = Path(os.path.abspath(cache_dir or default_cache_dir()))
     path = cache_path(where, folder, mode, size)
-    key = cache_key(paths, mode, size)
-    with FileLock(str(path) + ".lock"):
+    key = cache_key(paths, mode, size, check)
+    with _in_cache_dir(where):
+        where.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock")
+        lock.acquire()
+    try:
         stale = _stale(path, key)
         if stale is None:
             say(make_console(), f"data.cache: reused decoded cache {path}")
@@ -81,30 +111,73 @@ def cached_images(
             if stale:
                 say(make_console(), f"data.cache: {stale}; rebuilding {path}")
             started = time.perf_counter()
-            _build(path, paths, mode, size, workers)
-            rundir.write_json(key, path.with_suffix(".json"))
+            with _in_cache_dir(where):
+                _remove_leftovers(path)
+                path.with_suffix(".json").unlink(missing_ok=True)  # no key may describe a half-replaced array
+                _build(path, paths, mode, size, workers)
+                _write_key(key, path.with_suffix(".json"))
             seconds = time.perf_counter() - started  # the log records what the run wrote outside its directory
             say(make_console(), f"data.cache: decoded {len(paths)} images into {path} in {seconds:.1f} s")
+    finally:
+        lock.release()
     return _open(path, how, max_memory_gib)
 
 
+@contextlib.contextmanager
+def _in_cache_dir(where: Path) -> Iterator[None]:
+    """A folder that cannot hold the cache (not writable, full, not a folder) is named with the key that moves it,
+    data.cache_dir, not the run directory's."""
+    try:
+        yield
+    except OSError as exc:
+        named = Path(os.path.abspath(exc.filename)) if isinstance(exc.filename, str) else None
+        if exc.errno not in CACHE_DIR_ERRNOS or (named is not None and named != where and where not in named.parents):
+            raise  # e.g. an image file that cannot be read: not the cache folder's doing
+        raise UserError(
+            f"data.cache_dir: cannot write the decoded cache in '{where}' ({exc.strerror or exc}); set "
+            "data.cache_dir to a writable folder with room for the decoded images, or use data.cache=none"
+        ) from None
+
+
 def _stale(path: Path, key: dict) -> str | None:
-    """None when the cache at `path` holds `key`'s images; else why not ("" when there is none yet)."""
+    """None when the cache at `path` holds `key`'s images; else why not ("" when there is none yet). A key built
+    with data.cache_check=hash also serves `stat` (its hashes are not compared then)."""
     meta = path.with_suffix(".json")
     if not path.exists() or not meta.exists():
         return ""
     old = json.loads(meta.read_text())
-    if old == key:
+    width = len(key["files"][0]) if key["files"] else 3
+    if key["check"] == "hash" and old.get("check") != "hash":
+        return "data.cache_check=hash: the cache was built without the files' hashes"
+    old_files = [entry[:width] for entry in old.get("files", [])]
+    settings = {name: value for name, value in key.items() if name not in ("files", "check")}
+    if all(old.get(name) == value for name, value in settings.items()) and old_files == key["files"]:
         return None
-    before = {f[0]: f[1:] for f in old.get("files", [])}
+    before = {f[0]: f[1:] for f in old_files}
     now = {f[0]: f[1:] for f in key["files"]}
     added, removed = len(now.keys() - before.keys()), len(before.keys() - now.keys())
     changed = sum(1 for name in now.keys() & before.keys() if now[name] != before[name])
     return f"the image files changed since the cache was built ({changed} changed, {added} added, {removed} removed)"
 
 
+def _remove_leftovers(path: Path) -> None:
+    """Delete the temporary files of builds of `path` that were killed. Called under the cache's lock, which every
+    build of `path` holds while its temporary files exist: any found now belong to a dead build."""
+    for leftover in path.parent.glob(f"{path.stem}.*.tmp.*"):
+        leftover.unlink(missing_ok=True)
+        say(make_console(), f"data.cache: removed {leftover.name}, left by a build that was killed")
+
+
+def _write_key(key: dict, meta: Path) -> None:
+    """The key beside the array, written whole or not at all (a temporary file, then a rename)."""
+    tmp = meta.with_name(f"{meta.stem}.{os.getpid()}.tmp.json")
+    tmp.write_text(json.dumps(key))
+    os.replace(tmp, meta)
+
+
 def _build(path: Path, paths: list[str], mode: str, size: int, workers: int) -> None:
-    """Decode every file into a temporary memory-mapped .npy, in parallel, then move it into place."""
+    """Decode every file into a temporary memory-mapped .npy, in parallel, then move it into place. The decode
+    processes ignore SIGINT and SIGTERM (this process stops them) and die with it, even when it is SIGKILLed."""
     from rich.progress import Progress
 
     channels = 3 if mode == "RGB" else 1
@@ -112,15 +185,21 @@ def _build(path: Path, paths: list[str], mode: str, size: int, workers: int) -> 
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), channels, size, size))
     del array  # the workers write through their own maps
     chunks = [range(start, min(start + CHUNK, len(paths))) for start in range(0, len(paths), CHUNK)]
+    pool = ProcessPoolExecutor(
+        max(1, workers),
+        mp_context=get_context("fork"),
+        initializer=leave_stop_signals_to_main,
+        initargs=(None, os.getpid(), 0),
+    )
     try:
         with Progress(console=make_console(), transient=True) as progress:
             task = progress.add_task(f"decoding {len(paths)} images into the cache", total=len(paths))
-            with ProcessPoolExecutor(max(1, workers), mp_context=get_context("fork")) as pool:
-                jobs = [pool.submit(_decode_chunk, str(tmp), paths, chunk, mode, size) for chunk in chunks]
-                for job in jobs:
-                    progress.advance(task, job.result())
+            jobs = [pool.submit(_decode_chunk, str(tmp), paths, chunk, mode, size) for chunk in chunks]
+            for job in jobs:
+                progress.advance(task, job.result())
         os.replace(tmp, path)
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # a stop or a failure waits for the running chunks only
         tmp.unlink(missing_ok=True)
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +18,7 @@ from PIL import Image
 
 from shelltrain.data import FileImages
 from shelltrain.data.cache import cache_key, cache_path, cached_images
+from shelltrain.errors import UserError
 
 
 def noisy_folder(root: Path, count: int = 12, side: int = 20) -> list[str]:
@@ -29,19 +35,21 @@ def noisy_folder(root: Path, count: int = 12, side: int = 20) -> list[str]:
     return sorted(paths)
 
 
-def build(root: Path, paths: list[str], cache_dir: Path, how: str = "disk", size: int = 8) -> torch.Tensor:
-    return cached_images(str(root), paths, "RGB", size, how, str(cache_dir), 1.0, 2)
+def build(
+    root: Path, paths: list[str], cache_dir: Path, how: str = "disk", size: int = 8, check: str = "stat"
+) -> torch.Tensor:
+    return cached_images(str(root), paths, "RGB", size, how, str(cache_dir), 1.0, 2, check)
 
 
 def test_the_key_changes_when_a_file_is_touched_added_or_removed_or_the_size_changes(tmp_path):
     paths = noisy_folder(tmp_path / "images")
-    key = cache_key(paths, "RGB", 8)
-    assert cache_key(paths, "RGB", 8) == key
-    assert cache_key(paths, "RGB", 16) != key and cache_key(paths, "L", 8) != key
+    key = cache_key(paths, "RGB", 8, "stat")
+    assert cache_key(paths, "RGB", 8, "stat") == key
+    assert cache_key(paths, "RGB", 16, "stat") != key and cache_key(paths, "L", 8, "stat") != key
     stat = os.stat(paths[0])
     os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    assert cache_key(paths, "RGB", 8) != key
-    assert cache_key(paths[1:], "RGB", 8) != key and cache_key([*paths, paths[0]], "RGB", 8) != key
+    assert cache_key(paths, "RGB", 8, "stat") != key
+    assert cache_key(paths[1:], "RGB", 8, "stat") != key and cache_key([*paths, paths[0]], "RGB", 8, "stat") != key
     assert cache_path(tmp_path, "x", "RGB", 8) != cache_path(tmp_path, "x", "RGB", 16)
 
 
@@ -79,12 +87,12 @@ def test_the_cached_images_equal_the_decoded_files(tmp_path, how):
 def test_memory_over_the_budget_is_read_memory_mapped(tmp_path, capsys):
     root = tmp_path / "images"
     paths = noisy_folder(root)
-    images = cached_images(str(root), paths, "RGB", 8, "memory", str(tmp_path / "cache"), 1e-9, 1)
+    images = cached_images(str(root), paths, "RGB", 8, "memory", str(tmp_path / "cache"), 1e-9, 1, "stat")
     assert getattr(images, "is_mapped", False) and "over data.cache_max_memory" in capsys.readouterr().out
 
 
 def _build_in_child(root: str, paths: list[str], cache_dir: str, out: str) -> None:
-    images = cached_images(root, paths, "RGB", 8, "disk", cache_dir, 1.0, 2)
+    images = cached_images(root, paths, "RGB", 8, "disk", cache_dir, 1.0, 2, "stat")
     torch.save(images.clone(), out)
 
 
@@ -159,3 +167,118 @@ def test_a_memory_cache_with_an_augmentation_without_batched_form_uses_loaders(t
     bundle = build_data(cfg.data, cfg.augmentation, 0)
     assert not isinstance(bundle.train, DeviceBatches)
     assert "data.cache=memory: " in capsys.readouterr().out
+
+
+def _rewrite_keeping_size_and_mtime(path: str) -> None:
+    """Replace the file's pixels by black ones with the same byte count and modification time (as `cp -p` of another
+    file of that size would): the PNG ends at its IEND chunk, and the padding after it is not read."""
+    before = os.stat(path)
+    black = io.BytesIO()
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(black, format="PNG")
+    data = black.getvalue()
+    assert len(data) <= before.st_size
+    Path(path).write_bytes(data + b"\0" * (before.st_size - len(data)))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def test_data_cache_check_hash_sees_a_content_change_that_keeps_size_and_mtime(tmp_path, capsys):
+    root = tmp_path / "images"
+    paths = noisy_folder(root)
+    changed = next(i for i, p in enumerate(paths) if p.endswith(".png"))
+    first = build(root, paths, tmp_path / "cache", check="hash")
+    assert first[changed].sum() > 0
+    _rewrite_keeping_size_and_mtime(paths[changed])
+    capsys.readouterr()
+
+    stale = build(root, paths, tmp_path / "cache", check="stat")  # the default compares path, size and mtime only
+    assert "reused" in capsys.readouterr().out and torch.equal(stale, first)
+    fresh = build(root, paths, tmp_path / "cache", check="hash")
+    out = capsys.readouterr().out
+    assert "1 changed, 0 added, 0 removed" in out and "rebuilding" in out
+    assert fresh[changed].sum() == 0 and torch.equal(fresh[changed + 1 :], first[changed + 1 :])
+    assert "reused" in (build(root, paths, tmp_path / "cache", check="hash"), capsys.readouterr().out)[1]
+
+
+def test_a_cache_built_with_stat_is_rebuilt_when_hash_is_asked_for(tmp_path, capsys):
+    root = tmp_path / "images"
+    paths = noisy_folder(root)
+    build(root, paths, tmp_path / "cache", check="stat")
+    capsys.readouterr()
+    build(root, paths, tmp_path / "cache", check="hash")
+    assert "built without the files' hashes; rebuilding" in capsys.readouterr().out
+
+
+def test_a_cache_dir_that_cannot_hold_the_cache_names_data_cache_dir(tmp_path):
+    root = tmp_path / "images"
+    paths = noisy_folder(root, count=2)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError) as caught:
+        build(root, paths, tmp_path / "a_file" / "cache")
+    message = str(caught.value)
+    assert message.startswith("data.cache_dir: cannot write") and "hydra.run.dir" not in message
+    assert "\n" not in message
+
+
+KILLED_BUILD = """
+import os, sys, time
+from shelltrain.data import cache
+
+real_decode = cache.decode
+
+
+def slow_decode(path, mode):  # in a decode process: say who it is, then take long enough to be killed mid-build
+    with open(os.path.join(sys.argv[3], str(os.getpid())), "w"):
+        pass
+    time.sleep(0.5)
+    return real_decode(path, mode)
+
+
+cache.decode = slow_decode
+cache.cached_images(sys.argv[1], sys.argv[2].split(","), "RGB", 8, "disk", sys.argv[4], 1.0, 2, "stat")
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie waiting for its reaper has stopped)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    return fields[0] != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads processes from /proc")
+def test_a_sigkilled_cache_build_leaves_no_decode_process_and_the_next_build_removes_its_temporary_file(
+    tmp_path, capsys
+):
+    root = tmp_path / "images"
+    paths = noisy_folder(root, count=130, side=8)  # three chunks: both decode processes busy
+    cache_dir, seen = tmp_path / "cache", tmp_path / "workers"
+    seen.mkdir()
+    builder = subprocess.Popen(
+        [sys.executable, "-c", KILLED_BUILD, str(root), ",".join(paths), str(seen), str(cache_dir)],
+        start_new_session=True,  # so that nothing but this SIGKILL reaches it
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(seen.iterdir())) < 2 and builder.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = [int(p.name) for p in seen.iterdir()]
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers), "the build's decode processes did not start"
+    finally:
+        builder.kill()
+        builder.wait()
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    survivors = [pid for pid in workers if _alive(pid)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"decode processes {survivors} outlived the SIGKILLed build"
+    leftovers = list(cache_dir.glob("*.tmp.npy"))
+    assert leftovers  # the killed build had no chance to remove it
+
+    images = build(root, paths, cache_dir)
+    assert f"removed {leftovers[0].name}, left by a build that was killed" in capsys.readouterr().out
+    assert not list(cache_dir.glob("*.tmp.*")) and images.shape == (len(paths), 3, 8, 8)
