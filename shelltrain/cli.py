@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from shelltrain import launch, rundir, signals, sweep
+from shelltrain import launch, rundir, signals, summary, sweep
 from shelltrain.cli_help import print_help
 from shelltrain.errors import EXIT_USER_ERROR, GateMissed, Interrupted, UserError
 from shelltrain.explain import explain
@@ -168,10 +168,10 @@ def run_in_dir(run_dir: str | Path, *overrides: str, raise_on_gate: bool = False
             raise
         finally:
             rundir.unlock_runs()
-    summary = rundir.read_json(rundir.summary(_job_dir()))  # a resumed job moved into the original run dir
+    result = rundir.read_json(rundir.summary(_job_dir()))  # a resumed job moved into the original run dir
     if missed and raise_on_gate:
-        raise GateMissed(missed, summary)
-    return summary
+        raise GateMissed(missed, result)
+    return result
 
 
 @contextlib.contextmanager
@@ -305,65 +305,46 @@ def _report_interrupt(signum: int, run_dir: Any, saved: bool, fresh_dir: Path) -
 
 
 def _record_failure(run_dir: Path, exc: BaseException, started: float) -> None:
-    """A failed sweep job still leaves a summary.json: status "failed" and its one-line error."""
-    path = rundir.summary(run_dir)
-    try:
-        summary = rundir.read_json(path) if path.is_file() else {}  # a run that got as far as its report keeps them
-    except (OSError, ValueError):
-        summary = {}
+    """A failed sweep job still leaves a summary.json: status "failed" and its one-line error (a run that got as far
+    as its report keeps its figures); a bug's traceback goes beside it, in error.log."""
     error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
     cause = exc.__cause__
     if cause is not None and not isinstance(exc, UserError) and str(cause) not in error:
         error += f" ({type(cause).__name__}: {cause})"  # e.g. what Hydra's InstantiationException wraps
     error = " ".join(error.split()) or type(exc).__name__
-    summary.update(
-        status="failed",
-        error=error if len(error) <= 400 else error[:397] + "...",
-        error_type=type(exc).__name__,
-        wall_seconds=summary.get("wall_seconds", round(time.perf_counter() - started, 3)),
-        run_dir=str(run_dir),
-    )
-    try:
-        if not isinstance(exc, UserError):  # a bug: keep the traceback next to the job for the report
-            import traceback
+    fields: dict[str, Any] = {
+        "error": error if len(error) <= 400 else error[:397] + "...",
+        "error_type": type(exc).__name__,
+        "wall_seconds": summary.read(run_dir).get("wall_seconds", round(time.perf_counter() - started, 3)),
+    }
+    if not isinstance(exc, UserError):  # a bug: keep the traceback next to the job for the report
+        import traceback
 
+        try:
             rundir.write_text("".join(traceback.format_exception(exc)), run_dir / rundir.ERROR_LOG)
-            summary["traceback"] = rundir.ERROR_LOG
-        rundir.write_json(summary, path)
-    except UserError as write_error:  # the launcher still reports the failure; only the table loses this row
-        log.warning("could not record the failure in %s: %s", run_dir, write_error)
+            fields["traceback"] = rundir.ERROR_LOG
+        except UserError as write_error:  # the launcher still reports the failure; only the table loses this
+            log.warning("could not record the failure in %s: %s", run_dir, write_error)
+    summary.record(run_dir, "failed", **fields)
 
 
 def _record_interrupt(run_dir: Path, signum: int, started: float) -> None:
     """A launcher worker's job stopped by the sweep: its summary.json says so (the runner records where
     training stopped; a job stopped before or between its stages, or never started, is recorded here)."""
-    path = rundir.summary(run_dir)
-    try:
-        summary = rundir.read_json(path) if path.is_file() else {}
-    except (OSError, ValueError):
-        summary = {}
-    if summary.get("status") == "interrupted":
+    if summary.read(run_dir).get("status") == "interrupted":
         return
-    summary.update(
-        status="interrupted",
-        signal=signal.Signals(signum).name,
-        wall_seconds=round(time.perf_counter() - started, 3),
-        run_dir=str(run_dir),
-    )
-    rundir.write_json(summary, path)
+    wall_seconds = round(time.perf_counter() - started, 3)
+    summary.record(run_dir, "interrupted", signal=signal.Signals(signum).name, wall_seconds=wall_seconds)
 
 
 def _apply_gates(cfg: DictConfig, run_dir: Path) -> list[str]:
     """Check cfg.gate against the run's summary.json, record the verdict there, return the misses."""
-
     gate = cfg.gate
-    path = rundir.summary(run_dir)
-    if not active(gate) or not path.is_file():
+    if not active(gate) or not rundir.summary(run_dir).is_file():
         return []
-    summary = rundir.read_json(path)
-    verdict = check(gate, summary)
-    summary["gates"] = verdict
-    rundir.write_json(summary, path)
+    recorded = rundir.read_json(rundir.summary(run_dir))
+    verdict = check(gate, recorded)
+    summary.write({**recorded, "gates": verdict}, run_dir)
     if verdict["passed"]:
         checked = [
             f"{key[:-4]}={c['value']:.6g} {'>=' if key.endswith('_min') else '<='} {c['limit']:g}"

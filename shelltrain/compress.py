@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.table import Table
 
-from shelltrain import rundir
+from shelltrain import rundir, summary
 from shelltrain.console import make_console, say
 from shelltrain.ensemble import ensemble_and_test
 from shelltrain.errors import UserError
@@ -76,8 +76,8 @@ def run_compress(cfg: DictConfig, run_dir: Path, resume: bool = False) -> float:
             run_dir / rundir.PLOTS / rundir.COMPRESS_PLOT,
             x="params",
         )
-    summary = {"status": "completed", "test_acc": rows[-1]["test_acc"], "wall_seconds": report["wall_seconds"]}
-    rundir.write_json({**summary, "compress": rows}, rundir.summary(run_dir))
+    figures = {"test_acc": rows[-1]["test_acc"], "wall_seconds": report["wall_seconds"], "compress": rows}
+    summary.write(summary.build(figures, run_dir), run_dir)
     say(console, f"compress: table in [bold]{rundir.compress_report(run_dir)}[/bold]")
     return rows[-1]["test_acc"]
 

@@ -139,7 +139,7 @@ def build(cfg: DictConfig, fold: tuple[int, int] | None, overrides: list[str], c
     model = build_model(cfg.model, data.num_classes, data.in_channels)
     example = next(iter(data.test))[0][:2].cpu()
     first_forward(model, example)
-    strict = cfg.model.get("strict", False)
+    strict = cfg.model.get("strict", True)  # a `_target_` model has no transfer keys
     model, loaded = load_weights(model, weights, strict=strict, classes=data.classes, example_inputs=example)
     if cfg.prune.name != "none":
         preflight(cfg.prune, model, example, arch=cfg.model.get("name"))

@@ -14,6 +14,7 @@ Two steps, each a plain function the runner calls in order (what trains when is 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -367,15 +368,16 @@ def _classifier_or_none(model: nn.Module) -> tuple[str | None, nn.Linear | None]
 
 
 def _strip_prefix(state: dict[str, torch.Tensor], target: dict[str, Any]) -> tuple[dict[str, torch.Tensor], str | None]:
-    """Drop a wrapper prefix shared by every key (DataParallel's 'module.', torch.compile's '_orig_mod.', a
-    Lightning module's 'model.') when that makes more keys fit the model."""
+    """Drop a wrapper prefix (DataParallel's and AveragedModel's 'module.', torch.compile's '_orig_mod.', a Lightning
+    module's 'model.') from the keys that carry it, when that makes more keys fit the model; keys without it (e.g.
+    AveragedModel's `n_averaged`) stay as they are."""
     stripped = ""
     while state and sum(k in target for k in state) < len(state) / 2:
-        first = {k.split(".", 1)[0] for k in state}
-        if len(first) != 1 or not all("." in k for k in state):
+        firsts = Counter(k.split(".", 1)[0] for k in state if "." in k)
+        if not firsts:
             break
-        prefix = f"{first.pop()}."
-        candidate = {k[len(prefix) :]: v for k, v in state.items()}
+        prefix = f"{firsts.most_common(1)[0][0]}."
+        candidate = {k.removeprefix(prefix): v for k, v in state.items()}
         if sum(k in target for k in candidate) <= sum(k in target for k in state):
             break
         state, stripped = candidate, stripped + prefix

@@ -73,7 +73,7 @@ def start_shelltrain(*args: str, cwd: Path, new_session: bool = False) -> subpro
 # forkserver). Forking the test process itself would not do: after a test has trained in it, a fork can neither
 # run backward (autograd's threads) nor use OpenMP (libgomp's threads), and the child hangs or fails.
 _FORKSERVER = multiprocessing.get_context("forkserver")
-_FORKSERVER.set_forkserver_preload(["shelltrain.cli", "shelltrain.runner", "sklearn.datasets"])
+_FORKSERVER.set_forkserver_preload(["shelltrain.cli", "shelltrain.jobs", "sklearn.datasets"])
 
 
 def shelltrain_forked(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

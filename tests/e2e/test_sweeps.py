@@ -414,7 +414,7 @@ def test_cv_run_reports_fold_scores_mean_and_std(tmp_path):
 
 
 def test_cv_score_is_what_a_sweep_selects_by(tmp_path):
-    from shelltrain.runner import run
+    from shelltrain.jobs import run
 
     cfg = compose_config(*TINY, "cv.folds=2", "cv.refit=false")
     with open_dict(cfg):

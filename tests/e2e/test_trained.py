@@ -129,3 +129,21 @@ def test_open_trained_reads_the_whole_preprocessing(averaged):
     assert trained.weights == "best" and trained.kind == "model" and not trained.quantized
     assert trained.preprocessing.image_size == 16 and trained.preprocessing.channels == 1
     assert trained.preprocessing.interpolation == "bilinear" and trained.preprocessing.antialias
+
+
+def test_a_partial_load_is_an_error_unless_strict_is_off(averaged, tmp_path, capsys):
+    """The raw state of torch's AveragedModel (prefixed `module.`, plus `n_averaged`) fits only partly: an error by
+    default; with model.strict=false what fits loads and the count is printed."""
+    run, _ = averaged
+    raw = torch.load(run / "checkpoints/last.pt", weights_only=True)["swa"]
+    raw["n_averaged"] = raw["n_averaged"].reshape(1)
+    raw["extra.bias"] = torch.zeros(3)
+    torch.save(raw, tmp_path / "averaged_model.pt")
+    weights = f"model.weights={tmp_path / 'averaged_model.pt'}"
+    with pytest.raises(UserError, match=r"model.strict=true: .* does not fit exactly: .*set model.strict=false"):
+        run_in_process(tmp_path / "strict", *SMALL, "debug=smoke", weights)
+    summary = run_in_process(tmp_path / "lenient", *SMALL, "debug=smoke", weights, "model.strict=false")
+    loaded = summary["transfer"]
+    assert loaded["unexpected"] == ["n_averaged", "extra.bias"] and loaded["stripped_prefix"] == "module."
+    assert loaded["loaded"] == loaded["total"]  # every tensor the model has came from the average
+    assert f"loaded {summary['transfer']['loaded']}/{summary['transfer']['total']} tensors" in capsys.readouterr().out
