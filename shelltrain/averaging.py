@@ -191,8 +191,12 @@ def averaged_test_metrics(
 ) -> dict[str, float]:
     """summary.json's figures of the averaged models the run kept: EMA (best.pt's) and SWA (last.pt's); each is
     also saved as a model of its own (checkpoints/ema.pt, swa.pt) with `extra` (config, classes, preprocessing)."""
-    figures = ema_test_metrics(model, data.test, settings, run_dir, best_row, extra)
-    return {**figures, **swa_test_metrics(model, data.train, data.test, settings, run_dir, extra)}
+    figures: dict[str, float] = {}
+    if settings.ema.decay is not None:  # no checkpoint is read again for a run that kept no average
+        figures.update(ema_test_metrics(model, data.test, settings, run_dir, best_row, extra))
+    if settings.swa.start_epoch is not None:
+        figures.update(swa_test_metrics(model, data.train, data.test, settings, run_dir, extra))
+    return figures
 
 
 def swa_test_metrics(
