@@ -188,13 +188,15 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: Path, params: Sequence[str]
     return _save(fig, path)
 
 
-def plot_lr_find(rows: Sequence[dict[str, float]], suggested: float, path: Path) -> Path:
-    """task=lr_find: the loss (raw and smoothed) against the learning rate on a log axis, the suggestion marked."""
+def plot_lr_find(rows: Sequence[dict[str, float]], suggested: float | None, path: Path) -> Path:
+    """task=lr_find: the loss (raw and smoothed) against the learning rate on a log axis, the suggestion (None: no
+    good rate was found) marked."""
     fig, (ax,) = _figure(1, 1, 6, 4)
     lrs = [row["lr"] for row in rows]
     ax.plot(lrs, [row["loss"] for row in rows], alpha=0.3, label="loss")
     ax.plot(lrs, [row["smoothed"] for row in rows], label="smoothed loss")
-    ax.axvline(suggested, color="tab:red", linestyle="--", label=f"suggested lr {suggested:.2g}")
+    if suggested is not None:
+        ax.axvline(suggested, color="tab:red", linestyle="--", label=f"suggested lr {suggested:.2g}")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")

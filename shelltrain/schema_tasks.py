@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from shelltrain import schema_values as values
-from shelltrain.checks import at_least, one_of, positive
+from shelltrain.checks import at_least, finite, one_of, positive
 from shelltrain.errors import UserError
 
 
@@ -60,9 +60,17 @@ class LrFindConfig:
     smoothing: float
 
     def check(self) -> None:
-        if not 0 < self.start_lr < self.end_lr:
-            raise UserError(f"lr_find.start_lr={self.start_lr} and end_lr={self.end_lr} need 0 < start_lr < end_lr")
+        """A ramp that can run: finite bounds > 0 that grow (an infinite end makes every rate after the start
+        infinite; a reversed range has no slope to read)."""
+        positive("lr_find.start_lr", self.start_lr, "1e-6")
+        positive("lr_find.end_lr", self.end_lr, "10")
+        if self.start_lr >= self.end_lr:
+            raise UserError(
+                f"lr_find.end_lr={self.end_lr} is not above lr_find.start_lr={self.start_lr}: the ramp grows from "
+                "start_lr to end_lr; set lr_find.end_lr higher, e.g. lr_find.start_lr=1e-6 lr_find.end_lr=10"
+            )
         at_least("lr_find.steps", self.steps, 10)
+        finite("lr_find.diverge", self.diverge, "use a number > 1, e.g. lr_find.diverge=4")
         if self.diverge <= 1:
             raise UserError(f"lr_find.diverge={self.diverge} must be > 1, e.g. 4")
         if not 0 < self.smoothing <= 1:
