@@ -14,6 +14,7 @@ averaged model is evaluated (`swa_test_metrics`)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,13 +25,14 @@ from torch import nn
 from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn, update_bn
 from torch.utils.data import DataLoader
 
-from shelltrain import rundir
+from shelltrain import distributed, rundir
 from shelltrain.checkpoint import load_checkpoint, save_checkpoint
 from shelltrain.data import DataBundle
 from shelltrain.engine import Callback, TrainState, evaluate, predict
 from shelltrain.metrics import split_metrics
 from shelltrain.optim import Schedule
 from shelltrain.placement import place
+from shelltrain.rng import epoch_seed
 from shelltrain.schema import EmaConfig, SwaConfig, TrainerConfig
 from shelltrain.tta import with_tta
 
@@ -217,7 +219,8 @@ def swa_test_metrics(
     averaged = copy.deepcopy(model)
     averaged.load_state_dict(averaged_weights(state))
     place(averaged, settings)
-    update_bn(_images(train_loader, settings), averaged, device=torch.device(settings.device))
+    with _seeded_pass(train_loader, settings):
+        update_bn(_images(train_loader, settings), averaged, device=torch.device(settings.device))
     save_checkpoint({**extra, "model": averaged.state_dict()}, rundir.weights_checkpoint(run_dir, "swa"))
     tested = with_tta(averaged, settings.test_tta)
     logits, targets = predict(tested, test_loader, settings, limit=settings.limit_test_batches)
@@ -227,6 +230,32 @@ def swa_test_metrics(
 def averaged_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The model's own state dict inside an AveragedModel's (which prefixes `module.` and adds `n_averaged`)."""
     return {key.removeprefix("module."): value for key, value in state.items() if key.startswith("module.")}
+
+
+@contextlib.contextmanager
+def _seeded_pass(loader: DataLoader, settings: TrainerConfig) -> Iterator[None]:
+    """One pass over the train loader whose order and augmentation depend on trainer.seed alone, not on where the
+    run's RNGs and the loader's generator stand (a run resumed after training draws as the uninterrupted one would
+    not); the run's RNGs and the loader's position are as they were afterwards."""
+    seed = epoch_seed(settings.seed, None, distributed.rank())
+    generator = getattr(loader, "generator", None)
+    own = generator.get_state() if isinstance(generator, torch.Generator) else None
+    shufflers = [s for s in (loader, getattr(loader, "sampler", None)) if hasattr(s, "set_epoch")]
+    epochs = [getattr(s, "epoch", 0) for s in shufflers]
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        if own is not None:
+            generator.manual_seed(seed)
+        for shuffler in shufflers:
+            shuffler.set_epoch(0)
+        try:
+            yield
+        finally:
+            if own is not None:
+                generator.set_state(own)
+            for shuffler, epoch in zip(shufflers, epochs):
+                shuffler.set_epoch(epoch)
 
 
 def _images(loader: DataLoader, settings: TrainerConfig) -> Iterator[torch.Tensor]:

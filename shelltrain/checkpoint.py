@@ -248,6 +248,8 @@ class Checkpointer(Callback):
         if not self.write:
             return
         data = serialize(payload)
+        # last.pt first: a crash before best.pt leaves last.pt selecting its own epoch, from which a resume rebuilds
+        # best.pt (best_repair); best.pt first could leave it ahead of last.pt with the previous best model gone.
         write_atomic(data, last_checkpoint(self.run_dir))
         if improved:
             write_atomic(self._best(payload, data), best_checkpoint(self.run_dir))

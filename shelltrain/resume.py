@@ -8,7 +8,6 @@ optimizer and schedule are built. Imports torch: the CLI imports this module onl
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shlex
 import sys
@@ -21,7 +20,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from shelltrain import distributed, launch, rundir
+from shelltrain import distributed, job_records, launch, rundir
+from shelltrain.best_repair import repair_best
 from shelltrain.checkpoint import load_checkpoint, load_model_state, peek
 from shelltrain.checks import uses_ensemble
 from shelltrain.console import say
@@ -29,6 +29,9 @@ from shelltrain.engine import TrainState
 from shelltrain.errors import UserError
 from shelltrain.explain import explain, first_line
 from shelltrain.optim import Schedule
+from shelltrain.resume_auto import comparable_config as comparable_config
+from shelltrain.resume_auto import find_resumable, settle_sweep_job
+from shelltrain.resume_auto import finished_result as finished_result
 from shelltrain.schema import validate
 
 log = logging.getLogger("shelltrain")
@@ -62,7 +65,11 @@ def plan(cfg: DictConfig, fresh_dir: Path, overrides: list[str]) -> tuple[DictCo
     value = str(cfg.trainer.resume)
     if value == "auto":
         root = _output_root(hydra_cfg, fresh_dir)
-        found = find_resumable(root, OmegaConf.to_container(cfg, resolve=True))
+        found = find_resumable(root, OmegaConf.to_container(cfg, resolve=True), prefer=fresh_dir)
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # each job to its own run, whatever its number now
+            fresh_dir = settle_sweep_job(cfg, fresh_dir, found, root)  # `found` when there is one
+            if found is None:
+                return cfg, fresh_dir, None, overrides
         if found is None:
             message = f"trainer.resume=auto: no checkpoint of this config under {root}; starting a new run"
             print(message)
@@ -144,32 +151,6 @@ def resolve(value: str | Path) -> tuple[Path, Path | None]:
         f"trainer.resume: '{path}' holds no {rundir.CHECKPOINTS}/{rundir.LAST}, so it is not a shelltrain run "
         "directory that got as far as a checkpoint; give a checkpoint file, a run directory or auto"
     )
-
-
-def find_resumable(root: Path, config: dict[str, Any]) -> Path | None:
-    """The run directory under `root` whose checkpoints/last.pt is the newest among those trained with
-    `config` (resolved; trainer.resume aside); None when there is none. The config stored in the checkpoint
-    is what counts: .hydra/config.yaml is rewritten when a fixed hydra.run.dir is used again."""
-    if not root.is_dir():
-        return None
-    wanted = comparable_config(config)
-    found = []
-    for last in root.rglob(rundir.LAST):
-        if last.parent.name != rundir.CHECKPOINTS or not last.is_file():
-            continue
-        recorded = (peek(last) or {}).get("config")  # unreadable or foreign: not a match
-        if isinstance(recorded, dict) and comparable_config(recorded) == wanted:
-            found.append((last.stat().st_mtime, str(last.parent.parent)))
-    return Path(max(found)[1]) if found else None
-
-
-def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A composed config minus what may differ between a run and its resumption."""
-    config = {k: v for k, v in config.items() if k != "hydra"}
-    trainer = dict(config.get("trainer") or {})
-    trainer.pop("resume", None)
-    config["trainer"] = trainer
-    return config
 
 
 def checkpoint_position(path: Path) -> tuple[int, int]:
@@ -256,8 +237,9 @@ def _move_into(owner: Path, fresh_dir: Path) -> None:
             f"hydra.run.dir '{fresh_dir}' holds another job's records; trainer.resume continues '{owner}' in its "
             f"own directory: leave hydra.run.dir out (or set hydra.run.dir={owner})",
         )
+    record = owner / rundir.next_record(owner, "resume")
+    job_records.note(owner, record, owner / rundir.LOG)  # a refused resume takes its record and log lines away
     if hydra_cfg.output_subdir is not None:
-        record = owner / rundir.next_record(owner, "resume")
         for path in sorted((fresh_dir / str(hydra_cfg.output_subdir)).glob("*.yaml")):
             rundir.write_atomic(path.read_bytes(), record / path.name)
     for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
@@ -308,21 +290,10 @@ def payload_of(resume: Resume | None, run_dir: Path) -> dict[str, Any] | None:
                 f"with trainer.resume={run_dir} (or trainer.resume=auto), or choose a new hydra.run.dir"
             )
         return None
-    return resume.payload or load_checkpoint(resume.checkpoint)
-
-
-def finished_result(payload: dict[str, Any], cfg: DictConfig, run_dir: Path) -> float | None:
-    """The stored result of a run that already finished training and wrote its summary, else None."""
-    state = TrainState.from_dict(payload.get("train_state") or {})
-    done = state.batch == 0 and (state.epoch >= cfg.trainer.epochs or state.stopped_early)
-    try:
-        summary = rundir.read_json(rundir.summary(run_dir))
-    except (OSError, ValueError):
-        return None
-    if not done or summary.get("status") != "completed":
-        return None
-    value = summary.get(f"best_{cfg.trainer.monitor}", summary.get("test_acc"))
-    return float(value) if isinstance(value, (int, float)) else math.nan
+    payload = resume.payload or load_checkpoint(resume.checkpoint)
+    if resume.in_place and distributed.is_main():  # a crash between an epoch end's two writes: best.pt behind
+        repair_best(run_dir, payload)
+    return payload
 
 
 def restore_training(

@@ -28,16 +28,17 @@ import math
 import os
 import secrets
 import shutil
-import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
+from shelltrain import job_records, locks
 from shelltrain.errors import EXIT_USER_ERROR, UserError
+from shelltrain.locks import LOCK, free_dir, held_by_another, held_by_parent, lock, normalized, unlock
+from shelltrain.locks import LOCKS_HELD_ENV as LOCKS_HELD_ENV  # the lock's names and calls live in locks.py
 
 HYDRA = ".hydra"
 OVERRIDES = f"{HYDRA}/overrides.yaml"
@@ -68,9 +69,7 @@ ERROR_LOG = "error.log"  # a failed sweep job's traceback
 SWEEP_SUMMARY = "summary.csv"
 SWEEP_PLOT = "sweep.png"  # the score against each swept parameter
 SWEEP_CONFIG = "multirun.yaml"  # Hydra's record of a sweep
-LOCK = ".shelltrain.lock"  # one writer per run or sweep directory (`lock`)
 SWEEP_STOP = ".shelltrain.stop"  # in a sweep dir: one line per signal the sweep's process had (signals.SweepStop)
-LOCKS_HELD_ENV = "SHELLTRAIN_LOCKS_HELD"  # directories this process's parent holds locked for it (torchrun ranks)
 RECORDS = (HYDRA, LOG, SUMMARY, CHECKPOINTS, METRICS_CSV)  # what shows that a job has written into a directory
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -200,16 +199,6 @@ def refuse_in_use(hydra_cfg: Any, message: str) -> None:
     raise UserError(message)
 
 
-def free_dir(path: Path, label: str) -> Path:
-    """A directory beside `path` that holds nothing yet, named after what goes into it (`<path>-<label>`)."""
-    path = Path(path)
-    candidate, n = path.with_name(f"{path.name}-{label}"), 1
-    while candidate.exists():
-        n += 1
-        candidate = path.with_name(f"{path.name}-{label}-{n}")
-    return candidate
-
-
 class KeepRecords(Callback):
     """Hydra callback: no job writes over another job's records.
 
@@ -229,17 +218,22 @@ class KeepRecords(Callback):
         run_dir = Path(str(hydra.run.dir))
         continued = held_by_parent(run_dir)  # asked before this process takes the lock (and names it there too)
         if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 holds the lock for every rank
+            existed = run_dir.exists()
             _lock_or_exit(run_dir, "hydra.run.dir", "run")
+            if not continued:
+                _refuse_inside_held(run_dir, existed)
         if hydra.output_subdir is None or continued or not holds_records(run_dir):
             return  # a trainer.devices process continues its parent's job: the records are that job's own
         label = "resume" if config.trainer.resume is not None else str(config.task)
+        record = next_record(run_dir, label)
+        job_records.note(run_dir, run_dir / record, run_dir / LOG)  # a refused job leaves it as it was
         with read_write(hydra), open_dict(hydra):
-            hydra.output_subdir = next_record(run_dir, label)
+            hydra.output_subdir = record
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         _lock_or_exit(sweep_dir, "hydra.sweep.dir", "sweep")  # held by this process for the whole sweep
-        jobs = [d for d in sweep_dir.iterdir() if d.is_dir() and holds_records(d)] if sweep_dir.is_dir() else []
+        jobs = [d for d in sweep_dir.iterdir() if d.is_dir() and _taken(d)] if sweep_dir.is_dir() else []
         if jobs and str(config.trainer.resume) != "auto":
             unlock(sweep_dir)  # refused: the directory is left as it was, its lock file free again
             _exit_with(
@@ -247,20 +241,44 @@ class KeepRecords(Callback):
                 "continue it with the same overrides plus trainer.resume=auto, or choose a new hydra.sweep.dir, "
                 f"e.g. hydra.sweep.dir={free_dir(sweep_dir, 'new')}"
             )
-        self.kept = {d.absolute(): {p.name: p.read_bytes() for p in (d / HYDRA).glob("*") if p.is_file()} for d in jobs}
+        self.kept = {
+            normalized(d): {p.name: p.read_bytes() for p in (d / HYDRA).glob("*") if p.is_file()} for d in jobs
+        }
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """A resumed sweep job: move the record Hydra just wrote to `.hydra/resume-<n>/`, restore the original."""
-        job_dir = Path(str(config.hydra.runtime.output_dir)).absolute()
+        """A resumed sweep job whose directory held a run: the original record goes back at once, and the job is a
+        guest there (job_records.borrow) until resuming finds which run is its own."""
+        job_dir = normalized(str(config.hydra.runtime.output_dir))
         kept = self.kept.pop(job_dir, None)
-        if not kept:
+        if kept is None:
             return
-        record = job_dir / next_record(job_dir, "resume")
+        written = {p.name: p.read_bytes() for p in (job_dir / HYDRA).glob("*") if p.is_file()}
+        for name in written.keys() - kept.keys():
+            (job_dir / HYDRA / name).unlink()
         for name, original in kept.items():
-            written = job_dir / HYDRA / name
-            if written.is_file() and written.read_bytes() != original:
-                write_atomic(written.read_bytes(), record / name)
-                write_atomic(original, written)
+            if written.get(name) != original:
+                write_atomic(original, job_dir / HYDRA / name)
+        job_records.borrow(job_dir, written)
+
+
+def _taken(directory: Path) -> bool:
+    """Whether a sweep's numbered directory is another job's: it holds records, or a process is writing there."""
+    return holds_records(directory) or held_by_another(directory)
+
+
+def _refuse_inside_held(run_dir: Path, existed: bool) -> None:
+    """A run directory inside one another process is writing (a running sweep, whose job would write over it) is
+    refused; the directory this job created for itself goes again."""
+    holder = next((p for p in normalized(run_dir).parents if held_by_another(p)), None)
+    if holder is None:
+        return
+    unlock(run_dir)
+    if not existed:
+        remove_dir(normalized(run_dir))
+    _exit_with(
+        f"hydra.run.dir '{run_dir}' lies inside '{holder}', which another shelltrain process is writing (a sweep's "
+        f"jobs go there); choose a directory outside it, e.g. hydra.run.dir={free_dir(holder, 'run')}"
+    )
 
 
 def _lock_or_exit(directory: Path, key: str, kind: str) -> None:
@@ -358,10 +376,12 @@ def _json_default(value: Any) -> Any:
 
 
 def remove_if_unused(run_dir: Path) -> None:
-    """Drop a run dir that holds only what Hydra wrote at start-up, so failed starts leave no litter.
+    """Drop a run dir that holds only what Hydra wrote at start-up, so failed starts leave no litter; a directory
+    that held records when the job found it gets back as it was (job_records.leave_as_found).
 
     A dir with checkpoints or a summary holds results (a resumed run) and is never touched.
     """
+    job_records.leave_as_found()
     if not run_dir.is_dir():
         return
     produced = [
@@ -385,74 +405,11 @@ def remove_dir(run_dir: Path) -> None:
         parent = parent.parent
 
 
-# ---- one writer per directory --------------------------------------------------------------------------------------
-
-_held: dict[Path, tuple[Any, str]] = {}  # directory -> (its FileLock, "run" | "sweep")
-
-
-def lock(directory: Path, key: str = "hydra.run.dir", kind: str = "run") -> None:
-    """Hold `directory` for this process until `unlock` (or its exit): a second shelltrain process pointed at it
-    is refused at once, its one line naming the holder. The lock is an flock (filelock) on `.shelltrain.lock`,
-    which the kernel releases when its holder dies; the file then still names the dead holder, which a note
-    reports when the lock is taken over. A no-op where this process, or the parent that started it (a
-    `trainer.devices` launch), holds it already."""
-    from filelock import FileLock, Timeout
-
-    directory = Path(directory).absolute()
-    if directory in _held or held_by_parent(directory):
-        return
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK
-    held = FileLock(path, thread_local=False)
-    try:
-        held.acquire(timeout=0)
-    except Timeout:
-        raise UserError(
-            f"{key} '{directory}' is in use by another shelltrain process ({_holder(path) or 'holder unknown'}); "
-            f"wait for it to end, or choose a free directory, e.g. {key}={free_dir(directory, 'new')}"
-        ) from None
-    stale = _holder(path)
-    if stale:  # the previous holder never released it: it died (or was killed) while writing here
-        sys.stderr.write(
-            f"shelltrain: note: took over the lock of '{directory}' from a process that is gone ({stale})\n"
-        )
-    # Written in place, not by write_atomic: a rename would swap the inode the flock is on.
-    path.write_text(f"PID {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    _held[directory] = (held, kind)
-    os.environ[LOCKS_HELD_ENV] = os.pathsep.join(str(d) for d in _held)
-
-
-def held_by_parent(directory: Path) -> bool:
-    """Whether the process that started this one (a `trainer.devices` launch) holds `directory`: this process
-    then continues that job there."""
-    return str(Path(directory).absolute()) in os.environ.get(LOCKS_HELD_ENV, "").split(os.pathsep)
-
-
-def unlock(directory: Path) -> None:
-    """Let go of `directory`: the lock file is emptied first, so only a holder that died leaves its name there."""
-    directory = Path(directory).absolute()
-    held, _ = _held.pop(directory, (None, None))
-    os.environ[LOCKS_HELD_ENV] = os.pathsep.join(str(d) for d in _held)
-    if held is None:
-        return
-    with contextlib.suppress(OSError):  # the directory was removed (a failed start): nothing left to empty
-        (directory / LOCK).write_text("")
-    held.release()
-
-
 def unlock_runs() -> None:
-    """Let go of every run directory this process holds (a job ended); a sweep directory stays held."""
-    for directory, (_, kind) in list(_held.items()):
-        if kind == "run":
-            unlock(directory)
-
-
-def _holder(path: Path) -> str:
-    """Who holds (or held) the lock file at `path`, as its holder wrote it; "" when nobody wrote one."""
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
+    """A job ended: let go of every run directory this process holds (a sweep directory stays held) and of what
+    the job noted about the directories it found."""
+    locks.unlock_runs()
+    job_records.forget()
 
 
 def stop_marker(sweep_dir: Path) -> Path:

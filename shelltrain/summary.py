@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shelltrain import rundir
+from shelltrain import job_records, rundir
 from shelltrain.errors import UserError
 
 log = logging.getLogger("shelltrain")
@@ -56,6 +56,9 @@ def record(run_dir: Path, status: str, keep: bool = True, **fields: Any) -> None
     """Mark a job failed or interrupted in its summary.json, keeping the figures it already wrote (`keep`; the
     runner, which knows where training stopped, writes its fields alone). Used while a failure is already being
     reported, so a run directory that cannot be written only loses this note."""
+    if job_records.borrowed(run_dir):  # a resumed sweep's job in a numbered directory that holds another run
+        log.warning("%s job not recorded in %s: it holds another job's run", status, run_dir)
+        return
     summary = read(run_dir) if keep else {}
     summary.update(status=status, **fields)
     summary.setdefault("run_dir", str(run_dir))
