@@ -89,7 +89,8 @@ class GracefulStop:
 
 
 def leave_stop_signals_to_main(init: Any, parent: int, worker_id: int) -> None:
-    """In a data-loader worker: ignore SIGINT and SIGTERM, and die with the main process `parent`.
+    """In a data-loader worker (and a decode process of a data.cache build): ignore SIGINT and SIGTERM, and die
+    with the main process `parent`.
 
     A terminal's Ctrl-C and a cluster's SIGTERM reach every process of the job; the main process stops
     gracefully and shuts its workers down, which a worker dying of the signal first would turn into a crash.
