@@ -195,6 +195,8 @@ def to_schema(node: Any, schema: type, key: str) -> Any:
     except ConfigKeyError as exc:
         allowed = ", ".join(schema.__dataclass_fields__)
         raise UserError(f"unknown key '{key}.{exc.key}'; valid keys of {key}: {allowed}") from None
+    for name in _set_mandatory(values, schema):  # `???` in an option: the user must set it; a later check says how
+        merged[name] = None
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:  # the schema holds no values: a key no option sets (e.g. a --config-dir option of the user's)
         raise UserError(
@@ -202,6 +204,15 @@ def to_schema(node: Any, schema: type, key: str) -> Any:
             f"or start the option's defaults list with a packaged {key} option (`shelltrain --help` lists them)"
         )
     return OmegaConf.to_object(merged)
+
+
+def _set_mandatory(values: Any, schema: type) -> list[str]:
+    """The keys an option marks `???` (data.root of data=imagefolder) whose type takes null: left for the group's own
+    check, which names what the key must hold (and a task that does not read it need not set it)."""
+    if not isinstance(values, dict):
+        return []
+    fields = schema.__dataclass_fields__
+    return [k for k, v in values.items() if v == "???" and k in fields and "Optional" in str(fields[k].type)]
 
 
 def wrong_type(exc: ValidationError, prefix: str = "") -> str:

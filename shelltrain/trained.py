@@ -25,7 +25,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import OmegaConf
 from torch import nn
 
-from shelltrain import rundir
+from shelltrain import prune, rundir
 from shelltrain.calibration import with_temperature
 from shelltrain.checkpoint import load_checkpoint
 from shelltrain.engine import monitor_mode
@@ -34,7 +34,6 @@ from shelltrain.fusion import FusedModel
 from shelltrain.models import build_model
 from shelltrain.placement import eval_settings, is_quantized
 from shelltrain.preprocess import InputAdapter, Preprocessing
-from shelltrain.prune import rebuild
 from shelltrain.schema import TrainerConfig
 from shelltrain.schema_values import ENSEMBLE_RULES
 from shelltrain.silence import quiet
@@ -137,7 +136,7 @@ def resolve(spec: str | Path, key: str) -> tuple[Path, str]:
     path = _absolute(base)
     if not path.exists():
         raise UserError(f"{key}: '{path}' does not exist; give a shelltrain run directory or checkpoint file")
-    if path.is_file() or rundir.ensemble_dir(path) is not None and not suffix:
+    if not path.is_dir() or rundir.ensemble_dir(path) is not None and not suffix:  # a file (or a device: refused)
         if suffix:
             raise UserError(f"{key}: '@{suffix}' selects a run directory's weights; give the run directory, not a file")
         return path, "best" if path.name != rundir.LAST else "last"
@@ -179,7 +178,7 @@ def rebuild_architecture(
 ) -> nn.Module:
     """`model` (freshly built from the config) turned into the architecture the checkpoint records: its pruning
     history replayed (removed blocks and channels, int8 conversion) on `example_inputs` (default: zeros)."""
-    return rebuild(model, checkpoint, example_inputs) if "pruning" in checkpoint else model
+    return prune.rebuild(model, checkpoint, example_inputs) if "pruning" in checkpoint else model
 
 
 def read_ensemble(directory: Path) -> dict[str, Any]:
