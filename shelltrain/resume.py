@@ -179,7 +179,7 @@ def _output_root(hydra_cfg: Any, fresh_dir: Path) -> Path:
         fixed.append(part)
     if not fixed:
         return fresh_dir.parent
-    return _launch_dir(hydra_cfg) / Path(*fixed)
+    return rundir.normalized(_launch_dir(hydra_cfg) / Path(*fixed))
 
 
 def _launch_dir(hydra_cfg: Any) -> Path:
