@@ -124,6 +124,11 @@ def _in_use_message(cfg: DictConfig, run_dir: Path) -> str:
             f"hydra.run.dir '{run_dir}' holds another job's records, which task={cfg.task} would overwrite; "
             f"give it a free directory, e.g. hydra.run.dir={free}"
         )
+    if not rundir.has_checkpoint(run_dir):
+        return (
+            f"hydra.run.dir '{run_dir}' holds the records of a run that stopped before its first checkpoint (nothing "
+            f"to resume); start again in a free directory, e.g. hydra.run.dir={free}, or delete '{run_dir}'"
+        )
     return (
         f"hydra.run.dir '{run_dir}' already holds a run; continue it with trainer.resume={run_dir}, "
         f"or start a new one in a free directory, e.g. hydra.run.dir={free}"

@@ -17,7 +17,8 @@ from shelltrain.checkpoint import checkpoint_payload, save_checkpoint
 from shelltrain.console import say
 from shelltrain.data import DataBundle
 from shelltrain.distill import Distiller
-from shelltrain.engine import Callback, TrainState, fit, monitor_mode
+from shelltrain.engine import Callback, NonFiniteLoss, TrainState, fit, monitor_mode
+from shelltrain.errors import UserError
 from shelltrain.optim import build_optimizer, build_scheduler
 from shelltrain.placement import place
 from shelltrain.progress import ConsoleProgress
@@ -102,8 +103,15 @@ def finetuner(
         schedule = build_scheduler(
             scaled.scheduler, optimizer, epochs, steps_per_epoch(len(data.train), run), monitor_mode(run.monitor)
         )
-        progress = ConsoleProgress(console, epochs, label=label)
-        return fit(model, data.train, data.val, optimizer, schedule, run, callbacks=[progress, *callbacks], loss=loss)
+        callbacks = [ConsoleProgress(console, epochs, label=label), *callbacks]
+        try:
+            return fit(model, data.train, data.val, optimizer, schedule, run, callbacks=callbacks, loss=loss)
+        except NonFiniteLoss as exc:  # the fine-tune's own rate is the first thing to lower, not optimizer.lr
+            raise UserError(
+                f"prune fine-tune ({label}): {exc}; it trains at optimizer.lr x prune.finetune_lr_mult = "
+                f"{scaled.optimizer.lr:g}: lower prune.finetune_lr_mult (now {cfg.prune.finetune_lr_mult}) or set "
+                "trainer.grad_clip=1.0; the trained model is kept in checkpoints/best.pt"
+            ) from None
 
     return finetune
 

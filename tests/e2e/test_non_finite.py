@@ -46,3 +46,13 @@ def test_a_non_finite_stop_keeps_only_finite_checkpoints_and_the_named_one_resum
         run_in_process(tmp_path / "resumed", *EXPLODING, f"trainer.resume={named.group(1)}")
     step = int(re.search(r"at epoch \d+, step (\d+)", str(again.value)).group(1))
     assert step > int(named.group(3)) and all(finite(p) for p in run.rglob("*.pt"))
+
+
+def test_a_non_finite_prune_fine_tune_names_its_own_rate_and_keeps_the_trained_model(tmp_path):
+    run = tmp_path / "run"
+    exploding_finetune = ["prune=magnitude", "prune.finetune_epochs=1", "prune.finetune_lr_mult=1e8"]
+    with pytest.raises(UserError, match=r"prune fine-tune .*lower prune.finetune_lr_mult \(now 100000000"):
+        run_in_process(
+            run, *EXPLODING[:7], "optimizer.lr=0.01", "scheduler=none", "trainer.epochs=1", *exploding_finetune
+        )
+    assert finite(run / "checkpoints/best.pt")

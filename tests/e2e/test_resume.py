@@ -491,3 +491,12 @@ def test_metrics_sync_restores_a_row_lost_in_a_crash(tmp_path):
     before = (tmp_path / "metrics.csv").read_text()
     metrics.sync(history)  # already in sync: untouched
     assert (tmp_path / "metrics.csv").read_text() == before
+
+
+def test_a_run_dir_stopped_before_its_first_checkpoint_is_not_offered_for_resume(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)  # what a run killed while it built its data leaves
+    (run / "train.log").write_text("a run killed while it built its data\n")
+    refused = shelltrain_forked("model=cnn", "model.width=8", "debug=smoke", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert refused.returncode == 2 and "stopped before its first checkpoint" in refused.stderr
+    assert "trainer.resume" not in refused.stderr
