@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from shelltrain import rundir
+from shelltrain import rundir, summary
 from shelltrain.console import print_summary, say
 from shelltrain.engine import autocast, criterion
 from shelltrain.errors import UserError
@@ -51,16 +51,17 @@ def report_ramp(
     say why and raise UserError (the files stay, for a look at the curve)."""
     options = cfg.lr_find
     found = choice["suggested_lr"] is not None
-    report = {"status": "completed" if found else "failed", "task": "lr_find", **choice, "steps_run": len(rows)}
+    report = {"task": "lr_find", **choice, "steps_run": len(rows)}
     report.update(start_lr=options.start_lr, end_lr=options.end_lr, steps=options.steps)
     if not found:
         report["error"] = f"lr_find: no good learning rate found: {choice['no_suggestion']}"
-    rundir.write_json({**report, "rows": rows}, rundir.lr_find_report(run_dir))
+    status = "completed" if found else "failed"
+    rundir.write_json({"status": status, **report, "rows": rows}, rundir.lr_find_report(run_dir))
     if cfg.plots and rows:
         plot_lr_find(rows, choice["suggested_lr"], rundir.lr_find_plot(run_dir))
-    summary = {**report, "wall_seconds": round(time.perf_counter() - started, 3), "run_dir": str(run_dir)}
-    rundir.write_json(summary, rundir.summary(run_dir))
-    print_summary(console, summary)
+    result = summary.build(report, run_dir, started, status=status)
+    summary.write(result, run_dir)
+    print_summary(console, result)
     if not found:
         raise UserError(report["error"])
     where = rundir.lr_find_report(run_dir)
