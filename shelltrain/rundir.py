@@ -207,7 +207,9 @@ class KeepRecords(Callback):
     already holds records, a job's record goes to `.hydra/<label>-<n>/` and the original files stay as they were
     (the CLI then refuses the job unless it resumes that run). A sweep cannot be told per job; re-running into
     a sweep directory that holds jobs is refused before Hydra writes anything, unless it resumes them
-    (trainer.resume=auto), and each resumed job's new record is moved beside the original one.
+    (trainer.resume=auto): a resumed job's numbered directory gets its original record back at once and the job
+    is a guest there until resuming finds its own run (resume_auto). A run inside a directory another process
+    holds (a running sweep) is refused.
     """
 
     def __init__(self) -> None:
