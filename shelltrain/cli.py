@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from shelltrain import launch, rundir, signals, summary, sweep
+from shelltrain import job_records, launch, rundir, signals, summary, sweep
 from shelltrain.cli_help import print_help
 from shelltrain.errors import EXIT_USER_ERROR, GateMissed, Interrupted, UserError
 from shelltrain.explain import explain
@@ -322,7 +322,7 @@ def _record_failure(run_dir: Path, exc: BaseException, started: float) -> None:
         "error_type": type(exc).__name__,
         "wall_seconds": summary.read(run_dir).get("wall_seconds", round(time.perf_counter() - started, 3)),
     }
-    if not isinstance(exc, UserError):  # a bug: keep the traceback next to the job for the report
+    if not isinstance(exc, UserError) and not job_records.borrowed(run_dir):  # a bug: the traceback beside the job
         import traceback
 
         try:
