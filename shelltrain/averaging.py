@@ -34,7 +34,7 @@ from shelltrain.optim import Schedule
 from shelltrain.placement import place
 from shelltrain.rng import epoch_seed
 from shelltrain.schema import EmaConfig, SwaConfig, TrainerConfig
-from shelltrain.tta import with_tta
+from shelltrain.tta import tested_with_tta, with_tta
 
 
 class Averager(Callback):
@@ -113,10 +113,9 @@ def ema_test_metrics(
     averaged = copy.deepcopy(model)
     averaged.load_state_dict(averaged_weights(ema))
     save_checkpoint({**extra, "model": averaged.state_dict()}, rundir.weights_checkpoint(run_dir, "ema"))
-    tested = with_tta(averaged, settings.test_tta)
-    logits, targets = predict(tested, test_loader, settings, limit=settings.limit_test_batches)
+    figures, _, _ = tested_with_tta(averaged, test_loader, settings, "ema_test")
     best_val = {f"best_{key}": best_row[key] for key in ("ema_val_acc", "ema_val_loss") if key in best_row}
-    return {**split_metrics(logits, targets, settings, "ema_test"), **best_val}
+    return {**figures, **best_val}
 
 
 class SwaAverager(Averager):

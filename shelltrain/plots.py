@@ -30,23 +30,27 @@ def write_run_plots(
     confusion: torch.Tensor,
     classes: Sequence[str],
     best_epoch: int | None = None,
+    title: str = "test",
 ) -> list[Path]:
-    """plots/curves.png (when any epoch ran) and plots/confusion_matrix.png; returns the files written."""
+    """plots/curves.png (when any epoch ran) and plots/confusion_matrix.png (`title` names what it shows); returns
+    the files written."""
     written = []
     if history:
         written.append(plot_curves(history, Path(run_dir) / rundir.PLOTS / "curves.png", best_epoch))
-    written.append(plot_confusion_matrix(confusion, classes, Path(run_dir) / rundir.PLOTS / "confusion_matrix.png"))
+    matrix = Path(run_dir) / rundir.PLOTS / "confusion_matrix.png"
+    written.append(plot_confusion_matrix(confusion, classes, matrix, title))
     return written
 
 
 def plot_curves(history: Sequence[dict[str, float]], path: Path, best_epoch: int | None = None) -> Path:
-    """Loss and accuracy for train and val, and the learning rate, per epoch (rows as in metrics.csv);
-    a dotted line marks `best_epoch`."""
+    """Loss and accuracy for train and val (and the EMA weights' val, trainer.ema), and the learning rate, per epoch
+    (rows as in metrics.csv); a dotted line marks `best_epoch`."""
     fig, axes = _figure(1, 3, width=13.5, height=3.8)
     epochs = [int(row["epoch"]) for row in history]
     marker = "o" if len(epochs) <= MARKER_LIMIT else None
+    splits = [("train", "-"), ("val", "--")] + ([("ema_val", ":")] if "ema_val_acc" in history[0] else [])
     for ax, metric, title in ((axes[0], "loss", "Loss"), (axes[1], "acc", "Accuracy")):
-        for split, style in (("train", "-"), ("val", "--")):
+        for split, style in splits:
             values = [_number(row.get(f"{split}_{metric}")) for row in history]
             ax.plot(epochs, values, style, marker=marker, markersize=3, label=split)
         ax.set_title(title)

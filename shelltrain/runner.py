@@ -27,12 +27,12 @@ from shelltrain.data import DataBundle, build_data, cv_fold
 from shelltrain.data.balance import balanced_loss
 from shelltrain.data.transforms import describe_preprocessing
 from shelltrain.distill import make_distiller
-from shelltrain.engine import NonFiniteLoss, TrainState, evaluate, fit, make_scaler, monitor_mode, predict
+from shelltrain.engine import NonFiniteLoss, TrainState, evaluate, fit, make_scaler, monitor_mode
 from shelltrain.environment import provenance, resolve_device, seed_everything
 from shelltrain.errors import Interrupted, UserError
 from shelltrain.finetune import make_policy, transfer_log, transfer_summary
 from shelltrain.loggers import Loggers, build_loggers
-from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
+from shelltrain.metrics import confusion_matrix, per_class_metrics
 from shelltrain.models import build_model, count_parameters, first_forward
 from shelltrain.optim import Schedule, build_optimizer, build_scheduler
 from shelltrain.placement import eval_settings
@@ -56,7 +56,7 @@ from shelltrain.schema import TrainerConfig, trainer_config
 from shelltrain.signals import GracefulStop
 from shelltrain.silence import quiet
 from shelltrain.transfer import follow_weights, load_weights, open_weights
-from shelltrain.tta import with_tta
+from shelltrain.tta import tested_with_tta
 
 log = logging.getLogger("shelltrain")
 
@@ -313,12 +313,11 @@ def test(
     cfg: DictConfig, job: Job, state: TrainState, pruned: PruneResult | None, run_dir: Path, started: float
 ) -> tuple[dict[str, Any], torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The model on the test split: summary.json's figures, the confusion matrix and the (logits, targets)."""
-    tested = with_tta(job.model, job.settings.test_tta)  # trainer.test_tta: logits averaged over views
-    logits, targets = predict(tested, job.data.test, job.settings, limit=cfg.trainer.limit_test_batches)
+    plain, logits, targets = tested_with_tta(job.model, job.data.test, job.settings, "test")  # + trainer.test_tta's
     confusion = confusion_matrix(logits, targets, job.data.num_classes)
     best_row = state.history[state.best_epoch - 1] if state.best_epoch else {}
     figures: dict[str, Any] = {
-        **split_metrics(logits, targets, job.settings, "test"),
+        **plain,
         "best_val_acc": best_row.get("val_acc"),
         "best_val_loss": best_row.get("val_loss"),
         "best_epoch": state.best_epoch,
@@ -357,7 +356,8 @@ def report(
     """summary.json, the loggers' last word, the plots and the table."""
     summary.write(result, run_dir)
     if cfg.plots:
-        write_run_plots(run_dir, state.history, confusion, classes, state.best_epoch)
+        title = f"test, without test_tta={result['test_tta']}" if result.get("test_tta") else "test"
+        write_run_plots(run_dir, state.history, confusion, classes, state.best_epoch, title)
     loggers.finish(result)  # after the plots: a logger may upload them
     print_summary(console, result, cfg.report.per_job)
     say(console, f"run directory: [bold]{run_dir}[/bold]")
