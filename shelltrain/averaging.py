@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +56,14 @@ class Averager(Callback):
         return self
 
 
+START_WEIGHT_WARNING = 0.5  # warn when the first weights keep more than this share of the average at the end
+
+
 class EmaAverager(Averager):
-    """EMA_0 = W_1 (the weights after the first update step), then EMA = d * EMA + (1 - d) * W every
-    `every_n_steps` optimizer steps. With `warmup_steps` W > 0 the decay at step t is d * min(1, t / W): early
-    averages follow the fast-moving weights instead of remembering the random start."""
+    """EMA_0 = W_1 (the weights after the first update step), then EMA = d_t * EMA + (1 - d_t) * W every
+    `every_n_steps` optimizer steps. With `warmup` (the default, as timm's EMA) d_t = min(d, (1 + t) / (10 + t)):
+    a run of few steps averages its recent weights instead of keeping mostly the random start (which d^steps
+    would). With `warmup_steps` W > 0 the decay is also scaled by min(1, t / W)."""
 
     key = "ema"
 
@@ -77,8 +81,7 @@ class EmaAverager(Averager):
     def on_step(self, state: TrainState) -> None:
         if state.step % self.ema.every_n_steps:
             return
-        if self.ema.warmup_steps > 0:
-            self.decay = float(self.ema.decay) * min(1.0, state.step / self.ema.warmup_steps)
+        self.decay = ema_decay(self.ema, state.step)
         self.averaged.update_parameters(self.model)
 
     def on_validation_end(self, row: dict[str, float]) -> None:
@@ -86,12 +89,45 @@ class EmaAverager(Averager):
         row["ema_val_loss"], row["ema_val_acc"] = val["loss"], val["acc"]
 
 
+def ema_decay(ema: EmaConfig, step: int) -> float:
+    """The decay of the update at optimizer step `step` (trainer.ema.decay, warmup, warmup_steps)."""
+    decay = float(ema.decay)
+    if ema.warmup:
+        decay = min(decay, (1 + step) / (10 + step))
+    if ema.warmup_steps > 0:
+        decay *= min(1.0, step / ema.warmup_steps)
+    return decay
+
+
+def start_weight(ema: EmaConfig, steps: int) -> float:
+    """The share of the average the first weights still hold after `steps` optimizer steps: the product of the
+    decays of every update after the first (which copies the weights)."""
+    share = 1.0
+    for step in range(2 * ema.every_n_steps, steps + 1, ema.every_n_steps):
+        share *= ema_decay(ema, step)
+    return share
+
+
 def build_averager(
-    ema: EmaConfig, model: nn.Module, val_loader: DataLoader, settings: TrainerConfig, payload: dict[str, Any] | None
+    ema: EmaConfig,
+    model: nn.Module,
+    val_loader: DataLoader,
+    settings: TrainerConfig,
+    payload: dict[str, Any] | None,
+    steps: int,
+    notify: Callable[[str], None],
 ) -> EmaAverager | None:
-    """The EMA callback when trainer.ema.decay is set, continuing the average a resumed checkpoint carries."""
+    """The EMA callback when trainer.ema.decay is set, continuing the average a resumed checkpoint carries;
+    `notify` says when the run's `steps` optimizer steps leave most of the average on the starting weights."""
     if ema.decay is None:
         return None
+    kept = start_weight(ema, steps)
+    if kept > START_WEIGHT_WARNING:
+        notify(
+            f"warning: trainer.ema.decay={ema.decay} over this run's {steps} optimizer steps leaves {kept:.0%} of "
+            "the average on the starting weights, so ema_* figures describe mostly an untrained model; set "
+            f"trainer.ema.warmup=true or a lower decay (e.g. trainer.ema.decay={0.1 ** (1 / max(steps, 1)):.3g})"
+        )
     return EmaAverager(model, val_loader, settings, ema).resume(payload)
 
 

@@ -106,6 +106,15 @@ METRIC_COLUMNS = [
     "seconds",
     "images_per_second",
 ]
+EMA_COLUMNS = ["ema_val_loss", "ema_val_acc"]  # after val_acc, in runs with trainer.ema
+
+
+def metric_columns(row: dict[str, float]) -> list[str]:
+    """metrics.csv's columns: the fixed ones, and the EMA weights' val figures in a run that measures them."""
+    if not all(key in row for key in EMA_COLUMNS):
+        return METRIC_COLUMNS
+    at = METRIC_COLUMNS.index("val_acc") + 1
+    return [*METRIC_COLUMNS[:at], *EMA_COLUMNS, *METRIC_COLUMNS[at:]]
 
 
 class MetricsCSV:
@@ -118,10 +127,11 @@ class MetricsCSV:
         """The file with `row` added, rewritten atomically (a full disk never leaves half a row)."""
         before = self.path.read_bytes().decode() if self.path.exists() else ""  # as written: \r\n line ends
         text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        columns = metric_columns(row)
+        writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
         if not before:
             writer.writeheader()
-        writer.writerow({k: figure(row.get(k)) for k in METRIC_COLUMNS})
+        writer.writerow({k: figure(row.get(k)) for k in columns})
         write_text(before + text.getvalue(), self.path)
 
     def sync(self, rows: list[dict[str, float]]) -> None:
@@ -136,10 +146,11 @@ class MetricsCSV:
         if present == [figure(row.get("epoch")) for row in rows]:
             return
         text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        columns = metric_columns(rows[0] if rows else {})
+        writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: figure(row.get(k)) for k in METRIC_COLUMNS})
+            writer.writerow({k: figure(row.get(k)) for k in columns})
         write_text(text.getvalue(), self.path)
 
 

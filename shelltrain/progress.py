@@ -48,9 +48,12 @@ class ConsoleProgress(Callback):
             self.progress.stop()
             self.progress = None
         mark = " *" if improved else ""
+        ema = ""  # trainer.ema: the averaged weights' val figures beside the model's
+        if "ema_val_acc" in row:
+            ema = f"ema_val_loss {row['ema_val_loss']:.4f}  ema_val_acc {row['ema_val_acc']:.4f}  "
         say(
             self.console,
             f"{self.label}epoch {int(row['epoch'])}/{self.epochs}  train_loss {row['train_loss']:.4f}  "
             f"train_acc {row['train_acc']:.4f}  val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:.4f}  "
-            f"lr {row['lr']:.3g}  {row['images_per_second']:,.0f} img/s  {row['seconds']:.1f}s{mark}",
+            f"{ema}lr {row['lr']:.3g}  {row['images_per_second']:,.0f} img/s  {row['seconds']:.1f}s{mark}",
         )

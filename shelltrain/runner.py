@@ -128,6 +128,7 @@ class Job:
     params: int
     extra: dict[str, Any]  # what every checkpoint carries besides the training state
     loss: Any = None  # the training loss in place of the engine's criterion (distill.Distiller), or None
+    best_model: dict[str, torch.Tensor] | None = None  # the selected epoch's weights when this process trained it
 
 
 def build(cfg: DictConfig, fold: tuple[int, int] | None, overrides: list[str], console: Any) -> Job:
@@ -215,7 +216,10 @@ def train(
         if not resume.in_place and main:
             seed_new_run_dir(resume.checkpoint, state, run_dir)
     loggers.start(job.extra["config"])
-    averager = build_averager(job.settings.ema, job.model, job.data.val, job.settings, payload)
+    steps = job.settings.epochs * steps_per_epoch(len(job.data.train), job.settings)
+    averager = build_averager(
+        job.settings.ema, job.model, job.data.val, job.settings, payload, steps, lambda line: say(console, line)
+    )
     swa, job.schedule = build_swa(job.settings.swa, job.model, job.optimizer, job.schedule, payload)  # trainer.swa
     checkpointer = Checkpointer(
         run_dir,
@@ -254,6 +258,7 @@ def train(
         raise UserError(_record_non_finite(exc, cfg, run_dir)) from None
     if stop.requested or stop.signum is not None:
         _stopped(stop.signum or signal.SIGTERM, state, run_dir)  # under DDP another rank may have had the signal
+    job.best_model = checkpointer.best_model
     return state
 
 
@@ -292,8 +297,11 @@ def _record_non_finite(exc: NonFiniteLoss, cfg: DictConfig, run_dir: Path) -> st
 
 
 def restore_best(job: Job, state: TrainState, run_dir: Path) -> None:
-    """The model the run stands for is the selected epoch's (best.pt), not the last one trained."""
-    if state.epoch > 0 and rundir.best_checkpoint(run_dir).exists():
+    """The model the run stands for is the selected epoch's (best.pt), not the last one trained: kept in memory when
+    this process trained that epoch, read from best.pt when an earlier process did (a resumed run)."""
+    if job.best_model is not None:
+        job.model.load_state_dict(job.best_model)
+    elif state.epoch > 0 and rundir.best_checkpoint(run_dir).exists():
         job.model.load_state_dict(load_checkpoint(rundir.best_checkpoint(run_dir))["model"])
 
 

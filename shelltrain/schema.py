@@ -53,6 +53,7 @@ class EmaConfig:
 
     decay: Optional[float]
     every_n_steps: int
+    warmup: bool
     warmup_steps: int
 
     def check(self) -> None:
