@@ -7,8 +7,10 @@ imports point from the schemas to here only."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
@@ -231,3 +233,20 @@ def wrong_type(exc: ValidationError, prefix: str = "") -> str:
 def uses_ensemble(cfg: DictConfig) -> bool:
     """Whether a run fuses members: a rule is chosen, or model.weights names an ensemble run directory."""
     return cfg.ensemble.name != "none" or ensemble_dir(cfg.model.get("weights")) is not None
+
+
+PRUNE_LIST = re.compile(r"^\+{0,2}prune=\[(?P<methods>.*)\]$")
+
+
+def check_prune_list() -> None:
+    """`prune=[structured,quantize]` would compose into the last method alone (Hydra merges a list of options), so
+    the first would silently not run: refused, naming prune.then, which chains methods."""
+    overrides = [str(o) for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
+    for override in overrides:
+        found = PRUNE_LIST.match(override.replace(" ", ""))
+        first, *rest = found["methods"].split(",") if found else [""]
+        if rest:
+            raise UserError(
+                f"{override}: prune takes one method; give the first and chain the others with prune.then: "
+                f"prune={first} prune.then=[{','.join(rest)}]"
+            )

@@ -31,6 +31,7 @@ from shelltrain.checks import (
     check_gates,
     check_loggers,
     check_optimizer,
+    check_prune_list,
     check_scheduler,
     check_structured_support,
     check_task,
@@ -408,6 +409,7 @@ def validate(cfg: DictConfig) -> None:
     check_data(cfg.data, files=cfg.task in ("train", "evaluate"))  # predict/export read no dataset
     to_schema(cfg.finetune, FinetuneConfig, "finetune").check()
     check_optimizer(cfg.optimizer)
+    check_prune_list()
     prune = to_schema(cfg.prune, PruneConfig, "prune")
     prune.check()
     ensemble = to_schema(cfg.ensemble, EnsembleConfig, "ensemble")

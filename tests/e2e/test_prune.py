@@ -329,6 +329,15 @@ def test_impossible_requests_fail_before_training(tmp_path, overrides, message):
     assert not (tmp_path / "metrics.csv").exists()  # no epoch was spent
 
 
+def test_a_list_of_prune_methods_names_prune_then_instead_of_running_only_the_last(tmp_path):
+    """Hydra merges prune=[structured,quantize] into quantize alone; the run is refused before training."""
+    with pytest.raises(UserError) as refused:
+        run_in_process(tmp_path, *CNN, "prune=[structured,quantize]")
+    message = str(refused.value)
+    assert "prune=structured prune.then=[quantize]" in message and "\n" not in message
+    assert not (tmp_path / "metrics.csv").exists()
+
+
 @pytest.mark.parametrize("method", ["structured", "quantize"])
 def test_headline_figures_and_gates_describe_the_saved_pruned_model(tmp_path, capsys, method):
     unpruned = sum(p.numel() for p in build_model(compose_config(*CNN).model, 10, 1).parameters())
