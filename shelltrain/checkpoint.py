@@ -241,6 +241,7 @@ class Checkpointer(Callback):
         self.write = write
         self.averager = averager  # averaging.EmaAverager or None: its state travels in every checkpoint
         self.swa = swa  # averaging.SwaAverager or None: likewise
+        self.best_model: dict[str, torch.Tensor] | None = None  # best.pt's weights, kept in memory (rank 0)
 
     def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None:
         self._refuse_non_finite(epoch=state.epoch, step=state.step)
@@ -253,6 +254,7 @@ class Checkpointer(Callback):
         write_atomic(data, last_checkpoint(self.run_dir))
         if improved:
             write_atomic(self._best(payload, data), best_checkpoint(self.run_dir))
+            self.best_model = {k: v.detach().to("cpu", copy=True) for k, v in self._best_state(payload).items()}
         if self.keep > 0:
             self._retain(state, data)
 
@@ -266,7 +268,10 @@ class Checkpointer(Callback):
         """best.pt holds the model trainer.monitor selected: the averaged weights when it is an ema_ metric."""
         if not self.monitor.startswith("ema_"):
             return data
-        return serialize({**payload, "model": self.averager.averaged.module.state_dict()})
+        return serialize({**payload, "model": self._best_state(payload)})
+
+    def _best_state(self, payload: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.averager.averaged.module.state_dict() if self.monitor.startswith("ema_") else payload["model"]
 
     def _refuse_non_finite(self, epoch: int, step: int) -> None:
         """Never write a checkpoint whose weights or optimizer state hold NaN or infinity: the loss is checked
