@@ -36,8 +36,8 @@ from shelltrain.placement import is_quantized
 from shelltrain.prune import layer, ptq, structured, unstructured
 from shelltrain.prune import quantize as quantization
 from shelltrain.prune.context import Context, Finetune, Outcome, chosen_names
-from shelltrain.prune.measure import LatencySpec, cpu_copy, device_of, measure, measure_latency, torch_pruning
-from shelltrain.prune.report import build_report, describe
+from shelltrain.prune.measure import LatencySpec, cpu_copy, device_of, latency_figures, measure, torch_pruning
+from shelltrain.prune.report import NOISY_SPREAD, build_report, describe
 from shelltrain.schema import TrainerConfig
 from shelltrain.schema_values import PRUNE_SCHEDULES
 
@@ -94,9 +94,7 @@ def prune_model(
     final = outcome.model.eval()
     result = cpu_copy(final)
     after = measure(result, shape, macs_model=outcome.macs_model)
-    before["latency_ms"], after["latency_ms"] = measure_latency(
-        [original, result], shape, latency, settings.channels_last
-    )
+    _time_side_by_side([original, result], shape, (before, after), latency, settings.channels_last, say)
     acc_after = ctx.accuracy(final, test=True)
     ops = [*getattr(model, PRIOR_OPS, []), *outcome.ops]
     setattr(final, PRIOR_OPS, ops)
@@ -112,6 +110,27 @@ def prune_model(
     for note in outcome.notes:
         say(f"prune: {note}")
     return PruneResult(final, report, {"method": cfg.name, "ops": ops})
+
+
+def _time_side_by_side(
+    models: list[nn.Module],
+    shape: tuple[int, ...],
+    into: tuple[dict[str, Any], ...],
+    spec: LatencySpec,
+    channels_last: bool,
+    say: Callable[[str], None],
+) -> None:
+    """`latency_ms` (median of interleaved repeats) and `latency_spread` of each model into its figures (`into`);
+    a spread too large for the speed-up to mean much is said in one line."""
+    figures = latency_figures(models, shape, spec, channels_last)
+    for measured, latency in zip(into, figures):
+        measured["latency_ms"], measured["latency_spread"] = latency.median_ms, latency.spread
+    spread = max(f.spread for f in figures)
+    if spread > NOISY_SPREAD:
+        say(
+            f"prune: warning: the CPU latency repeats spread by {spread:.0%} of their median (the machine was busy); "
+            f"the speed-up is uncertain: raise prune.latency_repeats (now {spec.repeats}) or time on an idle machine"
+        )
 
 
 def preflight(cfg: DictConfig, model: nn.Module, example: torch.Tensor, arch: str | None = None) -> None:

@@ -59,13 +59,20 @@ def measure(model: nn.Module, input_shape: tuple[int, ...], macs_model: nn.Modul
     }
 
 
-def measure_latency(
-    models: list[nn.Module], input_shape: tuple[int, ...], spec: LatencySpec, channels_last: bool = False
-) -> list[float]:
-    """Median CPU forward time in ms of each model on one fixed random batch, with `spec.threads` threads.
+@dataclass
+class Latency:
+    """One model's CPU forward time: the median of the interleaved repeats, and how far the repeats spread."""
 
-    The models take turns within every repeat, so a busy machine slows them alike and the ratio holds.
-    """
+    median_ms: float
+    spread: float  # the repeats' interquartile range / median: 0.1 = the middle half lies within 10% of it
+
+
+def latency_figures(
+    models: list[nn.Module], input_shape: tuple[int, ...], spec: LatencySpec, channels_last: bool = False
+) -> list[Latency]:
+    """Each model's CPU forward time on one fixed random batch, with `spec.threads` threads: the median of
+    `spec.repeats` timings and their spread. The models take turns within every repeat, so a busy machine slows
+    them alike and the ratio holds; the spread says how busy it was."""
     models = [m.cpu().eval() for m in models]
     x = torch.randn((spec.batch, *input_shape), generator=torch.Generator().manual_seed(0))
     if channels_last and x.ndim == 4:
@@ -84,7 +91,20 @@ def measure_latency(
                         record.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
-    return [statistics.median(t) * 1000 for t in times]
+    return [_latency(t) for t in times]
+
+
+def _latency(seconds: list[float]) -> Latency:
+    median = statistics.median(seconds)
+    low, _, high = statistics.quantiles(seconds, n=4, method="inclusive") if len(seconds) > 1 else seconds * 3
+    return Latency(median * 1000, (high - low) / median if median else 0.0)
+
+
+def measure_latency(
+    models: list[nn.Module], input_shape: tuple[int, ...], spec: LatencySpec, channels_last: bool = False
+) -> list[float]:
+    """The median CPU forward time in ms of each model (`latency_figures` without the spread)."""
+    return [f.median_ms for f in latency_figures(models, input_shape, spec, channels_last)]
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:

@@ -17,7 +17,7 @@ NOTES = {
     "dynamic": "dynamic int8 for Linear layers only (activations quantized per batch); convolutions stay float; "
     "runs on the CPU only",
     "fake": "weights rounded to {bits} bits but stored as float32: shows the accuracy cost of k-bit weights, "
-    "no size or speed change",
+    "no size change",
 }
 
 

@@ -13,6 +13,8 @@ from shelltrain import rundir
 from shelltrain.plots import plot_tradeoff
 from shelltrain.prune.context import Context, Outcome
 
+NOISY_SPREAD = 0.25  # a latency whose repeats spread by more than this share of their median is flagged
+
 TRADEOFF_PLOT = "prune_tradeoff.png"
 
 
@@ -104,10 +106,21 @@ def describe(report: dict[str, Any]) -> str:
         f"prune: {report['method']} ({report['schedule']}): params {_si(b['params'])} -> {_si(a['params'])} "
         f"({c['params']:.2f}x), sparsity {a['sparsity']:.3f}, MACs {_si(b['macs'])} -> {_si(a['macs'])}, "
         f"size {b['size_bytes'] / 1e6:.2f} -> {a['size_bytes'] / 1e6:.2f} MB ({c['size']:.2f}x), "
-        f"CPU latency {b['latency_ms']:.1f} -> {a['latency_ms']:.1f} ms (speed-up {c['speedup']:.2f}x), "
+        f"CPU latency {b['latency_ms']:.1f} -> {a['latency_ms']:.1f} ms ({speed_change(b, a, c['speedup'])}), "
         f"val acc {acc['before']['val']:.4f} -> {steps}, test acc {acc['before']['test']:.4f} -> "
         f"{acc['finetuned']['test']:.4f}"
     )
+
+
+def speed_change(before: dict[str, Any], after: dict[str, Any], speedup: float) -> str:
+    """The measured speed-up in words that never contradict it: faster, slower, or no change the repeats' spread
+    can tell apart from noise."""
+    noise = max(before.get("latency_spread", 0.0), after.get("latency_spread", 0.0))
+    if math.isnan(speedup) or abs(speedup - 1.0) <= noise:
+        return f"no measurable change: {speedup:.2f}x within the repeats' spread of {noise:.0%}"
+    if speedup > 1.0:
+        return f"{speedup:.2f}x faster"
+    return f"{1 / speedup:.2f}x slower"
 
 
 def summary_keys(report: dict[str, Any]) -> dict[str, Any]:
@@ -121,6 +134,7 @@ def summary_keys(report: dict[str, Any]) -> dict[str, Any]:
         "prune_size_ratio": c["size"],
         "prune_speedup": c["speedup"],
         "prune_latency_ms": a["latency_ms"],
+        "prune_latency_spread": a.get("latency_spread"),
         "prune_test_acc_before": acc["before"]["test"],
         "prune_test_acc_pruned": acc["pruned"]["test"],
     }

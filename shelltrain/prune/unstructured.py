@@ -23,8 +23,8 @@ from shelltrain.prune.context import (
 )
 
 NOTE = (
-    "unstructured sparsity: zeros inside dense tensors; size, MACs and latency stay as they were "
-    "(they pay off only with sparse storage or sparse kernels)"
+    "unstructured sparsity: zeros inside dense tensors; size and MACs stay as they were and dense kernels gain "
+    "no speed from zeros (they pay off only with sparse storage or sparse kernels)"
 )
 
 
