@@ -4,6 +4,8 @@ closed list: see `user_source`."""
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 
 import torch
@@ -123,12 +125,26 @@ def sample_files(paths: list[str]) -> tuple[bool, list[int]]:
 def _verify_images(paths: list[str]) -> None:
     """Open every file once so that a broken one is named now, not mid-epoch inside a worker."""
     for path in paths:
+        _check_regular(path)
         try:
             with Image.open(path) as image:
                 image.verify()
         except Exception as e:  # PIL raises OSError, SyntaxError, struct.error... depending on the damage
             message = f"data.root: '{path}' is not a readable image ({one_line(e)}); delete or replace it"
             raise UserError(message) from e
+
+
+def _check_regular(path: str) -> None:
+    """Refuse a named pipe, socket or device among the images: opening a pipe waits for a writer forever."""
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError as e:  # a dangling link, a file removed meanwhile
+        raise UserError(f"data.root: '{path}' cannot be read ({e.strerror or e}); delete or replace it") from e
+    if not regular:
+        raise UserError(
+            f"data.root: '{path}' is not a regular file (a named pipe, socket or device); "
+            "move it out of the image folder"
+        )
 
 
 def decode(path: str, mode: str, key: str = "data.root") -> torch.Tensor:

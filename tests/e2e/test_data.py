@@ -1,6 +1,7 @@
 """build_data on every source and augmentation option, using the real YAML files and tiny real-format datasets."""
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -379,3 +380,21 @@ def test_a_cv_fold_with_workers_draws_per_sample_seeds_too():
     first = all_batches(fold.train)
     fold.train.generator.manual_seed(5)
     assert torch.equal(all_batches(fold.train)[0], first[0]) and len(first[0]) == len(fold.train.dataset)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are a POSIX feature")
+def test_a_named_pipe_among_the_images_is_refused_without_waiting(tmp_path):
+    make_imagefolder(tmp_path, per_class=3)
+    pipe = tmp_path / "train" / "cat" / "pipe.png"
+    os.mkfifo(pipe)  # opening it for reading waits for a writer that never comes
+
+    def too_slow(signum, frame):
+        raise TimeoutError("the image folder's named pipe was opened and the run waits on it")
+
+    previous = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)
+    try:
+        user_error(make_cfg("imagefolder", "none", f"data.root={tmp_path}"), "data.root", str(pipe), "regular file")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
