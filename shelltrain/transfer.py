@@ -13,7 +13,9 @@ Two steps, each a plain function the runner calls in order (what trains when is 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +199,7 @@ def _torchvision_state_dict(source: WeightsSource) -> dict[str, torch.Tensor]:
     import torchvision
 
     file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(source.enum.url)
+    checked = _cached_file_check(file)  # a file already there is not checked by torch.hub; a download is
     try:
         pretrained = torchvision.models.get_model(source.model_name, weights=source.enum)
     except Exception as exc:  # no network (URLError), a corrupt cache file, a planted file of the wrong model
@@ -205,8 +208,29 @@ def _torchvision_state_dict(source: WeightsSource) -> dict[str, torch.Tensor]:
             f"model.weights={source.spec}: cannot load {source.origin} ({reason}); "
             f"without network, put the file at {file} (TORCH_HOME sets the folder)"
         ) from None
-    source.origin = f"{source.origin} ({file})"
+    source.origin = f"{source.origin} ({file}{checked})"
     return pretrained.state_dict()
+
+
+def _cached_file_check(file: Path) -> str:
+    """What the origin line says of a file already in torchvision's cache: torch.hub checks the SHA256 prefix a file
+    name carries (`resnet18-f37072fd.pth`) only when it downloads, so any file put there would pass as the published
+    weights. Checked here: "" for a file about to be downloaded (and checked by torch.hub), else verified or not."""
+    if not file.is_file():
+        return ""
+    found = re.search(r"-([a-f0-9]{8,})\.", file.name)
+    if found is None:
+        return "; UNVERIFIED: its name carries no SHA256 prefix to check"
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest().startswith(found[1]):
+        return f"; SHA256 {found[1]} verified"
+    return (
+        f"; UNVERIFIED: its SHA256 {digest.hexdigest()[: len(found[1])]} is not the {found[1]} torchvision published, "
+        "so these are not torchvision's weights: delete the file to download them"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ discriminative learning rates, and the class-subset / labelled-budget data optio
 
 from __future__ import annotations
 
+import hashlib
 import os
 import urllib.error
 from pathlib import Path
@@ -19,7 +20,7 @@ from shelltrain.finetune import FinetunePolicy, backbone_units
 from shelltrain.models import build_model
 from shelltrain.optim import build_optimizer, build_scheduler
 from shelltrain.schema import defaults
-from shelltrain.transfer import load_weights, open_weights
+from shelltrain.transfer import _cached_file_check, load_weights, open_weights
 
 CNN = ["model=cnn", "model.width=8", "scheduler=none"]
 
@@ -84,6 +85,20 @@ def test_default_resolves_through_torch_home_and_the_head_is_replaced(tmp_path, 
     }
     assert report["missing"] == report["unexpected"] == report["mismatched"] == []
     assert "ResNet18_Weights.IMAGENET1K_V1" in report["origin"] and "resnet18-f37072fd.pth" in report["origin"]
+
+
+def test_a_file_in_the_torchvision_cache_is_checked_against_the_hash_its_name_carries(tmp_path, monkeypatch):
+    """torch.hub checks the SHA256 prefix of a file name only when it downloads; a file planted in the cache (here a
+    random state dict) is said to be unverified on the weights line, and a file whose hash matches is verified."""
+    plant_torchvision_weights(tmp_path / "torch", monkeypatch, "resnet18")
+    _, model, source = model_and_source("model=resnet18", "model.weights=IMAGENET1K_V1")
+    _, report = load_weights(model, source, classes=[str(i) for i in range(10)])
+    assert "UNVERIFIED" in report["origin"] and "not the f37072fd torchvision published" in report["origin"]
+    genuine = tmp_path / "weights.bin"
+    genuine.write_bytes(b"published weights")
+    named = tmp_path / f"net-{hashlib.sha256(genuine.read_bytes()).hexdigest()[:8]}.pth"
+    genuine.rename(named)
+    assert _cached_file_check(named).endswith("verified") and "UNVERIFIED" not in _cached_file_check(named)
 
 
 def test_grey_input_sums_the_first_convolution_over_rgb(tmp_path, monkeypatch):
