@@ -51,6 +51,7 @@ def run_task(
     trained = open_trained(str(cfg.model.weights))
     say(console, f"{cfg.task}: model from [bold]{trained.source}[/bold] ({len(trained.classes)} classes)")
     if cfg.task == "evaluate":
+        cfg = OmegaConf.merge(cfg, {"data": run_data(cfg.data, trained, overrides or [], console)})
         cfg = OmegaConf.merge(cfg, {"data": checkpoint_data(cfg.data, trained.preprocessing, overrides or [], console)})
     task = {"evaluate": evaluate_task, "predict": predict_task, "export": export_task}[cfg.task]
     found, result = task(cfg, run_dir, settings, console, trained)
@@ -164,6 +165,21 @@ def export_task(
 
 
 PREPROCESSING_KEYS = ("image_size", "channels", "mean", "std")
+
+
+def run_data(data: DictConfig, trained: TrainedModel, overrides: list[str], console: Console) -> DictConfig:
+    """The data a run is evaluated on: its own data config (the checkpoint's, so an image folder's root, splits and
+    options need no repeating) unless the command line names another data set; `data.*` keys the command line
+    sets win. Said in one line."""
+    run = (trained.config or {}).get("data")
+    given = [str(o).split("=", 1)[0].lstrip("+~") for o in overrides]
+    if not run or ("data" in given and data.name != run.get("name")):
+        return data  # another data set, named on purpose (or a checkpoint without its config)
+    chosen = {key.split(".")[1] for key in given if key.startswith("data.")}
+    followed = OmegaConf.merge(data, {k: v for k, v in run.items() if k in data and k not in chosen})
+    where = f" (data.root={followed.root})" if followed.get("root") not in (None, "???") else ""
+    say(console, f"data: {followed.name}{where} as the run was trained on; name data=... to evaluate on other data")
+    return followed
 
 
 def checkpoint_data(

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST, compose_config, run_in_process, shelltrain_forked
+from fixtures_data import make_imagefolder
 from PIL import Image
 from torch import nn
 
@@ -212,3 +213,24 @@ def test_evaluate_follows_the_checkpoints_preprocessing(tmp_path):
     chosen = shelltrain_forked("task=evaluate", f"model.weights={run_dir}", "data.image_size=8", *FAST, cwd=tmp_path)
     assert chosen.returncode == 0, chosen.stderr
     assert "data.image_size=8 from the command line; the model was trained with 16" in chosen.stdout
+
+
+def test_evaluate_follows_an_image_folder_runs_data_without_repeating_it(tmp_path, capsys):
+    """An image-folder run (its own root, split seed and test fraction) is evaluated with only model.weights: the
+    run's data config comes from its checkpoint, and its test figures come back exactly."""
+    root = make_imagefolder(tmp_path / "images", per_class=12, size=(12, 12))
+    data = [
+        "data=imagefolder",
+        f"data.root={root}",
+        "data.image_size=12",
+        "data.split_seed=3",
+        "data.test_fraction=0.3",
+    ]
+    run_dir = tmp_path / "run"
+    trained = run_in_process(run_dir, *TRAIN, *data, "data.batch_size=8")
+    again = run_in_process(tmp_path / "eval", "task=evaluate", f"model.weights={run_dir}")
+    assert again["test_acc"] == trained["test_acc"] and again["test_loss"] == trained["test_loss"]
+    assert sum(c["support"] for c in again["per_class"].values()) == sum(
+        c["support"] for c in trained["per_class"].values()
+    )
+    assert f"data: imagefolder (data.root={root}) as the run was trained on" in capsys.readouterr().out
