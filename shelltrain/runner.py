@@ -25,6 +25,7 @@ from shelltrain.checkpoint import Checkpointer, export_state_dict, load_checkpoi
 from shelltrain.console import make_console, print_summary, say
 from shelltrain.data import DataBundle, build_data, cv_fold
 from shelltrain.data.balance import balanced_loss
+from shelltrain.data.notes import training_notes
 from shelltrain.data.transforms import describe_preprocessing
 from shelltrain.distill import make_distiller
 from shelltrain.engine import NonFiniteLoss, TrainState, evaluate, fit, make_scaler, monitor_mode
@@ -192,6 +193,8 @@ def describe(cfg: DictConfig, job: Job, run_dir: Path, console: Any) -> None:
         f"{job.device}{processes}",
     )
     say(console, describe_preprocessing(data, job.stats_from))
+    for line in training_notes(data.train, data.classes, job.data_cfg, cfg.augmentation, job.settings):
+        say(console, line)  # the augmentation, data.imbalance's counts, an epoch of very few steps
     for line in transfer_log(job.weights, job.loaded, job.data_cfg, job.stats_from, job.policy):
         say(console, line)
 

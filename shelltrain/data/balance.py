@@ -73,9 +73,13 @@ def balanced_loss(balance: str, train: DataLoader, num_classes: int) -> Weighted
     """The training loss data.balance asks for: WeightedLoss with `loss_weights`, else None (the engine's)."""
     if balance != "loss_weights":
         return None
-    dataset = train.dataset
+    return WeightedLoss(class_weights(train_labels(train).cpu(), num_classes))
+
+
+def train_labels(train: DataLoader) -> torch.Tensor | None:
+    """The train split's labels (a cross-validation fold's too); None for a data set that does not hold them."""
+    dataset: Any = train.dataset
     if isinstance(dataset, Subset):  # a cross-validation fold of the train split
-        labels = dataset.dataset.labels[torch.as_tensor(dataset.indices, dtype=torch.long)]
-    else:
-        labels = dataset.labels
-    return WeightedLoss(class_weights(labels.cpu(), num_classes))
+        labels = getattr(dataset.dataset, "labels", None)
+        return None if labels is None else labels[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    return getattr(dataset, "labels", None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 
 from conftest import run_in_process
+from fixtures_data import make_imagefolder
 
 TINY = [
     "model=cnn",
@@ -45,3 +46,20 @@ def test_ema_warms_up_by_default_and_warns_when_the_start_dominates(tmp_path, ca
     warning = [line for line in capsys.readouterr().out.splitlines() if "trainer.ema.decay=0.999" in line]
     assert len(warning) == 1 and "of the average on the starting weights" in warning[0], warning
     assert cold["ema_test_acc"] < warmed["ema_test_acc"]
+
+
+def test_a_small_image_folder_with_a_large_batch_is_warned_and_the_log_names_the_data(tmp_path, capsys):
+    """90 images with the image folder's default batch (128) make one optimizer step per epoch: one line says so and
+    names data.batch_size; the log also names the augmentation and, with data.imbalance, the per-class counts."""
+    root = make_imagefolder(tmp_path / "images", per_class=30, size=(12, 12))
+    folder = ["model=cnn", "model.width=8", "data=imagefolder", f"data.root={root}", "data.image_size=12"]
+    run_in_process(tmp_path / "run", *folder, "trainer.epochs=1", "trainer.threads=1", "data.imbalance=3")
+    out = capsys.readouterr().out
+    warning = [line for line in out.splitlines() if "optimizer step" in line]
+    assert len(warning) == 1 and "data.batch_size=128" in warning[0] and "only 1 optimizer step" in warning[0]
+    assert "augmentation: none (no random transforms)" in out
+    counts = next(line for line in out.splitlines() if "train images per class" in line)
+    cat, dog, fox = (int(part.split()[-1]) for part in counts.split(": ")[-1].split(", "))
+    assert cat > dog > fox  # long-tailed: class 0 keeps the most
+    run_in_process(tmp_path / "small", *folder, "trainer.epochs=1", "trainer.threads=1", "data.batch_size=4")
+    assert "optimizer step" not in capsys.readouterr().out  # 15+ steps: no warning

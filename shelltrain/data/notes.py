@@ -1,0 +1,50 @@
+"""What the run's log says about the data it trains on beyond sizes: the augmentation, a long-tailed split's
+per-class counts, and an epoch too short to train (few images against a large batch)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from shelltrain.data.balance import train_labels
+from shelltrain.schema import TrainerConfig
+
+FEW_STEPS = 10  # fewer optimizer steps per epoch than this draws a warning
+WANTED_STEPS = 20  # the suggested batch size gives about this many
+
+
+def training_notes(
+    train: DataLoader, classes: list[str], data: DictConfig, augmentation: DictConfig, settings: TrainerConfig
+) -> list[str]:
+    """The lines the run's log gets about its train split: augmentation, per-class counts with data.imbalance, and
+    a warning when an epoch has very few optimizer steps (a small data set with a large batch barely trains)."""
+    lines = [describe_augmentation(augmentation)]
+    labels = train_labels(train)
+    if data.imbalance is not None and labels is not None:
+        counts = torch.bincount(labels.cpu(), minlength=len(classes)).tolist()
+        listed = ", ".join(f"{name} {count}" for name, count in zip(classes, counts))
+        lines.append(f"data.imbalance={data.imbalance}: train images per class: {listed}")
+    limited = settings.overfit_batches or settings.limit_train_batches  # a chosen short epoch is no trap
+    steps = math.ceil(len(train) / settings.accumulate)
+    if not limited and steps < FEW_STEPS:
+        images = len(train.dataset)
+        suggested = max(1, 2 ** int(math.log2(max(images // (WANTED_STEPS * settings.accumulate), 1))))
+        accumulate = f" x trainer.accumulate={settings.accumulate}" if settings.accumulate > 1 else ""
+        lines.append(
+            f"warning: an epoch is only {steps} optimizer step(s) ({images} train images / data.batch_size="
+            f"{data.batch_size}{accumulate}), too few to train well; set a smaller batch, e.g. "
+            f"data.batch_size={suggested}, or more trainer.epochs"
+        )
+    return lines
+
+
+def describe_augmentation(augmentation: DictConfig) -> str:
+    """The augmentation option and its train transforms by name, mixup/cutmix when on."""
+    names = [str(t.get("_target_", "?")).rsplit(".", 1)[-1] for t in augmentation.get("train") or []]
+    mixing = [f"{key}={augmentation[key]}" for key in ("mixup_alpha", "cutmix_alpha") if augmentation.get(key)]
+    listed = ", ".join(names + mixing) or "no random transforms"
+    return f"augmentation: {augmentation.name} ({listed})"
+
