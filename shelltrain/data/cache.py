@@ -6,8 +6,9 @@ folder), named by the split's root, file list and resize settings; a `.json` bes
 contents: every file's path, size and modification time plus the image size and mode, and with
 `data.cache_check=hash` a blake2b hash of every file's bytes (a change that keeps size and mtime, as `cp -p` and
 many sync tools make, is seen only then). A key that differs (a file changed, added or removed) rebuilds it, and the
-log says so. `disk` reads it memory-mapped (through the page cache,
-for folders larger than memory); `memory` loads it into RAM unless it exceeds `data.cache_max_memory` GiB.
+log says so; so does a damaged array or key file (cut short, overwritten, of another shape). `disk` reads it
+memory-mapped (through the page cache, for folders larger than memory); `memory` loads it into RAM unless it
+exceeds `data.cache_max_memory` GiB.
 
 The build decodes in parallel processes, each writing its share into the memory-mapped temporary file; under a
 file lock (two runs building the same cache wait for one another, and the second reuses the first's), then an
@@ -23,6 +24,7 @@ import hashlib
 import json
 import os
 import time
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import get_context
@@ -42,7 +44,16 @@ CHUNK = 64  # images per task of the parallel build
 HASH_THREADS = 4  # files hashed at once with data.cache_check=hash
 HASH_BLOCK = 1 << 20  # bytes read per call while hashing
 # Failures that mean the cache folder cannot hold the cache (data.cache_dir), not a bug.
-CACHE_DIR_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
+CACHE_DIR_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENOTDIR,
+    errno.EEXIST,
+    errno.EFBIG,
+}
 
 
 def default_cache_dir() -> Path:
@@ -104,7 +115,7 @@ def cached_images(
         lock = FileLock(str(path) + ".lock")
         lock.acquire()
     try:
-        stale = _stale(path, key)
+        stale = _stale(path, key, _shape(paths, mode, size))
         if stale is None:
             say(make_console(), f"data.cache: reused decoded cache {path}")
         else:
@@ -139,17 +150,23 @@ def _in_cache_dir(where: Path) -> Iterator[None]:
         ) from None
 
 
-def _stale(path: Path, key: dict) -> str | None:
+def _stale(path: Path, key: dict, shape: tuple[int, int, int, int]) -> str | None:
     """None when the cache at `path` holds `key`'s images; else why not ("" when there is none yet). A key built
-    with data.cache_check=hash also serves `stat` (its hashes are not compared then)."""
+    with data.cache_check=hash also serves `stat` (its hashes are not compared then). A damaged array or key file
+    (truncated, overwritten, of another shape) is a reason to rebuild, not an error."""
     meta = path.with_suffix(".json")
     if not path.exists() or not meta.exists():
         return ""
-    old = json.loads(meta.read_text())
+    old = _read_key(meta)
+    if old is None:
+        return f"its key file {meta.name} is damaged"
+    damaged = _damaged_array(path, (len(old["files"]), *shape[1:]))  # one row per file of the key it was built for
+    if damaged:
+        return damaged
     width = len(key["files"][0]) if key["files"] else 3
     if key["check"] == "hash" and old.get("check") != "hash":
         return "data.cache_check=hash: the cache was built without the files' hashes"
-    old_files = [entry[:width] for entry in old.get("files", [])]
+    old_files = [entry[:width] for entry in old["files"]]
     settings = {name: value for name, value in key.items() if name not in ("files", "check")}
     if all(old.get(name) == value for name, value in settings.items()) and old_files == key["files"]:
         return None
@@ -158,6 +175,35 @@ def _stale(path: Path, key: dict) -> str | None:
     added, removed = len(now.keys() - before.keys()), len(before.keys() - now.keys())
     changed = sum(1 for name in now.keys() & before.keys() if now[name] != before[name])
     return f"the image files changed since the cache was built ({changed} changed, {added} added, {removed} removed)"
+
+
+def _read_key(meta: Path) -> dict | None:
+    """The key file's contents, or None when it is not a key (cut short, overwritten, not JSON)."""
+    try:
+        old = json.loads(meta.read_text())
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+    files = old.get("files") if isinstance(old, dict) else None
+    if not isinstance(files, list) or not all(isinstance(f, list) and f and isinstance(f[0], str) for f in files):
+        return None
+    return old
+
+
+def _damaged_array(path: Path, shape: tuple[int, ...]) -> str:
+    """Why the array file cannot be the cache of `shape` uint8 images ("" when it can): its header is read, and
+    numpy checks that the file is long enough for the rows it announces."""
+    try:
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError, zipfile.BadZipFile):  # "mmap length is greater than file size", not a .npy
+        return "the cached array is damaged (cut short or overwritten)"
+    if not isinstance(mapped, np.ndarray):
+        mapped.close()  # an .npz archive
+        return "the cached array is damaged (not a .npy array)"
+    found = (tuple(mapped.shape), str(mapped.dtype))
+    del mapped
+    if found != (shape, "uint8"):
+        return f"the cached array is damaged (it holds {found[1]} {list(found[0])}, not uint8 {list(shape)})"
+    return ""
 
 
 def _remove_leftovers(path: Path) -> None:
@@ -180,10 +226,8 @@ def _build(path: Path, paths: list[str], mode: str, size: int, workers: int) -> 
     processes ignore SIGINT and SIGTERM (this process stops them) and die with it, even when it is SIGKILLed."""
     from rich.progress import Progress
 
-    channels = 3 if mode == "RGB" else 1
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), channels, size, size))
-    del array  # the workers write through their own maps
+    _allocate(tmp, _shape(paths, mode, size))
     chunks = [range(start, min(start + CHUNK, len(paths))) for start in range(0, len(paths), CHUNK)]
     pool = ProcessPoolExecutor(
         max(1, workers),
@@ -201,6 +245,36 @@ def _build(path: Path, paths: list[str], mode: str, size: int, workers: int) -> 
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # a stop or a failure waits for the running chunks only
         tmp.unlink(missing_ok=True)
+
+
+def _shape(paths: list[str], mode: str, size: int) -> tuple[int, int, int, int]:
+    """The cached array's shape: N x C x S x S, C from the PIL mode."""
+    return (len(paths), 3 if mode == "RGB" else 1, size, size)
+
+
+def _allocate(tmp: Path, shape: tuple[int, ...]) -> None:
+    """The empty array file with its disk space allocated now: a full disk is then an error here (ENOSPC, named
+    with data.cache_dir) instead of a decode process killed by SIGBUS when it writes into a page the disk has no
+    room for. A file that could not be made whole is removed."""
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        del array  # the workers write through their own maps
+        if hasattr(os, "posix_fallocate"):  # not on macOS or Windows: there the file fills as it is written
+            _reserve(tmp)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _reserve(tmp: Path) -> None:
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: write as it comes
+            raise OSError(exc.errno, exc.strerror, str(tmp)) from None
+    finally:
+        os.close(fd)
 
 
 def _decode_chunk(tmp: str, paths: list[str], chunk: range, mode: str, size: int) -> int:

@@ -69,3 +69,23 @@ def test_resume_with_a_cached_folder_and_batched_augmentation_is_exact(tmp_path,
     branch = tmp_path / "branch"
     run_in_process(branch, *args, f"trainer.resume={straight / 'checkpoints/epoch_002.pt'}")
     assert_same_training(straight, branch)
+
+
+def test_a_damaged_cache_is_rebuilt_and_the_run_trains_alike(tmp_path):
+    root = make_imagefolder(tmp_path / "images", per_class=8, splits=("train", "test"))
+    cache_dir = tmp_path / "cache"
+    cache = [f"data.root={root}", "data.cache=disk", f"data.cache_dir={cache_dir}", "data.num_workers=0"]
+    first = shelltrain_forked(*IMAGEFOLDER, *cache, "hydra.run.dir=first", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    arrays = sorted(cache_dir.glob("*.npy"))
+    assert len(arrays) == 2  # train/ and test/
+    arrays[0].write_bytes(arrays[0].read_bytes()[:-50])  # cut short, as by a full disk or a killed copy
+    arrays[1].with_suffix(".json").write_text('{"files": ')  # a key file cut short
+    second = shelltrain_forked(*IMAGEFOLDER, *cache, "hydra.run.dir=second", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "Traceback" not in second.stderr
+    rebuilt = [line for line in second.stdout.splitlines() if "rebuilding" in line]
+    assert len(rebuilt) == 2 and all(line.startswith("data.cache: ") for line in rebuilt), rebuilt
+    assert "the cached array is damaged" in rebuilt[0] + rebuilt[1] and "key file" in rebuilt[0] + rebuilt[1]
+    summaries = [(tmp_path / run / "summary.json").read_text() for run in ("first", "second")]
+    assert _test_acc(summaries[0]) == _test_acc(summaries[1])

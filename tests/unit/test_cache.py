@@ -220,6 +220,77 @@ def test_a_cache_dir_that_cannot_hold_the_cache_names_data_cache_dir(tmp_path):
     assert "\n" not in message
 
 
+def _damage(cache_dir: Path, how: str) -> None:
+    """One kind of damage to the cache's array (.npy) or its key file (.json)."""
+    array = next(p for p in cache_dir.glob("*.npy"))
+    key = array.with_suffix(".json")
+    if how == "array cut short":
+        array.write_bytes(array.read_bytes()[:-100])
+    elif how == "array of garbage":
+        array.write_bytes(os.urandom(array.stat().st_size))
+    elif how == "array of another shape":
+        np.save(array, np.zeros((3, 3, 8, 8), dtype=np.uint8))
+    elif how == "array of another type":
+        np.save(array, np.zeros((12, 3, 8, 8), dtype=np.float32))
+    elif how == "key cut short":
+        key.write_text(key.read_text()[:40])
+    elif how == "key of garbage":
+        key.write_bytes(os.urandom(200))
+    elif how == "key of another shape":
+        key.write_text('{"files": [[["a.png"], 1, 2]]}')
+
+
+DAMAGES = [
+    "array cut short",
+    "array of garbage",
+    "array of another shape",
+    "array of another type",
+    "key cut short",
+    "key of garbage",
+    "key of another shape",
+]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_cache_is_rebuilt_with_one_line_saying_so(tmp_path, capsys, damage):
+    root = tmp_path / "images"
+    paths = noisy_folder(root)
+    first = build(root, paths, tmp_path / "cache").clone()
+    capsys.readouterr()
+    _damage(tmp_path / "cache", damage)
+    rebuilt = build(root, paths, tmp_path / "cache")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "rebuilding" in line]
+    assert len(lines) == 1 and "is damaged" in lines[0].split("; rebuilding")[0], lines
+    assert torch.equal(rebuilt, first)
+    build(root, paths, tmp_path / "cache")
+    assert "data.cache: reused decoded cache" in capsys.readouterr().out
+
+
+FULL_DISK = """
+import resource, sys
+from shelltrain.data.cache import cached_images
+from shelltrain.errors import UserError
+
+resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))  # files over 2000 bytes fail as on a full disk (EFBIG)
+try:
+    cached_images(sys.argv[1], sys.argv[2:], "RGB", 16, "disk", sys.argv[1] + "/../cache", 1.0, 1, "stat")
+except UserError as e:
+    print(e)
+    sys.exit(2)
+"""
+
+
+def test_a_cache_dir_without_room_for_the_array_is_one_line_naming_data_cache_dir(tmp_path):
+    root = tmp_path / "images"
+    paths = noisy_folder(root)  # 12 x 3 x 16 x 16 bytes: more than the file size limit
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(root), *paths], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stdout.startswith("data.cache_dir: cannot write the decoded cache") and done.stdout.count("\n") == 1
+    assert not list((tmp_path / "cache").glob("*.npy"))  # nothing half-made is left to be taken for a cache
+
+
 KILLED_BUILD = """
 import os, sys, time
 from shelltrain.data import cache
