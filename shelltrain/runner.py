@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shelltrain import distributed, placement, rundir, summary
-from shelltrain.averaging import averaged_test_metrics, build_averager, build_swa
+from shelltrain.averaging import EmaAverager, SwaAverager, averaged_test_metrics, build_averager, build_swa
 from shelltrain.calibration import calibrate
 from shelltrain.checkpoint import Checkpointer, export_state_dict, load_checkpoint
 from shelltrain.console import make_console, print_summary, say
@@ -219,11 +219,7 @@ def train(
         if not resume.in_place and main:
             seed_new_run_dir(resume.checkpoint, state, run_dir)
     loggers.start(job.extra["config"])
-    steps = job.settings.epochs * steps_per_epoch(len(job.data.train), job.settings)
-    averager = build_averager(
-        job.settings.ema, job.model, job.data.val, job.settings, payload, steps, lambda line: say(console, line)
-    )
-    swa, job.schedule = build_swa(job.settings.swa, job.model, job.optimizer, job.schedule, payload)  # trainer.swa
+    averager, swa = _averages(job, payload, console)
     checkpointer = Checkpointer(
         run_dir,
         job.model,
@@ -263,6 +259,17 @@ def train(
         _stopped(stop.signum or signal.SIGTERM, state, run_dir)  # under DDP another rank may have had the signal
     job.best_model = checkpointer.best_model
     return state
+
+
+def _averages(job: Job, payload: dict[str, Any] | None, console: Any) -> tuple[EmaAverager | None, SwaAverager | None]:
+    """The weight averages the run keeps (trainer.ema, trainer.swa: None when off), continuing a resumed
+    checkpoint's; SWA's schedule replaces the job's. The EMA's warning goes to the console and the log."""
+    steps = job.settings.epochs * steps_per_epoch(len(job.data.train), job.settings)
+    averager = build_averager(
+        job.settings.ema, job.model, job.data.val, job.settings, payload, steps, lambda line: say(console, line)
+    )
+    swa, job.schedule = build_swa(job.settings.swa, job.model, job.optimizer, job.schedule, payload)
+    return averager, swa
 
 
 def _stopped(signum: int, state: TrainState, run_dir: Path) -> None:

@@ -171,7 +171,8 @@ def run_data(data: DictConfig, trained: TrainedModel, overrides: list[str], cons
     """The data a run is evaluated on: its own data config (the checkpoint's, so an image folder's root, splits and
     options need no repeating) unless the command line names another data set; `data.*` keys the command line
     sets win. Said in one line."""
-    run = (trained.config or {}).get("data")
+    config = trained.config or {}
+    run = config["data"] if "data" in config else None
     given = [str(o).split("=", 1)[0].lstrip("+~") for o in overrides]
     if not run or ("data" in given and data.name != run.get("name")):
         return data  # another data set, named on purpose (or a checkpoint without its config)

@@ -43,8 +43,7 @@ def training_notes(
 
 def describe_augmentation(augmentation: DictConfig) -> str:
     """The augmentation option and its train transforms by name, mixup/cutmix when on."""
-    names = [str(t.get("_target_", "?")).rsplit(".", 1)[-1] for t in augmentation.get("train") or []]
-    mixing = [f"{key}={augmentation[key]}" for key in ("mixup_alpha", "cutmix_alpha") if augmentation.get(key)]
+    names = [str(t.get("_target_", "?")).rsplit(".", 1)[-1] for t in augmentation.train or []]
+    mixing = [f"{key}={augmentation[key]}" for key in ("mixup_alpha", "cutmix_alpha") if augmentation[key]]
     listed = ", ".join(names + mixing) or "no random transforms"
     return f"augmentation: {augmentation.name} ({listed})"
-
