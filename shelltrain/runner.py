@@ -220,19 +220,7 @@ def train(
             seed_new_run_dir(resume.checkpoint, state, run_dir)
     loggers.start(job.extra["config"])
     averager, swa = _averages(job, payload, console)
-    checkpointer = Checkpointer(
-        run_dir,
-        job.model,
-        job.optimizer,
-        job.schedule,
-        job.scaler,
-        extra=job.extra,
-        monitor=job.settings.monitor,
-        keep=cfg.trainer.keep_checkpoints,
-        write=main,
-        averager=averager,
-        swa=swa,
-    )
+    checkpointer = _checkpointer(cfg, job, run_dir, averager, swa, write=main)
     profiler = build_profiler(job.settings.profile and main, run_dir, job.device, console)  # trainer.profile
     helpers = [c for c in (job.policy, averager, swa, profiler) if c is not None]  # before the checkpoint they feed
     callbacks = [*helpers, ConsoleProgress(console, job.settings.epochs, label), checkpointer, loggers]
@@ -270,6 +258,24 @@ def _averages(job: Job, payload: dict[str, Any] | None, console: Any) -> tuple[E
     )
     swa, job.schedule = build_swa(job.settings.swa, job.model, job.optimizer, job.schedule, payload)
     return averager, swa
+
+
+def _checkpointer(cfg: DictConfig, job: Job, run_dir: Path, averager: Any, swa: Any, write: bool) -> Checkpointer:
+    """last.pt every epoch, best.pt by trainer.monitor (kept in memory too), the kept epochs; the averages travel."""
+    keep = cfg.trainer.keep_checkpoints
+    return Checkpointer(
+        run_dir,
+        job.model,
+        job.optimizer,
+        job.schedule,
+        job.scaler,
+        job.extra,
+        job.settings.monitor,
+        keep,
+        write,
+        averager=averager,
+        swa=swa,
+    )
 
 
 def _stopped(signum: int, state: TrainState, run_dir: Path) -> None:

@@ -309,7 +309,9 @@ def load_weights(
     assert source.state_dict is not None
     report = transfer_state(model, source.state_dict, source_classes=source.classes, target_classes=classes)
     report = {"weights": source.spec, "kind": source.kind, "origin": source.origin, **report}
-    problems = report["missing"] + report["unexpected"] + report["mismatched"]
+    head = f"{report['head']['module']}."
+    missing = [k for k in report["missing"] if not k.startswith(head)]  # weights without a head: it starts new
+    problems = missing + report["unexpected"] + report["mismatched"]
     if not report["loaded"]:
         trained_as = f" (it was trained as model {source.model_name!r})" if source.model_name else ""
         raise UserError(
@@ -318,7 +320,7 @@ def load_weights(
         )
     if strict and problems:
         raise UserError(
-            f"model.strict=true: {source.origin} does not fit exactly: {len(report['missing'])} missing, "
+            f"model.strict=true: {source.origin} does not fit exactly: {len(missing)} missing, "
             f"{len(report['unexpected'])} unexpected, {len(report['mismatched'])} mismatched "
             f"(first: {problems[0]}); set model.strict=false to load what fits"
         )
