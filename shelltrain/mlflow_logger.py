@@ -4,13 +4,22 @@ By default the tracking store is a local SQLite database, `sqlite:///<cwd>/outpu
 `outputs/mlartifacts/` beside it (no server); `logger.mlflow.tracking_uri` points at a team server instead. Params
 are the flattened composed config, metrics every epoch's with the epoch as step, tags the run dir, git commit and
 status; artifacts summary.json, metrics.csv and the plots. A job of a sweep is a child of one parent run per sweep
-directory; a run resumed in place continues its MLflow run (the id is kept in the run dir)."""
+directory; a run resumed in place continues its MLflow run (the id is kept in the run dir).
+
+Runs started at once may share one SQLite store: its creation (tables, migrations), the experiment and a sweep's
+parent run are made under a file lock beside the database, and a call that finds the database locked by another
+run's write is tried again. A store file that is not a database or cannot be written is one line before training."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import os
+import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +29,9 @@ from shelltrain.rundir import METRICS_CSV, MLFLOW_RUN_ID, PLOTS, SUMMARY, best_c
 
 DEFAULT_ROOT = Path("outputs")  # the documented run root: outputs/mlflow.db and outputs/mlartifacts/
 SWEEP_TAG = "shelltrain.sweep_dir"
+KEY = "logger.mlflow.tracking_uri"
+STORE_LOCK_SECONDS = 600  # how long a run waits for another to create the store (its migrations take seconds)
+LOCKED_RETRIES = (0.2, 0.5, 1, 2, 4, 8)  # seconds between tries of a call that found the database locked
 
 
 def default_tracking_uri() -> str:
@@ -43,10 +55,12 @@ class MLflowLogger(RunLogger):
             raise UserError('logger=mlflow needs mlflow: pip install "shelltrain[mlflow]"') from None
         self.run_dir = Path(run_dir)
         self.uri = tracking_uri or default_tracking_uri()
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = self._experiment(experiment)
+        self.database = Path(self.uri.removeprefix("sqlite:///")) if self.uri.startswith("sqlite:///") else None
+        if self.database is not None:
+            check_sqlite_store(self.database)
+        with self._store_lock():
+            self.client = _Retrying(MlflowClient(tracking_uri=self.uri))  # creates the store's tables
+            self.experiment_id = self._experiment(experiment)
         self.run_name = run_name
         self.log_checkpoint = log_checkpoint
         self.run_id: str | None = None
@@ -59,6 +73,28 @@ class MLflowLogger(RunLogger):
         if self.uri.startswith("sqlite:///"):  # artifacts beside the database, not in ./mlruns of the cwd
             artifacts = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").absolute().as_uri()
         return self.client.create_experiment(name, artifact_location=artifacts)
+
+    @contextlib.contextmanager
+    def _store_lock(self) -> Iterator[None]:
+        """Runs sharing a SQLite store take turns creating it and what they find-or-create in it (a server does
+        that itself)."""
+        from filelock import FileLock, Timeout
+
+        if self.database is None:
+            yield
+            return
+        lock = FileLock(str(self.database) + ".lock", timeout=STORE_LOCK_SECONDS)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise UserError(
+                f"{KEY}: waited {STORE_LOCK_SECONDS} s for another run to create the MLflow store '{self.database}'; "
+                f"if no run uses it, delete '{lock.lock_file}'"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     def start(self, config: dict[str, Any]) -> None:
         """Continue the run dir's MLflow run (a resumed run) or create one, child of its sweep's parent."""
@@ -73,7 +109,8 @@ class MLflowLogger(RunLogger):
         tags = {"run_dir": str(self.run_dir.absolute()), "status": "running", **_git_tags()}
         sweep = sweep_dir()
         if sweep is not None:
-            tags["mlflow.parentRunId"] = self._parent(sweep)
+            with self._store_lock():  # parallel jobs of one sweep find or create one parent
+                tags["mlflow.parentRunId"] = self._parent(sweep)
             tags[SWEEP_TAG] = sweep
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.run_name or self.run_dir.name)
         self.run_id = run.info.run_id
@@ -133,6 +170,57 @@ class MLflowLogger(RunLogger):
             return
         self.client.set_tag(self.run_id, "status", status)
         self.client.set_terminated(self.run_id, status="KILLED" if status == "interrupted" else "FAILED")
+
+
+def check_sqlite_store(database: Path) -> None:
+    """One line, before training, for a store file MLflow cannot use: not an SQLite database (MLflow would retry
+    for about two minutes, then fail with a traceback) or not writable (the first write would fail)."""
+    fix = f"point {KEY} at another file, or move this one away to start a new store"
+    folder = database.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{KEY}: cannot create the folder of the MLflow store '{folder}' ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{KEY}: the folder of the MLflow store '{folder}' is read-only; {fix}")
+    if not database.exists():
+        return
+    if not database.is_file():
+        raise UserError(f"{KEY}: the MLflow store '{database}' is not a regular file; {fix}")
+    if not os.access(database, os.W_OK):
+        raise UserError(f"{KEY}: the MLflow store '{database}' is read-only; {fix}")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{database.absolute().as_uri()}?mode=ro", uri=True)) as db:
+            db.execute("select name from sqlite_master").fetchall()
+    except sqlite3.DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
+        raise UserError(
+            f"{KEY}: the MLflow store '{database}' is not a readable SQLite database ({exc}); {fix}"
+        ) from None
+
+
+class _Retrying:
+    """An MlflowClient whose calls are tried again while SQLite says another run's write holds the database."""
+
+    def __init__(self, client: Any):
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        @functools.wraps(method)
+        def tried(*args: Any, **kwargs: Any) -> Any:
+            for pause in LOCKED_RETRIES:
+                try:
+                    return method(*args, **kwargs)
+                except Exception as exc:  # MLflow wraps SQLAlchemy's OperationalError in its own types
+                    if "database is locked" not in str(exc):
+                        raise
+                time.sleep(pause)
+            return method(*args, **kwargs)
+
+        return tried
 
 
 def sweep_dir() -> str | None:

@@ -3,6 +3,11 @@ the reason when the extra is missing)."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -200,6 +205,60 @@ def test_mlflow_sweep_is_one_parent_with_a_child_per_job(tmp_path):
     assert len(runs) == 3 and len(parents) == 1 and len(children) == 2
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert sorted(c.data.params["trainer.seed"] for c in children) == ["0", "1"]
+
+
+def _log_one_run(uri: str, run_dir: str, start, failed) -> None:
+    """In a forked process: one shelltrain run's whole MLflow life on the shared store, begun with the others."""
+    from shelltrain.mlflow_logger import MLflowLogger
+
+    start.wait(60)
+    try:
+        logger = MLflowLogger(Path(run_dir), tracking_uri=uri)
+        logger.start({"trainer": {"seed": 0}})
+        logger.on_epoch_end(None, {"epoch": 1, "val_acc": 0.5}, True)
+        logger.finish({"status": "completed", "test_acc": 0.5})
+    except BaseException as exc:
+        failed.put(f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def test_four_runs_started_at_once_on_a_new_mlflow_store_all_succeed(tmp_path):
+    client_module = pytest.importorskip("mlflow.tracking", reason=MLFLOW_EXTRA)
+    uri = f"sqlite:///{tmp_path / 'outputs/mlflow.db'}"  # not created yet: the four runs race to create it
+    context = multiprocessing.get_context("fork")  # these children only talk to MLflow: no autograd, no OpenMP
+    start, failed = context.Barrier(4), context.SimpleQueue()
+    runs = [
+        context.Process(target=_log_one_run, args=(uri, str(tmp_path / f"run{i}"), start, failed)) for i in range(4)
+    ]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(180)
+    assert failed.empty(), failed.get()
+    assert [run.exitcode for run in runs] == [0, 0, 0, 0]
+    finished = runs_of(client_module.MlflowClient(uri))
+    assert len(finished) == 4 and {run.info.status for run in finished} == {"FINISHED"}
+
+
+@pytest.mark.parametrize("damage", ["not a database", "read-only"])
+def test_a_bad_mlflow_store_file_is_one_line_before_training(tmp_path, damage):
+    pytest.importorskip("mlflow.tracking", reason=MLFLOW_EXTRA)
+    store = tmp_path / "outputs/mlflow.db"
+    store.parent.mkdir()
+    store.write_bytes(b"this is not an sqlite database" * 40)
+    if damage == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes to read-only files")
+        store.write_bytes(b"")  # an empty file is a valid, empty SQLite database
+        store.chmod(0o444)
+    overrides = ["logger=[csv,mlflow]", f"logger.mlflow.tracking_uri=sqlite:///{store}"]
+    started = time.monotonic()
+    result = shelltrain_forked(*CNN, *overrides, "trainer.device=cpu", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert "logger.mlflow.tracking_uri" in line and str(store) in line and damage in line
+    assert time.monotonic() - started < 60  # not MLflow's two minutes of retries
+    assert not (tmp_path / "run/checkpoints/last.pt").exists()  # said before training
 
 
 def test_help_shows_how_to_find_timm_names_view_mlflow_and_complete(tmp_path):
