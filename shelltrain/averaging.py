@@ -28,13 +28,12 @@ from torch.utils.data import DataLoader
 from shelltrain import distributed, rundir
 from shelltrain.checkpoint import load_checkpoint, save_checkpoint
 from shelltrain.data import DataBundle
-from shelltrain.engine import Callback, TrainState, evaluate, predict
-from shelltrain.metrics import split_metrics
+from shelltrain.engine import Callback, TrainState, evaluate
 from shelltrain.optim import Schedule
 from shelltrain.placement import place
 from shelltrain.rng import epoch_seed
 from shelltrain.schema import EmaConfig, SwaConfig, TrainerConfig
-from shelltrain.tta import tested_with_tta, with_tta
+from shelltrain.tta import tested_with_tta
 
 
 class Averager(Callback):
@@ -257,9 +256,8 @@ def swa_test_metrics(
     with _seeded_pass(train_loader, settings):
         update_bn(_images(train_loader, settings), averaged, device=torch.device(settings.device))
     save_checkpoint({**extra, "model": averaged.state_dict()}, rundir.weights_checkpoint(run_dir, "swa"))
-    tested = with_tta(averaged, settings.test_tta)
-    logits, targets = predict(tested, test_loader, settings, limit=settings.limit_test_batches)
-    return {**split_metrics(logits, targets, settings, "swa_test"), "swa_epochs_averaged": int(state["n_averaged"])}
+    figures, _, _ = tested_with_tta(averaged, test_loader, settings, "swa_test")  # plain, TTA beside it
+    return {**figures, "swa_epochs_averaged": int(state["n_averaged"])}
 
 
 def averaged_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
