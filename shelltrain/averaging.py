@@ -26,7 +26,7 @@ from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn, up
 from torch.utils.data import DataLoader
 
 from shelltrain import distributed, rundir
-from shelltrain.checkpoint import load_checkpoint, save_checkpoint
+from shelltrain.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
 from shelltrain.data import DataBundle
 from shelltrain.engine import Callback, TrainState, evaluate
 from shelltrain.optim import Schedule
@@ -147,7 +147,7 @@ def ema_test_metrics(
         return {}
     averaged = copy.deepcopy(model)
     averaged.load_state_dict(averaged_weights(ema))
-    save_checkpoint({**extra, "model": averaged.state_dict()}, rundir.weights_checkpoint(run_dir, "ema"))
+    save_checkpoint(model_checkpoint(averaged.state_dict(), extra), rundir.weights_checkpoint(run_dir, "ema"))
     figures, _, _ = tested_with_tta(averaged, test_loader, settings, "ema_test")
     best_val = {f"best_{key}": best_row[key] for key in ("ema_val_acc", "ema_val_loss") if key in best_row}
     return {**figures, **best_val}
@@ -255,7 +255,7 @@ def swa_test_metrics(
     place(averaged, settings)
     with _seeded_pass(train_loader, settings):
         update_bn(_images(train_loader, settings), averaged, device=torch.device(settings.device))
-    save_checkpoint({**extra, "model": averaged.state_dict()}, rundir.weights_checkpoint(run_dir, "swa"))
+    save_checkpoint(model_checkpoint(averaged.state_dict(), extra), rundir.weights_checkpoint(run_dir, "swa"))
     figures, _, _ = tested_with_tta(averaged, test_loader, settings, "swa_test")  # plain, TTA beside it
     return {**figures, "swa_epochs_averaged": int(state["n_averaged"])}
 

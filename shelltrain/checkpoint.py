@@ -341,3 +341,9 @@ def checkpoint_payload(
         "rng": rng,
         **extra,
     }
+
+
+def model_checkpoint(model_state: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """A trained model alone, without training state (checkpoints/ema.pt and swa.pt): its weights and `extra`
+    (config, classes, preprocessing, pruning history), which is all trained.open_trained needs."""
+    return {"model": model_state, **extra}
