@@ -19,6 +19,8 @@ from shelltrain.gates import parse_key
 from shelltrain.rundir import ensemble_dir
 
 LOGGERS = ("csv", "tensorboard", "jsonl", "mlflow", "wandb")
+WANDB_MODES = ("online", "offline", "disabled")  # logger.wandb.mode (null: wandb's own default)
+WANDB_TARGET = "shelltrain.wandb_logger.WandbLogger"
 TASKS = ("train", "evaluate", "predict", "export", "lr_find")
 # Model families whose structured (channel) pruning torch-pruning 1.6 cannot do.
 STRUCTURED_UNSUPPORTED = ("swin", "shufflenet")
@@ -82,6 +84,17 @@ def check_loggers(loggers: DictConfig | None) -> None:
                 f"logger.{name} is not a logger; choose from {', '.join(LOGGERS)} "
                 "(several at once: logger=[csv,tensorboard]) or give it a _target_"
             )
+        if isinstance(options, DictConfig) and options.get("_target_") == WANDB_TARGET:
+            _check_wandb_mode(name, options.get("mode"))
+
+
+def _check_wandb_mode(name: str, mode: Any) -> None:
+    """wandb.init would refuse a bad mode only once training is built, with a traceback."""
+    if mode is not None and mode not in WANDB_MODES:
+        raise UserError(
+            f"logger.{name}.mode={mode!r} is not a W&B mode; choose from {', '.join(WANDB_MODES)} "
+            "(or null: W&B's default, WANDB_MODE or online)"
+        )
 
 
 def check_checkpoint(checkpoint: DictConfig) -> None:

@@ -123,3 +123,12 @@ def test_wrong_type_and_unknown_key_name_the_full_key():
         to_schema(OmegaConf.create({"epochs": "abc"}), TrainerConfig, "trainer")
     with pytest.raises(UserError, match="unknown key 'trainer.epoch'; valid keys of trainer: epochs,"):
         to_schema(OmegaConf.create({"epoch": 3}), TrainerConfig, "trainer")
+
+
+def test_a_bad_wandb_mode_is_one_line_naming_the_key_and_its_choices():
+    with pytest.raises(UserError) as caught:
+        validate(compose_config("logger=[wandb]", "logger.wandb.mode=bogus"))
+    message = str(caught.value)
+    assert message.startswith("logger.wandb.mode='bogus'") and "online, offline, disabled" in message
+    for mode in ("offline", "null"):
+        validate(compose_config("logger=[wandb]", f"logger.wandb.mode={mode}"))
