@@ -303,10 +303,20 @@ def restore_training(
     optimizer: torch.optim.Optimizer,
     schedule: Schedule | None,
     scaler: torch.amp.GradScaler,
+    steps_per_epoch: int | None = None,
 ) -> TrainState:
-    """Load model, optimizer, schedule and scaler state from a checkpoint; every mismatch is one line."""
+    """Load model, optimizer, schedule and scaler state from a checkpoint; every mismatch is one line.
+    `steps_per_epoch` (this run's) tells a change of the training data from a change of the schedule."""
     load_model_state(payload["model"], path, model, payload.get("config"))
     saved_config = payload.get("config") or {}
+    saved_steps = payload.get("steps_per_epoch")
+    if steps_per_epoch is not None and saved_steps is not None and saved_steps != steps_per_epoch:
+        raise UserError(
+            f"checkpoint '{path}': its run took {saved_steps} optimizer steps per epoch, this one takes "
+            f"{steps_per_epoch}: the training data changed (images added or removed under data.root, or "
+            "data.limit_samples, data.batch_size or trainer.accumulate changed); resume with the data it was "
+            "trained on, or start a new run"
+        )
     try:
         optimizer.load_state_dict(payload["optimizer"])
     except (ValueError, KeyError, RuntimeError) as exc:

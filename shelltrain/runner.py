@@ -91,7 +91,9 @@ def train_and_test(
     job = build(cfg, fold, overrides or [], console)
     state = TrainState()
     if payload is not None:
-        state = restore_training(payload, resume.checkpoint, job.model, job.optimizer, job.schedule, job.scaler)
+        state = restore_training(
+            payload, resume.checkpoint, job.model, job.optimizer, job.schedule, job.scaler, job.extra["steps_per_epoch"]
+        )
     describe(cfg, job, run_dir, console)
     with build_loggers(cfg.logger if distributed.is_main() else None, run_dir) as loggers:
         state = train(cfg, job, state, run_dir, resume, payload, loggers, console, label)
@@ -156,6 +158,7 @@ def build(cfg: DictConfig, fold: tuple[int, int] | None, overrides: list[str], c
         "classes": data.classes,
         "preprocessing": Preprocessing.of_data(data).as_dict(),
         "overrides": overrides,
+        "steps_per_epoch": steps,  # a resume tells changed data from a changed schedule by it
     }
     if weights is not None and "pruning" in (weights.checkpoint or {}):  # trained further, it still needs rebuilding
         extra["pruning"] = weights.checkpoint["pruning"]

@@ -500,3 +500,16 @@ def test_a_run_dir_stopped_before_its_first_checkpoint_is_not_offered_for_resume
     refused = shelltrain_forked("model=cnn", "model.width=8", "debug=smoke", f"hydra.run.dir={run}", cwd=tmp_path)
     assert refused.returncode == 2 and "stopped before its first checkpoint" in refused.stderr
     assert "trainer.resume" not in refused.stderr
+
+
+def test_a_resume_after_the_training_data_changed_says_so(tmp_path):
+    tiny = ["model=cnn", "model.width=8", "data.image_size=16", "scheduler=none", "trainer.threads=1"]
+    run_in_process(tmp_path / "run", *tiny, "data.limit_samples=240", "trainer.epochs=1")
+    with pytest.raises(UserError, match=r"took \d+ optimizer steps per epoch, this one takes \d+: the training data"):
+        run_in_process(
+            tmp_path / "more",
+            *tiny,
+            "data.limit_samples=480",
+            "trainer.epochs=2",
+            f"trainer.resume={tmp_path / 'run' / 'checkpoints' / 'last.pt'}",
+        )
