@@ -132,6 +132,11 @@ class TrainerConfig:
         for key in ("overfit_batches", "checkpoint_every_n_steps", "keep_checkpoints"):
             at_least(f"trainer.{key}", getattr(self, key), 0)
         at_least("trainer.devices", self.devices, 1)
+        if self.compile and self.sync_batchnorm:
+            raise UserError(
+                "trainer.compile=true with trainer.sync_batchnorm=true is not supported (torch.compile breaks or "
+                "fails on SyncBatchNorm under DDP); set trainer.compile=false or trainer.sync_batchnorm=false"
+            )
         if self.resume is not None and self.resume != "auto" and not Path(os.path.expanduser(self.resume)).exists():
             raise UserError(
                 f"trainer.resume: '{self.resume}' does not exist; give a checkpoint file, a run directory or auto"

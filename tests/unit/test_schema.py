@@ -88,6 +88,10 @@ def test_misspelled_key_fails_while_composing_and_a_plus_key_is_added():
         (defaults("trainer", epochs=-1), "trainer.epochs=-1 is out of range; it must be >= 0"),
         (defaults("trainer", patience=-1), "trainer.patience=-1 is out of range; it must be >= 0"),
         (
+            defaults("trainer", compile=True, sync_batchnorm=True),
+            "trainer.compile=true with trainer.sync_batchnorm=true is not supported",
+        ),
+        (
             defaults("trainer", loss="mse", label_smoothing=0.1),
             "trainer.label_smoothing=0.1 applies to trainer.loss=cross_entropy only",
         ),
