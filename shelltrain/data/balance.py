@@ -57,7 +57,8 @@ class BalancedSampler(WeightedRandomSampler):
 
 class WeightedLoss:
     """The training loss of data.balance=loss_weights: cross-entropy weighted by `weights` per class (hard or soft
-    targets, with the trainer's label smoothing); validation keeps the engine's unweighted criterion."""
+    targets, with the trainer's label smoothing); validation keeps the engine's unweighted criterion. The weights
+    move to the logits' device once, at the first step, not with a host-to-device copy every step."""
 
     def __init__(self, weights: torch.Tensor):
         self.weights = weights
@@ -65,8 +66,9 @@ class WeightedLoss:
     def __call__(
         self, images: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, settings: Any
     ) -> torch.Tensor:
-        weights = self.weights.to(logits.device)
-        return F.cross_entropy(logits.float(), targets, weight=weights, label_smoothing=settings.label_smoothing)
+        if self.weights.device != logits.device:
+            self.weights = self.weights.to(logits.device)
+        return F.cross_entropy(logits.float(), targets, weight=self.weights, label_smoothing=settings.label_smoothing)
 
 
 def balanced_loss(balance: str, train: DataLoader, num_classes: int) -> WeightedLoss | None:

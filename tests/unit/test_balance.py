@@ -83,6 +83,19 @@ def test_loss_weights_are_inverse_frequency():
     assert torch.allclose(got, expected)
 
 
+def test_loss_weights_move_to_the_device_once():
+    """The class weights go to the logits' device at the first step and stay there: no copy every step (the meta
+    device stands in for a GPU)."""
+    loss = WeightedLoss(class_weights(torch.tensor([0, 0, 1, 2]), 3))
+    settings = compose_config().trainer
+    logits, targets = torch.randn(4, 3, device="meta"), torch.zeros(4, dtype=torch.long, device="meta")
+    loss(logits, logits, targets, settings)
+    moved = loss.weights
+    assert moved.device.type == "meta"
+    loss(logits, logits, targets, settings)
+    assert loss.weights is moved
+
+
 @pytest.mark.parametrize(
     "overrides, key",
     [
