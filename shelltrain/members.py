@@ -19,7 +19,7 @@ from shelltrain.data import DataBundle
 from shelltrain.errors import UserError
 from shelltrain.preprocess import Preprocessing
 from shelltrain.schema import validate
-from shelltrain.trained import TrainedModel, ensemble_members, open_trained, read_ensemble, sweep_jobs
+from shelltrain.trained import TrainedModel, ensemble_members, open_trained, read_ensemble, split_weights, sweep_jobs
 
 # Training state a fused member does not need: its saved copy keeps the weights and what rebuilds them.
 _TRAINING_ONLY = ("optimizer", "scheduler", "scaler", "rng", "train_state")
@@ -170,16 +170,18 @@ def _override_value(value: Any) -> str:
     return str(value)
 
 
-def _expand(entry: str | Path, key: str, origin: dict[str, Any]) -> list[tuple[Path, dict[str, Any]]]:
+def _expand(entry: str | Path, key: str, origin: dict[str, Any]) -> list[tuple[Path | str, dict[str, Any]]]:
     """An ensemble run directory is its members; a run directory or file is one member."""
-    directory = rundir.ensemble_dir(entry)
+    base, weights = split_weights(entry)  # RUN@ema: one of a run's weights
+    directory = None if weights else rundir.ensemble_dir(entry)
     if directory is None:
-        path = Path(entry).expanduser().absolute()
+        path = Path(base).expanduser().absolute()
         if not path.exists():
             raise UserError(f"{key}: '{entry}' does not exist; give run directories, checkpoint files or ensemble runs")
         if path.is_dir() and not (path / rundir.CHECKPOINTS).is_dir() and any(path.glob(f"*/{rundir.SUMMARY}")):
             raise UserError(f"{key}: '{entry}' holds the jobs of a sweep; use ensemble.sweep={entry} (ensemble.top_k)")
-        return [(path, {**origin, "source": str(path)})]
+        chosen = f"{path}@{weights}" if weights else path
+        return [(chosen, {**origin, "source": str(chosen)})]
     directory = directory.absolute()
     members = read_ensemble(directory)["members"]
     return [

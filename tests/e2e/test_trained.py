@@ -147,3 +147,16 @@ def test_a_partial_load_is_an_error_unless_strict_is_off(averaged, tmp_path, cap
     assert loaded["unexpected"] == ["n_averaged", "extra.bias"] and loaded["stripped_prefix"] == "module."
     assert loaded["loaded"] == loaded["total"]  # every tensor the model has came from the average
     assert f"loaded {summary['transfer']['loaded']}/{summary['transfer']['total']} tensors" in capsys.readouterr().out
+
+
+def test_a_runs_averaged_weights_are_ensemble_members_and_a_teacher(averaged, tmp_path):
+    run, summary = averaged
+    members = f"ensemble.checkpoints=[{run}@ema,{run}@swa]"
+    run_in_process(tmp_path / "fused", *SMALL, "trainer.epochs=0", "ensemble=average", members)
+    report = json.loads((tmp_path / "fused" / "ensemble.json").read_text())
+    figures = [m["test_acc"] for m in report["members"]]
+    assert figures == pytest.approx([summary["ema_test_acc"], summary["swa_test_acc"]], abs=1e-6)
+    distilled = run_in_process(
+        tmp_path / "student", *SMALL, "debug=smoke", "distill=logits", f"distill.teacher={run}@swa"
+    )
+    assert distilled["status"] == "completed"
