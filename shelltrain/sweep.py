@@ -16,6 +16,7 @@ import argparse
 import csv
 import io
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -27,6 +28,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from shelltrain import rundir
+from shelltrain.errors import UserError
 from shelltrain.signals import SweepStop
 
 # Exit codes shared with the CLI (documented in README "Using shelltrain in CI").
@@ -397,13 +399,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write summary.csv (and sweep.png beside it) to this file")
     parser.add_argument("--no-write", action="store_true", help="only print the table, do not write summary.csv")
     args = parser.parse_args(argv)
-    if not args.dir.is_dir():
-        sys.stderr.write(f"shelltrain-summary: error: '{args.dir}' is not a directory\n")
+    problem = None if args.dir.is_dir() else f"'{args.dir}' is not a directory"
+    if args.out and (args.out.is_dir() or not args.out.parent.is_dir() or not os.access(args.out.parent, os.W_OK)):
+        problem = f"--out '{args.out}' is not a file in a folder you can write; give one, e.g. --out table.csv"
+    outcome = None
+    try:
+        outcome = summarize(args.dir, write=not args.no_write, out=args.out) if problem is None else None
+    except UserError as exc:  # --out on a full disk or a place that refuses files
+        problem = str(exc)
+    if outcome is None:
+        sys.stderr.write(f"shelltrain-summary: error: {problem}\n")
         return 2
-    outcome = summarize(args.dir, write=not args.no_write, out=args.out)
-    if not outcome.rows:
-        return 2
-    return outcome.exit_code
+    return outcome.exit_code if outcome.rows else 2
 
 
 def console_main() -> None:

@@ -170,6 +170,17 @@ def test_summarize_writes_summary_csv_only_into_a_sweep_dir_or_where_told(tmp_pa
     assert sweep.main([str(outputs / "0")]) == 0 and not (outputs / "0/summary.csv").exists()  # one run dir
 
 
+def test_summary_out_where_no_file_can_be_written_is_one_line_exit_2(tmp_path, capsys):
+    sweep_dir = _fake_sweep(tmp_path / "sweep")
+    _fake_run(sweep_dir, 0, ["x=1"], {"status": "completed", "best_val_acc": 0.5, "test_acc": 0.4})
+    (tmp_path / "a_file").write_text("")
+    for out in (tmp_path / "a_file" / "table.csv", tmp_path / "missing" / "table.csv", sweep_dir):
+        assert sweep.main([str(sweep_dir), "--out", str(out)]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("shelltrain-summary: error: --out ") and str(out) in line
+    assert not (sweep_dir / "summary.csv").exists()  # nothing written elsewhere instead
+
+
 def test_report_per_job_line_prints_one_line_instead_of_the_table(tmp_path, capsys):
     run_in_process(tmp_path / "run", *TINY, "report.per_job=line")
     out = capsys.readouterr().out
