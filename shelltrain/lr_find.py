@@ -40,7 +40,7 @@ def find_lr(cfg: DictConfig, run_dir: Path, console: Any) -> None:
     job = build(cfg, None, [], console)
     model = copy.deepcopy(job.model)  # the ramp wrecks the weights it trains
     optimizer = build_optimizer(cfg.optimizer, model)
-    rows = ramp(model, optimizer, job.data.train, job.settings, cfg.lr_find)
+    rows = ramp(model, optimizer, job.data.train, job.settings, cfg.lr_find, job.scaler)
     report_ramp(cfg, rows, suggest(rows, float(cfg.lr_find.diverge)), run_dir, started, console)
 
 
@@ -69,9 +69,16 @@ def report_ramp(
 
 
 def ramp(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader: Any, settings: Any, options: DictConfig
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Any,
+    settings: Any,
+    options: DictConfig,
+    scaler: torch.amp.GradScaler,
 ) -> list[dict[str, float]]:
-    """One row per step: lr, loss, smoothed loss; stops early when the smoothed loss diverges."""
+    """One row per step: lr, loss, smoothed loss; stops early when the smoothed loss diverges. The loss is scaled
+    by the run's `scaler` (engine.make_scaler) as fit scales it: under 16-mixed, fp16 gradients would otherwise
+    underflow and the ramp would stop early, at the wrong rate."""
     place(model, settings)
     model.train()
     steps, start, end = int(options.steps), float(options.start_lr), float(options.end_lr)
@@ -85,8 +92,9 @@ def ramp(
         with autocast(settings):
             loss = criterion(model(images), targets, settings)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         value = loss.item()
         if not math.isfinite(value):
             break

@@ -12,12 +12,13 @@ from omegaconf import OmegaConf
 from torch.utils.data import TensorDataset
 
 from shelltrain.data.loader import Loader
+from shelltrain.engine import make_scaler
 from shelltrain.errors import UserError
 from shelltrain.lr_find import ramp, suggest
 from shelltrain.schema import defaults, validate
 
 
-def _ramp(diverge: float) -> list[dict[str, float]]:
+def _ramp(diverge: float, precision: str = "32", scaler: torch.amp.GradScaler | None = None) -> list[dict[str, float]]:
     generator = torch.Generator().manual_seed(0)
     images, labels = torch.randn(256, 1, 4, 4, generator=generator), torch.randint(0, 3, (256,), generator=generator)
     loader = Loader(TensorDataset(images, labels), batch_size=32)
@@ -25,7 +26,30 @@ def _ramp(diverge: float) -> list[dict[str, float]]:
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
     options = OmegaConf.structured(defaults("lr_find", start_lr=1e-4, end_lr=1e4, steps=100, diverge=diverge))
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-    return ramp(model, optimizer, loader, defaults("trainer", device="cpu", channels_last=False), options)
+    settings = defaults("trainer", device="cpu", channels_last=False, precision=precision)
+    return ramp(model, optimizer, loader, settings, options, scaler or make_scaler(settings))
+
+
+class RecordingScaler(torch.amp.GradScaler):
+    """A real loss scaler on the CPU that keeps every loss it was asked to scale."""
+
+    def __init__(self) -> None:
+        super().__init__("cpu", init_scale=1024.0)
+        self.scaled: list[float] = []
+
+    def scale(self, outputs: torch.Tensor) -> torch.Tensor:
+        self.scaled.append(float(outputs.detach()))
+        return super().scale(outputs)
+
+
+def test_the_ramp_under_fp16_scales_the_loss_as_fit_does():
+    """16-mixed (CPU fp16 autocast here): every step's loss goes through the run's GradScaler before backward, so
+    small fp16 gradients do not underflow to zero."""
+    scaler = RecordingScaler()
+    rows = _ramp(diverge=4.0, precision="16-mixed", scaler=scaler)
+    assert len(scaler.scaled) == len(rows) > 10
+    assert scaler.scaled == pytest.approx([row["loss"] for row in rows], rel=1e-3)
+    assert make_scaler(defaults("trainer", device="cpu", precision="16-mixed")).is_enabled()
 
 
 def test_a_diverging_loss_stops_the_ramp_early():
