@@ -96,7 +96,8 @@ def build_data(
         names = [str(node.get("_target_")).rsplit(".", 1)[-1] for node in augmentation.train]
         batched, missing = batched_augmentations(train_transforms, data.image_size, names)
         if missing is None:
-            return DataBundle(**_device_batches(data, splits, where, mean, std, batched, mix, seed), **facts)
+            pin = pin_memory and where.type == "cpu"  # batches built in RAM for a CUDA device
+            return DataBundle(**_device_batches(data, splits, where, mean, std, batched, mix, seed, pin), **facts)
         say(make_console(), f"{key}: {missing} has no batched form ({ON_DEVICE} have); using loaders")
     return DataBundle(**_loaders(data, splits, pin_memory, mix, seed), **facts)
 
@@ -187,8 +188,10 @@ def _device_batches(
     augment: list,
     mix: v2.Transform | None,
     seed: int,
+    pin: bool,
 ) -> dict[str, DeviceBatches]:
-    """The splits held on `device`, batched there (train shuffled, augmented and mixed in batches)."""
+    """The splits held on `device`, batched there (train shuffled, augmented and mixed in batches); `pin`: each
+    batch in pinned host memory (data.cache=memory training on CUDA)."""
     eval_batch_size = data.eval_batch_size or 2 * data.batch_size
     on = {split: (splits[split].stacked().to(device), splits[split].labels.to(device)) for split in splits}
     train = DeviceBatches(
@@ -202,11 +205,12 @@ def _device_batches(
         shuffle=True,
         drop_last=data.drop_last,
         seed=seed,
+        pin=pin,
     )
     return {
         "train": train,
-        "val": DeviceBatches(splits["val"], *on["val"], eval_batch_size, mean, std),
-        "test": DeviceBatches(splits["test"], *on["test"], eval_batch_size, mean, std, sharded=False),  # rank 0 tests
+        "val": DeviceBatches(splits["val"], *on["val"], eval_batch_size, mean, std, pin=pin),
+        "test": DeviceBatches(splits["test"], *on["test"], eval_batch_size, mean, std, sharded=False, pin=pin),
     }
 
 

@@ -119,6 +119,9 @@ class DeviceBatches:
     `shuffle`: a new order every epoch (`set_epoch`, as with DistributedSampler), the same on every rank; each
     rank then takes its share, train splits padded to a multiple of the ranks as DistributedSampler does,
     evaluation splits without repeats. Augmentation draws from torch's RNG on the device, per rank.
+
+    `pin`: batches built in host memory (data.cache=memory) for a CUDA device come out in pinned memory, so their
+    copy to the GPU is asynchronous instead of blocking every step.
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class DeviceBatches:
         seed: int = 0,
         index: torch.Tensor | None = None,
         sharded: bool = True,
+        pin: bool = False,
     ):
         self.source = dataset  # the whole split; `index` picks from it
         self.dataset = dataset if index is None else Subset(dataset, index.tolist())
@@ -145,6 +149,7 @@ class DeviceBatches:
         self.normalize = NormalizedFloat(mean, std)
         self.augment, self.mix = augment or [], mix
         self.sharded = sharded  # False: every rank sees the whole split (the test split: rank 0 tests it all)
+        self.pin = pin
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -168,6 +173,7 @@ class DeviceBatches:
             seed=self.seed,
             index=index,
             sharded=self.sharded,
+            pin=self.pin,
         )
 
     def _order(self) -> torch.Tensor:
@@ -209,4 +215,4 @@ class DeviceBatches:
             labels = self.labels[picked]
             if self.mix is not None:
                 images, labels = self.mix(images, labels)
-            yield images, labels
+            yield (images.pin_memory(), labels.pin_memory()) if self.pin else (images, labels)

@@ -353,3 +353,30 @@ def test_a_sigkilled_cache_build_leaves_no_decode_process_and_the_next_build_rem
     images = build(root, paths, cache_dir)
     assert f"removed {leftovers[0].name}, left by a build that was killed" in capsys.readouterr().out
     assert not list(cache_dir.glob("*.tmp.*")) and images.shape == (len(paths), 3, 8, 8)
+
+
+def test_a_memory_cache_for_a_cuda_device_serves_pinned_batches(monkeypatch):
+    """data.cache=memory builds each batch in host memory; training on CUDA (`pin_memory`, as the runner passes it
+    for a CUDA device) they come out pinned, so the copy to the GPU does not block. Pinning needs CUDA, so
+    Tensor.pin_memory is replaced by a stand-in that records which tensors were pinned."""
+    from conftest import compose_config
+
+    from shelltrain.data import build_data
+    from shelltrain.data.device import DeviceBatches
+
+    pinned: list[int] = []
+
+    def pin_memory(tensor: torch.Tensor) -> torch.Tensor:
+        copy = tensor.clone()
+        pinned.append(copy.data_ptr())
+        return copy
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin_memory)
+    cfg = compose_config("data.image_size=8", "data.cache=memory", "data.limit_samples=200", "augmentation=basic")
+    for pin in (False, True):
+        pinned.clear()
+        bundle = build_data(cfg.data, cfg.augmentation, 0, pin_memory=pin)
+        assert isinstance(bundle.train, DeviceBatches) and bundle.train.images.device.type == "cpu"
+        for split in (bundle.train, bundle.val, bundle.test):
+            images, labels = next(iter(split))
+            assert (images.data_ptr() in pinned, labels.data_ptr() in pinned) == (pin, pin)
