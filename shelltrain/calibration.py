@@ -81,6 +81,17 @@ def calibrate(
     return {"calibration": section}
 
 
+def describe_calibration(section: dict[str, Any]) -> str:
+    """summary.json's calibration section in one line: T, and ECE and NLL before -> after on val and test."""
+    changes = [
+        f"{split} ECE {section[f'{split}_ece_before']:.4f} -> {section[f'{split}_ece_after']:.4f}, "
+        f"NLL {section[f'{split}_nll_before']:.4f} -> {section[f'{split}_nll_after']:.4f}"
+        for split in ("val", "test")
+    ]
+    fitted = f"trainer.calibrate={section['method']}: T={section['temperature']:.4g} (fitted on val)"
+    return f"{fitted}; {'; '.join(changes)}"
+
+
 def store_temperature(run_dir: Path, temperature: float) -> None:
     """Add `temperature` to the run's best.pt and last.pt, the checkpoints a trained model is loaded from."""
     for path in (rundir.best_checkpoint(run_dir), rundir.last_checkpoint(run_dir)):

@@ -1,12 +1,13 @@
 """What a run prints: its console, a line shown and logged at once, a finished job's headline figures, and how a
 number is written in text (tables, metrics.csv).
 
-Every line shown with `say` is also written to the run's log. A job's summary is a table, or with
-`report.per_job=line` one line.
+Every line shown with `say`, and every table shown with `show`, is also written to the run's log, so train.log holds
+what the console showed. A job's summary is a table, or with `report.per_job=line` one line.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from typing import Any
@@ -31,6 +32,15 @@ def say(console: Console, message: str) -> None:
     log.info(Text.from_markup(message).plain)
 
 
+def show(console: Console, renderable: Any) -> None:
+    """Print a table (any rich renderable) and log it as plain text."""
+    console.print(renderable)
+    if not console.quiet:
+        text = Console(file=io.StringIO(), width=console.width, record=True, highlight=False, soft_wrap=True)
+        text.print(renderable)
+        log.info("\n%s", text.export_text().rstrip())
+
+
 def figure(value: Any, digits: int = 6) -> str:
     """A value as text: floats to `digits` significant digits ("nan" for NaN), None as empty."""
     if isinstance(value, float):
@@ -53,7 +63,7 @@ def print_summary(console: Console, summary: dict[str, Any], per_job: str = "tab
     """A job's headline figures when it ends: its summary table, or with `report.per_job=line` one line (a sweep
     of many jobs stays readable)."""
     if per_job != "line":
-        console.print(summary_table(summary))
+        show(console, summary_table(summary))
         return
     figures = ", ".join(f"{key} {figure(summary[key])}" for key in LINE_KEYS if summary.get(key) is not None)
-    console.print(f"{summary.get('status', 'completed')}: {figures}", markup=False)
+    show(console, Text(f"{summary.get('status', 'completed')}: {figures}"))

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from shelltrain import rundir, summary
 from shelltrain.checkpoint import save_checkpoint
-from shelltrain.console import make_console, print_summary, say
+from shelltrain.console import make_console, print_summary, say, show
 from shelltrain.data import DataBundle, build_data
 from shelltrain.engine import metrics_from_logits
 from shelltrain.environment import provenance, resolve_device, seed_everything
@@ -162,7 +162,7 @@ def run_ensemble(
 
     report = _report(rule, weights, cfg, members, val, test, stacked, data.classes)
     rundir.write_json(report, run_dir / rundir.ENSEMBLE_REPORT)
-    console.print(ensemble_table(report))
+    show(console, ensemble_table(report))
     return EnsembleResult(report, val, test, members, confusion)
 
 

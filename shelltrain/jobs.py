@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from shelltrain import cv, distributed, rundir, summary
 from shelltrain.checks import uses_ensemble
 from shelltrain.compress import run_compress
-from shelltrain.console import make_console, say
+from shelltrain.console import make_console, say, show
 from shelltrain.ensemble import ensemble_and_test
 from shelltrain.environment import check_distributable, provenance, resolve_device, seed_everything
 from shelltrain.errors import UserError
@@ -75,7 +75,7 @@ def cross_validate(cfg: DictConfig, run_dir: Path) -> float:
         train_and_test(cfg, fold_dir, fold=(k, folds))
         fold_summaries.append(summary.read(fold_dir))
     section = cv.section(fold_summaries, monitor, refit=bool(cfg.cv.refit))
-    console.print(cv.table(section, monitor))
+    show(console, cv.table(section, monitor))
     say(console, f"cv {monitor}: {section['mean']:.4f} ± {section['std']:.4f} over {folds} folds")
     if cfg.cv.refit:
         say(console, "[bold]cross-validation: final model on the whole train split[/bold]")

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from shelltrain import distributed, placement, rundir, summary
 from shelltrain.averaging import EmaAverager, SwaAverager, averaged_test_metrics, build_averager, build_swa
-from shelltrain.calibration import calibrate
+from shelltrain.calibration import calibrate, describe_calibration
 from shelltrain.checkpoint import Checkpointer, export_state_dict, load_checkpoint
 from shelltrain.console import make_console, print_summary, say
 from shelltrain.data import DataBundle, build_data, cv_fold
@@ -103,9 +103,12 @@ def train_and_test(
         pruned = prune(cfg, job, state, run_dir, console)
         result, confusion, tested = test(cfg, job, state, pruned, run_dir, started)
         result.update(calibrate(job.settings.calibrate, job.model, job.data, job.settings, run_dir, tested))
+        if "calibration" in result:
+            say(console, describe_calibration(result["calibration"]))
         exported = cfg.checkpoint.export_state_dict
         if exported:  # the model the run stands for (best epoch, pruned if pruned), as a plain state dict
             export_state_dict(job.model, rundir.exported_state_dict(run_dir, exported))
+            say(console, f"checkpoint.export_state_dict: {rundir.exported_state_dict(run_dir, exported)}")
         if resume is not None:
             result["resumed_from"] = str(resume.checkpoint)
         report(cfg, result, confusion, job.data.classes, state, loggers, run_dir, console)

@@ -50,6 +50,9 @@ def run_task(
     run_dir.mkdir(parents=True, exist_ok=True)
     trained = open_trained(str(cfg.model.weights))
     say(console, f"{cfg.task}: model from [bold]{trained.source}[/bold] ({len(trained.classes)} classes)")
+    if trained.temperature is not None:
+        applied = f"its logits divided by T={trained.temperature:.4g}"
+        say(console, f"{cfg.task}: the run's calibration is applied ({applied})")
     if cfg.task == "evaluate":
         cfg = OmegaConf.merge(cfg, {"data": run_data(cfg.data, trained, overrides or [], console)})
         cfg = OmegaConf.merge(cfg, {"data": checkpoint_data(cfg.data, trained.preprocessing, overrides or [], console)})
