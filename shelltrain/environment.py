@@ -25,6 +25,11 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"trainer.device={name} but no CUDA device is available; use trainer.device=auto or cpu")
     if name.startswith("cuda") and distributed.active():
         return torch.device("cuda", distributed.local_rank())
+    if name == "cuda":
+        index = job_gpu(torch.cuda.device_count())
+        if index is not None:
+            torch.cuda.set_device(index)  # what else asks for "cuda" lands on this job's GPU too
+            return torch.device("cuda", index)
     return torch.device(name)
 
 
@@ -46,6 +51,24 @@ def seed_everything(seed: int, deterministic: bool, threads: int | None) -> None
 def share_of_cores() -> int | None:
     """A launcher running N jobs at once (hydra.launcher.n_jobs, joblib) gives each job cores // N threads, not
     every core each (N jobs with all cores each ran 17x slower than with one thread each); None outside one."""
+    at_once = jobs_at_once()
+    return None if at_once is None else max(1, _cores() // at_once)
+
+
+def job_gpu(gpus: int) -> int | None:
+    """The GPU of this job when a launcher runs several jobs at once (hydra.launcher.n_jobs) and the machine has
+    several: sweep job k takes GPU k mod `gpus` (round-robin by hydra.job.num), so parallel jobs spread over the
+    GPUs instead of all landing on cuda:0. None (the current device) otherwise."""
+    if gpus < 2 or jobs_at_once() is None:
+        return None
+    from hydra.core.hydra_config import HydraConfig
+
+    return int(HydraConfig.get().get("job", {}).get("num") or 0) % gpus
+
+
+def jobs_at_once() -> int | None:
+    """How many jobs the sweep's launcher runs at once (hydra.launcher.n_jobs; joblib's -1 is all cores, -2 all but
+    one); None outside a launcher that runs several."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
@@ -53,9 +76,11 @@ def share_of_cores() -> int | None:
     n_jobs = HydraConfig.get().get("launcher", {}).get("n_jobs")
     if not isinstance(n_jobs, int) or n_jobs == 1 or n_jobs == 0:
         return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    at_once = max(1, cores + 1 + n_jobs) if n_jobs < 0 else n_jobs  # joblib: -1 all cores, -2 all but one
-    return max(1, cores // at_once)
+    return max(1, _cores() + 1 + n_jobs) if n_jobs < 0 else n_jobs
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def check_distributable(cfg: DictConfig) -> None:
