@@ -6,6 +6,9 @@ Each stage is an ordinary sub-run in `<run dir>/compress/<stage>/` made by the r
 (`train_and_test`, `ensemble_and_test`) on this run's config with the stage's overrides, so every figure can be
 re-measured from its sub-run. The models are then reloaded from those sub-runs and measured side by side
 (`prune.measure`): parameters, weights size, MACs and CPU latency, all timed in the same loop as the teacher.
+
+An interrupted chain resumes stage by stage (`trainer.resume=<run dir>`): a stage whose sub-run completed is kept
+as it is, the interrupted one continues from its last checkpoint, and the later ones run.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from rich.table import Table
 from shelltrain import rundir, summary
 from shelltrain.console import make_console, say
 from shelltrain.ensemble import ensemble_and_test
-from shelltrain.errors import UserError
+from shelltrain.errors import Interrupted, UserError
 from shelltrain.export import INSTALL_HINT
 from shelltrain.plots import plot_tradeoff
 from shelltrain.prune.measure import LatencySpec, cpu_copy, measure, measure_latency
+from shelltrain.resume import Resume
 from shelltrain.runner import train_and_test, train_settings
 from shelltrain.schema import validate
 from shelltrain.tasks import export_task
@@ -35,9 +39,8 @@ STAGES = ("teacher", "student", "distilled", "pruned", "int8")  # sub-run names,
 
 
 def run_compress(cfg: DictConfig, run_dir: Path, resume: bool = False) -> float:
-    """Run every stage in its sub-run, then measure and report; returns the int8 student's test accuracy."""
-    if resume:
-        raise UserError("trainer.resume does not apply to the compression pipeline (compress): run it again anew")
+    """Run every stage in its sub-run (`resume`: continue an interrupted chain), then measure and report; returns
+    the int8 student's test accuracy."""
     started = time.perf_counter()
     console = make_console()
     spec = cfg.compress
@@ -58,12 +61,10 @@ def run_compress(cfg: DictConfig, run_dir: Path, resume: bool = False) -> float:
         "int8": _loaded(student, dirs["pruned"], spec.quantize),
     }
     for stage in STAGES:
-        say(console, f"[bold]compress: {stage}[/bold] in {dirs[stage]}")
-        dirs[stage].mkdir(parents=True, exist_ok=True)
-        if stage == "teacher":
-            ensemble_and_test(configs[stage], dirs[stage])
-        else:
-            train_and_test(configs[stage], dirs[stage], label=stage)
+        try:
+            _run_stage(stage, configs[stage], dirs[stage], resume, console)
+        except Interrupted as exc:  # the chain resumes as a whole, from its own run directory
+            raise Interrupted(exc.signum, run_dir, exc.saved) from exc
     exported = _export(cfg, dirs, console)
     rows = measure_stages(dirs, LatencySpec(**spec.latency))
     report = {"rows": rows, "export": exported, "latency_setup": {**spec.latency, "device": "cpu"}}
@@ -80,6 +81,22 @@ def run_compress(cfg: DictConfig, run_dir: Path, resume: bool = False) -> float:
     summary.write(summary.build(figures, run_dir), run_dir)
     say(console, f"compress: table in [bold]{rundir.compress_report(run_dir)}[/bold]")
     return rows[-1]["test_acc"]
+
+
+def _run_stage(stage: str, cfg: DictConfig, out_dir: Path, resume: bool, console: Any) -> None:
+    """One stage as its sub-run. Resuming, a stage that completed is kept (its files untouched) and one that was
+    interrupted continues from its last checkpoint (the teacher ensemble member by member)."""
+    if resume and summary.read(out_dir).get("status") == "completed":
+        say(console, f"compress: {stage} completed before; kept as it is in {out_dir}")
+        return
+    last = rundir.last_checkpoint(out_dir)
+    continued = resume and (last.is_file() or stage == "teacher")
+    say(console, f"[bold]compress: {stage}[/bold] {'continues' if continued else 'runs'} in {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if stage == "teacher":
+        ensemble_and_test(cfg, out_dir, resume=resume)
+    else:
+        train_and_test(cfg, out_dir, label=stage, resume=Resume(last, in_place=True) if continued else None)
 
 
 def _stage(cfg: DictConfig, overrides: Any) -> DictConfig:

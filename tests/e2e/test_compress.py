@@ -74,3 +74,42 @@ def test_compress_pipeline_writes_one_table_and_its_students_reload(tmp_path):
     assert (distilled["name"], distilled["teacher"]) == ("logits", str(stages / "teacher"))  # the ensemble taught
     for stage, name in (("distilled", "distilled student"), ("pruned", "pruned"), ("int8", "int8")):
         assert reloaded_test_acc(stages / stage) == rows[name]["test_acc"], stage
+
+
+def _files(folder) -> dict[str, tuple[bytes, int]]:
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def test_an_interrupted_compress_chain_resumes_stage_by_stage(tmp_path, monkeypatch):
+    """SIGINT in the distilled stage (steps 1-4 train the teacher's two members, 5-6 the student alone): the chain
+    stops naming its own run directory; resumed, the finished stages are kept byte for byte and the distilled one
+    continues from its checkpoint."""
+    from conftest import compose_config, interrupt_at_step
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from shelltrain.compress import run_compress
+    from shelltrain.errors import Interrupted
+
+    with monkeypatch.context() as patch:
+        interrupt_at_step(patch, 7, "sigint")
+        with pytest.raises(Interrupted) as stopped:
+            run_in_process(tmp_path, *TINY, "plots=false")
+    assert stopped.value.run_dir == tmp_path.absolute()  # the resume command names the chain, not a stage
+    stages = tmp_path / "compress"
+    assert (stages / "distilled/checkpoints/last.pt").is_file()
+    assert json.loads((stages / "distilled/summary.json").read_text())["status"] == "interrupted"
+    finished = {stage: _files(stages / stage) for stage in ("teacher", "student")}
+
+    cfg = compose_config(*TINY, "plots=false")
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    run_compress(cfg, tmp_path.absolute(), resume=True)
+    assert {stage: _files(stages / stage) for stage in finished} == finished
+    report = json.loads((tmp_path / "compress.json").read_text())
+    assert [row["name"] for row in report["rows"]][-2:] == ["pruned", "int8"]
+    distilled = json.loads((stages / "distilled/summary.json").read_text())
+    assert distilled["status"] == "completed" and distilled["epochs_completed"] == 1
