@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import shelltrain
@@ -40,8 +41,20 @@ def test_help_lists_every_group_without_importing_torch(tmp_path):
         "augmentation: autoaugment, basic, none, randaugment, seed, trivialaugment",
         "data: cifar10, cifar100, digits, fashion_mnist, imagefolder, mnist, synthetic",
         "debug: overfit, smoke",
+        "# the network (torchvision, timm, a small cnn, or your _target_)",
+        "== Tasks (task=NAME) ==",
+        "evaluate: score a trained model (model.weights=RUN) on a split of the data",
     ]:
         assert line in out
+
+
+def test_help_means_every_group_and_task():
+    from shelltrain.checks import TASKS
+    from shelltrain.cli_help import GROUP_MEANINGS, TASK_MEANINGS
+
+    packaged = Path(__file__).resolve().parents[2] / "configs"
+    groups = {p.name for p in packaged.iterdir() if p.is_dir() and p.name not in ("hydra", "__pycache__")}
+    assert set(GROUP_MEANINGS) == groups and tuple(TASK_MEANINGS) == TASKS
 
 
 def test_cfg_job_prints_composed_config_without_torch(tmp_path):
