@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from shelltrain import distributed, rundir
 from shelltrain.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
-from shelltrain.data import DataBundle
+from shelltrain.data import DataBundle, unsharded
 from shelltrain.engine import Callback, TrainState, evaluate
 from shelltrain.optim import Schedule
 from shelltrain.placement import place
@@ -250,11 +250,12 @@ def swa_test_metrics(
     state = load_checkpoint(last).get("swa") if last.exists() else None
     if state is None or int(state["n_averaged"]) == 0:
         return {}
-    averaged = copy.deepcopy(model)
+    averaged = distributed.local_batchnorm(copy.deepcopy(model))  # rank 0 passes over the data alone
     averaged.load_state_dict(averaged_weights(state))
     place(averaged, settings)
-    with _seeded_pass(train_loader, settings):
-        update_bn(_images(train_loader, settings), averaged, device=torch.device(settings.device))
+    whole = unsharded(train_loader)  # under DDP the whole train split, as in one process, not rank 0's share
+    with _seeded_pass(whole, settings):
+        update_bn(_images(whole, settings), averaged, device=torch.device(settings.device))
     save_checkpoint(model_checkpoint(averaged.state_dict(), extra), rundir.weights_checkpoint(run_dir, "swa"))
     figures, _, _ = tested_with_tta(averaged, test_loader, settings, "swa_test")  # plain, TTA beside it
     return {**figures, "swa_epochs_averaged": int(state["n_averaged"])}

@@ -1,6 +1,7 @@
 """Temperature scaling (Guo et al., 2017; trainer.calibrate=temperature): after training, one temperature T > 0 is
-fitted on the validation split's logits by minimising their NLL (LBFGS on log T, so T stays positive), and the
-logits are divided by T from then on. Argmax is unchanged, so accuracy is too; only the confidence moves.
+fitted on the validation split's logits (the whole split, also under DDP) by minimising their NLL (LBFGS on log T,
+so T stays positive), and the logits are divided by T from then on. Argmax is unchanged, so accuracy is too; only
+the confidence moves.
 
 T is stored in the run's checkpoints (best.pt and last.pt, key `temperature`); `trained.load_trained_model` wraps
 the model in `Tempered`, so evaluate, predict, export and ensemble members (each with its own T) use it."""
@@ -16,7 +17,7 @@ from torch import nn
 
 from shelltrain import rundir
 from shelltrain.checkpoint import load_checkpoint, serialize
-from shelltrain.data import DataBundle
+from shelltrain.data import DataBundle, unsharded
 from shelltrain.engine import predict
 from shelltrain.metrics import expected_calibration_error, nll
 from shelltrain.schema import TrainerConfig
@@ -69,7 +70,8 @@ def calibrate(
     the test split's (logits, targets), as the run's test computed them."""
     if mode == "none":
         return {}
-    val_logits, val_targets = predict(model, data.val, settings, limit=settings.limit_val_batches)
+    val = unsharded(data.val)  # under DDP rank 0 fits on the whole val split, as one process does
+    val_logits, val_targets = predict(model, val, settings, limit=settings.limit_val_batches)
     temperature = fit_temperature(val_logits, val_targets)
     test_logits, test_targets = tested
     store_temperature(run_dir, temperature)

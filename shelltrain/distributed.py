@@ -141,6 +141,31 @@ def rewrap(net: nn.Module) -> nn.Module:
     return wrap(net.module, next(net.module.parameters()).device)
 
 
+class LocalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm of any input rank (as SyncBatchNorm takes), with statistics of this process's batches alone."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
+def local_batchnorm(model: nn.Module) -> nn.Module:
+    """`model` with every SyncBatchNorm (trainer.sync_batchnorm) replaced by a BatchNorm holding the same weights
+    and statistics, for work one rank does alone in train mode (SWA's BatchNorm pass after training): a
+    SyncBatchNorm there would wait in a collective no other rank joins. Modules are replaced in place."""
+    if isinstance(model, nn.SyncBatchNorm):
+        tensors = [*model.parameters(), *model.buffers()]
+        where = tensors[0].device if tensors else None
+        local = LocalBatchNorm(
+            model.num_features, model.eps, model.momentum, model.affine, model.track_running_stats, device=where
+        )
+        local.load_state_dict(model.state_dict())
+        return local.train(model.training)
+    for name, child in model.named_children():
+        model.add_module(name, local_batchnorm(child))
+    return model
+
+
 def _trainable(model: nn.Module) -> tuple[bool, ...]:
     return tuple(p.requires_grad for p in model.parameters())
 

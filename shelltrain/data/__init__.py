@@ -11,8 +11,8 @@ datasets), `loader.py` (DataLoaders and their workers), `device.py` and `batched
 `cache.py`, `balance.py`, `folds.py` (cross-validation folds). The names below are the package's public face.
 """
 
-from shelltrain.data.build import DataBundle, build_data
+from shelltrain.data.build import DataBundle, build_data, unsharded
 from shelltrain.data.datasets import FileImages
 from shelltrain.data.folds import cv_fold
 
-__all__ = ["DataBundle", "FileImages", "build_data", "cv_fold"]
+__all__ = ["DataBundle", "FileImages", "build_data", "cv_fold", "unsharded"]

@@ -13,7 +13,7 @@ from torchvision.transforms import v2
 
 from shelltrain import distributed
 from shelltrain.console import make_console, say
-from shelltrain.data.balance import BalancedSampler, long_tail
+from shelltrain.data.balance import BalancedSampler, long_tail, train_labels
 from shelltrain.data.cache import cached_images
 from shelltrain.data.datasets import FileImages, TensorImages
 from shelltrain.data.device import ON_DEVICE, DeviceBatches, batched_augmentations
@@ -244,3 +244,25 @@ def _loaders(
         "val": Loader(splits["val"], batch_size=eval_batch_size, sampler=val_sampler, **common),
         "test": Loader(splits["test"], batch_size=eval_batch_size, **common),
     }
+
+
+def unsharded(loader: DataLoader | DeviceBatches) -> DataLoader | DeviceBatches:
+    """The whole split behind one rank's `loader`, served as one process would serve it (the same order, batches
+    and augmentation): what rank 0 works on alone after DDP training, so SWA's BatchNorm statistics and the
+    calibration temperature come from the whole split, as in one process, not from rank 0's share. `loader`
+    itself in one process."""
+    if distributed.world_size() == 1:
+        return loader
+    if isinstance(loader, DeviceBatches):
+        return loader.unsharded()
+    sampler = getattr(loader.sampler, "inner", None) or loader.sampler  # inside a worker-seeding SeededSampler
+    common = loader_settings(loader.num_workers, loader.persistent_workers, loader.pin_memory)
+    if isinstance(sampler, BalancedSampler):
+        whole = BalancedSampler(train_labels(loader), sampler.seed)
+    elif isinstance(sampler, DistributedSampler):
+        whole = None  # shuffled by the loader's generator, as in one process
+    else:  # an evaluation split's shard: in order
+        return Loader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn, **common)
+    generator = torch.Generator().manual_seed(loader.generator.initial_seed() if loader.generator else 0)
+    batch_size, collate = loader.batch_size, loader.collate_fn
+    return train_loader(loader.dataset, batch_size, generator, whole, loader.drop_last, collate, common)

@@ -9,6 +9,7 @@ scaling, RandomResizedCrop and ColorJitter have batched forms in batched.py.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -154,6 +155,12 @@ class DeviceBatches:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def unsharded(self) -> DeviceBatches:
+        """The same batches over the whole split, as one process iterates them (rank 0 working alone)."""
+        whole = copy.copy(self)
+        whole.sharded = False
+        return whole
 
     def subset(self, index: torch.Tensor, augmented: bool, shuffle: bool, batch_size: int) -> DeviceBatches:
         """The same device tensors, restricted to `index` (positions in this split): cross-validation folds."""
