@@ -20,9 +20,10 @@ from omegaconf import DictConfig
 from torch import nn
 
 from shelltrain import engine
+from shelltrain.data import unsharded
 from shelltrain.errors import UserError
 from shelltrain.fusion import FusedModel
-from shelltrain.placement import place_frozen
+from shelltrain.placement import batch_to_device, place_frozen
 from shelltrain.preprocess import Preprocessing
 from shelltrain.schema import TrainerConfig
 from shelltrain.trained import open_trained, read_ensemble, sweep_jobs
@@ -50,13 +51,21 @@ def distillation_loss(
 
 class Distiller:
     """The training loss `engine.fit` takes (engine.Loss): the teacher's logits on the student's batch, then
-    `distillation_loss`. With `cache`, each image's teacher logits are computed once and reused every later
-    epoch (`TeacherCache`): only right when the images a sample yields are the same every epoch (no augmentation)."""
+    `distillation_loss`. With `cache` (a TeacherCache), each train image's teacher logits are computed once, in one
+    pass over the split, and read from a table from then on: only right when the images a sample yields are the
+    same every epoch (no augmentation)."""
 
-    def __init__(self, teacher: nn.Module, temperature: float, alpha: float, description: str = "", cache=False):
+    def __init__(
+        self,
+        teacher: nn.Module,
+        temperature: float,
+        alpha: float,
+        description: str = "",
+        cache: TeacherCache | None = None,
+    ):
         self.teacher, self.temperature, self.alpha = teacher.eval().requires_grad_(False), temperature, alpha
         self.description = description
-        self.cache = TeacherCache() if cache else None
+        self.cache = cache
 
     def __call__(
         self, images: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, settings: TrainerConfig
@@ -70,31 +79,54 @@ class Distiller:
 
 
 class TeacherCache:
-    """Teacher logits by image content. An eval-mode teacher is a pure function of the image, so the logits kept
-    for an image are the logits it would give again: content keys stay right across shuffling and resume (a
-    resumed run just fills the cache anew). The key is the image projected on two fixed random directions (float64):
-    distinct images collide with negligible probability; a key that differs by rounding only costs a recomputation."""
+    """Teacher logits by image content, for every image of the train split (`source`: the whole split, also under
+    DDP). An eval-mode teacher is a pure function of the image, so the first lookup runs it once over the split and
+    keeps each image's logits in one table on the training device, sorted by key; every lookup then finds its batch's
+    rows on the device (searchsorted): no host sync, no Python per image, and the rows are gathered copies, not views
+    that keep whole batches alive. Content keys stay right across shuffling and resume. The key is the image
+    projected on two fixed random directions (float64): distinct images collide with negligible probability, and the
+    nearest stored key is taken, so a key that differs by rounding still finds its image."""
 
-    def __init__(self) -> None:
-        self.rows: dict[tuple[float, float], torch.Tensor] = {}
+    def __init__(self, source: Any, settings: TrainerConfig) -> None:
+        self.source, self.settings = source, settings
+        self.keys: torch.Tensor | None = None  # N x 2, sorted by the first column
+        self.table: torch.Tensor | None = None  # N x classes, in the keys' order
         self.probe: torch.Tensor | None = None
-        self.hits = self.misses = 0
+        self.hits = self.misses = 0  # images read from the table; images the teacher computed
 
-    def logits(self, teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    def key(self, images: torch.Tensor) -> torch.Tensor:
+        """Each image's content key (B x 2, float64), computed where the images are."""
         flat = images.detach().flatten(1)
         if self.probe is None:
             generator = torch.Generator().manual_seed(0)
             self.probe = torch.randn(flat.shape[1], 2, generator=generator, dtype=torch.float64).to(flat.device)
-        keys = [tuple(row) for row in (flat.to(torch.float64) @ self.probe).tolist()]
-        if all(key in self.rows for key in keys):
-            self.hits += len(keys)
-            return torch.stack([self.rows[key] for key in keys])
-        with torch.no_grad():
-            computed = teacher(images)
-        self.misses += len(keys)
-        for key, row in zip(keys, computed.detach()):
-            self.rows.setdefault(key, row)
-        return computed
+        return flat.to(torch.float64) @ self.probe
+
+    def fill(self, teacher: nn.Module) -> None:
+        """The teacher over the whole train split once, as the student's batches reach it (on the device, in its
+        memory format, under the run's autocast); the run's RNG is left where it was."""
+        keys, rows = [], []
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for images, targets in self.source:
+                images, _ = batch_to_device(images, targets, self.settings)
+                with engine.autocast(self.settings):
+                    rows.append(teacher(images).detach())
+                keys.append(self.key(images))
+        order = torch.cat(keys)[:, 0].argsort()
+        self.keys, self.table = torch.cat(keys)[order].contiguous(), torch.cat(rows)[order]
+        self.misses += len(order)
+
+    def logits(self, teacher: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        if self.table is None:
+            self.fill(teacher)
+        query = self.key(images)
+        first = self.keys[:, 0].contiguous()
+        at = torch.searchsorted(first, query[:, 0].contiguous())
+        candidates = torch.stack([(at - 1).clamp(min=0), at.clamp(max=len(first) - 1)], dim=1)
+        distance = (self.keys[candidates] - query[:, None]).abs().sum(-1)
+        nearest = candidates.gather(1, distance.argmin(1, keepdim=True)).squeeze(1)
+        self.hits += images.shape[0]
+        return self.table[nearest]
 
 
 def make_distiller(
@@ -117,7 +149,8 @@ def make_distiller(
     teacher, what = _teacher(distill, data, settings, key, say)
     description = f"distilling from {what} (temperature {distill.temperature:g}, alpha {distill.alpha:g})"
     say(description + (", teacher logits cached" if cache else ""))
-    return Distiller(teacher, float(distill.temperature), float(distill.alpha), description, cache)
+    cached = TeacherCache(unsharded(data.train), settings) if cache else None
+    return Distiller(teacher, float(distill.temperature), float(distill.alpha), description, cached)
 
 
 def _teacher(
