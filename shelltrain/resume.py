@@ -82,8 +82,8 @@ def plan(cfg: DictConfig, fresh_dir: Path, overrides: list[str]) -> tuple[DictCo
             "resume a sweep with the same overrides plus hydra.sweep.dir=<its dir> trainer.resume=auto"
         )
     target = (_launch_dir(hydra_cfg) / os.path.expanduser(value)).absolute()
-    if rundir.is_ensemble_run(target):
-        return _continue_ensemble(cfg, target, fresh_dir, overrides)
+    if rundir.is_ensemble_run(target) or rundir.is_compress_run(target):
+        return _continue_parts(cfg, target, fresh_dir, overrides)
     checkpoint, owner = resolve(target)
     cfg, overrides = _recompose(cfg, checkpoint, owner, overrides, hydra_cfg)
     validate(cfg)
@@ -112,13 +112,19 @@ def _continue(
     return cfg, owner, Resume(checkpoint, in_place=True, payload=payload), overrides
 
 
-def _continue_ensemble(
+def _continue_parts(
     cfg: DictConfig, target: Path, fresh_dir: Path, overrides: list[str]
 ) -> tuple[DictConfig, Path, Resume, list[str]]:
-    """An ensemble's run directory: members that finished are kept, the others continue or train."""
+    """A run made of sub-runs (an ensemble's members, a compression chain's stages): the finished ones are kept, the
+    interrupted one continues, the others train."""
     cfg, overrides = _recompose(cfg, None, target, overrides, HydraConfig.get())
     validate(cfg)
-    if not uses_ensemble(cfg):
+    if rundir.is_compress_run(target) and cfg.compress is None:
+        raise UserError(
+            f"trainer.resume: '{target}' is a compression chain's run directory, but this config has no compress "
+            "section; resume it with the overrides it was started with (e.g. experiment=compress_digits)"
+        )
+    if rundir.is_ensemble_run(target) and not uses_ensemble(cfg):
         raise UserError(
             f"trainer.resume: '{target}' is an ensemble run directory, but this config trains no ensemble; "
             "resume it with the overrides it was started with"

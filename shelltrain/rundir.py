@@ -149,7 +149,7 @@ def fold_dir(run_dir: Path, fold: int) -> Path:
 
 def has_checkpoint(run_dir: Path) -> bool:
     """Whether `trainer.resume=<run_dir>` has something to continue from."""
-    return last_checkpoint(run_dir).is_file() or is_ensemble_run(run_dir)
+    return last_checkpoint(run_dir).is_file() or is_ensemble_run(run_dir) or is_compress_run(run_dir)
 
 
 def ensemble_dir(source: Any) -> Path | None:
@@ -168,6 +168,15 @@ def is_ensemble_run(path: Path) -> bool:
     checkpoints, it has none of its own."""
     path = Path(path)
     return not last_checkpoint(path).exists() and any(path.glob(f"{MEMBERS}/*/{CHECKPOINTS}/{LAST}"))
+
+
+def is_compress_run(path: Path) -> bool:
+    """A compression chain's run directory with a stage to continue: its compress/<stage>/ sub-runs (an ensemble's
+    members among them) hold the checkpoints, it has none of its own."""
+    stages = Path(path) / COMPRESS
+    return not last_checkpoint(path).exists() and (
+        any(stages.glob(f"*/{CHECKPOINTS}/{LAST}")) or any(stages.glob(f"*/{MEMBERS}/*/{CHECKPOINTS}/{LAST}"))
+    )
 
 
 def holds_records(path: Path) -> bool:

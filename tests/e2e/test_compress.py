@@ -86,11 +86,8 @@ def test_an_interrupted_compress_chain_resumes_stage_by_stage(tmp_path, monkeypa
     """SIGINT in the distilled stage (steps 1-4 train the teacher's two members, 5-6 the student alone): the chain
     stops naming its own run directory; resumed, the finished stages are kept byte for byte and the distilled one
     continues from its checkpoint."""
-    from conftest import compose_config, interrupt_at_step
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    from conftest import interrupt_at_step
 
-    from shelltrain.compress import run_compress
     from shelltrain.errors import Interrupted
 
     with monkeypatch.context() as patch:
@@ -103,11 +100,7 @@ def test_an_interrupted_compress_chain_resumes_stage_by_stage(tmp_path, monkeypa
     assert json.loads((stages / "distilled/summary.json").read_text())["status"] == "interrupted"
     finished = {stage: _files(stages / stage) for stage in ("teacher", "student")}
 
-    cfg = compose_config(*TINY, "plots=false")
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    run_compress(cfg, tmp_path.absolute(), resume=True)
+    run_in_process(tmp_path, *TINY, "plots=false", f"trainer.resume={tmp_path}")  # as the printed command does
     assert {stage: _files(stages / stage) for stage in finished} == finished
     report = json.loads((tmp_path / "compress.json").read_text())
     assert [row["name"] for row in report["rows"]][-2:] == ["pruned", "int8"]
