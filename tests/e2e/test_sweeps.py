@@ -18,7 +18,7 @@ import yaml
 from conftest import compose_config, run_in_process, shelltrain, shelltrain_forked
 from omegaconf import open_dict
 
-from shelltrain import gates, sweep
+from shelltrain import gates, sweep, sweep_table
 from shelltrain.errors import UserError
 from shelltrain.schema import validate
 
@@ -437,7 +437,7 @@ def test_cv_score_is_what_a_sweep_selects_by(tmp_path):
     assert not (tmp_path / "checkpoints").exists()  # no refit: only the fold models
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra/overrides.yaml").write_text("- cv.folds=2\n")
-    row = sweep.read_run(tmp_path)
+    row = sweep_table.read_run(tmp_path)
     assert row.score == pytest.approx(summary["cv"]["mean"])
 
 
@@ -457,3 +457,14 @@ def test_ci_example_workflow_runs_smoke_and_gates():
     steps = [s.get("run", "") for job in workflow["jobs"].values() for s in job["steps"]]
     assert any("shelltrain" in s and "debug=smoke" in s for s in steps)
     assert any("shelltrain" in s and "gate.test_acc_min=" in s for s in steps)
+
+
+def test_summary_of_a_sweep_with_wrongly_typed_files_is_a_table_not_a_traceback(tmp_path):
+    d = _fake_sweep(tmp_path)
+    failures = {"passed": False, "failures": [1, 2]}
+    _fake_run(d, 0, ["x=1"], {"status": "completed", "best_val_acc": 0.5, "gates": failures})
+    _fake_run(d, 1, ["x=2"], {"status": "completed", "best_val_acc": 0.6})
+    (d / "1/summary.json").write_text("[1, 2]")
+    (d / "0/.hydra/config.yaml").write_text("- 1\n")
+    assert sweep.main([str(d)]) == 4
+    assert [r["status"] for r in _csv(d / "summary.csv")] == ["completed", "unreadable"]
