@@ -23,12 +23,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.table import Table
 
 from shelltrain import rundir, summary
-from shelltrain.console import make_console, say
+from shelltrain.console import make_console, say, show
 from shelltrain.ensemble import ensemble_and_test
 from shelltrain.errors import Interrupted, UserError
 from shelltrain.export import INSTALL_HINT
 from shelltrain.plots import plot_tradeoff
-from shelltrain.prune.measure import LatencySpec, cpu_copy, measure, measure_latency
+from shelltrain.prune.measure import LatencySpec, cpu_copy, latency_figures, measure
+from shelltrain.prune.report import NOISY_SPREAD
 from shelltrain.resume import Resume
 from shelltrain.runner import train_and_test, train_settings
 from shelltrain.schema import validate
@@ -70,7 +71,14 @@ def run_compress(cfg: DictConfig, run_dir: Path, resume: bool = False) -> float:
     report = {"rows": rows, "export": exported, "latency_setup": {**spec.latency, "device": "cpu"}}
     report["wall_seconds"] = round(time.perf_counter() - started, 3)
     rundir.write_json(report, rundir.compress_report(run_dir))
-    console.print(compress_table(rows))
+    show(console, compress_table(rows))
+    noisy = [row["name"] for row in rows if row["latency_spread"] > NOISY_SPREAD]
+    if noisy:  # a busy machine: the ratios hold (the models take turns), the absolute times less so
+        say(
+            console,
+            f"compress: latency repeats spread by more than {NOISY_SPREAD:.0%} for {', '.join(noisy)}; "
+            "raise compress.latency.repeats or measure on a quieter machine",
+        )
     if cfg.plots:
         plot_tradeoff(
             [{**row, "label": row["name"]} for row in rows],
@@ -137,7 +145,7 @@ def measure_stages(dirs: dict[str, Path], latency: LatencySpec) -> list[dict[str
     shape = loaded["student alone"].preprocessing.shape
     twins = [None] * (len(models) - 1) + [models[-2]]  # int8's MACs: its float original runs the same operations
     figures = [measure(cpu_copy(m), shape, macs_model=twin) for m, twin in zip(models, twins)]
-    times = measure_latency([cpu_copy(m) for m in models], shape, latency)
+    times = latency_figures([cpu_copy(m) for m in models], shape, latency)
     rows = []
     for (name, path, acc), figure, ms in zip(entries, figures, times):
         rows.append(
@@ -147,7 +155,8 @@ def measure_stages(dirs: dict[str, Path], latency: LatencySpec) -> list[dict[str
                 "params": figure["params"],
                 "size_bytes": figure["size_bytes"],
                 "macs": figure["macs"],
-                "latency_ms": round(ms, 4),
+                "latency_ms": round(ms.median_ms, 4),
+                "latency_spread": round(ms.spread, 4),  # the repeats' interquartile range / median
                 "run_dir": str(path),
             }
         )

@@ -104,5 +104,6 @@ def test_an_interrupted_compress_chain_resumes_stage_by_stage(tmp_path, monkeypa
     assert {stage: _files(stages / stage) for stage in finished} == finished
     report = json.loads((tmp_path / "compress.json").read_text())
     assert [row["name"] for row in report["rows"]][-2:] == ["pruned", "int8"]
+    assert all(row["latency_ms"] > 0 and row["latency_spread"] >= 0 for row in report["rows"])  # median and spread
     distilled = json.loads((stages / "distilled/summary.json").read_text())
     assert distilled["status"] == "completed" and distilled["epochs_completed"] == 1
