@@ -3,7 +3,7 @@ fitted on the validation split's logits (the whole split, also under DDP) by min
 so T stays positive), and the logits are divided by T from then on. Argmax is unchanged, so accuracy is too; only
 the confidence moves.
 
-T is stored in the run's checkpoints (best.pt and last.pt, key `temperature`); `trained.load_trained_model` wraps
+T is stored in the run's checkpoints (best.pt and last.pt, key `temperature`); `trained.open_trained` wraps
 the model in `Tempered`, so evaluate, predict, export and ensemble members (each with its own T) use it."""
 
 from __future__ import annotations
