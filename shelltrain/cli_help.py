@@ -16,30 +16,6 @@ from omegaconf import OmegaConf, open_dict
 
 HELP_FLAGS = ("--help", "-h")
 
-GROUP_MEANINGS = {  # one line per packaged group, shown beside its options
-    "augmentation": "train-time image augmentation",
-    "data": "the data set and how it is split, loaded and cached",
-    "debug": "shrink any run to a quick check",
-    "distill": "learn from a trained teacher model",
-    "ensemble": "fuse several trained models into one prediction",
-    "experiment": "a whole recipe (several groups at once)",
-    "finetune": "what trains when, starting from model.weights",
-    "hparams_search": "a hyperparameter search over a sweep",
-    "logger": "where per-epoch metrics go (csv: metrics.csv; several at once: logger=[csv,mlflow])",
-    "model": "the network (torchvision, timm, a small cnn, or your _target_)",
-    "optimizer": "the optimizer (optimizer.lr, weight decay, ...)",
-    "prune": "prune or quantize the trained model (chain them with prune.then)",
-    "scheduler": "the learning-rate schedule",
-    "trainer": "epochs, device, precision, checkpoints, EMA/SWA, calibration",
-}
-TASK_MEANINGS = {  # task=NAME; shelltrain.checks.TASKS lists the same names
-    "train": "train a model (the default), with everything the groups above configure",
-    "evaluate": "score a trained model (model.weights=RUN) on a split of the data",
-    "predict": "classify a folder of images (predict.input) with a trained model",
-    "export": "write a trained model as ONNX or TorchScript, checked against PyTorch",
-    "lr_find": "a learning-rate range test: suggests optimizer.lr",
-}
-
 
 def print_help(args: list[str]) -> bool:
     """Print the help for `shelltrain [overrides] --help`; False (nothing printed) when Hydra must answer."""
@@ -62,13 +38,7 @@ def print_help(args: list[str]) -> bool:
         return False  # a template asking for Hydra's own parts
     with open_dict(cfg):
         del cfg["hydra"]
-    listing = "".join(
-        f"{group}: {', '.join(sorted(options))}"
-        + (f"   # {GROUP_MEANINGS[group]}" if group in GROUP_MEANINGS else "")
-        + "\n"
-        for group, options in sorted(groups.items())
-    )
-    listing += "\n== Tasks (task=NAME) ==\n" + "".join(f"{name}: {what}\n" for name, what in TASK_MEANINGS.items())
+    listing = "".join(f"{group}: {', '.join(sorted(options))}\n" for group, options in sorted(groups.items()))
     sys.stdout.write(template.substitute(APP_CONFIG_GROUPS=listing, CONFIG=OmegaConf.to_yaml(cfg)) + "\n")
     return True
 

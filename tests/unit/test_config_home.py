@@ -48,8 +48,8 @@ ALLOWED = {
     ("shelltrain/transfer.py", "model_cfg", "weights"): "a `_target_` model is the user's free-form group",
     ("shelltrain/transfer.py", "model_cfg", "name"): "a `_target_` model is the user's free-form group",
     ("shelltrain/transfer.py", "model_cfg", "library"): "a `_target_` model is the user's free-form group",
-    ("shelltrain/sweep.py", "cv", "mean"): "summary.json's cv section, not the cv group",
-    ("shelltrain/sweep.py", "cv", "std"): "summary.json's cv section, not the cv group",
+    ("shelltrain/sweep_table.py", "cv", "mean"): "summary.json's cv section, not the cv group",
+    ("shelltrain/sweep_table.py", "cv", "std"): "summary.json's cv section, not the cv group",
     ("shelltrain/distill.py", "report", "weights"): "ensemble.json, not the report group",
 }
 
