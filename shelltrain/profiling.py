@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.text import Text
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from shelltrain import rundir
+from shelltrain.console import show
 from shelltrain.engine import Callback, TrainState
 from shelltrain.errors import UserError
 
@@ -83,7 +85,7 @@ class StepProfiler(Callback):
         atexit.unregister(self._finish)
         self.profiler.stop()
         if not self.written:
-            self.console.print("trainer.profile: no trace: the first epoch ended before a step was recorded")
+            show(self.console, Text("trainer.profile: no trace: the first epoch ended before a step was recorded"))
 
     def _write(self, profiler: profile) -> None:
         """The trace file (exported beside, then moved in atomically) and the table of the top operators."""
@@ -97,14 +99,13 @@ class StepProfiler(Callback):
                 profiler.export_chrome_trace(str(exported))
                 rundir.write_atomic(exported.read_bytes(), target)
         except (OSError, UserError) as exc:  # the profile is an extra: the run goes on without its trace
-            self.console.print(f"trainer.profile: no trace written: {exc}", markup=False)
+            show(self.console, Text(f"trainer.profile: no trace written: {exc}"))
             target = None
         table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=TOP_OPERATORS)
         steps = f"{recorded} step" + ("s" if recorded > 1 else "")
-        self.console.print(f"trainer.profile: top operators by self CPU time over {steps}", markup=False)
-        self.console.print(table, markup=False, highlight=False)
+        show(self.console, Text(f"trainer.profile: top operators by self CPU time over {steps}\n{table}"))
         if target is not None:
-            self.console.print(f"trace: {target} (ui.perfetto.dev or TensorBoard)")
+            show(self.console, Text(f"trace: {target} (ui.perfetto.dev or TensorBoard)"))
 
 
 def build_profiler(enabled: bool, run_dir: Path, device: Any, console: Any) -> StepProfiler | None:

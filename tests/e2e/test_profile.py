@@ -25,6 +25,8 @@ def test_profile_with_two_steps_exits_cleanly_with_a_trace(tmp_path):
     result = shelltrain(*SMOKE, "trainer.profile=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     _assert_clean(result, run_dir)
     assert "top operators by self CPU time over 1 step" in result.stdout
+    log = (run_dir / "train.log").read_text()  # the run directory holds what the console showed
+    assert "top operators by self CPU time over 1 step" in log and f"trace: {run_dir / 'profile_trace.json'}" in log
 
 
 def test_profile_with_one_batch_and_accumulation_still_writes_its_trace(tmp_path):
