@@ -50,7 +50,9 @@ for name in "${SECTION_NAMES[@]}"; do
   if ((${#asked[@]} == 0)) || [[ " ${asked[*]} " == *" $name "* ]]; then SELECTED+=("$name"); fi
 done
 for name in "${asked[@]}"; do
-  [[ -n ${SECTION_LIMIT[$name]:-} ]] || { echo "gpu.sh: no section '$name'; the sections: ${SECTION_NAMES[*]}"; exit 2; }
+  [[ -n ${SECTION_LIMIT[$name]:-} ]] && continue
+  echo "gpu.sh: no section '$name'; the sections: ${SECTION_NAMES[*]}"
+  exit 2
 done
 
 # -- what this machine needs: shelltrain's dependencies besides torch and torchvision --------------------------
@@ -60,7 +62,8 @@ MODULES=(hydra omegaconf antlr4 torch_pruning rich sklearn matplotlib safetensor
 PACKAGES=(hydra-core omegaconf antlr4-python3-runtime torch-pruning rich scikit-learn matplotlib safetensors PyYAML
   packaging)
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c "import torch, torchvision" || { echo "gpu.sh: $PY has no torch/torchvision; PYTHON=... names one that has"; exit 2; }
+"$PY" -c "import torch, torchvision" \
+  || { echo "gpu.sh: $PY has no torch/torchvision; PYTHON=... names one that has"; exit 2; }
 missing_packages() { # the packages of the modules this Python cannot import, in one process
   local i
   for i in "${!MODULES[@]}"; do echo "${MODULES[$i]} ${PACKAGES[$i]}"; done | "$PY" -c '
@@ -97,8 +100,11 @@ fi
 # the environment, else from the wheels). The sections run in that folder, so that the checkout's source tree
 # (without configs/ inside the package) does not shadow it; shelltrain.configs must import from there.
 rm -rf "$OUT/src" && mkdir -p "$OUT/src" && cp -r pyproject.toml README.md shelltrain configs "$OUT/src/"
-(cd "$OUT/src" && { pip_install --no-build-isolation . 2>/dev/null || pip_install --no-index --find-links "$WHEELS" .; }) \
-  || { echo "gpu.sh: shelltrain does not build here (it needs setuptools>=70.1: add it to benchmarks/wheels/)"; exit 2; }
+build() {
+  pip_install --no-build-isolation . 2>/dev/null || pip_install --no-index --find-links "$WHEELS" .
+}
+(cd "$OUT/src" && build) ||
+  { echo "gpu.sh: shelltrain does not build here (it needs setuptools>=70.1: add it to benchmarks/wheels/)"; exit 2; }
 cd "$SITE"
 "$PY" -c '
 import importlib.resources, os, sys
@@ -120,8 +126,8 @@ else
   MODEL=(model=resnet18 model.small_input=true) SAMPLES=2048 WIDTH=16 TEACHER_EPOCHS=6 LR_STEPS=100
   DIGITS_LIMIT=() VMAP=() TIMM_MODEL=resnet10t TIMM_PRECISION=(trainer.precision=bf16)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" \
-    || { echo "gpu.sh: torch sees no CUDA device"; exit 2; }
+  "$PY" -c "import torch as t; print('torch', t.__version__, 'cuda', t.version.cuda, t.cuda.get_device_name(0))" ||
+    { echo "gpu.sh: torch sees no CUDA device"; exit 2; }
   GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
 fi
 SYNTH=(data=synthetic data.num_samples=$SAMPLES 'data.mean=[0.5]' 'data.std=[0.29]' data.batch_size=128
@@ -154,7 +160,7 @@ stop() { # Ctrl-C or SIGTERM: end the running section and everything it started
 trap stop INT TERM
 
 run_section() { # run_section NAME: section_NAME at most its limit (clipped to the budget); one result line
-  local name=$1 log=$LOGS/$1.log notes=$LOGS/$1.notes began=$SECONDS limit left rc result
+  local name=$1 log=$LOGS/$1.log notes=$LOGS/$1.notes began=$SECONDS limit left rc result word
   limit=$((SECTION_LIMIT[$name] * SCALE)) left=$((BUDGET - (SECONDS - START) - 5))
   ((limit > left)) && limit=$left
   : >"$notes"
@@ -172,12 +178,16 @@ run_section() { # run_section NAME: section_NAME at most its limit (clipped to t
     case $rc in
       0) result=ok ;;
       77) result="skipped: $(sed -n 's/^SKIP: //p' "$log" | tail -n 1)" ;;
-      124 | 137) result="FAIL (over ${limit}s)" ;;
+      124 | 137)
+        result="FAIL (over ${limit}s)"
+        echo "gpu.sh: stopped at the section's limit, ${limit}s" >>"$log"
+        ;;
       *) result="FAIL (exit $rc)" ;;
     esac
   fi
   NAMES+=("$name") RESULTS+=("$result") TIMES+=($((SECONDS - began))) LIMITS+=("$limit")
-  printf '%-4s %-14s %4ss  %s\n' "${result%% *}" "$name" $((SECONDS - began)) "${SECTION_ABOUT[$name]}"
+  case $result in ok) word=ok ;; skipped*) word=skip ;; *) word=FAIL ;; esac
+  printf '%-4s %-14s %4ss  %s\n' "$word" "$name" $((SECONDS - began)) "${SECTION_ABOUT[$name]}"
   if [[ $result == FAIL* ]]; then
     echo "     $result; the end of $log:"
     tail -n 15 "$log" 2>/dev/null | sed 's/^/     | /'
@@ -196,9 +206,9 @@ done
 failed=0 skipped=0
 {
   echo
-  printf '%-14s %-44s %7s %6s\n' section result seconds limit
+  printf '%-14s %-50s %7s %6s\n' section result seconds limit
   for i in "${!NAMES[@]}"; do
-    printf '%-14s %-44s %7s %6s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${TIMES[$i]}" "${LIMITS[$i]}"
+    printf '%-14s %-50s %7s %6s\n' "${NAMES[$i]}" "${RESULTS[$i]}" "${TIMES[$i]}" "${LIMITS[$i]}"
   done
 } | tee "$OUT/summary.txt"
 for result in "${RESULTS[@]}"; do

@@ -325,7 +325,8 @@ fp32 = json.loads((run.parent / "lr-find-32" / "summary.json").read_text())
 lr, ref = s.get("suggested_lr"), fp32.get("suggested_lr")
 assert finite(lr) and lr > 0, f"suggested_lr {lr}"
 assert finite(ref) and ref > 0, f"fp32: suggested_lr {ref}"
-assert s["steps_run"] >= 0.8 * fp32["steps_run"], f"the ramp stopped after {s['steps_run']} steps, fp32 after {fp32['steps_run']}"
+steps, fp32_steps = s["steps_run"], fp32["steps_run"]
+assert steps >= 0.8 * fp32_steps, f"the ramp stopped after {steps} steps, fp32 after {fp32_steps}"
 assert ref / 4 <= lr <= ref * 4, f"16-mixed suggests {lr:.3g}, fp32 {ref:.3g}"
 note(f"suggested lr: 16-mixed {lr:.3g} ({s['steps_run']} steps), fp32 {ref:.3g} ({fp32['steps_run']} steps)")
 PY

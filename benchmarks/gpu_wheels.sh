@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Fill benchmarks/wheels/ with the packages a GPU machine without network lacks, for benchmarks/gpu.sh to install
-# offline. Run it on a machine with a package index and carry the folder with the checkout (a device call carries
-# at most 64 MiB with the working tree: this folder is about 1.3 MB by default).
+# offline. Run it on a machine with a package index and copy the folder to the GPU machine with the checkout (it
+# is about 1.3 MB by default: small enough to travel with a checkout).
 #
 #   bash benchmarks/gpu_wheels.sh [PYTHON_VERSION [PACKAGE ...]]   # default: 3.12 and the packages below
 #
-# The default packages are what this workplace's GPU image lacks of shelltrain's dependencies (its package list
-# has torch, torchvision, numpy, scipy, scikit-learn, matplotlib, pillow, rich, PyYAML, safetensors, packaging):
-# hydra-core, omegaconf, antlr4-python3-runtime and torch-pruning, all pure Python, plus setuptools to build
-# shelltrain there. Each is fetched without its dependencies (gpu.sh installs them with --no-deps): name every
-# further package gpu.sh reports missing. antlr4-python3-runtime 4.9.3 (what hydra-core 1.3 pins) is published only
-# as a source archive: its wheel is built here (pure Python, one wheel fits every target).
+# The default packages are what a GPU machine's Python that has torch, torchvision and the usual scientific
+# packages (numpy, scipy, scikit-learn, matplotlib, pillow, rich, PyYAML, safetensors, packaging) lacks of
+# shelltrain's dependencies: hydra-core, omegaconf, antlr4-python3-runtime and torch-pruning, all pure Python, plus
+# setuptools to build shelltrain there. Each is fetched without its dependencies (gpu.sh installs them with
+# --no-deps): name every further package gpu.sh reports missing. antlr4-python3-runtime 4.9.3 (what hydra-core 1.3
+# pins) is published only as a source archive: its wheel is built here (pure Python, one wheel fits every target).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=${1:-3.12}
