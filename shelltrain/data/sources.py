@@ -64,6 +64,12 @@ def _torchvision(data: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, torch.
                     f"data.download: could not download {title} into '{root}' ({one_line(e)}); "
                     f"check the network or place {expected} under data.root by hand"
                 ) from e
+            folder = root / getattr(cls, "base_folder", "")
+            if folder != root and folder.is_dir() and "corrupted" in str(e):  # CIFAR: the files' md5 is checked
+                raise UserError(
+                    f"data.root: the {title} files in '{folder}' fail torchvision's checksum (md5): a partial download "
+                    f"or changed files; delete '{folder}' and set data.download=true, or put fresh copies there"
+                ) from e
             raise UserError(
                 f"data.root: no readable {title} in '{root}' ({one_line(e)}); "
                 f"point data.root at the folder that holds {expected} or set data.download=true"

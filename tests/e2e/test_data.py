@@ -93,6 +93,13 @@ def test_cifar10(tmp_path, monkeypatch):
     assert_labels_match_pixels(bundle)
 
 
+def test_cifar_files_that_fail_torchvisions_checksum_say_so(tmp_path):
+    make_cifar10(tmp_path, n_train=20, n_test=10)  # real pickles, not the real download: torchvision's md5 differs
+    cfg = make_cfg("cifar10", "none", f"data.root={tmp_path}", "data.num_workers=0")
+    with pytest.raises(UserError, match=r"fail torchvision's checksum \(md5\).*delete '.*cifar-10-batches-py'"):
+        build(cfg)
+
+
 def test_cifar100(tmp_path, monkeypatch):
     make_cifar100(tmp_path, n_train=300, n_test=100, monkeypatch=monkeypatch)
     bundle = build(make_cfg("cifar100", "none", f"data.root={tmp_path}", "data.num_workers=0"))
