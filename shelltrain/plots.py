@@ -114,6 +114,7 @@ def plot_tradeoff(
         for row, px, py in zip(points, xs, ys):
             if row.get("label") is not None and px is not None and py is not None:
                 ax.annotate(str(row["label"]), (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        _log_if_wide(ax, xs)  # a teacher ensemble and an int8 student differ by orders of magnitude
         ax.set_xlabel(key)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
@@ -168,9 +169,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: Path, params: Sequence[str]
         if numeric:
             xs = [_number(v) for v in values]
             order = sorted(set(xs))
-            positive = min(order) > 0 if order else False
-            if positive and len(order) > 1 and max(order) / min(order) >= 100:
-                ax.set_xscale("log")
+            _log_if_wide(ax, xs)
         else:
             labels = list(dict.fromkeys(str(v) for v in values))
             position = {label: i for i, label in enumerate(labels)}
@@ -185,10 +184,11 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: Path, params: Sequence[str]
         ax.set_xlabel(param)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    axes[0].legend()
     for ax in axes[len(params) :]:
         ax.set_visible(False)
     fig.suptitle(f"{metric} per swept parameter ({len(runs)} runs)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, frameon=False)  # never over a point
     return _save(fig, path)
 
 
@@ -206,6 +206,13 @@ def plot_lr_find(rows: Sequence[dict[str, float]], suggested: float | None, path
     ax.set_ylabel("training loss")
     ax.legend()
     return _save(fig, path)
+
+
+def _log_if_wide(ax: Any, values: Sequence[float | None]) -> None:
+    """A log x axis when the (positive) values span two orders of magnitude or more."""
+    known = [v for v in values if v is not None]
+    if known and min(known) > 0 and max(known) / min(known) >= 100:
+        ax.set_xscale("log")
 
 
 def _figure(rows: int, columns: int, width: float, height: float) -> tuple[Any, list[Any]]:

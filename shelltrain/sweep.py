@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from shelltrain import rundir
 from shelltrain.errors import UserError
 from shelltrain.signals import SweepStop
-from shelltrain.sweep_table import JobRow, collect, number, plot, ranked, table, write_csv
+from shelltrain.sweep_table import JobRow, collect, plot, ranked, table, write_csv
 
 # Exit codes shared with the CLI (documented in README "Using shelltrain in CI").
 EXIT_GATE_FAILED = 3
@@ -72,7 +72,7 @@ def summarize(
     csv_path = Path(out) if out is not None else root / rundir.SWEEP_SUMMARY if sweep_dir else None
     if write and csv_path is not None:
         write_csv(rows, root, csv_path)
-        if any(r.plots for r in rows) and any(number(r.summary.get("test_acc")) is not None for r in rows):
+        if any(r.plots for r in rows) and any(r.score is not None for r in rows):
             plot(rows, csv_path.parent / rundir.SWEEP_PLOT)
     else:
         csv_path = None

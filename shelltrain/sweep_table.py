@@ -163,11 +163,14 @@ def write_csv(rows: Sequence[JobRow], root: Path, path: Path) -> list[str]:
 
 
 def plot(rows: Sequence[JobRow], path: Path) -> Path:
-    """sweep.png beside summary.csv: test accuracy against each swept parameter (runs without one are left out)."""
+    """sweep.png beside summary.csv: the score the sweep ranks and selects by (best <monitor>, or its CV mean)
+    against each swept parameter (runs without one are left out)."""
     from shelltrain.plots import plot_sweep
 
-    records = [{**_split_overrides(r.overrides), "test_acc": r.summary.get("test_acc")} for r in rows]
-    return plot_sweep(records, path, swept_keys(rows), metric="test_acc")
+    cross_validated = any(isinstance(r.summary.get("cv"), dict) for r in rows)
+    metric = f"best {rows[0].monitor}" + (" (CV mean)" if cross_validated else "")
+    records = [{**_split_overrides(r.overrides), metric: r.score} for r in rows]
+    return plot_sweep(records, path, swept_keys(rows), metric=metric)
 
 
 def table(rows: Sequence[JobRow], title: str, root: Path) -> Any:
