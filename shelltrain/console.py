@@ -13,10 +13,12 @@ import math
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 log = logging.getLogger("shelltrain")
+_tag = ""  # "[job 3] " while this process runs one of a sweep's jobs beside others (tag_lines)
 
 LINE_KEYS = ("task", "test_acc", "val_acc", "train_acc", "best_val_acc", "params", "wall_seconds")
 
@@ -26,14 +28,23 @@ def make_console(quiet: bool = False) -> Console:
     return Console(highlight=False, soft_wrap=True, quiet=quiet)
 
 
+def tag_lines(tag: str) -> None:
+    """Start every line this process shows with `tag` (e.g. "[job 3] "): jobs of a sweep that run at once print to
+    one terminal, and each line must say whose it is. The run's own log needs no tag."""
+    global _tag
+    _tag = tag
+
+
 def say(console: Console, message: str) -> None:
     """Print to the console and log the same line."""
-    console.print(message)
+    console.print(escape(_tag) + message)
     log.info(Text.from_markup(message).plain)
 
 
 def show(console: Console, renderable: Any) -> None:
     """Print a table (any rich renderable) and log it as plain text."""
+    if _tag:
+        console.print(Text(_tag.rstrip()))
     console.print(renderable)
     if not console.quiet:
         text = Console(file=io.StringIO(), width=console.width, record=True, highlight=False, soft_wrap=True)

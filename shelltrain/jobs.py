@@ -9,17 +9,19 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from shelltrain import cv, distributed, rundir, summary
 from shelltrain.checks import uses_ensemble
 from shelltrain.compress import run_compress
-from shelltrain.console import make_console, say, show
+from shelltrain.console import make_console, say, show, tag_lines
 from shelltrain.ensemble import ensemble_and_test
-from shelltrain.environment import check_distributable, provenance, resolve_device, seed_everything
+from shelltrain.environment import check_distributable, jobs_at_once, provenance, resolve_device, seed_everything
 from shelltrain.errors import UserError
 from shelltrain.lr_find import find_lr
 from shelltrain.resume import Resume
@@ -36,6 +38,8 @@ def run(
     `overrides` (the command line's, stored in every checkpoint) let `trainer.resume` rebuild the config."""
     if distributed.active():
         check_distributable(cfg)
+    if jobs_at_once():  # sweep jobs printing to one terminal at once: each line says whose it is
+        tag_lines(f"[job {HydraConfig.get().job.num}] ")
     if cfg.task == "lr_find":
         return find_lr(cfg, run_dir, make_console())
     if cfg.task != "train":  # evaluate, predict or export a trained model
@@ -62,8 +66,6 @@ def run(
 def cross_validate(cfg: DictConfig, run_dir: Path) -> float:
     """Stratified K-fold on the train split: one sub-run per fold in run_dir/cv/fold_<k>, scored on its held-out
     fold; then (cv.refit) the final model on the whole train split in run_dir. Returns the mean fold score."""
-    import time
-
     started = time.perf_counter()
     console = make_console()
     folds, monitor = int(cfg.cv.folds), str(cfg.trainer.monitor)

@@ -219,6 +219,9 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     assert [r["status"] for r in rows] == ["completed", "completed"]
     hydra_cfg = yaml.safe_load((tmp_path / "sweep/0/.hydra/hydra.yaml").read_text())["hydra"]
     assert hydra_cfg["launcher"]["_target_"].endswith("JoblibLauncher") and hydra_cfg["launcher"]["n_jobs"] == 2
+    lines = result.stdout.splitlines()  # two jobs printing at once: each line says whose it is
+    assert any(line.startswith("[job 0] epoch 1/") for line in lines), result.stdout
+    assert any(line.startswith("[job 1] epoch 1/") for line in lines), result.stdout
 
 
 def test_optuna_search_runs_three_trials_in_memory(tmp_path):
