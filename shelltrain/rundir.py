@@ -299,6 +299,11 @@ def _lock_or_exit(directory: Path, key: str, kind: str) -> None:
         lock(directory, key, kind)
     except UserError as exc:
         _exit_with(str(exc))
+    except OSError as exc:  # the directory cannot be made or written (a read-only place, a missing mount)
+        reason = exc.strerror or str(exc)
+        where = exc.filename or directory
+        fix = f"choose a writable place for the {kind} directory with {key}=DIR"
+        _exit_with(f"cannot create or write '{where}': {reason}; {fix}")
 
 
 def _exit_with(message: str) -> None:

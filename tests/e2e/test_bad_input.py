@@ -104,6 +104,11 @@ CASES = [
         ["hydra.run.dir={root}/a-file/run"],
         "cannot create or write '{root}/a-file/run': Not a directory; choose a writable place for the run directory with hydra.run.dir=DIR",
     ),
+    (  # a place where no folder can be made (a missing mount): /proc takes no new folders
+        "output-dir-cannot-be-made",
+        ["hydra.run.dir=/proc/shelltrain-test/run"],
+        "cannot create or write '/proc/shelltrain-test': No such file or directory; choose a writable place for the run directory with hydra.run.dir=DIR",
+    ),
     # data
     (
         "no-data-root",
