@@ -187,6 +187,10 @@ class DataConfig:
     cache_dir: Optional[str]
     cache_max_memory: float
     cache_check: str
+    manifest: Optional[str]
+    path_column: str
+    label_column: str
+    manifest_errors: str
 
     def check(self) -> None:
         at_least("data.imbalance", self.imbalance, 1.0)
@@ -205,6 +209,9 @@ class DataConfig:
         one_of("data.cache", self.cache, values.CACHE_MODES)
         at_least("data.cache_max_memory", self.cache_max_memory, 0)
         one_of("data.cache_check", self.cache_check, values.CACHE_CHECKS)
+        one_of("data.manifest_errors", self.manifest_errors, values.MANIFEST_ERRORS)
+        if self.path_column == self.label_column:
+            raise UserError(f"data.path_column and data.label_column are both '{self.path_column}'; name two columns")
         finite_list("data.mean", self.mean)
         finite_list("data.std", self.std)
         if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std)):

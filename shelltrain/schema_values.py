@@ -4,9 +4,10 @@ PRECISIONS = ("32", "bf16", "16-mixed")
 LOSSES = ("cross_entropy", "mse")
 MONITORS = ("val_acc", "val_loss", "ema_val_acc", "ema_val_loss")
 POLICIES = ("full", "linear_probe", "freeze_backbone", "gradual")
-DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "synthetic")
+DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "manifest", "synthetic")
 CACHE_MODES = ("none", "memory", "disk")  # data.cache
 CACHE_CHECKS = ("stat", "hash")  # data.cache_check
+MANIFEST_ERRORS = ("error", "skip")  # data.manifest_errors
 SPLITS = ("test", "val", "train")
 EXPORT_FORMATS = ("onnx", "torchscript")
 

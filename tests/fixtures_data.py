@@ -127,3 +127,43 @@ def make_imagefolder(
             for i in range(per_class):
                 Image.new(mode, size, grey if mode == "L" else (grey, grey, grey)).save(folder / f"{i}.png")
     return Path(root)
+
+
+def make_manifest_images(
+    root: Path,
+    classes: tuple[str, ...] = ("cat", "dog", "fox"),
+    per_class: int = 10,
+    groups: int | None = None,
+    size: tuple[int, int] = (16, 16),
+) -> list[dict[str, str]]:
+    """Write root/images/<class>_<i>.png (flat grey levels of the label) and return one manifest row per image:
+    path (relative to root), label, and with `groups` a group (`g0`.. cycling within each class, so that a group
+    holds one class's images)."""
+    rows = []
+    (Path(root) / "images").mkdir(parents=True, exist_ok=True)
+    for label, name in enumerate(classes):
+        grey = level(label, len(classes))
+        for i in range(per_class):
+            path = f"images/{name}_{i}.png"
+            Image.new("RGB", size, (grey, grey, grey)).save(Path(root) / path)
+            row = {"path": path, "label": name}
+            if groups is not None:
+                row["group"] = f"{name}-g{i % groups}"
+            rows.append(row)
+    return rows
+
+
+def write_manifest(path: Path, rows: list[dict[str, str]]) -> Path:
+    """Write `rows` as a CSV, TSV or JSON-lines manifest, chosen by the suffix of `path`."""
+    import csv
+    import json
+
+    path = Path(path)
+    with open(path, "w", newline="") as handle:
+        if path.suffix == ".jsonl":
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        else:
+            writer = csv.DictWriter(handle, list(rows[0]), delimiter="\t" if path.suffix == ".tsv" else ",")
+            writer.writeheader()
+            writer.writerows(rows)
+    return path

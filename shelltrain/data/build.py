@@ -18,6 +18,7 @@ from shelltrain.data.cache import cached_images
 from shelltrain.data.datasets import FileImages, TensorImages
 from shelltrain.data.device import ON_DEVICE, DeviceBatches, batched_augmentations
 from shelltrain.data.loader import Loader, MixCollate, loader_settings, train_loader, worker_count
+from shelltrain.data.manifest import manifest_path, manifest_sources
 from shelltrain.data.sources import imagefolder, in_memory, sample_files
 from shelltrain.data.splits import budget, select_classes, split_indices
 from shelltrain.data.transforms import (
@@ -49,6 +50,7 @@ class DataBundle:
     std: tuple[float, ...]
     native_sides: tuple[int, int] | None = None  # the shorter side of the source images, smallest and largest
     channels_from: str = "data.channels"  # how the channel count was chosen, for the log
+    train_groups: torch.Tensor | None = None  # a group code per train image (a manifest's group column), for CV folds
 
 
 def build_data(
@@ -88,7 +90,7 @@ def build_data(
     facts.update(native)
     if data.on_device and device is not None and isinstance(splits["train"], FileImages):
         raise UserError(
-            "data.on_device=true holds in-memory datasets on the device; imagefolder reads image "
+            f"data.on_device=true holds in-memory datasets on the device; {data.name} reads image "
             "files as it goes: set data.cache=memory or disk (decoded once), or data.on_device=false"
         )
     where, key = _batch_device(data, splits, device)
@@ -120,42 +122,56 @@ def _batch_device(
 
 
 def _datasets(data: DictConfig) -> tuple[dict[str, Dataset], list[str], int, dict]:
-    """The train/val/test datasets (transforms still unset), the class names, the channel count, and the source
-    images' native sides and how the channels were chosen (DataBundle's facts for the log)."""
+    """The train/val/test datasets (transforms still unset), the class names, the channel count, and DataBundle's
+    facts for the log (the source images' native sides, how the channels were chosen) and for CV (train_groups)."""
     size = data.image_size
-    if data.name == "imagefolder" and data.source is None:
-        sources, classes = imagefolder(data)
-        grey, sides = sample_files(sources["train"][0])
-        native_channels, kind = (1, "grey images") if grey else (3, "colour images")
-        if data.cache != "none":
-            sources = decoded_sources(data, sources, data.channels or native_channels)
-    else:
-        sources, classes = in_memory(data)
-        images = sources["train"][0]
-        sides, native_channels = [min(images.shape[-2:])], images.shape[1]
-        kind = "grey images" if native_channels == 1 else f"{native_channels}-channel images"
+    sources, classes, native_channels, kind, sides, groups = _sources(data)
     channels = data.channels or native_channels
-    native = {
+    facts = {
         "native_sides": (min(sides), max(sides)),
         "channels_from": "data.channels" if data.channels else f"data.channels=null: {kind}",
     }
-    sources, classes = select_classes(sources, classes, data)
+    sources, classes = select_classes(sources, classes, data)  # a manifest's rows already hold data.classes only
     labels = {split: y for split, (_, y) in sources.items()}
     splits: dict[str, Dataset] = {}
-    for split, (source, index) in split_indices(labels, data).items():
+    for split, (source, index) in split_indices(labels, data, groups.get("train")).items():
         if split == "train" and data.samples_per_class is not None:
             index = budget(labels[source], index, data.samples_per_class, data.split_seed)
         if split == "train" and data.imbalance is not None:  # a long-tailed train split
             index = long_tail(labels[source], index, float(data.imbalance), data.split_seed)
+        if split == "train" and groups:
+            facts["train_groups"] = groups["train"][index]
         items, y = sources[source][0], labels[source][index]
         if isinstance(items, list):  # image files
             paths = [items[i] for i in index.tolist()]
-            splits[split] = FileImages(paths, y, "RGB" if channels == 3 else "L", size, None)
+            key = "data.manifest" if data.name == "manifest" else "data.root"
+            splits[split] = FileImages(paths, y, "RGB" if channels == 3 else "L", size, None, key)
         elif getattr(items, "is_mapped", False):  # data.cache=disk: rows of the map, read as drawn
             splits[split] = TensorImages(items, y, None, rows=index)
         else:
             splits[split] = TensorImages(convert_channels(square(items[index], size), channels).contiguous(), y, None)
-    return splits, classes, channels, native
+    return splits, classes, channels, facts
+
+
+def _sources(data: DictConfig) -> tuple[dict, list[str], int, str, list[int], dict[str, torch.Tensor]]:
+    """The source splits (image files, decoded when data.cache is set, or in-memory images), the class names, the
+    native channel count and its kind of image, the sampled native sides, and each split's group codes ({}: none)."""
+    groups: dict[str, torch.Tensor] = {}
+    if data.source is None and data.name in ("imagefolder", "manifest"):
+        if data.name == "imagefolder":
+            sources, classes = imagefolder(data)
+        else:
+            sources, classes, groups = manifest_sources(data)
+        grey, sides = sample_files(sources["train"][0])
+        native_channels, kind = (1, "grey images") if grey else (3, "colour images")
+        if data.cache != "none":
+            sources = decoded_sources(data, sources, data.channels or native_channels)
+        return sources, classes, native_channels, kind, sides, groups
+    sources, classes = in_memory(data)
+    images = sources["train"][0]
+    native_channels = images.shape[1]
+    kind = "grey images" if native_channels == 1 else f"{native_channels}-channel images"
+    return sources, classes, native_channels, kind, [min(images.shape[-2:])], groups
 
 
 def decoded_sources(data: DictConfig, sources: dict, channels: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -163,7 +179,8 @@ def decoded_sources(data: DictConfig, sources: dict, channels: int) -> dict[str,
     channels; `disk` arrays stay memory-mapped (`is_mapped`)."""
     decoded = {}
     for split, (paths, labels) in sources.items():
-        folder = str(data_root(data) / split)
+        # the cache's name: the folder, or the manifest file and split (its key lists the files)
+        folder = f"{manifest_path(data)}:{split}" if data.name == "manifest" else str(data_root(data) / split)
         images = cached_images(
             folder,
             paths,

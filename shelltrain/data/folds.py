@@ -18,16 +18,21 @@ from shelltrain.errors import UserError
 
 def cv_fold(bundle: DataBundle, folds: int, fold: int, seed: int) -> DataBundle:
     """Fold `fold` of a stratified `folds`-fold split of the train split (scikit-learn's StratifiedKFold, shuffled
-    with `seed`): train on the other folds (augmented, as before) and validate on this one (un-augmented, like val).
-    The test split is unchanged."""
-    from sklearn.model_selection import StratifiedKFold
+    with `seed`; StratifiedGroupKFold when the data has groups, so that a group is never on both sides): train on
+    the other folds (augmented, as before) and validate on this one (un-augmented, like val). The test split is
+    unchanged."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     train_set = bundle.train.dataset
     labels = train_set.labels.numpy()
+    groups = None if bundle.train_groups is None else bundle.train_groups.numpy()
     try:
-        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-        train_index, val_index = list(splitter.split(labels.reshape(-1, 1), labels))[fold]
-    except ValueError as e:  # more folds than images of some class / than images
+        if groups is None:
+            splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        else:
+            splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        train_index, val_index = list(splitter.split(labels.reshape(-1, 1), labels, groups))[fold]
+    except ValueError as e:  # more folds than images of some class / than images / than groups
         raise UserError(f"cv.folds={folds}: {one_line(e)}; use fewer folds or more data") from e
     if isinstance(bundle.train, DeviceBatches):
         train, held = torch.from_numpy(train_index), torch.from_numpy(val_index)

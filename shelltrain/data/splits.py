@@ -1,9 +1,11 @@
 """Which images go where: train/val/test carved from the source splits with `data.split_seed` (stratified, so
-splits stay fixed across trainer seed sweeps), a class subset relabelled, and a labelled budget per class."""
+splits stay fixed across trainer seed sweeps; whole groups when the data has groups, e.g. a manifest's group column),
+a class subset relabelled, and a labelled budget per class."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from omegaconf import DictConfig
@@ -11,9 +13,12 @@ from omegaconf import DictConfig
 from shelltrain.errors import UserError
 
 
-def split_indices(labels: dict[str, torch.Tensor], data: DictConfig) -> dict[str, tuple[str, torch.Tensor]]:
+def split_indices(
+    labels: dict[str, torch.Tensor], data: DictConfig, groups: torch.Tensor | None = None
+) -> dict[str, tuple[str, torch.Tensor]]:
     """Map train/val/test to (source split, indices into it): carve what the source lacks out of train (test
-    first, then val from the rest), then cap each split at data.limit_samples."""
+    first, then val from the rest), then cap each split at data.limit_samples. `groups` (a group code per train
+    image): carved splits take whole groups, so no group is on both sides."""
     seed = data.split_seed
     train = torch.arange(len(labels["train"]))
     splits = {}
@@ -30,7 +35,10 @@ def split_indices(labels: dict[str, torch.Tensor], data: DictConfig) -> dict[str
                     f"data.{split}_fraction: {fraction!r} of {len(train)} train images leaves an empty split; "
                     f"use a fraction that keeps images on both sides, e.g. 0.1{folder}"
                 )
-            train, index = _carve(labels["train"], train, carved, seed)
+            if groups is None:
+                train, index = _carve(labels["train"], train, carved, seed)
+            else:
+                train, index = carve_groups(labels["train"], groups, train, carved, seed, f"data.{split}_fraction")
             splits[split] = ("train", index)
     splits["train"] = ("train", train)
     if data.limit_samples is not None:
@@ -50,6 +58,28 @@ def _carve(labels: torch.Tensor, index: torch.Tensor, count: int, seed: int) -> 
 
     rest, carved = train_test_split(index.numpy(), test_size=count, random_state=seed, stratify=stratify)
     return torch.from_numpy(rest), torch.from_numpy(carved)
+
+
+def carve_groups(
+    labels: torch.Tensor, groups: torch.Tensor, index: torch.Tensor, count: int, seed: int, key: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split of `index` into (rest, about `count` carved) along whole groups: one fold of scikit-learn's
+    StratifiedGroupKFold with as many folds as fit `count` into `index`, so the class mix stays close where the
+    groups allow it."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    g = groups[index].numpy()
+    n_groups = len(set(g.tolist()))
+    if n_groups < 2:
+        raise UserError(f"{key}: all {len(index)} images are one group; whole groups cannot fill two splits")
+    folds = min(n_groups, max(2, round(len(index) / count)))
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # a class smaller than the fold count only loosens the stratification
+        warnings.simplefilter("ignore", UserWarning)
+        rest, carved = next(splitter.split(g.reshape(-1, 1), labels[index].numpy(), g))
+    if not len(rest) or not len(carved):
+        raise UserError(f"{key}: {n_groups} groups cannot fill both splits; use data with more groups")
+    return index[torch.from_numpy(rest)], index[torch.from_numpy(carved)]
 
 
 def select_classes(
