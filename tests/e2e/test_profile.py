@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import shelltrain
 
 SMOKE = ["debug=smoke", "model=cnn", "model.width=8", "data.image_size=16", "trainer.device=cpu", "plots=false"]
@@ -29,6 +30,7 @@ def test_profile_with_two_steps_exits_cleanly_with_a_trace(tmp_path):
     assert "top operators by self CPU time over 1 step" in log and f"trace: {run_dir / 'profile_trace.json'}" in log
 
 
+@pytest.mark.slow  # the default selection keeps the two-step case; these are variants of it
 def test_profile_with_one_batch_and_accumulation_still_writes_its_trace(tmp_path):
     run_dir = tmp_path / "run"
     args = ["trainer.limit_train_batches=3", "trainer.accumulate=4"]  # one optimizer step, at the epoch's end
@@ -36,6 +38,7 @@ def test_profile_with_one_batch_and_accumulation_still_writes_its_trace(tmp_path
     _assert_clean(result, run_dir)
 
 
+@pytest.mark.slow  # the default selection keeps the two-step case; these are variants of it
 def test_profile_in_a_sweep_writes_one_trace_per_job(tmp_path):
     sweep = tmp_path / "sweep"
     result = shelltrain(
