@@ -200,15 +200,15 @@ def drop_missing(rows: _Rows) -> None:
         raise UserError(f"data.manifest: {rows.name} lists no image that exists; fix the paths or data.root")
 
 
-def manifest_sources(data: DictConfig) -> tuple[dict, list[str], dict]:
+def manifest_sources(data: DictConfig, check_files: bool = True) -> tuple[dict, list[str], dict]:
     """data=manifest as a source: per split (the split column's, else all "train"), the image paths and labels, the
     class names (data.classes in its order, else the labels sorted), and each split's group codes when the file has
-    a group column ({} when not). Skipped rows are said in one line."""
+    a group column ({} when not). Skipped rows are said in one line. `check_files`: as for read_manifest."""
     import torch
 
     from shelltrain.console import make_console, say
 
-    found = read_manifest(data)
+    found = read_manifest(data, check_files)
     if found.skipped:
         counts = ", ".join(f"{n} {reason}" for reason, n in sorted(found.skipped.items()))
         total = sum(found.skipped.values())
