@@ -14,8 +14,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
+from shelltrain.console import make_console, say
 from shelltrain.errors import UserError
 
 SPLITS = ("train", "val", "test")  # the values a manifest's split column may hold
@@ -204,10 +206,6 @@ def manifest_sources(data: DictConfig, check_files: bool = True) -> tuple[dict, 
     """data=manifest as a source: per split (the split column's, else all "train"), the image paths and labels, the
     class names (data.classes in its order, else the labels sorted), and each split's group codes when the file has
     a group column ({} when not). Skipped rows are said in one line. `check_files`: as for read_manifest."""
-    import torch
-
-    from shelltrain.console import make_console, say
-
     found = read_manifest(data, check_files)
     if found.skipped:
         counts = ", ".join(f"{n} {reason}" for reason, n in sorted(found.skipped.items()))
