@@ -7,7 +7,6 @@ Kept free of torch: the CLI explains mistakes before a job starts.
 from __future__ import annotations
 
 import difflib
-import errno
 import re
 from typing import Any
 
@@ -23,6 +22,7 @@ from omegaconf.errors import ValidationError
 
 from shelltrain.checks import wrong_type
 from shelltrain.errors import UserError
+from shelltrain.rundir import PLACE_ERRNOS
 
 # Sweeper/launcher options that come from the optional `[sweep]` extra, and the plugin providing each.
 PLUGIN_OPTIONS = {
@@ -53,7 +53,7 @@ def explain(exc: BaseException) -> str | None:
         return explain_instantiation(exc)
     if isinstance(exc, ValueError) and str(exc).startswith("Unable to configure handler"):
         exc = exc.__cause__ or exc  # logging could not open train.log in an existing run directory
-    if isinstance(exc, OSError) and exc.errno in _PLACE_ERRNOS:
+    if isinstance(exc, OSError) and exc.errno in PLACE_ERRNOS:
         where = f"'{exc.filename}'" if exc.filename else "the run directory"
         return (
             f"cannot create or write {where}: {exc.strerror or exc}; choose a writable place for the run "
@@ -84,19 +84,6 @@ def explain_instantiation(exc: BaseException, key: str | None = None) -> str:
         return f"{name} is not an argument of {named} ({reason[:300]}); remove {name} or fix {key}._target_"
     fix = f"fix {key}._target_ or the arguments (the keys of {key})" if key else "fix that _target_ or its arguments"
     return f"{key + ': ' if key else ''}cannot build {named} ({reason[:300]}); {fix}"
-
-
-# Failures to create or write the run directory: where the output goes, not a bug.
-_PLACE_ERRNOS = {
-    errno.EACCES,
-    errno.EPERM,
-    errno.EROFS,
-    errno.ENOSPC,
-    errno.EDQUOT,
-    errno.ENOTDIR,
-    errno.EEXIST,
-    errno.EISDIR,
-}
 
 
 def _explain_missing_option(exc: MissingConfigException) -> str:

@@ -74,6 +74,8 @@ RECORDS = (HYDRA, LOG, SUMMARY, CHECKPOINTS, METRICS_CSV)  # what shows that a j
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+# Failures to make or write files in a chosen place (a run, sweep or cache folder): where the output goes, not a bug.
+PLACE_ERRNOS = frozenset({*DISK_FULL, *NOT_WRITABLE, errno.ENOTDIR, errno.EEXIST, errno.EISDIR})
 
 
 def checkpoint(run_dir: Path, name: str = LAST) -> Path:

@@ -37,23 +37,13 @@ from shelltrain.console import make_console, say
 from shelltrain.data.sources import decode
 from shelltrain.data.transforms import square
 from shelltrain.errors import UserError
+from shelltrain.rundir import PLACE_ERRNOS
 from shelltrain.signals import leave_stop_signals_to_main
 
 FORMAT = 1  # bump when the array's layout or the decode changes meaning
 CHUNK = 64  # images per task of the parallel build
 HASH_THREADS = 4  # files hashed at once with data.cache_check=hash
 HASH_BLOCK = 1 << 20  # bytes read per call while hashing
-# Failures that mean the cache folder cannot hold the cache (data.cache_dir), not a bug.
-CACHE_DIR_ERRNOS = {
-    errno.EACCES,
-    errno.EPERM,
-    errno.EROFS,
-    errno.ENOSPC,
-    errno.EDQUOT,
-    errno.ENOTDIR,
-    errno.EEXIST,
-    errno.EFBIG,
-}
 
 
 def default_cache_dir() -> Path:
@@ -142,7 +132,7 @@ def _in_cache_dir(where: Path) -> Iterator[None]:
         yield
     except OSError as exc:
         named = Path(os.path.abspath(exc.filename)) if isinstance(exc.filename, str) else None
-        if exc.errno not in CACHE_DIR_ERRNOS or (named is not None and named != where and where not in named.parents):
+        if exc.errno not in PLACE_ERRNOS or (named is not None and named != where and where not in named.parents):
             raise  # e.g. an image file that cannot be read: not the cache folder's doing
         raise UserError(
             f"data.cache_dir: cannot write the decoded cache in '{where}' ({exc.strerror or exc}); set "
