@@ -11,14 +11,25 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
+from shelltrain import configs
 from shelltrain.fusion import member_logits
 from shelltrain.models import build_model
-from shelltrain.schema import TrainerConfig
+from shelltrain.schema import TrainerConfig, defaults
+
+
+def model_option(name: str, small_input: bool) -> DictConfig:
+    """The model group as `model=<name>` composes it (a packaged option, else model=torchvision model.name=<name>)."""
+    options = {p.stem for p in (Path(configs.__file__).parent / "model").glob("*.yaml")}
+    chosen = [f"model={name}"] if name in options else ["model=torchvision", f"model.name={name}"]
+    with initialize_config_module(config_module="shelltrain.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=[*chosen, f"model.small_input={str(small_input).lower()}"]).model
 
 
 def images_per_second(models: list, loader: DataLoader, settings: TrainerConfig, stacked: bool) -> float:
@@ -41,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    settings = TrainerConfig(epochs=0, device=device)
+    settings = defaults("trainer", epochs=0, device=device)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.samples, 3, args.image_size, args.image_size, generator=generator)
     loader = DataLoader(
@@ -54,7 +65,7 @@ def main() -> None:
     print(f"{'model':<20} {'loop img/s':>11} {'vmap img/s':>11} {'vmap/loop':>10} {'max |diff|':>11}")
     for name in args.models.split(","):
         torch.manual_seed(0)
-        model_cfg = OmegaConf.create({"name": name, "dropout": 0.0, "small_input": name.startswith("resnet")})
+        model_cfg = model_option(name, small_input=name.startswith("resnet"))
         models = [build_model(model_cfg, 10, 3).to(device).eval() for _ in range(args.members)]
         loop, _ = member_logits(models, loader, settings, limit=None)  # warm-up, and the reference
         stacked, _ = member_logits(models, loader, settings, limit=None, stacked=True)

@@ -32,11 +32,12 @@ from shelltrain.console import make_console
 from shelltrain.data import build_data
 from shelltrain.engine import TrainState, evaluate
 from shelltrain.environment import seed_everything
+from shelltrain.jobs import run
 from shelltrain.models import build_model, first_forward
 from shelltrain.prune import rebuild
 from shelltrain.prune.measure import sparsity
 from shelltrain.prune.stage import prune_stage
-from shelltrain.runner import run, train_settings
+from shelltrain.runner import train_settings
 from shelltrain.silence import quiet
 
 # option label -> overrides of the prune group (each runs on a copy of the same trained model)

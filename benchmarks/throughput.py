@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from shelltrain.data import DataBundle, build_data
 from shelltrain.engine import Callback, TrainState, autocast, make_scaler, train_one_epoch, trainable
 from shelltrain.models import build_model
-from shelltrain.schema import TrainerConfig
+from shelltrain.schema import defaults
 
 
 def option(group: str, name: str) -> DictConfig:
@@ -66,7 +66,8 @@ class Runner:
         model_cfg = option("model", args.model)
         model_cfg.small_input = args.small_input
         model = build_model(model_cfg, data.num_classes, data.in_channels)
-        self.settings = TrainerConfig(
+        self.settings = defaults(
+            "trainer",
             epochs=1,
             device=device,
             precision=variant.precision,
