@@ -25,6 +25,25 @@ FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}  # forma
 METADATA_KEY = "shelltrain"  # ONNX metadata_props key / TorchScript extra file holding the metadata JSON
 EXTRA_FILE = f"{METADATA_KEY}.json"
 INSTALL_HINT = 'pip install "shelltrain[export]"'
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+RESIZE = (
+    "decode to uint8 RGB (channels 3) or L (channels 1); unless already image_size x image_size, resize the shorter "
+    "side to image_size (interpolation, antialias) on the uint8 C x H x W tensor and center-crop to image_size"
+)  # data.transforms.square, as training, evaluation and task=predict prepare every image
+NORMALIZE = "float32 (pixel / 255 - mean) / std per channel, batched N x C x H x W"
+
+
+def inference_metadata(classes: list[str], preprocessing: dict[str, Any], source: str) -> dict[str, Any]:
+    """What the exported file carries so that it can be used without shelltrain: the class names in output order,
+    the full preprocessing (Preprocessing.as_dict: size, channels, mean/std, interpolation, antialias) and how it is
+    applied, the input and output names, and the checkpoint it came from (docs/reports-and-tasks.md's snippet)."""
+    return {
+        "classes": [str(name) for name in classes],
+        "preprocessing": {**preprocessing, "resize": RESIZE, "normalize": NORMALIZE},
+        "input": INPUT_NAME,
+        "output": f"{OUTPUT_NAME}: N x {len(classes)}; softmax gives the probabilities",
+        "source": source,
+    }
 
 
 def export_model(model: nn.Module, fmt: str, path: Path, example: torch.Tensor, metadata: dict[str, Any]) -> nn.Module:
@@ -108,8 +127,8 @@ def _export_onnx(model: nn.Module, example: torch.Tensor, metadata: dict[str, An
             dynamo=True,
             verbose=False,
             external_data=False,
-            input_names=["images"],
-            output_names=["logits"],
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
             dynamic_shapes=({0: torch.export.Dim("batch")},),
         )
     except Exception as exc:  # torch.export rejects some Python constructs; the model, not shelltrain, must change

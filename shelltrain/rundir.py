@@ -57,6 +57,7 @@ WANDB_RUN_ID = "wandb_run_id"  # logger=wandb: likewise
 MLFLOW_RUN_ID = "mlflow_run_id"  # logger=mlflow: the MLflow run this run dir logs to (a resume continues it)
 PLOTS = "plots"
 PRUNE_REPORT = "prune.json"
+MODEL_CARD = "MODEL_CARD.md"  # report.model_card: the run described for people and the Hugging Face hub
 LR_FIND = "lr_find.json"  # task=lr_find: the LR ramp's losses and the suggested optimizer.lr
 PROFILE_TRACE = "profile_trace.json"  # trainer.profile: torch.profiler's chrome trace (Perfetto, TensorBoard)
 ENSEMBLE_REPORT = "ensemble.json"  # what makes a run directory a reusable ensemble

@@ -34,6 +34,7 @@ from shelltrain.errors import Interrupted, UserError
 from shelltrain.finetune import make_policy, transfer_log, transfer_summary
 from shelltrain.loggers import Loggers, build_loggers
 from shelltrain.metrics import confusion_matrix, per_class_metrics
+from shelltrain.model_card import write_card
 from shelltrain.models import build_model, count_parameters, first_forward
 from shelltrain.optim import Schedule, build_optimizer, build_scheduler
 from shelltrain.placement import eval_settings
@@ -111,7 +112,8 @@ def train_and_test(
             say(console, f"checkpoint.export_state_dict: {rundir.exported_state_dict(run_dir, exported)}")
         if resume is not None:
             result["resumed_from"] = str(resume.checkpoint)
-        report(cfg, result, confusion, job.data.classes, state, loggers, run_dir, console)
+        splits = {name: len(getattr(job.data, name).dataset) for name in ("train", "val", "test")}
+        report(cfg, result, confusion, job.data.classes, state, loggers, run_dir, console, splits)
     return state.best_metric if state.best_metric is not None else result["test_acc"]
 
 
@@ -382,9 +384,12 @@ def report(
     loggers: Loggers,
     run_dir: Path,
     console: Any,
+    splits: dict[str, int],
 ) -> None:
-    """summary.json, the loggers' last word, the plots and the table."""
+    """summary.json, the loggers' last word, the plots, the model card and the table; `splits`: images per split."""
     summary.write(result, run_dir)
+    if cfg.report.model_card:
+        write_card(OmegaConf.to_container(cfg, resolve=True), result, splits, run_dir)
     if cfg.plots:
         title = f"test, without test_tta={result['test_tta']}" if result.get("test_tta") else "test"
         write_run_plots(run_dir, state.history, confusion, classes, state.best_epoch, title)

@@ -44,6 +44,7 @@ class ExportConfig:
 @dataclass
 class ReportConfig:
     per_job: str
+    model_card: bool
 
     def check(self) -> None:
         one_of("report.per_job", self.per_job, ("table", "line"))

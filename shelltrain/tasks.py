@@ -29,8 +29,9 @@ from shelltrain.data.loader import Loader, worker_count
 from shelltrain.data.transforms import to_float_transforms
 from shelltrain.engine import predict
 from shelltrain.errors import UserError
-from shelltrain.export import FORMATS, INSTALL_HINT, export_model, run_exported
+from shelltrain.export import FORMATS, INSTALL_HINT, export_model, inference_metadata, run_exported
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
+from shelltrain.model_card import source_card
 from shelltrain.plots import plot_confusion_matrix
 from shelltrain.preprocess import Preprocessing
 from shelltrain.rundir import write_text
@@ -146,13 +147,16 @@ def export_task(
     example = torch.randn(2, *shape, generator=generator)
     check = torch.randn(EXPORT_CHECK_BATCH, *shape, generator=generator)
     path = run_dir / FORMATS[fmt]
-    pre = trained.preprocessing.as_dict()
-    metadata = {"classes": list(trained.classes), "preprocessing": pre, "source": str(cfg.model.weights)}
+    metadata = inference_metadata(trained.classes, trained.preprocessing.as_dict(), str(cfg.model.weights))
     exported = export_model(trained.module, fmt, path, example, metadata)
+    figures: dict[str, Any] = {"format": fmt, "path": str(path), "tolerance": tolerance}
+    card = source_card(trained.source)
+    if card is not None:  # the source run's model card travels with the exported file
+        figures["model_card"] = str(run_dir / rundir.MODEL_CARD)
+        write_text(card.read_text(encoding="utf-8"), run_dir / rundir.MODEL_CARD)
     with torch.no_grad():
         reference = exported(check).float()
     outputs = run_exported(fmt, path, check)
-    figures: dict[str, Any] = {"format": fmt, "path": str(path), "tolerance": tolerance}
     if outputs is None:
         figures["max_abs_diff"] = None
         say(console, f"exported [bold]{path}[/bold]; not checked: onnxruntime is missing ({INSTALL_HINT})")
