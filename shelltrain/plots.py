@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # torch is not imported here: a sweep summary can draw withou
 MARKER_LIMIT = 30  # up to this many points per line get a marker (a single epoch still shows)
 ANNOTATE_LIMIT = 20  # confusion matrices up to this many classes print the count in each cell
 TICK_LIMIT = 40  # ... and up to this many name every class on the axes
+GALLERY_COLUMNS = 4  # images per row of the top-loss gallery
 
 
 def write_run_plots(
@@ -208,6 +209,54 @@ def plot_lr_find(rows: Sequence[dict[str, float]], suggested: float | None, path
     return _save(fig, path)
 
 
+def plot_top_losses(images: Sequence[Any], titles: Sequence[str], wrong: Sequence[bool], path: Path) -> Path:
+    """The gallery of the tested images with the highest loss: S x S x C arrays in [0, 1] (C = 1: grey), each titled
+    with its true and predicted class; red titles are mistakes, green ones right but unsure. One picture of all
+    tiles (not an axes per image: a tenth of the drawing time), pixels shown as they are."""
+    import numpy as np
+
+    side = images[0].shape[0]
+    gap, head = max(1, side // 4), side * 0.45  # between tiles; above each tile for its two-line title
+    columns = min(GALLERY_COLUMNS, len(images))
+    lines = math.ceil(len(images) / columns)
+    canvas = np.ones((math.ceil(lines * (side + head) + gap), columns * (side + gap) + gap, 3))
+    corners = [
+        (round(r * (side + head) + head), gap + c * (side + gap))
+        for r, c in (divmod(i, columns) for i in range(len(images)))
+    ]
+    for (y, x), image in zip(corners, images):
+        canvas[y : y + side, x : x + side] = image  # grey broadcasts to the three channels
+    fig = _plain_figure(2.1 * columns, (2.1 * columns) * canvas.shape[0] / canvas.shape[1] + 0.5)
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0 - 0.5 / fig.get_figheight()))
+    ax.imshow(canvas, interpolation="nearest")
+    for (y, x), title, mistake in zip(corners, titles, wrong):
+        color = "tab:red" if mistake else "tab:green"
+        ax.text(x + side / 2, y - 0.04 * side, title, ha="center", va="bottom", fontsize=9, color=color)
+    ax.set_axis_off()
+    fig.suptitle(f"Highest loss first ({len(images)} images): true / predicted (probability)", y=0.995, va="top")
+    return _save(fig, path)
+
+
+def plot_per_class(per_class: dict[str, dict[str, Any]], path: Path, title: str = "test") -> Path:
+    """Precision and recall per class (metrics.per_class_metrics' rows) as paired bars, so a weak class stands out."""
+    names = list(per_class)
+    n = len(names)
+    fig, (ax,) = _figure(1, 1, width=min(20.0, max(6.0, 0.5 * n + 2)), height=4.2)
+    positions = range(n)
+    for offset, metric, color in ((-0.2, "precision", "tab:blue"), (0.2, "recall", "tab:orange")):
+        values = [_number(per_class[name][metric]) or 0.0 for name in names]
+        ax.bar([p + offset for p in positions], values, width=0.4, label=metric, color=color)
+    if n <= TICK_LIMIT:
+        ax.set_xticks(list(positions), names, rotation=90 if n > 10 else 0)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("class")
+    ax.set_ylabel("score")
+    ax.set_title(f"Precision and recall per class ({title})")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, frameon=False)  # never over a bar
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
 def _log_if_wide(ax: Any, values: Sequence[float | None]) -> None:
     """A log x axis when the (positive) values span two orders of magnitude or more."""
     known = [v for v in values if v is not None]
@@ -221,6 +270,13 @@ def _figure(rows: int, columns: int, width: float, height: float) -> tuple[Any, 
     fig = Figure(figsize=(width, height), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False)
     return fig, [ax for line in axes for ax in line]
+
+
+def _plain_figure(width: float, height: float) -> Any:
+    """A figure without a layout engine, for pictures that place their own axes."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
 
 
 def _save(fig: Any, path: Path) -> Path:

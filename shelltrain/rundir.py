@@ -58,6 +58,9 @@ MLFLOW_RUN_ID = "mlflow_run_id"  # logger=mlflow: the MLflow run this run dir lo
 PLOTS = "plots"
 PRUNE_REPORT = "prune.json"
 MODEL_CARD = "MODEL_CARD.md"  # report.model_card: the run described for people and the Hugging Face hub
+PREDICTIONS = "predictions.csv"  # one row per tested image (the test step, task=evaluate; task=predict's own columns)
+TOP_LOSSES_PLOT = "top_losses.png"  # under plots/: the tested images with the highest loss
+PER_CLASS_PLOT = "per_class.png"  # under plots/: precision and recall per class
 LR_FIND = "lr_find.json"  # task=lr_find: the LR ramp's losses and the suggested optimizer.lr
 PROFILE_TRACE = "profile_trace.json"  # trainer.profile: torch.profiler's chrome trace (Perfetto, TensorBoard)
 ENSEMBLE_REPORT = "ensemble.json"  # what makes a run directory a reusable ensemble

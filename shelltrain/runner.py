@@ -22,7 +22,7 @@ from shelltrain import distributed, placement, rundir, summary
 from shelltrain.averaging import EmaAverager, SwaAverager, averaged_test_metrics, build_averager, build_swa
 from shelltrain.calibration import calibrate, describe_calibration
 from shelltrain.checkpoint import Checkpointer, export_state_dict, load_checkpoint
-from shelltrain.console import make_console, print_summary, say
+from shelltrain.console import make_console, print_summary, say, show
 from shelltrain.data import DataBundle, build_data, cv_fold
 from shelltrain.data.balance import balanced_loss
 from shelltrain.data.notes import training_notes
@@ -39,6 +39,7 @@ from shelltrain.models import build_model, count_parameters, first_forward
 from shelltrain.optim import Schedule, build_optimizer, build_scheduler
 from shelltrain.placement import eval_settings
 from shelltrain.plots import write_run_plots
+from shelltrain.predictions import confused_table, error_analysis
 from shelltrain.preprocess import Preprocessing
 from shelltrain.profiling import build_profiler
 from shelltrain.progress import ConsoleProgress
@@ -347,6 +348,9 @@ def test(
     """The model on the test split: summary.json's figures, the confusion matrix and the (logits, targets)."""
     plain, logits, targets = tested_with_tta(job.model, job.data.test, job.settings, "test")  # + trainer.test_tta's
     confusion = confusion_matrix(logits, targets, job.data.num_classes)
+    per_class = per_class_metrics(confusion, job.data.classes)
+    tested = job.data.test.dataset  # predictions.csv and, with plots, the top-loss gallery and per-class chart
+    confused = error_analysis(run_dir, logits, targets, tested, job.data, "test", per_class, cfg.plots)
     best_row = state.history[state.best_epoch - 1] if state.best_epoch else {}
     figures: dict[str, Any] = {
         **plain,
@@ -357,7 +361,8 @@ def test(
         "stopped_early": state.stopped_early,
         "params": job.params,
         "processes": distributed.world_size(),
-        "per_class": per_class_metrics(confusion, job.data.classes),
+        "per_class": per_class,
+        "confused_pairs": confused,
     }
     if pruned is None:  # the EMA weights of the selected epoch (best.pt's), SWA's average (last.pt's)
         figures.update(averaged_test_metrics(job.model, job.data, job.settings, run_dir, best_row, job.extra))
@@ -395,6 +400,8 @@ def report(
         write_run_plots(run_dir, state.history, confusion, classes, state.best_epoch, title)
     loggers.finish(result)  # after the plots: a logger may upload them
     print_summary(console, result, cfg.report.per_job)
+    if result.get("confused_pairs") and cfg.report.per_job != "line":
+        show(console, confused_table(result["confused_pairs"]))
     say(console, f"run directory: [bold]{run_dir}[/bold]")
 
 

@@ -23,7 +23,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from shelltrain import rundir, summary
-from shelltrain.console import print_summary, say
+from shelltrain.console import print_summary, say, show
 from shelltrain.data import DataBundle, FileImages, build_data
 from shelltrain.data.loader import Loader, worker_count
 from shelltrain.data.transforms import to_float_transforms
@@ -33,6 +33,7 @@ from shelltrain.export import FORMATS, INSTALL_HINT, export_model, inference_met
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
 from shelltrain.model_card import source_card
 from shelltrain.plots import plot_confusion_matrix
+from shelltrain.predictions import confused_table, error_analysis
 from shelltrain.preprocess import Preprocessing
 from shelltrain.rundir import write_text
 from shelltrain.schema import TrainerConfig
@@ -87,6 +88,9 @@ def evaluate_task(
     metrics = split_metrics(logits, targets, settings, split)
     say(console, f"{cfg.data.name} {split}: {len(targets)} images, accuracy {metrics[f'{split}_acc']:.4f}")
     per_class = per_class_metrics(confusion, data.classes)
+    confused = error_analysis(run_dir, logits, targets, loader.dataset, data, split, per_class, cfg.plots)
+    if confused and cfg.report.per_job != "line":
+        show(console, confused_table(confused, split))
     figures = {
         "split": split,
         "data": cfg.data.name,
@@ -94,6 +98,7 @@ def evaluate_task(
         **metrics,
         "device": str(trained.runs_on(settings).device),
         "per_class": per_class,
+        "confused_pairs": confused,
     }
     return figures, metrics[f"{split}_acc"]
 
