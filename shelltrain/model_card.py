@@ -93,7 +93,7 @@ def _task(classes: list[str]) -> str:
 
 def _data(config: dict[str, Any], splits: dict[str, int], classes: list[str]) -> str:
     data = config["data"]
-    where = next((f"{key} `{data[key]}`" for key in ("root", "manifest") if data.get(key)), "built in")
+    where = next((f"{key} `{data[key]}`" for key in ("root", "manifest") if data[key]), "built in")
     rows = "\n".join(f"| {split} | {count:,} |" for split, count in splits.items())
     return (
         f"## Data\n\nData set `{data['name']}` ({where}), {len(classes)} classes, images {data['image_size']} px.\n\n"
@@ -102,17 +102,18 @@ def _data(config: dict[str, Any], splits: dict[str, int], classes: list[str]) ->
 
 
 def _model(config: dict[str, Any], result: dict[str, Any]) -> str:
-    start = config["model"].get("weights") or "a random initialization"
+    start = (config["model"]["weights"] if "weights" in config["model"] else None) or "a random initialization"
     return f"## Model\n\n{_model_name(config)}, {result['params']:,} parameters, trained from {start}."
 
 
 def _training(config: dict[str, Any], result: dict[str, Any]) -> str:
     optimizer, trainer, data = config["optimizer"], config["trainer"], config["data"]
-    schedule = config["scheduler"].get("_target_") or "none (constant learning rate)"
+    schedule = config["scheduler"]["_target_"] or "none (constant learning rate)"
+    decay = f", weight decay {optimizer['weight_decay']}" if "weight_decay" in optimizer else ""  # a user's optimizer
     rows = [
         (
             "optimizer",
-            f"{_short(optimizer['_target_'])}, lr {optimizer['lr']}, weight decay {optimizer.get('weight_decay', 0)}",
+            f"{_short(optimizer['_target_'])}, lr {optimizer['lr']}" + decay,
         ),
         ("schedule", _short(schedule)),
         (
@@ -193,4 +194,4 @@ def _short(target: str) -> str:
 
 def _model_name(config: dict[str, Any]) -> str:
     model = config["model"]
-    return _short(model.get("name") or model.get("_target_") or "model")
+    return _short(model["name"] if "name" in model else model["_target_"])  # a user's model: its _target_
