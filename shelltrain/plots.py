@@ -1,5 +1,5 @@
-"""PNG pictures of a run: training curves, the confusion matrix, and plain functions for the pruning,
-ensembling and sweep stages.
+"""PNG pictures of a run: training curves, the confusion matrix, the top-loss gallery and per-class chart, and plain
+functions for the pruning, ensembling and sweep stages.
 
 matplotlib is imported only when a picture is drawn, and only its object-oriented API is used
 (`Figure` rendered by the Agg canvas): no display is needed, and pyplot's global state and backend
