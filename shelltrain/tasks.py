@@ -122,7 +122,7 @@ def predict_task(
     logits, _ = predict(trained.module, loader, settings)
     probability, index = logits.softmax(1).max(1)
     classes = trained.classes
-    output = run_dir / "predictions.csv"
+    output = run_dir / rundir.PREDICTIONS
     text = io.StringIO(newline="")
     writer = csv.writer(text)
     writer.writerow(["file", "class", "probability"])
