@@ -22,7 +22,7 @@ from omegaconf.errors import ValidationError
 
 from shelltrain.checks import wrong_type
 from shelltrain.errors import UserError
-from shelltrain.rundir import PLACE_ERRNOS
+from shelltrain.rundir import PLACE_ERRNOS, place_error
 
 # Sweeper/launcher options that come from the optional `[sweep]` extra, and the plugin providing each.
 PLUGIN_OPTIONS = {
@@ -54,11 +54,7 @@ def explain(exc: BaseException) -> str | None:
     if isinstance(exc, ValueError) and str(exc).startswith("Unable to configure handler"):
         exc = exc.__cause__ or exc  # logging could not open train.log in an existing run directory
     if isinstance(exc, OSError) and exc.errno in PLACE_ERRNOS:
-        where = f"'{exc.filename}'" if exc.filename else "the run directory"
-        return (
-            f"cannot create or write {where}: {exc.strerror or exc}; choose a writable place for the run "
-            "directory with hydra.run.dir=DIR (hydra.sweep.dir=DIR for -m)"
-        )
+        return place_error(exc)
     return None
 
 

@@ -306,10 +306,17 @@ def _lock_or_exit(directory: Path, key: str, kind: str) -> None:
     except UserError as exc:
         _exit_with(str(exc))
     except OSError as exc:  # the directory cannot be made or written (a read-only place, a missing mount)
-        reason = exc.strerror or str(exc)
-        where = exc.filename or directory
-        fix = f"choose a writable place for the {kind} directory with {key}=DIR"
-        _exit_with(f"cannot create or write '{where}': {reason}; {fix}")
+        _exit_with(place_error(exc, directory if directory.is_dir() else None))
+
+
+def place_error(exc: OSError, where: Path | None = None) -> str:
+    """The one line for a run or sweep directory that cannot be made or written: `where` (default: the file the
+    error names), why, and the keys that choose another place."""
+    named = f"'{where or exc.filename}'" if (where or exc.filename) else "the run directory"
+    return (
+        f"cannot create or write {named}: {exc.strerror or exc}; choose a writable place for the run directory "
+        "with hydra.run.dir=DIR (hydra.sweep.dir=DIR for -m)"
+    )
 
 
 def _exit_with(message: str) -> None:
