@@ -57,6 +57,7 @@ WANDB_RUN_ID = "wandb_run_id"  # logger=wandb: likewise
 MLFLOW_RUN_ID = "mlflow_run_id"  # logger=mlflow: the MLflow run this run dir logs to (a resume continues it)
 PLOTS = "plots"
 PRUNE_REPORT = "prune.json"
+REPORT_PAGE = "report.html"  # report.html: a run's (or, beside summary.csv, a sweep's) page, one file, no network
 MODEL_CARD = "MODEL_CARD.md"  # report.model_card: the run described for people and the Hugging Face hub
 PREDICTIONS = "predictions.csv"  # one row per tested image (the test step, task=evaluate; task=predict's own columns)
 TOP_LOSSES_PLOT = "top_losses.png"  # under plots/: the tested images with the highest loss

@@ -46,6 +46,7 @@ from shelltrain.progress import ConsoleProgress
 from shelltrain.prune import PruneResult, preflight
 from shelltrain.prune.report import summary_keys, write_report
 from shelltrain.prune.stage import prune_stage, steps_per_epoch
+from shelltrain.report_page import write_run_page
 from shelltrain.resume import (
     Resume,
     announce,
@@ -391,13 +392,16 @@ def report(
     console: Any,
     splits: dict[str, int],
 ) -> None:
-    """summary.json, the loggers' last word, the plots, the model card and the table; `splits`: images per split."""
+    """summary.json, the loggers' last word, the plots, the model card, report.html and the table; `splits`:
+    images per split."""
     summary.write(result, run_dir)
     if cfg.report.model_card:
         write_card(OmegaConf.to_container(cfg, resolve=True), result, splits, run_dir)
     if cfg.plots:
         title = f"test, without test_tta={result['test_tta']}" if result.get("test_tta") else "test"
         write_run_plots(run_dir, state.history, confusion, classes, state.best_epoch, title)
+    if cfg.report.html:  # after the plots and the card: the page inlines the one and links the other
+        write_run_page(run_dir, OmegaConf.to_container(cfg, resolve=True))
     loggers.finish(result)  # after the plots: a logger may upload them
     print_summary(console, result, cfg.report.per_job)
     if result.get("confused_pairs") and cfg.report.per_job != "line":

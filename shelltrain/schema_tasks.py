@@ -26,6 +26,8 @@ class EvaluateConfig:
 class PredictConfig:
     input: Optional[str]
     batch_size: int
+    cam: bool
+    cam_layer: Optional[str]
 
     def check(self) -> None:
         at_least("predict.batch_size", self.batch_size, 1)
@@ -45,6 +47,7 @@ class ExportConfig:
 class ReportConfig:
     per_job: str
     model_card: bool
+    html: bool
 
     def check(self) -> None:
         one_of("report.per_job", self.per_job, ("table", "line"))

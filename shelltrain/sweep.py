@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from shelltrain import rundir
 from shelltrain.errors import UserError
+from shelltrain.report_page import wanted_for_sweep, write_sweep_page
 from shelltrain.signals import SweepStop
 from shelltrain.sweep_table import JobRow, collect, plot, ranked, table, write_csv
 
@@ -60,8 +61,8 @@ def summarize(
     root: Path, console: Any = None, write: bool = True, out: Path | None = None, owned: bool = False
 ) -> Outcome:
     """Print the table of the runs under `root` and a verdict line; returns what was found. With `write`,
-    summary.csv (and sweep.png beside it) goes to `out`, else into `root` when it is a sweep dir (Hydra's
-    multirun.yaml there, or `owned`: the multirun of this process); never into a folder of other runs."""
+    summary.csv (and sweep.png and report.html beside it) goes to `out`, else into `root` when it is a sweep dir
+    (Hydra's multirun.yaml there, or `owned`: the multirun of this process); never into a folder of other runs."""
     root = Path(root)
     console = console or make_console()
     rows = collect(root)
@@ -74,6 +75,8 @@ def summarize(
         write_csv(rows, root, csv_path)
         if any(r.plots for r in rows) and any(r.score is not None for r in rows):
             plot(rows, csv_path.parent / rundir.SWEEP_PLOT)
+        if wanted_for_sweep(root):  # after sweep.png: the page inlines it
+            write_sweep_page(csv_path)
     else:
         csv_path = None
     console.print(table(rows, title=f"shelltrain sweep: {root}", root=root))
