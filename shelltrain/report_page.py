@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
 
 from shelltrain import rundir
 
@@ -42,6 +43,7 @@ table.sortable th[data-dir=asc]::after { content: " \\25B2"; }
 table.sortable th[data-dir=desc]::after { content: " \\25BC"; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .row { display: flex; gap: 3em; flex-wrap: wrap; align-items: flex-start; }
+.wide { overflow-x: auto; }
 figure { margin: 1em 0; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { color: #555; font-size: .9em; }
@@ -96,7 +98,7 @@ def write_run_page(run_dir: Path, config: dict[str, Any]) -> Path:
         _per_class(result.get("per_class")),
         _confused(result.get("confused_pairs")),
         *(_dict_section(k, v) for k, v in result.items() if isinstance(v, (dict, list)) and k not in SHOWN_ELSEWHERE),
-        _section("Configuration", f"<pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>"),
+        _section("Configuration", _config(config)),
     ]
     if (run_dir / rundir.MODEL_CARD).is_file():
         sections.append(_section("Model card", f'<a href="{rundir.MODEL_CARD}">{rundir.MODEL_CARD}</a>'))
@@ -117,7 +119,9 @@ def write_sweep_page(csv_path: Path) -> Path:
         "<tr>" + "".join(_job_cell(folder, value, i == links) for i, value in enumerate(record)) + "</tr>"
         for record in records
     )
-    table = f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    table = (
+        f'<div class="wide"><table class="sortable"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+    )
     hint = "<p>Click a column header to sort by it; click again to reverse.</p>"
     plot = folder / rundir.SWEEP_PLOT
     sections = [_section("Jobs", hint + table), _plots([plot] if plot.is_file() else [], "Sweep plot")]
@@ -127,11 +131,10 @@ def write_sweep_page(csv_path: Path) -> Path:
 
 
 def wanted_for_sweep(sweep_dir: Path) -> bool:
-    """report.html for a sweep unless its config (Hydra's multirun.yaml) says report.html=false."""
+    """report.html for a sweep unless its config (Hydra's multirun.yaml) says report.html=false; a folder without
+    one (shelltrain-summary --out) gets its page."""
     path = Path(sweep_dir) / rundir.SWEEP_CONFIG
-    config = yaml.safe_load(path.read_text()) if path.is_file() else None
-    report = config.get("report") if isinstance(config, dict) else None
-    return not (isinstance(report, dict) and report.get("html") is False)
+    return not path.is_file() or OmegaConf.select(OmegaConf.load(path), "report.html") is not False
 
 
 def _page(title: str, sections: Iterable[str]) -> str:
@@ -184,6 +187,13 @@ def _dict_section(name: str, value: Any) -> str:
     if isinstance(value, list):
         return _section(heading, _pairs((str(i), v) for i, v in enumerate(value)))
     return _section(heading, _pairs(_flat(value, f"{name}.")))
+
+
+def _config(config: dict[str, Any]) -> str:
+    """The job's resolved config, folded: long, and wanted less often than the figures."""
+    text = yaml.safe_dump(config, sort_keys=False)
+    fold = f"the job's resolved config ({text.count(chr(10))} lines)"
+    return f"<details><summary>{html.escape(fold)}</summary><pre>{html.escape(text)}</pre></details>"
 
 
 def _per_class(per_class: dict[str, dict[str, Any]] | None) -> str:
