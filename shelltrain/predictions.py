@@ -18,6 +18,7 @@ from rich.table import Table
 from torch.utils.data import Dataset, Subset
 
 from shelltrain import rundir
+from shelltrain.cam import GALLERY_PLOT, Cam, draw, usable
 from shelltrain.data import DataBundle, FileImages
 from shelltrain.plots import plot_per_class, plot_top_losses
 
@@ -36,9 +37,11 @@ def error_analysis(
     split: str,
     per_class: dict[str, dict[str, Any]],
     plots: bool,
+    cam: Cam | None = None,
 ) -> list[dict[str, Any]]:
     """predictions.csv for `split` (`dataset`'s first rows, in the order the logits were measured), and with
-    `plots` the top-loss gallery and the per-class chart; returns the most-confused pairs for summary.json."""
+    `plots` the top-loss gallery (with `cam`, also its Grad-CAM overlays) and the per-class chart; returns the
+    most-confused pairs for summary.json."""
     logits, targets = logits.float().cpu(), targets.long().cpu()
     losses = F.cross_entropy(logits, targets, reduction="none")
     ids = sample_ids(dataset, len(targets))
@@ -46,6 +49,11 @@ def error_analysis(
     if plots and len(targets):
         images, titles, wrong = gallery(logits, targets, losses, dataset, data)
         plot_top_losses(images, titles, wrong, Path(run_dir) / rundir.PLOTS / rundir.TOP_LOSSES_PLOT)
+        if cam is not None and usable(cam):
+            top = losses.topk(len(images)).indices.tolist()
+            batch = torch.stack([dataset[i][0].float() for i in top])
+            heat = draw(cam, batch, images, logits[top].argmax(1).tolist())
+            plot_top_losses(heat, titles, wrong, Path(run_dir) / rundir.PLOTS / GALLERY_PLOT)
         plot_per_class(per_class, Path(run_dir) / rundir.PLOTS / rundir.PER_CLASS_PLOT, split)
     return confused_pairs(logits.argmax(1), targets, data.classes)
 

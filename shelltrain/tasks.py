@@ -23,6 +23,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from shelltrain import rundir, summary
+from shelltrain.cam import FOLDER as CAM_FOLDER
+from shelltrain.cam import Cam, write_overlays
 from shelltrain.console import print_summary, say, show
 from shelltrain.data import DataBundle, FileImages, build_data
 from shelltrain.data.loader import Loader, worker_count
@@ -133,6 +135,11 @@ def predict_task(
     for k in index.tolist():
         counts[str(classes[k])] += 1
     say(console, f"{len(files)} images from {folder}: predictions in [bold]{output}[/bold]")
+    if cfg.predict.cam:
+        request = Cam(trained.module, cfg.predict.cam_layer, "predict.cam_layer", console, trained.kind)
+        names = [path.relative_to(folder).as_posix() for path in files]
+        if write_overlays(request, images, names, index.tolist(), pre, run_dir / CAM_FOLDER, cfg.predict.batch_size):
+            say(console, f"Grad-CAM overlays of the predicted classes in [bold]{run_dir / CAM_FOLDER}[/bold]")
     figures = {
         "images": len(files),
         "input": str(folder),
