@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from shelltrain import distributed, placement, rundir, summary
 from shelltrain.averaging import EmaAverager, SwaAverager, averaged_test_metrics, build_averager, build_swa
 from shelltrain.calibration import calibrate, describe_calibration
+from shelltrain.cam import Cam
 from shelltrain.checkpoint import Checkpointer, export_state_dict, load_checkpoint
 from shelltrain.console import make_console, print_summary, say, show
 from shelltrain.data import DataBundle, build_data, cv_fold
@@ -104,7 +105,7 @@ def train_and_test(
             return math.nan  # rank 0 tests the model and writes the report
         restore_best(job, state, run_dir)
         pruned = prune(cfg, job, state, run_dir, console)
-        result, confusion, tested = test(cfg, job, state, pruned, run_dir, started)
+        result, confusion, tested = test(cfg, job, state, pruned, run_dir, started, console)
         result.update(calibrate(job.settings.calibrate, job.model, job.data, job.settings, run_dir, tested))
         if "calibration" in result:
             say(console, describe_calibration(result["calibration"]))
@@ -344,14 +345,21 @@ def prune(cfg: DictConfig, job: Job, state: TrainState, run_dir: Path, console: 
 
 
 def test(
-    cfg: DictConfig, job: Job, state: TrainState, pruned: PruneResult | None, run_dir: Path, started: float
+    cfg: DictConfig,
+    job: Job,
+    state: TrainState,
+    pruned: PruneResult | None,
+    run_dir: Path,
+    started: float,
+    console: Any,
 ) -> tuple[dict[str, Any], torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The model on the test split: summary.json's figures, the confusion matrix and the (logits, targets)."""
     plain, logits, targets = tested_with_tta(job.model, job.data.test, job.settings, "test")  # + trainer.test_tta's
     confusion = confusion_matrix(logits, targets, job.data.num_classes)
     per_class = per_class_metrics(confusion, job.data.classes)
     tested = job.data.test.dataset  # predictions.csv and, with plots, the top-loss gallery and per-class chart
-    confused = error_analysis(run_dir, logits, targets, tested, job.data, "test", per_class, cfg.plots)
+    cam = Cam(job.model, cfg.report.cam_layer, "report.cam_layer", console) if cfg.report.cam else None
+    confused = error_analysis(run_dir, logits, targets, tested, job.data, "test", per_class, cfg.plots, cam)
     best_row = state.history[state.best_epoch - 1] if state.best_epoch else {}
     figures: dict[str, Any] = {
         **plain,

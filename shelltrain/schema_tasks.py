@@ -48,6 +48,8 @@ class ReportConfig:
     per_job: str
     model_card: bool
     html: bool
+    cam: bool
+    cam_layer: Optional[str]
 
     def check(self) -> None:
         one_of("report.per_job", self.per_job, ("table", "line"))

@@ -90,7 +90,10 @@ def evaluate_task(
     metrics = split_metrics(logits, targets, settings, split)
     say(console, f"{cfg.data.name} {split}: {len(targets)} images, accuracy {metrics[f'{split}_acc']:.4f}")
     per_class = per_class_metrics(confusion, data.classes)
-    confused = error_analysis(run_dir, logits, targets, loader.dataset, data, split, per_class, cfg.plots)
+    cam = None
+    if cfg.report.cam:  # the top-loss gallery's Grad-CAM overlays
+        cam = Cam(trained.module, cfg.report.cam_layer, "report.cam_layer", console, trained.kind)
+    confused = error_analysis(run_dir, logits, targets, loader.dataset, data, split, per_class, cfg.plots, cam)
     if confused and cfg.report.per_job != "line":
         show(console, confused_table(confused, split))
     figures = {

@@ -108,3 +108,17 @@ def test_without_the_library_the_line_names_the_extra(monkeypatch):
     request = Cam(SmallCNN(3, in_channels=1, width=8), None, "report.cam_layer", recording())
     assert not usable(request)
     assert 'pip install "shelltrain[explain]"' in request.console.file.getvalue()
+
+
+def test_a_training_run_and_evaluate_draw_the_gallerys_cam_unless_report_cam_is_off(tmp_path):
+    pytest.importorskip("pytorch_grad_cam")
+    tiny = ["model=cnn", "model.width=8", "data.image_size=16", "debug=smoke", "trainer.threads=1", "plots=true"]
+    run_in_process(tmp_path / "run", *tiny)
+    gallery = tmp_path / "run/plots/top_losses_cam.png"
+    assert Image.open(gallery).size == Image.open(tmp_path / "run/plots/top_losses.png").size
+    run_in_process(tmp_path / "evaluate", "task=evaluate", f"model.weights={tmp_path / 'run'}", "plots=true")
+    assert (tmp_path / "evaluate/plots/top_losses_cam.png").is_file()
+    run_in_process(tmp_path / "off", *tiny, "report.cam=false")
+    assert (tmp_path / "off/plots/top_losses.png").is_file() and not (
+        tmp_path / "off/plots/top_losses_cam.png"
+    ).exists()
