@@ -128,13 +128,10 @@ def write_overlays(
     `classes`; returns how many were written (0 where a CAM cannot apply, said in one line)."""
     if not usable(cam):
         return 0
-    mean = torch.tensor(pre.mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(pre.std, dtype=torch.float32)[:, None, None]
     for start in range(0, len(names), batch_size):
         chunk = range(start, min(start + batch_size, len(names)))
         batch = torch.stack([dataset[i][0].float() for i in chunk])
-        shown = [(image * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() for image in batch]
-        for i, image in zip(chunk, draw(cam, batch, shown, [classes[i] for i in chunk])):
+        for i, image in zip(chunk, draw(cam, batch, pre.pictures(batch), [classes[i] for i in chunk])):
             save_png(image, folder / f"{names[i]}.png")
     return len(names)
 

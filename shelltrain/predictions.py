@@ -21,6 +21,7 @@ from shelltrain import rundir
 from shelltrain.cam import GALLERY_PLOT, Cam, draw, usable
 from shelltrain.data import DataBundle, FileImages
 from shelltrain.plots import plot_per_class, plot_top_losses
+from shelltrain.preprocess import Preprocessing
 
 TOP_PAIRS = 5  # summary.json's confused_pairs: this many (true, predicted) pairs, most frequent first
 GALLERY_SIZE = 16  # images in plots/top_losses.png
@@ -125,13 +126,10 @@ def gallery(
     """The GALLERY_SIZE highest-loss images, read back from the split and un-normalized with the data's mean/std
     (H x W x C arrays in [0, 1]), their titles (true / predicted (probability)) and whether each is a mistake."""
     top = losses.topk(min(GALLERY_SIZE, len(losses))).indices.tolist()
-    mean = torch.tensor(data.mean, dtype=torch.float32)[:, None, None]
-    std = torch.tensor(data.std, dtype=torch.float32)[:, None, None]
+    images = Preprocessing.of_data(data).pictures(torch.stack([dataset[i][0] for i in top])) if top else []
     probabilities = logits.softmax(1)
-    images, titles, wrong = [], [], []
+    titles, wrong = [], []
     for i in top:
-        image = dataset[i][0].float().cpu() * std + mean
-        images.append(image.clamp(0, 1).permute(1, 2, 0).numpy())
         true, guess = int(targets[i]), int(probabilities[i].argmax())
         said = f"pred {_short(data.classes[guess])} ({probabilities[i, guess]:.2f})"
         titles.append(f"true {_short(data.classes[true])}\n{said}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,6 +68,12 @@ class Preprocessing:
     def shape(self) -> tuple[int, int, int]:
         """One image: channels x size x size."""
         return (self.channels, self.image_size, self.image_size)
+
+    def pictures(self, images: torch.Tensor) -> list[np.ndarray]:
+        """A batch normalized this way (N x C x H x W) as pictures to look at: H x W x C arrays in [0, 1]."""
+        mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
+        return [(image.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy() for image in images]
 
     def same_inputs(self, other: Preprocessing) -> bool:
         """Whether a batch prepared as `other` is what this model was trained on (to float rounding)."""
