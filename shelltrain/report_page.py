@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from shelltrain import rundir
+from shelltrain import rundir, summary
 
 PROVENANCE = ("device", "threads", "processes", "torch", "torchvision", "run_dir")
 SHOWN_ELSEWHERE = ("per_class", "confused_pairs")
@@ -83,10 +83,11 @@ $body
 )
 
 
-def write_run_page(run_dir: Path, config: dict[str, Any]) -> Path:
-    """<run dir>/report.html from its summary.json, plots/ and `config` (the job's resolved config)."""
+def write_run_page(run_dir: Path, config: dict[str, Any], result: dict[str, Any] | None = None) -> Path:
+    """<run dir>/report.html from its summary (`result`, else its summary.json), plots/ and `config` (the job's
+    resolved config)."""
     run_dir = Path(run_dir)
-    result = rundir.read_json(rundir.summary(run_dir))
+    result = summary.read(run_dir) if result is None else result
     figures = _section("Results", _pairs((k, v) for k, v in _flat(result) if k not in PROVENANCE))
     where = _section("Provenance", _pairs((k, result[k]) for k in PROVENANCE if k in result))
     plots = sorted(

@@ -403,13 +403,14 @@ def report(
     """summary.json, the loggers' last word, the plots, the model card, report.html and the table; `splits`:
     images per split."""
     summary.write(result, run_dir)
+    config = OmegaConf.to_container(cfg, resolve=True)
     if cfg.report.model_card:
-        write_card(OmegaConf.to_container(cfg, resolve=True), result, splits, run_dir)
+        write_card(config, result, splits, run_dir)
     if cfg.plots:
         title = f"test, without test_tta={result['test_tta']}" if result.get("test_tta") else "test"
         write_run_plots(run_dir, state.history, confusion, classes, state.best_epoch, title)
     if cfg.report.html:  # after the plots and the card: the page inlines the one and links the other
-        write_run_page(run_dir, OmegaConf.to_container(cfg, resolve=True))
+        write_run_page(run_dir, config, result)
     loggers.finish(result)  # after the plots: a logger may upload them
     print_summary(console, result, cfg.report.per_job)
     if result.get("confused_pairs") and cfg.report.per_job != "line":
