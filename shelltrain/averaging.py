@@ -26,7 +26,7 @@ from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn, up
 from torch.utils.data import DataLoader
 
 from shelltrain import distributed, rundir
-from shelltrain.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
+from shelltrain.checkpoint import averaged_weights, load_checkpoint, model_checkpoint, save_checkpoint
 from shelltrain.data import DataBundle, unsharded
 from shelltrain.engine import Callback, TrainState, evaluate
 from shelltrain.optim import Schedule
@@ -259,11 +259,6 @@ def swa_test_metrics(
     save_checkpoint(model_checkpoint(averaged.state_dict(), extra), rundir.weights_checkpoint(run_dir, "swa"))
     figures, _, _ = tested_with_tta(averaged, test_loader, settings, "swa_test")  # plain, TTA beside it
     return {**figures, "swa_epochs_averaged": int(state["n_averaged"])}
-
-
-def averaged_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The model's own state dict inside an AveragedModel's (which prefixes `module.` and adds `n_averaged`)."""
-    return {key.removeprefix("module."): value for key, value in state.items() if key.startswith("module.")}
 
 
 @contextlib.contextmanager

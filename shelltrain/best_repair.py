@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shelltrain import rundir
-from shelltrain.averaging import averaged_weights
-from shelltrain.checkpoint import load_checkpoint, peek, save_checkpoint
+from shelltrain.checkpoint import as_best, load_checkpoint, peek, save_checkpoint
 from shelltrain.engine import TrainState
 from shelltrain.errors import UserError
 
@@ -41,7 +40,8 @@ def repair_best(run_dir: Path, last: dict[str, Any]) -> str | None:
             f"checkpoint '{path}' is {was}, but last.pt selects epoch {state.best_epoch} and no checkpoint of that "
             "epoch is left to rebuild it; resume from an epoch checkpoint (trainer.resume=FILE) or start a new run"
         )
-    save_checkpoint(_as_best(source, last), path)
+    monitor = str(((last.get("config") or {}).get("trainer") or {}).get("monitor", ""))
+    save_checkpoint(as_best(source, monitor), path)
     held = "no model" if found is None else f"epoch {found.get('epoch')}"
     line = (
         f"checkpoints/best.pt held {held} while last.pt selects epoch {state.best_epoch} (a crash between the two "
@@ -60,11 +60,3 @@ def _checkpoint_of_epoch(run_dir: Path, last: dict[str, Any], state: TrainState)
         return None
     payload = load_checkpoint(kept)
     return payload if int(payload.get("epoch", -1)) == state.best_epoch else None
-
-
-def _as_best(payload: dict[str, Any], last: dict[str, Any]) -> dict[str, Any]:
-    """What the Checkpointer writes as best.pt: the averaged weights when trainer.monitor is an ema_ metric."""
-    monitor = str(((last.get("config") or {}).get("trainer") or {}).get("monitor", ""))
-    if not monitor.startswith("ema_") or payload.get("ema") is None:
-        return payload
-    return {**payload, "model": averaged_weights(payload["ema"])}

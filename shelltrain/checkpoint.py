@@ -268,10 +268,10 @@ class Checkpointer(Callback):
         """best.pt holds the model trainer.monitor selected: the averaged weights when it is an ema_ metric."""
         if not self.monitor.startswith("ema_"):
             return data
-        return serialize({**payload, "model": self._best_state(payload)})
+        return serialize(as_best(payload, self.monitor))
 
     def _best_state(self, payload: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return self.averager.averaged.module.state_dict() if self.monitor.startswith("ema_") else payload["model"]
+        return as_best(payload, self.monitor)["model"]
 
     def _refuse_non_finite(self, epoch: int, step: int) -> None:
         """Never write a checkpoint whose weights or optimizer state hold NaN or infinity: the loss is checked
@@ -341,6 +341,20 @@ def checkpoint_payload(
         "rng": rng,
         **extra,
     }
+
+
+def averaged_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model's own state dict inside an AveragedModel's (which prefixes `module.` and adds `n_averaged`), as a
+    checkpoint's `ema` and `swa` entries hold it."""
+    return {key.removeprefix("module."): value for key, value in state.items() if key.startswith("module.")}
+
+
+def as_best(payload: dict[str, Any], monitor: str) -> dict[str, Any]:
+    """A checkpoint as best.pt holds it: the model trainer.monitor selects, i.e. the averaged weights (its `ema`
+    entry) when the monitor is an ema_ metric, else the payload as it is."""
+    if not monitor.startswith("ema_") or payload.get("ema") is None:
+        return payload
+    return {**payload, "model": averaged_weights(payload["ema"])}
 
 
 def model_checkpoint(model_state: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
