@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from shelltrain import distributed, job_records, launch, rundir
 from shelltrain.best_repair import repair_best
-from shelltrain.checkpoint import load_checkpoint, load_model_state, peek
+from shelltrain.checkpoint import as_best, load_checkpoint, load_model_state, peek, save_checkpoint
 from shelltrain.checks import uses_ensemble
 from shelltrain.console import say
 from shelltrain.engine import TrainState
@@ -400,12 +400,13 @@ def config_changes(before: Any, after: Any, prefix: str = "") -> list[str]:
     return [] if before == after else [f"{prefix.rstrip('.')}: {before!r} -> {after!r}"]
 
 
-def seed_new_run_dir(source: Path, state: TrainState, run_dir: Path) -> None:
+def seed_new_run_dir(source: Path, state: TrainState, run_dir: Path, monitor: str) -> None:
     """A run continued in a new directory starts with the checkpoint it came from as its last.pt, and the
-    best checkpoint so far as best.pt when it is at hand, so the new directory is complete by itself."""
+    best checkpoint so far as best.pt when it is at hand (as best.pt holds it under `monitor`: checkpoint.as_best),
+    so the new directory is complete by itself."""
     rundir.write_atomic(source.read_bytes(), rundir.last_checkpoint(run_dir))
     if state.best_epoch and state.batch == 0 and state.best_epoch == state.epoch:
-        rundir.write_atomic(source.read_bytes(), rundir.best_checkpoint(run_dir))
+        save_checkpoint(as_best(load_checkpoint(source), monitor), rundir.best_checkpoint(run_dir))
         return
     source_best = source.parent / rundir.BEST
     if state.best_epoch and source_best.is_file() and source_best != source:

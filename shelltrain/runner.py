@@ -228,7 +228,7 @@ def train(
         announce(console, cfg, payload, resume, state)
         loggers.resume(state.history)  # exactly the checkpoint's rows: none missing, none repeated
         if not resume.in_place and main:
-            seed_new_run_dir(resume.checkpoint, state, run_dir)
+            seed_new_run_dir(resume.checkpoint, state, run_dir, job.settings.monitor)
     loggers.start(job.extra["config"])
     averager, swa = _averages(job, payload, console)
     checkpointer = _checkpointer(cfg, job, run_dir, averager, swa, write=main)

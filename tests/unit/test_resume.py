@@ -171,3 +171,19 @@ def test_config_changes_are_listed_by_key():
     before = {"optimizer": {"lr": 0.1}, "trainer": {"resume": None, "epochs": 2}}
     after = {"optimizer": {"lr": 0.2}, "trainer": {"resume": "auto", "epochs": 2}}
     assert resume.config_changes(before, after) == ["optimizer.lr: 0.1 -> 0.2"]
+
+
+def test_a_run_continued_in_a_new_directory_gets_best_pt_as_the_monitor_selects(tmp_path):
+    """Under an ema_ monitor best.pt holds the averaged weights (checkpoint.as_best), also when a resume seeds a new
+    run directory from a last.pt that is the selected epoch's."""
+    from shelltrain.checkpoint import load_checkpoint, save_checkpoint
+    from shelltrain.engine import TrainState
+    from shelltrain.resume import seed_new_run_dir
+
+    state = TrainState(epoch=1, best_epoch=1)
+    raw, averaged = torch.zeros(2), torch.ones(2)
+    source = tmp_path / "old/checkpoints/last.pt"
+    save_checkpoint({"model": {"w": raw}, "ema": {"module.w": averaged, "n_averaged": torch.tensor(3)}}, source)
+    for monitor, expected in (("ema_val_acc", averaged), ("val_acc", raw)):
+        seed_new_run_dir(source, state, tmp_path / monitor, monitor)
+        assert torch.equal(load_checkpoint(tmp_path / monitor / "checkpoints/best.pt")["model"]["w"], expected)
