@@ -42,10 +42,19 @@ def check_data_root(data: DictConfig) -> None:
         )
 
 
+def user_path(spec: str) -> Path:
+    """A path the user wrote (data.root, data.manifest, model.weights, predict.input, ...) as an absolute path: `~`
+    expanded, a relative one taken from where the user launched the run (Hydra's original working directory)."""
+    from hydra.utils import to_absolute_path  # hydra's config machinery: loaded once a job runs, not for --help
+
+    try:
+        return Path(to_absolute_path(os.path.expanduser(spec)))
+    except ValueError:  # outside a Hydra run: relative to the working directory
+        return Path(os.path.expanduser(spec)).absolute()
+
+
 def data_root(data: DictConfig) -> Path:
     """data.root as an absolute path (relative ones are taken from where the user launched the run)."""
-    from hydra.utils import to_absolute_path
-
     if OmegaConf.is_missing(data, "root") or data.root is None:
         if data.name == "imagefolder":
             holding = f"an image folder laid out as {IMAGEFOLDER_LAYOUT}"
@@ -53,4 +62,4 @@ def data_root(data: DictConfig) -> Path:
             title, expected = DATASET_FILES[data.name]
             holding = f"{title} (it should contain {expected})"
         raise UserError(f"data.root: not set; set data.root to a folder holding {holding}")
-    return Path(to_absolute_path(os.path.expanduser(str(data.root))))
+    return user_path(str(data.root))

@@ -9,13 +9,11 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch.utils.data import DataLoader
@@ -29,6 +27,7 @@ from shelltrain.console import print_summary, say, show
 from shelltrain.data import DataBundle, FileImages, build_data
 from shelltrain.data.loader import Loader, worker_count
 from shelltrain.data.transforms import to_float_transforms
+from shelltrain.dataroot import user_path
 from shelltrain.engine import predict
 from shelltrain.errors import UserError
 from shelltrain.export import FORMATS, INSTALL_HINT, export_model, inference_metadata, run_exported
@@ -112,7 +111,7 @@ def predict_task(
     cfg: DictConfig, run_dir: Path, settings: TrainerConfig, console: Console, trained: TrainedModel
 ) -> tuple[dict[str, Any], None]:
     """predictions.csv: file (relative to predict.input), class, probability, for every image under the folder."""
-    folder = Path(to_absolute_path(os.path.expanduser(str(cfg.predict.input))))
+    folder = user_path(str(cfg.predict.input))
     if not folder.is_dir():
         raise UserError(f"predict.input: '{folder}' is not a folder; point it at a folder of images")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())

@@ -15,19 +15,18 @@ or `RUN@swa` (stochastic weight averaging with its recomputed BatchNorm statisti
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import to_absolute_path
 from omegaconf import OmegaConf
 from torch import nn
 
 from shelltrain import prune, rundir
 from shelltrain.calibration import with_temperature
 from shelltrain.checkpoint import load_checkpoint
+from shelltrain.dataroot import user_path
 from shelltrain.engine import monitor_mode
 from shelltrain.errors import UserError
 from shelltrain.fusion import FusedModel
@@ -133,7 +132,7 @@ def resolve(spec: str | Path, key: str) -> tuple[Path, str]:
     """The checkpoint file (or ensemble directory) `spec` names and which weights: a run directory's best.pt
     (else last.pt), or its `@<weights>` file."""
     base, suffix = split_weights(spec)
-    path = _absolute(base)
+    path = user_path(base)
     if not path.exists():
         raise UserError(f"{key}: '{path}' does not exist; give a shelltrain run directory or checkpoint file")
     if not path.is_dir() or rundir.ensemble_dir(path) is not None and not suffix:  # a file (or a device: refused)
@@ -248,13 +247,6 @@ def sweep_jobs(
         )
     jobs.sort(key=lambda job: job[1], reverse=monitor_mode(monitor) == "max")  # stable: ties keep job order
     return jobs[:top_k] if top_k else jobs
-
-
-def _absolute(spec: str) -> Path:
-    try:
-        return Path(to_absolute_path(os.path.expanduser(spec)))
-    except ValueError:  # outside a Hydra run: relative to the working directory
-        return Path(os.path.expanduser(spec)).absolute()
 
 
 def _brief(names: list[str]) -> str:

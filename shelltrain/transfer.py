@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from shelltrain.checkpoint import check_regular_file, safe_load
+from shelltrain.dataroot import user_path
 from shelltrain.errors import UserError
 from shelltrain.models import find_classifier
 from shelltrain.timm_models import open_timm_weights
@@ -60,7 +61,7 @@ def open_weights(model_cfg: DictConfig) -> WeightsSource | None:
         return None
     spec = str(spec)
     base, weights = split_weights(spec)
-    path = _as_path(base)
+    path = user_path(base)
     if model_cfg.get("library") == "timm" and not path.exists():
         return WeightsSource(**open_timm_weights(spec, model_cfg))
     if path.is_dir() or weights:  # a run directory: its weights as the trained model's loader picks them
@@ -79,15 +80,6 @@ def open_weights(model_cfg: DictConfig) -> WeightsSource | None:
             "file, or a torchvision weights name such as DEFAULT"
         )
     return _open_torchvision(spec, model_cfg)
-
-
-def _as_path(spec: str) -> Path:
-    from hydra.utils import to_absolute_path
-
-    try:
-        return Path(to_absolute_path(os.path.expanduser(spec)))
-    except ValueError:  # outside a Hydra run: relative to the working directory
-        return Path(os.path.expanduser(spec)).absolute()
 
 
 def _open_file(spec: str, path: Path) -> WeightsSource:

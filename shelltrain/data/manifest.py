@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shelltrain.console import make_console, say
+from shelltrain.dataroot import user_path
 from shelltrain.errors import UserError
 
 SPLITS = ("train", "val", "test")  # the values a manifest's split column may hold
@@ -54,11 +55,9 @@ class _Rows:
 
 def manifest_path(data: DictConfig) -> Path:
     """data.manifest as an absolute path (a relative one is taken from where the run was launched)."""
-    from hydra.utils import to_absolute_path
-
     if OmegaConf.is_missing(data, "manifest") or data.manifest is None:
         raise UserError("data.manifest: not set; set data.manifest=PATH to a CSV, TSV or JSON-lines label file")
-    path = Path(to_absolute_path(os.path.expanduser(str(data.manifest))))
+    path = user_path(str(data.manifest))
     if path.suffix.lower() not in _FORMATS:
         raise UserError(
             f"data.manifest: '{path}' is not a .csv, .tsv, .jsonl or .ndjson file; rename it to say its format"
@@ -70,11 +69,7 @@ def manifest_path(data: DictConfig) -> Path:
 
 def image_base(data: DictConfig, manifest: Path) -> str:
     """Where relative image paths start: data.root when it is set, else the manifest's own folder."""
-    from hydra.utils import to_absolute_path
-
-    if data.root is None:
-        return str(manifest.parent)
-    return to_absolute_path(os.path.expanduser(str(data.root)))
+    return str(manifest.parent if data.root is None else user_path(str(data.root)))
 
 
 def read_manifest(data: DictConfig, check_files: bool = True) -> Manifest:
