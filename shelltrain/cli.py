@@ -24,6 +24,7 @@ from omegaconf import DictConfig, open_dict
 
 from shelltrain import job_records, launch, rundir, signals, summary, sweep
 from shelltrain.cli_help import print_help
+from shelltrain.compare import check_baseline_run, with_baseline
 from shelltrain.errors import EXIT_USER_ERROR, GateMissed, Interrupted, UserError
 from shelltrain.explain import explain
 from shelltrain.gates import active, check
@@ -90,6 +91,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> tuple[Any, list[str]]:
     if not launch.follower():  # one writer per run directory (taken earlier by KeepRecords under the CLI)
         rundir.lock(run_dir)
     validate(cfg)
+    check_baseline_run(cfg.gate)  # gate.baseline: a finished run with predictions, named before training
     hydra_cfg = HydraConfig.get()
     _check_sweeper(hydra_cfg, cfg)
     in_use = rundir.in_use(hydra_cfg) and not launch.follower()  # rank 0 decides for every rank
@@ -347,14 +349,11 @@ def _apply_gates(cfg: DictConfig, run_dir: Path) -> list[str]:
     gate = cfg.gate
     if not active(gate) or not rundir.summary(run_dir).is_file():
         return []
-    recorded = rundir.read_json(rundir.summary(run_dir))
+    recorded = with_baseline(gate, rundir.read_json(rundir.summary(run_dir)), run_dir)  # gate.baseline: printed
     verdict = check(gate, recorded)
     summary.write({**recorded, "gates": verdict}, run_dir)
     if verdict["passed"]:
-        checked = [
-            f"{key[:-4]}={c['value']:.6g} {'>=' if key.endswith('_min') else '<='} {c['limit']:g}"
-            for key, c in verdict["checked"].items()
-        ]
+        checked = [c["text"] for c in verdict["checked"].values()]
         sys.stdout.write(f"quality gates passed: {'; '.join(checked)}\n")
     return list(verdict["failures"])
 

@@ -26,6 +26,7 @@ from shelltrain.checkpoint import Checkpointer, export_state_dict, load_checkpoi
 from shelltrain.console import make_console, print_summary, say, show
 from shelltrain.data import DataBundle, build_data, cv_fold
 from shelltrain.data.balance import balanced_loss
+from shelltrain.data.fingerprint import fingerprint
 from shelltrain.data.notes import training_notes
 from shelltrain.data.transforms import describe_preprocessing
 from shelltrain.distill import make_distiller
@@ -372,6 +373,7 @@ def test(
         "processes": distributed.world_size(),
         "per_class": per_class,
         "confused_pairs": confused,
+        "data_fingerprint": fingerprint(job.data, cfg.data.split_seed),  # which images each split used
     }
     if pruned is None:  # the EMA weights of the selected epoch (best.pt's), SWA's average (last.pt's)
         figures.update(averaged_test_metrics(job.model, job.data, job.settings, run_dir, best_row, job.extra))

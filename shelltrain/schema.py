@@ -44,6 +44,7 @@ from shelltrain.checks import (
 )
 from shelltrain.dataroot import DATASET_FILES, check_data_root
 from shelltrain.errors import UserError
+from shelltrain.gates import check_baseline_settings, metric_gates
 from shelltrain.schema_compress import CompressConfig, DistillConfig, PruneConfig
 from shelltrain.schema_tasks import EvaluateConfig, ExportConfig, LrFindConfig, PredictConfig, ReportConfig
 
@@ -436,7 +437,8 @@ def validate(cfg: DictConfig) -> None:
     check_scheduler(cfg.scheduler, trainer.epochs if sized else 1)
     check_structured_support(cfg)
     to_schema(cfg.distill, DistillConfig, "distill").check()
-    check_gates(cfg.gate)
+    check_gates(metric_gates(cfg.gate))  # gate.baseline's own keys: check_baseline_settings
+    check_baseline_settings(cfg.gate)
     for key in ("evaluate", "predict", "export", "report", "lr_find"):
         to_schema(cfg[key], SCHEMAS[key], key).check()
     if cfg.compress is not None:  # null in a plain run and in compress.py's stage configs
