@@ -36,14 +36,21 @@ def split_fingerprint(dataset: Dataset) -> dict[str, Any]:
     index: list[int] | None = None
     if isinstance(dataset, Subset):  # a cross-validation fold
         index, dataset = [int(i) for i in dataset.indices], dataset.dataset
+    if not isinstance(dataset, (FileImages, TensorImages)):  # another kind (streamed shards, ...): matches no split
+        return {"kind": type(dataset).__name__, "count": len(index) if index is not None else _size(dataset)}
     labels = dataset.labels.tolist()
     if isinstance(dataset, FileImages):
         picked = range(len(labels)) if index is None else index
         return _files([dataset.paths[i] for i in picked], [labels[i] for i in picked])
-    if isinstance(dataset, TensorImages):
-        images = dataset.stacked() if index is None else dataset.stacked()[index]
-        return _tensors(images, labels if index is None else [labels[i] for i in index])
-    raise TypeError(f"no fingerprint for a {type(dataset).__name__}")  # every DataBundle split is one of the above
+    images = dataset.stacked() if index is None else dataset.stacked()[index]
+    return _tensors(images, labels if index is None else [labels[i] for i in index])
+
+
+def _size(dataset: Dataset) -> int | None:
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:  # a stream without a length
+        return None
 
 
 def _files(paths: list[str], labels: list[int]) -> dict[str, Any]:
