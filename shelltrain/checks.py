@@ -17,6 +17,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from shelltrain.errors import UserError
 from shelltrain.gates import parse_key
 from shelltrain.rundir import ensemble_dir
+from shelltrain.schema_values import MULTI_LABEL_MONITORS, POS_WEIGHTS
 
 LOGGERS = ("csv", "tensorboard", "jsonl", "mlflow", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")  # logger.wandb.mode (null: wandb's own default)
@@ -117,6 +118,34 @@ def check_balance(cfg: DictConfig) -> None:
         )
     if balance == "sampler" and cfg.cv.folds:
         raise UserError("data.balance=sampler does not apply to cross-validation folds; use data.balance=loss_weights")
+
+
+def check_multi_label(cfg: DictConfig) -> None:
+    """trainer.loss=bce (multi-label) against the options that assume one class per image, and the keys that only
+    a multi-label run reads. MSE and mixup/cutmix with bce are refused where trainer.loss is checked."""
+    trainer, data = cfg.trainer, cfg.data
+    one_of("trainer.pos_weight", trainer.pos_weight, POS_WEIGHTS)
+    columns = OmegaConf.is_list(data.label_column)
+    if trainer.loss != "bce":
+        for key, used in (
+            (f"trainer.pos_weight={trainer.pos_weight}", trainer.pos_weight is not None),
+            (f"trainer.monitor={trainer.monitor}", trainer.monitor in MULTI_LABEL_MONITORS),
+            ("data.label_column=[...] (one 0/1 column per class)", columns),
+        ):
+            if used:
+                raise UserError(f"{key} is multi-label; set trainer.loss=bce (or drop it)")
+        return
+    if columns and (len(data.label_column) < 2 or len(set(map(str, data.label_column))) < len(data.label_column)):
+        raise UserError(f"data.label_column={list(data.label_column)}: name two or more different 0/1 class columns")
+    refused = (
+        ("ensemble=vote", cfg.ensemble.name == "vote", "votes count one class per model; use ensemble=average"),
+        ("trainer.calibrate=temperature", trainer.calibrate != "none", "it scales a softmax; set it to none"),
+        ("data.balance=sampler", data.balance == "sampler", "it draws by one class; use trainer.pos_weight=balanced"),
+        (f"distill={cfg.distill.name}", cfg.distill.name != "none", "it matches softmax outputs; set distill=none"),
+    )
+    for key, used, why in refused:
+        if used:
+            raise UserError(f"{key} does not apply to multi-label training (trainer.loss=bce): {why}")
 
 
 def check_task(cfg: DictConfig) -> None:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from shelltrain import distributed
 from shelltrain.errors import UserError
+from shelltrain.multilabel import bce, epoch_figures, is_multi_label, label_hits
 from shelltrain.optim import Schedule
 from shelltrain.placement import batch_to_device, eval_settings, place
 from shelltrain.rng import epoch_seed, restore_rng
@@ -166,7 +167,7 @@ def fit(
             return state  # stopped mid-epoch; on_checkpoint has seen the state
         distributed.broadcast_buffers(model)
         val = evaluate(model, val_loader, settings, limit=settings.limit_val_batches)
-        row = {"epoch": epoch, **train_metrics, "val_loss": val["loss"], "val_acc": val["acc"]}
+        row = {"epoch": epoch, **train_metrics, **{f"val_{key}": value for key, value in val.items()}}
         callback.on_validation_end(row)
         _epoch_schedule_step(schedule, row[settings.monitor])
         improved = _update_best(state, row[settings.monitor], epoch, settings)
@@ -227,7 +228,7 @@ def train_one_epoch(
     (taken at the checkpoint) is restored, so augmentation and dropout continue exactly."""
     num_batches = begun if begun is not None else begin_epoch(model, loader, settings, epoch, callback)
     skip = min(state.batch, num_batches)
-    tally = _Tally(state.partial if skip else {})
+    tally = _Tally(state.partial if skip else {}, is_multi_label(settings.loss))
     every = settings.checkpoint_every_n_steps
     start = time.perf_counter() - tally.seconds
     optimizer.zero_grad(set_to_none=True)
@@ -329,7 +330,8 @@ class _Tally:
     infinite. The engine syncs before every checkpoint, so no checkpoint holds weights from after a bad loss.
     """
 
-    def __init__(self, partial: dict[str, float]):
+    def __init__(self, partial: dict[str, float], multi_label: bool = False):
+        self.multi_label = multi_label  # accuracy: the share of right yes/no decisions per image
         self.loss_sum = float(partial.get("loss_sum", 0.0))
         self.correct = float(partial.get("correct", 0.0))
         self.seen = int(partial.get("seen", 0))
@@ -341,14 +343,15 @@ class _Tally:
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, step: int) -> None:
         self.losses.append(loss.detach())
-        self.predicted.append(logits.detach().argmax(1))
+        logits = logits.detach()
+        self.predicted.append(label_hits(logits, targets) if self.multi_label else logits.argmax(1) == _hard(targets))
         self.targets.append(targets)
         self.steps.append(step)
 
     def sync(self, epoch: int) -> None:
         if not self.losses:  # already folded in (every rank trains the same number of batches, so all skip alike)
             return
-        hits = (torch.cat(self.predicted) == _hard(torch.cat(self.targets))).sum()
+        hits = torch.cat(self.predicted).float().sum()
         pending = torch.cat([torch.stack(self.losses).float(), hits.float()[None]]).cpu().double()  # host sync
         losses, sizes = pending[:-1], torch.tensor([len(t) for t in self.targets], dtype=torch.float64)
         local = torch.stack([losses @ sizes, pending[-1], sizes.sum(), (~torch.isfinite(losses)).sum().double()])
@@ -410,7 +413,7 @@ def predict(
         with autocast(settings):
             logits = model(images)
         all_logits.append(logits.float().cpu())
-        all_targets.append(_hard(targets).cpu())
+        all_targets.append((targets if is_multi_label(settings.loss) else _hard(targets)).cpu())
     if not all_logits:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     return torch.cat(all_logits), torch.cat(all_targets)
@@ -424,6 +427,10 @@ def evaluate(
     logits, targets = predict(model, loader, settings, limit)
     if not distributed.active():
         return metrics_from_logits(logits, targets, settings)
+    if is_multi_label(settings.loss):  # mAP needs every score: rank 0 measures the whole split
+        shards = distributed.gather((logits, targets))
+        whole = shards and metrics_from_logits(*(torch.cat(part) for part in zip(*shards)), settings)
+        return distributed.broadcast(whole)
     count = targets.numel()
     loss = metrics_from_logits(logits, targets, settings)["loss"] * count if count else 0.0
     correct = (logits.argmax(1) == targets).sum().item() if count else 0
@@ -438,6 +445,8 @@ def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor, settings: T
     if targets.numel() == 0:
         return {"loss": math.nan, "acc": math.nan}
     plain = replace(settings, label_smoothing=0.0)  # no smoothing when measuring
+    if is_multi_label(settings.loss):  # accuracy: right yes/no decisions at 1/2, then mAP, F1, ...
+        return {"loss": criterion(logits, targets, plain).item(), **epoch_figures(logits, targets)}
     return {
         "loss": criterion(logits, targets, plain).item(),
         "acc": (logits.argmax(1) == targets).float().mean().item(),
@@ -445,7 +454,9 @@ def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor, settings: T
 
 
 def criterion(logits: torch.Tensor, targets: torch.Tensor, settings: TrainerConfig) -> torch.Tensor:
-    """Cross-entropy (hard or soft targets, optional smoothing) or MSE on one-hot targets."""
+    """Cross-entropy (hard or soft targets, optional smoothing), MSE on one-hot targets, or multi-label BCE."""
+    if is_multi_label(settings.loss):
+        return bce(logits, targets, settings.label_smoothing)
     if settings.loss == "mse":
         if targets.ndim == 1:
             targets = F.one_hot(targets, logits.shape[1])

@@ -33,17 +33,26 @@ RESIZE = (
 NORMALIZE = "float32 (pixel / 255 - mean) / std per channel, batched N x C x H x W"
 
 
-def inference_metadata(classes: list[str], preprocessing: dict[str, Any], source: str) -> dict[str, Any]:
+def inference_metadata(
+    classes: list[str], preprocessing: dict[str, Any], source: str, thresholds: list[float] | None = None
+) -> dict[str, Any]:
     """What the exported file carries so that it can be used without shelltrain: the class names in output order,
     the full preprocessing (Preprocessing.as_dict: size, channels, mean/std, interpolation, antialias) and how it is
-    applied, the input and output names, and the checkpoint it came from (docs/reports-and-tasks.md's snippet)."""
-    return {
+    applied, the input and output names, and the checkpoint it came from (docs/reports-and-tasks.md's snippet).
+    A multi-label model (`thresholds`) also carries `multi_label: true` and its per-class thresholds."""
+    output = f"{OUTPUT_NAME}: N x {len(classes)}; softmax gives the probabilities"
+    metadata = {
         "classes": [str(name) for name in classes],
         "preprocessing": {**preprocessing, "resize": RESIZE, "normalize": NORMALIZE},
         "input": INPUT_NAME,
-        "output": f"{OUTPUT_NAME}: N x {len(classes)}; softmax gives the probabilities",
+        "output": output,
         "source": source,
     }
+    if thresholds is not None:
+        metadata["output"] = f"{OUTPUT_NAME}: N x {len(classes)}; sigmoid gives each class's probability"
+        metadata.update(multi_label=True, thresholds=[float(t) for t in thresholds])
+        metadata["decision"] = "class k is predicted when sigmoid(logits[k]) >= thresholds[k]"
+    return metadata
 
 
 def export_model(model: nn.Module, fmt: str, path: Path, example: torch.Tensor, metadata: dict[str, Any]) -> nn.Module:

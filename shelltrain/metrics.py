@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from shelltrain.engine import metrics_from_logits
+from shelltrain.multilabel import is_multi_label
 from shelltrain.schema import TrainerConfig
 
 TOP_K = 5  # top-5 accuracy is reported when there are more classes than this
@@ -19,8 +20,11 @@ ECE_BINS = 15  # equal-width confidence bins of the expected calibration error
 
 def split_metrics(logits: torch.Tensor, targets: torch.Tensor, settings: TrainerConfig, split: str) -> dict[str, float]:
     """`{split}_acc`, `{split}_loss`, the calibration figures `{split}_nll` and `{split}_ece` and, with more than
-    five classes, `{split}_top5`."""
+    five classes, `{split}_top5`. Multi-label (trainer.loss=bce): `{split}_loss`, `_acc`, `_map`, `_f1_micro`,
+    `_f1_macro`, `_precision`, `_recall` at probability 1/2 (the run's tuned thresholds: multilabel_run)."""
     measured = metrics_from_logits(logits, targets, settings)
+    if is_multi_label(settings.loss):
+        return {f"{split}_{key}": value for key, value in measured.items()}
     result = {f"{split}_acc": measured["acc"], f"{split}_loss": measured["loss"]}
     result.update({f"{split}_nll": nll(logits, targets), f"{split}_ece": expected_calibration_error(logits, targets)})
     if logits.ndim == 2 and logits.shape[1] > TOP_K:

@@ -28,18 +28,19 @@ GALLERY_COLUMNS = 4  # images per row of the top-loss gallery
 def write_run_plots(
     run_dir: Path,
     history: Sequence[dict[str, float]],
-    confusion: torch.Tensor,
+    confusion: torch.Tensor | None,
     classes: Sequence[str],
     best_epoch: int | None = None,
     title: str = "test",
 ) -> list[Path]:
-    """plots/curves.png (when any epoch ran) and plots/confusion_matrix.png (`title` names what it shows); returns
-    the files written."""
+    """plots/curves.png (when any epoch ran) and plots/confusion_matrix.png (`title` names what it shows; none for
+    a multi-label run, `confusion` None); returns the files written."""
     written = []
     if history:
         written.append(plot_curves(history, Path(run_dir) / rundir.PLOTS / "curves.png", best_epoch))
-    matrix = Path(run_dir) / rundir.PLOTS / "confusion_matrix.png"
-    written.append(plot_confusion_matrix(confusion, classes, matrix, title))
+    if confusion is not None:
+        matrix = Path(run_dir) / rundir.PLOTS / "confusion_matrix.png"
+        written.append(plot_confusion_matrix(confusion, classes, matrix, title))
     return written
 
 

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, Subset
 from shelltrain import rundir
 from shelltrain.cam import GALLERY_PLOT, Cam, draw, usable
 from shelltrain.data import DataBundle, FileImages
+from shelltrain.multilabel import SEPARATOR, decide, multi_hot
 from shelltrain.plots import plot_per_class, plot_top_losses
 from shelltrain.preprocess import Preprocessing
 
@@ -140,3 +141,36 @@ def gallery(
 def _short(name: Any) -> str:
     name = str(name)
     return name if len(name) <= NAME_WIDTH else name[: NAME_WIDTH - 1] + "…"
+
+
+LABEL_COLUMNS = ("sample", "true", "predicted", "scores", "exact", "split")  # multi-label predictions.csv
+
+
+def write_label_predictions(
+    path: Path,
+    ids: list[str],
+    logits: torch.Tensor,
+    thresholds: list[float],
+    classes: list[str],
+    targets: torch.Tensor | None = None,
+    split: str = "",
+) -> Path:
+    """Multi-label predictions.csv: per image its labels above their thresholds (`|`-joined) and each one's
+    probability (`label:0.973|...`); with `targets` (a tested split) also the true labels, whether the two sets
+    are equal, and the split. Without (task=predict): the columns file, labels, scores."""
+    probabilities, chosen = decide(logits, thresholds)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(LABEL_COLUMNS if targets is not None else ("file", "labels", "scores"))
+    truth = None if targets is None else multi_hot(targets, len(classes)).bool()
+    for i, sample in enumerate(ids):
+        picked = chosen[i].nonzero().flatten().tolist()
+        labels = SEPARATOR.join(str(classes[k]) for k in picked)
+        scores = SEPARATOR.join(f"{classes[k]}:{probabilities[i, k]:.6f}" for k in picked)
+        if truth is None:
+            writer.writerow([sample, labels, scores])
+            continue
+        true = SEPARATOR.join(str(classes[k]) for k in truth[i].nonzero().flatten().tolist())
+        writer.writerow([sample, true, labels, scores, int(bool((truth[i] == chosen[i]).all())), split])
+    rundir.write_text(text.getvalue(), path)
+    return path

@@ -38,6 +38,8 @@ from shelltrain.loggers import Loggers, build_loggers
 from shelltrain.metrics import confusion_matrix, per_class_metrics
 from shelltrain.model_card import write_card
 from shelltrain.models import build_model, count_parameters, first_forward
+from shelltrain.multilabel import is_multi_label
+from shelltrain.multilabel_run import multilabel_test, training_loss
 from shelltrain.optim import Schedule, build_optimizer, build_scheduler
 from shelltrain.placement import eval_settings
 from shelltrain.plots import write_run_plots
@@ -59,6 +61,7 @@ from shelltrain.resume import (
     seed_new_run_dir,
 )
 from shelltrain.schema import TrainerConfig, trainer_config
+from shelltrain.schema_values import MULTI_LABEL_MONITORS
 from shelltrain.signals import GracefulStop
 from shelltrain.silence import quiet
 from shelltrain.transfer import follow_weights, load_weights, open_weights
@@ -174,6 +177,7 @@ def build(cfg: DictConfig, fold: tuple[int, int] | None, overrides: list[str], c
     parts = (device, data, data_cfg, stats_from, weights, loaded, model, policy, settings, optimizer, schedule)
     loss = make_distiller(cfg.distill, data, settings, lambda m: say(console, m), cfg.augmentation)
     loss = loss or balanced_loss(cfg.data.balance, data.train, data.num_classes)  # data.balance
+    loss = loss or training_loss(settings, data)  # trainer.pos_weight
     return Job(*parts, make_scaler(settings), count_parameters(model), extra, loss)
 
 
@@ -186,7 +190,8 @@ def _build_data(
     if cfg.trainer.compile and not data_cfg.drop_last:
         data_cfg = OmegaConf.merge(data_cfg, {"drop_last": True})  # a smaller last batch would recompile
         say(console, "trainer.compile: the last incomplete train batch of each epoch is dropped (data.drop_last)")
-    data = build_data(data_cfg, cfg.augmentation, cfg.trainer.seed, device.type == "cuda", stats, device=device)
+    multi = is_multi_label(cfg.trainer.loss)
+    data = build_data(data_cfg, cfg.augmentation, cfg.trainer.seed, device.type == "cuda", stats, device, multi)
     if fold is not None:
         data = cv_fold(data, folds=fold[1], fold=fold[0], seed=cfg.data.split_seed)
     return data, data_cfg, stats_from
@@ -354,25 +359,25 @@ def test(
     started: float,
     console: Any,
 ) -> tuple[dict[str, Any], torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """The model on the test split: summary.json's figures, the confusion matrix and the (logits, targets)."""
+    """The model on the test split: summary.json's figures, the confusion matrix (None: multi-label) and the
+    (logits, targets)."""
     plain, logits, targets = tested_with_tta(job.model, job.data.test, job.settings, "test")  # + trainer.test_tta's
-    confusion = confusion_matrix(logits, targets, job.data.num_classes)
-    per_class = per_class_metrics(confusion, job.data.classes)
-    tested = job.data.test.dataset  # predictions.csv and, with plots, the top-loss gallery and per-class chart
-    cam = Cam(job.model, cfg.report.cam_layer, "report.cam_layer", console) if cfg.report.cam else None
-    confused = error_analysis(run_dir, logits, targets, tested, job.data, "test", per_class, cfg.plots, cam)
+    if is_multi_label(job.settings.loss):  # thresholds tuned on val, then the test figures at them
+        confusion, analysis = None, multilabel_test(job.model, job.data, job.settings, run_dir, (logits, targets))
+    else:
+        confusion, analysis = _error_analysis(cfg, job, run_dir, logits, targets, console)
     best_row = state.history[state.best_epoch - 1] if state.best_epoch else {}
     figures: dict[str, Any] = {
         **plain,
+        **analysis,
         "best_val_acc": best_row.get("val_acc"),
         "best_val_loss": best_row.get("val_loss"),
+        **{f"best_{key}": best_row[key] for key in MULTI_LABEL_MONITORS if key in best_row},  # trainer.loss=bce
         "best_epoch": state.best_epoch,
         "epochs_completed": state.epoch,
         "stopped_early": state.stopped_early,
         "params": job.params,
         "processes": distributed.world_size(),
-        "per_class": per_class,
-        "confused_pairs": confused,
         "data_fingerprint": fingerprint(job.data, cfg.data.split_seed),  # which images each split used
     }
     if pruned is None:  # the EMA weights of the selected epoch (best.pt's), SWA's average (last.pt's)
@@ -391,10 +396,23 @@ def test(
     return result, confusion, (logits, targets)
 
 
+def _error_analysis(
+    cfg: DictConfig, job: Job, run_dir: Path, logits: torch.Tensor, targets: torch.Tensor, console: Any
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The confusion matrix, per-class scores and most-confused pairs; predictions.csv and, with plots, the
+    top-loss gallery and per-class chart."""
+    confusion = confusion_matrix(logits, targets, job.data.num_classes)
+    per_class = per_class_metrics(confusion, job.data.classes)
+    cam = Cam(job.model, cfg.report.cam_layer, "report.cam_layer", console) if cfg.report.cam else None
+    tested = job.data.test.dataset
+    confused = error_analysis(run_dir, logits, targets, tested, job.data, "test", per_class, cfg.plots, cam)
+    return confusion, {"per_class": per_class, "confused_pairs": confused}
+
+
 def report(
     cfg: DictConfig,
     result: dict[str, Any],
-    confusion: torch.Tensor,
+    confusion: torch.Tensor | None,
     classes: list[str],
     state: TrainState,
     loggers: Loggers,

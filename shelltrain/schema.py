@@ -30,6 +30,7 @@ from shelltrain.checks import (
     check_fractions,
     check_gates,
     check_loggers,
+    check_multi_label,
     check_optimizer,
     check_prune_list,
     check_scheduler,
@@ -92,6 +93,7 @@ class TrainerConfig:
     deterministic: bool
     loss: str
     label_smoothing: float
+    pos_weight: Optional[str]
     l1: float
     monitor: str
     patience: Optional[int]
@@ -148,9 +150,9 @@ class TrainerConfig:
             )
         for key in ("patience", "limit_train_batches", "limit_val_batches", "limit_test_batches", "threads"):
             at_least(f"trainer.{key}", getattr(self, key), 0 if key == "patience" else 1)
-        if self.label_smoothing and self.loss != "cross_entropy":
+        if self.label_smoothing and self.loss == "mse":
             raise UserError(
-                f"trainer.label_smoothing={self.label_smoothing} applies to trainer.loss=cross_entropy only "
+                f"trainer.label_smoothing={self.label_smoothing} applies to trainer.loss=cross_entropy only, or bce "
                 f"(loss is {self.loss}); set trainer.label_smoothing=0"
             )
 
@@ -190,7 +192,7 @@ class DataConfig:
     cache_check: str
     manifest: Optional[str]
     path_column: str
-    label_column: str
+    label_column: Any  # a column name, or a list of 0/1 class columns (multi-label)
     manifest_errors: str
 
     def check(self) -> None:
@@ -445,6 +447,7 @@ def validate(cfg: DictConfig) -> None:
         to_schema(cfg.compress, CompressConfig, "compress").check()
     check_task(cfg)
     check_balance(cfg)
+    check_multi_label(cfg)  # trainer.loss=bce against single-label options
     if not isinstance(cfg.plots, bool):
         raise UserError(f"plots={cfg.plots!r} is invalid; use true or false")
     check_loggers(cfg.logger)

@@ -1,8 +1,10 @@
 """The value tables of the config keys that take one of a few values (schema.py checks against them)."""
 
 PRECISIONS = ("32", "bf16", "16-mixed")
-LOSSES = ("cross_entropy", "mse")
-MONITORS = ("val_acc", "val_loss", "ema_val_acc", "ema_val_loss")
+LOSSES = ("cross_entropy", "mse", "bce")  # bce: multi-label (shelltrain.multilabel)
+MONITORS = ("val_acc", "val_loss", "ema_val_acc", "ema_val_loss", "val_map", "val_f1_macro", "val_f1_micro")
+MULTI_LABEL_MONITORS = ("val_map", "val_f1_macro", "val_f1_micro")  # trainer.loss=bce only
+POS_WEIGHTS = (None, "balanced")  # trainer.pos_weight
 POLICIES = ("full", "linear_probe", "freeze_backbone", "gradual")
 DATASETS = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder", "manifest", "synthetic")
 CACHE_MODES = ("none", "memory", "disk")  # data.cache

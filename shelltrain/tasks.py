@@ -10,6 +10,7 @@ import copy
 import csv
 import io
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,10 @@ from shelltrain.errors import UserError
 from shelltrain.export import FORMATS, INSTALL_HINT, export_model, inference_metadata, run_exported
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
 from shelltrain.model_card import source_card
+from shelltrain.multilabel import LOSS, decide
+from shelltrain.multilabel_run import labelled_figures
 from shelltrain.plots import plot_confusion_matrix
-from shelltrain.predictions import confused_table, error_analysis
+from shelltrain.predictions import confused_table, error_analysis, sample_ids, write_label_predictions
 from shelltrain.preprocess import Preprocessing
 from shelltrain.rundir import write_text
 from shelltrain.schema import TrainerConfig
@@ -56,6 +59,9 @@ def run_task(
     if trained.temperature is not None:
         applied = f"its logits divided by T={trained.temperature:.4g}"
         say(console, f"{cfg.task}: the run's calibration is applied ({applied})")
+    if trained.thresholds is not None:  # a multi-label model: sigmoid outputs, its per-class thresholds
+        settings = replace(settings, loss=LOSS, label_smoothing=0.0)
+        say(console, f"{cfg.task}: multi-label, a class is predicted above its threshold (tuned on val)")
     if cfg.task == "evaluate":
         cfg = OmegaConf.merge(cfg, {"data": run_data(cfg.data, trained, overrides or [], console)})
         cfg = OmegaConf.merge(cfg, {"data": checkpoint_data(cfg.data, trained.preprocessing, overrides or [], console)})
@@ -73,7 +79,9 @@ def evaluate_task(
 ) -> tuple[dict[str, Any], float]:
     """Accuracy, loss, top-5 and per-class scores on `evaluate.split` of the configured data."""
     split = cfg.evaluate.split
-    data = build_data(cfg.data, cfg.augmentation, seed=cfg.trainer.seed, pin_memory=settings.device.type == "cuda")
+    multi = trained.thresholds is not None
+    pin = settings.device.type == "cuda"
+    data = build_data(cfg.data, cfg.augmentation, seed=cfg.trainer.seed, pin_memory=pin, multi_label=multi)
     trained.check_classes(data.classes, "model.weights", "evaluate on data with the classes the model was trained on")
     if trained.preprocessing.channels != data.in_channels:
         wanted = trained.preprocessing.channels
@@ -83,6 +91,8 @@ def evaluate_task(
     loader = _unaugmented(data, split)
     tested = with_tta(trained.module, cfg.evaluate.tta)
     logits, targets = predict(tested, loader, settings, limit=cfg.trainer.get(f"limit_{split}_batches"))
+    if multi:
+        return _evaluate_labels(cfg, run_dir, settings, console, trained, data, loader, logits, targets)
     confusion = confusion_matrix(logits, targets, data.num_classes)
     if cfg.plots:
         plot_confusion_matrix(confusion, data.classes, run_dir / rundir.PLOTS / "confusion_matrix.png", title=split)
@@ -107,6 +117,28 @@ def evaluate_task(
     return figures, metrics[f"{split}_acc"]
 
 
+def _evaluate_labels(
+    cfg: DictConfig,
+    run_dir: Path,
+    settings: TrainerConfig,
+    console: Console,
+    trained: TrainedModel,
+    data: DataBundle,
+    loader: DataLoader,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+) -> tuple[dict[str, Any], float]:
+    """A multi-label model's figures on the split at its thresholds (mAP, F1, per class) and predictions.csv."""
+    split = cfg.evaluate.split
+    ids = sample_ids(loader.dataset, len(targets))
+    write_label_predictions(run_dir / rundir.PREDICTIONS, ids, logits, trained.thresholds, data.classes, targets, split)
+    metrics = {**split_metrics(logits, targets, settings, split)}
+    metrics.update(labelled_figures(logits, targets, trained.thresholds, data.classes, split))
+    say(console, f"{cfg.data.name} {split}: {len(targets)} images, mAP {metrics[f'{split}_map']:.4f}")
+    figures = {"split": split, "data": cfg.data.name, "tta": cfg.evaluate.tta, **metrics}
+    return {**figures, "device": str(trained.runs_on(settings).device)}, metrics[f"{split}_map"]
+
+
 def predict_task(
     cfg: DictConfig, run_dir: Path, settings: TrainerConfig, console: Console, trained: TrainedModel
 ) -> tuple[dict[str, Any], None]:
@@ -124,9 +156,11 @@ def predict_task(
     images = FileImages([str(p) for p in files], labels, mode, pre.image_size, transform, key="predict.input")
     loader = Loader(images, batch_size=cfg.predict.batch_size, num_workers=worker_count(cfg.data.num_workers))
     logits, _ = predict(trained.module, loader, settings)
-    probability, index = logits.softmax(1).max(1)
     classes = trained.classes
     output = run_dir / rundir.PREDICTIONS
+    if trained.thresholds is not None:  # file, labels above their thresholds, their probabilities
+        return _predict_labels(cfg, console, trained, settings, files, folder, logits, output)
+    probability, index = logits.softmax(1).max(1)
     text = io.StringIO(newline="")
     writer = csv.writer(text)
     writer.writerow(["file", "class", "probability"])
@@ -151,6 +185,26 @@ def predict_task(
     return {**figures, "predicted_counts": counts}, None
 
 
+def _predict_labels(
+    cfg: DictConfig,
+    console: Console,
+    trained: TrainedModel,
+    settings: TrainerConfig,
+    files: list[Path],
+    folder: Path,
+    logits: torch.Tensor,
+    output: Path,
+) -> tuple[dict[str, Any], None]:
+    """A multi-label model's predictions.csv (file, labels, scores) and how many images got each label."""
+    names = [path.relative_to(folder).as_posix() for path in files]
+    write_label_predictions(output, names, logits, trained.thresholds, trained.classes)
+    chosen = decide(logits, trained.thresholds)[1].sum(0).tolist()
+    say(console, f"{len(files)} images from {folder}: predictions in [bold]{output}[/bold]")
+    figures = {"images": len(files), "input": str(folder), "predictions": str(output)}
+    counts = {str(name): int(n) for name, n in zip(trained.classes, chosen)}
+    return {**figures, "device": str(trained.runs_on(settings).device), "predicted_counts": counts}, None
+
+
 def export_task(
     cfg: DictConfig, run_dir: Path, settings: TrainerConfig, console: Console, trained: TrainedModel
 ) -> tuple[dict[str, Any], None]:
@@ -161,7 +215,9 @@ def export_task(
     example = torch.randn(2, *shape, generator=generator)
     check = torch.randn(EXPORT_CHECK_BATCH, *shape, generator=generator)
     path = run_dir / FORMATS[fmt]
-    metadata = inference_metadata(trained.classes, trained.preprocessing.as_dict(), str(cfg.model.weights))
+    metadata = inference_metadata(
+        trained.classes, trained.preprocessing.as_dict(), str(cfg.model.weights), trained.thresholds
+    )
     exported = export_model(trained.module, fmt, path, example, metadata)
     figures: dict[str, Any] = {"format": fmt, "path": str(path), "tolerance": tolerance}
     card = source_card(trained.source)

@@ -31,6 +31,7 @@ from shelltrain.engine import monitor_mode
 from shelltrain.errors import UserError
 from shelltrain.fusion import FusedModel
 from shelltrain.models import build_model
+from shelltrain.multilabel import DEFAULT_THRESHOLD, is_multi_label
 from shelltrain.placement import eval_settings, is_quantized
 from shelltrain.preprocess import InputAdapter, Preprocessing
 from shelltrain.schema import TrainerConfig
@@ -54,6 +55,7 @@ class TrainedModel:
     checkpoint: dict[str, Any] = field(default_factory=dict)  # the payload: state dict, pruning history, ...
     temperature: float | None = None
     members: list[TrainedModel] = field(default_factory=list)  # an ensemble's
+    thresholds: list[float] | None = None  # multi-label (trainer.loss=bce): per class, tuned on val; None otherwise
 
     @property
     def quantized(self) -> bool:
@@ -117,9 +119,11 @@ def open_trained(spec: str | Path, key: str = "model.weights") -> TrainedModel:
         raise UserError(f"{key}: '{path}' does not fit the model its config builds ({reason})") from None
     temperature = checkpoint.get("temperature")
     module = with_temperature(model.eval(), temperature)
-    return TrainedModel(
+    trained = TrainedModel(
         module, [str(c) for c in classes], preprocessing, path, weights, "model", config, checkpoint, temperature
     )
+    trained.thresholds = checkpoint.get("thresholds") or _untuned(config, len(classes))
+    return trained
 
 
 def split_weights(spec: str | Path) -> tuple[str, str]:
@@ -213,9 +217,19 @@ def _open_ensemble(directory: Path, key: str) -> TrainedModel:
             )
     fused = FusedModel([m.module for m in members], report["rule"], report["weights"]).eval()
     source = directory / rundir.ENSEMBLE_REPORT
-    return TrainedModel(
+    trained = TrainedModel(
         fused, first.classes, first.preprocessing, source, "best", "ensemble", first.config, members=members
     )
+    if first.thresholds is not None:  # multi-label: the ensemble's own, tuned on val, else the members' mean
+        tuned = report.get("thresholds")
+        trained.thresholds = tuned or torch.tensor([m.thresholds for m in members]).mean(0).tolist()
+    return trained
+
+
+def _untuned(config: dict[str, Any], count: int) -> list[float] | None:
+    """A multi-label checkpoint without tuned thresholds (ema.pt, swa.pt, a run stopped before its test): 1/2 for
+    every class; None for a single-label model."""
+    return [DEFAULT_THRESHOLD] * count if is_multi_label(config["trainer"]["loss"]) else None
 
 
 def sweep_jobs(

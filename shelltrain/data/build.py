@@ -32,6 +32,7 @@ from shelltrain.data.transforms import (
 )
 from shelltrain.dataroot import data_root
 from shelltrain.errors import UserError
+from shelltrain.multilabel import stratum
 from shelltrain.schema import check_data
 
 
@@ -60,6 +61,7 @@ def build_data(
     pin_memory: bool = False,
     stats: tuple[list[float], list[float]] | None = None,
     device: torch.device | None = None,
+    multi_label: bool = False,
 ) -> DataBundle:
     """Load `data.name` (or `data.source`), split it, and wrap the splits in loaders.
 
@@ -72,9 +74,10 @@ def build_data(
 
     Under DDP the train order comes from a DistributedSampler (seeded by `seed`, `set_epoch` every epoch) and the
     validation split is sharded without repeats; the test split stays whole (rank 0 tests). With
-    `data.on_device=true` and a `device`, the splits become DeviceBatches on that device."""
+    `data.on_device=true` and a `device`, the splits become DeviceBatches on that device. `multi_label`
+    (trainer.loss=bce): a manifest's label cells hold `|`-joined labels, read as multi-hot rows."""
     check_data(data)
-    splits, classes, channels, native = _datasets(data)
+    splits, classes, channels, native = _datasets(data, multi_label)
     # measured on raw images, so the transforms come after
     mean, std = normalization_stats(data, channels, splits["train"], stats)
     to_float = to_float_transforms(mean, std)
@@ -121,18 +124,20 @@ def _batch_device(
     return None, ""
 
 
-def _datasets(data: DictConfig) -> tuple[dict[str, Dataset], list[str], int, dict]:
+def _datasets(data: DictConfig, multi_label: bool = False) -> tuple[dict[str, Dataset], list[str], int, dict]:
     """The train/val/test datasets (transforms still unset), the class names, the channel count, and DataBundle's
     facts for the log (the source images' native sides, how the channels were chosen) and for CV (train_groups)."""
     size = data.image_size
-    sources, classes, native_channels, kind, sides, groups = _sources(data)
+    sources, classes, native_channels, kind, sides, groups = _sources(data, multi_label)
     channels = data.channels or native_channels
     facts = {
         "native_sides": (min(sides), max(sides)),
         "channels_from": "data.channels" if data.channels else f"data.channels=null: {kind}",
     }
-    sources, classes = select_classes(sources, classes, data)  # a manifest's rows already hold data.classes only
-    labels = {split: y for split, (_, y) in sources.items()}
+    if sources["train"][1].ndim == 1:  # multi-hot rows (a manifest's) already hold data.classes only
+        sources, classes = select_classes(sources, classes, data)
+    targets = {split: y for split, (_, y) in sources.items()}
+    labels = {split: stratum(y) for split, y in targets.items()}  # multi-hot rows: stratified by the rarest label
     splits: dict[str, Dataset] = {}
     for split, (source, index) in split_indices(labels, data, groups.get("train")).items():
         if split == "train" and data.samples_per_class is not None:
@@ -141,7 +146,7 @@ def _datasets(data: DictConfig) -> tuple[dict[str, Dataset], list[str], int, dic
             index = long_tail(labels[source], index, float(data.imbalance), data.split_seed)
         if split == "train" and groups:
             facts["train_groups"] = groups["train"][index]
-        items, y = sources[source][0], labels[source][index]
+        items, y = sources[source][0], targets[source][index]
         if isinstance(items, list):  # image files
             paths = [items[i] for i in index.tolist()]
             key = "data.manifest" if data.name == "manifest" else "data.root"
@@ -153,7 +158,9 @@ def _datasets(data: DictConfig) -> tuple[dict[str, Dataset], list[str], int, dic
     return splits, classes, channels, facts
 
 
-def _sources(data: DictConfig) -> tuple[dict, list[str], int, str, list[int], dict[str, torch.Tensor]]:
+def _sources(
+    data: DictConfig, multi_label: bool = False
+) -> tuple[dict, list[str], int, str, list[int], dict[str, torch.Tensor]]:
     """The source splits (image files, decoded when data.cache is set, or in-memory images), the class names, the
     native channel count and its kind of image, the sampled native sides, and each split's group codes ({}: none)."""
     groups: dict[str, torch.Tensor] = {}
@@ -161,7 +168,7 @@ def _sources(data: DictConfig) -> tuple[dict, list[str], int, str, list[int], di
         if data.name == "imagefolder":
             sources, classes = imagefolder(data)
         else:
-            sources, classes, groups = manifest_sources(data)
+            sources, classes, groups = manifest_sources(data, multi_label=multi_label)
         grey, sides = sample_files(sources["train"][0])
         native_channels, kind = (1, "grey images") if grey else (3, "colour images")
         if data.cache != "none":

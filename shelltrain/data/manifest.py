@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from shelltrain.console import make_console, say
 from shelltrain.dataroot import user_path
 from shelltrain.errors import UserError
+from shelltrain.multilabel import SEPARATOR
 
 SPLITS = ("train", "val", "test")  # the values a manifest's split column may hold
 _FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".ndjson": None}  # suffix -> CSV delimiter (None: JSON lines)
@@ -72,13 +73,14 @@ def image_base(data: DictConfig, manifest: Path) -> str:
     return str(manifest.parent if data.root is None else user_path(str(data.root)))
 
 
-def read_manifest(data: DictConfig, check_files: bool = True) -> Manifest:
+def read_manifest(data: DictConfig, check_files: bool = True, multi_label: bool = False) -> Manifest:
     """The checked rows of data.manifest. `check_files=False` skips the per-file existence check (benchmarks time
-    it apart from parsing)."""
+    it apart from parsing). `multi_label`: a label cell holds labels joined by `|` (one 0/1 column per class,
+    data.label_column=[...], arrives joined the same way)."""
     path = manifest_path(data)
     rows = _Rows(path.name, data.manifest_errors == "skip")
     records = _records(path, data)
-    _check_rows(records, rows, image_base(data, path), data)
+    _check_rows(records, rows, image_base(data, path), data, multi_label or _label_columns(data) is not None)
     if check_files:
         drop_missing(rows)
     return rows.found
@@ -87,17 +89,18 @@ def read_manifest(data: DictConfig, check_files: bool = True) -> Manifest:
 def _records(path: Path, data: DictConfig):
     """(line, path, label, split or None, group or None) for every row of the file, in order."""
     delimiter = _FORMATS[path.suffix.lower()]
-    columns = (data.path_column, data.label_column, "split", "group")
-    if delimiter is None:
-        return _json_records(path, columns)
-    return _table_records(path, delimiter, columns, data)
+    flags = _label_columns(data)
+    label = SEPARATOR.join(flags) if flags else data.label_column  # one 0/1 column per class: joined into labels
+    columns = (data.path_column, label, "split", "group")
+    records = _json_records(path, columns) if delimiter is None else _table_records(path, delimiter, columns, data)
+    return records if flags is None else _flag_records(records, path, flags, delimiter is None)
 
 
 def _table_records(path: Path, delimiter: str, columns: tuple[str, ...], data: DictConfig):
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle, delimiter=delimiter)
         header = next(reader, None) or []
-        for key, name in (("path_column", columns[0]), ("label_column", columns[1])):
+        for key, name in (("path_column", columns[0]), *(("label_column", c) for c in columns[1].split(SEPARATOR))):
             if name not in header:
                 shown = ", ".join(header) or "empty"
                 raise UserError(
@@ -105,6 +108,7 @@ def _table_records(path: Path, delimiter: str, columns: tuple[str, ...], data: D
                     f"set data.{key} to the column that holds the image {key.split('_')[0]}s"
                 )
         at = [header.index(name) if name in header else None for name in columns]
+        flags = [header.index(name) for name in columns[1].split(SEPARATOR)]
         width = len(header)
         for row in reader:
             if not row:
@@ -112,7 +116,8 @@ def _table_records(path: Path, delimiter: str, columns: tuple[str, ...], data: D
             if len(row) != width:
                 yield reader.line_num, None, f"{len(row)} fields where the header has {width}", None, None
                 continue
-            yield reader.line_num, *(row[i] if i is not None else None for i in at)
+            line, path, label, split, group = reader.line_num, *(row[i] if i is not None else None for i in at)
+            yield line, path, label if len(flags) == 1 else [row[i] for i in flags], split, group
 
 
 def _json_records(path: Path, columns: tuple[str, ...]):
@@ -129,12 +134,39 @@ def _json_records(path: Path, columns: tuple[str, ...]):
                 yield line, None, "not a JSON object", None, None
                 continue
             values = [record.get(name) for name in columns]  # a row of the user's file, not a config node
-            yield line, *(None if v is None else str(v) for v in values[:2]), *values[2:]
+            names = columns[1].split(SEPARATOR)
+            label = [record.get(name) for name in names] if len(names) > 1 else _text(values[1])
+            yield line, _text(values[0]), label, *values[2:]
 
 
-def _check_rows(records, rows: _Rows, base: str, data: DictConfig) -> None:
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+_FLAGS = {"1": True, "1.0": True, "true": True, "0": False, "0.0": False, "false": False, "": False}
+
+
+def _flag_records(records, path: Path, columns: list[str], json: bool):
+    """Rows with one 0/1 column per class: each row's label cell becomes its classes joined by `|`; a value other
+    than 0/1 (or a missing key in JSON lines) makes the row unreadable."""
+    for line, image, label, split, group in records:
+        if image is None:
+            yield line, image, label, split, group
+            continue
+        values = [_FLAGS.get(str(v).strip().lower()) if v is not None else None for v in label]
+        bad = next((i for i, v in enumerate(values) if v is None), None)
+        if bad is not None:
+            shown = "no such key" if label[bad] is None else f"'{label[bad]}'"
+            yield line, None, f"class column {columns[bad]} holds {shown}, not 0 or 1", None, None
+        elif not any(values):
+            yield line, None, f"every class column ({', '.join(columns)}) is 0", None, None
+        else:
+            yield line, image, SEPARATOR.join(c for c, v in zip(columns, values) if v), split, group
+
+
+def _check_rows(records, rows: _Rows, base: str, data: DictConfig, multi: bool) -> None:
     """Keep each good row; name (or count) an unreadable row, an empty path or label, a label outside data.classes,
-    a split other than train/val/test, and a path given twice."""
+    a split other than train/val/test, and a path given twice. `multi`: a label cell holds `|`-joined labels."""
     known = None if data.classes is None else {str(c) for c in data.classes}
     seen: set[str] = set()
     found, join, normpath = rows.found, os.path.join, os.path.normpath
@@ -149,11 +181,13 @@ def _check_rows(records, rows: _Rows, base: str, data: DictConfig) -> None:
         if not path:
             rows.bad(line, "empty path", f"empty {data.path_column}", "give every row an image path")
             continue
-        if not label:
+        names = label.split(SEPARATOR) if multi else (label,)
+        if not all(names):
             rows.bad(line, "empty label", f"empty {data.label_column} for '{path}'", "give every row a label")
             continue
-        if known is not None and label not in known:
-            rows.bad(line, "unknown label", f"label '{label}' is not in data.classes", "add it to data.classes")
+        unknown = [name for name in names if known is not None and name not in known]
+        if unknown:
+            rows.bad(line, "unknown label", f"label '{unknown[0]}' is not in data.classes", "add it to data.classes")
             continue
         if has_split and split not in SPLITS:
             rows.bad(line, "unknown split", f"split '{split}' is not train, val or test", "use one of those three")
@@ -197,16 +231,28 @@ def drop_missing(rows: _Rows) -> None:
         raise UserError(f"data.manifest: {rows.name} lists no image that exists; fix the paths or data.root")
 
 
-def manifest_sources(data: DictConfig, check_files: bool = True) -> tuple[dict, list[str], dict]:
+def _label_columns(data: DictConfig) -> list[str] | None:
+    """data.label_column as a list: one 0/1 column per class (multi-label); None for one label column."""
+    column = data.label_column
+    return [str(c) for c in column] if OmegaConf.is_list(column) or isinstance(column, list) else None
+
+
+def manifest_sources(
+    data: DictConfig, check_files: bool = True, multi_label: bool = False
+) -> tuple[dict, list[str], dict]:
     """data=manifest as a source: per split (the split column's, else all "train"), the image paths and labels, the
-    class names (data.classes in its order, else the labels sorted), and each split's group codes when the file has
-    a group column ({} when not). Skipped rows are said in one line. `check_files`: as for read_manifest."""
-    found = read_manifest(data, check_files)
+    class names (data.classes in its order, else the class columns, else the labels sorted), and each split's group
+    codes when the file has a group column ({} when not). Skipped rows are said in one line. `check_files`: as for
+    read_manifest. `multi_label` (or class columns): each split's labels are multi-hot float rows (N x classes)."""
+    multi_label = multi_label or _label_columns(data) is not None
+    found = read_manifest(data, check_files, multi_label)
     if found.skipped:
         counts = ", ".join(f"{n} {reason}" for reason, n in sorted(found.skipped.items()))
         total = sum(found.skipped.values())
         say(make_console(), f"data.manifest_errors=skip: skipped {total} rows ({counts}); first: {found.first_skipped}")
-    classes = [str(c) for c in data.classes] if data.classes is not None else sorted(set(found.labels))
+    named = sorted({n for label in found.labels for n in label.split(SEPARATOR)}) if multi_label else None
+    given = [str(c) for c in data.classes] if data.classes is not None else _label_columns(data)
+    classes = given or named or sorted(set(found.labels))
     if len(classes) < 2:
         raise UserError(f"data.manifest: every row has the label {classes}; a classifier needs at least two classes")
     index = {name: i for i, name in enumerate(classes)}
@@ -217,7 +263,12 @@ def manifest_sources(data: DictConfig, check_files: bool = True) -> tuple[dict, 
         rows = [i for i, s in enumerate(splits) if s == split]
         if not rows:
             continue
-        labels = torch.tensor([index[found.labels[i]] for i in rows], dtype=torch.long)
+        if multi_label:
+            labels = torch.zeros(len(rows), len(classes))
+            for r, i in enumerate(rows):
+                labels[r, [index[n] for n in found.labels[i].split(SEPARATOR)]] = 1.0
+        else:
+            labels = torch.tensor([index[found.labels[i]] for i in rows], dtype=torch.long)
         sources[split] = ([found.paths[i] for i in rows], labels)
         if found.groups is not None:
             groups[split] = torch.tensor([codes[found.groups[i]] for i in rows], dtype=torch.long)
