@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from shelltrain import cv, distributed, rundir, summary
+from shelltrain.audit import run_audit
 from shelltrain.checks import uses_ensemble
 from shelltrain.compress import run_compress
 from shelltrain.console import make_console, say, show, tag_lines
@@ -42,6 +43,8 @@ def run(
         tag_lines(f"[job {HydraConfig.get().job.num}] ")
     if cfg.task == "lr_find":
         return find_lr(cfg, run_dir, make_console())
+    if cfg.task == "audit":  # a data-health report; its fold models are cross-validation sub-runs
+        return run_audit(cfg, run_dir)
     if cfg.task != "train":  # evaluate, predict or export a trained model
         device = resolve_device(cfg.trainer.device)
         seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)

@@ -47,7 +47,7 @@ from shelltrain.dataroot import DATASET_FILES, check_data_root
 from shelltrain.errors import UserError
 from shelltrain.gates import check_baseline_settings, metric_gates
 from shelltrain.schema_compress import CompressConfig, DistillConfig, PruneConfig
-from shelltrain.schema_tasks import EvaluateConfig, ExportConfig, LrFindConfig, PredictConfig, ReportConfig
+from shelltrain.schema_tasks import AuditConfig, EvaluateConfig, ExportConfig, LrFindConfig, PredictConfig, ReportConfig
 
 
 @dataclass
@@ -398,6 +398,7 @@ SCHEMAS: dict[str, type] = {
     "export": ExportConfig,
     "report": ReportConfig,
     "lr_find": LrFindConfig,
+    "audit": AuditConfig,
     "compress": CompressConfig,
 }
 
@@ -441,7 +442,7 @@ def validate(cfg: DictConfig) -> None:
     to_schema(cfg.distill, DistillConfig, "distill").check()
     check_gates(metric_gates(cfg.gate))  # gate.baseline's own keys: check_baseline_settings
     check_baseline_settings(cfg.gate)
-    for key in ("evaluate", "predict", "export", "report", "lr_find"):
+    for key in ("evaluate", "predict", "export", "report", "lr_find", "audit"):
         to_schema(cfg[key], SCHEMAS[key], key).check()
     if cfg.compress is not None:  # null in a plain run and in compress.py's stage configs
         to_schema(cfg.compress, CompressConfig, "compress").check()

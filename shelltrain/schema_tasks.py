@@ -81,3 +81,27 @@ class LrFindConfig:
             raise UserError(f"lr_find.diverge={self.diverge} must be > 1, e.g. 4")
         if not 0 < self.smoothing <= 1:
             raise UserError(f"lr_find.smoothing={self.smoothing} is out of range; use a value in (0, 1], e.g. 0.05")
+
+
+@dataclass
+class AuditConfig:
+    """task=audit: the data-health report (shelltrain.audit)."""
+
+    hash_distance: int
+    pixel_tolerance: float
+    outlier_factor: float
+    folds: int
+    rank_by: str
+    gallery: int
+
+    def check(self) -> None:
+        at_least("audit.hash_distance", self.hash_distance, 0)
+        if not 0 <= self.pixel_tolerance <= 1:
+            raise UserError(f"audit.pixel_tolerance={self.pixel_tolerance} is out of range; use a value in [0, 1]")
+        finite("audit.outlier_factor", self.outlier_factor, "use a number > 1, e.g. audit.outlier_factor=4")
+        if self.outlier_factor <= 1:
+            raise UserError(f"audit.outlier_factor={self.outlier_factor} must be > 1, e.g. 4")
+        if self.folds == 1 or self.folds < 0:
+            raise UserError(f"audit.folds={self.folds}: 0 (no label-error search) or at least 2 models, e.g. 5")
+        one_of("audit.rank_by", self.rank_by, values.AUDIT_RANKS)
+        at_least("audit.gallery", self.gallery, 0)

@@ -30,5 +30,6 @@ QUANTIZE_BACKENDS = ("x86", "fbgemm", "qnnpack")
 ENSEMBLE_RULES = ("none", "average", "weighted", "vote")
 DISTILL_METHODS = ("none", "logits")
 TTA_MODES = ("none", "hflip", "five_crop")
+AUDIT_RANKS = ("self_confidence", "normalized_margin")  # task=audit: how likely label errors are ordered
 CALIBRATIONS = ("none", "temperature")
 BALANCES = ("none", "sampler", "loss_weights")

@@ -1,0 +1,63 @@
+"""task=audit: a data-health report of the configured data, and the gates on it.
+
+Stages, one function each: load the splits as a run would (build_data), look at every image (audit_scan: hashes,
+thumbnails, sizes; then duplicate pairs within and across splits, and each split's health), find likely label
+errors from out-of-fold probabilities (audit_labels, `audit.folds` models), then write audit.json, the pictures
+and summary.json (audit_report). summary.json's flat keys `leaks`, `duplicates`, `label_issues` and
+`problem_files` are what `gate.leaks_max`, `gate.duplicates_max` and `gate.label_issues_max` read.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import Dataset
+
+from shelltrain import audit_report
+from shelltrain.audit_labels import confident_learning, out_of_fold
+from shelltrain.audit_scan import Sample, duplicate_pairs, health, imagehash_module, scan_arrays, scan_files
+from shelltrain.console import make_console, say
+from shelltrain.data import DataBundle, FileImages, build_data
+from shelltrain.environment import seed_everything
+
+SPLITS = ("train", "val", "test")
+
+
+def run_audit(cfg: DictConfig, run_dir: Path) -> float:
+    """The audit job in `run_dir`; returns the number of problems found (leaks + duplicates + label issues)."""
+    started = time.perf_counter()
+    console = make_console()
+    imagehash_module()  # the one optional library: said before anything is loaded
+    seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
+    data = build_data(cfg.data, cfg.augmentation, cfg.trainer.seed)
+    say(console, f"audit: looking at {sum(len(getattr(data, s).dataset) for s in SPLITS)} images of {cfg.data.name}")
+    samples = scan(data)
+    pairs = duplicate_pairs(samples, int(cfg.audit.hash_distance), float(cfg.audit.pixel_tolerance))
+    report: dict[str, Any] = {"pairs": pairs, "health": health(samples, data.classes, float(cfg.audit.outlier_factor))}
+    report["seconds_scan"] = round(time.perf_counter() - started, 3)
+    if cfg.audit.folds:
+        labels = torch.as_tensor([s.label for s in samples if s.split == "train"])
+        probabilities = out_of_fold(cfg, run_dir, data, console)
+        report["labels"] = confident_learning(probabilities, labels, str(cfg.audit.rank_by))
+        report["labels"]["probabilities"] = probabilities
+    return audit_report.write(cfg, run_dir, report, samples, data, started, console)
+
+
+def scan(data: DataBundle) -> list[Sample]:
+    """Every image of every split, as audit_scan describes it."""
+    samples: list[Sample] = []
+    for split in SPLITS:
+        samples += scan_split(split, getattr(data, split).dataset)
+    return samples
+
+
+def scan_split(split: str, dataset: Dataset) -> list[Sample]:
+    """One split's images: files read from disk, in-memory images from their pixels."""
+    labels = dataset.labels.tolist()
+    if isinstance(dataset, FileImages):
+        return scan_files(split, [str(p) for p in dataset.paths], labels)
+    return scan_arrays(split, dataset.stacked().numpy(), labels)
