@@ -27,9 +27,10 @@ EXTRA_FILE = f"{METADATA_KEY}.json"
 INSTALL_HINT = 'pip install "shelltrain[export]"'
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 RESIZE = (
-    "decode to uint8 RGB (channels 3) or L (channels 1); unless already image_size x image_size, resize the shorter "
-    "side to image_size (interpolation, antialias) on the uint8 C x H x W tensor and center-crop to image_size"
-)  # data.transforms.square, as training, evaluation and task=predict prepare every image
+    "decode to uint8 RGB (channels 3) or L (channels 1); image_size is one int (a square) or [height, width]; unless "
+    "already that size, resize the uint8 C x H x W tensor (interpolation, antialias, keeping its aspect ratio) until "
+    "it covers image_size (for a square: the shorter side to image_size) and center-crop to image_size"
+)  # data.transforms.fit_size, as training, evaluation and task=predict prepare every image
 NORMALIZE = "float32 (pixel / 255 - mean) / std per channel, batched N x C x H x W"
 
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from shelltrain.engine import Callback
 from shelltrain.errors import UserError
+from shelltrain.imagesize import plain_size
 from shelltrain.models import find_classifier
 from shelltrain.schema_values import POLICIES
 from shelltrain.timm_models import timm_layer_groups
@@ -258,7 +259,7 @@ def transfer_summary(
     summary["preprocessing"] = {
         "mean": list(data.mean),
         "std": list(data.std),
-        "image_size": data.image_size,
+        "image_size": plain_size(data.image_size),
         "from": stats_from,
     }
     summary["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from shelltrain import rundir
+from shelltrain.imagesize import size_text
 
 WEAK_CLASSES = 3  # the lowest-recall classes the card names
 LISTED_CLASSES = 20  # more classes than this are counted, not listed
@@ -95,8 +96,9 @@ def _data(config: dict[str, Any], splits: dict[str, int], classes: list[str]) ->
     data = config["data"]
     where = next((f"{key} `{data[key]}`" for key in ("root", "manifest") if data[key]), "built in")
     rows = "\n".join(f"| {split} | {count:,} |" for split, count in splits.items())
+    size = f"{size_text(data['image_size'])} px" if data["image_size"] is not None else "at the size of model.weights"
     return (
-        f"## Data\n\nData set `{data['name']}` ({where}), {len(classes)} classes, images {data['image_size']} px.\n\n"
+        f"## Data\n\nData set `{data['name']}` ({where}), {len(classes)} classes, images {size} (height x width).\n\n"
         f"| split | images |\n|---|---|\n{rows}"
     )
 

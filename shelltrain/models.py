@@ -16,6 +16,7 @@ from torch import nn
 
 from shelltrain.errors import UserError
 from shelltrain.explain import explain_instantiation
+from shelltrain.imagesize import plain_size
 from shelltrain.timm_models import build_timm
 
 # Keys of the model group that shelltrain reads itself (transfer learning) and never passes to a `_target_`.
@@ -149,7 +150,7 @@ def first_forward(model: nn.Module, example: torch.Tensor) -> None:
         with torch.no_grad():
             model.eval()(example)
     except RuntimeError as exc:
-        size = example.shape[-1]
+        size = plain_size(tuple(example.shape[-2:]))
         raise UserError(
             f"data.image_size={size}: the model cannot run on {tuple(example.shape[1:])} inputs "
             f"({' '.join(str(exc).split())[:200]}); use a larger data.image_size"

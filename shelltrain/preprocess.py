@@ -1,7 +1,10 @@
 """What a trained model expects of its inputs, and how a batch prepared for another model is brought to it.
 
 `Preprocessing` is the record every checkpoint carries (`preprocessing`: image size, channels, mean/std, and how
-images were resized: the shorter side scaled with `interpolation` and `antialias`, then center-cropped square).
+images were resized: scaled with `interpolation` and `antialias` until they cover the image size, keeping their
+aspect ratio, then center-cropped to it; a square size scales the shorter side). The size is (height, width), an
+int in the checkpoint for a square one (imagesize.plain_size), so a model trained at [H, W] is fed H x W images
+wherever it is used.
 `InputAdapter` lets a model trained with one preprocessing take batches made for another, e.g. ensemble members or
 a teacher trained at 16 px in a run at 32 px: undo the run's normalization, resize, apply the model's own.
 """
@@ -17,19 +20,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from shelltrain.errors import UserError
+from shelltrain.imagesize import plain_size, size_hw, size_text
 
-INTERPOLATION = "bilinear"  # data.transforms.square: torchvision's resize default
+INTERPOLATION = "bilinear"  # data.transforms.fit_size: torchvision's resize default
 ANTIALIAS = True
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    image_size: int
+    image_size: tuple[int, int]  # (height, width); an int or [H, W] given here becomes that
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str = INTERPOLATION
     antialias: bool = ANTIALIAS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", size_hw(self.image_size, "preprocessing.image_size"))
 
     @classmethod
     def of_checkpoint(cls, checkpoint: dict[str, Any]) -> Preprocessing:
@@ -47,7 +54,7 @@ class Preprocessing:
                 "model.weights: this checkpoint does not record its preprocessing (an older shelltrain); retrain it"
             )
         return cls(
-            int(pre["image_size"]),
+            size_hw(pre["image_size"], "model.weights: the checkpoint's image size"),
             int(pre["channels"]),
             tuple(float(v) for v in pre["mean"]),
             tuple(float(v) for v in pre["std"]),
@@ -58,16 +65,21 @@ class Preprocessing:
     @classmethod
     def of_data(cls, data: Any) -> Preprocessing:
         """The preprocessing of a built data bundle (data.DataBundle): what a model trained on it expects."""
-        return cls(int(data.image_size), int(data.in_channels), tuple(data.mean), tuple(data.std))
+        return cls(size_hw(data.image_size), int(data.in_channels), tuple(data.mean), tuple(data.std))
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values, as checkpoints and exported files store them."""
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+        return {
+            **asdict(self),
+            "image_size": plain_size(self.image_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        """One image: channels x size x size."""
-        return (self.channels, self.image_size, self.image_size)
+        """One image: channels x height x width."""
+        return (self.channels, *self.image_size)
 
     def pictures(self, images: torch.Tensor) -> list[np.ndarray]:
         """A batch normalized this way (N x C x H x W) as pictures to look at: H x W x C arrays in [0, 1]."""
@@ -90,7 +102,7 @@ class Preprocessing:
     def describe(self) -> str:
         channel = "1 channel" if self.channels == 1 else f"{self.channels} channels"
         mean, std = ", ".join(f"{v:.3g}" for v in self.mean), ", ".join(f"{v:.3g}" for v in self.std)
-        return f"{self.image_size} px, {channel}, mean [{mean}], std [{std}]"
+        return f"{size_text(self.image_size)} px, {channel}, mean [{mean}], std [{std}]"
 
 
 class InputAdapter(nn.Module):
@@ -108,7 +120,7 @@ class InputAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         images = x.float() * self.given_std + self.given_mean
-        if images.shape[-1] != self.size or images.shape[-2] != self.size:
+        if tuple(images.shape[-2:]) != self.size:
             antialias = self.antialias and self.interpolation in ("bilinear", "bicubic")
-            images = F.interpolate(images, size=(self.size, self.size), mode=self.interpolation, antialias=antialias)
+            images = F.interpolate(images, size=self.size, mode=self.interpolation, antialias=antialias)
         return self.model(((images - self.wanted_mean) / self.wanted_std).to(x.dtype))

@@ -46,6 +46,7 @@ from shelltrain.checks import (
 from shelltrain.dataroot import DATASET_FILES, check_data_root
 from shelltrain.errors import UserError
 from shelltrain.gates import check_baseline_settings, metric_gates
+from shelltrain.imagesize import check_size
 from shelltrain.schema_compress import CompressConfig, DistillConfig, PruneConfig
 from shelltrain.schema_tasks import AuditConfig, EvaluateConfig, ExportConfig, LrFindConfig, PredictConfig, ReportConfig
 
@@ -166,7 +167,7 @@ class DataConfig:
     source: Optional[Any]
     root: Optional[str]
     download: bool
-    image_size: Optional[int]
+    image_size: Optional[Any]  # one int (a square) or [height, width]: imagesize.size_hw
     channels: Optional[int]
     mean: Optional[list[float]]
     std: Optional[list[float]]
@@ -202,7 +203,7 @@ class DataConfig:
             raise UserError("data.balance=sampler draws through a DataLoader; set data.on_device=false")
         if self.source is None:
             one_of("data.name", self.name, values.DATASETS)
-        at_least("data.image_size", self.image_size, 1)
+        check_size(self.image_size)
         at_least("data.batch_size", self.batch_size, 1)
         check_workers(self.num_workers)
         at_least("data.eval_batch_size", self.eval_batch_size, 1)

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from shelltrain.errors import UserError
+from shelltrain.imagesize import plain_size
 
 INSTALL = 'pip install "shelltrain[timm]"'
 
@@ -70,7 +71,7 @@ def open_timm_weights(spec: str, model_cfg: DictConfig) -> dict[str, Any]:
     preprocessing = {
         "mean": [float(v) for v in config["mean"]],
         "std": [float(v) for v in config["std"]],
-        "image_size": int(config["input_size"][-1]),
+        "image_size": plain_size([int(side) for side in config["input_size"][-2:]]),  # C x H x W
     }
     tag = pretrained.pretrained_cfg.get("tag") or "default"
     origin = f"timm {name}.{tag}" + (f" ({file})" if file else "")

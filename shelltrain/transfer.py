@@ -28,6 +28,7 @@ from torch import nn
 from shelltrain.checkpoint import check_regular_file, safe_load
 from shelltrain.dataroot import user_path
 from shelltrain.errors import UserError
+from shelltrain.imagesize import plain_size, size_hw
 from shelltrain.models import find_classifier
 from shelltrain.timm_models import open_timm_weights
 from shelltrain.trained import read_checkpoint, rebuild_architecture, resolve, split_weights
@@ -244,7 +245,7 @@ def follow_weights(
                 "set data.image_size, e.g. data.image_size=32"
             )
         data_cfg = OmegaConf.create(OmegaConf.to_container(data_cfg, resolve=True))
-        data_cfg.image_size = int(weights["image_size"])
+        data_cfg.image_size = plain_size(weights["image_size"])
     if data_cfg.mean is not None and data_cfg.std is not None:
         return data_cfg, None, "data config"
     if weights.get("mean") and weights.get("std"):
@@ -260,8 +261,8 @@ def preprocessing_note(source: WeightsSource | None, data_cfg: DictConfig, stats
     differ = []
     if stats_from != "weights" and weights.get("mean") and not _same(data_cfg, weights):
         differ.append("data.mean=null data.std=null")
-    if weights.get("image_size") and data_cfg.image_size != weights["image_size"]:
-        differ.append(f"data.image_size=null (={weights['image_size']})")
+    if weights.get("image_size") and size_hw(data_cfg.image_size) != size_hw(weights["image_size"]):
+        differ.append(f"data.image_size=null (={plain_size(weights['image_size'])})")
     if not differ:
         return f"preprocessing follows the weights: mean {weights['mean']}, std {weights['std']}"
     return "preprocessing from the data config; to follow the weights set " + " ".join(differ)

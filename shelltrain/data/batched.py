@@ -1,5 +1,5 @@
 """Batched forms of the geometric and colour augmentations, for `data.on_device` (device.py): each image of a
-uint8 N x C x S x S batch draws its own parameters, from the same distributions as the torchvision transform
+uint8 N x C x H x W batch draws its own parameters, from the same distributions as the torchvision transform
 (torch's RNG on the batch's device, which the engine seeds per epoch and a checkpoint restores).
 
 A warp (`RandomRotation`, `RandomAffine` with rotation/scale/translation, `RandomResizedCrop` to data.image_size)
@@ -10,12 +10,15 @@ in that order (torchvision draws a random order per image: the same factors, a s
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as nnf
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+
+from shelltrain.imagesize import size_hw
 
 
 def _uniform(batch: int, low: float, high: float, device: torch.device) -> torch.Tensor:
@@ -39,9 +42,11 @@ class Warp:
             for axis, (reach, size) in enumerate(((self.translate[0], width), (self.translate[1], height))):
                 pixels = _uniform(batch, -reach * size, reach * size, device).round()
                 shift[:, axis] = 2 * pixels / size  # in grid units ([-1, 1] spans the image)
-        # output -> source: inverse of (rotate by angle, scale, then shift); torchvision turns counter-clockwise
+        # output -> source: inverse of (rotate by angle, scale, then shift); torchvision turns counter-clockwise.
+        # The turn is in pixels: grid units span width and height, so a non-square image scales its off-diagonal.
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-        theta = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
+        aspect = height / width
+        theta = torch.stack([torch.stack([cos, -sin * aspect], 1), torch.stack([sin / aspect, cos], 1)], 1)
         theta = torch.cat([theta, -(theta @ shift[:, :, None])], 2)
         return _sample(images, theta, self.mode, self.fill)
 
@@ -123,9 +128,9 @@ def _blend(pixels: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> t
     return (factor * pixels + (1 - factor) * other).clamp(0, 1)
 
 
-def batched_form(transform: v2.Transform, size: int) -> Warp | ResizedCrop | Jitter | None:
-    """The batched form of a warp or colour transform; None when it has none (shear, expand, a fixed center,
-    a crop to another size)."""
+def batched_form(transform: v2.Transform, size: Any) -> Warp | ResizedCrop | Jitter | None:
+    """The batched form of a warp or colour transform for images of `size` (data.image_size); None when it has
+    none (shear, expand, a fixed center, a crop to another size)."""
     mode = str(getattr(getattr(transform, "interpolation", None), "value", "nearest"))
     if mode not in ("nearest", "bilinear"):
         return None
@@ -137,7 +142,7 @@ def batched_form(transform: v2.Transform, size: int) -> Warp | ResizedCrop | Jit
         return (
             None if fill is None else Warp(tuple(transform.degrees), transform.translate, transform.scale, mode, fill)
         )
-    if isinstance(transform, v2.RandomResizedCrop) and tuple(transform.size) == (size, size):
+    if isinstance(transform, v2.RandomResizedCrop) and tuple(transform.size) == size_hw(size):
         return ResizedCrop(tuple(transform.scale), tuple(transform.ratio), mode)
     if isinstance(transform, v2.ColorJitter):
         return Jitter(transform.brightness, transform.contrast, transform.saturation, transform.hue)

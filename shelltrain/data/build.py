@@ -25,13 +25,14 @@ from shelltrain.data.transforms import (
     augmentations,
     convert_channels,
     dry_run,
+    fit_size,
     mix_transform,
     normalization_stats,
-    square,
     to_float_transforms,
 )
 from shelltrain.dataroot import data_root
 from shelltrain.errors import UserError
+from shelltrain.imagesize import size_hw
 from shelltrain.multilabel import stratum
 from shelltrain.schema import check_data
 
@@ -46,7 +47,7 @@ class DataBundle:
     num_classes: int
     classes: list[str]
     in_channels: int
-    image_size: int
+    image_size: tuple[int, int]  # (height, width)
     mean: tuple[float, ...]
     std: tuple[float, ...]
     native_sides: tuple[int, int] | None = None  # the shorter side of the source images, smallest and largest
@@ -87,9 +88,8 @@ def build_data(
     dry_run(splits["train"])
 
     mix = mix_transform(augmentation, len(classes))
-    facts = dict(
-        num_classes=len(classes), classes=classes, in_channels=channels, image_size=data.image_size, mean=mean, std=std
-    )
+    size = size_hw(data.image_size)
+    facts = dict(num_classes=len(classes), classes=classes, in_channels=channels, image_size=size, mean=mean, std=std)
     facts.update(native)
     if data.on_device and device is not None and isinstance(splits["train"], FileImages):
         raise UserError(
@@ -154,7 +154,7 @@ def _datasets(data: DictConfig, multi_label: bool = False) -> tuple[dict[str, Da
         elif getattr(items, "is_mapped", False):  # data.cache=disk: rows of the map, read as drawn
             splits[split] = TensorImages(items, y, None, rows=index)
         else:
-            splits[split] = TensorImages(convert_channels(square(items[index], size), channels).contiguous(), y, None)
+            splits[split] = TensorImages(convert_channels(fit_size(items[index], size), channels).contiguous(), y, None)
     return splits, classes, channels, facts
 
 

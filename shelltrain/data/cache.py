@@ -1,4 +1,4 @@
-"""`data.cache`: image files decoded and resized once into a uint8 N x C x S x S array that later epochs, runs and
+"""`data.cache`: image files decoded and resized once into a uint8 N x C x H x W array that later epochs, runs and
 sweep jobs read instead of the files (imagefolder; the torchvision sets and digits are in memory already).
 
 The array is a .npy under `data.cache_dir` (outside the run directory by configuration; default the user's cache
@@ -35,8 +35,9 @@ import torch
 
 from shelltrain.console import make_console, say
 from shelltrain.data.sources import decode
-from shelltrain.data.transforms import square
+from shelltrain.data.transforms import fit_size
 from shelltrain.errors import UserError
+from shelltrain.imagesize import plain_size, size_hw
 from shelltrain.rundir import PLACE_ERRNOS
 from shelltrain.signals import leave_stop_signals_to_main
 
@@ -52,7 +53,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "shelltrain"
 
 
-def cache_key(paths: list[str], mode: str, size: int, check: str) -> dict:
+def cache_key(paths: list[str], mode: str, size: int | list[int], check: str) -> dict:
     """What the decoded array depends on: every file (path, size, mtime, and with `check` "hash" the hash of its
     bytes) and the resize settings."""
     files = []
@@ -75,7 +76,7 @@ def file_hash(path: str) -> str:
     return digest.hexdigest()
 
 
-def cache_path(cache_dir: Path, folder: str, mode: str, size: int) -> Path:
+def cache_path(cache_dir: Path, folder: str, mode: str, size: int | list[int]) -> Path:
     """The array's file: one name per (image folder, settings); the key inside says whether it is still valid."""
     name = hashlib.sha256(json.dumps([os.path.abspath(folder), mode, size, FORMAT]).encode()).hexdigest()[:24]
     return cache_dir / f"{name}.npy"
@@ -85,17 +86,19 @@ def cached_images(
     folder: str,
     paths: list[str],
     mode: str,
-    size: int,
+    size: int | list[int],
     how: str,
     cache_dir: str | None,
     max_memory_gib: float,
     workers: int,
     check: str,
 ) -> torch.Tensor:
-    """The images of `paths` (all the files of `folder`) decoded to uint8 N x C x `size` x `size` (C from `mode`),
-    from the cache when its key still matches, else built now. `how`: "memory" or "disk"; `check`: "stat" or
-    "hash" (data.cache_check)."""
+    """The images of `paths` (all the files of `folder`) decoded to uint8 N x C x H x W (C from `mode`, H x W
+    from `size`: data.image_size), from the cache when its key still matches, else built now. `how`: "memory" or
+    "disk"; `check`: "stat" or "hash" (data.cache_check)."""
     from filelock import FileLock
+
+    size = plain_size(size)  # the name and key record a square size as the int they always did, else [H, W]
 
     where = Path(os.path.abspath(cache_dir or default_cache_dir()))
     path = cache_path(where, folder, mode, size)
@@ -211,7 +214,7 @@ def _write_key(key: dict, meta: Path) -> None:
     os.replace(tmp, meta)
 
 
-def _build(path: Path, paths: list[str], mode: str, size: int, workers: int) -> None:
+def _build(path: Path, paths: list[str], mode: str, size: int | list[int], workers: int) -> None:
     """Decode every file into a temporary memory-mapped .npy, in parallel, then move it into place. The decode
     processes ignore SIGINT and SIGTERM (this process stops them) and die with it, even when it is SIGKILLed."""
     from rich.progress import Progress
@@ -237,9 +240,9 @@ def _build(path: Path, paths: list[str], mode: str, size: int, workers: int) -> 
         tmp.unlink(missing_ok=True)
 
 
-def _shape(paths: list[str], mode: str, size: int) -> tuple[int, int, int, int]:
-    """The cached array's shape: N x C x S x S, C from the PIL mode."""
-    return (len(paths), 3 if mode == "RGB" else 1, size, size)
+def _shape(paths: list[str], mode: str, size: int | list[int]) -> tuple[int, int, int, int]:
+    """The cached array's shape: N x C x H x W, C from the PIL mode."""
+    return (len(paths), 3 if mode == "RGB" else 1, *size_hw(size))
 
 
 def _allocate(tmp: Path, shape: tuple[int, ...]) -> None:
@@ -267,12 +270,12 @@ def _reserve(tmp: Path) -> None:
         os.close(fd)
 
 
-def _decode_chunk(tmp: str, paths: list[str], chunk: range, mode: str, size: int) -> int:
+def _decode_chunk(tmp: str, paths: list[str], chunk: range, mode: str, size: int | list[int]) -> int:
     """In a build process: decode the files of `chunk` into their rows of the temporary array."""
     torch.set_num_threads(1)
     array = np.load(tmp, mmap_mode="r+")
     for i in chunk:
-        array[i] = square(decode(paths[i], mode), size).numpy()
+        array[i] = fit_size(decode(paths[i], mode), size).numpy()
     array.flush()
     return len(chunk)
 

@@ -10,11 +10,12 @@ from torchvision.transforms import v2
 
 from shelltrain.data.loader import seeded
 from shelltrain.data.sources import decode
-from shelltrain.data.transforms import square
+from shelltrain.data.transforms import fit_size
+from shelltrain.imagesize import size_hw
 
 
 class TensorImages(Dataset):
-    """uint8 N x C x S x S images held in memory, already at their final size, so a sample costs only its transform.
+    """uint8 N x C x H x W images held in memory, already at their final size, so a sample costs only its transform.
     `rows`: this split's rows of a larger (memory-mapped, data.cache=disk) array, read as they are drawn."""
 
     def __init__(
@@ -42,26 +43,28 @@ class TensorImages(Dataset):
 
 
 class FileImages(Dataset):
-    """Image files decoded on access (folders may not fit in memory), converted to `mode` and made S x S.
-    `key` is the setting that names the files (data.root, predict.input), for the message about a broken one."""
+    """Image files decoded on access (folders may not fit in memory), converted to `mode` and made `size`
+    (data.image_size: imagesize.size_hw). `key` is the setting that names the files (data.root, predict.input),
+    for the message about a broken one."""
 
     def __init__(
         self,
         paths: list[str],
         labels: torch.Tensor,
         mode: str,
-        size: int,
+        size: int | list[int] | tuple[int, int],
         transform: v2.Transform | None,
         key: str = "data.root",
     ) -> None:
-        self.paths, self.labels, self.mode, self.size, self.transform = paths, labels, mode, size, transform
+        self.paths, self.labels, self.mode, self.transform = paths, labels, mode, transform
+        self.size = size_hw(size)
         self.key = key
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def load(self, index: int) -> torch.Tensor:
-        return square(decode(self.paths[index], self.mode, self.key), self.size)
+        return fit_size(decode(self.paths[index], self.mode, self.key), self.size)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         index = seeded(key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -19,6 +20,7 @@ from torchvision.transforms import v2
 from shelltrain import distributed
 from shelltrain.data.batched import batched_form
 from shelltrain.data.transforms import NormalizedFloat
+from shelltrain.imagesize import size_hw
 from shelltrain.rng import epoch_seed
 
 ON_DEVICE = (
@@ -81,9 +83,10 @@ class Flip:
         return torch.where(flip, images.flip(self.dim), images)
 
 
-def batched_augmentations(transforms: list[v2.Transform], size: int, names: list[str]) -> tuple[list, str | None]:
-    """The batched equivalents of `augmentation.train`, and the name of the first transform without one (then
-    the caller falls back to the DataLoader path), else None."""
+def batched_augmentations(transforms: list[v2.Transform], size: Any, names: list[str]) -> tuple[list, str | None]:
+    """The batched equivalents of `augmentation.train` for images of `size` (data.image_size), and the name of the
+    first transform without one (then the caller falls back to the DataLoader path), else None."""
+    size = size_hw(size)
     batched = []
     for transform, name in zip(transforms, names):
         op = _batched(transform, size) or batched_form(transform, size)
@@ -93,12 +96,12 @@ def batched_augmentations(transforms: list[v2.Transform], size: int, names: list
     return batched, None
 
 
-def _batched(transform: v2.Transform, size: int) -> Shift | Flip | None:
+def _batched(transform: v2.Transform, size: tuple[int, int]) -> Shift | Flip | None:
     if isinstance(transform, v2.RandomHorizontalFlip):
         return Flip(transform.p, -1)
     if isinstance(transform, v2.RandomVerticalFlip):
         return Flip(transform.p, -2)
-    if isinstance(transform, v2.RandomCrop) and tuple(transform.size) == (size, size):
+    if isinstance(transform, v2.RandomCrop) and tuple(transform.size) == size:
         left, right, top, bottom = transform.padding or (0, 0, 0, 0)
         return Shift((-top, bottom), (-left, right), transform.padding_mode, _scalar_fill(transform.fill))
     if isinstance(transform, v2.RandomAffine):

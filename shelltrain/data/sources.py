@@ -18,6 +18,7 @@ from torchvision.transforms.v2 import functional as F
 
 from shelltrain.dataroot import DATASET_FILES, data_root
 from shelltrain.errors import UserError
+from shelltrain.imagesize import size_hw
 
 Sources = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -43,8 +44,8 @@ def in_memory(data: DictConfig) -> tuple[dict[str, tuple[torch.Tensor, torch.Ten
         return {"train": (images, torch.from_numpy(digits.target).long())}, [str(c) for c in digits.target_names]
     if data.name == "synthetic":
         generator = torch.Generator().manual_seed(data.split_seed)
-        n, size = data.num_samples, data.image_size
-        images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+        n, (height, width) = data.num_samples, size_hw(data.image_size)
+        images = torch.randint(0, 256, (n, 3, height, width), dtype=torch.uint8, generator=generator)
         labels = torch.randperm(n, generator=generator) % data.num_classes  # random order, balanced classes
         return {"train": (images, labels)}, [str(c) for c in range(data.num_classes)]
     return _torchvision(data)

@@ -1,5 +1,5 @@
-"""Per-image transforms: the square resize every source gets, the normalization statistics (configured, given by
-pretrained weights, or measured), the `augmentation.train` transforms and MixUp/CutMix."""
+"""Per-image transforms: the resize to data.image_size every source gets, the normalization statistics
+(configured, given by pretrained weights, or measured), the `augmentation.train` transforms and MixUp/CutMix."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from torchvision.transforms.v2 import functional as F
 
 from shelltrain.data.sources import one_line
 from shelltrain.errors import UserError
+from shelltrain.imagesize import size_hw, size_text
 
 # Images drawn (seeded) from the train split to estimate mean/std when the config leaves them null.
 _STATS_SAMPLES = 1000
@@ -56,11 +57,14 @@ def describe_preprocessing(bundle: Any, stats_from: str) -> str:
     """One log line: what every image of `bundle` (a DataBundle) becomes (size and how it was scaled, channels,
     normalization) and where each setting came from, so that a silent default (64 px RGB for a folder of 32 px
     grey PNGs) shows. `stats_from`: "data config", "weights" or "measured" (transfer.follow_weights)."""
-    size, sides = bundle.image_size, bundle.native_sides
+    (height, width), sides = size_hw(bundle.image_size), bundle.native_sides
+    size = min(height, width)
     if sides is None:
         scaled = ""
     elif sides[0] != sides[1]:
         scaled = f", scaled from {sides[0]}-{sides[1]} px"
+    elif height != width:
+        scaled = f", scaled and cropped from a {sides[0]} px shorter side"
     elif sides[0] == size:
         scaled = ", native size"
     else:
@@ -68,16 +72,24 @@ def describe_preprocessing(bundle: Any, stats_from: str) -> str:
     channels = {1: "1 channel (grey", 3: "3 channels (RGB"}.get(bundle.in_channels, f"{bundle.in_channels} channels (")
     values = ", ".join(f"{m:.4g}/{s:.4g}" for m, s in zip(bundle.mean, bundle.std))
     return (
-        f"preprocessing: {size}x{size} px (data.image_size{scaled}), {channels}, {bundle.channels_from}), "
+        f"preprocessing: {size_text(bundle.image_size)} px (data.image_size{scaled}), {channels}, "
+        f"{bundle.channels_from}), "
         f"mean/std {values} ({STATS_FROM.get(stats_from, stats_from)})"
     )
 
 
-def square(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Scale the shorter side to `size` (antialiased) and center-crop: square images just scale, others keep aspect."""
-    if images.shape[-2:] == (size, size):
+def fit_size(images: torch.Tensor, size: Any) -> torch.Tensor:
+    """Scale (antialiased, keeping the aspect ratio) until the images cover `size` (an int: a square, or
+    [height, width]: imagesize.size_hw), then center-crop to it: for a square size, the shorter side becomes `size`."""
+    height, width = size_hw(size)
+    have_h, have_w = images.shape[-2:]
+    if (have_h, have_w) == (height, width):
         return images
-    return F.center_crop(F.resize(images, [size], antialias=True), [size, size])
+    if height * have_w >= width * have_h:  # the height binds: the width follows the aspect ratio
+        resized = [height, max(width, int(height * have_w / have_h))]
+    else:
+        resized = [max(height, int(width * have_h / have_w)), width]
+    return F.center_crop(F.resize(images, resized, antialias=True), [height, width])
 
 
 def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:

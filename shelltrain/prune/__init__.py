@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from shelltrain.errors import UserError
+from shelltrain.imagesize import size_hw
 from shelltrain.models import set_submodule
 from shelltrain.placement import is_quantized
 from shelltrain.prune import layer, ptq, structured, unstructured
@@ -173,7 +174,7 @@ def rebuild(model: nn.Module, checkpoint: dict[str, Any], example_inputs: torch.
 
 def _example_from_config(model: nn.Module, checkpoint: dict[str, Any]) -> torch.Tensor:
     config = checkpoint.get("config") or {}
-    size = (config.get("data") or {}).get("image_size", 32)
+    size = size_hw((config.get("data") or {}).get("image_size", 32))
     first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
     channels = first.in_channels if first is not None else 3
-    return torch.zeros(1, channels, size, size)
+    return torch.zeros(1, channels, *size)
