@@ -36,6 +36,8 @@ from shelltrain.loggers import build_loggers
 from shelltrain.members import Member, describe_origin, finetune_config, gather_members, portable
 from shelltrain.metrics import confusion_matrix, per_class_metrics
 from shelltrain.models import count_parameters
+from shelltrain.multilabel import is_multi_label
+from shelltrain.multilabel_run import fused_labels
 from shelltrain.plots import plot_members, write_run_plots
 from shelltrain.resume import Resume
 from shelltrain.runner import train_and_test, train_settings
@@ -53,7 +55,8 @@ class EnsembleResult:
     val: dict[str, float]
     test: dict[str, float]
     members: list[Member]
-    confusion: torch.Tensor  # of the ensemble's test predictions
+    confusion: torch.Tensor | None  # of the ensemble's test predictions (None: multi-label)
+    labelled: dict[str, Any] | None = None  # multi-label: test_map, ..., per_class, thresholds (multilabel_run)
 
     def figures(self) -> dict[str, Any]:
         """summary.json's headline keys for the ensemble, and its section."""
@@ -77,7 +80,8 @@ def ensemble_and_test(cfg: DictConfig, run_dir: Path, resume: bool = False) -> f
     console = make_console()
     device = resolve_device(cfg.trainer.device)
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
-    data = build_data(cfg.data, cfg.augmentation, cfg.trainer.seed, device.type == "cuda")
+    multi = is_multi_label(cfg.trainer.loss)
+    data = build_data(cfg.data, cfg.augmentation, cfg.trainer.seed, device.type == "cuda", multi_label=multi)
     settings = train_settings(cfg.trainer, device)
     say(console, f"run directory: [bold]{run_dir}[/bold]")
     say(
@@ -96,7 +100,10 @@ def ensemble_and_test(cfg: DictConfig, run_dir: Path, resume: bool = False) -> f
 
         fused = run_ensemble(cfg, data, settings, train_member, run_dir, console, resume)
         figures = {"test_acc": fused.test["acc"], "test_loss": fused.test["loss"], **fused.figures()}
-        figures["per_class"] = per_class_metrics(fused.confusion, data.classes)
+        if fused.labelled is None:
+            figures["per_class"] = per_class_metrics(fused.confusion, data.classes)
+        else:  # multi-label: at the thresholds tuned on the fused val split
+            figures.update(fused.labelled)
         result = summary.build(figures, run_dir, started, provenance(device, run_dir))
         summary.write(result, run_dir)
         loggers.finish(result)
@@ -155,15 +162,22 @@ def run_ensemble(
         weights = [w / sum(weights) for w in weights]
     else:
         weights = [1.0 / len(members)] * len(members)  # average: equal shares; vote: one vote each
-    val = fused_metrics(*fuse(rule, val_logits.softmax(2), weights), val_targets)
-    test_probs, test_preds = fuse(rule, test_logits.softmax(2), weights)
-    test = fused_metrics(test_probs, test_preds, test_targets)
-    confusion = confusion_matrix(F.one_hot(test_preds, data.num_classes), test_targets, data.num_classes)
+    labelled = confusion = None
+    if is_multi_label(settings.loss):  # sigmoid probabilities fused per class, thresholds tuned on val
+        pairs = (val_logits, val_targets), (test_logits, test_targets)
+        val, test, labelled = fused_labels(rule, weights, *pairs, settings, data.classes)
+    else:
+        val = fused_metrics(*fuse(rule, val_logits.softmax(2), weights), val_targets)
+        test_probs, test_preds = fuse(rule, test_logits.softmax(2), weights)
+        test = fused_metrics(test_probs, test_preds, test_targets)
+        confusion = confusion_matrix(F.one_hot(test_preds, data.num_classes), test_targets, data.num_classes)
 
     report = _report(rule, weights, cfg, members, val, test, stacked, data.classes)
+    if labelled is not None:
+        report["thresholds"] = list(labelled["thresholds"].values())  # trained.open_trained's, with the rule
     rundir.write_json(report, run_dir / rundir.ENSEMBLE_REPORT)
     show(console, ensemble_table(report))
-    return EnsembleResult(report, val, test, members, confusion)
+    return EnsembleResult(report, val, test, members, confusion, labelled)
 
 
 def _rule(cfg: DictConfig, members: list[Member], reused: dict[str, Any] | None) -> tuple[str, list[float] | None]:

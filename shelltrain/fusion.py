@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shelltrain.engine import predict
+from shelltrain.multilabel import as_logits
 from shelltrain.placement import is_quantized
 from shelltrain.schema import TrainerConfig
 
@@ -79,18 +80,24 @@ def fuse(rule: str, probs: torch.Tensor, weights: Sequence[float]) -> tuple[torc
 
 class FusedModel(nn.Module):
     """An ensemble as one model (task=predict and export, a fused teacher): its forward gives the log of the fused
-    probabilities (`combine`), so that softmax and argmax of the output are the ensemble's."""
+    probabilities (`combine`), so that softmax and argmax of the output are the ensemble's. `multi_label`: the
+    members' sigmoid probabilities are fused per class and the output is their logit (its sigmoid is the fused
+    probability)."""
 
-    def __init__(self, members: Sequence[nn.Module], rule: str, weights: Sequence[float]):
+    def __init__(self, members: Sequence[nn.Module], rule: str, weights: Sequence[float], multi_label: bool = False):
         super().__init__()
         self.members = nn.ModuleList(m.eval() for m in members)
-        self.rule = rule
+        self.rule, self.multi_label = rule, multi_label
         weights = weights if rule == "weighted" else [1.0] * len(members)  # average (and vote): equal shares
         self.register_buffer("weights", torch.tensor([w / sum(weights) for w in weights]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = [member(x) for member in self.members]  # under the caller's autocast
         with torch.autocast(x.device.type, enabled=False):
+            if self.multi_label:
+                return as_logits(
+                    combine(self.rule, torch.stack([each.float().sigmoid() for each in logits]), self.weights)
+                )
             probs = torch.stack([each.float().softmax(1) for each in logits])  # M x N x C
             return combine(self.rule, probs, self.weights).clamp_min(1e-12).log()
 

@@ -167,3 +167,9 @@ def epoch_figures(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, floa
     figures = scores(logits, targets)
     figures.pop("per_class")
     return {"acc": label_hits(logits, targets).mean().item(), **figures}
+
+
+def as_logits(probabilities: torch.Tensor) -> torch.Tensor:
+    """The logits whose sigmoid gives `probabilities` (clamped away from 0 and 1): a fused ensemble's output."""
+    p = probabilities.float().clamp(1e-7, 1 - 1e-7)
+    return p.log() - (-p).log1p()

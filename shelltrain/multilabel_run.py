@@ -15,8 +15,16 @@ from shelltrain import rundir
 from shelltrain.checkpoint import load_checkpoint, serialize
 from shelltrain.data import DataBundle, unsharded
 from shelltrain.data.balance import train_labels
-from shelltrain.engine import predict
-from shelltrain.multilabel import WeightedBce, balanced_pos_weight, is_multi_label, scores, tune_thresholds
+from shelltrain.engine import metrics_from_logits, predict
+from shelltrain.fusion import combine
+from shelltrain.multilabel import (
+    WeightedBce,
+    as_logits,
+    balanced_pos_weight,
+    is_multi_label,
+    scores,
+    tune_thresholds,
+)
 from shelltrain.predictions import sample_ids, write_label_predictions
 from shelltrain.schema import TrainerConfig
 
@@ -75,3 +83,20 @@ def multilabel_test(
     ids = sample_ids(data.test.dataset, len(targets))
     write_label_predictions(run_dir / rundir.PREDICTIONS, ids, logits, thresholds, data.classes, targets, "test")
     return labelled_figures(logits, targets, thresholds, data.classes, "test")
+
+
+def fused_labels(
+    rule: str,
+    weights: list[float],
+    val: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    settings: TrainerConfig,
+    classes: list[str],
+) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
+    """A multi-label ensemble: the members' (M x N x C logits, targets) of val and test fused by `rule` on their
+    sigmoid probabilities (fusion.combine); the val and test figures at 1/2, and the test figures at thresholds
+    tuned on the fused val split (with `thresholds`, which ensemble.json keeps)."""
+    fused = [as_logits(combine(rule, logits.sigmoid(), weights)) for logits, _ in (val, test)]
+    thresholds = tune_thresholds(fused[0], val[1])
+    tested = labelled_figures(fused[1], test[1], thresholds, classes, "test")
+    return metrics_from_logits(fused[0], val[1], settings), metrics_from_logits(fused[1], test[1], settings), tested

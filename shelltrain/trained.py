@@ -215,12 +215,13 @@ def _open_ensemble(directory: Path, key: str) -> TrainedModel:
                 f"{key}: the members of the ensemble '{directory}' differ in their preprocessing "
                 f"({first.preprocessing.describe()} vs {member.preprocessing.describe()}); use one member's run instead"
             )
-    fused = FusedModel([m.module for m in members], report["rule"], report["weights"]).eval()
+    multi = first.thresholds is not None
+    fused = FusedModel([m.module for m in members], report["rule"], report["weights"], multi).eval()
     source = directory / rundir.ENSEMBLE_REPORT
     trained = TrainedModel(
         fused, first.classes, first.preprocessing, source, "best", "ensemble", first.config, members=members
     )
-    if first.thresholds is not None:  # multi-label: the ensemble's own, tuned on val, else the members' mean
+    if multi:  # multi-label: the ensemble's own, tuned on val, else the members' mean
         tuned = report.get("thresholds")
         trained.thresholds = tuned or torch.tensor([m.thresholds for m in members]).mean(0).tolist()
     return trained

@@ -14,17 +14,18 @@ from shelltrain.data.device import DeviceBatches
 from shelltrain.data.loader import Loader, loader_settings, train_loader
 from shelltrain.data.sources import one_line
 from shelltrain.errors import UserError
+from shelltrain.multilabel import stratum
 
 
 def cv_fold(bundle: DataBundle, folds: int, fold: int, seed: int) -> DataBundle:
     """Fold `fold` of a stratified `folds`-fold split of the train split (scikit-learn's StratifiedKFold, shuffled
     with `seed`; StratifiedGroupKFold when the data has groups, so that a group is never on both sides): train on
     the other folds (augmented, as before) and validate on this one (un-augmented, like val). The test split is
-    unchanged."""
+    unchanged. Multi-label rows are stratified by each image's rarest label (multilabel.stratum)."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     train_set = bundle.train.dataset
-    labels = train_set.labels.numpy()
+    labels = stratum(train_set.labels).numpy()  # multi-hot rows: each image's rarest label
     groups = None if bundle.train_groups is None else bundle.train_groups.numpy()
     try:
         if groups is None:

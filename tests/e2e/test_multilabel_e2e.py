@@ -106,3 +106,19 @@ def test_evaluate_predict_and_export_agree_on_labels(trained_run, tmp_path):
         assert "|".join(chosen) == labels, name
     summary = json.loads((tmp_path / "predict" / "summary.json").read_text())
     assert sum(summary["predicted_counts"].values()) == sum(len(v.split("|")) for v in predicted.values() if v)
+
+
+@pytest.mark.slow  # two ensemble members and two folds: about 45 s on two cores
+def test_an_ensemble_fuses_probabilities_and_cv_folds_stratify_multi_hot_rows(trained_run, tmp_path):
+    folder = trained_run[0]
+    common = (*DATA, f"data.manifest={folder / 'labels.csv'}", "trainer.loss=bce", "trainer.epochs=2")
+    ensemble = run_in_process(tmp_path / "ensemble", *common, "ensemble=average", "ensemble.members=2")
+    report = json.loads((tmp_path / "ensemble" / "ensemble.json").read_text())
+    opened = open_trained(tmp_path / "ensemble")
+    assert opened.kind == "ensemble" and opened.thresholds == report["thresholds"]
+    assert list(ensemble["thresholds"].values()) == report["thresholds"] and 0 <= ensemble["test_map"] <= 1
+    images = torch.rand(4, 3, 16, 16)
+    members = torch.stack([m.module(images).sigmoid() for m in opened.members]).mean(0)
+    assert torch.allclose(opened.module(images).sigmoid(), members, atol=1e-5)  # the average of probabilities
+    folds = run_in_process(tmp_path / "cv", *common, "cv.folds=2", "cv.refit=false")
+    assert folds["cv"]["folds"] == 2 and "test_map" in json.loads((tmp_path / "cv/cv/fold_1/summary.json").read_text())
