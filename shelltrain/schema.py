@@ -47,7 +47,6 @@ from shelltrain.dataroot import DATASET_FILES, check_data_root
 from shelltrain.errors import UserError
 from shelltrain.gates import check_baseline_settings, metric_gates
 from shelltrain.imagesize import check_size
-from shelltrain.imagesize import check_size
 from shelltrain.schema_compress import CompressConfig, DistillConfig, PruneConfig
 from shelltrain.schema_tasks import AuditConfig, EvaluateConfig, ExportConfig, LrFindConfig, PredictConfig, ReportConfig
 

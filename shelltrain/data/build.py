@@ -33,7 +33,6 @@ from shelltrain.data.transforms import (
 from shelltrain.dataroot import data_root
 from shelltrain.errors import UserError
 from shelltrain.imagesize import size_hw
-from shelltrain.imagesize import size_hw
 from shelltrain.multilabel import stratum
 from shelltrain.schema import check_data
 

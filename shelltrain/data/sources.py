@@ -19,7 +19,6 @@ from torchvision.transforms.v2 import functional as F
 from shelltrain.dataroot import DATASET_FILES, data_root
 from shelltrain.errors import UserError
 from shelltrain.imagesize import size_hw
-from shelltrain.imagesize import size_hw
 
 Sources = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
