@@ -25,12 +25,22 @@ from shelltrain.ensemble import ensemble_and_test
 from shelltrain.environment import check_distributable, jobs_at_once, provenance, resolve_device, seed_everything
 from shelltrain.errors import UserError
 from shelltrain.lr_find import find_lr
+from shelltrain.mirror import mirror_run
 from shelltrain.resume import Resume
 from shelltrain.runner import train_and_test, train_settings
 from shelltrain.tasks import run_task
 
 
 def run(
+    cfg: DictConfig, run_dir: Path, resume: Resume | None = None, overrides: list[str] | None = None
+) -> float | None:
+    """`job`, then the finished run directory copied to output.mirror when it is set (mirror.py)."""
+    result = job(cfg, run_dir, resume, overrides)
+    mirror_run(cfg.output, run_dir, make_console(quiet=not distributed.is_main()))
+    return result
+
+
+def job(
     cfg: DictConfig, run_dir: Path, resume: Resume | None = None, overrides: list[str] | None = None
 ) -> float | None:
     """Run one job in `run_dir`. Returns the value sweeps select by: the best monitored validation metric, its

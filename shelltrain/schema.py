@@ -27,7 +27,6 @@ from shelltrain.checks import (
     at_least,
     check_balance,
     check_checkpoint,
-    check_fractions,
     check_gates,
     check_loggers,
     check_multi_label,
@@ -36,18 +35,16 @@ from shelltrain.checks import (
     check_scheduler,
     check_structured_support,
     check_task,
-    check_workers,
     finite_list,
     one_of,
     positive,
     to_schema,
     uses_ensemble,
 )
-from shelltrain.dataroot import DATASET_FILES, check_data_root
 from shelltrain.errors import UserError
 from shelltrain.gates import check_baseline_settings, metric_gates
-from shelltrain.imagesize import check_size
 from shelltrain.schema_compress import CompressConfig, DistillConfig, PruneConfig
+from shelltrain.schema_data import DATA_OPTIONS, DataConfig, OutputConfig, check_data
 from shelltrain.schema_tasks import AuditConfig, EvaluateConfig, ExportConfig, LrFindConfig, PredictConfig, ReportConfig
 
 
@@ -156,82 +153,6 @@ class TrainerConfig:
                 f"trainer.label_smoothing={self.label_smoothing} applies to trainer.loss=cross_entropy only, or bce "
                 f"(loss is {self.loss}); set trainer.label_smoothing=0"
             )
-
-
-@dataclass
-class DataConfig:
-    """The `data` group. `source` (a `_target_` that builds the user's dataset) frees `name` from the packaged
-    datasets and skips their root/files checks. `mean`/`std` are facts of a dataset: null measures them."""
-
-    name: str
-    source: Optional[Any]
-    root: Optional[str]
-    download: bool
-    image_size: Optional[Any]  # one int (a square) or [height, width]: imagesize.size_hw
-    channels: Optional[int]
-    mean: Optional[list[float]]
-    std: Optional[list[float]]
-    batch_size: int
-    eval_batch_size: Optional[int]
-    num_workers: Any
-    drop_last: bool
-    persistent_workers: bool
-    val_fraction: float
-    test_fraction: float
-    split_seed: int
-    limit_samples: Optional[int]
-    num_samples: Optional[int]
-    num_classes: Optional[int]
-    classes: Optional[list[Any]]
-    samples_per_class: Optional[int]
-    on_device: bool
-    imbalance: Optional[float]
-    balance: str
-    cache: str
-    cache_dir: Optional[str]
-    cache_max_memory: float
-    cache_check: str
-    manifest: Optional[str]
-    path_column: str
-    label_column: Any  # a column name, or a list of 0/1 class columns (multi-label)
-    manifest_errors: str
-
-    def check(self) -> None:
-        at_least("data.imbalance", self.imbalance, 1.0)
-        one_of("data.balance", self.balance, values.BALANCES)
-        if self.balance == "sampler" and self.on_device:
-            raise UserError("data.balance=sampler draws through a DataLoader; set data.on_device=false")
-        if self.source is None:
-            one_of("data.name", self.name, values.DATASETS)
-        check_size(self.image_size)
-        at_least("data.batch_size", self.batch_size, 1)
-        check_workers(self.num_workers)
-        at_least("data.eval_batch_size", self.eval_batch_size, 1)
-        if self.channels is not None:
-            one_of("data.channels", self.channels, (1, 3))
-        check_fractions(self.val_fraction, self.test_fraction)
-        one_of("data.cache", self.cache, values.CACHE_MODES)
-        at_least("data.cache_max_memory", self.cache_max_memory, 0)
-        one_of("data.cache_check", self.cache_check, values.CACHE_CHECKS)
-        one_of("data.manifest_errors", self.manifest_errors, values.MANIFEST_ERRORS)
-        if self.path_column == self.label_column:
-            raise UserError(f"data.path_column and data.label_column are both '{self.path_column}'; name two columns")
-        finite_list("data.mean", self.mean)
-        finite_list("data.std", self.std)
-        if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std)):
-            raise UserError("data.mean and data.std must both be null or lists of the same length")
-        if self.std is not None and any(s <= 0 for s in self.std):
-            raise UserError(f"data.std={list(self.std)} must be positive")
-        at_least("data.limit_samples", self.limit_samples, 1)
-        at_least("data.samples_per_class", self.samples_per_class, 1)
-        if self.classes is not None and len(self.classes) < 2:
-            raise UserError(f"data.classes={list(self.classes)} picks fewer than 2 classes; a classifier needs two")
-        if self.classes is not None and len(set(map(str, self.classes))) != len(self.classes):
-            raise UserError(f"data.classes={list(self.classes)} names a class twice; list each class once")
-        if self.name == "synthetic" and self.source is None:
-            for key in ("num_samples", "num_classes"):
-                if (value := getattr(self, key)) is None or value < 2:
-                    raise UserError(f"data.{key}={value} is out of range; data=synthetic needs at least 2")
 
 
 @dataclass
@@ -401,6 +322,7 @@ SCHEMAS: dict[str, type] = {
     "lr_find": LrFindConfig,
     "audit": AuditConfig,
     "compress": CompressConfig,
+    "output": OutputConfig,
 }
 
 
@@ -411,6 +333,8 @@ def register() -> None:
     store = ConfigStore.instance()
     for key, schema in SCHEMAS.items():
         store.store(name=f"{key}_schema", node=schema)
+    for name, schema in DATA_OPTIONS.items():
+        store.store(name=f"data_{name}_schema", node=schema)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -443,7 +367,7 @@ def validate(cfg: DictConfig) -> None:
     to_schema(cfg.distill, DistillConfig, "distill").check()
     check_gates(metric_gates(cfg.gate))  # gate.baseline's own keys: check_baseline_settings
     check_baseline_settings(cfg.gate)
-    for key in ("evaluate", "predict", "export", "report", "lr_find", "audit"):
+    for key in ("evaluate", "predict", "export", "report", "lr_find", "output", "audit"):
         to_schema(cfg[key], SCHEMAS[key], key).check()
     if cfg.compress is not None:  # null in a plain run and in compress.py's stage configs
         to_schema(cfg.compress, CompressConfig, "compress").check()
@@ -459,15 +383,6 @@ def validate(cfg: DictConfig) -> None:
 def trainer_config(node: DictConfig) -> TrainerConfig:
     """The `trainer` group as a TrainerConfig (what the engine takes, once `device` is resolved)."""
     return to_schema(node, TrainerConfig, "trainer")
-
-
-def check_data(node: DictConfig, files: bool = True) -> None:
-    """The data group's checks, and with `files` that data.root is there, so that a mistyped path is named before
-    torch is imported. build_data() runs them too, for callers that skip validate()."""
-    data = to_schema(node, DataConfig, "data")
-    data.check()
-    if files and data.source is None and (data.name in DATASET_FILES or data.name == "imagefolder"):
-        check_data_root(node)
 
 
 @functools.cache

@@ -17,8 +17,10 @@ from shelltrain.data.balance import BalancedSampler, long_tail, train_labels
 from shelltrain.data.cache import cached_images
 from shelltrain.data.datasets import FileImages, TensorImages
 from shelltrain.data.device import ON_DEVICE, DeviceBatches, batched_augmentations
+from shelltrain.data.hf import HFImages, HFTable, hf_sources, sample_pictures
 from shelltrain.data.loader import Loader, MixCollate, loader_settings, train_loader, worker_count
 from shelltrain.data.manifest import manifest_path, manifest_sources
+from shelltrain.data.shards import streamed_data
 from shelltrain.data.sources import imagefolder, in_memory, sample_files
 from shelltrain.data.splits import budget, select_classes, split_indices
 from shelltrain.data.transforms import (
@@ -34,7 +36,7 @@ from shelltrain.dataroot import data_root
 from shelltrain.errors import UserError
 from shelltrain.imagesize import size_hw
 from shelltrain.multilabel import stratum
-from shelltrain.schema import check_data
+from shelltrain.schema_data import check_data
 
 
 @dataclass
@@ -78,6 +80,10 @@ def build_data(
     `data.on_device=true` and a `device`, the splits become DeviceBatches on that device. `multi_label`
     (trainer.loss=bce): a manifest's label cells hold `|`-joined labels, read as multi-hot rows."""
     check_data(data)
+    if data.name == "shards" and data.source is None:  # the train split streams from tar shards
+        if multi_label:
+            raise UserError("data=shards holds one class per sample; trainer.loss=bce needs data=manifest")
+        return DataBundle(**streamed_data(data, augmentation, seed, pin_memory, stats))
     splits, classes, channels, native = _datasets(data, multi_label)
     # measured on raw images, so the transforms come after
     mean, std = normalization_stats(data, channels, splits["train"], stats)
@@ -151,6 +157,8 @@ def _datasets(data: DictConfig, multi_label: bool = False) -> tuple[dict[str, Da
             paths = [items[i] for i in index.tolist()]
             key = "data.manifest" if data.name == "manifest" else "data.root"
             splits[split] = FileImages(paths, y, "RGB" if channels == 3 else "L", size, None, key)
+        elif isinstance(items, HFTable):  # data=hf: rows of the Arrow table, decoded as drawn
+            splits[split] = HFImages(items, index, y, "RGB" if channels == 3 else "L", size)
         elif getattr(items, "is_mapped", False):  # data.cache=disk: rows of the map, read as drawn
             splits[split] = TensorImages(items, y, None, rows=index)
         else:
@@ -174,6 +182,10 @@ def _sources(
         if data.cache != "none":
             sources = decoded_sources(data, sources, data.channels or native_channels)
         return sources, classes, native_channels, kind, sides, groups
+    if data.source is None and data.name == "hf":
+        sources, classes = hf_sources(data)
+        grey, sides = sample_pictures(sources["train"][0])
+        return sources, classes, 1 if grey else 3, "grey images" if grey else "colour images", sides, groups
     sources, classes = in_memory(data)
     images = sources["train"][0]
     native_channels = images.shape[1]

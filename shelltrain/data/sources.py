@@ -4,6 +4,7 @@ closed list: see `user_source`."""
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
@@ -19,6 +20,7 @@ from torchvision.transforms.v2 import functional as F
 from shelltrain.dataroot import DATASET_FILES, data_root
 from shelltrain.errors import UserError
 from shelltrain.imagesize import size_hw
+from shelltrain.remote import one_line
 
 Sources = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -169,8 +171,19 @@ def decode(path: str, mode: str, key: str = "data.root") -> torch.Tensor:
         raise UserError(f"{key}: '{path}' cannot be decoded ({one_line(e)}); delete or replace it") from e
 
 
-def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+def decode_bytes(data: bytes, name: str, mode: str, key: str) -> torch.Tensor:
+    """An image's bytes (a shard member, a dataset cell) as uint8 C x H x W in PIL `mode`, by `decode`'s rule: JPEG
+    and PNG in RGB through torchvision's decoder, the rest through PIL. `name` says the format and names the image
+    in the message about a broken one."""
+    try:
+        if mode == "RGB" and name.lower().endswith(_FAST_SUFFIXES):
+            pixels = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            if pixels.dtype == torch.uint8:
+                return pixels
+        with Image.open(io.BytesIO(data)) as image:
+            return F.pil_to_tensor(image.convert(mode))
+    except Exception as e:  # truncated/corrupt bytes: torchvision raises RuntimeError, PIL many types
+        raise UserError(f"{key}: '{name}' cannot be decoded ({one_line(e)}); rewrite that sample") from e
 
 
 def user_source(data: DictConfig) -> tuple[Sources, list[str]]:
