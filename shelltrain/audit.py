@@ -23,6 +23,7 @@ from shelltrain.audit_scan import Sample, duplicate_pairs, health, imagehash_mod
 from shelltrain.console import make_console, say
 from shelltrain.data import DataBundle, FileImages, build_data
 from shelltrain.environment import seed_everything
+from shelltrain.errors import UserError
 
 SPLITS = ("train", "val", "test")
 
@@ -32,6 +33,8 @@ def run_audit(cfg: DictConfig, run_dir: Path) -> float:
     started = time.perf_counter()
     console = make_console()
     imagehash_module()  # the one optional library: said before anything is loaded
+    if cfg.trainer.loss == "bce":
+        raise UserError("task=audit checks single-label data; set trainer.loss=cross_entropy")
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
     data = build_data(cfg.data, cfg.augmentation, cfg.trainer.seed)
     say(console, f"audit: looking at {sum(len(getattr(data, s).dataset) for s in SPLITS)} images of {cfg.data.name}")

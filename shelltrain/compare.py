@@ -54,6 +54,8 @@ def open_run(spec: str | Path, key: str) -> Run:
         )
     with open(predictions, newline="") as f:
         rows = list(csv.DictReader(f))
+    if rows and "correct" not in rows[0]:
+        raise UserError(f"{key}={spec}: a multi-label run; the paired comparison covers single-label runs")
     columns = {name: [row[name] for row in rows] for name in ("sample", "true", "predicted", "correct", "split")}
     columns["correct"] = [int(v) for v in columns["correct"]]
     return Run(path, recorded, columns, _config(path))
