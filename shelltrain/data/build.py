@@ -20,7 +20,7 @@ from shelltrain.data.device import ON_DEVICE, DeviceBatches, batched_augmentatio
 from shelltrain.data.hf import HFImages, HFTable, hf_sources, sample_pictures
 from shelltrain.data.loader import Loader, MixCollate, loader_settings, train_loader, worker_count
 from shelltrain.data.manifest import manifest_path, manifest_sources
-from shelltrain.data.shards import streamed_data
+from shelltrain.data.shards import StreamLoader, streamed_data
 from shelltrain.data.sources import imagefolder, in_memory, sample_files
 from shelltrain.data.splits import budget, select_classes, split_indices
 from shelltrain.data.transforms import (
@@ -289,7 +289,7 @@ def unsharded(loader: DataLoader | DeviceBatches) -> DataLoader | DeviceBatches:
     itself in one process."""
     if distributed.world_size() == 1:
         return loader
-    if isinstance(loader, DeviceBatches):
+    if isinstance(loader, (DeviceBatches, StreamLoader)):
         return loader.unsharded()
     sampler = getattr(loader.sampler, "inner", None) or loader.sampler  # inside a worker-seeding SeededSampler
     common = loader_settings(loader.num_workers, loader.persistent_workers, loader.pin_memory)

@@ -15,6 +15,7 @@ counting pass over the train shards at the start."""
 
 from __future__ import annotations
 
+import copy
 import io
 import itertools
 import json
@@ -231,6 +232,22 @@ class StreamLoader(Loader):
     def set_epoch(self, epoch: int) -> None:
         """The engine calls this before each epoch; workers start anew each epoch and take the dataset's epoch."""
         self.dataset.set_epoch(epoch)
+
+    def unsharded(self) -> StreamLoader:
+        """The whole stream, dealt as one process deals it (every shard, its workers' slots), for rank 0's work
+        alone after DDP training (SWA's BatchNorm pass)."""
+        whole = copy.copy(self.dataset)
+        whole.rank, whole.world = 0, 1
+        settings = loader_settings(self.num_workers, False, self.pin_memory)
+        generator = torch.Generator().manual_seed(self.generator.initial_seed())
+        return StreamLoader(
+            whole,
+            batch_size=self.batch_size,
+            drop_last=self.drop_last,
+            collate_fn=self.collate_fn,
+            generator=generator,
+            **settings,
+        )
 
     def __iter__(self) -> Iterator[Any]:
         batches = super().__iter__()

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from shelltrain.data import build_data
 from shelltrain.data.shard_writer import main as write_main
-from shelltrain.data.shards import Decoder, ShardStream, shard_urls
+from shelltrain.data.shards import Decoder, ShardStream, StreamLoader, shard_urls
 from shelltrain.errors import UserError
 
 
@@ -114,3 +114,13 @@ def test_bad_shard_settings_are_one_line_naming_the_key(tmp_path, setting, messa
     with pytest.raises(UserError, match=message) as error:
         build_data(cfg.data, _none(), seed=0)
     assert "\n" not in str(error.value)
+
+
+def test_the_unsharded_loader_serves_the_whole_stream_as_one_process(tmp_path):
+    """After DDP training rank 0 works alone on the whole train split (SWA's BatchNorm pass)."""
+    written = write_shards(tmp_path, "train", shards=4, per_shard=6)
+    stream = _stream(tmp_path, rank=1, world=2, workers=0)
+    loader = StreamLoader(stream, batch_size=4, generator=torch.Generator().manual_seed(0))
+    whole = loader.unsharded()
+    assert len(loader) == 3 and len(whole) == 6
+    assert sorted(i for images, _ in whole for i in ids_of(images)) == written
