@@ -3,7 +3,7 @@ the Checkpointer callback writes them while training. Resuming from one is resum
 
 Everything loads with `torch.load(weights_only=True)`; nothing is a pickled module or object. Every write goes
 through rundir.write_atomic, so a process killed at any moment (SIGKILL, power loss, a full disk) leaves the
-previous checkpoint intact.
+previous checkpoint intact; the Checkpointer's epoch-end files are written in the background (checkpoint_writer).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from shelltrain import distributed
+from shelltrain.checkpoint_writer import CheckpointWriter
 from shelltrain.engine import Callback, NonFiniteLoss, TrainState, monitor_mode
 from shelltrain.errors import UserError
 from shelltrain.optim import Schedule
@@ -204,9 +205,11 @@ def non_finite_entry(model_state: dict[str, Any], optimizer_state: dict[Any, Any
     named = [(name, t) for name, t in named if t.is_floating_point() and t.numel()]
     if not named:
         return None
-    flags = [torch.isfinite(t).all() for _, t in named]
-    finite = torch.stack([flag.to(flags[0].device) for flag in flags]).tolist()  # e.g. Adam's step lives on the CPU
-    return next((name for (name, _), ok in zip(named, finite) if not ok), None)
+    # One pass per tensor with no temporary: a NaN or infinity anywhere makes the sum non-finite. A sum of finite
+    # values can overflow too, so only the tensors whose sum is non-finite get the exact element-wise check.
+    sums = torch.stack([t.detach().sum().float().to(named[0][1].device) for _, t in named])  # Adam's step: CPU
+    suspects = torch.nonzero(~torch.isfinite(sums)).flatten().tolist()  # one host sync
+    return next((named[i][0] for i in suspects if not bool(torch.isfinite(named[i][1]).all())), None)
 
 
 class Checkpointer(Callback):
@@ -214,7 +217,8 @@ class Checkpointer(Callback):
     monitored metric improves, and keeps `keep` epoch_NNN.pt files: the best epochs by that metric.
 
     Under DDP every rank has one (each hands in its RNG state, so a mid-epoch checkpoint resumes every rank
-    exactly) and only the one with `write` (rank 0) writes."""
+    exactly) and only the one with `write` (rank 0) writes. The files are written in the background while the
+    next epoch trains; used as a context manager around training, it returns once they are all on disk."""
 
     def __init__(
         self,
@@ -242,27 +246,38 @@ class Checkpointer(Callback):
         self.averager = averager  # averaging.EmaAverager or None: its state travels in every checkpoint
         self.swa = swa  # averaging.SwaAverager or None: likewise
         self.best_model: dict[str, torch.Tensor] | None = None  # best.pt's weights, kept in memory (rank 0)
+        self.writer = CheckpointWriter()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.writer.wait()  # also when training failed: what was handed to the writer is a good checkpoint
 
     def on_epoch_end(self, state: TrainState, row: dict[str, float], improved: bool) -> None:
         self._refuse_non_finite(epoch=state.epoch, step=state.step)
         payload = self.payload(state)
         if not self.write:
             return
-        data = serialize(payload)
+        data = serialize(payload)  # the snapshot: training goes on while the writer thread writes these bytes
+        self.writer.wait()  # the previous epoch's files are on disk before _retain looks at them
+        last = last_checkpoint(self.run_dir)
         # last.pt first: a crash before best.pt leaves last.pt selecting its own epoch, from which a resume rebuilds
         # best.pt (best_repair); best.pt first could leave it ahead of last.pt with the previous best model gone.
-        write_atomic(data, last_checkpoint(self.run_dir))
+        files: list[tuple[bytes | Path, Path]] = [(data, last)]
         if improved:
-            write_atomic(self._best(payload, data), best_checkpoint(self.run_dir))
+            best = self._best(payload, data)
+            files.append((last if best is data else best, best_checkpoint(self.run_dir)))  # same bytes: a hard link
             self.best_model = {k: v.detach().to("cpu", copy=True) for k, v in self._best_state(payload).items()}
         if self.keep > 0:
-            self._retain(state, data)
+            files += self._retain(state, last)
+        self.writer.submit(files)
 
     def on_checkpoint(self, state: TrainState) -> None:
         self._refuse_non_finite(epoch=state.epoch + 1, step=state.step)  # mid-epoch: within the next epoch
         payload = self.payload(state)
         if self.write:
-            write_atomic(serialize(payload), last_checkpoint(self.run_dir))
+            self.writer.submit([(serialize(payload), last_checkpoint(self.run_dir))])
 
     def _best(self, payload: dict[str, Any], data: bytes) -> bytes:
         """best.pt holds the model trainer.monitor selected: the averaged weights when it is an ema_ metric."""
@@ -281,16 +296,16 @@ class Checkpointer(Callback):
         if where is not None:
             raise NonFiniteState(where, epoch, step)
 
-    def _retain(self, state: TrainState, data: bytes) -> None:
-        """Keep the `keep` best epoch checkpoints (ties: the earlier epoch), deleting the rest."""
+    def _retain(self, state: TrainState, last: Path) -> list[tuple[bytes | Path, Path]]:
+        """Keep the `keep` best epoch checkpoints (ties: the earlier epoch), deleting the rest; this epoch's file,
+        when kept, is a hard link to last.pt's bytes (returned for the writer)."""
         existing = epoch_checkpoints(self.run_dir)
         candidates = sorted({*existing, state.epoch}, key=lambda e: self._rank(state, e))
         kept = set(candidates[: self.keep])
-        if state.epoch in kept:
-            write_atomic(data, epoch_checkpoint(self.run_dir, state.epoch))
         for epoch, path in existing.items():
             if epoch not in kept:
                 path.unlink(missing_ok=True)
+        return [(last, epoch_checkpoint(self.run_dir, state.epoch))] if state.epoch in kept else []
 
     def _rank(self, state: TrainState, epoch: int) -> tuple[float, int]:
         rows = [r for r in state.history if int(r["epoch"]) == epoch]

@@ -366,16 +366,40 @@ def write_atomic(data: bytes, path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_durably(tmp, data)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+        _rename_durably(tmp, path)
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise UserError(f"cannot write '{path}': {disk_error(exc, path.parent)}") from exc
+
+
+def link_atomic(source: Path, path: Path) -> bool:
+    """Make `path` a second name of the (complete, fsynced) file `source`: a hard link under a temporary name,
+    renamed over `path`, so a crash leaves the old `path` or the new one, and no byte is written twice. False
+    where the file system has no hard links (the caller writes the bytes instead)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        os.link(source, tmp)
+    except OSError:
+        return False
+    try:
+        _rename_durably(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UserError(f"cannot write '{path}': {disk_error(exc, path.parent)}") from exc
+    return True
+
+
+def _rename_durably(tmp: Path, path: Path) -> None:
+    """Rename `tmp` over `path`, then fsync the folder: the rename itself survives a power loss."""
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _write_durably(tmp: Path, data: bytes) -> None:

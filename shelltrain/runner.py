@@ -27,7 +27,7 @@ from shelltrain.console import make_console, print_summary, say, show
 from shelltrain.data import DataBundle, build_data, cv_fold
 from shelltrain.data.balance import balanced_loss
 from shelltrain.data.fingerprint import fingerprint
-from shelltrain.data.notes import training_notes
+from shelltrain.data.notes import carving_notes, training_notes
 from shelltrain.data.transforms import describe_preprocessing
 from shelltrain.distill import make_distiller
 from shelltrain.engine import NonFiniteLoss, TrainState, evaluate, fit, make_scaler, monitor_mode
@@ -212,6 +212,9 @@ def describe(cfg: DictConfig, job: Job, run_dir: Path, console: Any) -> None:
     say(console, describe_preprocessing(data, job.stats_from))
     for line in training_notes(data.train, data.classes, job.data_cfg, cfg.augmentation, job.settings):
         say(console, line)  # the augmentation, data.imbalance's counts, an epoch of very few steps
+    sizes = {name: len(getattr(data, name).dataset) for name in ("train", "val", "test")}
+    for line in carving_notes(job.data_cfg, sizes):  # an image folder without test/ or val/ gives up train images
+        say(console, line)
     for line in transfer_log(job.weights, job.loaded, job.data_cfg, job.stats_from, job.policy):
         say(console, line)
 
@@ -243,7 +246,7 @@ def train(
     callbacks = [*helpers, ConsoleProgress(console, job.settings.epochs, label), checkpointer, loggers]
     stop = GracefulStop(run_dir)
     try:
-        with stop:
+        with stop, checkpointer:  # leaving it waits for the checkpoints written in the background
             state = fit(
                 job.model,
                 job.data.train,

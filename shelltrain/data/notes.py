@@ -1,5 +1,6 @@
 """What the run's log says about the data it trains on beyond sizes: the augmentation, a long-tailed split's
-per-class counts, and an epoch too short to train (few images against a large batch)."""
+per-class counts, an epoch too short to train (few images against a large batch), and the train/ images an image
+folder without test/ or val/ gives up to those splits."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from shelltrain.data.balance import train_labels
+from shelltrain.dataroot import data_root
 from shelltrain.schema import TrainerConfig
 
 FEW_STEPS = 10  # fewer optimizer steps per epoch than this draws a warning
@@ -47,3 +49,22 @@ def describe_augmentation(augmentation: DictConfig) -> str:
     mixing = [f"{key}={augmentation[key]}" for key in ("mixup_alpha", "cutmix_alpha") if augmentation[key]]
     listed = ", ".join(names + mixing) or "no random transforms"
     return f"augmentation: {augmentation.name} ({listed})"
+
+
+def carving_notes(data: DictConfig, splits: dict[str, int]) -> list[str]:
+    """One line per split an image folder lacks (no test/ or val/ folder): how many train/ images were moved into
+    it, never to be trained on, and how to keep them in training. `splits`: images per split as built."""
+    if data.name != "imagefolder" or data.source is not None:
+        return []
+    root = data_root(data)
+    lines = []
+    for split in ("test", "val"):
+        if (root / split).is_dir():
+            continue
+        stand_in = "val/" if split == "test" else "your own images"
+        lines.append(
+            f"data.root has no {split}/ folder: {splits[split]} of the images in train/ (data.{split}_fraction="
+            f"{data[f'{split}_fraction']}) were moved to the {split} split and are not trained on; to train on all "
+            f"of train/, add {str(data.root).rstrip('/')}/{split}/ (a copy or link of {stand_in} will do)"
+        )
+    return lines
