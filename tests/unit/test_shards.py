@@ -97,6 +97,20 @@ def test_the_writer_shards_an_image_folder_with_every_split_and_an_index(tmp_pat
     assert "'data.shards.train=\"" in capsys.readouterr().out
 
 
+def test_the_writer_shards_a_label_file_and_a_run_reads_them(tmp_path):
+    from fixtures_data import make_manifest_images, write_manifest
+
+    rows = make_manifest_images(tmp_path, ("cat", "dog"), per_class=10)
+    rows = [{**row, "split": "test" if i % 5 == 0 else "train"} for i, row in enumerate(rows)]
+    assert write_main([str(write_manifest(tmp_path / "labels.csv", rows)), str(tmp_path / "out")]) == 0
+    index = json.loads((tmp_path / "out" / "shards.json").read_text())
+    assert index["counts"]["test-000000.tar"] == 4 and index["classes"] == ["cat", "dog"]
+    shards = [f'data.shards.{s}="{tmp_path}/out/{s}-000000.tar"' for s in ("train", "val", "test")]
+    bundle = build_data(compose_config("data=shards", *shards, "data.image_size=8").data, _none(), seed=0)
+    assert bundle.classes == ["cat", "dog"] and len(bundle.test.dataset) == 4
+    assert len(bundle.train.dataset) + len(bundle.val.dataset) == 16  # val carved from the train rows
+
+
 @pytest.mark.parametrize(
     "setting, message",
     [
