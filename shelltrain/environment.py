@@ -3,6 +3,7 @@ in several processes, and what summary.json records about the software and hardw
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from pathlib import Path
@@ -37,7 +38,7 @@ def seed_everything(seed: int, deterministic: bool, threads: int | None) -> None
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    threads = threads or share_of_cores()
+    threads = threads or share_of_cores() or quota_threads()
     if threads:
         torch.set_num_threads(threads)
     if deterministic:
@@ -52,7 +53,16 @@ def share_of_cores() -> int | None:
     """A launcher running N jobs at once (hydra.launcher.n_jobs, joblib) gives each job cores // N threads, not
     every core each (N jobs with all cores each ran 17x slower than with one thread each); None outside one."""
     at_once = jobs_at_once()
-    return None if at_once is None else max(1, _cores() // at_once)
+    return None if at_once is None else max(1, usable_cores() // at_once)
+
+
+def quota_threads() -> int | None:
+    """trainer.threads=null outside a parallel sweep: one thread per core this process may use, when that is
+    fewer than torch's default. torch follows the affinity mask (taskset, a SLURM allocation) but not a cgroup's CPU
+    quota (docker --cpus, a Kubernetes CPU limit): with one thread per core of the host, the threads wait on each
+    other for the quota's time slices. None keeps torch's default."""
+    usable = usable_cores()
+    return usable if usable < torch.get_num_threads() else None
 
 
 def job_gpu(gpus: int) -> int | None:
@@ -76,7 +86,31 @@ def jobs_at_once() -> int | None:
     n_jobs = HydraConfig.get().get("launcher", {}).get("n_jobs")
     if not isinstance(n_jobs, int) or n_jobs == 1 or n_jobs == 0:
         return None
-    return max(1, _cores() + 1 + n_jobs) if n_jobs < 0 else n_jobs
+    return max(1, usable_cores() + 1 + n_jobs) if n_jobs < 0 else n_jobs
+
+
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: those of its affinity mask, at most its cgroup's CPU quota (rounded up)."""
+    cores = _cores()
+    quota = cpu_quota(cgroup)
+    return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
+
+
+def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU quota of this process's cgroup in cores (cgroup v2 cpu.max, or v1 cpu.cfs_quota_us over
+    cpu.cfs_period_us); None when there is none or it cannot be read."""
+    try:
+        if (cgroup / "cpu.max").is_file():
+            quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+            return None if quota == "max" else int(quota) / int(period)
+        for folder in (cgroup / "cpu", cgroup / "cpu,cpuacct", cgroup):
+            if (folder / "cpu.cfs_quota_us").is_file():
+                quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+                period_us = int((folder / "cpu.cfs_period_us").read_text())
+                return None if quota_us <= 0 else quota_us / period_us
+    except (OSError, ValueError):  # an unreadable or unexpected file: no quota known, torch's default stays
+        return None
+    return None
 
 
 def _cores() -> int:

@@ -1,0 +1,58 @@
+"""trainer.threads=null: torch's one thread per core, held to the cores a cgroup's CPU quota allows."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shelltrain import environment
+
+
+def test_cgroup_v2_quota_in_cores(tmp_path: Path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert environment.cpu_quota(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert environment.cpu_quota(tmp_path) is None
+
+
+def test_cgroup_v1_quota_in_cores(tmp_path: Path):
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert environment.cpu_quota(tmp_path) == 2.0
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert environment.cpu_quota(tmp_path) is None
+    assert environment.cpu_quota(tmp_path / "missing") is None
+
+
+def test_usable_cores_are_the_affinity_mask_held_to_the_quota(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(environment, "_cores", lambda: 16)
+    (tmp_path / "cpu.max").write_text("250000 100000\n")
+    assert environment.usable_cores(tmp_path) == 3  # 2.5 cores of quota: three threads share them
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert environment.usable_cores(tmp_path) == 16
+
+
+def test_a_quota_below_torchs_default_sets_the_threads(monkeypatch):
+    monkeypatch.setattr(environment, "usable_cores", lambda: 1)
+    before = torch.get_num_threads()
+    try:
+        environment.seed_everything(0, deterministic=False, threads=None)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr(environment, "usable_cores", lambda: before + 4)
+    assert environment.quota_threads() is None  # more cores than torch uses: its default stays
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="taskset (util-linux) sets the affinity mask")
+def test_torch_already_follows_the_affinity_mask():
+    # Why only the quota needs shelltrain's help: torch's default is the cores of the process's affinity mask.
+    code = "import os, torch; print(torch.get_num_threads(), len(os.sched_getaffinity(0)))"
+    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "1"]
