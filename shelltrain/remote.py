@@ -42,7 +42,7 @@ def open_url(url: str, key: str) -> IO[bytes]:
     fs, path = filesystem(url, key)
     try:
         return fs.open(path, "rb")
-    except (OSError, PermissionError) as e:  # missing object, no access: fsspec maps both to OSError subclasses
+    except Exception as e:  # each backend its own types (OSError, botocore's NoCredentialsError, ...): one fix
         raise UserError(f"{key}: cannot read {url} ({one_line(e)}); check the URL and your credentials") from e
 
 
@@ -51,7 +51,7 @@ def exists(url: str, key: str, folder: bool = False) -> bool:
     fs, path = filesystem(url, key)
     try:
         return fs.isdir(path) if folder else fs.isfile(path)
-    except (OSError, PermissionError) as e:  # no access or no endpoint: the same fix
+    except Exception as e:  # no access, no endpoint, no credentials: each backend its own types, one fix
         raise UserError(f"{key}: cannot reach {url} ({one_line(e)}); check the URL and your credentials") from e
 
 
@@ -68,7 +68,7 @@ def local_copy(url: str, key: str, cache_dir: Path) -> Path:
             return local
         for name, info in fs.find(path, detail=True).items():
             _fetch(fs, name, local / os.path.relpath(name, path), info["size"])
-    except (OSError, PermissionError) as e:
+    except Exception as e:  # as in `exists`
         raise UserError(f"{key}: cannot copy {url} ({one_line(e)}); check the URL and your credentials") from e
     return local
 
@@ -90,7 +90,7 @@ def upload(folder: Path, url: str, key: str) -> int:
     try:
         for file in files:
             fs.put_file(str(file), f"{path.rstrip('/')}/{file.relative_to(folder).as_posix()}")
-    except (OSError, PermissionError) as e:
+    except Exception as e:  # as in `exists`
         raise UserError(f"{key}: cannot write to {url} ({one_line(e)}); check the URL and your credentials") from e
     return len(files)
 
