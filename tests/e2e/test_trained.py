@@ -127,7 +127,7 @@ def test_open_trained_reads_the_whole_preprocessing(averaged):
     run, _ = averaged
     trained = open_trained(run)
     assert trained.weights == "best" and trained.kind == "model" and not trained.quantized
-    assert trained.preprocessing.image_size == 16 and trained.preprocessing.channels == 1
+    assert trained.preprocessing.image_size == (16, 16) and trained.preprocessing.channels == 1
     assert trained.preprocessing.interpolation == "bilinear" and trained.preprocessing.antialias
 
 
