@@ -9,6 +9,9 @@ they reach is still one the module depends on.
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,7 +189,23 @@ def test_data_depends_only_on_lower_layers():
     assert not paths, "shelltrain/data/ reaches a higher layer:\n" + "\n".join(paths)
 
 
-HEAVY = {"torch", "torchvision", "matplotlib", "timm"}  # what a light module (the CLI's --help path) must not load
+# What a light module (the CLI's --help and --cfg job path) must not load: torch and the libraries a run imports
+# only where it uses them (plots, the digits data and splits, a logger, a data format, an ensemble's tables).
+HEAVY = {
+    "torch",
+    "torchvision",
+    "matplotlib",
+    "timm",
+    "sklearn",
+    "pandas",
+    "pyarrow",
+    "scipy",
+    "mlflow",
+    "datasets",
+    "webdataset",
+    "fsspec",
+    "optuna",
+}
 
 
 def top_level_imports(path: Path) -> set[str]:
@@ -236,3 +255,26 @@ def test_the_light_modules_stay_light():
     loads = heavy_packages(import_edges())
     assert not any(loads[f"{ROOT}.{name}"] for name in ("cli", "schema", "rundir", "sweep"))
     assert "torch" in loads[f"{ROOT}.runner"] and "torch" in loads[f"{ROOT}.jobs"]
+
+
+def loaded_by(code: str) -> set[str]:
+    """The top-level packages in sys.modules after `code` runs in a fresh interpreter (its stdout silenced)."""
+    probe = (
+        "import contextlib, io, json, sys\n"
+        f"with contextlib.redirect_stdout(io.StringIO()):\n    exec({code!r})\n"
+        "print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    return set(json.loads(out.splitlines()[-1]))
+
+
+def test_cfg_job_loads_nothing_heavy(tmp_path):
+    """`shelltrain --cfg job` (and --help) answer from the config alone: none of the libraries a run needs."""
+    code = "import sys; sys.argv = ['shelltrain', '--cfg', 'job', 'model=cnn']\nfrom shelltrain.cli import main\nmain()"
+    assert loaded_by(code) & HEAVY == set()
+
+
+def test_starting_a_job_loads_only_torch_and_torchvision():
+    """What every run loads before it builds anything: the rest is imported where a configured feature uses it
+    (scikit-learn for the digits data and carved splits, matplotlib for plots, pandas never by shelltrain)."""
+    assert loaded_by("import shelltrain.jobs") & HEAVY == {"torch", "torchvision"}
