@@ -90,3 +90,15 @@ def test_a_missing_s3_root_is_one_line_naming_the_key(tmp_path, s3):
     result = shelltrain("data=imagefolder", "data.root=s3://data/nothing-here", cwd=tmp_path, env=env)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("shelltrain: error: data.root: s3://data/nothing-here")
+
+
+def test_an_hf_dataset_at_an_s3_url_is_copied_to_the_data_cache_and_read(tmp_path, s3):
+    pytest.importorskip("datasets")
+    from hf_fixtures import HF, save
+
+    fs, _ = s3
+    fs.put(str(save(tmp_path / "ds")) + "/", "data/ds/", recursive=True)
+    cfg = compose_config(*HF, "data.hf.path=s3://data/ds", f"data.cache_dir={tmp_path / 'cache'}")
+    bundle = build_data(cfg.data, cfg.augmentation, seed=0)
+    assert bundle.classes == ["dark", "light"] and len(bundle.train.dataset) == 40
+    assert (tmp_path / "cache/remote/s3/data/ds/dataset_dict.json").is_file()

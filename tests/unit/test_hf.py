@@ -3,39 +3,14 @@ splits as given or carved, and one-line errors for a wrong column, split or path
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 from conftest import compose_config, run_in_process
-from PIL import Image
 
 from shelltrain.data import build_data
 from shelltrain.errors import UserError
 
-datasets = pytest.importorskip("datasets")
-
-
-def _pictures(count: int, offset: int = 0) -> tuple[list[Image.Image], list[int]]:
-    """Grey 10x12 images whose brightness says the class (0: dark, 1: light), with an id in pixel (0, 0)."""
-    labels = [i % 2 for i in range(count)]
-    images = []
-    for i, y in enumerate(labels):
-        pixels = np.full((12, 10), 50 + 150 * y, dtype=np.uint8)
-        pixels[0, 0] = offset + i
-        images.append(Image.fromarray(pixels, "L"))
-    return images, labels
-
-
-def save(folder, splits=("train", "validation", "test"), counts=(40, 10, 10)):
-    features = datasets.Features({"img": datasets.Image(), "kind": datasets.ClassLabel(names=["dark", "light"])})
-    parts = {}
-    for n, (split, count) in enumerate(zip(splits, counts)):
-        images, labels = _pictures(count, offset=100 * n)
-        parts[split] = datasets.Dataset.from_dict({"img": images, "kind": labels}, features=features)
-    datasets.DatasetDict(parts).save_to_disk(str(folder))
-    return folder
-
-
-HF = ["data=hf", "data.hf.image_column=img", "data.hf.label_column=kind", "data.image_size=8", "data.num_workers=0"]
+pytest.importorskip("datasets")
+from hf_fixtures import HF, save  # noqa: E402 (after the skip: hf_fixtures imports datasets)
 
 
 def test_a_saved_dataset_dict_gives_its_splits_and_class_names(tmp_path):
