@@ -40,6 +40,17 @@ def plain_size(value: Any) -> int | list[int]:
     return height if height == width else [height, width]
 
 
+def covering(have: tuple[int, int], size: Any) -> tuple[int, int]:
+    """The (height, width) an image of `have` pixels is scaled to, keeping its aspect ratio, so that it just covers
+    `size` (then center-cropped to it); for a square size the shorter side becomes that size, as torchvision's
+    resize to one int gives it."""
+    height, width = size_hw(size)
+    have_h, have_w = have
+    if height * have_w >= width * have_h:  # the height binds: the width follows the aspect ratio
+        return height, max(width, int(height * have_w / have_h))
+    return max(height, int(width * have_h / have_w)), width
+
+
 def size_text(value: Any) -> str:
     """A size for people: '32x32' or '16x24' (height x width)."""
     height, width = size_hw(value)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shelltrain.errors import UserError
-from shelltrain.imagesize import plain_size, size_hw, size_text
+from shelltrain.imagesize import covering, plain_size, size_hw, size_text
 
 INTERPOLATION = "bilinear"  # data.transforms.fit_size: torchvision's resize default
 ANTIALIAS = True
@@ -107,7 +107,8 @@ class Preprocessing:
 
 class InputAdapter(nn.Module):
     """`model` fed batches normalized as `given`: each is un-normalized, resized to the model's size (its
-    interpolation and antialiasing) and normalized with the model's own mean and std, in float32."""
+    interpolation and antialiasing; scaled to cover its height x width, keeping the aspect ratio, and center-cropped,
+    as its own images were) and normalized with the model's own mean and std, in float32."""
 
     def __init__(self, model: nn.Module, given: Preprocessing, wanted: Preprocessing):
         super().__init__()
@@ -120,7 +121,11 @@ class InputAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         images = x.float() * self.given_std + self.given_mean
-        if tuple(images.shape[-2:]) != self.size:
+        have = (images.shape[-2], images.shape[-1])
+        if have != self.size:
             antialias = self.antialias and self.interpolation in ("bilinear", "bicubic")
-            images = F.interpolate(images, size=self.size, mode=self.interpolation, antialias=antialias)
+            scaled = covering(have, self.size)
+            images = F.interpolate(images, size=scaled, mode=self.interpolation, antialias=antialias)
+            top, left = round((scaled[0] - self.size[0]) / 2), round((scaled[1] - self.size[1]) / 2)
+            images = images[..., top : top + self.size[0], left : left + self.size[1]]
         return self.model(((images - self.wanted_mean) / self.wanted_std).to(x.dtype))

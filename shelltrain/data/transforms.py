@@ -14,7 +14,7 @@ from torchvision.transforms.v2 import functional as F
 
 from shelltrain.data.sources import one_line
 from shelltrain.errors import UserError
-from shelltrain.imagesize import size_hw, size_text
+from shelltrain.imagesize import covering, size_hw, size_text
 
 # Images drawn (seeded) from the train split to estimate mean/std when the config leaves them null.
 _STATS_SAMPLES = 1000
@@ -82,14 +82,10 @@ def fit_size(images: torch.Tensor, size: Any) -> torch.Tensor:
     """Scale (antialiased, keeping the aspect ratio) until the images cover `size` (an int: a square, or
     [height, width]: imagesize.size_hw), then center-crop to it: for a square size, the shorter side becomes `size`."""
     height, width = size_hw(size)
-    have_h, have_w = images.shape[-2:]
-    if (have_h, have_w) == (height, width):
+    have = (images.shape[-2], images.shape[-1])
+    if have == (height, width):
         return images
-    if height * have_w >= width * have_h:  # the height binds: the width follows the aspect ratio
-        resized = [height, max(width, int(height * have_w / have_h))]
-    else:
-        resized = [max(height, int(width * have_h / have_w)), width]
-    return F.center_crop(F.resize(images, resized, antialias=True), [height, width])
+    return F.center_crop(F.resize(images, list(covering(have, size)), antialias=True), [height, width])
 
 
 def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:

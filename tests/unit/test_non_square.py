@@ -17,7 +17,7 @@ from shelltrain.data.cache import cached_images
 from shelltrain.data.device import Shift, batched_augmentations
 from shelltrain.data.transforms import fit_size
 from shelltrain.errors import UserError
-from shelltrain.imagesize import plain_size, size_hw, size_text
+from shelltrain.imagesize import covering, plain_size, size_hw, size_text
 from shelltrain.models import SmallCNN, first_forward
 from shelltrain.preprocess import InputAdapter, Preprocessing
 from shelltrain.transfer import WeightsSource, follow_weights
@@ -32,6 +32,8 @@ def test_an_int_is_a_square_and_a_pair_is_height_then_width():
     assert size_hw(OmegaConf.create({"s": [16, 24]}).s) == (16, 24)  # as the config hands it over
     assert plain_size((32, 32)) == 32 and plain_size([16, 24]) == [16, 24]  # written down as before for squares
     assert size_text(32) == "32x32" and size_text([16, 24]) == "16x24"
+    assert covering((20, 40), [12, 30]) == (15, 30) and covering((40, 20), [12, 30]) == (60, 30)
+    assert covering((30, 40), 16) == (16, 21)  # a square size: the shorter side, as torchvision's resize to an int
 
 
 @pytest.mark.parametrize(
@@ -100,13 +102,16 @@ def test_preprocessing_records_height_and_width_and_reads_old_square_checkpoints
     assert wide.same_inputs(Preprocessing((16, 24), 1, (0.5,), (0.2,)))
 
 
-def test_an_input_adapter_brings_a_batch_to_the_models_height_and_width():
+def test_an_input_adapter_brings_a_batch_to_the_models_height_and_width_as_its_own_images_were():
     seen = []
     model = nn.Module()
-    model.forward = lambda x: seen.append(x.shape) or x.mean((1, 2, 3))[:, None]
-    given, wanted = Preprocessing(32, 1, (0.5,), (0.25,)), Preprocessing([16, 24], 1, (0.5,), (0.25,))
-    InputAdapter(model, given, wanted)(torch.rand(2, 1, 32, 32))
-    assert seen == [torch.Size([2, 1, 16, 24])]
+    model.forward = lambda x: seen.append(x) or x.mean((1, 2, 3))[:, None]
+    given, wanted = Preprocessing(32, 1, (0.5,), (0.25,)), Preprocessing([16, 24], 1, (0.4,), (0.2,))
+    batch = torch.rand(2, 1, 32, 32)
+    InputAdapter(model, given, wanted)(batch)
+    pixels = batch * 0.25 + 0.5  # un-normalized, scaled to cover 16 x 24 (24 x 24), the centre rows kept
+    covered = torch.nn.functional.interpolate(pixels, size=(24, 24), mode="bilinear", antialias=True)
+    assert torch.allclose(seen[0], (F.center_crop(covered, [16, 24]) - 0.4) / 0.2, atol=1e-6)
 
 
 def test_a_rotation_on_the_device_turns_a_non_square_image_as_torchvision_does():
