@@ -154,7 +154,10 @@ def _grid(tiles: list[tuple[np.ndarray, ...]], titles: list[str], heading: str, 
     fig.suptitle(heading)
     for k, (tile, title) in enumerate(zip(tiles, titles)):
         ax = fig.add_subplot(rows, columns, k + 1)
-        ax.imshow(np.concatenate(tile, axis=1), interpolation="nearest")
+        gap = np.ones((tile[0].shape[0], max(1, tile[0].shape[1] // 8), 3))  # white between a pair's images
+        ax.imshow(
+            np.concatenate([part for image in tile for part in (image, gap)][:-1], axis=1), interpolation="nearest"
+        )
         ax.set_title(title, fontsize=8)
         ax.set_axis_off()
     buffer = io.BytesIO()
