@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -56,3 +57,17 @@ def test_torch_already_follows_the_affinity_mask():
     code = "import os, torch; print(torch.get_num_threads(), len(os.sched_getaffinity(0)))"
     out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["1", "1"]
+
+
+def test_a_busy_machine_makes_the_threads_wait_asleep(monkeypatch):
+    from shelltrain.cli import wait_passively_when_busy
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert not wait_passively_when_busy(load=cores - 0.5)  # a quiet machine: OpenMP's default
+    assert "OMP_WAIT_POLICY" not in os.environ
+    assert wait_passively_when_busy(load=cores + 1.0)
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice stays
+    assert not wait_passively_when_busy(load=cores + 10.0)
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
