@@ -158,6 +158,12 @@ def predict_task(
     logits, _ = predict(trained.module, loader, settings)
     classes = trained.classes
     output = run_dir / rundir.PREDICTIONS
+    if cfg.predict.cam:  # the predicted class's (multi-label: the most probable label's) Grad-CAM overlay
+        request = Cam(trained.module, cfg.predict.cam_layer, "predict.cam_layer", console, trained.kind)
+        names = [path.relative_to(folder).as_posix() for path in files]
+        top = logits.argmax(1).tolist()
+        if write_overlays(request, images, names, top, pre, run_dir / CAM_FOLDER, cfg.predict.batch_size):
+            say(console, f"Grad-CAM overlays of the predicted classes in [bold]{run_dir / CAM_FOLDER}[/bold]")
     if trained.thresholds is not None:  # file, labels above their thresholds, their probabilities
         return _predict_labels(cfg, console, trained, settings, files, folder, logits, output)
     probability, index = logits.softmax(1).max(1)
@@ -171,11 +177,6 @@ def predict_task(
     for k in index.tolist():
         counts[str(classes[k])] += 1
     say(console, f"{len(files)} images from {folder}: predictions in [bold]{output}[/bold]")
-    if cfg.predict.cam:
-        request = Cam(trained.module, cfg.predict.cam_layer, "predict.cam_layer", console, trained.kind)
-        names = [path.relative_to(folder).as_posix() for path in files]
-        if write_overlays(request, images, names, index.tolist(), pre, run_dir / CAM_FOLDER, cfg.predict.batch_size):
-            say(console, f"Grad-CAM overlays of the predicted classes in [bold]{run_dir / CAM_FOLDER}[/bold]")
     figures = {
         "images": len(files),
         "input": str(folder),

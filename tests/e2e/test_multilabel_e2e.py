@@ -13,6 +13,7 @@ import torch
 from conftest import run_in_process
 from PIL import Image
 
+from shelltrain.cam import FOLDER as CAM_FOLDER
 from shelltrain.checkpoint import load_checkpoint
 from shelltrain.export import export_metadata
 from shelltrain.trained import open_trained
@@ -87,7 +88,9 @@ def test_evaluate_predict_and_export_agree_on_labels(trained_run, tmp_path):
     evaluated = run_in_process(tmp_path / "evaluate", "task=evaluate", f"model.weights={run}")
     assert evaluated["test_map"] == pytest.approx(result["test_map"], abs=1e-6)  # the run's own test split
     assert evaluated["test_f1_micro"] == pytest.approx(result["test_f1_micro"], abs=1e-6)
-    run_in_process(tmp_path / "predict", "task=predict", f"model.weights={run}", f"predict.input={folder / 'new'}")
+    new = f"predict.input={folder / 'new'}"
+    run_in_process(tmp_path / "predict", "task=predict", f"model.weights={run}", new, "predict.cam=true")
+    assert len(list((tmp_path / "predict" / CAM_FOLDER).glob("*.png"))) == 10  # the most probable label's CAM
     with open(tmp_path / "predict" / "predictions.csv") as handle:
         predicted = {row["file"]: row["labels"] for row in csv.DictReader(handle)}
     assert len(predicted) == 10
