@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import run_in_process
 from PIL import Image
+from test_scale import DDP, failure, torchrun
 
 from shelltrain.cam import FOLDER as CAM_FOLDER
 from shelltrain.checkpoint import load_checkpoint
@@ -125,3 +126,17 @@ def test_an_ensemble_fuses_probabilities_and_cv_folds_stratify_multi_hot_rows(tr
     assert torch.allclose(opened.module(images).sigmoid(), members, atol=1e-5)  # the average of probabilities
     folds = run_in_process(tmp_path / "cv", *common, "cv.folds=2", "cv.refit=false")
     assert folds["cv"]["folds"] == 2 and "test_map" in json.loads((tmp_path / "cv/cv/fold_1/summary.json").read_text())
+
+
+@pytest.mark.slow  # about 25 s: two torchrun ranks
+def test_ddp_validation_measures_map_on_the_whole_val_split(tmp_path):
+    """Under DDP each rank predicts its shard of val; mAP needs every score, so the ranks' logits are gathered:
+    the epoch's val_map is what one process measures on the whole val split with the same weights."""
+    args = (*DDP, "trainer.loss=bce", "trainer.monitor=val_map", "trainer.epochs=1")
+    result = torchrun(*args, "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 0, failure(result)
+    trained = json.loads((tmp_path / "run/summary.json").read_text())
+    evaluated = run_in_process(
+        tmp_path / "val", "task=evaluate", "evaluate.split=val", f"model.weights={tmp_path / 'run'}"
+    )
+    assert trained["best_val_map"] == pytest.approx(evaluated["val_map"], abs=1e-6)
