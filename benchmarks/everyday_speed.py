@@ -6,9 +6,10 @@
   whole     the default-style job from start to exit: `shelltrain model=M trainer.epochs=E` (its defaults: data
             digits, checkpoints, plots, report) vs the plain loop doing the same training             target <= 1.05
 
-Each round runs every pair once, the two commands in alternating order (round 1: reference first, round 2:
-shelltrain first, ...), so a machine that gets busier or quieter weighs on both; the table shows each side's
-median and range and the median (range) of the per-round ratios.
+Both sides run with the same OpenMP wait policy: the one shelltrain picks when the benchmark starts (asleep on a
+machine busier than its cores), or OMP_WAIT_POLICY as set. Each round runs every pair once, the two commands in
+alternating order (round 1: reference first, round 2: shelltrain first, ...), so a machine that gets busier or
+quieter weighs on both; the table shows each side's median and range and the median (range) of the per-round ratios.
 
     python benchmarks/everyday_speed.py --rounds 5                  # resnet18 on digits, 3 epochs
     python benchmarks/everyday_speed.py --rounds 3 --epochs 8       # the default job's 8 epochs
@@ -30,6 +31,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from shelltrain.cli import wait_passively_when_busy
 
 HERE = Path(__file__).resolve().parent
 TARGETS = {"help": 1.2, "start-up": None, "whole": 1.05}
@@ -114,10 +117,8 @@ def spread(values: list[float]) -> str:
 
 def report(found: dict[str, list[tuple[float, float]]], args: argparse.Namespace, load: tuple[str, str]) -> None:
     """The table: each side's median (range) in seconds, the per-round ratio's median (range), the target."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(
-        f"\n{platform.processor() or platform.machine()}, {cores} cores; load average before {load[0]}, after {load[1]}"
-    )
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
+    print(f"\n{machine()}; load average before {load[0]}, after {load[1]}; OMP_WAIT_POLICY {policy} on both sides")
     print(f"model={args.model} trainer.epochs={args.epochs} {' '.join(args.extra)}; {args.rounds} rounds, alternating")
     print(f"{'measure':<9} {'shelltrain s':>20} {'reference s':>20} {'ratio':>20}  target")
     for name, rounds in found.items():
@@ -139,6 +140,7 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="further shelltrain overrides, e.g. plots=false")
     parser.add_argument("--keep", type=Path, default=None, help="keep the runs in this folder (default: deleted)")
     args = parser.parse_args()
+    wait_passively_when_busy()  # as the shelltrain command would decide now, for the plain loop as well
     work = args.keep or Path(tempfile.mkdtemp(prefix="everyday_speed_"))
     work.mkdir(parents=True, exist_ok=True)
     before = " ".join(f"{x:.2f}" for x in os.getloadavg())
