@@ -73,7 +73,7 @@ def test_digits_defaults():
     bundle = build(make_cfg())
     assert [len(loader.dataset) for loader in (bundle.train, bundle.val, bundle.test)] == [1293, 144, 360]
     assert bundle.classes == [str(k) for k in range(10)] and bundle.num_classes == 10
-    assert (bundle.in_channels, bundle.image_size) == (1, 32)
+    assert (bundle.in_channels, bundle.image_size) == (1, (32, 32))
     images, labels = next(iter(bundle.train))
     assert images.shape == (32, 1, 32, 32) and images.dtype == torch.float32
     assert labels.shape == (32,) and labels.dtype == torch.int64
@@ -114,7 +114,12 @@ def test_cifar100(tmp_path, monkeypatch):
 def test_mnist_family(tmp_path, name, make, first_class):
     make(tmp_path, n_train=100, n_test=40)
     bundle = build(make_cfg(name, "none", f"data.root={tmp_path}", "data.num_workers=0"))
-    assert (bundle.num_classes, bundle.classes[0], bundle.in_channels, bundle.image_size) == (10, first_class, 1, 28)
+    assert (bundle.num_classes, bundle.classes[0], bundle.in_channels, bundle.image_size) == (
+        10,
+        first_class,
+        1,
+        (28, 28),
+    )
     assert next(iter(bundle.test))[0].shape == (40, 1, 28, 28)
     assert_labels_match_pixels(bundle)
 
@@ -122,7 +127,7 @@ def test_mnist_family(tmp_path, name, make, first_class):
 def test_imagefolder_carves_missing_splits(tmp_path):
     make_imagefolder(tmp_path, classes=("cat", "dog", "fox"), per_class=10)
     bundle = build(make_cfg("imagefolder", "none", f"data.root={tmp_path}", "data.num_workers=0"))
-    assert bundle.classes == ["cat", "dog", "fox"] and (bundle.in_channels, bundle.image_size) == (3, 64)
+    assert bundle.classes == ["cat", "dog", "fox"] and (bundle.in_channels, bundle.image_size) == (3, (64, 64))
     assert [len(loader.dataset) for loader in (bundle.train, bundle.val, bundle.test)] == [21, 3, 6]
     paths = [set(loader.dataset.paths) for loader in (bundle.train, bundle.val, bundle.test)]
     assert not (paths[0] & paths[1] or paths[0] & paths[2] or paths[1] & paths[2])
@@ -196,7 +201,7 @@ def test_limit_samples_caps_each_split_stratified():
 
 def test_grey_to_rgb_and_resize():
     bundle = build(make_cfg("digits", "none", "data.channels=3", "data.image_size=16"))
-    assert (bundle.in_channels, bundle.image_size, len(bundle.mean)) == (3, 16, 3)
+    assert (bundle.in_channels, bundle.image_size, len(bundle.mean)) == (3, (16, 16), 3)
     images, _ = next(iter(bundle.test))
     assert images.shape == (64, 3, 16, 16)
     assert torch.equal(images[:, 0], images[:, 2])
