@@ -38,6 +38,7 @@ def s3(monkeypatch):
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec keeps clients per process: none for an earlier test's port
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.mkdir("data")
     fs.mkdir("runs")
