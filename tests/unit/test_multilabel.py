@@ -10,7 +10,8 @@ from sklearn.metrics import average_precision_score, f1_score
 
 from shelltrain.data.manifest import manifest_sources
 from shelltrain.errors import UserError
-from shelltrain.multilabel import bce, scores, stratum, tune_thresholds
+from shelltrain.fusion import FusedModel
+from shelltrain.multilabel import balanced_pos_weight, bce, scores, stratum, tune_thresholds
 from shelltrain.schema import validate
 
 
@@ -130,3 +131,18 @@ def test_single_label_options_are_refused_in_one_line(overrides, message):
 def test_multilabel_keys_need_bce(overrides, message):
     with pytest.raises(UserError, match=message):
         validate(compose_config("model=cnn", *overrides))
+
+
+def test_balanced_pos_weight_is_negatives_over_positives_per_class():
+    labels = torch.tensor([[1, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], dtype=torch.float32)
+    assert balanced_pos_weight(labels, 3).tolist() == pytest.approx([1 / 3, 1.0, 1.0])  # no positives: weight 1
+    assert balanced_pos_weight(torch.tensor([0, 0, 0, 1]), 2).tolist() == pytest.approx([1 / 3, 3.0])
+
+
+def test_a_fused_multilabel_model_outputs_the_logit_of_the_averaged_probabilities():
+    torch.manual_seed(0)
+    members = [torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)]
+    x = torch.randn(7, 5)
+    fused = FusedModel(members, "average", [1.0, 1.0], multi_label=True)
+    expected = torch.stack([m(x).sigmoid() for m in members]).mean(0)
+    assert torch.allclose(fused(x).sigmoid(), expected, atol=1e-6)
