@@ -140,3 +140,20 @@ def test_ddp_validation_measures_map_on_the_whole_val_split(tmp_path):
         tmp_path / "val", "task=evaluate", "evaluate.split=val", f"model.weights={tmp_path / 'run'}"
     )
     assert trained["best_val_map"] == pytest.approx(evaluated["val_map"], abs=1e-6)
+
+
+@pytest.mark.slow  # about 15 s more: prune, fine-tune, measure
+def test_a_pruned_multilabel_model_is_fine_tuned_with_bce_and_gets_new_thresholds(trained_run, tmp_path):
+    folder, run, result = trained_run
+    pruned = run_in_process(
+        tmp_path / "pruned",
+        *DATA,
+        f"data.manifest={folder / 'labels.csv'}",
+        "trainer.loss=bce",
+        f"model.weights={run}",
+        "trainer.epochs=0",
+        "prune=magnitude",
+        "prune.finetune_epochs=1",
+    )
+    assert pruned["prune_sparsity"] > 0.3 and 0 <= pruned["test_map"] <= 1
+    assert load_checkpoint(tmp_path / "pruned/checkpoints/best.pt")["thresholds"] == list(pruned["thresholds"].values())
