@@ -36,6 +36,7 @@ import torch
 from shelltrain.console import make_console, say
 from shelltrain.data.sources import decode
 from shelltrain.data.transforms import fit_size
+from shelltrain.dataroot import default_cache_dir
 from shelltrain.errors import UserError
 from shelltrain.imagesize import plain_size, size_hw
 from shelltrain.rundir import PLACE_ERRNOS
@@ -45,12 +46,6 @@ FORMAT = 1  # bump when the array's layout or the decode changes meaning
 CHUNK = 64  # images per task of the parallel build
 HASH_THREADS = 4  # files hashed at once with data.cache_check=hash
 HASH_BLOCK = 1 << 20  # bytes read per call while hashing
-
-
-def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/shelltrain, else ~/.cache/shelltrain."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "shelltrain"
 
 
 def cache_key(paths: list[str], mode: str, size: int | list[int], check: str) -> dict:
