@@ -211,28 +211,28 @@ def plot_lr_find(rows: Sequence[dict[str, float]], suggested: float | None, path
 
 
 def plot_top_losses(images: Sequence[Any], titles: Sequence[str], wrong: Sequence[bool], path: Path) -> Path:
-    """The gallery of the tested images with the highest loss: S x S x C arrays in [0, 1] (C = 1: grey), each titled
+    """The gallery of the tested images with the highest loss: H x W x C arrays in [0, 1] (C = 1: grey), each titled
     with its true and predicted class; red titles are mistakes, green ones right but unsure. One picture of all
     tiles (not an axes per image: a tenth of the drawing time), pixels shown as they are."""
     import numpy as np
 
-    side = images[0].shape[0]
-    gap, head = max(1, side // 4), side * 0.45  # between tiles; above each tile for its two-line title
+    height, width = images[0].shape[:2]
+    gap, head = max(1, min(height, width) // 4), height * 0.45  # between tiles; above each tile for its two-line title
     columns = min(GALLERY_COLUMNS, len(images))
     lines = math.ceil(len(images) / columns)
-    canvas = np.ones((math.ceil(lines * (side + head) + gap), columns * (side + gap) + gap, 3))
+    canvas = np.ones((math.ceil(lines * (height + head) + gap), columns * (width + gap) + gap, 3))
     corners = [
-        (round(r * (side + head) + head), gap + c * (side + gap))
+        (round(r * (height + head) + head), gap + c * (width + gap))
         for r, c in (divmod(i, columns) for i in range(len(images)))
     ]
     for (y, x), image in zip(corners, images):
-        canvas[y : y + side, x : x + side] = image  # grey broadcasts to the three channels
+        canvas[y : y + height, x : x + width] = image  # grey broadcasts to the three channels
     fig = _plain_figure(2.1 * columns, (2.1 * columns) * canvas.shape[0] / canvas.shape[1] + 0.5)
     ax = fig.add_axes((0.0, 0.0, 1.0, 1.0 - 0.5 / fig.get_figheight()))
     ax.imshow(canvas, interpolation="nearest")
     for (y, x), title, mistake in zip(corners, titles, wrong):
         color = "tab:red" if mistake else "tab:green"
-        ax.text(x + side / 2, y - 0.04 * side, title, ha="center", va="bottom", fontsize=9, color=color)
+        ax.text(x + width / 2, y - 0.04 * height, title, ha="center", va="bottom", fontsize=9, color=color)
     ax.set_axis_off()
     fig.suptitle(f"Highest loss first ({len(images)} images): true / predicted (probability)", y=0.995, va="top")
     return _save(fig, path)

@@ -21,11 +21,12 @@ TINY = ["model=cnn", "model.width=4", "trainer.epochs=1"]
 
 def test_a_model_trained_at_height_and_width_evaluates_predicts_and_exports_at_it(tmp_path):
     run = tmp_path / "run"
-    trained = run_in_process(run, *TINY, "data.image_size=[16,24]", "data.limit_samples=300")
+    trained = run_in_process(run, *TINY, "data.image_size=[16,24]", "data.limit_samples=300", "plots=true")
     checkpoint = torch.load(run / "checkpoints" / "best.pt", weights_only=False)
     assert checkpoint["preprocessing"]["image_size"] == [16, 24]
     assert "preprocessing: 16x24 px (data.image_size" in (run / "train.log").read_text()
     assert "images 16x24 px (height x width)" in (run / "MODEL_CARD.md").read_text()
+    assert (run / "plots" / "top_losses.png").stat().st_size > 0  # the gallery tiles 16x24 pictures
 
     evaluated = run_in_process(tmp_path / "evaluate", "task=evaluate", f"model.weights={run}")
     assert evaluated["test_acc"] == trained["test_acc"]  # the same images at the same size, from the checkpoint alone
