@@ -18,9 +18,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shelltrain.console import make_console, say
-from shelltrain.dataroot import user_path
+from shelltrain.dataroot import data_root, local_copy
 from shelltrain.errors import UserError
 from shelltrain.multilabel import SEPARATOR
+from shelltrain.remote import is_url
 
 SPLITS = ("train", "val", "test")  # the values a manifest's split column may hold
 _FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None, ".ndjson": None}  # suffix -> CSV delimiter (None: JSON lines)
@@ -55,10 +56,16 @@ class _Rows:
 
 
 def manifest_path(data: DictConfig) -> Path:
-    """data.manifest as an absolute path (a relative one is taken from where the run was launched)."""
+    """data.manifest as an absolute path (a relative one is taken from where the run was launched); a URL's local
+    copy, with the whole folder it sits in when the images' paths start there (no data.root)."""
     if OmegaConf.is_missing(data, "manifest") or data.manifest is None:
         raise UserError("data.manifest: not set; set data.manifest=PATH to a CSV, TSV or JSON-lines label file")
-    path = user_path(str(data.manifest))
+    spec = str(data.manifest)
+    if is_url(spec) and data.root is None:
+        folder, name = spec.rsplit("/", 1)
+        path = local_copy(folder, "data.manifest", data) / name
+    else:
+        path = local_copy(spec, "data.manifest", data)
     if path.suffix.lower() not in _FORMATS:
         raise UserError(
             f"data.manifest: '{path}' is not a .csv, .tsv, .jsonl or .ndjson file; rename it to say its format"
@@ -70,7 +77,7 @@ def manifest_path(data: DictConfig) -> Path:
 
 def image_base(data: DictConfig, manifest: Path) -> str:
     """Where relative image paths start: data.root when it is set, else the manifest's own folder."""
-    return str(manifest.parent if data.root is None else user_path(str(data.root)))
+    return str(manifest.parent if data.root is None else data_root(data))
 
 
 def read_manifest(data: DictConfig, check_files: bool = True, multi_label: bool = False) -> Manifest:

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 import torch
 from conftest import compose_config, shelltrain
-from fixtures_data import make_imagefolder
+from fixtures_data import make_imagefolder, make_manifest_images, write_manifest
 from shard_fixtures import ids_of, overrides, write_shards
 
 from shelltrain.data import build_data
@@ -103,3 +103,13 @@ def test_an_hf_dataset_at_an_s3_url_is_copied_to_the_data_cache_and_read(tmp_pat
     bundle = build_data(cfg.data, cfg.augmentation, seed=0)
     assert bundle.classes == ["dark", "light"] and len(bundle.train.dataset) == 40
     assert (tmp_path / "cache/remote/s3/data/ds/dataset_dict.json").is_file()
+
+
+def test_a_label_file_at_an_s3_url_is_read_with_the_images_beside_it(tmp_path, s3):
+    fs, _ = s3
+    write_manifest(tmp_path / "set" / "labels.csv", make_manifest_images(tmp_path / "set", per_class=6))
+    fs.put(str(tmp_path / "set") + "/", "data/set/", recursive=True)
+    cfg = compose_config("data=manifest", "data.manifest=s3://data/set/labels.csv", f"data.cache_dir={tmp_path / 'c'}")
+    bundle = build_data(cfg.data, cfg.augmentation, seed=0)
+    assert bundle.classes == ["cat", "dog", "fox"]
+    assert sum(len(split.dataset) for split in (bundle.train, bundle.val, bundle.test)) == 18
