@@ -157,6 +157,18 @@ def check_task(cfg: DictConfig) -> None:
         raise UserError("task=predict needs images: add predict.input=<folder of images>")
 
 
+def check_streamed(cfg: DictConfig) -> None:
+    """data=shards streams the train split: what needs every train label before training cannot use it."""
+    if cfg.data.name != "shards":
+        return
+    for key, used in (("cv.folds", bool(cfg.cv.folds)), ("task=audit", cfg.task == "audit")):
+        if used:
+            raise UserError(
+                f"{key} needs every train label up front and data=shards streams them; "
+                "use data=imagefolder or data=manifest"
+            )
+
+
 def check_structured_support(cfg: DictConfig) -> None:
     """Architectures torch-pruning's dependency graph cannot prune structurally fail here, not after training."""
     if cfg.prune.name != "structured":

@@ -33,6 +33,7 @@ from shelltrain.checks import (
     check_optimizer,
     check_prune_list,
     check_scheduler,
+    check_streamed,
     check_structured_support,
     check_task,
     finite_list,
@@ -372,6 +373,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.compress is not None:  # null in a plain run and in compress.py's stage configs
         to_schema(cfg.compress, CompressConfig, "compress").check()
     check_task(cfg)
+    check_streamed(cfg)
     check_balance(cfg)
     check_multi_label(cfg)  # trainer.loss=bce against single-label options
     if not isinstance(cfg.plots, bool):

@@ -138,3 +138,11 @@ def test_the_unsharded_loader_serves_the_whole_stream_as_one_process(tmp_path):
     whole = loader.unsharded()
     assert len(loader) == 3 and len(whole) == 6
     assert sorted(i for images, _ in whole for i in ids_of(images)) == written
+
+
+def test_cross_validation_on_streamed_shards_is_one_line(tmp_path):
+    from shelltrain.schema import validate
+
+    cfg = compose_config(*overrides(tmp_path, 1), "cv.folds=2")
+    with pytest.raises(UserError, match=r"^cv.folds needs every train label up front and data=shards streams them"):
+        validate(cfg)
