@@ -107,14 +107,17 @@ METRIC_COLUMNS = [
     "images_per_second",
 ]
 EMA_COLUMNS = ["ema_val_loss", "ema_val_acc"]  # after val_acc, in runs with trainer.ema
+# after val_acc, in multi-label runs (trainer.loss=bce)
+MULTI_LABEL_COLUMNS = ["val_map", "val_f1_micro", "val_f1_macro", "val_precision", "val_recall"]
 
 
 def metric_columns(row: dict[str, float]) -> list[str]:
-    """metrics.csv's columns: the fixed ones, and the EMA weights' val figures in a run that measures them."""
-    if not all(key in row for key in EMA_COLUMNS):
-        return METRIC_COLUMNS
+    """metrics.csv's columns: the fixed ones, and the val figures a run measures besides them (the EMA weights'
+    with trainer.ema, mAP and F1 in a multi-label run)."""
+    extra = [*(EMA_COLUMNS if all(key in row for key in EMA_COLUMNS) else [])]
+    extra += MULTI_LABEL_COLUMNS if "val_map" in row else []
     at = METRIC_COLUMNS.index("val_acc") + 1
-    return [*METRIC_COLUMNS[:at], *EMA_COLUMNS, *METRIC_COLUMNS[at:]]
+    return [*METRIC_COLUMNS[:at], *extra, *METRIC_COLUMNS[at:]]
 
 
 class MetricsCSV:

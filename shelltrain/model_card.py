@@ -48,7 +48,7 @@ def render(config: dict[str, Any], result: dict[str, Any], splits: dict[str, int
         front_matter(config, result),
         f"# {_model_name(config)} on {config['data']['name']}\n\n"
         f"Written by shelltrain at the end of the run in `{result.get('run_dir', '')}` from its summary.json.",
-        _task(classes),
+        _task(classes, config["trainer"]["loss"] == "bce"),
         _data(config, splits, classes),
         _model(config, result),
         _training(config, result),
@@ -65,8 +65,12 @@ def front_matter(config: dict[str, Any], result: dict[str, Any]) -> str:
     """The Hugging Face hub's model-card metadata, as YAML between --- lines."""
     data = config["data"]["name"]
     metrics = [{"type": "accuracy", "value": round(result["test_acc"], 4), "name": "test accuracy"}]
+    multi_label = "test_map" in result
+    if multi_label:
+        metrics.insert(0, {"type": "mAP", "value": round(result["test_map"], 4), "name": "test mAP"})
     if result.get("test_loss") is not None:
-        metrics.append({"type": "loss", "value": round(result["test_loss"], 4), "name": "test cross-entropy"})
+        loss = "test binary cross-entropy" if multi_label else "test cross-entropy"
+        metrics.append({"type": "loss", "value": round(result["test_loss"], 4), "name": loss})
     meta = {
         "library_name": "pytorch",
         "tags": ["image-classification", "shelltrain", _model_name(config)],
@@ -87,8 +91,13 @@ def front_matter(config: dict[str, Any], result: dict[str, Any]) -> str:
     return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---"
 
 
-def _task(classes: list[str]) -> str:
+def _task(classes: list[str], multi_label: bool) -> str:
     listed = ", ".join(classes[:LISTED_CLASSES]) + (", ..." if len(classes) > LISTED_CLASSES else "")
+    if multi_label:
+        return (
+            f"## Task\n\nMulti-label image classification over {len(classes)} classes (a sigmoid per class, "
+            f"decision thresholds tuned on val): {listed}."
+        )
     return f"## Task\n\nImage classification into {len(classes)} classes: {listed}."
 
 
@@ -135,6 +144,8 @@ def _training(config: dict[str, Any], result: dict[str, Any]) -> str:
 
 def _results(config: dict[str, Any], result: dict[str, Any]) -> str:
     rows = [
+        ("test mAP", result.get("test_map")),
+        ("test micro F1", result.get("test_f1_micro")),
         ("test accuracy", result["test_acc"]),
         ("test loss", result.get("test_loss")),
         ("test top-5 accuracy", result.get("test_top5")),

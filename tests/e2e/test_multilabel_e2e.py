@@ -82,6 +82,11 @@ def test_training_reports_multilabel_figures_and_stores_thresholds(trained_run):
     assert open_trained(run).thresholds == stored
     header = (run / "predictions.csv").read_text().splitlines()[0]
     assert header == "sample,true,predicted,scores,exact,split"
+    with open(run / "metrics.csv", newline="") as handle:
+        epochs = list(csv.DictReader(handle))
+    assert len(epochs) == 6 and all(0.0 <= float(row["val_map"]) <= 1.0 for row in epochs)
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "Multi-label image classification over 3 classes" in card and "| test mAP |" in card
 
 
 def test_evaluate_predict_and_export_agree_on_labels(trained_run, tmp_path):
