@@ -10,6 +10,8 @@ Both sides run with the same OpenMP wait policy: the one shelltrain picks when t
 machine busier than its cores), or OMP_WAIT_POLICY as set. Each round runs every pair once, the two commands in
 alternating order (round 1: reference first, round 2: shelltrain first, ...), so a machine that gets busier or
 quieter weighs on both; the table shows each side's median and range and the median (range) of the per-round ratios.
+Beside the wall-clock ratio the table gives the CPU ratio (user + system seconds of each command), which other
+processes on a busy machine sway less.
 
     python benchmarks/everyday_speed.py --rounds 5                  # resnet18 on digits, 3 epochs
     python benchmarks/everyday_speed.py --rounds 3 --epochs 8       # the default job's 8 epochs
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -44,29 +47,40 @@ def shelltrain_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "shelltrain"]
 
 
-def wall(command: list[str], cwd: Path) -> float:
-    """Seconds from starting `command` to its exit; a failure stops the benchmark with its output."""
-    started = time.perf_counter()
+Timing = tuple[float, float]  # (wall-clock seconds, CPU seconds of the process and its threads and children)
+
+
+def children_cpu() -> float:
+    """User + system CPU seconds of this process's finished children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wall(command: list[str], cwd: Path) -> Timing:
+    """Seconds from starting `command` to its exit, and its CPU seconds; a failure stops the benchmark."""
+    started, cpu = time.perf_counter(), children_cpu()
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode:
         sys.exit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    return seconds
+    return seconds, children_cpu() - cpu
 
 
-def first_step(command: list[str], cwd: Path) -> float:
-    """Seconds from starting `command` to the end of its first optimizer step (benchmarks/first_step.py)."""
+def first_step(command: list[str], cwd: Path) -> Timing:
+    """Seconds from starting `command` to the end of its first optimizer step (benchmarks/first_step.py), where
+    it stops, and its CPU seconds until then."""
+    cpu = children_cpu()
     env = {**os.environ, "EVERYDAY_T0": repr(time.time())}
     done = subprocess.run(
         [sys.executable, str(HERE / "first_step.py"), *command], cwd=cwd, capture_output=True, text=True, env=env
     )
     for line in done.stdout.splitlines():
         if line.startswith("FIRST_STEP "):
-            return float(line.split()[1])
+            return float(line.split()[1]), children_cpu() - cpu
     sys.exit(f"{' '.join(command)} reached no optimizer step:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
 
 
-def pairs(args: argparse.Namespace, work: Path) -> dict[str, tuple[Callable[[int], float], Callable[[int], float]]]:
+def pairs(args: argparse.Namespace, work: Path) -> dict[str, tuple[Callable[[int], Timing], Callable[[int], Timing]]]:
     """Each measure's (shelltrain, reference) as functions of the round, each in a fresh output directory."""
     st = shelltrain_command()
     job = [f"model={args.model}", f"trainer.epochs={args.epochs}", *args.extra]
@@ -85,9 +99,9 @@ def pairs(args: argparse.Namespace, work: Path) -> dict[str, tuple[Callable[[int
     }
 
 
-def measure(args: argparse.Namespace, work: Path) -> dict[str, list[tuple[float, float]]]:
-    """(shelltrain, reference) seconds per round for each measure, the two sides in alternating order."""
-    found: dict[str, list[tuple[float, float]]] = {name: [] for name in args.only}
+def measure(args: argparse.Namespace, work: Path) -> dict[str, list[tuple[Timing, Timing]]]:
+    """(shelltrain, reference) timings per round for each measure, the two sides in alternating order."""
+    found: dict[str, list[tuple[Timing, Timing]]] = {name: [] for name in args.only}
     todo = pairs(args, work)
     for r in range(args.rounds):
         for name in args.only:
@@ -99,7 +113,11 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, list[tuple[float,
                 a = ours(r)
                 b = reference(r)
             found[name].append((a, b))
-            print(f"round {r + 1}/{args.rounds} {name:<8} shelltrain {a:7.2f} s  reference {b:7.2f} s", flush=True)
+            print(
+                f"round {r + 1}/{args.rounds} {name:<8} shelltrain {a[0]:7.2f} s ({a[1]:.2f} CPU s)  "
+                f"reference {b[0]:7.2f} s ({b[1]:.2f} CPU s)",
+                flush=True,
+            )
     return found
 
 
@@ -115,19 +133,21 @@ def spread(values: list[float]) -> str:
     return f"{statistics.median(values):7.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
-def report(found: dict[str, list[tuple[float, float]]], args: argparse.Namespace, load: tuple[str, str]) -> None:
-    """The table: each side's median (range) in seconds, the per-round ratio's median (range), the target."""
+def report(found: dict[str, list[tuple[Timing, Timing]]], args: argparse.Namespace, load: tuple[str, str]) -> None:
+    """Each side's median (range) wall seconds, the per-round wall ratio's median (range) against the target, and
+    the CPU ratio (CPU seconds are less swayed by other processes on a busy machine than the wall clock)."""
     policy = os.environ.get("OMP_WAIT_POLICY", "unset")
     print(f"\n{machine()}; load average before {load[0]}, after {load[1]}; OMP_WAIT_POLICY {policy} on both sides")
     print(f"model={args.model} trainer.epochs={args.epochs} {' '.join(args.extra)}; {args.rounds} rounds, alternating")
-    print(f"{'measure':<9} {'shelltrain s':>20} {'reference s':>20} {'ratio':>20}  target")
+    print(f"{'measure':<9} {'shelltrain s':>20} {'reference s':>20} {'ratio':>20}  {'CPU ratio':>20}  target")
     for name, rounds in found.items():
-        ratios = [a / b for a, b in rounds]
+        ratios = [a[0] / b[0] for a, b in rounds]
+        cpu = [a[1] / b[1] for a, b in rounds]
         target = TARGETS[name]
         verdict = "" if target is None else f"<= {target}  {'met' if statistics.median(ratios) <= target else 'MISSED'}"
         print(
-            f"{name:<9} {spread([a for a, _ in rounds]):>20} {spread([b for _, b in rounds]):>20} "
-            f"{spread(ratios):>20}  {verdict}"
+            f"{name:<9} {spread([a[0] for a, _ in rounds]):>20} {spread([b[0] for _, b in rounds]):>20} "
+            f"{spread(ratios):>20}  {spread(cpu):>20}  {verdict}"
         )
 
 
