@@ -22,6 +22,7 @@ from shelltrain.audit_labels import confident_learning, out_of_fold
 from shelltrain.audit_scan import Sample, duplicate_pairs, health, imagehash_module, scan_arrays, scan_files
 from shelltrain.console import make_console, say
 from shelltrain.data import DataBundle, FileImages, build_data
+from shelltrain.data.datasets import TensorImages
 from shelltrain.environment import seed_everything
 from shelltrain.errors import UserError
 
@@ -60,6 +61,11 @@ def scan(data: DataBundle) -> list[Sample]:
 
 def scan_split(split: str, dataset: Dataset) -> list[Sample]:
     """One split's images: files read from disk, in-memory images from their pixels."""
+    if not isinstance(dataset, (FileImages, TensorImages)):
+        raise UserError(
+            f"task=audit reads image folders, manifests and in-memory data sets; the {split} split is a "
+            f"{type(dataset).__name__}: audit the files it was made from (data=imagefolder or data=manifest)"
+        )
     labels = dataset.labels.tolist()
     if isinstance(dataset, FileImages):
         return scan_files(split, [str(p) for p in dataset.paths], labels)
