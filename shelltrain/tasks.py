@@ -32,6 +32,7 @@ from shelltrain.dataroot import user_path
 from shelltrain.engine import predict
 from shelltrain.errors import UserError
 from shelltrain.export import FORMATS, INSTALL_HINT, export_model, inference_metadata, run_exported
+from shelltrain.imagesize import plain_size
 from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metrics
 from shelltrain.model_card import source_card
 from shelltrain.multilabel import LOSS, decide
@@ -273,16 +274,19 @@ def checkpoint_data(
     for key in PREPROCESSING_KEYS:
         if f"data.{key}" not in given:
             chosen[key] = pre[key]
-        elif _plain(data[key]) != pre[key]:
+        elif _as_recorded(key, data[key]) != pre[key]:
             say(
                 console,
-                f"note: data.{key}={_plain(data[key])} from the command line; the model was trained with {pre[key]}",
+                f"note: data.{key}={_as_recorded(key, data[key])} from the command line; "
+                f"the model was trained with {pre[key]}",
             )
     return chosen
 
 
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+def _as_recorded(key: str, value: Any) -> Any:
+    """A data key's value as a checkpoint's preprocessing records it ([32, 32] is the square 32)."""
+    value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    return plain_size(value) if key == "image_size" and value is not None else value
 
 
 def _unaugmented(data: DataBundle, split: str) -> DataLoader:
