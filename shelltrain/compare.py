@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,22 @@ def check_baseline_run(gates: Mapping[str, Any]) -> None:
     """gate.baseline names a finished run with per-sample predictions: said before anything trains."""
     if gates[BASELINE] is not None:
         open_run(gates[BASELINE], "gate.baseline")
+
+
+def check_test_set(gates: Mapping[str, Any], test_fingerprint: Callable[[], dict[str, Any]]) -> None:
+    """gate.baseline was tested on this run's test images (`test_fingerprint` makes their fingerprint entry):
+    refused in one line before training, not after it."""
+    if gates[BASELINE] is None:
+        return
+    baseline = open_run(gates[BASELINE], "gate.baseline")
+    theirs = _fingerprint(baseline, "test", f"gate.baseline={baseline.path}")
+    mine = test_fingerprint()
+    if not same_split(mine, theirs):
+        raise UserError(
+            f"gate.baseline={baseline.path}: its test images differ from this run's ({theirs.get('count')} vs "
+            f"{mine.get('count')} samples, data fingerprints differ); compare runs tested on the same data "
+            "(data.*, data.split_seed)"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

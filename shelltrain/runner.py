@@ -23,10 +23,11 @@ from shelltrain.averaging import EmaAverager, SwaAverager, averaged_test_metrics
 from shelltrain.calibration import calibrate, describe_calibration
 from shelltrain.cam import Cam
 from shelltrain.checkpoint import Checkpointer, export_state_dict, load_checkpoint
+from shelltrain.compare import check_test_set
 from shelltrain.console import make_console, print_summary, say, show
 from shelltrain.data import DataBundle, build_data, cv_fold
 from shelltrain.data.balance import balanced_loss
-from shelltrain.data.fingerprint import fingerprint
+from shelltrain.data.fingerprint import fingerprint, split_fingerprint
 from shelltrain.data.notes import carving_notes, training_notes
 from shelltrain.data.transforms import describe_preprocessing
 from shelltrain.distill import make_distiller
@@ -97,6 +98,8 @@ def train_and_test(
             )
             return finished
     job = build(cfg, fold, overrides or [], console)
+    if fold is None:  # gate.baseline tested on other images: said before training
+        check_test_set(cfg.gate, lambda: split_fingerprint(job.data.test.dataset))
     state = TrainState()
     if payload is not None:
         state = restore_training(

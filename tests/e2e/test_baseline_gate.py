@@ -1,6 +1,6 @@
 """gate.baseline from the command line: a comparison printed and recorded when the runs share their test images,
-and one line with exit code 2 for a baseline that is not a run, has no per-sample predictions, or was tested on
-other images."""
+and one line with exit code 2, before training, for a baseline that is not a run, has no per-sample predictions,
+or was tested on other images."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ def test_baseline_gate_compares_and_refuses_in_one_line(tmp_path: Path) -> None:
 
     other = shelltrain_forked(*SMOKE, "data.split_seed=7", "hydra.run.dir=other", "gate.baseline=base", cwd=tmp_path)
     assert other.returncode == 2
-    assert other.stderr.strip().count("\n") == 0 and "differ from this run's test images" in other.stderr
-    assert json.loads((tmp_path / "other" / "summary.json").read_text())["status"] == "completed"  # results kept
+    assert other.stderr.strip().count("\n") == 0 and "its test images differ from this run's" in other.stderr
+    assert not (tmp_path / "other" / "checkpoints").exists()  # said before training
 
     missing = shelltrain_forked(*SMOKE, "hydra.run.dir=never", "gate.baseline=nowhere", cwd=tmp_path)
     assert missing.returncode == 2 and "not a shelltrain run directory" in missing.stderr
