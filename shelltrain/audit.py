@@ -23,6 +23,7 @@ from shelltrain.audit_scan import Sample, duplicate_pairs, health, imagehash_mod
 from shelltrain.console import make_console, say
 from shelltrain.data import DataBundle, FileImages, build_data
 from shelltrain.data.datasets import TensorImages
+from shelltrain.dataroot import data_root
 from shelltrain.environment import seed_everything
 from shelltrain.errors import UserError
 
@@ -37,18 +38,45 @@ def run_audit(cfg: DictConfig, run_dir: Path) -> float:
     if cfg.trainer.loss == "bce":
         raise UserError("task=audit checks single-label data; set trainer.loss=cross_entropy")
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
-    data = build_data(cfg.data, cfg.augmentation, cfg.trainer.seed)
-    say(console, f"audit: looking at {sum(len(getattr(data, s).dataset) for s in SPLITS)} images of {cfg.data.name}")
-    samples = scan(data)
+    data, samples, classes = load(cfg, console)
     pairs = duplicate_pairs(samples, int(cfg.audit.hash_distance), float(cfg.audit.pixel_tolerance))
-    report: dict[str, Any] = {"pairs": pairs, "health": health(samples, data.classes, float(cfg.audit.outlier_factor))}
+    report: dict[str, Any] = {"pairs": pairs, "health": health(samples, classes, float(cfg.audit.outlier_factor))}
     report["seconds_scan"] = round(time.perf_counter() - started, 3)
-    if cfg.audit.folds:
+    if cfg.audit.folds and data is not None:
         labels = torch.as_tensor([s.label for s in samples if s.split == "train"])
         probabilities = out_of_fold(cfg, run_dir, data, console)
         report["labels"] = confident_learning(probabilities, labels, str(cfg.audit.rank_by))
         report["labels"]["probabilities"] = probabilities
-    return audit_report.write(cfg, run_dir, report, samples, data, started, console)
+    return audit_report.write(cfg, run_dir, report, samples, data, classes, started, console)
+
+
+def load(cfg: DictConfig, console: Any) -> tuple[DataBundle | None, list[Sample], list[str]]:
+    """The splits as a run loads them, and every image described. An image folder with a file that cannot be read
+    (which a run refuses at the first) is scanned file by file instead: every broken file is listed, and the
+    label-error search, which trains, is skipped."""
+    try:
+        data = build_data(cfg.data, cfg.augmentation, cfg.trainer.seed)
+    except UserError as exc:
+        if cfg.data.name != "imagefolder" or "is not a readable image" not in str(exc):
+            raise
+        say(console, f"audit: {exc}; scanning every file of data.root instead (no label-error search)")
+        samples, classes = scan_folder(data_root(cfg.data))
+        return None, samples, classes
+    say(console, f"audit: looking at {sum(len(getattr(data, s).dataset) for s in SPLITS)} images of {cfg.data.name}")
+    return data, scan(data), data.classes
+
+
+def scan_folder(root: Path) -> tuple[list[Sample], list[str]]:
+    """root/<split>/<class>/<file> read file by file (the image folder layout), broken files included."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    files = sorted(p for p in root.glob("*/*/*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    classes = sorted({p.parent.name for p in files})
+    samples: list[Sample] = []
+    for split in SPLITS:
+        mine = [p for p in files if p.parent.parent.name == split]
+        samples += scan_files(split, [str(p) for p in mine], [classes.index(p.parent.name) for p in mine])
+    return samples, classes
 
 
 def scan(data: DataBundle) -> list[Sample]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 from rich.table import Table
 
 from shelltrain import rundir, summary
@@ -23,6 +24,7 @@ from shelltrain.environment import provenance, resolve_device
 AUDIT_REPORT = "audit.json"  # in the run dir: the whole audit
 LABELS_PLOT = "audit_label_issues.png"  # under plots/
 PAIRS_PLOT = "audit_duplicates.png"  # under plots/
+PICTURE = 64  # side of a file's picture in the galleries when the folder was not loaded as a data set
 
 
 def write(
@@ -30,13 +32,15 @@ def write(
     run_dir: Path,
     report: dict[str, Any],
     samples: list[Sample],
-    data: DataBundle,
+    data: DataBundle | None,
+    classes: list[str],
     started: float,
     console: Any,
 ) -> float:
-    """audit.json, the pictures, summary.json and the console summary; returns the problem count."""
+    """audit.json, the pictures, summary.json and the console summary; returns the problem count. `data`: the
+    splits as loaded (None: image files found on disk, when the folder could not be loaded as a data set)."""
     train = [s for s in samples if s.split == "train"]
-    issues = label_issues(report.get("labels"), train, data.classes)
+    issues = label_issues(report.get("labels"), train, classes)
     pairs = sorted(report["pairs"], key=lambda p: (not p["leak"], p["kind"] != "exact"))
     counts = {
         "leaks": sum(p["leak"] for p in pairs),
@@ -47,7 +51,7 @@ def write(
     }
     record = {
         "data": str(cfg.data.name),
-        "classes": data.classes,
+        "classes": classes,
         "settings": OmegaConf.to_container(cfg.audit, resolve=True),
         **counts,
         "pairs": pairs,
@@ -104,7 +108,9 @@ def table(record: dict[str, Any]) -> Table:
     )
     grid.add_row("leaks (pairs across splits)", str(record["leaks"]), detail if record["leaks"] else "")
     grid.add_row("duplicate pairs within a split", str(record["duplicates"]), "")
-    grid.add_row("unreadable or zero-byte files", str(record["problem_files"]), "")
+    broken = [p for k, h in record["health"].items() if k != "imbalance_ratio" for p in h["problems"]]
+    names = "; ".join(f"{p['id']} ({p['problem']})" for p in broken[:3])
+    grid.add_row("unreadable or zero-byte files", str(record["problem_files"]), names)
     for split, h in record["health"].items():
         if split == "imbalance_ratio":
             continue
@@ -119,27 +125,28 @@ def table(record: dict[str, Any]) -> Table:
     return grid
 
 
-def draw(run_dir: Path, data: DataBundle, issues: list[dict], pairs: list[dict], count: int) -> None:
+def draw(run_dir: Path, data: DataBundle | None, issues: list[dict], pairs: list[dict], count: int) -> None:
     """plots/audit_label_issues.png and plots/audit_duplicates.png (when there is something to show)."""
     plots = run_dir / rundir.PLOTS
     if issues:
-        tiles = [(picture(data, i["split"], i["index"]),) for i in issues[:count]]
+        tiles = [(picture(data, i),) for i in issues[:count]]
         titles = [f"given {i['given']}\nsuggested {i['suggested']}" for i in issues[:count]]
         _grid(tiles, titles, f"Likely label errors, most likely first ({len(issues)} found)", plots / LABELS_PLOT)
     if pairs:
-        tiles = [
-            (picture(data, p["a"]["split"], p["a"]["index"]), picture(data, p["b"]["split"], p["b"]["index"]))
-            for p in pairs[:count]
-        ]
+        tiles = [(picture(data, p["a"]), picture(data, p["b"])) for p in pairs[:count]]
         titles = [
             f"{p['kind']}{' LEAK' if p['leak'] else ''}\n{p['a']['split']} / {p['b']['split']}" for p in pairs[:count]
         ]
         _grid(tiles, titles, f"Duplicate pairs, leaks first ({len(pairs)} found)", plots / PAIRS_PLOT)
 
 
-def picture(data: DataBundle, split: str, index: int) -> np.ndarray:
-    """A split's image as the run reads it (H x W x 3 in [0, 1])."""
-    image = getattr(data, split).dataset.load(index).float().div(255).permute(1, 2, 0).numpy()
+def picture(data: DataBundle | None, sample: dict[str, Any]) -> np.ndarray:
+    """A sample (audit_scan.Sample.brief) as the run reads it, or its file when there is no data set (H x W x 3 in
+    [0, 1])."""
+    if data is None:
+        with Image.open(sample["id"]) as image:
+            return np.asarray(image.convert("RGB").resize((PICTURE, PICTURE)), dtype=np.float32) / 255.0
+    image = getattr(data, sample["split"]).dataset.load(sample["index"]).float().div(255).permute(1, 2, 0).numpy()
     return np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[:, :, :3]
 
 

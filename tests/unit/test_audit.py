@@ -4,6 +4,7 @@ outliers, missing classes)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,26 @@ def test_an_image_folder_is_scanned_from_its_files(tmp_path: Path) -> None:
     assert all(Path(s.id).is_file() for s in samples)
     pairs = duplicate_pairs(samples, 6, 0.015)  # each class's images are identical: exact pairs, some leaks
     assert pairs and all(p["kind"] == "exact" for p in pairs) and any(p["leak"] for p in pairs)
+
+
+def test_an_image_folder_with_broken_files_is_scanned_file_by_file(tmp_path: Path) -> None:
+    """A run refuses the folder at its first broken file; the audit lists every one and still finds the pairs."""
+    from conftest import compose_config
+    from fixtures_data import make_imagefolder
+
+    from shelltrain.audit import run_audit
+
+    root = make_imagefolder(tmp_path / "data", per_class=3, splits=("train", "test"))
+    (root / "train" / "cat" / "empty.png").write_bytes(b"")
+    (root / "test" / "dog" / "broken.png").write_bytes(b"not an image")
+    cfg = compose_config("data=imagefolder", f"data.root={root}", "audit.folds=0", "plots=true")
+    (tmp_path / "run").mkdir()
+    run_audit(cfg, tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "audit.json").read_text())
+    broken = [p for split in ("train", "test") for p in report["health"][split]["problems"]]
+    assert sorted((Path(p["id"]).name, p["problem"]) for p in broken) == [
+        ("broken.png", "unreadable"),
+        ("empty.png", "zero-byte"),
+    ]
+    assert report["problem_files"] == 2 and report["leaks"] > 0  # each class's images are identical
+    assert (tmp_path / "run" / "plots" / "audit_duplicates.png").is_file()
