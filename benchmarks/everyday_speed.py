@@ -147,7 +147,7 @@ def report(found: dict[str, list[tuple[Timing, Timing]]], args: argparse.Namespa
         verdict = "" if target is None else f"<= {target}  {'met' if statistics.median(ratios) <= target else 'MISSED'}"
         print(
             f"{name:<9} {spread([a[0] for a, _ in rounds]):>20} {spread([b[0] for _, b in rounds]):>20} "
-            f"{spread(ratios):>20}  {spread(cpu):>20}  {verdict}"
+            f"{spread(ratios):>20}  {spread(cpu):>20}  {verdict}".rstrip()
         )
 
 
