@@ -21,9 +21,6 @@ from shelltrain.console import say, show
 from shelltrain.data import DataBundle
 from shelltrain.environment import provenance, resolve_device
 
-AUDIT_REPORT = "audit.json"  # in the run dir: the whole audit
-LABELS_PLOT = "audit_label_issues.png"  # under plots/
-PAIRS_PLOT = "audit_duplicates.png"  # under plots/
 PICTURE = 64  # side of a file's picture in the galleries when the folder was not loaded as a data set
 
 
@@ -64,15 +61,15 @@ def write(
         record.update({k: report["labels"][k] for k in ("thresholds", "confident_joint")})
         record["ranked"] = report["labels"]["order"]  # every train image, most likely mislabelled first
         record["folds"] = int(cfg.audit.folds)
-    rundir.write_json(record, run_dir / AUDIT_REPORT)
+    rundir.write_json(record, run_dir / rundir.AUDIT_REPORT)
     if cfg.plots and int(cfg.audit.gallery):
         draw(run_dir, data, issues, pairs, int(cfg.audit.gallery))
     section = {k: record[k] for k in ("seconds_scan", "folds") if k in record}
-    figures = {**counts, "audit": {**section, "report": AUDIT_REPORT}}
+    figures = {**counts, "audit": {**section, "report": rundir.AUDIT_REPORT}}
     result = summary.build(figures, run_dir, started, provenance(resolve_device(cfg.trainer.device), run_dir))
     summary.write(result, run_dir)
     show(console, table(record))
-    say(console, f"audit: {AUDIT_REPORT} and plots/audit_*.png in [bold]{run_dir}[/bold]")
+    say(console, f"audit: {rundir.AUDIT_REPORT} and plots/audit_*.png in [bold]{run_dir}[/bold]")
     return float(counts["leaks"] + counts["duplicates"] + (counts["label_issues"] or 0))
 
 
@@ -131,13 +128,18 @@ def draw(run_dir: Path, data: DataBundle | None, issues: list[dict], pairs: list
     if issues:
         tiles = [(picture(data, i),) for i in issues[:count]]
         titles = [f"given {i['given']}\nsuggested {i['suggested']}" for i in issues[:count]]
-        _grid(tiles, titles, f"Likely label errors, most likely first ({len(issues)} found)", plots / LABELS_PLOT)
+        _grid(
+            tiles,
+            titles,
+            f"Likely label errors, most likely first ({len(issues)} found)",
+            plots / rundir.AUDIT_LABELS_PLOT,
+        )
     if pairs:
         tiles = [(picture(data, p["a"]), picture(data, p["b"])) for p in pairs[:count]]
         titles = [
             f"{p['kind']}{' LEAK' if p['leak'] else ''}\n{p['a']['split']} / {p['b']['split']}" for p in pairs[:count]
         ]
-        _grid(tiles, titles, f"Duplicate pairs, leaks first ({len(pairs)} found)", plots / PAIRS_PLOT)
+        _grid(tiles, titles, f"Duplicate pairs, leaks first ({len(pairs)} found)", plots / rundir.AUDIT_PAIRS_PLOT)
 
 
 def picture(data: DataBundle | None, sample: dict[str, Any]) -> np.ndarray:

@@ -22,7 +22,7 @@ from shelltrain.schema_values import MULTI_LABEL_MONITORS, POS_WEIGHTS
 LOGGERS = ("csv", "tensorboard", "jsonl", "mlflow", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")  # logger.wandb.mode (null: wandb's own default)
 WANDB_TARGET = "shelltrain.wandb_logger.WandbLogger"
-TASKS = ("train", "evaluate", "predict", "export", "lr_find")
+TASKS = ("train", "evaluate", "predict", "export", "lr_find", "audit")
 # Model families whose structured (channel) pruning torch-pruning 1.6 cannot do.
 STRUCTURED_UNSUPPORTED = ("swin", "shufflenet")
 
@@ -149,9 +149,9 @@ def check_multi_label(cfg: DictConfig) -> None:
 
 
 def check_task(cfg: DictConfig) -> None:
-    """evaluate, predict and export use a trained model and train nothing."""
+    """evaluate, predict and export use a trained model and train nothing (audit trains its own fold models)."""
     one_of("task", cfg.task, TASKS)
-    if cfg.task not in ("train", "lr_find") and not cfg.model.get("weights"):
+    if cfg.task not in ("train", "lr_find", "audit") and not cfg.model.get("weights"):
         raise UserError(f"task={cfg.task} needs the trained model: add model.weights=<run directory or checkpoint>")
     if cfg.task == "predict" and not cfg.predict.input:
         raise UserError("task=predict needs images: add predict.input=<folder of images>")

@@ -60,6 +60,9 @@ PRUNE_REPORT = "prune.json"
 REPORT_PAGE = "report.html"  # report.html: a run's (or, beside summary.csv, a sweep's) page, one file, no network
 MODEL_CARD = "MODEL_CARD.md"  # report.model_card: the run described for people and the Hugging Face hub
 PREDICTIONS = "predictions.csv"  # one row per tested image (the test step, task=evaluate; task=predict's own columns)
+AUDIT_REPORT = "audit.json"  # task=audit: every duplicate pair, file problem and ranked label issue
+AUDIT_LABELS_PLOT = "audit_label_issues.png"  # under plots/: task=audit's top label-issue candidates
+AUDIT_PAIRS_PLOT = "audit_duplicates.png"  # under plots/: task=audit's duplicate pairs, leaks first
 TOP_LOSSES_PLOT = "top_losses.png"  # under plots/: the tested images with the highest loss
 PER_CLASS_PLOT = "per_class.png"  # under plots/: precision and recall per class
 LR_FIND = "lr_find.json"  # task=lr_find: the LR ramp's losses and the suggested optimizer.lr
