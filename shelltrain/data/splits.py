@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -54,10 +55,46 @@ def _carve(labels: torch.Tensor, index: torch.Tensor, count: int, seed: int) -> 
     _, per_class = torch.unique(y, return_counts=True)
     fits = int(per_class.min()) >= 2 and len(per_class) <= min(count, len(y) - count)
     stratify = y.numpy() if fits else None
-    from sklearn.model_selection import train_test_split
-
-    rest, carved = train_test_split(index.numpy(), test_size=count, random_state=seed, stratify=stratify)
+    rest, carved = shuffle_split(index.numpy(), count, seed, stratify)
     return torch.from_numpy(rest), torch.from_numpy(carved)
+
+
+def shuffle_split(
+    index: np.ndarray, count: int, seed: int, stratify: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's train_test_split(index, test_size=count, random_state=seed, stratify=stratify), the same
+    draws in the same order (the splits of earlier runs stay), without importing scikit-learn and pandas with it."""
+    rng = np.random.RandomState(seed)
+    if stratify is None:
+        order = rng.permutation(len(index))
+        return index[order[count:]], index[order[:count]]
+    _, y = np.unique(stratify, return_inverse=True)
+    counts = np.bincount(y)
+    members = np.split(np.argsort(y, kind="mergesort"), np.cumsum(counts)[:-1])
+    n_rest = _approximate_mode(counts, len(index) - count, rng)
+    n_carved = _approximate_mode(counts - n_rest, count, rng)
+    rest, carved = [], []
+    for i, member in enumerate(members):
+        drawn = member.take(rng.permutation(counts[i]), mode="clip")
+        rest.extend(drawn[: n_rest[i]])
+        carved.extend(drawn[n_rest[i] : n_rest[i] + n_carved[i]])
+    return index[rng.permutation(rest)], index[rng.permutation(carved)]
+
+
+def _approximate_mode(counts: np.ndarray, draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """`draws` shared out over the classes in proportion to `counts`; ties for the last ones drawn by `rng`."""
+    continuous = counts / counts.sum() * draws
+    floored = np.floor(continuous)
+    need = int(draws - floored.sum())
+    remainder = continuous - floored
+    for value in np.sort(np.unique(remainder))[::-1]:
+        if need <= 0:
+            break
+        (tied,) = np.where(remainder == value)
+        added = min(len(tied), need)
+        floored[rng.choice(tied, size=added, replace=False)] += 1
+        need -= added
+    return floored.astype(int)
 
 
 def carve_groups(
