@@ -39,7 +39,7 @@ def test_help_lists_every_group_without_importing_torch(tmp_path):
         "optimizer: adam, adamw, momentum, nesterov, rmsprop, sgd",
         "scheduler: cosine, exponential, none, onecycle, plateau, step, warmup_cosine",
         "augmentation: autoaugment, basic, none, randaugment, seed, trivialaugment",
-        "data: cifar10, cifar100, digits, fashion_mnist, imagefolder, manifest, mnist, synthetic",
+        "data: cifar10, cifar100, digits, fashion_mnist, hf, imagefolder, manifest, mnist, shards, synthetic",
         "debug: overfit, smoke",
         "  model           the network (torchvision, timm, a small cnn, or your _target_)",
         "== Tasks (task=NAME) ==",

@@ -57,7 +57,7 @@ def test_a_run_writes_one_self_contained_report_page_that_renders(tmp_path):
     plots = sorted(p.name for p in (run / "plots").glob("*.png"))
     assert len(plots) >= 4 and text.count('src="data:image/png;base64,') == len(plots)  # every plot inlined
     dom = browse(page, tmp_path, "--dump-dom").stdout
-    expected = ["Results", "Provenance", "Plots", "Per-class metrics", "Most-confused class pairs", "Configuration"]
+    expected = ["Results", "Provenance", "Plots", "Per-class metrics", "Most-confused class pairs", "Data fingerprint"]
     assert headings(dom)[: len(expected)] == expected and "Model card" in headings(dom)
     assert f"{summary['test_acc']:.4g}" in dom and "model.width" not in dom and "width: 8" in dom  # the config
     assert_rendered(page, tmp_path)

@@ -351,7 +351,12 @@ def test_gate_check_reads_headline_and_section_metrics():
     verdict = gates.check({"test_acc_min": 0.9, "params_max": 500, "cv_mean_min": 0.91, "cv_std_max": None}, summary)
     assert verdict["passed"] is False
     assert verdict["failures"] == ["params=1000 > gate.params_max=500", "cv_mean=0.9 < gate.cv_mean_min=0.91"]
-    assert verdict["checked"]["test_acc_min"] == {"limit": 0.9, "value": 0.95, "passed": True}
+    assert verdict["checked"]["test_acc_min"] == {
+        "limit": 0.9,
+        "value": 0.95,
+        "passed": True,
+        "text": "test_acc=0.95 >= 0.9",
+    }
     assert "cv_std_max" not in verdict["checked"]  # null: not set
     missing = gates.check({"sparsity_min": 0.5}, summary)
     assert missing["failures"] == ["gate.sparsity_min=0.5: the run reported no numeric 'sparsity'"]
