@@ -11,8 +11,7 @@ import pytest
 import torch
 from conftest import run_in_process
 
-from shelltrain import checkpoint as checkpoint_module
-from shelltrain import runner
+from shelltrain import checkpoint_writer, runner
 
 # Three short epochs of a tiny model, reproducible to the bit; val_loss falls every epoch, so the last is the best.
 SHORT = [
@@ -47,8 +46,9 @@ def straight(tmp_path_factory) -> Path:
 
 
 def _die_after_first_write_of_epoch(monkeypatch, epoch: int) -> None:
-    """The process dies right after the first of an epoch end's two writes (last.pt, best.pt), whichever goes first."""
-    real = checkpoint_module.write_atomic
+    """The process dies right after the first of an epoch end's two files (last.pt, then best.pt: a hard link to it
+    or a copy) is on disk: the background writer hands the error to the training thread, which ends the run."""
+    real = checkpoint_writer.write_atomic
 
     def write(data: bytes, path: Path) -> None:
         real(data, path)
@@ -57,7 +57,7 @@ def _die_after_first_write_of_epoch(monkeypatch, epoch: int) -> None:
             if saved["epoch"] == epoch and saved["train_state"]["batch"] == 0:
                 raise RuntimeError("simulated crash between the two checkpoint writes")
 
-    monkeypatch.setattr(checkpoint_module, "write_atomic", write)
+    monkeypatch.setattr(checkpoint_writer, "write_atomic", write)
 
 
 def test_a_crash_between_the_last_and_best_writes_resumes_to_the_best_epochs_model(tmp_path, monkeypatch, straight):
