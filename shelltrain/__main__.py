@@ -1,3 +1,3 @@
-from shelltrain.cli import main
+from shelltrain.start import main
 
 main()

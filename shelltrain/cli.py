@@ -23,7 +23,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from shelltrain import job_records, launch, rundir, signals, summary, sweep
-from shelltrain.cli_help import print_help
 from shelltrain.compare import check_baseline_run, with_baseline
 from shelltrain.errors import EXIT_USER_ERROR, GateMissed, Interrupted, UserError
 from shelltrain.explain import explain
@@ -210,8 +209,6 @@ def main() -> None:
         sys.exit(sweep.main(sys.argv[2:]))
     if "--version" in sys.argv[1:]:
         print(version())
-        return
-    if not launch.under_torchrun() and print_help(sys.argv[1:]):
         return
     wait_passively_when_busy()
     install_error_reporter()

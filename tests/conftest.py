@@ -93,7 +93,7 @@ def shelltrain_forked(*args: str, cwd: Path, timeout: int = 300) -> subprocess.C
 
 
 def _cli_child(args: tuple[str, ...], cwd: Path, out: Path, err: Path, env: dict[str, str]) -> None:
-    from shelltrain.cli import main
+    from shelltrain.start import main
 
     for path, fd in ((out, 1), (err, 2)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)

@@ -24,7 +24,7 @@ def run_cli_reporting_torch(args: list[str], cwd) -> str:
     """Run the CLI in a fresh interpreter and report whether it imported torch (start-up must not)."""
     code = (
         f"import sys; sys.argv = ['shelltrain', *{args!r}]\n"
-        "from shelltrain.cli import main\n"
+        "from shelltrain.start import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
         "print('TORCH_IMPORTED', 'torch' in sys.modules)\n"
     )

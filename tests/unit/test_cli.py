@@ -43,7 +43,7 @@ def test_help_is_the_text_hydra_prints(tmp_path):
         return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True).stdout
 
     args = ["shelltrain", "--help", "model=cnn", "optimizer=adamw"]
-    ours = stdout(f"import sys; sys.argv = {args!r}; from shelltrain.cli import main; main()")
+    ours = stdout(f"import sys; sys.argv = {args!r}; from shelltrain.start import main; main()")
     hydras = stdout(f"import sys; sys.argv = {args!r}; from shelltrain.cli import _task; _task()")
     assert "model: cnn, efficientnet_b0" in ours and "_target_: torch.optim.AdamW" in ours
     assert ours == hydras
