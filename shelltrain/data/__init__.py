@@ -1,8 +1,9 @@
 """Datasets and loaders for every `data` option.
 
-Each source (`sources.py`, `data.source` for a user's own) becomes uint8 C x H x W images of data.image_size (height x width) with
-integer labels, split into train/val/test with `data.split_seed` (`splits.py`). Per sample, the train split runs
-the `augmentation.train` transforms on the uint8 image, then every split scales to float and normalizes
+Each source (`sources.py`, `data.source` for a user's own) becomes uint8 C x H x W images of data.image_size
+(height x width) with integer labels, split into train/val/test with `data.split_seed` (`splits.py`). Per sample,
+the train split runs the `augmentation.train` transforms on the uint8 image, then every split scales to float and
+normalizes
 (`transforms.py`); with `data.on_device` the splits live on the device and augment there in batches (`device.py`),
 and with `data.cache=memory` (image folders decoded once, `cache.py`) likewise on the CPU.
 
