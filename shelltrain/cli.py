@@ -24,6 +24,7 @@ from omegaconf import DictConfig, open_dict
 
 from shelltrain import job_records, launch, rundir, signals, summary, sweep
 from shelltrain.compare import check_baseline_run, with_baseline
+from shelltrain.cores import affinity_cores
 from shelltrain.errors import EXIT_USER_ERROR, GateMissed, Interrupted, UserError
 from shelltrain.explain import explain
 from shelltrain.gates import active, check
@@ -224,7 +225,7 @@ def wait_passively_when_busy(load: float | None = None) -> bool:
     burns the time slices the other processes and threads need: one resnet18 epoch on digits took 49 s instead of
     179 s (2 threads, load 12 on 2 cores). The numbers a run computes do not change. Set before torch is imported
     (its OpenMP reads it once); a policy set in the environment is kept. True when it was set here."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = affinity_cores()
     load = os.getloadavg()[0] if load is None and hasattr(os, "getloadavg") else load
     if "OMP_WAIT_POLICY" in os.environ or load is None or load < cores + 1:
         return False

@@ -3,7 +3,6 @@ in several processes, and what summary.json records about the software and hardw
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from pathlib import Path
@@ -15,6 +14,7 @@ from omegaconf import DictConfig
 
 from shelltrain import distributed
 from shelltrain.checks import uses_ensemble
+from shelltrain.cores import usable_cores
 from shelltrain.errors import UserError
 
 
@@ -87,34 +87,6 @@ def jobs_at_once() -> int | None:
     if not isinstance(n_jobs, int) or n_jobs == 1 or n_jobs == 0:
         return None
     return max(1, usable_cores() + 1 + n_jobs) if n_jobs < 0 else n_jobs
-
-
-def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """The cores this process may use: those of its affinity mask, at most its cgroup's CPU quota (rounded up)."""
-    cores = _cores()
-    quota = cpu_quota(cgroup)
-    return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
-
-
-def cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """The CPU quota of this process's cgroup in cores (cgroup v2 cpu.max, or v1 cpu.cfs_quota_us over
-    cpu.cfs_period_us); None when there is none or it cannot be read."""
-    try:
-        if (cgroup / "cpu.max").is_file():
-            quota, period = (cgroup / "cpu.max").read_text().split()[:2]
-            return None if quota == "max" else int(quota) / int(period)
-        for folder in (cgroup / "cpu", cgroup / "cpu,cpuacct", cgroup):
-            if (folder / "cpu.cfs_quota_us").is_file():
-                quota_us = int((folder / "cpu.cfs_quota_us").read_text())
-                period_us = int((folder / "cpu.cfs_period_us").read_text())
-                return None if quota_us <= 0 else quota_us / period_us
-    except (OSError, ValueError):  # an unreadable or unexpected file: no quota known, torch's default stays
-        return None
-    return None
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def check_distributable(cfg: DictConfig) -> None:

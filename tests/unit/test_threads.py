@@ -11,32 +11,32 @@ from pathlib import Path
 import pytest
 import torch
 
-from shelltrain import environment
+from shelltrain import cores, environment
 
 
 def test_cgroup_v2_quota_in_cores(tmp_path: Path):
     (tmp_path / "cpu.max").write_text("150000 100000\n")
-    assert environment.cpu_quota(tmp_path) == 1.5
+    assert cores.cpu_quota(tmp_path) == 1.5
     (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert environment.cpu_quota(tmp_path) is None
+    assert cores.cpu_quota(tmp_path) is None
 
 
 def test_cgroup_v1_quota_in_cores(tmp_path: Path):
     (tmp_path / "cpu").mkdir()
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
     (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert environment.cpu_quota(tmp_path) == 2.0
+    assert cores.cpu_quota(tmp_path) == 2.0
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
-    assert environment.cpu_quota(tmp_path) is None
-    assert environment.cpu_quota(tmp_path / "missing") is None
+    assert cores.cpu_quota(tmp_path) is None
+    assert cores.cpu_quota(tmp_path / "missing") is None
 
 
 def test_usable_cores_are_the_affinity_mask_held_to_the_quota(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(environment, "_cores", lambda: 16)
+    monkeypatch.setattr(cores, "affinity_cores", lambda: 16)
     (tmp_path / "cpu.max").write_text("250000 100000\n")
-    assert environment.usable_cores(tmp_path) == 3  # 2.5 cores of quota: three threads share them
+    assert cores.usable_cores(tmp_path) == 3  # 2.5 cores of quota: three threads share them
     (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert environment.usable_cores(tmp_path) == 16
+    assert cores.usable_cores(tmp_path) == 16
 
 
 def test_a_quota_below_torchs_default_sets_the_threads(monkeypatch):
