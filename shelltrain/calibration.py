@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shelltrain import rundir
-from shelltrain.checkpoint import load_checkpoint, serialize
+from shelltrain.checkpoint import add_to_run_checkpoints
 from shelltrain.data import DataBundle, unsharded
 from shelltrain.engine import predict
 from shelltrain.metrics import expected_calibration_error, nll
@@ -74,7 +73,7 @@ def calibrate(
     val_logits, val_targets = predict(model, val, settings, limit=settings.limit_val_batches)
     temperature = fit_temperature(val_logits, val_targets)
     test_logits, test_targets = tested
-    store_temperature(run_dir, temperature)
+    add_to_run_checkpoints(run_dir, temperature=temperature)
     section: dict[str, Any] = {"method": mode, "temperature": temperature, "fitted_on": "val"}
     for split, logits, targets in (("val", val_logits, val_targets), ("test", test_logits, test_targets)):
         for when, scaled in (("before", logits), ("after", logits / temperature)):
@@ -92,10 +91,3 @@ def describe_calibration(section: dict[str, Any]) -> str:
     ]
     fitted = f"trainer.calibrate={section['method']}: T={section['temperature']:.4g} (fitted on val)"
     return f"{fitted}; {'; '.join(changes)}"
-
-
-def store_temperature(run_dir: Path, temperature: float) -> None:
-    """Add `temperature` to the run's best.pt and last.pt, the checkpoints a trained model is loaded from."""
-    for path in (rundir.best_checkpoint(run_dir), rundir.last_checkpoint(run_dir)):
-        if path.is_file():
-            rundir.write_atomic(serialize({**load_checkpoint(path), "temperature": temperature}), path)

@@ -48,6 +48,14 @@ def serialize(payload: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
+def add_to_run_checkpoints(run_dir: Path, **entries: Any) -> None:
+    """Add `entries` (what the test step fitted: a calibration temperature, multi-label thresholds) to the run's
+    best.pt and last.pt, the checkpoints a trained model is loaded from."""
+    for path in (best_checkpoint(run_dir), last_checkpoint(run_dir)):
+        if path.is_file():
+            write_atomic(serialize({**load_checkpoint(path), **entries}), path)
+
+
 def load_checkpoint(path: Path | str) -> dict[str, Any]:
     """Load a shelltrain checkpoint safely; a corrupt or foreign file is a one-line UserError."""
     path = Path(path)

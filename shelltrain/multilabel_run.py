@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from shelltrain import rundir
-from shelltrain.checkpoint import load_checkpoint, serialize
+from shelltrain.checkpoint import add_to_run_checkpoints
 from shelltrain.data import DataBundle, unsharded
 from shelltrain.data.balance import train_labels
 from shelltrain.engine import metrics_from_logits, predict
@@ -45,13 +45,6 @@ def tuned_thresholds(model: nn.Module, data: DataBundle, settings: TrainerConfig
     return tune_thresholds(logits, targets)
 
 
-def store_thresholds(run_dir: Path, thresholds: list[float]) -> None:
-    """Add `thresholds` to the run's best.pt and last.pt, the checkpoints a trained model is loaded from."""
-    for path in (rundir.best_checkpoint(run_dir), rundir.last_checkpoint(run_dir)):
-        if path.is_file():
-            rundir.write_atomic(serialize({**load_checkpoint(path), "thresholds": thresholds}), path)
-
-
 def labelled_figures(
     logits: torch.Tensor, targets: torch.Tensor, thresholds: list[float], classes: list[str], split: str
 ) -> dict[str, Any]:
@@ -78,7 +71,7 @@ def multilabel_test(
     """The test step of a multi-label run: thresholds tuned on val and stored with the model, the test split's
     `tested` (logits, targets) measured at them, predictions.csv written."""
     thresholds = tuned_thresholds(model, data, settings)
-    store_thresholds(run_dir, thresholds)
+    add_to_run_checkpoints(run_dir, thresholds=thresholds)
     logits, targets = tested
     ids = sample_ids(data.test.dataset, len(targets))
     write_label_predictions(run_dir / rundir.PREDICTIONS, ids, logits, thresholds, data.classes, targets, "test")
