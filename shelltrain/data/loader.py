@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 
+from shelltrain.cores import affinity_cores
 from shelltrain.errors import UserError
 from shelltrain.signals import leave_stop_signals_to_main
 
@@ -42,8 +43,7 @@ def worker_count(setting: int | str) -> int:
     """`data.num_workers`: a count, or "auto": the CPU cores this process may run on (its affinity), capped."""
     if setting != "auto":
         return int(setting)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(cores, AUTO_WORKERS_CAP)
+    return min(affinity_cores(), AUTO_WORKERS_CAP)
 
 
 class SeededSampler(Sampler):
