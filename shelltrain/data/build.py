@@ -197,9 +197,11 @@ def decoded_sources(data: DictConfig, sources: dict, channels: int) -> dict[str,
     """`data.cache`: each image folder's files as one decoded uint8 array (cache.py), at the final size and
     channels; `disk` arrays stay memory-mapped (`is_mapped`)."""
     decoded = {}
+    # the cache's name: the folder, or the manifest file and split (its key lists the files); resolved once, as a
+    # URL's is a listing of its objects
+    base = manifest_path(data) if data.name == "manifest" else data_root(data)
     for split, (paths, labels) in sources.items():
-        # the cache's name: the folder, or the manifest file and split (its key lists the files)
-        folder = f"{manifest_path(data)}:{split}" if data.name == "manifest" else str(data_root(data) / split)
+        folder = f"{base}:{split}" if data.name == "manifest" else str(base / split)
         images = cached_images(
             folder,
             paths,
