@@ -338,14 +338,14 @@ class _Tally:
         self.seconds = float(partial.get("seconds", 0.0))
         self.losses: list[torch.Tensor] = []
         self.predicted: list[torch.Tensor] = []
-        self.targets: list[torch.Tensor] = []
+        self.sizes: list[int] = []  # images in each pending batch
         self.steps: list[int] = []  # the optimizer step each pending batch contributes to
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, step: int) -> None:
         self.losses.append(loss.detach())
         logits = logits.detach()
         self.predicted.append(label_hits(logits, targets) if self.multi_label else logits.argmax(1) == _hard(targets))
-        self.targets.append(targets)
+        self.sizes.append(len(targets))
         self.steps.append(step)
 
     def sync(self, epoch: int) -> None:
@@ -353,7 +353,7 @@ class _Tally:
             return
         hits = torch.cat(self.predicted).float().sum()
         pending = torch.cat([torch.stack(self.losses).float(), hits.float()[None]]).cpu().double()  # host sync
-        losses, sizes = pending[:-1], torch.tensor([len(t) for t in self.targets], dtype=torch.float64)
+        losses, sizes = pending[:-1], torch.tensor(self.sizes, dtype=torch.float64)
         local = torch.stack([losses @ sizes, pending[-1], sizes.sum(), (~torch.isfinite(losses)).sum().double()])
         loss_sum, correct, seen, non_finite = distributed.all_reduce_sum(local).tolist()
         self.loss_sum += loss_sum
@@ -364,7 +364,7 @@ class _Tally:
             mine = next((step for step, flag in zip(self.steps, bad) if flag), 2**62)
             step = int(distributed.all_reduce_min(torch.tensor([mine])).item())
             raise NonFiniteLoss(self.loss_sum, epoch, step)
-        self.losses, self.predicted, self.targets, self.steps = [], [], [], []
+        self.losses, self.predicted, self.sizes, self.steps = [], [], [], []
 
     @property
     def loss(self) -> float:
