@@ -78,6 +78,14 @@ def fuse(rule: str, probs: torch.Tensor, weights: Sequence[float]) -> tuple[torc
     return (combine("average", probs, weights) if rule == "vote" else fused), fused.argmax(1)
 
 
+def fuse_labels(rule: str, logits: torch.Tensor, weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Multi-label: M x N x C member logits -> N x C logits of the fused per-class sigmoid probabilities (their
+    sigmoid is the ensemble's probability), in float32 whatever the autocast, or float64 if given."""
+    with torch.autocast(logits.device.type, enabled=False):
+        probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).sigmoid()
+        return as_logits(combine(rule, probs, weights))
+
+
 class FusedModel(nn.Module):
     """An ensemble as one model (task=predict and export, a fused teacher): its forward gives the log of the fused
     probabilities (`combine`), so that softmax and argmax of the output are the ensemble's. `multi_label`: the
@@ -95,9 +103,7 @@ class FusedModel(nn.Module):
         logits = [member(x) for member in self.members]  # under the caller's autocast
         with torch.autocast(x.device.type, enabled=False):
             if self.multi_label:
-                return as_logits(
-                    combine(self.rule, torch.stack([each.float().sigmoid() for each in logits]), self.weights)
-                )
+                return fuse_labels(self.rule, torch.stack(logits), self.weights)
             probs = torch.stack([each.float().softmax(1) for each in logits])  # M x N x C
             return combine(self.rule, probs, self.weights).clamp_min(1e-12).log()
 

@@ -16,10 +16,9 @@ from shelltrain.checkpoint import add_to_run_checkpoints
 from shelltrain.data import DataBundle, unsharded
 from shelltrain.data.balance import train_labels
 from shelltrain.engine import metrics_from_logits, predict
-from shelltrain.fusion import combine
+from shelltrain.fusion import fuse_labels
 from shelltrain.multilabel import (
     WeightedBce,
-    as_logits,
     balanced_pos_weight,
     is_multi_label,
     scores,
@@ -87,9 +86,9 @@ def fused_labels(
     classes: list[str],
 ) -> tuple[dict[str, float], dict[str, float], dict[str, Any]]:
     """A multi-label ensemble: the members' (M x N x C logits, targets) of val and test fused by `rule` on their
-    sigmoid probabilities (fusion.combine); the val and test figures at 1/2, and the test figures at thresholds
+    sigmoid probabilities (fusion.fuse_labels); the val and test figures at 1/2, and the test figures at thresholds
     tuned on the fused val split (with `thresholds`, which ensemble.json keeps)."""
-    fused = [as_logits(combine(rule, logits.sigmoid(), weights)) for logits, _ in (val, test)]
+    fused = [fuse_labels(rule, logits, weights) for logits, _ in (val, test)]
     thresholds = tune_thresholds(fused[0], val[1])
     tested = labelled_figures(fused[1], test[1], thresholds, classes, "test")
     return metrics_from_logits(fused[0], val[1], settings), metrics_from_logits(fused[1], test[1], settings), tested
