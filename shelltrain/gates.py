@@ -63,7 +63,7 @@ def check(gates: Mapping[str, Any], summary: Mapping[str, Any]) -> dict[str, Any
             failures.append(f"gate.{key}: not a <metric>_min or <metric>_max key")
             continue
         metric, bound = parsed
-        value = metric_value(summary, metric) if key != RECALL_DROP else _recall_drop(summary)
+        value = metric_value(summary, f"{BASELINE}_max_class_recall_drop" if key == RECALL_DROP else metric)
         ok = value is not None and not math.isnan(value) and (value >= limit if bound == "min" else value <= limit)
         sign = ">=" if bound == "min" else "<="
         text = f"{metric}={value:.6g} {sign} {limit:g}" if value is not None else f"{metric}: none"
@@ -89,11 +89,6 @@ def _check_drop(limit: float, summary: Mapping[str, Any], checked: dict, failure
     checked[BASELINE_DROP] = {"limit": limit, "value": drop, "passed": ok, "text": text}
     if not ok:
         failures.append(f"{text}: a significant drop beyond gate.{BASELINE_DROP}")
-
-
-def _recall_drop(summary: Mapping[str, Any]) -> float | None:
-    section = summary.get(BASELINE)
-    return float(section["max_class_recall_drop"]) if isinstance(section, Mapping) else None
 
 
 def metric_gates(gates: Mapping[str, Any]) -> dict[str, Any]:
