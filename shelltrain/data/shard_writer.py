@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from shelltrain.data.manifest import manifest_sources
-from shelltrain.data.shards import INDEX, count
+from shelltrain.data.shards import INDEX
 from shelltrain.data.sources import imagefolder
 from shelltrain.data.splits import split_indices
 from shelltrain.errors import EXIT_USER_ERROR, UserError
@@ -56,20 +56,20 @@ def read_source(source: Path) -> tuple[dict[str, tuple[list[str], torch.Tensor]]
 
 def write_split(
     paths: list[str], labels: torch.Tensor, pattern: str, maxcount: int, maxsize: float, seed: int
-) -> list[str]:
-    """One split's samples, shuffled with `seed`, into shards named by `pattern`; the files written."""
+) -> dict[str, int]:
+    """One split's samples, shuffled with `seed`, into shards named by `pattern`; each file written and its sample
+    count, in the order written (counted as written: no shard is read back)."""
     import webdataset as wds
 
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed)).tolist()
-    written: list[str] = []
-    with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0, post=written.append) as writer:
+    counts: dict[str, int] = {}
+    with wds.ShardWriter(pattern, maxcount=maxcount, maxsize=maxsize, verbose=0) as writer:
         for n, i in enumerate(order):
             suffix = Path(paths[i]).suffix.lower().lstrip(".") or "img"
             with open(paths[i], "rb") as handle:
                 writer.write({"__key__": f"{n:09d}", suffix: handle.read(), "cls": str(int(labels[i]))})
-    if writer.fname and writer.fname not in written:  # the last shard is closed with the writer
-        written.append(writer.fname)
-    return written
+            counts[writer.fname] = counts.get(writer.fname, 0) + 1  # the shard this sample went into
+    return counts
 
 
 def write_shards(source: Path, out: Path, maxcount: int, maxsize: float, seed: int) -> dict:
@@ -79,9 +79,8 @@ def write_shards(source: Path, out: Path, maxcount: int, maxsize: float, seed: i
     counts = {}
     for split in SPLITS:
         paths, labels = splits[split]
-        files = write_split(paths, labels, str(out / f"{split}-%06d.tar"), maxcount, maxsize, seed)
-        for file, n in zip(files, count(files, "cls", "OUT")[0]):
-            counts[os.path.basename(file)] = n
+        written = write_split(paths, labels, str(out / f"{split}-%06d.tar"), maxcount, maxsize, seed)
+        counts.update({os.path.basename(file): n for file, n in written.items()})
     index = {"classes": classes, "counts": counts}
     (out / INDEX).write_text(json.dumps(index, indent=1) + "\n")
     return index
