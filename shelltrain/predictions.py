@@ -49,12 +49,10 @@ def error_analysis(
     ids = sample_ids(dataset, len(targets))
     write_predictions(Path(run_dir) / rundir.PREDICTIONS, ids, logits, targets, losses, data.classes, split)
     if plots and len(targets):
-        images, titles, wrong = gallery(logits, targets, losses, dataset, data)
+        top, batch, images, titles, wrong = gallery(logits, targets, losses, dataset, data)
         plot_top_losses(images, titles, wrong, Path(run_dir) / rundir.PLOTS / rundir.TOP_LOSSES_PLOT)
         if cam is not None and usable(cam):
-            top = losses.topk(len(images)).indices.tolist()
-            batch = torch.stack([dataset[i][0].float() for i in top])
-            heat = draw(cam, batch, images, logits[top].argmax(1).tolist())
+            heat = draw(cam, batch.float(), images, logits[top].argmax(1).tolist())
             plot_top_losses(heat, titles, wrong, Path(run_dir) / rundir.PLOTS / GALLERY_PLOT)
         plot_per_class(per_class, Path(run_dir) / rundir.PLOTS / rundir.PER_CLASS_PLOT, split)
     return confused_pairs(logits.argmax(1), targets, data.classes)
@@ -123,11 +121,13 @@ def confused_table(pairs: list[dict[str, Any]], split: str = "test") -> Table:
 
 def gallery(
     logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, dataset: Dataset, data: DataBundle
-) -> tuple[list[Any], list[str], list[bool]]:
-    """The GALLERY_SIZE highest-loss images, read back from the split and un-normalized with the data's mean/std
-    (H x W x C arrays in [0, 1]), their titles (true / predicted (probability)) and whether each is a mistake."""
+) -> tuple[list[int], torch.Tensor, list[Any], list[str], list[bool]]:
+    """The GALLERY_SIZE highest-loss images: their indices, the batch read back from the split (as the model took
+    it, for Grad-CAM), the same un-normalized with the data's mean/std (H x W x C arrays in [0, 1]), their titles
+    (true / predicted (probability)) and whether each is a mistake. Called with at least one tested image."""
     top = losses.topk(min(GALLERY_SIZE, len(losses))).indices.tolist()
-    images = Preprocessing.of_data(data).pictures(torch.stack([dataset[i][0] for i in top])) if top else []
+    batch = torch.stack([dataset[i][0] for i in top])
+    images = Preprocessing.of_data(data).pictures(batch)
     probabilities = logits.softmax(1)
     titles, wrong = [], []
     for i in top:
@@ -135,7 +135,7 @@ def gallery(
         said = f"pred {_short(data.classes[guess])} ({probabilities[i, guess]:.2f})"
         titles.append(f"true {_short(data.classes[true])}\n{said}")
         wrong.append(true != guess)
-    return images, titles, wrong
+    return top, batch, images, titles, wrong
 
 
 def _short(name: Any) -> str:
