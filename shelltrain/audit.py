@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
@@ -35,17 +34,14 @@ def run_audit(cfg: DictConfig, run_dir: Path) -> float:
     started = time.perf_counter()
     console = make_console()
     imagehash_module()  # the one optional library: said before anything is loaded
-    if cfg.trainer.loss == "bce":
-        raise UserError("task=audit checks single-label data; set trainer.loss=cross_entropy")
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic, cfg.trainer.threads)
     data, samples, classes = load(cfg, console)
     pairs = duplicate_pairs(samples, int(cfg.audit.hash_distance), float(cfg.audit.pixel_tolerance))
     report: dict[str, Any] = {"pairs": pairs, "health": health(samples, classes, float(cfg.audit.outlier_factor))}
     report["seconds_scan"] = round(time.perf_counter() - started, 3)
     if cfg.audit.folds and data is not None:
-        labels = torch.as_tensor([s.label for s in samples if s.split == "train"])
         probabilities = out_of_fold(cfg, run_dir, data, console)
-        report["labels"] = confident_learning(probabilities, labels, str(cfg.audit.rank_by))
+        report["labels"] = confident_learning(probabilities, data.train.dataset.labels, str(cfg.audit.rank_by))
         report["labels"]["probabilities"] = probabilities
     return audit_report.write(cfg, run_dir, report, samples, data, classes, started, console)
 

@@ -142,6 +142,7 @@ def check_multi_label(cfg: DictConfig) -> None:
         ("trainer.calibrate=temperature", trainer.calibrate != "none", "it scales a softmax; set it to none"),
         ("data.balance=sampler", data.balance == "sampler", "it draws by one class; use trainer.pos_weight=balanced"),
         (f"distill={cfg.distill.name}", cfg.distill.name != "none", "it matches softmax outputs; set distill=none"),
+        ("task=audit", cfg.task == "audit", "it checks single-label data; set trainer.loss=cross_entropy"),
     )
     for key, used, why in refused:
         if used:

@@ -113,6 +113,7 @@ def test_a_class_column_that_is_not_zero_or_one_names_the_row(tmp_path):
         (["data.balance=sampler"], "data.balance=sampler does not apply to multi-label"),
         (["augmentation.mixup_alpha=0.2"], "mixup/cutmix needs trainer.loss=cross_entropy"),
         (["distill=logits", "distill.teacher=/tmp"], "distill=logits does not apply to multi-label"),
+        (["task=audit"], "task=audit does not apply to multi-label .*set trainer.loss=cross_entropy"),
     ],
 )
 def test_single_label_options_are_refused_in_one_line(overrides, message):
