@@ -30,12 +30,11 @@ UNCOMPARED_KEYS = ("hydra",)  # config sections that say where a run went, not w
 
 @dataclass
 class Run:
-    """What a comparison reads of a finished run: its summary, per-sample predictions and config record."""
+    """What a comparison reads of a finished run: its summary and per-sample predictions."""
 
     path: Path
     summary: dict[str, Any]
     predictions: dict[str, list[Any]]  # columns of predictions.csv
-    config: dict[str, Any] | None
 
 
 def open_run(spec: str | Path, key: str) -> Run:
@@ -58,7 +57,7 @@ def open_run(spec: str | Path, key: str) -> Run:
         raise UserError(f"{key}={spec}: a multi-label run; the paired comparison covers single-label runs")
     columns = {name: [row[name] for row in rows] for name in ("sample", "true", "predicted", "correct", "split")}
     columns["correct"] = [int(v) for v in columns["correct"]]
-    return Run(path, recorded, columns, _config(path))
+    return Run(path, recorded, columns)
 
 
 def _config(path: Path) -> dict[str, Any] | None:
@@ -80,14 +79,19 @@ def compare_runs(new: Run, baseline: Run, alpha: float, key: str) -> dict[str, A
     fingerprints say the tested images differ)."""
     split = tested_split(new)
     mine, theirs = _fingerprint(new, split, "this run"), _fingerprint(baseline, split, f"{key}={baseline.path}")
-    if tested_split(baseline) != split or not same_split(mine, theirs):
-        raise UserError(
-            f"{key}={baseline.path}: its {tested_split(baseline)} images differ from this run's {split} images "
-            f"({theirs.get('count')} vs {mine.get('count')} samples, data fingerprints differ); compare runs "
-            "tested on the same data (data.*, data.split_seed)"
-        )
+    _require_same_images(f"{key}={baseline.path}", tested_split(baseline), theirs, split, mine)
     paired = _aligned(baseline.predictions, new.predictions, mine.get("kind") == "files", key)
     return {"run": str(baseline.path), "split": split, **compare_predictions(new.predictions, paired, alpha)}
+
+
+def _require_same_images(who: str, their_split: str, theirs: dict, split: str, mine: dict) -> None:
+    """The one refusal of a comparison on other images: the split, or its data fingerprint, differs."""
+    if their_split != split or not same_split(mine, theirs):
+        raise UserError(
+            f"{who}: its {their_split} images differ from this run's {split} images ({theirs.get('count')} vs "
+            f"{mine.get('count')} samples, data fingerprints differ); compare runs tested on the same data "
+            "(data.*, data.split_seed)"
+        )
 
 
 def _fingerprint(run: Run, split: str, who: str) -> dict[str, Any]:
@@ -180,13 +184,7 @@ def check_test_set(gates: Mapping[str, Any], test_fingerprint: Callable[[], dict
         return
     baseline = open_run(gates[BASELINE], "gate.baseline")
     theirs = _fingerprint(baseline, "test", f"gate.baseline={baseline.path}")
-    mine = test_fingerprint()
-    if not same_split(mine, theirs):
-        raise UserError(
-            f"gate.baseline={baseline.path}: its test images differ from this run's ({theirs.get('count')} vs "
-            f"{mine.get('count')} samples, data fingerprints differ); compare runs tested on the same data "
-            "(data.*, data.split_seed)"
-        )
+    _require_same_images(f"gate.baseline={baseline.path}", "test", theirs, "test", test_fingerprint())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -210,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_USER_ERROR)
     out = [f"baseline {baseline.path}", f"new      {new.path}", *describe(section)]
     out += _fingerprint_lines(baseline.summary, new.summary)
-    diff = config_diff(baseline.config, new.config)
+    diff = config_diff(_config(baseline.path), _config(new.path))  # shelltrain-compare alone shows it
     out += ["config keys that differ:" if diff else "configs: identical"] + [f"  {line}" for line in diff]
     sys.stdout.write("\n".join(out) + "\n")
 
