@@ -35,6 +35,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bytecode import cache_bytecode_as_users_do
+
 from shelltrain.cli import wait_passively_when_busy
 
 HERE = Path(__file__).resolve().parent
@@ -161,6 +163,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="keep the runs in this folder (default: deleted)")
     args = parser.parse_args()
     wait_passively_when_busy()  # as the shelltrain command would decide now, for the plain loop as well
+    cache_bytecode_as_users_do()
     work = args.keep or Path(tempfile.mkdtemp(prefix="everyday_speed_"))
     work.mkdir(parents=True, exist_ok=True)
     before = " ".join(f"{x:.2f}" for x in os.getloadavg())

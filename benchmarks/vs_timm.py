@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bytecode import cache_bytecode_as_users_do
 
 BATCH = 64
 
@@ -144,6 +145,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="input side in px (the 32 px digits are resized)")
     parser.add_argument("--epochs", type=int, default=4)
     work = parser.parse_args()
+    cache_bytecode_as_users_do()
     cases = {
         "timm train.py": lambda root, out, seed: run_timm(work.train_py, root, out, seed, work),
         "shelltrain": lambda root, out, seed: run_shelltrain(root, out, seed, work, []),

@@ -27,6 +27,7 @@ from shelltrain.compare import check_baseline_run, with_baseline
 from shelltrain.cores import affinity_cores
 from shelltrain.errors import EXIT_USER_ERROR, GateMissed, Interrupted, UserError
 from shelltrain.explain import explain
+from shelltrain.host_memory import cache_freed_memory
 from shelltrain.gates import active, check
 from shelltrain.schema import validate
 from shelltrain.signals import exit_on_sigterm
@@ -112,6 +113,7 @@ def run_job(cfg: DictConfig, run_dir: Path) -> tuple[Any, list[str]]:
     launch.tell_followers({"run_dir": str(run_dir), "resume": checkpoint})
     if cfg.trainer.devices > 1 and not launch.under_torchrun():
         return launch.launch_processes(cfg, run_dir, checkpoint, overrides)
+    cache_freed_memory(cfg.trainer.host_memory_cache_mib)  # before torch allocates (docs/scaling-out.md)
     from shelltrain.jobs import run  # imports torch: only once a job really runs
 
     result = run(cfg, run_dir, resume=resume, overrides=overrides)

@@ -43,6 +43,7 @@ from shelltrain.checks import (
     uses_ensemble,
 )
 from shelltrain.errors import UserError
+from shelltrain.host_memory import CACHE_MAX_MIB
 from shelltrain.gates import check_baseline_settings, metric_gates
 from shelltrain.schema_compress import CompressConfig, DistillConfig, PruneConfig
 from shelltrain.schema_data import DATA_OPTIONS, DataConfig, OutputConfig, check_data
@@ -101,6 +102,7 @@ class TrainerConfig:
     limit_test_batches: Optional[int]
     overfit_batches: int
     threads: Optional[int]
+    host_memory_cache_mib: int
     resume: Optional[str]
     checkpoint_every_n_steps: int
     keep_checkpoints: int
@@ -149,6 +151,11 @@ class TrainerConfig:
             )
         for key in ("patience", "limit_train_batches", "limit_val_batches", "limit_test_batches", "threads"):
             at_least(f"trainer.{key}", getattr(self, key), 0 if key == "patience" else 1)
+        if not 0 <= self.host_memory_cache_mib <= CACHE_MAX_MIB:
+            raise UserError(
+                f"trainer.host_memory_cache_mib={self.host_memory_cache_mib} is out of range; use 0 (the C library's "
+                f"own policy) to {CACHE_MAX_MIB} MiB"
+            )
         if self.label_smoothing and self.loss == "mse":
             raise UserError(
                 f"trainer.label_smoothing={self.label_smoothing} applies to trainer.loss=cross_entropy only, or bce "

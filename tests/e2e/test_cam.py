@@ -110,15 +110,17 @@ def test_without_the_library_the_line_names_the_extra(monkeypatch):
     assert 'pip install "shelltrain[explain]"' in request.console.file.getvalue()
 
 
-def test_a_training_run_and_evaluate_draw_the_gallerys_cam_unless_report_cam_is_off(tmp_path):
+def test_a_training_run_and_evaluate_draw_the_gallerys_cam_when_report_cam_is_on(tmp_path):
     pytest.importorskip("pytorch_grad_cam")
     tiny = ["model=cnn", "model.width=8", "data.image_size=16", "debug=smoke", "trainer.threads=1", "plots=true"]
-    run_in_process(tmp_path / "run", *tiny)
+    run_in_process(tmp_path / "run", *tiny, "report.cam=true")
     gallery = tmp_path / "run/plots/top_losses_cam.png"
     assert Image.open(gallery).size == Image.open(tmp_path / "run/plots/top_losses.png").size
-    run_in_process(tmp_path / "evaluate", "task=evaluate", f"model.weights={tmp_path / 'run'}", "plots=true")
+    run_in_process(
+        tmp_path / "evaluate", "task=evaluate", f"model.weights={tmp_path / 'run'}", "plots=true", "report.cam=true"
+    )
     assert (tmp_path / "evaluate/plots/top_losses_cam.png").is_file()
-    run_in_process(tmp_path / "off", *tiny, "report.cam=false")
+    run_in_process(tmp_path / "off", *tiny)  # the default
     assert (tmp_path / "off/plots/top_losses.png").is_file() and not (
         tmp_path / "off/plots/top_losses_cam.png"
     ).exists()

@@ -89,6 +89,7 @@ def test_misspelled_key_fails_while_composing_and_a_plus_key_is_added():
         (defaults("trainer", device="tpu"), "trainer.device='tpu' is invalid; use auto, cpu, cuda or cuda:N"),
         (defaults("trainer", epochs=-1), "trainer.epochs=-1 is out of range; it must be >= 0"),
         (defaults("trainer", patience=-1), "trainer.patience=-1 is out of range; it must be >= 0"),
+        (defaults("trainer", host_memory_cache_mib=4096), "trainer.host_memory_cache_mib=4096 is out of range"),
         (
             defaults("trainer", compile=True, sync_batchnorm=True),
             "trainer.compile=true with trainer.sync_batchnorm=true is not supported",
