@@ -8,7 +8,6 @@ previous checkpoint intact; the Checkpointer's epoch-end files are written in th
 
 from __future__ import annotations
 
-import io
 import math
 import re
 import stat
@@ -19,7 +18,7 @@ from typing import Any
 
 import torch
 
-from shelltrain import distributed
+from shelltrain import distributed, rundir
 from shelltrain.checkpoint_writer import CheckpointWriter
 from shelltrain.engine import Callback, NonFiniteLoss, TrainState, monitor_mode
 from shelltrain.errors import UserError
@@ -30,10 +29,10 @@ from shelltrain.rundir import best_checkpoint, epoch_checkpoint, epoch_checkpoin
 ZIP_MAGIC = b"PK\x03\x04"  # every torch.save file since PyTorch 1.6 is a zip archive
 
 
-def save_checkpoint(payload: dict[str, Any] | bytes, path: Path) -> None:
-    """Serialize (unless given bytes) and write atomically; a failed write raises UserError and leaves
+def save_checkpoint(payload: dict[str, Any] | rundir.FileBytes, path: Path) -> None:
+    """Serialize (unless given the file's bytes) and write atomically; a failed write raises UserError and leaves
     the previous file at `path` as it was."""
-    write_atomic(payload if isinstance(payload, bytes) else serialize(payload), path)
+    write_atomic(serialize(payload) if isinstance(payload, dict) else payload, path)
 
 
 def export_state_dict(model: torch.nn.Module, path: Path) -> None:
@@ -42,10 +41,28 @@ def export_state_dict(model: torch.nn.Module, path: Path) -> None:
     save_checkpoint({key: value.detach().cpu() for key, value in model.state_dict().items()}, path)
 
 
-def serialize(payload: dict[str, Any]) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    return buffer.getvalue()
+def serialize(payload: dict[str, Any]) -> list[bytes]:
+    """The torch.save archive of `payload` in the pieces torch.save wrote, in order: a snapshot (each tensor's
+    bytes copied once) that rundir.write_atomic writes as one file. Pieces rather than one growing BytesIO, which
+    copied and page-faulted a 90 MB buffer every epoch: 66-91 ms against 26-39 ms for a resnet18 checkpoint."""
+    pieces = _Pieces()
+    torch.save(payload, pieces)
+    return pieces.parts
+
+
+class _Pieces:
+    """A write-only file that keeps a copy of each write (torch.save hands it views of the live tensors)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data: Any) -> int:
+        piece = bytes(data)
+        self.parts.append(piece)
+        return len(piece)
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
 
 
 def add_to_run_checkpoints(run_dir: Path, **entries: Any) -> None:
@@ -272,7 +289,7 @@ class Checkpointer(Callback):
         last = last_checkpoint(self.run_dir)
         # last.pt first: a crash before best.pt leaves last.pt selecting its own epoch, from which a resume rebuilds
         # best.pt (best_repair); best.pt first could leave it ahead of last.pt with the previous best model gone.
-        files: list[tuple[bytes | Path, Path]] = [(data, last)]
+        files: list[tuple[rundir.FileBytes | Path, Path]] = [(data, last)]
         if improved:
             best = self._best(payload, data)
             files.append((last if best is data else best, best_checkpoint(self.run_dir)))  # same bytes: a hard link
@@ -287,7 +304,7 @@ class Checkpointer(Callback):
         if self.write:
             self.writer.submit([(serialize(payload), last_checkpoint(self.run_dir))])
 
-    def _best(self, payload: dict[str, Any], data: bytes) -> bytes:
+    def _best(self, payload: dict[str, Any], data: list[bytes]) -> list[bytes]:
         """best.pt holds the model trainer.monitor selected: the averaged weights when it is an ema_ metric."""
         if not self.monitor.startswith("ema_"):
             return data
@@ -304,7 +321,7 @@ class Checkpointer(Callback):
         if where is not None:
             raise NonFiniteState(where, epoch, step)
 
-    def _retain(self, state: TrainState, last: Path) -> list[tuple[bytes | Path, Path]]:
+    def _retain(self, state: TrainState, last: Path) -> list[tuple[rundir.FileBytes | Path, Path]]:
         """Keep the `keep` best epoch checkpoints (ties: the earlier epoch), deleting the rest; this epoch's file,
         when kept, is a hard link to last.pt's bytes (returned for the writer)."""
         existing = epoch_checkpoints(self.run_dir)

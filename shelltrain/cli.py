@@ -27,8 +27,8 @@ from shelltrain.compare import check_baseline_run, with_baseline
 from shelltrain.cores import affinity_cores
 from shelltrain.errors import EXIT_USER_ERROR, GateMissed, Interrupted, UserError
 from shelltrain.explain import explain
-from shelltrain.host_memory import cache_freed_memory
 from shelltrain.gates import active, check
+from shelltrain.host_memory import cache_freed_memory
 from shelltrain.schema import validate
 from shelltrain.signals import exit_on_sigterm
 

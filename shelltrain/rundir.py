@@ -361,7 +361,14 @@ def write_text(text: str, path: Path) -> None:
     write_atomic(text.encode(), path)
 
 
-def write_atomic(data: bytes, path: Path) -> None:
+FileBytes = bytes | list[bytes]  # a file's contents for write_atomic: one buffer, or pieces in order (checkpoints)
+
+
+def byte_count(data: FileBytes) -> int:
+    return len(data) if isinstance(data, bytes) else sum(len(piece) for piece in data)
+
+
+def write_atomic(data: FileBytes, path: Path) -> None:
     """Write to a temporary file beside `path`, fsync, then rename: a crash never leaves half a file, and a
     failed write (a full disk) leaves the previous file as it was and raises UserError."""
     path = Path(path)
@@ -405,10 +412,10 @@ def _rename_durably(tmp: Path, path: Path) -> None:
         os.close(dir_fd)
 
 
-def _write_durably(tmp: Path, data: bytes) -> None:
+def _write_durably(tmp: Path, data: FileBytes) -> None:
     """The one place bytes hit the disk (tests replace it to simulate a full disk)."""
     with open(tmp, "wb") as f:
-        f.write(data)
+        f.writelines([data] if isinstance(data, bytes) else data)
         f.flush()
         os.fsync(f.fileno())
 

@@ -43,8 +43,8 @@ from shelltrain.checks import (
     uses_ensemble,
 )
 from shelltrain.errors import UserError
-from shelltrain.host_memory import CACHE_MAX_MIB
 from shelltrain.gates import check_baseline_settings, metric_gates
+from shelltrain.host_memory import CACHE_MAX_MIB
 from shelltrain.schema_compress import CompressConfig, DistillConfig, PruneConfig
 from shelltrain.schema_data import DATA_OPTIONS, DataConfig, OutputConfig, check_data
 from shelltrain.schema_tasks import AuditConfig, EvaluateConfig, ExportConfig, LrFindConfig, PredictConfig, ReportConfig

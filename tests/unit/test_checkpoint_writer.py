@@ -19,7 +19,7 @@ from shelltrain.checkpoint_writer import CheckpointWriter
 from shelltrain.errors import UserError
 
 
-def checkpoint(epoch: int) -> bytes:
+def checkpoint(epoch: int) -> rundir.FileBytes:
     return serialize({"model": {"w": torch.full((4,), float(epoch))}, "epoch": epoch})
 
 
@@ -29,7 +29,7 @@ def test_best_is_a_hard_link_to_last_and_keeps_its_epoch_when_last_moves_on(tmp_
     writer.submit([(checkpoint(1), last), (last, best)])
     writer.wait()
     assert os.stat(last).st_ino == os.stat(best).st_ino  # one file on disk, two names
-    assert writer.bytes_written == len(checkpoint(1))  # the link wrote nothing
+    assert writer.bytes_written == rundir.byte_count(checkpoint(1))  # the link wrote nothing
     writer.submit([(checkpoint(2), last)])  # epoch 2 did not improve: best.pt keeps epoch 1
     writer.wait()
     assert load_checkpoint(last)["epoch"] == 2
@@ -48,7 +48,7 @@ def test_without_hard_links_best_gets_a_copy_of_the_bytes(tmp_path, monkeypatch)
     writer.wait()
     assert os.stat(last).st_ino != os.stat(best).st_ino
     assert load_checkpoint(best)["epoch"] == 3
-    assert writer.bytes_written == 2 * len(checkpoint(3))
+    assert writer.bytes_written == 2 * rundir.byte_count(checkpoint(3))
 
 
 def test_a_failed_background_write_is_raised_once_and_keeps_the_previous_file(tmp_path, monkeypatch):
