@@ -343,11 +343,12 @@ def test_full_disk_is_one_clear_error_and_keeps_earlier_checkpoints(tmp_path, mo
     real = rundir._write_durably
     calls = {"n": 0}
 
-    def disk_fills_up(tmp: Path, data: bytes) -> None:
+    def disk_fills_up(tmp: Path, data: rundir.FileBytes) -> None:
         calls["n"] += 1
         if calls["n"] <= 2:  # epoch 1: last.pt and metrics.csv (best.pt is a hard link to last.pt's bytes)
             return real(tmp, data)
-        tmp.write_bytes(data[: len(data) // 2])  # half written, then the disk is full
+        whole = data if isinstance(data, bytes) else b"".join(data)  # a checkpoint comes in pieces
+        tmp.write_bytes(whole[: len(whole) // 2])  # half written, then the disk is full
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
 
     monkeypatch.setattr(rundir, "_write_durably", disk_fills_up)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import run_in_process
 
-from shelltrain import checkpoint_writer, runner
+from shelltrain import checkpoint_writer, rundir, runner
 
 # Three short epochs of a tiny model, reproducible to the bit; val_loss falls every epoch, so the last is the best.
 SHORT = [
@@ -50,10 +50,11 @@ def _die_after_first_write_of_epoch(monkeypatch, epoch: int) -> None:
     or a copy) is on disk: the background writer hands the error to the training thread, which ends the run."""
     real = checkpoint_writer.write_atomic
 
-    def write(data: bytes, path: Path) -> None:
+    def write(data: rundir.FileBytes, path: Path) -> None:
         real(data, path)
         if Path(path).name in ("last.pt", "best.pt"):
-            saved = torch.load(io.BytesIO(data), weights_only=True)
+            whole = data if isinstance(data, bytes) else b"".join(data)  # a checkpoint comes in pieces
+            saved = torch.load(io.BytesIO(whole), weights_only=True)
             if saved["epoch"] == epoch and saved["train_state"]["batch"] == 0:
                 raise RuntimeError("simulated crash between the two checkpoint writes")
 
