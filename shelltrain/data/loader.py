@@ -34,7 +34,7 @@ from shelltrain.errors import UserError
 from shelltrain.signals import leave_stop_signals_to_main
 
 WORKER_PREFIX = "shelltrain.errors.UserError: "  # how a worker's UserError ends torch's traceback text
-_started: weakref.WeakSet = weakref.WeakSet()  # every loader worker process started in this process
+_with_workers: weakref.WeakSet = weakref.WeakSet()  # every DataLoader iterator of this process that started workers
 AUTO_WORKERS_CAP = 8  # data.num_workers=auto: the process's cores, at most this many
 PREFETCH_BATCHES = 4  # batches each loader worker prepares ahead (DataLoader's default: 2)
 
@@ -88,7 +88,8 @@ class Loader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         iterator = super().__iter__()
-        _started.update(getattr(iterator, "_workers", []))
+        if getattr(iterator, "_workers", None):
+            _with_workers.add(iterator)
         try:
             yield from iterator
         except (Exception, KeyboardInterrupt) as exc:
@@ -165,11 +166,11 @@ def stop_workers(iterator: Any) -> None:
 
 def _kill_leftover_workers() -> None:
     """At exit (before multiprocessing's own handler, which atexit runs after this one): SIGKILL loader workers.
-    They are known from `_started`: a started Process no longer holds its target to tell them by."""
-    for worker in list(_started):
-        if worker.is_alive():
-            worker.kill()
-            worker.join()
+    Each iterator is shut down first (torch's shutdown tells its workers to stop, then marks the iterator done): a
+    worker killed without it can die holding the lock of the iterator's "workers done" event, and the iterator's
+    own shutdown, when it is collected later, then waits for that lock forever."""
+    for iterator in list(_with_workers):
+        stop_workers(iterator)
 
 
 atexit.register(_kill_leftover_workers)
