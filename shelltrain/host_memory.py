@@ -3,7 +3,7 @@
 A CPU training step frees and re-allocates the same activations, gradients and weight-gradient copies. glibc's
 malloc gives large freed blocks back to the kernel (munmap, or trimming the heap top past M_TRIM_THRESHOLD), so
 the next step faults the same memory back in, page by page, zero-filled by the kernel: a resnet18 epoch on 32 px
-digits faulted 230-685K pages (1-2.7 GB) and ran 2.9-4.5 s instead of 2.6-3.1 s; a plain PyTorch loop does the
+digits faulted 224-685K pages (0.9-2.7 GB) and ran 2.9-4.5 s instead of 2.4-3.3 s; a plain PyTorch loop does the
 same on some epochs and not on others. `trainer.host_memory_cache_mib` keeps up to that much freed memory for
 reuse, as the CUDA caching allocator does on a GPU and jemalloc or tcmalloc (PyTorch's CPU tuning guide suggests
 them) do on the host: blocks under 32 MiB come from the heap, and the heap holds up to the cache's size free
