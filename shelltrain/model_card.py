@@ -48,7 +48,7 @@ def render(config: dict[str, Any], result: dict[str, Any], splits: dict[str, int
         front_matter(config, result),
         f"# {_model_name(config)} on {config['data']['name']}\n\n"
         f"Written by shelltrain at the end of the run in `{result.get('run_dir', '')}` from its summary.json.",
-        _task(classes, config["trainer"]["loss"] == "bce"),
+        _task(classes, _multi_label(result)),
         _data(config, splits, classes),
         _model(config, result),
         _training(config, result),
@@ -65,7 +65,7 @@ def front_matter(config: dict[str, Any], result: dict[str, Any]) -> str:
     """The Hugging Face hub's model-card metadata, as YAML between --- lines."""
     data = config["data"]["name"]
     metrics = [{"type": "accuracy", "value": round(result["test_acc"], 4), "name": "test accuracy"}]
-    multi_label = "test_map" in result
+    multi_label = _multi_label(result)
     if multi_label:
         metrics.insert(0, {"type": "mAP", "value": round(result["test_map"], 4), "name": "test mAP"})
     if result.get("test_loss") is not None:
@@ -89,6 +89,11 @@ def front_matter(config: dict[str, Any], result: dict[str, Any]) -> str:
         ],
     }
     return f"---\n{yaml.safe_dump(meta, sort_keys=False)}---"
+
+
+def _multi_label(result: dict[str, Any]) -> bool:
+    """Whether the card describes a multi-label model (trainer.loss=bce): its summary has the multi-label figures."""
+    return "test_map" in result
 
 
 def _task(classes: list[str], multi_label: bool) -> str:
