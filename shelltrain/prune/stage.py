@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from shelltrain import rundir
-from shelltrain.checkpoint import checkpoint_payload, save_checkpoint
+from shelltrain.checkpoint import checkpoint_payload, save_checkpoint, serialize
 from shelltrain.console import say
 from shelltrain.data import DataBundle
 from shelltrain.distill import Distiller
@@ -67,8 +67,9 @@ def prune_stage(
         os.replace(rundir.best_checkpoint(run_dir), rundir.checkpoint(run_dir, rundir.UNPRUNED))
     payload = checkpoint_payload(result.model.state_dict(), state, rng_state(), {**extra, "pruning": result.checkpoint})
     with quiet():  # quantized tensors warn when serialized
-        for path in (rundir.best_checkpoint(run_dir), rundir.last_checkpoint(run_dir)):
-            save_checkpoint(payload, path)
+        data = serialize(payload)  # best.pt and last.pt hold the same checkpoint: serialized once
+    for path in (rundir.best_checkpoint(run_dir), rundir.last_checkpoint(run_dir)):
+        save_checkpoint(data, path)
     result.report["after"]["checkpoint_bytes"] = rundir.best_checkpoint(run_dir).stat().st_size
     return result
 
