@@ -38,7 +38,7 @@ from shelltrain.metrics import confusion_matrix, per_class_metrics
 from shelltrain.models import count_parameters
 from shelltrain.multilabel import is_multi_label
 from shelltrain.multilabel_run import fused_labels
-from shelltrain.plots import plot_members, write_run_plots
+from shelltrain.plots import plot_confusion_matrix, plot_members
 from shelltrain.resume import Resume
 from shelltrain.runner import train_and_test, train_settings
 from shelltrain.schema import TrainerConfig
@@ -117,7 +117,7 @@ def ensemble_and_test(cfg: DictConfig, run_dir: Path, resume: bool = False) -> f
 
 def _plot(fused: EnsembleResult, classes: list[str], run_dir: Path) -> None:
     """The ensemble's confusion matrix and each member's test accuracy beside the ensemble's."""
-    write_run_plots(run_dir, [], fused.confusion, classes)
+    plot_confusion_matrix(fused.confusion, classes, run_dir / rundir.PLOTS / rundir.CONFUSION_PLOT)
     rows = [{"name": f"{m['index']}: {m['model']}", "test_acc": m["test_acc"]} for m in fused.report["members"]]
     plot_members(
         [*rows, {"name": f"ensemble ({fused.report['rule']})", "test_acc": fused.test["acc"]}],

@@ -25,25 +25,6 @@ TICK_LIMIT = 40  # ... and up to this many name every class on the axes
 GALLERY_COLUMNS = 4  # images per row of the top-loss gallery
 
 
-def write_run_plots(
-    run_dir: Path,
-    history: Sequence[dict[str, float]],
-    confusion: torch.Tensor | None,
-    classes: Sequence[str],
-    best_epoch: int | None = None,
-    title: str = "test",
-) -> list[Path]:
-    """plots/curves.png (when any epoch ran) and plots/confusion_matrix.png (`title` names what it shows; none for
-    a multi-label run, `confusion` None); returns the files written."""
-    written = []
-    if history:
-        written.append(plot_curves(history, Path(run_dir) / rundir.PLOTS / "curves.png", best_epoch))
-    if confusion is not None:
-        matrix = Path(run_dir) / rundir.PLOTS / "confusion_matrix.png"
-        written.append(plot_confusion_matrix(confusion, classes, matrix, title))
-    return written
-
-
 def plot_curves(history: Sequence[dict[str, float]], path: Path, best_epoch: int | None = None) -> Path:
     """Loss and accuracy for train and val (and the EMA weights' val, trainer.ema), and the learning rate, per epoch
     (rows as in metrics.csv); a dotted line marks `best_epoch`."""
@@ -73,16 +54,20 @@ def plot_curves(history: Sequence[dict[str, float]], path: Path, best_epoch: int
     return _save(fig, path)
 
 
-def plot_confusion_matrix(confusion: torch.Tensor, classes: Sequence[str], path: Path, title: str = "test") -> Path:
+def plot_confusion_matrix(
+    confusion: torch.Tensor | Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str = "test"
+) -> Path:
     """Counts per (true, predicted) class; the colour is the row's share, so rare classes read as clearly."""
-    matrix = confusion.double()
+    import numpy as np
+
+    matrix = np.asarray(confusion, dtype=np.float64)
     n = matrix.shape[0]
-    share = matrix / matrix.sum(1, keepdim=True).clamp_min(1)
+    share = matrix / matrix.sum(1, keepdims=True).clip(min=1)
     total = matrix.sum().item()
-    accuracy = matrix.diag().sum().item() / total if total else float("nan")
+    accuracy = matrix.diagonal().sum().item() / total if total else float("nan")
     side = min(max(4.5, 0.45 * n + 2.5), 12.0)
     fig, (ax,) = _figure(1, 1, width=side + 1.2, height=side)
-    image = ax.imshow(share.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
+    image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class")
     if n <= ANNOTATE_LIMIT:
         for i in range(n):

@@ -21,6 +21,7 @@ from shelltrain import rundir
 from shelltrain.cam import GALLERY_PLOT, Cam, draw, usable
 from shelltrain.data import DataBundle, FileImages
 from shelltrain.multilabel import SEPARATOR, decide, multi_hot
+from shelltrain.painting import Painter
 from shelltrain.plots import plot_per_class, plot_top_losses
 from shelltrain.preprocess import Preprocessing
 
@@ -38,23 +39,23 @@ def error_analysis(
     data: DataBundle,
     split: str,
     per_class: dict[str, dict[str, Any]],
-    plots: bool,
+    painter: Painter | None,
     cam: Cam | None = None,
 ) -> list[dict[str, Any]]:
-    """predictions.csv for `split` (`dataset`'s first rows, in the order the logits were measured), and with
-    `plots` the top-loss gallery (with `cam`, also its Grad-CAM overlays) and the per-class chart; returns the
-    most-confused pairs for summary.json."""
+    """predictions.csv for `split` (`dataset`'s first rows, in the order the logits were measured), and with a
+    `painter` (the config's `plots`) the top-loss gallery (with `cam`, also its Grad-CAM overlays) and the per-class
+    chart; returns the most-confused pairs for summary.json."""
     logits, targets = logits.float().cpu(), targets.long().cpu()
     losses = F.cross_entropy(logits, targets, reduction="none")
     ids = sample_ids(dataset, len(targets))
     write_predictions(Path(run_dir) / rundir.PREDICTIONS, ids, logits, targets, losses, data.classes, split)
-    if plots and len(targets):
+    if painter is not None and len(targets):
         top, batch, images, titles, wrong = gallery(logits, targets, losses, dataset, data)
-        plot_top_losses(images, titles, wrong, Path(run_dir) / rundir.PLOTS / rundir.TOP_LOSSES_PLOT)
+        painter.draw(plot_top_losses, images, titles, wrong, Path(run_dir) / rundir.PLOTS / rundir.TOP_LOSSES_PLOT)
         if cam is not None and usable(cam):
             heat = draw(cam, batch.float(), images, logits[top].argmax(1).tolist())
-            plot_top_losses(heat, titles, wrong, Path(run_dir) / rundir.PLOTS / GALLERY_PLOT)
-        plot_per_class(per_class, Path(run_dir) / rundir.PLOTS / rundir.PER_CLASS_PLOT, split)
+            painter.draw(plot_top_losses, heat, titles, wrong, Path(run_dir) / rundir.PLOTS / GALLERY_PLOT)
+        painter.draw(plot_per_class, per_class, Path(run_dir) / rundir.PLOTS / rundir.PER_CLASS_PLOT, split)
     return confused_pairs(logits.argmax(1), targets, data.classes)
 
 

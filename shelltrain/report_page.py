@@ -24,7 +24,7 @@ from shelltrain import rundir, summary
 
 PROVENANCE = ("device", "threads", "processes", "torch", "torchvision", "run_dir")
 SHOWN_ELSEWHERE = ("per_class", "confused_pairs")
-FIRST_PLOTS = {"curves.png": 0, "confusion_matrix.png": 1}  # the rest (per_class, top_losses, ...) by name
+FIRST_PLOTS = {rundir.CURVES_PLOT: 0, rundir.CONFUSION_PLOT: 1}  # the rest (per_class, top_losses, ...) by name
 TITLES = {"prune": "Pruning", "compress": "Compression", "cv": "Cross-validation", "gates": "Quality gates"}
 
 PAGE = string.Template(

@@ -63,6 +63,8 @@ PREDICTIONS = "predictions.csv"  # one row per tested image (the test step, task
 AUDIT_REPORT = "audit.json"  # task=audit: every duplicate pair, file problem and ranked label issue
 AUDIT_LABELS_PLOT = "audit_label_issues.png"  # under plots/: task=audit's top label-issue candidates
 AUDIT_PAIRS_PLOT = "audit_duplicates.png"  # under plots/: task=audit's duplicate pairs, leaks first
+CURVES_PLOT = "curves.png"  # under plots/: loss, accuracy and learning rate per epoch
+CONFUSION_PLOT = "confusion_matrix.png"  # under plots/: the tested images per (true, predicted) class
 TOP_LOSSES_PLOT = "top_losses.png"  # under plots/: the tested images with the highest loss
 PER_CLASS_PLOT = "per_class.png"  # under plots/: precision and recall per class
 LR_FIND = "lr_find.json"  # task=lr_find: the LR ramp's losses and the suggested optimizer.lr

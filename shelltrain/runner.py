@@ -42,8 +42,9 @@ from shelltrain.models import build_model, count_parameters, first_forward
 from shelltrain.multilabel import is_multi_label
 from shelltrain.multilabel_run import multilabel_test, training_loss
 from shelltrain.optim import Schedule, build_optimizer, build_scheduler
+from shelltrain.painting import Painter, painting
 from shelltrain.placement import eval_settings
-from shelltrain.plots import write_run_plots
+from shelltrain.plots import plot_confusion_matrix, plot_curves
 from shelltrain.predictions import confused_table, error_analysis
 from shelltrain.preprocess import Preprocessing
 from shelltrain.profiling import build_profiler
@@ -97,7 +98,24 @@ def train_and_test(
                 "nothing to resume (its summary.json is unchanged)",
             )
             return finished
-    job = build(cfg, fold, overrides or [], console)
+    with painting(cfg.plots and distributed.is_main()) as painter:  # started now: matplotlib loads while we do
+        return _pipeline(cfg, run_dir, fold, resume, payload, overrides or [], label, started, console, painter)
+
+
+def _pipeline(
+    cfg: DictConfig,
+    run_dir: Path,
+    fold: tuple[int, int] | None,
+    resume: Resume | None,
+    payload: dict[str, Any] | None,
+    overrides: list[str],
+    label: str,
+    started: float,
+    console: Any,
+    painter: Painter | None,
+) -> float:
+    """Build, train, test and report (`train_and_test`'s arguments; `payload`: the checkpoint resumed from)."""
+    job = build(cfg, fold, overrides, console)
     if fold is None:  # gate.baseline tested on other images: said before training
         check_test_set(cfg.gate, lambda: split_fingerprint(job.data.test.dataset))
     state = TrainState()
@@ -110,9 +128,16 @@ def train_and_test(
         state = train(cfg, job, state, run_dir, resume, payload, loggers, console, label)
         if not distributed.is_main():
             return math.nan  # rank 0 tests the model and writes the report
+        if painter is not None and state.history:  # drawn while the model is tested
+            curves = Path(run_dir) / rundir.PLOTS / rundir.CURVES_PLOT
+            painter.draw(plot_curves, [dict(row) for row in state.history], curves, state.best_epoch)
         restore_best(job, state, run_dir)
         pruned = prune(cfg, job, state, run_dir, console)
-        result, confusion, tested = test(cfg, job, state, pruned, run_dir, started, console)
+        result, confusion, tested = test(cfg, job, state, pruned, run_dir, started, console, painter)
+        if painter is not None and confusion is not None:  # None: multi-label
+            title = f"test, without test_tta={result['test_tta']}" if result.get("test_tta") else "test"
+            matrix = Path(run_dir) / rundir.PLOTS / rundir.CONFUSION_PLOT
+            painter.draw(plot_confusion_matrix, confusion.tolist(), job.data.classes, matrix, title)
         result.update(calibrate(job.settings.calibrate, job.model, job.data, job.settings, run_dir, tested))
         if "calibration" in result:
             say(console, describe_calibration(result["calibration"]))
@@ -123,7 +148,7 @@ def train_and_test(
         if resume is not None:
             result["resumed_from"] = str(resume.checkpoint)
         splits = {name: len(getattr(job.data, name).dataset) for name in ("train", "val", "test")}
-        report(cfg, result, confusion, job.data.classes, state, loggers, run_dir, console, splits)
+        report(cfg, result, painter, loggers, run_dir, console, splits)
     return state.best_metric if state.best_metric is not None else result["test_acc"]
 
 
@@ -364,14 +389,15 @@ def test(
     run_dir: Path,
     started: float,
     console: Any,
+    painter: Painter | None,
 ) -> tuple[dict[str, Any], torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The model on the test split: summary.json's figures, the confusion matrix (None: multi-label) and the
-    (logits, targets)."""
+    (logits, targets); the error analysis's pictures go to `painter` (None: no pictures)."""
     plain, logits, targets = tested_with_tta(job.model, job.data.test, job.settings, "test")  # + trainer.test_tta's
     if is_multi_label(job.settings.loss):  # thresholds tuned on val, then the test figures at them
         confusion, analysis = None, multilabel_test(job.model, job.data, job.settings, run_dir, (logits, targets))
     else:
-        confusion, analysis = _error_analysis(cfg, job, run_dir, logits, targets, console)
+        confusion, analysis = _error_analysis(cfg, job, run_dir, logits, targets, console, painter)
     best_row = state.history[state.best_epoch - 1] if state.best_epoch else {}
     figures: dict[str, Any] = {
         **plain,
@@ -403,7 +429,13 @@ def test(
 
 
 def _error_analysis(
-    cfg: DictConfig, job: Job, run_dir: Path, logits: torch.Tensor, targets: torch.Tensor, console: Any
+    cfg: DictConfig,
+    job: Job,
+    run_dir: Path,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    console: Any,
+    painter: Painter | None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """The confusion matrix, per-class scores and most-confused pairs; predictions.csv and, with plots, the
     top-loss gallery and per-class chart."""
@@ -411,30 +443,27 @@ def _error_analysis(
     per_class = per_class_metrics(confusion, job.data.classes)
     cam = Cam(job.model, cfg.report.cam_layer, "report.cam_layer", console) if cfg.report.cam else None
     tested = job.data.test.dataset
-    confused = error_analysis(run_dir, logits, targets, tested, job.data, "test", per_class, cfg.plots, cam)
+    confused = error_analysis(run_dir, logits, targets, tested, job.data, "test", per_class, painter, cam)
     return confusion, {"per_class": per_class, "confused_pairs": confused}
 
 
 def report(
     cfg: DictConfig,
     result: dict[str, Any],
-    confusion: torch.Tensor | None,
-    classes: list[str],
-    state: TrainState,
+    painter: Painter | None,
     loggers: Loggers,
     run_dir: Path,
     console: Any,
     splits: dict[str, int],
 ) -> None:
-    """summary.json, the loggers' last word, the plots, the model card, report.html and the table; `splits`:
-    images per split."""
+    """summary.json, the loggers' last word, the model card, report.html and the table, once `painter` has drawn
+    the pictures; `splits`: images per split."""
     summary.write(result, run_dir)
     config = OmegaConf.to_container(cfg, resolve=True)
     if cfg.report.model_card:
         write_card(config, result, splits, run_dir)
-    if cfg.plots:
-        title = f"test, without test_tta={result['test_tta']}" if result.get("test_tta") else "test"
-        write_run_plots(run_dir, state.history, confusion, classes, state.best_epoch, title)
+    if painter is not None:
+        painter.wait()
     if cfg.report.html:  # after the plots and the card: the page inlines the one and links the other
         write_run_page(run_dir, config, result)
     loggers.finish(result)  # after the plots: a logger may upload them

@@ -37,6 +37,7 @@ from shelltrain.metrics import confusion_matrix, per_class_metrics, split_metric
 from shelltrain.model_card import source_card
 from shelltrain.multilabel import LOSS, decide
 from shelltrain.multilabel_run import labelled_figures
+from shelltrain.painting import Painter
 from shelltrain.plots import plot_confusion_matrix
 from shelltrain.predictions import confused_table, error_analysis, sample_ids, write_label_predictions
 from shelltrain.preprocess import Preprocessing
@@ -96,14 +97,15 @@ def evaluate_task(
         return _evaluate_labels(cfg, run_dir, settings, console, trained, data, loader, logits, targets)
     confusion = confusion_matrix(logits, targets, data.num_classes)
     if cfg.plots:
-        plot_confusion_matrix(confusion, data.classes, run_dir / rundir.PLOTS / "confusion_matrix.png", title=split)
+        plot_confusion_matrix(confusion, data.classes, run_dir / rundir.PLOTS / rundir.CONFUSION_PLOT, title=split)
     metrics = split_metrics(logits, targets, settings, split)
     say(console, f"{cfg.data.name} {split}: {len(targets)} images, accuracy {metrics[f'{split}_acc']:.4f}")
     per_class = per_class_metrics(confusion, data.classes)
     cam = None
     if cfg.report.cam:  # the top-loss gallery's Grad-CAM overlays
         cam = Cam(trained.module, cfg.report.cam_layer, "report.cam_layer", console, trained.kind)
-    confused = error_analysis(run_dir, logits, targets, loader.dataset, data, split, per_class, cfg.plots, cam)
+    painter = Painter(processes=0) if cfg.plots else None  # drawn here: nothing else runs meanwhile
+    confused = error_analysis(run_dir, logits, targets, loader.dataset, data, split, per_class, painter, cam)
     if confused and cfg.report.per_job != "line":
         show(console, confused_table(confused, split))
     figures = {

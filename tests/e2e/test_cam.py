@@ -22,6 +22,7 @@ from shelltrain.data import build_data
 from shelltrain.engine import predict
 from shelltrain.metrics import confusion_matrix, per_class_metrics
 from shelltrain.models import SmallCNN
+from shelltrain.painting import Painter
 from shelltrain.predictions import error_analysis
 from shelltrain.schema import defaults
 from shelltrain.trained import open_trained
@@ -55,7 +56,7 @@ def test_the_gallery_gets_a_cam_overlay_of_the_same_images(trained, tmp_path):
     logits, targets = predict(model, data.test, settings, limit=1)
     per_class = per_class_metrics(confusion_matrix(logits, targets, data.num_classes), data.classes)
     request = Cam(model, None, "report.cam_layer", recording())
-    error_analysis(tmp_path, logits, targets, data.test.dataset, data, "test", per_class, True, cam=request)
+    error_analysis(tmp_path, logits, targets, data.test.dataset, data, "test", per_class, Painter(0), cam=request)
     plain = np.asarray(Image.open(tmp_path / "plots/top_losses.png").convert("RGB"), dtype=np.float32) / 255
     overlaid = np.asarray(Image.open(tmp_path / "plots/top_losses_cam.png").convert("RGB"), dtype=np.float32) / 255
     assert overlaid.shape == plain.shape  # the same gallery, tile for tile
