@@ -29,6 +29,7 @@ from shelltrain.errors import EXIT_USER_ERROR, GateMissed, Interrupted, UserErro
 from shelltrain.explain import explain
 from shelltrain.gates import active, check
 from shelltrain.host_memory import cache_freed_memory
+from shelltrain.painting import painting
 from shelltrain.schema import validate
 from shelltrain.signals import exit_on_sigterm
 
@@ -114,9 +115,10 @@ def run_job(cfg: DictConfig, run_dir: Path) -> tuple[Any, list[str]]:
     if cfg.trainer.devices > 1 and not launch.under_torchrun():
         return launch.launch_processes(cfg, run_dir, checkpoint, overrides)
     cache_freed_memory(cfg.trainer.host_memory_cache_mib)  # before torch allocates (docs/scaling-out.md)
-    from shelltrain.jobs import run  # imports torch: only once a job really runs
+    with painting(cfg.plots and cfg.task == "train" and not launch.follower()):  # before torch: see painting.py
+        from shelltrain.jobs import run  # imports torch: only once a job really runs
 
-    result = run(cfg, run_dir, resume=resume, overrides=overrides)
+        result = run(cfg, run_dir, resume=resume, overrides=overrides)
     return result, [] if launch.follower() else _apply_gates(cfg, run_dir)
 
 

@@ -2,8 +2,8 @@
 
 A run's pictures (curves, confusion matrix, top-loss gallery, per-class chart) take about a second to draw on a
 small machine: matplotlib's import (~0.3 s) and 0.1-0.3 s a picture, all after training, when the user is waiting
-for the run to end. A `Painter` starts its processes when the run starts (they import matplotlib while the run
-imports torch and reads its data, when a core is idle) and hands each picture to one as soon as its figures exist,
+for the run to end. A `Painter` starts its processes when the job starts (they import matplotlib while the run
+imports torch, when a core is idle) and hands each picture to one as soon as its figures exist,
 while the run goes on testing and writing its report. `wait` returns when every picture is on disk.
 
 A picture a process could not draw (its function raised, or the process died) is drawn again here, so a failure
@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 from shelltrain.signals import leave_stop_signals_to_main
 
-PROCESSES = 2  # pictures drawn at once: a run's four pictures end about when its own last work does, on 2 cores
+PROCESSES = 1  # one process: two took longer to start and drew no sooner (each warms up its own matplotlib)
 STOP_SECONDS = 10  # at the end, how long an idle process may take to exit before it is killed
 
 Request = tuple[Callable[..., Any], tuple[Any, ...]]  # a picture's function and its arguments
@@ -65,16 +65,24 @@ class Painter:
             process.stop()
 
 
+_started: Painter | None = None  # the painter of the outermost `painting` block running
+
+
 @contextmanager
 def painting(enabled: bool, processes: int = PROCESSES) -> Iterator[Painter | None]:
-    """A Painter for the block when `enabled` (the config's `plots`), else None; its processes end with the block."""
-    if not enabled:
-        yield None
+    """A Painter for the block when `enabled` (the config's `plots`), else None; its processes end with the block.
+    A block inside another shares the outer one's painter: the CLI starts one for the job before torch loads (its
+    processes then import matplotlib on the core torch's import leaves idle), and every run of the job (ensemble
+    members, folds, stages) draws with it."""
+    global _started
+    if not enabled or _started is not None:
+        yield _started if enabled else None
         return
-    painter = Painter(processes)
+    _started = Painter(processes)
     try:
-        yield painter
+        yield _started
     finally:
+        painter, _started = _started, None
         painter.close()
 
 

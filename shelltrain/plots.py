@@ -28,7 +28,8 @@ GALLERY_COLUMNS = 4  # images per row of the top-loss gallery
 def plot_curves(history: Sequence[dict[str, float]], path: Path, best_epoch: int | None = None) -> Path:
     """Loss and accuracy for train and val (and the EMA weights' val, trainer.ema), and the learning rate, per epoch
     (rows as in metrics.csv); a dotted line marks `best_epoch`."""
-    fig, axes = _figure(1, 3, width=13.5, height=3.8)
+    fig, axes = _figure(1, 3, width=13.5, height=3.8, layout=None)
+    fig.subplots_adjust(left=0.045, right=0.99, bottom=0.13, top=0.92, wspace=0.2)  # its labels are known: no engine
     epochs = [int(row["epoch"]) for row in history]
     marker = "o" if len(epochs) <= MARKER_LIMIT else None
     splits = [("train", "-"), ("val", "--")] + ([("ema_val", ":")] if "ema_val_acc" in history[0] else [])
@@ -250,10 +251,14 @@ def _log_if_wide(ax: Any, values: Sequence[float | None]) -> None:
         ax.set_xscale("log")
 
 
-def _figure(rows: int, columns: int, width: float, height: float) -> tuple[Any, list[Any]]:
+def _figure(
+    rows: int, columns: int, width: float, height: float, layout: str | None = "constrained"
+) -> tuple[Any, list[Any]]:
+    """A figure of rows x columns axes; the constrained layout engine (about 90 ms a figure) makes room for labels
+    whose length is not known in advance (class names)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=(width, height), layout=layout)
     axes = fig.subplots(rows, columns, squeeze=False)
     return fig, [ax for line in axes for ax in line]
 

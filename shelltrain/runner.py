@@ -98,7 +98,7 @@ def train_and_test(
                 "nothing to resume (its summary.json is unchanged)",
             )
             return finished
-    with painting(cfg.plots and distributed.is_main()) as painter:  # started now: matplotlib loads while we do
+    with painting(cfg.plots and distributed.is_main()) as painter:  # the job's (cli), else one for this run
         return _pipeline(cfg, run_dir, fold, resume, payload, overrides or [], label, started, console, painter)
 
 

@@ -85,3 +85,18 @@ def test_no_processes_draws_at_once(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "a.json").read_text())["pid"] == os.getpid()
     with painting(False) as none:
         assert none is None
+
+
+def test_a_block_inside_another_shares_its_painter(tmp_path: Path) -> None:
+    """The CLI's painter serves every run of the job (ensemble members, folds): one process for all."""
+    with painting(True, processes=1) as job:
+        with painting(True) as run:
+            assert run is job
+            run.draw(record_process, tmp_path / "a.json")
+            run.wait()
+        with painting(False) as off:
+            assert off is None
+        (process,) = job._processes
+        assert process._popen.poll() is None  # still there for the next run
+    assert process._popen.returncode is not None
+    assert json.loads((tmp_path / "a.json").read_text())["pid"] == process._popen.pid
