@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from shelltrain import job_records, launch, rundir, signals, summary, sweep
+from shelltrain import job_records, launch, rundir, signals, summary, sweep, sweep_stop
 from shelltrain.compare import check_baseline_run, with_baseline
 from shelltrain.cores import affinity_cores
 from shelltrain.errors import EXIT_USER_ERROR, GateMissed, Interrupted, UserError
@@ -46,7 +46,7 @@ def _task(cfg: DictConfig) -> Any:
     started = time.perf_counter()
     previous = exit_on_sigterm()
     worker = multirun and signals.in_launcher_worker()
-    job_done = signals.start_launcher_job(Path(hydra_cfg.sweep.dir)) if worker else None
+    job_done = sweep_stop.start_launcher_job(Path(hydra_cfg.sweep.dir)) if worker else None
     try:
         if worker and rundir.stop_marker(Path(hydra_cfg.sweep.dir)).is_file():
             raise Interrupted(signal.SIGTERM, None, saved=False)  # the sweep stopped before this job started
@@ -299,7 +299,7 @@ def _report_user_errors(hydra_report: Callable[[Callable[[], Any]], Any]) -> Cal
 
 
 def _exit_if_interrupted(outcome: sweep.Outcome | None) -> None:
-    """A process-based sweep stopped by a signal (signals.SweepStop): every job has recorded its state; say how
+    """A process-based sweep stopped by a signal (sweep_stop.SweepStop): every job has recorded its state; say how
     to continue the sweep and exit 128 + the signal, as a sweep in one process does."""
     if outcome is None or outcome.interrupted is None:
         return

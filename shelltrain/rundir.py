@@ -79,7 +79,7 @@ ERROR_LOG = "error.log"  # a failed sweep job's traceback
 SWEEP_SUMMARY = "summary.csv"
 SWEEP_PLOT = "sweep.png"  # the score against each swept parameter
 SWEEP_CONFIG = "multirun.yaml"  # Hydra's record of a sweep
-SWEEP_STOP = ".shelltrain.stop"  # in a sweep dir: one line per signal the sweep's process had (signals.SweepStop)
+SWEEP_STOP = ".shelltrain.stop"  # in a sweep dir: one line per signal the sweep's process had (sweep_stop.SweepStop)
 RECORDS = (HYDRA, LOG, SUMMARY, CHECKPOINTS, METRICS_CSV)  # what shows that a job has written into a directory
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

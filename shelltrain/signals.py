@@ -1,5 +1,5 @@
-"""SIGINT and SIGTERM: a graceful stop while training, a clean exit outside it, and data-loader workers that
-leave both to the main process.
+"""SIGINT and SIGTERM: a graceful stop while training, a clean exit outside it, and the processes a run starts
+(data-loader workers, cache decoders, the pictures' helper) that leave both to the main process and die with it.
 
 Free of torch at import: the CLI installs its SIGTERM handler before a job starts.
 """
@@ -12,16 +12,14 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from shelltrain import rundir
 from shelltrain.errors import Interrupted
 
 log = logging.getLogger("shelltrain")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-SWEEP_PID_ENV = "SHELLTRAIN_SWEEP_PID"  # the process a process-based sweep (joblib) was started in
+SWEEP_PID_ENV = "SHELLTRAIN_SWEEP_PID"  # the process a process-based sweep (joblib) was started in (sweep_stop.py)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 AGREE_EVERY = 20  # polls between the DDP ranks' agreement on a stop: an all-reduce, which stalls a GPU like a host sync
 
@@ -117,16 +115,6 @@ def exit_on_sigterm() -> Any:
     return signal.signal(signal.SIGTERM, terminate)
 
 
-# ---- process-based sweeps (joblib): the sweep's process decides, its workers follow ---------------------------------
-
-
-def in_launcher_worker() -> bool:
-    """Whether this job runs in a worker process a sweep's launcher started (joblib's loky), not in the sweep's
-    own process (the basic launcher) nor as a torchrun rank."""
-    sweep_pid = os.environ.get(SWEEP_PID_ENV)
-    return sweep_pid not in (None, str(os.getpid())) and int(os.environ.get("WORLD_SIZE", "1")) == 1
-
-
 def die_with_parent(signum: int = signal.SIGKILL) -> None:
     """Linux: have the kernel send `signum` to this process when its parent dies (prctl PR_SET_PDEATHSIG), so
     no worker outlives a killed parent blocked on a pipe to it. Elsewhere a no-op."""
@@ -137,57 +125,8 @@ def die_with_parent(signum: int = signal.SIGKILL) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
-def start_launcher_job(sweep_dir: Path) -> threading.Event:
-    """At a job's start in a launcher worker: die with the sweep's process, ignore a terminal's SIGINT, and watch
-    the sweep's stop marker (`SweepStop`): each signal the sweep's process had becomes one SIGTERM here, which
-    stops the job as it stops a single run. Set the returned event when the job ends."""
-    die_with_parent()
-    if str(os.getppid()) != os.environ.get(SWEEP_PID_ENV):
-        os.kill(os.getpid(), signal.SIGKILL)  # the parent died before prctl took effect
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    done = threading.Event()
-    marker = rundir.stop_marker(sweep_dir)
-
-    def watch() -> None:
-        passed_on = 0
-        while not done.wait(0.2):
-            asked = len(marker.read_text().split()) if marker.is_file() else 0
-            for _ in range(passed_on, asked):
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(0.05)
-            passed_on = max(passed_on, asked)
-
-    threading.Thread(target=watch, name="shelltrain-sweep-stop", daemon=True).start()
-    return done
-
-
-class SweepStop:
-    """In the process of a process-based sweep (joblib): SIGINT or SIGTERM stops the sweep gracefully instead of
-    tearing the launcher down. Each signal is appended to the sweep's stop marker, which the running jobs'
-    workers turn into a SIGTERM (the first stops a job after its step with a checkpoint, a second at once) and
-    jobs not yet started read as "do not start"; the launcher then returns normally."""
-
-    def __init__(self, sweep_dir: Path) -> None:
-        self.marker = rundir.stop_marker(sweep_dir)
-        self.signum: int | None = None
-
-    def install(self) -> None:
-        os.environ[SWEEP_PID_ENV] = str(os.getpid())  # inherited by the workers the launcher starts
-        rundir.clear_stop_marker(self.marker)
-        if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
-                signal.signal(signum, self.handle)
-
-    def handle(self, signum: int, frame: Any = None) -> None:
-        if os.getpid() != int(os.environ.get(SWEEP_PID_ENV, "0")):
-            return  # a worker forked before exec inherited this handler
-        first = self.signum is None
-        self.signum = self.signum or signum
-        rundir.append_stop(self.marker, signal.Signals(signum).name)
-        if first:
-            name = signal.Signals(signum).name
-            sys.stderr.write(
-                f"\nshelltrain: {name} received: each running job saves a checkpoint and stops, no further job "
-                "starts (a second signal stops the jobs at once)\n"
-            )
-            sys.stderr.flush()
+def in_launcher_worker() -> bool:
+    """Whether this job runs in a worker process a sweep's launcher started (joblib's loky), not in the sweep's
+    own process (the basic launcher) nor as a torchrun rank."""
+    sweep_pid = os.environ.get(SWEEP_PID_ENV)
+    return sweep_pid not in (None, str(os.getpid())) and int(os.environ.get("WORLD_SIZE", "1")) == 1

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from shelltrain import rundir
 from shelltrain.errors import UserError
 from shelltrain.report_page import wanted_for_sweep, write_sweep_page
-from shelltrain.signals import SweepStop
+from shelltrain.sweep_stop import SweepStop
 from shelltrain.sweep_table import JobRow, collect, plot, ranked, table, write_csv
 
 # Exit codes shared with the CLI (documented in README "Using shelltrain in CI").
@@ -126,7 +126,7 @@ class _SweepState:
     def __init__(self) -> None:
         self.dir: Path | None = None
         self.outcome: Outcome | None = None
-        self.stop: Any = None  # signals.SweepStop of a process-based (joblib) sweep
+        self.stop: Any = None  # sweep_stop.SweepStop of a process-based (joblib) sweep
 
 
 _STATE = _SweepState()
