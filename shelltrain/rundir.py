@@ -366,8 +366,13 @@ def write_text(text: str, path: Path) -> None:
 FileBytes = bytes | list[bytes]  # a file's contents for write_atomic: one buffer, or pieces in order (checkpoints)
 
 
+def pieces(data: FileBytes) -> list[bytes]:
+    """A file's contents as its pieces in order (one buffer is one piece)."""
+    return [data] if isinstance(data, bytes) else data
+
+
 def byte_count(data: FileBytes) -> int:
-    return len(data) if isinstance(data, bytes) else sum(len(piece) for piece in data)
+    return sum(len(piece) for piece in pieces(data))
 
 
 def write_atomic(data: FileBytes, path: Path) -> None:
@@ -417,7 +422,7 @@ def _rename_durably(tmp: Path, path: Path) -> None:
 def _write_durably(tmp: Path, data: FileBytes) -> None:
     """The one place bytes hit the disk (tests replace it to simulate a full disk)."""
     with open(tmp, "wb") as f:
-        f.writelines([data] if isinstance(data, bytes) else data)
+        f.writelines(pieces(data))
         f.flush()
         os.fsync(f.fileno())
 

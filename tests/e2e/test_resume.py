@@ -347,7 +347,7 @@ def test_full_disk_is_one_clear_error_and_keeps_earlier_checkpoints(tmp_path, mo
         calls["n"] += 1
         if calls["n"] <= 2:  # epoch 1: last.pt and metrics.csv (best.pt is a hard link to last.pt's bytes)
             return real(tmp, data)
-        whole = data if isinstance(data, bytes) else b"".join(data)  # a checkpoint comes in pieces
+        whole = b"".join(rundir.pieces(data))  # a checkpoint comes in pieces
         tmp.write_bytes(whole[: len(whole) // 2])  # half written, then the disk is full
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
 

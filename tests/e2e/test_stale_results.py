@@ -53,7 +53,7 @@ def _die_after_first_write_of_epoch(monkeypatch, epoch: int) -> None:
     def write(data: rundir.FileBytes, path: Path) -> None:
         real(data, path)
         if Path(path).name in ("last.pt", "best.pt"):
-            whole = data if isinstance(data, bytes) else b"".join(data)  # a checkpoint comes in pieces
+            whole = b"".join(rundir.pieces(data))  # a checkpoint comes in pieces
             saved = torch.load(io.BytesIO(whole), weights_only=True)
             if saved["epoch"] == epoch and saved["train_state"]["batch"] == 0:
                 raise RuntimeError("simulated crash between the two checkpoint writes")
