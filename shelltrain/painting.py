@@ -105,11 +105,7 @@ class _Process:
     def undrawn(self) -> list[Request]:
         """The requests asked so far that the process did not draw, once it answered for the others."""
         asked, self._asked = self._asked, []
-        undrawn = []
-        for request in asked:
-            if not _answer(self._popen.stdout):
-                undrawn.append(request)
-        return undrawn
+        return [request for request in asked if not _answer(self._popen.stdout)]
 
     def stop(self) -> None:
         """End the process: at once where pictures are still asked for (the run failed before waiting for them),
@@ -132,7 +128,7 @@ class _Process:
             while (request := self._requests.get()) is not None:
                 pickle.dump(request, stdin, protocol=pickle.HIGHEST_PROTOCOL)
                 stdin.flush()
-        except (BrokenPipeError, OSError):  # the process died: its missing answers make the run draw those here
+        except OSError:  # the process died (a broken pipe): its missing answers make the run draw those here
             return
         finally:
             _close_quietly(stdin)
